@@ -1,0 +1,104 @@
+"""``wh.Config``: every knob of a parallelized program, validated when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Config"]
+
+_STRATEGIES = ("replicate",)
+_REDUCTIONS = ("mean", "sum")
+_COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Options of :func:`whale.parallelize`. Unknown keys are rejected.
+
+    Example::
+
+        cfg = wh.Config(num_micro_batch=4, bucket_cap_mb=25)
+    """
+
+    num_micro_batch: int = 1
+    """Micro-batches per step. Gradients accumulate over them and are synchronized once."""
+
+    default_strategy: str = "replicate"
+    """Strategy for every part of the model that carries no annotation."""
+
+    auto_parallel: bool = False
+    """Let the planner choose the strategy for the whole model (ignores no annotation)."""
+
+    bucket_cap_mb: float = 25.0
+    """Gradient bucket size in MiB; a bucket is reduced as soon as all its gradients are ready."""
+
+    first_bucket_cap_mb: float = 1.0
+    """Size of the first bucket (the last layers' gradients), small so communication starts early."""
+
+    grad_comm_dtype: torch.dtype | None = None
+    """Dtype gradients travel in (e.g. ``torch.bfloat16`` halves traffic); None keeps theirs."""
+
+    loss_reduction: str = "mean"
+    """How ``loss_fn`` reduces over rows: ``"mean"`` (replicas weighted by their rows) or ``"sum"``."""
+
+    row_weights: Sequence[float] | None = None
+    """Relative share of batch rows per data-parallel replica (e.g. device speeds); None is even."""
+
+    batch_dim: int = 0
+    """The dimension of inputs and targets that holds the batch rows."""
+
+    broadcast_buffers: bool = True
+    """Send rank 0's buffers (e.g. BatchNorm statistics) to all replicas before each step, as DDP."""
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Config({name}={value!r}) must be an int >= 1")
+
+        positive_int("num_micro_batch")
+        if self.default_strategy not in _STRATEGIES:
+            raise ValueError(
+                f"Config(default_strategy={self.default_strategy!r}): choose one of {_STRATEGIES}"
+            )
+        if not isinstance(self.auto_parallel, bool):
+            raise TypeError(f"Config(auto_parallel=...) is a bool, got {self.auto_parallel!r}")
+        for name in ("bucket_cap_mb", "first_bucket_cap_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"Config({name}={value!r}) must be a number > 0 (MiB)")
+        if self.grad_comm_dtype not in _COMM_DTYPES:
+            raise ValueError(
+                f"Config(grad_comm_dtype={self.grad_comm_dtype!r}): choose one of {_COMM_DTYPES}"
+            )
+        if self.loss_reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"Config(loss_reduction={self.loss_reduction!r}): choose one of {_REDUCTIONS}"
+            )
+        if self.row_weights is not None:
+            weights = tuple(self.row_weights)
+            if not weights or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights
+            ):
+                raise ValueError(
+                    f"Config(row_weights={self.row_weights!r}) must be positive numbers, "
+                    "one per data-parallel replica"
+                )
+            object.__setattr__(self, "row_weights", weights)
+        if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
+            raise TypeError(f"Config(batch_dim=...) is an int, got {self.batch_dim!r}")
+        if not isinstance(self.broadcast_buffers, bool):
+            raise TypeError(f"Config(broadcast_buffers=...) is a bool, got {self.broadcast_buffers!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Build from a mapping (e.g. parsed JSON), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,39 @@
+"""The annotations users write: replicate, split, stage, pipeline, cluster."""
+
+from .annotations import (
+    Annotation,
+    Cluster,
+    Pipeline,
+    Replicate,
+    Split,
+    Stage,
+    cluster,
+    current_scope,
+    merge_stacks,
+    module_annotations,
+    pipeline,
+    replicate,
+    split,
+    stage,
+    validate_stack,
+)
+from .by_name import annotate
+
+__all__ = [
+    "Annotation",
+    "Cluster",
+    "Pipeline",
+    "Replicate",
+    "Split",
+    "Stage",
+    "annotate",
+    "cluster",
+    "current_scope",
+    "merge_stacks",
+    "module_annotations",
+    "pipeline",
+    "replicate",
+    "split",
+    "stage",
+    "validate_stack",
+]
