@@ -1,0 +1,203 @@
+// whale_ops: op schemas and the CPU implementation of the gradient-bucket kernels.
+//
+//   whale::pack(Tensor[] tensors, Tensor(a!) out, float scale=1.0) -> ()
+//       out[offset_i : offset_i + numel_i] = scale * tensors[i].flatten()   (cast to out's dtype)
+//   whale::unpack(Tensor flat, Tensor(a!)[] tensors, float scale=1.0) -> ()
+//       tensors[i] = scale * flat[offset_i : offset_i + numel_i].view_as(tensors[i])   (cast)
+//
+// Arithmetic: each element is computed once as opmath(x) * opmath(scale) and rounded once to
+// the destination dtype; opmath is float64 if either side is float64, else float32 (as torch's
+// own half/bfloat16 kernels). whale/runtime/comm_ops.py's pure path gives the same bits.
+
+#include "whale_ops.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace whale {
+namespace {
+
+bool is_bucket_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Python's spelling ("torch.float32"), so both backends raise the same messages.
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+// kGrainSize, without including TensorIterator.h (compile time).
+constexpr int64_t kGrainSize = 32768;
+
+constexpr const char* kBucketDtypes =
+    "torch.float16, torch.bfloat16, torch.float32 or torch.float64";
+
+template <typename A, typename B>
+using opmath_t = std::conditional_t<
+    std::is_same_v<A, double> || std::is_same_v<B, double>,
+    double,
+    float>;
+
+template <typename Src, typename Dst>
+inline Dst scaled(Src x, opmath_t<Src, Dst> s) {
+  return static_cast<Dst>(static_cast<opmath_t<Src, Dst>>(x) * s);
+}
+
+// Calls f with a value of the C++ type of a bucket dtype (checked before).
+template <typename F>
+void visit_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_INTERNAL_ASSERT(false, "whale: unchecked dtype ", t);
+  }
+}
+
+// Elements [begin, end) (logical row-major order) of `tensor`, moved to or from
+// `flat` (which points at the flat element of `begin`).
+template <typename T, typename FlatT, bool kPack>
+void copy_piece(const at::Tensor& tensor, FlatT* flat, int64_t begin, int64_t end, double scale) {
+  using Op = opmath_t<T, FlatT>;
+  const Op s = static_cast<Op>(scale);
+  // Reads go through const_data_ptr so a copy-on-write input is not materialized.
+  T* base = kPack ? const_cast<T*>(static_cast<const T*>(tensor.const_data_ptr()))
+                  : static_cast<T*>(tensor.mutable_data_ptr());
+  if (tensor.is_contiguous()) {
+    for (int64_t i = begin; i < end; ++i, ++flat) {
+      if constexpr (kPack) *flat = scaled<T, FlatT>(base[i], s);
+      else base[i] = scaled<FlatT, T>(*flat, s);
+    }
+    return;
+  }
+  // Strided: an odometer over the tensor's index, one innermost row at a time.
+  const auto sizes = tensor.sizes();
+  const auto strides = tensor.strides();
+  const int64_t last = static_cast<int64_t>(sizes.size()) - 1;
+  c10::SmallVector<int64_t, 8> index(sizes.size(), 0);
+  int64_t offset = 0;
+  for (int64_t d = last, rest = begin; d >= 0; --d) {
+    index[d] = rest % sizes[d];
+    rest /= sizes[d];
+    offset += index[d] * strides[d];
+  }
+  for (int64_t i = begin; i < end;) {
+    const int64_t run = std::min(sizes[last] - index[last], end - i);
+    for (int64_t j = 0; j < run; ++j, ++flat) {
+      T* p = base + offset + j * strides[last];
+      if constexpr (kPack) *flat = scaled<T, FlatT>(*p, s);
+      else *p = scaled<FlatT, T>(*flat, s);
+    }
+    i += run;
+    index[last] += run;
+    offset += run * strides[last];
+    for (int64_t d = last; d > 0 && index[d] == sizes[d]; --d) {
+      offset += strides[d - 1] - index[d] * strides[d];
+      index[d] = 0;
+      ++index[d - 1];
+    }
+  }
+}
+
+// One parallel pass over the flat index space, so hundreds of small tensors share threads.
+void bucket_copy_cpu(const at::Tensor& flat, at::TensorList tensors, double scale, bool pack) {
+  std::vector<int64_t> starts;  // flat offset of each non-empty tensor
+  std::vector<size_t> which;    // its index in `tensors`
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() > 0) {
+      starts.push_back(total);
+      which.push_back(i);
+    }
+    total += tensors[i].numel();
+  }
+  if (total == 0) return;
+  char* flat_base = pack ? static_cast<char*>(flat.mutable_data_ptr())
+                         : const_cast<char*>(static_cast<const char*>(flat.const_data_ptr()));
+  const int64_t flat_itemsize = static_cast<int64_t>(flat.element_size());
+  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
+    size_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; s < starts.size() && starts[s] < end; ++s) {
+      const at::Tensor& t = tensors[which[s]];
+      const int64_t lo = std::max(begin, starts[s]);
+      const int64_t hi = std::min(end, starts[s] + t.numel());
+      void* flat_at = flat_base + lo * flat_itemsize;
+      visit_dtype(flat.scalar_type(), [&](auto flat_tag) {
+        using FlatT = decltype(flat_tag);
+        visit_dtype(t.scalar_type(), [&](auto tensor_tag) {
+          using T = decltype(tensor_tag);
+          auto* f = static_cast<FlatT*>(flat_at);
+          if (pack) copy_piece<T, FlatT, true>(t, f, lo - starts[s], hi - starts[s], scale);
+          else copy_piece<T, FlatT, false>(t, f, lo - starts[s], hi - starts[s], scale);
+        });
+      });
+    }
+  });
+}
+
+void pack_cpu(at::TensorList tensors, const at::Tensor& out, double scale) {
+  check_bucket("whale.pack", out, "out", tensors, /*written=*/false);
+  bucket_copy_cpu(out, tensors, scale, /*pack=*/true);
+}
+
+void unpack_cpu(const at::Tensor& flat, at::TensorList tensors, double scale) {
+  check_bucket("whale.unpack", flat, "flat", tensors, /*written=*/true);
+  bucket_copy_cpu(flat, tensors, scale, /*pack=*/false);
+}
+
+}  // namespace
+
+void check_bucket(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    bool written) {
+  TORCH_CHECK_VALUE(
+      flat.dim() == 1 && flat.is_contiguous(), op, ": ", flat_name,
+      " must be a 1-D contiguous tensor, got shape ", flat.sizes(),
+      " (contiguous=", flat.is_contiguous() ? "True" : "False",
+      "); allocate it with torch.empty(total_numel, dtype=..., device=...)");
+  TORCH_CHECK_TYPE(
+      is_bucket_dtype(flat.scalar_type()), op, ": ", flat_name, " has dtype ",
+      dtype_name(flat.scalar_type()), "; buckets hold ", kBucketDtypes);
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_TYPE(
+        is_bucket_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
+        dtype_name(t.scalar_type()), "; buckets hold ", kBucketDtypes);
+    TORCH_CHECK_VALUE(
+        t.device() == flat.device(), op, ": tensors[", i, "] is on ", t.device(), " but ",
+        flat_name, " is on ", flat.device(), "; a bucket lives on one device");
+    TORCH_CHECK_VALUE(
+        !written || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
+        "] has overlapping memory (e.g. an expand()ed view) and cannot be written in place");
+    total += t.numel();
+  }
+  TORCH_CHECK_VALUE(
+      total == flat.numel(), op, ": the tensors hold ", total, " elements in total but ",
+      flat_name, " has ", flat.numel(), "; size ", flat_name,
+      " to sum(t.numel() for t in tensors)");
+}
+
+}  // namespace whale
+
+TORCH_LIBRARY(whale, m) {
+  m.def("pack(Tensor[] tensors, Tensor(a!) out, float scale=1.0) -> ()");
+  m.def("unpack(Tensor flat, Tensor(a!)[] tensors, float scale=1.0) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(whale, CPU, m) {
+  m.impl("pack", &whale::pack_cpu);
+  m.impl("unpack", &whale::unpack_cpu);
+}

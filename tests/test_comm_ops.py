@@ -1,0 +1,407 @@
+"""Gradient-bucket pack/unpack: the pure path against a reference, and the C++/CUDA extension.
+
+The spec (csrc/whale_ops.cpp): each element becomes ``round_to_dst(opmath(x) * opmath(scale))``,
+opmath being float64 if either side is float64 and float32 otherwise; one rounding, so the pure
+path and the extension agree bit for bit and ``torch.equal`` is the right comparison.
+
+The tests marked ``slow`` compile: the CPU extension once per session (about 10 s on 2 cores),
+the CUDA sources with nvcc (about 20 s). Deselect them with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from whale import csrc_build
+from whale.runtime import comm_ops
+
+REPO = Path(__file__).resolve().parent.parent
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPES = (F16, BF16, F32, F64)
+SCALES = (1.0, 0.37, 3.0)
+
+
+@pytest.fixture
+def pure(monkeypatch):
+    """Force the pure-PyTorch path, whatever the session has loaded."""
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+
+
+def _opmath(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return F64 if F64 in (a, b) else F32
+
+
+def reference_pack(tensors, dtype, scale):
+    """``torch.cat([t.flatten() for t in ts]) * scale`` cast, with the product made in opmath."""
+    if not tensors:
+        return torch.empty(0, dtype=dtype)
+    return torch.cat(
+        [(t.flatten().to(_opmath(t.dtype, dtype)) * scale).to(dtype) for t in tensors]
+    )
+
+
+def reference_unpack(flat, tensors, scale):
+    out, offset = [], 0
+    for t in tensors:
+        piece = flat[offset : offset + t.numel()].view(t.shape)
+        out.append((piece.to(_opmath(flat.dtype, t.dtype)) * scale).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def make(shape, dtype, layout="contiguous", seed=0):
+    """A tensor of ``shape`` with the given memory layout (same values for the same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "transposed" and len(shape) >= 2:
+        return torch.randn(shape[::-1], generator=gen).to(dtype).permute(
+            *reversed(range(len(shape)))
+        )
+    if layout == "strided" and len(shape) >= 1:
+        wide = torch.randn(*shape[:-1], shape[-1] * 2 + 1, generator=gen).to(dtype)
+        return wide[..., 1::2]
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def mixed_bucket(dtype):
+    """Gradients as a reducer sees them, plus every layout the ops must accept."""
+    return [
+        make((3, 4), dtype, seed=1),
+        make((5, 6), dtype, "transposed", seed=2),  # non-contiguous
+        make((), dtype, seed=3),
+        make((0, 3), dtype, seed=4),  # empty
+        make((4, 5, 6), dtype, "strided", seed=5),  # non-contiguous
+        make((2, 3, 4, 5), dtype, seed=6).to(memory_format=torch.channels_last),
+        make((40_000,), dtype, seed=7),  # crosses the CPU kernel's parallel grain
+    ]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1)).view(torch.uint8)
+
+
+def assert_same_bits(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert torch.equal(_bits(actual), _bits(expected))
+
+
+# --- the pure path -------------------------------------------------------------------------------
+
+COMBOS = [
+    (F32, F32), (F32, BF16), (BF16, F32), (F32, F16), (F16, F32),
+    (BF16, BF16), (F16, F16), (F16, BF16), (F64, F32), (F32, F64),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize(("src", "dst"), COMBOS, ids=lambda d: str(d).replace("torch.", ""))
+def test_pure_pack_unpack_match_reference(pure, src, dst, scale):
+    tensors = mixed_bucket(src)
+    out = torch.full((sum(t.numel() for t in tensors),), float("nan"), dtype=dst)
+    assert comm_ops.pack(tensors, out, scale) is out
+    assert_same_bits(out, reference_pack(tensors, dst, scale))
+
+    targets = [t.fill_(float("nan")) for t in mixed_bucket(src)]  # same layouts as `tensors`
+    assert comm_ops.unpack(out, targets, scale) == targets
+    for got, want, t in zip(targets, reference_unpack(out, targets, scale), tensors):
+        assert got.stride() == t.stride()  # written in place, layout kept
+        assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [(F32, F32), (F32, BF16), (BF16, F32)], ids=["f32-f32", "f32-bf16", "bf16-f32"]
+)
+def test_pure_pack_matches_cat_reference(pure, src, dst):
+    tensors = mixed_bucket(src)
+    out = torch.empty(sum(t.numel() for t in tensors), dtype=dst)
+    comm_ops.pack(tensors, out, 0.37)
+    literal = (torch.cat([t.flatten() for t in tensors]) * 0.37).to(dst)
+    if src == BF16:
+        # The literal formula rounds the product to bfloat16 before the exact cast to float32;
+        # pack rounds once, in float32, so they differ by at most half a bfloat16 ulp.
+        torch.testing.assert_close(out, literal, rtol=2**-8, atol=0)
+    else:
+        assert_same_bits(out, literal)
+
+
+def test_pure_roundtrip_is_identity(pure):
+    tensors = mixed_bucket(F32)
+    out = comm_ops.pack(tensors, torch.empty(sum(t.numel() for t in tensors)), 1.0)
+    targets = comm_ops.unpack(out, [torch.zeros_like(t) for t in tensors])
+    for got, want in zip(targets, tensors):
+        assert_same_bits(got, want)
+
+
+def test_pure_pack_reads_expanded_and_empty_lists(pure):
+    base = torch.arange(3.0)
+    out = comm_ops.pack([base.expand(2, 3)], torch.empty(6), 2.0)
+    assert out.tolist() == [0.0, 2.0, 4.0, 0.0, 2.0, 4.0]
+    assert comm_ops.pack([], torch.empty(0)).numel() == 0
+    assert comm_ops.unpack(torch.empty(0), []) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 4), max_size=3).map(tuple), max_size=6),
+    layouts=st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=6),
+    src=st.sampled_from(DTYPES),
+    dst=st.sampled_from(DTYPES),
+    scale=st.sampled_from((1.0, 0.5, 0.37, 3.0, 1 / 3)),
+    seed=st.integers(0, 2**16),
+)
+def test_pure_property_random_buckets(shapes, layouts, src, dst, scale, seed):
+    os.environ["WHALE_DISABLE_EXT"] = "1"  # a fixture would be shared across examples
+    try:
+        tensors = [make(s, src, lay, seed + i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
+        out = torch.empty(sum(t.numel() for t in tensors), dtype=dst)
+        assert_same_bits(comm_ops.pack(tensors, out, scale), reference_pack(tensors, dst, scale))
+        targets = [make(s, src, lay, seed + 99) for s, lay in zip(shapes, layouts)]
+        comm_ops.unpack(out, targets, scale)
+        for got, want in zip(targets, reference_unpack(out, targets, scale)):
+            assert_same_bits(got, want)
+    finally:
+        del os.environ["WHALE_DISABLE_EXT"]
+
+
+def _error_cases():
+    ok = [torch.ones(2, 3), torch.ones(4)]
+    return [
+        ("pack", (ok, torch.empty(9)), ValueError, r"hold 10 elements in total but out has 9"),
+        ("pack", (ok, torch.empty(2, 5)), ValueError, r"out must be a 1-D contiguous tensor"),
+        ("pack", (ok, torch.empty(20)[::2]), ValueError, r"contiguous=False"),
+        ("pack", (ok, torch.empty(10, dtype=torch.int32)), TypeError, r"out has dtype torch.int32"),
+        (
+            "pack",
+            ([torch.ones(6), torch.ones(4, dtype=torch.int64)], torch.empty(10)),
+            TypeError,
+            r"tensors\[1\] has dtype torch\.int64",
+        ),
+        ("pack", (ok, torch.empty(10), "0.5"), TypeError, r"scale must be a real number"),
+        ("pack", (ok, torch.empty(10), True), TypeError, r"scale must be a real number"),
+        ("unpack", (torch.empty(11), ok), ValueError, r"hold 10 elements in total but flat has 11"),
+        (
+            "unpack",
+            (torch.empty(10), [torch.ones(2, 3), torch.zeros(1).expand(4)]),
+            ValueError,
+            r"tensors\[1\] has overlapping memory",
+        ),
+        (
+            "unpack",
+            (torch.empty(10, dtype=torch.uint8), ok),
+            TypeError,
+            r"flat has dtype torch\.uint8",
+        ),
+    ]
+
+
+ERROR_CASES = _error_cases()
+
+
+@pytest.mark.parametrize(("op", "args", "error", "message"), ERROR_CASES)
+def test_pure_argument_errors(pure, op, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(comm_ops, op)(*args)
+
+
+def test_pure_device_mismatch(pure):
+    with pytest.raises(ValueError, match=r"tensors\[0\] is on meta but out is on cpu"):
+        comm_ops.pack([torch.empty(3, device="meta")], torch.empty(3))
+
+
+def test_backend_switches(monkeypatch):
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    assert comm_ops.backend() == "pure"
+    monkeypatch.delenv("WHALE_DISABLE_EXT")
+    # Only CPU kernels loaded: CUDA buckets take the pure path and say why.
+    monkeypatch.setattr(comm_ops, "_extension_kernels", lambda: frozenset({"cpu"}))
+    assert comm_ops.backend("cpu") == "extension"
+    assert comm_ops.backend("cuda") == "pure"
+    with pytest.warns(UserWarning, match="built without CUDA kernels"):
+        assert not comm_ops._use_extension(torch.device("cuda"))
+
+
+def test_build_directory_follows_cache_root_and_sources(monkeypatch, tmp_path):
+    # The package ships the sources as whale/csrc (a link to the checkout's csrc/).
+    assert csrc_build.source_dir().resolve() == (REPO / "csrc").resolve()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    first = csrc_build.build_directory(with_cuda=False)
+    assert first.parent == tmp_path and first == csrc_build.build_directory(with_cuda=False)
+    assert first != csrc_build.build_directory(with_cuda=True)
+    assert csrc_build.load_prebuilt() is None or csrc_build.ops_registered()
+
+
+def test_ninja_from_an_unactivated_venv_is_found(monkeypatch):
+    import sysconfig
+
+    scripts = sysconfig.get_path("scripts")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/nowhere", "/usr/bin"]))
+    with csrc_build._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[-1] == scripts
+    assert os.environ["PATH"] == os.pathsep.join(["/nowhere", "/usr/bin"])
+
+
+# --- the C++ extension (slow: compiles once per session) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def extension(tmp_path_factory):
+    """Build the CPU extension in a fresh cache (a subprocess: a clean build whatever this process
+    has loaded), then load it here from that cache, as a later process would."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on PATH: the extension cannot be built here")
+    cache = tmp_path_factory.mktemp("torch_extensions")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    env.pop("WHALE_DISABLE_EXT", None)
+    code = "from whale.runtime import comm_ops; print(comm_ops.build_extension())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"extension build failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    library = Path(proc.stdout.strip().splitlines()[-1])
+    assert library.is_file() and library.parent.parent == cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+        mp.delenv("WHALE_DISABLE_EXT", raising=False)
+        comm_ops._extension_kernels.cache_clear()
+        assert comm_ops.extension_available(), "built, but not found in the cache"
+    return library
+
+
+def _both_backends(monkeypatch, fn):
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    expected = fn()
+    monkeypatch.delenv("WHALE_DISABLE_EXT")
+    assert comm_ops.backend("cpu") == "extension"
+    return fn(), expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", (1.0, 0.37))
+@pytest.mark.parametrize("dst", DTYPES, ids=str)
+@pytest.mark.parametrize("src", DTYPES, ids=str)
+def test_extension_matches_pure_bitwise(extension, monkeypatch, src, dst, scale):
+    tensors = mixed_bucket(src)
+    numel = sum(t.numel() for t in tensors)
+
+    def run():
+        out = comm_ops.pack(tensors, torch.full((numel,), float("nan"), dtype=dst), scale)
+        targets = [t.fill_(float("nan")) for t in mixed_bucket(src)]
+        return out, comm_ops.unpack(out, targets, scale)
+
+    (out, targets), (out_pure, targets_pure) = _both_backends(monkeypatch, run)
+    assert_same_bits(out, out_pure)
+    for got, want in zip(targets, targets_pure):
+        assert got.stride() == want.stride()
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+def test_extension_many_small_tensors(extension, monkeypatch):
+    # A bucket as the reducer builds it: hundreds of biases and a few matrices, bf16 traffic.
+    tensors = [make((64,), F32, seed=i) for i in range(300)]
+    tensors += [make((96, 80), F32, "transposed", seed=1000 + i) for i in range(4)]
+    numel = sum(t.numel() for t in tensors)
+
+    def run():
+        out = comm_ops.pack(tensors, torch.empty(numel, dtype=BF16), 1 / 3)
+        return out, comm_ops.unpack(out, [torch.empty_like(t) for t in tensors], 3.0)
+
+    (out, targets), (out_pure, targets_pure) = _both_backends(monkeypatch, run)
+    assert_same_bits(out, out_pure)
+    for got, want in zip(targets, targets_pure):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), max_size=4).map(tuple), max_size=8),
+    layouts=st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=8),
+    src=st.sampled_from(DTYPES),
+    dst=st.sampled_from(DTYPES),
+    scale=st.sampled_from((1.0, 0.37, 3.0)),
+)
+def test_extension_property_random_buckets(extension, shapes, layouts, src, dst, scale):
+    tensors = [make(s, src, lay, i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
+    out = torch.empty(sum(t.numel() for t in tensors), dtype=dst)
+    torch.ops.whale.pack(tensors, out, scale)
+    assert_same_bits(out, reference_pack(tensors, dst, scale))
+    targets = [make(s, src, lay, 99) for s, lay in zip(shapes, layouts)]
+    torch.ops.whale.unpack(out, targets, scale)
+    for got, want in zip(targets, reference_unpack(out, targets, scale)):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("op", "args", "error", "message"), ERROR_CASES)
+def test_extension_argument_errors_match_pure(extension, monkeypatch, op, args, error, message):
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    with pytest.raises(error, match=message) as ext_error:
+        getattr(comm_ops, op)(*args)
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    with pytest.raises(error) as pure_error:
+        getattr(comm_ops, op)(*args)
+    assert str(ext_error.value).splitlines()[0] == str(pure_error.value)
+
+
+# --- the CUDA sources (slow: nvcc, no GPU needed) ------------------------------------------------
+
+
+def _nvcc() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc") or (CUDA_HOME and shutil.which(str(Path(CUDA_HOME) / "bin/nvcc")))
+    if not found:
+        pytest.skip("nvcc not found (no CUDA toolkit): the CUDA sources are not compile-checked")
+    return found
+
+
+def _nvcc_flags() -> list[str]:
+    # The flags torch.utils.cpp_extension gives nvcc on Linux.
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return [*COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC", "-std=c++20", "-O3"]
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """The torch-free kernel + launcher: one fused kernel per flat dtype and direction."""
+    obj = tmp_path / "kernels.o"
+    proc = subprocess.run(
+        [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda_kernels.cu"), "-o", str(obj),
+         *_nvcc_flags(), "-Xptxas", "-v"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert obj.stat().st_size > 0
+    kernels = set(re.findall(r"Compiling entry function '(\w*bucket_copy_kernel\w*)'", proc.stderr))
+    assert len(kernels) == 8, kernels  # {float, half, bfloat16, double} x {pack, unpack}
+    if shutil.which("nm"):
+        symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+        assert re.search(r" T whale_cuda::launch_bucket_copy\(", symbols)
+
+
+@pytest.mark.slow
+def test_cuda_glue_compiles_against_torch_headers(tmp_path):
+    """whale_ops_cuda.cu: the CUDA dispatch registration, against this torch's headers."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [arg for path in include_paths() for arg in ("-isystem", path)]
+    # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; this define is torch's
+    # own switch to skip it (it only matters for Windows DLL exports).
+    proc = subprocess.run(
+        [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda.cu"), "-o", str(tmp_path / "glue.o"),
+         *_nvcc_flags(), *includes, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (tmp_path / "glue.o").stat().st_size > 0
