@@ -1,3 +1,112 @@
-"""The top-level API: the only place that wires capture, planner, rewrite and runtime together."""
-def init(*a, **k): raise NotImplementedError
-def parallelize(*a, **k): raise NotImplementedError
+"""The top-level API: the only place that wires capture, planner and runtime together."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .capture import CaptureError, capture, module_annotation_map
+from .config import Config
+from .planner.data_parallel import plan_data_parallel
+from .runtime.data_parallel import DataParallelProgram
+from .runtime.process_group import init
+
+__all__ = ["init", "parallelize"]
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    loss_fn: Callable[..., torch.Tensor],
+    example_inputs: Any = None,
+    config: Config | Mapping[str, Any] | None = None,
+) -> DataParallelProgram:
+    """Turn an annotated single-device model into this rank's part of a distributed program.
+
+    Everything the user wrote is validated here, before any step and without touching the
+    process group: annotations, device counts against the world, the example batch against
+    the row split. ``wh.init()`` may come before or after; ``step`` needs it.
+
+    Args:
+        model: the local model, annotated inside, by name (``wh.annotate``) or not at all.
+        loss_fn: ``loss_fn(output, target) -> scalar``; a mean over rows unless
+            ``Config(loss_reduction="sum")``.
+        example_inputs: a global batch of model inputs (tensor or tuple) used to capture the
+            graph and check the plan. Without it, only module-level annotations are seen.
+        config: a :class:`Config` or a mapping of its fields.
+
+    Returns:
+        The program: ``step``, ``parameters``, ``full_state_dict``, ``load_full_state_dict``.
+
+    Example::
+
+        wh.init()
+        program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,))
+        loss = program.step(x, y)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"parallelize(model=...) takes an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"parallelize(loss_fn=...) must be callable, got {loss_fn!r}")
+    if config is None:
+        config = Config()
+    elif isinstance(config, Mapping):
+        config = Config.from_dict(config)
+    elif not isinstance(config, Config):
+        raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
+    if config.auto_parallel:
+        raise NotImplementedError(
+            "Config(auto_parallel=True): the planner's automatic search is not in this version "
+            "of whale; annotate the model (wh.replicate) or leave it unannotated"
+        )
+
+    world_size, ranks_per_node = _world()
+    scopes: dict[str, tuple] = dict(module_annotation_map(model))
+    example_rows = None
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        example_rows = _rows_of(args, config.batch_dim)
+        try:
+            captured = capture(model, args)
+        except CaptureError as err:
+            # Data parallel needs no graph: module-level annotations still hold, but any
+            # annotation written inside forward cannot be seen, and the user is told so.
+            warnings.warn(
+                f"whale could not capture {type(model).__name__} as a graph, so annotations "
+                f"inside forward() are not seen; module-level annotations still apply.\n{err}",
+                stacklevel=2,
+            )
+        else:
+            for node in captured.nodes:
+                # Annotations written inside forward() show on nodes beyond their module's own.
+                if len(node.annotations) > len(scopes.get(node.module_path, ())):
+                    scopes[f"{node.module_path}:{node.name}"] = node.annotations
+    plan = plan_data_parallel(
+        scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node
+    )
+    return DataParallelProgram(model, loss_fn, plan, config)
+
+
+def _world() -> tuple[int, int | None]:
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return world, int(local) if local else None
+
+
+def _rows_of(args: tuple, dim: int) -> int:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > dim:
+            return a.shape[dim]
+    raise ValueError(
+        f"parallelize(example_inputs=...): no tensor with a batch dimension {dim} among "
+        f"{[type(a).__name__ for a in args]}"
+    )

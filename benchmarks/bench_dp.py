@@ -1,0 +1,110 @@
+"""Data parallel: whale ``replicate`` against ``torch.nn.parallel.DistributedDataParallel``.
+
+The same GPT, the same global batches and the same initial weights are trained by both, on 2
+gloo ranks, in alternating rounds (whale, DDP, whale, DDP, ...) so that drift of the machine
+hits both alike. Each round times ``--steps`` steps after ``--warmup`` steps; the printed ratio
+is whale's throughput over DDP's in the same round, with min/median/max over rounds.
+
+Run (spawns its own 2 processes)::
+
+    python benchmarks/bench_dp.py
+    python benchmarks/bench_dp.py --rounds 7 --steps 20 --layers 6 --embd 384
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import whale as wh  # noqa: E402
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss  # noqa: E402
+
+
+def _train(step_fn, opt, batches, warmup: int) -> float:
+    """Seconds per step over ``batches[warmup:]``."""
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        step_fn(x, y)
+        opt.step()
+        opt.zero_grad()
+    dist.barrier()
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(args.threads)
+    wh.init("gloo")
+    cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    corpus = SyntheticCorpus(cfg.vocab_size)
+    n = args.warmup + args.steps
+    batches = [corpus.batch(args.batch, cfg.block_size, s) for s in range(n)]
+    torch.manual_seed(0)
+    whale_model = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],))
+    whale_opt = torch.optim.AdamW(whale_model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(GPT(cfg))
+    ddp_opt = torch.optim.AdamW(ddp_model.parameters(), lr=1e-3)
+    rows = args.batch // world
+
+    def ddp_step(x, y):
+        mine = slice(rank * rows, (rank + 1) * rows)
+        lm_loss(ddp_model(x[mine]), y[mine]).backward()
+
+    ratios, whale_s, ddp_s = [], [], []
+    for _ in range(args.rounds):
+        w = _train(whale_model.step, whale_opt, batches, args.warmup)
+        d = _train(ddp_step, ddp_opt, batches, args.warmup)
+        whale_s.append(w)
+        ddp_s.append(d)
+        ratios.append(d / w)  # throughput ratio = inverse time ratio
+    if rank == 0:
+        results.put((ratios, whale_s, ddp_s))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="whale replicate vs DDP throughput, 2 gloo ranks")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = p.parse_args()
+    world = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
+    ratios, whale_s, ddp_s = results.get()
+    tok = args.batch * args.block
+    print(f"GPT {args.layers}x{args.embd}, global batch {args.batch}x{args.block}, {world} gloo ranks, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'round':>5}  {'whale tok/s':>12}  {'DDP tok/s':>12}  {'ratio':>6}")
+    for i, (w, d, r) in enumerate(zip(whale_s, ddp_s, ratios)):
+        print(f"{i:>5}  {tok / w:>12,.0f}  {tok / d:>12,.0f}  {r:>6.3f}")
+    print(f"throughput ratio whale/DDP: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  "
+          f"max {max(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

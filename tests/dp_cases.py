@@ -1,0 +1,130 @@
+"""Cases run on every rank of a gloo pool (see tests/world.py) for the data-parallel tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import whale as wh
+from examples.cnn import CNN, SyntheticImages
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+
+_STEPS = 2
+
+
+def _model_and_batches(kind: str, global_batch: int):
+    torch.manual_seed(0)
+    if kind == "gpt":
+        cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+        corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
+        batches = [corpus.batch(global_batch, cfg.block_size, s) for s in range(_STEPS)]
+        return GPT(cfg), batches, lm_loss
+    if kind == "cnn":
+        data = SyntheticImages()
+        return CNN(width=8), [data.batch(global_batch, s) for s in range(_STEPS)], F.cross_entropy
+    raise ValueError(kind)
+
+
+def equivalence(
+    kind: str,
+    global_batch: int,
+    *,
+    row_weights=None,
+    num_micro_batch: int = 1,
+    batch: str = "global",
+    replicate_count: int | None = None,
+    grad_comm_dtype=None,
+    bucket_cap_mb: float = 25.0,
+) -> dict:
+    """Train ``_STEPS`` steps distributed; rank 0 also trains the local model on the same data."""
+    model, batches, loss_fn = _model_and_batches(kind, global_batch)
+    if replicate_count is not None:
+        wh.annotate(model, {"": wh.replicate(replicate_count)})
+    reference = copy.deepcopy(model)
+    config = wh.Config(
+        row_weights=row_weights,
+        num_micro_batch=num_micro_batch,
+        grad_comm_dtype=grad_comm_dtype,
+        bucket_cap_mb=bucket_cap_mb,
+        first_bucket_cap_mb=min(1.0, bucket_cap_mb),
+    )
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
+    opt = torch.optim.AdamW(program.parameters(), lr=1e-2)
+    out = {"loss": [], "grads": [], "rows": program.plan.rows(global_batch)}
+    for x, y in batches:
+        if batch == "local":
+            rows = program.local_slice(len(x))
+            loss = program.step(x[rows], y[rows], batch="local")
+        else:
+            loss = program.step(x, y)
+        out["loss"].append(loss.item())
+        out["grads"].append({n: p.grad.clone() for n, p in program.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    out["params"] = {n: p.detach().clone() for n, p in program.named_parameters()}
+    if dist.get_rank() == 0:
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        out["ref_loss"], out["ref_grads"] = [], []
+        for x, y in batches:
+            loss = loss_fn(reference(x), y)
+            loss.backward()
+            out["ref_loss"].append(loss.item())
+            out["ref_grads"].append({n: p.grad.clone() for n, p in reference.named_parameters()})
+            ref_opt.step()
+            ref_opt.zero_grad()
+        out["ref_params"] = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    return out
+
+
+def different_shapes_per_rank() -> None:
+    model, batches, loss_fn = _model_and_batches("cnn", 8)
+    x, y = batches[0]
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(x,))
+    if dist.get_rank() == 1:
+        x, y = x[:6], y[:6]
+    program.step(x, y)
+
+
+def batch_too_small() -> None:
+    model, batches, loss_fn = _model_and_batches("cnn", 8)
+    x, y = batches[0]
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(x,))
+    program.step(x[:1], y[:1])
+
+
+def local_rows_not_as_planned() -> None:
+    model, batches, loss_fn = _model_and_batches("cnn", 8)
+    x, y = batches[0]
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(x,))
+    rows = slice(0, 3) if dist.get_rank() == 0 else slice(3, 8)
+    program.step(x[rows], y[rows], batch="local")
+
+
+def replicas_start_equal() -> float:
+    """Each rank seeds differently; after parallelize every rank holds rank 0's weights."""
+    torch.manual_seed(dist.get_rank())
+    model = CNN(width=8)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy)
+    flat = torch.cat([p.detach().flatten() for p in program.parameters()])
+    return float(flat.sum())
+
+
+def state_dict_round_trip() -> bool:
+    model, batches, loss_fn = _model_and_batches("gpt", 8)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],))
+    opt = torch.optim.SGD(program.parameters(), lr=0.1)
+    program.step(*batches[0])
+    opt.step()
+    state = program.full_state_dict()
+    fresh, _, _ = _model_and_batches("gpt", 8)
+    fresh.load_state_dict(state)
+    same = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), state.values()))
+    other, _, _ = _model_and_batches("gpt", 8)
+    program2 = wh.parallelize(other, loss_fn=loss_fn)
+    program2.load_full_state_dict(state)
+    return same and all(
+        torch.equal(a, b) for a, b in zip(program2.full_state_dict().values(), state.values())
+    )

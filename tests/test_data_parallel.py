@@ -1,0 +1,104 @@
+"""Data parallel (``replicate``) against the local model, on real gloo processes.
+
+Tolerances, fp32 throughout:
+* loss: rtol 1e-6. The distributed loss is a row-weighted sum of per-replica means reduced in
+  float64; only the summation order differs from the local mean.
+* gradients: atol 1e-6, rtol 1e-4. Each replica's gradient is scaled by rows/global_rows and
+  summed over ranks, so only the order of fp32 additions differs (observed <= 5e-7).
+* parameters after AdamW: atol 5e-5. Adam divides by sqrt(v) + 1e-8, so entries whose true
+  gradient is zero (the attention key bias shifts every score of a row equally) turn round-off
+  of ~1e-11 into updates of ~1e-5; entries with real gradients agree to ~1e-7.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.world import CaseError
+
+CASES = "tests.dp_cases"
+
+
+def _assert_equivalent(out: dict, *, grad_tol=(1e-4, 1e-6), param_atol=5e-5) -> None:
+    rtol, atol = grad_tol
+    assert_close(torch.tensor(out["loss"]), torch.tensor(out["ref_loss"]), rtol=1e-6, atol=0)
+    for step, (grads, ref) in enumerate(zip(out["grads"], out["ref_grads"])):
+        assert grads.keys() == ref.keys()
+        for name in ref:
+            assert_close(grads[name], ref[name], rtol=rtol, atol=atol, msg=f"step {step} grad {name}")
+    for name, ref in out["ref_params"].items():
+        assert_close(out["params"][name], ref, rtol=0, atol=param_atol, msg=f"param {name}")
+
+
+def _same_on_every_rank(outs: list[dict]) -> None:
+    for other in outs[1:]:
+        assert other["loss"] == outs[0]["loss"], "every rank returns the global loss"
+        for name, p in outs[0]["params"].items():
+            assert torch.equal(other["params"][name], p), f"replicas diverged at {name}"
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, rows",
+    [
+        ("gpt", {}, (4, 4)),
+        ("gpt", {"row_weights": (3, 1), "num_micro_batch": 2}, (6, 2)),
+        ("gpt", {"row_weights": (1, 3), "batch": "local"}, (2, 6)),
+        ("cnn", {"row_weights": (5, 3)}, (5, 3)),
+        ("gpt", {"bucket_cap_mb": 0.005}, (4, 4)),
+    ],
+    ids=["gpt-even", "gpt-uneven-microbatch", "gpt-uneven-local-rows", "cnn-uneven", "gpt-many-buckets"],
+)
+def test_equivalence_world2(world2, kind, kwargs, rows):
+    outs = world2.run(f"{CASES}:equivalence", kind, 8, **kwargs)
+    assert tuple(outs[0]["rows"]) == rows
+    _assert_equivalent(outs[0])
+    _same_on_every_rank(outs)
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, rows",
+    [
+        ("gpt", {"row_weights": (1, 2, 3, 2)}, (1, 2, 3, 2)),
+        ("cnn", {}, (2, 2, 2, 2)),
+        ("gpt", {"replicate_count": 2}, (2, 2, 2, 2)),
+    ],
+    ids=["gpt-uneven", "cnn-even", "gpt-replicate2x2"],
+)
+def test_equivalence_world4(world4, kind, kwargs, rows):
+    outs = world4.run(f"{CASES}:equivalence", kind, 8, **kwargs)
+    assert tuple(outs[0]["rows"]) == rows
+    _assert_equivalent(outs[0])
+    _same_on_every_rank(outs)
+
+
+def test_bf16_gradient_communication(world2):
+    # bf16 keeps 8 bits of mantissa: each all-reduced gradient is within ~2**-8 relative.
+    out = world2.run(f"{CASES}:equivalence", "gpt", 8, grad_comm_dtype=torch.bfloat16)[0]
+    for name, ref in out["ref_grads"][0].items():
+        assert_close(out["grads"][0][name], ref, rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_replicas_start_from_rank0_weights(world2):
+    sums = world2.run(f"{CASES}:replicas_start_equal")
+    assert sums[0] == sums[1]
+
+
+def test_full_state_dict_round_trip(world2):
+    assert world2.run(f"{CASES}:state_dict_round_trip") == [True, True]
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("different_shapes_per_rank", "shapes or dtypes differ"),
+        ("batch_too_small", "cannot be split over 2 replicas"),
+        ("local_rows_not_as_planned", "local_slice(8)"),
+    ],
+)
+def test_bad_batches_are_named(world2, case, needle):
+    with pytest.raises(CaseError) as info:
+        world2.run(f"{CASES}:{case}")
+    assert info.value.type_name == "ValueError"
+    assert needle in info.value.message

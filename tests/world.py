@@ -1,0 +1,131 @@
+"""A pool of real gloo processes shared by many test cases.
+
+Starting processes costs seconds each on two cores, so a pool of ``world_size`` workers joins
+one process group once and then runs case after case: ``pool.run("module:function", *args)``
+calls the function on every rank and returns the per-rank results (or raises the error of the
+lowest failing rank). A case that leaves the group unusable (a hang) times out, and the pool is
+restarted for the next case.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import socket
+import sys
+import traceback
+from typing import Any
+
+import torch.multiprocessing as mp
+
+_CASE_TIMEOUT_S = float(os.environ.get("WHALE_TEST_CASE_TIMEOUT", "180"))
+
+
+class CaseError(Exception):
+    """A case raised on some rank; carries the exception type name and message."""
+
+    def __init__(self, rank: int, type_name: str, message: str, tb: str) -> None:
+        super().__init__(f"rank {rank}: {type_name}: {message}\n{tb}")
+        self.rank, self.type_name, self.message = rank, type_name, message
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results, root: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    sys.path.insert(0, root)
+    import torch
+
+    torch.set_num_threads(1)
+    import whale as wh
+
+    wh.init("gloo", timeout_s=_CASE_TIMEOUT_S)
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        target, args, kwargs = task
+        module_name, fn_name = target.split(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException as err:  # noqa: BLE001 - reported to the test process
+            results.put((rank, False, (type(err).__name__, str(err), traceback.format_exc())))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+class WorldPool:
+    """``world_size`` processes in one gloo group, running cases on request."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._procs: list = []
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._results = ctx.Queue()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        port = _free_port()
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, self.world_size, port, self._tasks[r], self._results, root),
+                daemon=True,
+            )
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, target: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``module:function(*args, **kwargs)`` on every rank; per-rank results in rank order."""
+        if not all(p.is_alive() for p in self._procs):
+            self.close()
+            self._start()
+        for q in self._tasks:
+            q.put((target, args, kwargs))
+        got: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(got) < self.world_size:
+                rank, ok, value = self._results.get(timeout=_CASE_TIMEOUT_S)
+                got[rank] = (ok, value)
+        except queue.Empty:
+            self.close()
+            self._start()
+            raise TimeoutError(
+                f"{target} did not finish on ranks {sorted(set(range(self.world_size)) - set(got))} "
+                f"within {_CASE_TIMEOUT_S}s"
+            ) from None
+        for rank in range(self.world_size):
+            ok, value = got[rank]
+            if not ok:
+                raise CaseError(rank, *value)
+        return [got[r][1] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._procs = []

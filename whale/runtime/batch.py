@@ -1,0 +1,111 @@
+"""Cutting batches into replicas' rows and micro-batches, and checking ranks agree on them."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import comm_ops
+
+__all__ = ["batch_rows", "broadcast_tensors", "check_ranks_agree", "narrow", "signature", "to_device"]
+
+
+def check_ranks_agree(sig: int, my_rows: int, device: torch.device) -> int:
+    """Every step, before forward: all ranks passed matching batches. Returns the rows summed.
+
+    One small all-reduce carries the rows and a shape fingerprint f with f**2: all ranks
+    agree exactly when world * sum(f**2) == sum(f)**2 (equality in Cauchy-Schwarz).
+    """
+    f = sig % 2**20
+    summed = torch.tensor([my_rows, f, f * f], dtype=torch.int64, device=device)
+    dist.all_reduce(summed)
+    rows, f_sum, f2_sum = (int(v) for v in summed.tolist())
+    if dist.get_world_size() * f2_sum != f_sum**2:
+        raise ValueError(
+            f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ; "
+            "every rank must pass the same global batch (or, with batch='local', the rows "
+            "cut by program.local_slice)"
+        )
+    return rows
+
+
+def batch_rows(args: tuple, target: Any, dim: int) -> int:
+    tensors = [t for t in _flatten((args, target)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors:
+        raise ValueError("step() got no tensor inputs with a batch dimension")
+    rows = {t.shape[dim] for t in tensors}
+    if len(rows) > 1:
+        raise ValueError(
+            f"step(): inputs and target disagree on the batch size along dim {dim}: "
+            f"{[tuple(t.shape) for t in tensors]}; every tensor needs the same number of rows"
+        )
+    return rows.pop()
+
+
+def _flatten(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _flatten(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    return [value]
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.dim() > 0 else value
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def narrow(value: Any, dim: int, start: int, length: int) -> Any:
+    return _map_tensors(value, lambda t: t.narrow(dim, start, length))
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return value
+    return _map_tensors(value, lambda t: t.to(device, non_blocking=True))
+
+
+def signature(args: tuple, target: Any, rows_dim: int | None) -> int:
+    """A stable fingerprint of shapes and dtypes; ``rows_dim`` (if given) is left out."""
+    parts = []
+    for t in _flatten((args, target)):
+        if isinstance(t, torch.Tensor):
+            shape = list(t.shape)
+            if rows_dim is not None and shape:
+                shape[rows_dim] = -1
+            parts.append(f"{t.dtype}{shape}")
+        else:
+            parts.append(type(t).__name__)
+    return zlib.crc32(";".join(parts).encode())
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Broadcast from rank 0 with one collective per dtype (packed flat), not one per tensor."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=group[0].device)
+        if dtype.is_floating_point:
+            comm_ops.pack(group, flat, 1.0)
+        else:
+            torch.cat([t.reshape(-1) for t in group], out=flat)
+        dist.broadcast(flat, src=0)
+        if dtype.is_floating_point:
+            comm_ops.unpack(flat, group, 1.0)
+        else:
+            at = 0
+            for t in group:
+                t.copy_(flat[at : at + t.numel()].view_as(t))
+                at += t.numel()

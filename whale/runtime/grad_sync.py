@@ -1,0 +1,149 @@
+"""Bucketed gradient all-reduce that runs while backward is still computing (as DDP does).
+
+Parameters are grouped into flat buckets in reverse registration order (roughly the order in
+which backward produces their gradients). Each parameter's gradient becomes a view into its
+bucket, so a finished bucket is all-reduced in place with no copy; after an optimizer's
+``zero_grad(set_to_none=True)`` the fresh gradients are packed back into the bucket with one
+fused call (``torch.ops.whale.pack`` where the extension is built). Buckets are launched in index
+order on every rank, so collectives always match even if gradients arrive in another order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm_ops
+
+__all__ = ["GradientReducer"]
+
+
+class _Bucket:
+    __slots__ = ("params", "buffer", "views", "comm", "ready")
+
+    def __init__(self, params: list[nn.Parameter], comm_dtype: torch.dtype | None) -> None:
+        self.params = params
+        numel = sum(p.numel() for p in params)
+        self.buffer = torch.zeros(numel, dtype=params[0].dtype, device=params[0].device)
+        self.views: list[torch.Tensor] = []
+        at = 0
+        for p in params:
+            self.views.append(self.buffer[at : at + p.numel()].view_as(p))
+            at += p.numel()
+        needs_cast = comm_dtype is not None and comm_dtype != self.buffer.dtype
+        self.comm = torch.empty(numel, dtype=comm_dtype, device=self.buffer.device) if needs_cast else None
+        self.ready: set[int] = set()
+
+
+class GradientReducer:
+    """Sums gradients over ``group`` during backward, bucket by bucket.
+
+    Args:
+        params: the parameters to synchronize, in registration order.
+        group: the process group to reduce over (None: the default group).
+        bucket_cap_bytes: size at which a bucket is closed.
+        first_bucket_cap_bytes: size of the first bucket, small so communication starts early.
+        comm_dtype: dtype gradients travel in; None keeps the parameters' dtype.
+
+    Usage: call :meth:`begin` before the backward whose gradients are final for the step (the
+    last micro-batch's), then :meth:`finish` after it; backwards outside that window accumulate
+    locally without communication.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        group: dist.ProcessGroup | None = None,
+        *,
+        bucket_cap_bytes: int = 25 * 2**20,
+        first_bucket_cap_bytes: int = 2**20,
+        comm_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.group = group
+        self.buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}
+        self._active = False
+        self._next = 0
+        self._works: list[tuple[_Bucket, dist.Work]] = []
+        self._handles = []
+        current: list[nn.Parameter] = []
+        size = 0
+        cap = first_bucket_cap_bytes
+        for p in reversed([p for p in params if p.requires_grad]):
+            nbytes = p.numel() * p.element_size()
+            if current and (size + nbytes > cap or p.dtype != current[0].dtype or p.device != current[0].device):
+                self.buckets.append(_Bucket(current, comm_dtype))
+                current, size, cap = [], 0, bucket_cap_bytes
+            current.append(p)
+            size += nbytes
+        if current:
+            self.buckets.append(_Bucket(current, comm_dtype))
+        for b, bucket in enumerate(self.buckets):
+            for i, p in enumerate(bucket.params):
+                self._where[id(p)] = (b, i)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def begin(self) -> None:
+        """Start a synchronizing backward: buckets go out as their gradients become final."""
+        assert not self._active, "begin() twice without finish()"
+        for bucket in self.buckets:
+            bucket.ready.clear()
+        self._next = 0
+        self._works.clear()
+        self._active = True
+
+    def finish(self) -> None:
+        """Launch what backward did not (unused parameters), wait, and leave gradients summed."""
+        assert self._active, "finish() without begin()"
+        for bucket in self.buckets[self._next :]:
+            for i, p in enumerate(bucket.params):
+                if i not in bucket.ready and p.grad is None:
+                    # A parameter this step did not use contributes zeros, as DDP's unused ones do.
+                    bucket.views[i].zero_()
+                    p.grad = bucket.views[i]
+            bucket.ready.update(range(len(bucket.params)))
+        self._launch_ready()
+        for bucket, work in self._works:
+            work.wait()
+            if bucket.comm is not None:
+                comm_ops.unpack(bucket.comm, [bucket.buffer], 1.0)
+        self._works.clear()
+        self._active = False
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._active:
+            return
+        b, i = self._where[id(param)]
+        self.buckets[b].ready.add(i)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if len(bucket.ready) < len(bucket.params):
+                return
+            self._launch(bucket)
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
+        if len(fresh) == len(bucket.params):
+            # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.
+            comm_ops.pack([p.grad for p in bucket.params], bucket.buffer, 1.0)
+        elif fresh:
+            torch._foreach_copy_([bucket.views[i] for i in fresh], [bucket.params[i].grad for i in fresh])
+        for i in fresh:
+            bucket.params[i].grad = bucket.views[i]
+        payload = bucket.buffer
+        if bucket.comm is not None:
+            comm_ops.pack([bucket.buffer], bucket.comm, 1.0)
+            payload = bucket.comm
+        self._works.append((bucket, dist.all_reduce(payload, group=self.group, async_op=True)))

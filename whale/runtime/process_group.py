@@ -1,0 +1,80 @@
+"""Joining the job's process group: under torchrun, or as a single process."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["WorldInfo", "init", "world_info", "require_initialized"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldInfo:
+    """Who this process is in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+    device: torch.device
+
+
+def init(backend: str | None = None, *, timeout_s: float = 600.0) -> WorldInfo:
+    """Join the job's default process group (idempotent).
+
+    Under ``torchrun`` the rank and world come from its environment; run as a plain script,
+    the process forms a world of one, so the same training script works without a launcher.
+    The backend defaults to NCCL when CUDA is available, gloo otherwise.
+
+    Example::
+
+        info = wh.init()
+        print(info.rank, info.world_size)
+    """
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; install a build with it")
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if backend not in ("nccl", "gloo", "mpi", "xccl", "ucc"):
+            raise ValueError(f"wh.init(backend={backend!r}): use 'nccl' (GPUs) or 'gloo' (CPUs)")
+        if use_cuda and backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # A world of one needs no rendezvous: an in-memory store serves it.
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return world_info()
+
+
+def world_info() -> WorldInfo:
+    """This process's place in the initialized world."""
+    require_initialized("world_info()")
+    backend = str(dist.get_backend())
+    use_cuda = backend == "nccl"
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return WorldInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+        backend=backend,
+        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+    )
+
+
+def require_initialized(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs the process group: call wh.init() first (it joins torchrun's group, "
+            "or forms a world of one when run as a plain script)"
+        )
