@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import whale as wh
+from tests.equivalence import train_distributed, train_reference
 from examples.cnn import CNN, SyntheticImages
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 
@@ -39,7 +40,7 @@ def equivalence(
     grad_comm_dtype=None,
     bucket_cap_mb: float = 25.0,
 ) -> dict:
-    """Train ``_STEPS`` steps distributed; rank 0 also trains the local model on the same data."""
+    """Train ``_STEPS`` steps distributed and, on every rank, the local model on the same data."""
     model, batches, loss_fn = _model_and_batches(kind, global_batch)
     if replicate_count is not None:
         wh.annotate(model, {"": wh.replicate(replicate_count)})
@@ -51,31 +52,10 @@ def equivalence(
         bucket_cap_mb=bucket_cap_mb,
         first_bucket_cap_mb=min(1.0, bucket_cap_mb),
     )
+    out = train_reference(reference, batches, loss_fn)
     program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
-    opt = torch.optim.AdamW(program.parameters(), lr=1e-2)
-    out = {"loss": [], "grads": [], "rows": program.plan.rows(global_batch)}
-    for x, y in batches:
-        if batch == "local":
-            rows = program.local_slice(len(x))
-            loss = program.step(x[rows], y[rows], batch="local")
-        else:
-            loss = program.step(x, y)
-        out["loss"].append(loss.item())
-        out["grads"].append({n: p.grad.clone() for n, p in program.named_parameters()})
-        opt.step()
-        opt.zero_grad()
-    out["params"] = {n: p.detach().clone() for n, p in program.named_parameters()}
-    if dist.get_rank() == 0:
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        out["ref_loss"], out["ref_grads"] = [], []
-        for x, y in batches:
-            loss = loss_fn(reference(x), y)
-            loss.backward()
-            out["ref_loss"].append(loss.item())
-            out["ref_grads"].append({n: p.grad.clone() for n, p in reference.named_parameters()})
-            ref_opt.step()
-            ref_opt.zero_grad()
-        out["ref_params"] = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    out.update(train_distributed(program, batches, out.pop("ref_states"), batch=batch))
+    out["rows"] = program.plan.rows(global_batch)
     return out
 
 

@@ -1,13 +1,6 @@
 """Data parallel (``replicate``) against the local model, on real gloo processes.
 
-Tolerances, fp32 throughout:
-* loss: rtol 1e-6. The distributed loss is a row-weighted sum of per-replica means reduced in
-  float64; only the summation order differs from the local mean.
-* gradients: atol 1e-6, rtol 1e-4. Each replica's gradient is scaled by rows/global_rows and
-  summed over ranks, so only the order of fp32 additions differs (observed <= 5e-7).
-* parameters after AdamW: atol 5e-5. Adam divides by sqrt(v) + 1e-8, so entries whose true
-  gradient is zero (the attention key bias shifts every score of a row equally) turn round-off
-  of ~1e-11 into updates of ~1e-5; entries with real gradients agree to ~1e-7.
+Tolerances: see tests/equivalence.py.
 """
 
 from __future__ import annotations
@@ -16,20 +9,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests.equivalence import assert_equivalent
 from tests.world import CaseError
 
 CASES = "tests.dp_cases"
-
-
-def _assert_equivalent(out: dict, *, grad_tol=(1e-4, 1e-6), param_atol=5e-5) -> None:
-    rtol, atol = grad_tol
-    assert_close(torch.tensor(out["loss"]), torch.tensor(out["ref_loss"]), rtol=1e-6, atol=0)
-    for step, (grads, ref) in enumerate(zip(out["grads"], out["ref_grads"])):
-        assert grads.keys() == ref.keys()
-        for name in ref:
-            assert_close(grads[name], ref[name], rtol=rtol, atol=atol, msg=f"step {step} grad {name}")
-    for name, ref in out["ref_params"].items():
-        assert_close(out["params"][name], ref, rtol=0, atol=param_atol, msg=f"param {name}")
 
 
 def _same_on_every_rank(outs: list[dict]) -> None:
@@ -53,7 +36,7 @@ def _same_on_every_rank(outs: list[dict]) -> None:
 def test_equivalence_world2(world2, kind, kwargs, rows):
     outs = world2.run(f"{CASES}:equivalence", kind, 8, **kwargs)
     assert tuple(outs[0]["rows"]) == rows
-    _assert_equivalent(outs[0])
+    assert_equivalent(outs[0])
     _same_on_every_rank(outs)
 
 
@@ -69,7 +52,7 @@ def test_equivalence_world2(world2, kind, kwargs, rows):
 def test_equivalence_world4(world4, kind, kwargs, rows):
     outs = world4.run(f"{CASES}:equivalence", kind, 8, **kwargs)
     assert tuple(outs[0]["rows"]) == rows
-    _assert_equivalent(outs[0])
+    assert_equivalent(outs[0])
     _same_on_every_rank(outs)
 
 

@@ -14,7 +14,10 @@ from torch import nn
 from .capture import CaptureError, capture, module_annotation_map
 from .config import Config
 from .planner.data_parallel import plan_data_parallel
+from .planner.pipeline import count_stages, plan_pipeline
+from .rewrite.stage_split import assign_stages, split_stages
 from .runtime.data_parallel import DataParallelProgram
+from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
 
 __all__ = ["init", "parallelize"]
@@ -26,7 +29,7 @@ def parallelize(
     loss_fn: Callable[..., torch.Tensor],
     example_inputs: Any = None,
     config: Config | Mapping[str, Any] | None = None,
-) -> DataParallelProgram:
+) -> DataParallelProgram | PipelineProgram:
     """Turn an annotated single-device model into this rank's part of a distributed program.
 
     Everything the user wrote is validated here, before any step and without touching the
@@ -69,28 +72,58 @@ def parallelize(
     world_size, ranks_per_node = _world()
     scopes: dict[str, tuple] = dict(module_annotation_map(model))
     example_rows = None
+    captured = None
+    capture_error = None
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         example_rows = _rows_of(args, config.batch_dim)
         try:
             captured = capture(model, args)
         except CaptureError as err:
-            # Data parallel needs no graph: module-level annotations still hold, but any
-            # annotation written inside forward cannot be seen, and the user is told so.
-            warnings.warn(
-                f"whale could not capture {type(model).__name__} as a graph, so annotations "
-                f"inside forward() are not seen; module-level annotations still apply.\n{err}",
-                stacklevel=2,
-            )
+            capture_error = err
         else:
             for node in captured.nodes:
                 # Annotations written inside forward() show on nodes beyond their module's own.
                 if len(node.annotations) > len(scopes.get(node.module_path, ())):
                     scopes[f"{node.module_path}:{node.name}"] = node.annotations
+
+    if count_stages(scopes, config):
+        plan = plan_pipeline(scopes, world_size, config, example_rows=example_rows)
+        if captured is None:
+            raise ValueError(
+                "pipeline stages are cut from the captured graph: pass example_inputs= (one "
+                "global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
+            )
+        _check_stages_compute(scopes, captured)
+        stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
+        assert num_stages == plan.num_stages
+        stages = split_stages(captured, stage_of, num_stages)
+        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages)
+
+    if capture_error is not None:
+        # Data parallel needs no graph: module-level annotations still hold, but any
+        # annotation written inside forward cannot be seen, and the user is told so.
+        warnings.warn(
+            f"whale could not capture {type(model).__name__} as a graph, so annotations "
+            f"inside forward() are not seen; module-level annotations still apply.\n{capture_error}",
+            stacklevel=2,
+        )
     plan = plan_data_parallel(
         scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node
     )
     return DataParallelProgram(model, loss_fn, plan, config)
+
+
+def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:
+    """A stage() on a module that forward() never calls would be an empty stage."""
+    used = {id(a) for a in captured.annotations_used()}
+    for where, stack in scopes.items():
+        for a in stack:
+            if a.kind == "stage" and id(a) not in used:
+                raise ValueError(
+                    f"{a!r} at {where!r} owns no computation: forward() never runs that module; "
+                    "remove the annotation or annotate a module that forward() calls"
+                )
 
 
 def _world() -> tuple[int, int | None]:

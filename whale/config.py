@@ -54,6 +54,15 @@ class Config:
     broadcast_buffers: bool = True
     """Send rank 0's buffers (e.g. BatchNorm statistics) to all replicas before each step, as DDP."""
 
+    schedule: str = "1f1b"
+    """Pipeline schedule: ``"1f1b"`` (Whale's backward-first), ``"gpipe"`` or ``"interleaved_1f1b"``."""
+
+    pipeline_degree: int | None = None
+    """Ranks per pipeline; None is one rank per stage. Interleaving puts several stages on a rank."""
+
+    stage_boundaries: Sequence[str] | None = None
+    """Module paths at which pipeline stages 1, 2, ... begin, instead of ``stage()`` annotations."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -91,6 +100,20 @@ class Config:
             object.__setattr__(self, "row_weights", weights)
         if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
             raise TypeError(f"Config(batch_dim=...) is an int, got {self.batch_dim!r}")
+        if not isinstance(self.schedule, str):
+            raise TypeError(f"Config(schedule=...) is a schedule name, got {self.schedule!r}")
+        if self.pipeline_degree is not None:
+            positive_int("pipeline_degree")
+        if self.stage_boundaries is not None:
+            bounds = tuple(self.stage_boundaries)
+            if isinstance(self.stage_boundaries, str) or not all(isinstance(b, str) and b for b in bounds):
+                raise TypeError(
+                    f"Config(stage_boundaries={self.stage_boundaries!r}) is a list of module paths, "
+                    "e.g. ['blocks.2', 'blocks.4']"
+                )
+            if len(set(bounds)) != len(bounds):
+                raise ValueError(f"Config(stage_boundaries={list(bounds)}) names a module twice")
+            object.__setattr__(self, "stage_boundaries", bounds)
         if not isinstance(self.broadcast_buffers, bool):
             raise TypeError(f"Config(broadcast_buffers=...) is a bool, got {self.broadcast_buffers!r}")
 

@@ -9,14 +9,16 @@ from ..primitives import Annotation, Cluster, Pipeline, Replicate, validate_stac
 from .plan import PartPlan, Plan
 from .rows import split_rows
 
-__all__ = ["plan_data_parallel", "name_annotations", "check_annotations"]
+__all__ = [
+    "check_annotations",
+    "distinct_annotations",
+    "name_annotations",
+    "parts_of",
+    "plan_data_parallel",
+]
 
 # Kinds whose execution is not built yet; rejected by name rather than run as something else.
-_NOT_YET_EXECUTABLE = {
-    "split": "tensor parallelism",
-    "stage": "pipeline parallelism",
-    "pipeline": "pipeline parallelism",
-}
+_NOT_YET_EXECUTABLE = {"split": "tensor parallelism"}
 
 
 def name_annotations(scopes: Mapping[str, Sequence[Annotation]]) -> dict[int, str]:
@@ -112,7 +114,7 @@ def plan_data_parallel(
                     f"but does not execute {_NOT_YET_EXECUTABLE[a.kind]} yet; remove the "
                     "annotation (the part then runs data parallel) or wait for that release"
                 )
-    replicas = [a for a in _distinct(scopes) if isinstance(a, Replicate)]
+    replicas = [a for a in distinct_annotations(scopes) if isinstance(a, Replicate)]
     counts = {a.device_count for a in replicas if a.device_count is not None}
     if len(counts) > 1:
         raise ValueError(
@@ -130,11 +132,11 @@ def plan_data_parallel(
         )
     plan = Plan(
         world_size=world_size,
-        replica_ranks=tuple(range(world_size)),
+        pipelines=tuple((r,) for r in range(world_size)),
         row_weights=tuple(float(w) for w in weights),
         replica_groups=groups,
         num_micro_batch=config.num_micro_batch,
-        parts=_parts(scopes, names, inner, world_size),
+        parts=parts_of(scopes, names, inner, world_size),
     )
     if example_rows is not None:
         rows = plan.rows(example_rows)
@@ -149,7 +151,8 @@ def plan_data_parallel(
     return plan
 
 
-def _distinct(scopes: Mapping[str, Sequence[Annotation]]) -> list[Annotation]:
+def distinct_annotations(scopes: Mapping[str, Sequence[Annotation]]) -> list[Annotation]:
+    """Each annotation once, in order of first appearance."""
     seen: dict[int, Annotation] = {}
     for stack in scopes.values():
         for a in stack:
@@ -163,7 +166,7 @@ def _replica_groups(
     inner: int,
     ranks_per_node: int | None,
 ) -> tuple[tuple[int, ...], ...]:
-    layouts = [a for a in _distinct(scopes) if isinstance(a, Cluster) and a.layout != "auto"]
+    layouts = [a for a in distinct_annotations(scopes) if isinstance(a, Cluster) and a.layout != "auto"]
     if len(layouts) > 1:
         raise ValueError(f"two cluster layouts {layouts} cover one data-parallel model; keep one")
     if layouts and layouts[0].layout == "node":
@@ -189,7 +192,7 @@ def _replica_groups(
     return tuple(tuple(range(s, s + inner)) for s in range(0, world_size, inner))
 
 
-def _parts(
+def parts_of(
     scopes: Mapping[str, Sequence[Annotation]], names: dict[int, str], inner: int, world: int
 ) -> tuple[PartPlan, ...]:
     owners: dict[str, list[str]] = {}

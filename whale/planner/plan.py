@@ -37,31 +37,67 @@ class PartPlan:
 class Plan:
     """Where every part runs, for a world of ``world_size`` ranks.
 
+    Ranks form ``dp_degree`` data-parallel replicas; each replica is a pipeline of
+    ``pipeline_degree`` ranks (one rank when there are no stages). Stage ``s`` runs on
+    position ``s % pipeline_degree`` of every pipeline (interleaved schedules put several
+    stages on one position).
+
     Attributes:
         world_size: ranks in the job.
-        replica_ranks: the ranks of the data-parallel replicas, in row order.
+        pipelines: per replica, its ranks by pipeline position; ``((0,), (1,))`` is plain
+            data parallel on two ranks, ``((0, 2), (1, 3))`` two pipelines of two stages.
         row_weights: each replica's share of batch rows (device speed for uneven devices).
-        replica_groups: the ``replicate(device_count)`` groups: inner groups of ranks.
-        num_micro_batch: micro-batches per step (gradient accumulation).
+        replica_groups: the ``replicate(device_count)`` groups, as replica indices.
+        num_micro_batch: micro-batches per step.
         parts: one entry per annotated part, and one for the default strategy.
         pinned_rows: rows per replica fixed by the user, or None to follow ``row_weights``.
+        num_stages: pipeline stages (1: no pipeline).
+        schedule: the pipeline schedule's name (see ``whale.planner.schedules``).
+        stage_boundaries: module paths at which stages 1.. begin; empty when the stages come
+            from ``stage()`` annotations.
     """
 
     world_size: int
-    replica_ranks: tuple[int, ...]
+    pipelines: tuple[tuple[int, ...], ...]
     row_weights: tuple[float, ...]
     replica_groups: tuple[tuple[int, ...], ...]
     num_micro_batch: int = 1
     parts: tuple[PartPlan, ...] = ()
     pinned_rows: tuple[int, ...] | None = None
+    num_stages: int = 1
+    schedule: str = "1f1b"
+    stage_boundaries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        assert len(self.row_weights) == len(self.replica_ranks), "one weight per replica"
-        assert sorted(r for g in self.replica_groups for r in g) == sorted(self.replica_ranks)
+        assert len(self.row_weights) == len(self.pipelines), "one weight per replica"
+        assert sorted(r for p in self.pipelines for r in p) == list(range(self.world_size))
+        assert len({len(p) for p in self.pipelines}) == 1, "pipelines of one length"
+        assert sorted(i for g in self.replica_groups for i in g) == list(range(len(self.pipelines)))
+        assert self.num_stages % self.pipeline_degree == 0
 
     @property
     def dp_degree(self) -> int:
-        return len(self.replica_ranks)
+        return len(self.pipelines)
+
+    @property
+    def pipeline_degree(self) -> int:
+        return len(self.pipelines[0])
+
+    def replica_of(self, rank: int) -> int:
+        """The data-parallel replica ``rank`` belongs to."""
+        return next(d for d, ranks in enumerate(self.pipelines) if rank in ranks)
+
+    def position_of(self, rank: int) -> int:
+        """``rank``'s position in its pipeline."""
+        return self.pipelines[self.replica_of(rank)].index(rank)
+
+    def stages_at(self, position: int) -> tuple[int, ...]:
+        """The stages run by the ranks at ``position`` of every pipeline."""
+        return tuple(range(position, self.num_stages, self.pipeline_degree))
+
+    def position_ranks(self, position: int) -> tuple[int, ...]:
+        """The ranks at ``position`` across replicas: they hold the same stages."""
+        return tuple(p[position] for p in self.pipelines)
 
     def rows(self, total: int) -> tuple[int, ...]:
         """Rows each replica takes from a global batch of ``total`` rows."""
@@ -90,13 +126,18 @@ class Plan:
     def table(self, global_batch: int | None = None) -> str:
         """A readable summary: one line per rank, then one per part."""
         rows = self.rows(global_batch) if global_batch is not None else None
-        lines = [f"world_size={self.world_size}  data-parallel degree={self.dp_degree}  "
-                 f"micro-batches={self.num_micro_batch}"]
-        lines.append(f"{'rank':>4}  {'group':>5}  {'weight':>7}  {'rows':>6}")
-        for i, rank in enumerate(self.replica_ranks):
-            group = next(g for g, ranks in enumerate(self.replica_groups) if rank in ranks)
-            shown = "-" if rows is None else str(rows[i])
-            lines.append(f"{rank:>4}  {group:>5}  {self.row_weights[i]:>7.3g}  {shown:>6}")
+        lines = [
+            f"world_size={self.world_size}  data-parallel degree={self.dp_degree}  "
+            f"pipeline degree={self.pipeline_degree}  stages={self.num_stages}  "
+            f"micro-batches={self.num_micro_batch}"
+            + (f"  schedule={self.schedule}" if self.num_stages > 1 else "")
+        ]
+        lines.append(f"{'rank':>4}  {'replica':>7}  {'stages':>8}  {'weight':>7}  {'rows':>6}")
+        for rank in range(self.world_size):
+            d = self.replica_of(rank)
+            stages = ",".join(map(str, self.stages_at(self.position_of(rank))))
+            shown = "-" if rows is None else str(rows[d])
+            lines.append(f"{rank:>4}  {d:>7}  {stages:>8}  {self.row_weights[d]:>7.3g}  {shown:>6}")
         for part in self.parts:
             lines.append(
                 f"{part.name}: {part.strategy} {part.inner_degree} x {part.outer_degree} "

@@ -232,9 +232,9 @@ def validate_stack(stack: Sequence[Annotation], where: str = "") -> None:
     for kind in _NO_SELF_NESTING:
         found = [a for a in stack if a.kind == kind]
         if len(found) > 1:
+            why = "a module cannot be in two stages" if kind == "stage" else f"a {kind} cannot contain another {kind}"
             raise ValueError(
-                f"{found[1]!r} is nested inside {found[0]!r}{at}: a {kind} cannot contain "
-                f"another {kind}; put them side by side instead"
+                f"{found[1]!r} is nested inside {found[0]!r}{at}: {why}; put them side by side instead"
             )
     kinds = [a.kind for a in stack]
     if "stage" in kinds and "pipeline" in kinds and kinds.index("pipeline") > kinds.index("stage"):

@@ -37,7 +37,7 @@ def annotate(
             f"e.g. {{'encoder': wh.replicate()}}; got {type(annotations).__name__}"
         )
     modules = dict(model.named_modules())
-    resolved: list[tuple[nn.Module, tuple[Annotation, ...]]] = []
+    pending: dict[str, tuple[Annotation, ...]] = {}
     for name, value in annotations.items():
         if not isinstance(name, str):
             raise TypeError(f"annotate(): module names are strings, got {name!r}")
@@ -54,16 +54,23 @@ def annotate(
                 f"annotate(): the value for {name!r} must be a primitive such as wh.replicate() "
                 f"or a list of them, got {value!r}"
             )
-        validate_stack(merge_stacks(_enclosing(model, name, modules), stack), where=name)
-        resolved.append((modules[name], stack))
-    # Everything validated before the first module is touched: nothing half-applied on error.
-    for module, stack in resolved:
-        add_module_annotations(module, stack)
+        pending[name] = stack
+    # Validate what each module ends up under, this call's other names included, before any
+    # module is touched: nothing is half-applied on error.
+    for name in modules:
+        validate_stack(_enclosing(name, modules, pending), where=name)
+    for name, stack in pending.items():
+        add_module_annotations(modules[name], stack)
     return model
 
 
-def _enclosing(model: nn.Module, name: str, modules: Mapping[str, nn.Module]) -> tuple[Annotation, ...]:
-    """The annotations the module at ``name`` already sits under, outer first."""
+def _enclosing(
+    name: str, modules: Mapping[str, nn.Module], pending: Mapping[str, tuple[Annotation, ...]]
+) -> tuple[Annotation, ...]:
+    """The annotations the module at ``name`` would sit under, outer first."""
     parts = name.split(".") if name else []
-    stacks = [module_annotations(modules[".".join(parts[:i])]) for i in range(len(parts) + 1)]
+    stacks = []
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        stacks += [module_annotations(modules[prefix]), pending.get(prefix, ())]
     return merge_stacks(*stacks)

@@ -90,22 +90,24 @@ def signature(args: tuple, target: Any, rows_dim: int | None) -> int:
     return zlib.crc32(";".join(parts).encode())
 
 
-def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
-    """Broadcast from rank 0 with one collective per dtype (packed flat), not one per tensor."""
+def broadcast_tensors(
+    tensors: list[torch.Tensor], *, src: int = 0, group: dist.ProcessGroup | None = None
+) -> None:
+    """Broadcast from ``src`` with one collective per dtype (packed flat), not one per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype, group in by_dtype.items():
-        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=group[0].device)
+    for dtype, same in by_dtype.items():
+        flat = torch.empty(sum(t.numel() for t in same), dtype=dtype, device=same[0].device)
         if dtype.is_floating_point:
-            comm_ops.pack(group, flat, 1.0)
+            comm_ops.pack(same, flat, 1.0)
         else:
-            torch.cat([t.reshape(-1) for t in group], out=flat)
-        dist.broadcast(flat, src=0)
+            torch.cat([t.reshape(-1) for t in same], out=flat)
+        dist.broadcast(flat, src=src, group=group)
         if dtype.is_floating_point:
-            comm_ops.unpack(flat, group, 1.0)
+            comm_ops.unpack(flat, same, 1.0)
         else:
             at = 0
-            for t in group:
+            for t in same:
                 t.copy_(flat[at : at + t.numel()].view_as(t))
                 at += t.numel()

@@ -94,7 +94,7 @@ class DataParallelProgram:
             loss = program.step(x_global[rows], y_global[rows], batch="local")
         """
         rank = world_info().rank if dist.is_initialized() else 0
-        replica = self.plan.replica_ranks.index(rank)
+        replica = self.plan.replica_of(rank)
         rows = self.plan.rows(global_rows)
         start = row_offsets(rows)[replica]
         return slice(start, start + rows[replica])
@@ -122,7 +122,7 @@ class DataParallelProgram:
             raise ValueError(f"step(batch={batch!r}): use 'global' or 'local'")
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         rank = dist.get_rank()
-        replica = self.plan.replica_ranks.index(rank)
+        replica = self.plan.replica_of(rank)
         dim = self.config.batch_dim
         my_rows = batch_rows(args, target, dim)
         # Fingerprint before cutting: uneven replicas legitimately hold different row counts.

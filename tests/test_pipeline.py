@@ -1,0 +1,194 @@
+"""Pipeline parallelism against the local model, on real gloo processes.
+
+Each rank returns the loss, and the gradients and parameters of its own stages by local-model
+name; every rank also trains the local model on the same batches. Tolerances: see
+tests/equivalence.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import whale as wh
+from examples.gpt import GPT, GPTConfig
+from tests.equivalence import assert_equivalent
+
+CASES = "tests.pp_cases:equivalence"
+
+
+def _check(outs: list[dict]) -> None:
+    all_names = set(outs[0]["ref_params"])
+    placed = set()
+    for out in outs:
+        assert_equivalent(out, names=out["params"].keys())
+        placed |= set(out["params"])
+        assert out["loss"] == outs[0]["loss"], "every rank returns the global loss"
+    assert placed == all_names, f"parameters on no rank: {sorted(all_names - placed)}"
+    # The gathered state dict is every stage's trained weights, exactly, under local names.
+    full = outs[0]["full_state"]
+    for out in outs:
+        for name, p in out["final"].items():
+            assert torch.equal(full[name], p), name
+    assert set(full) >= all_names
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"boundaries": ["blocks.2"], "schedule": "1f1b", "num_micro_batch": 4},
+        {"boundaries": ["blocks.1"], "schedule": "gpipe", "num_micro_batch": 3},
+        {
+            "annotate": {f"blocks.{i}": ["stage"] for i in range(4)},
+            "schedule": "interleaved_1f1b",
+            "pipeline_degree": 2,
+            "num_micro_batch": 4,
+        },
+        {"boundaries": ["blocks.3"], "schedule": "1f1b", "num_micro_batch": 3, "batch": "local"},
+    ],
+    ids=["1f1b-even", "gpipe-uneven-1+3-layers-mb3", "interleaved-4-stages", "1f1b-uneven-3+1-local-rows"],
+)
+def test_pipeline_world2(world2, kwargs):
+    outs = world2.run(CASES, **kwargs)
+    _check(outs)
+    mem = [o["memory"] for o in outs]
+    if "boundaries" in kwargs and kwargs["boundaries"] == ["blocks.2"]:
+        # Two stages of two blocks: each rank holds about half (the tied embedding on both).
+        for m in mem:
+            assert m["param_bytes"] < 0.6 * m["model_param_bytes"], m
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"boundaries": ["blocks.1", "blocks.2", "blocks.3"], "num_micro_batch": 4, "global_batch": 6},
+        {
+            "annotate": {"": ["replicate", "pipeline:2"], "blocks.0": ["stage"], "blocks.1": ["stage"]},
+            "row_weights": (3, 1),
+            "num_micro_batch": 1,  # the pipeline(2) annotation sets it
+        },
+        {
+            "boundaries": ["blocks.1", "blocks.2", "blocks.3"],
+            "schedule": "interleaved_1f1b",
+            "pipeline_degree": 2,
+            "num_micro_batch": 2,
+        },
+    ],
+    ids=["4-stages-1f1b-uneven-microbatches", "2-stages-x-2-replicas-uneven-rows", "interleaved-x-2-replicas"],
+)
+def test_pipeline_world4(world4, kwargs):
+    outs = world4.run(CASES, **kwargs)
+    _check(outs)
+
+
+# ---- bad input, before any process group --------------------------------------------------------
+
+
+@pytest.fixture
+def world(monkeypatch):
+    def set_world(n: int) -> None:
+        monkeypatch.setenv("WORLD_SIZE", str(n))
+
+    return set_world
+
+
+def _gpt(n_layer: int = 4) -> tuple[GPT, torch.Tensor]:
+    cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=n_layer, n_head=2, n_embd=16)
+    return GPT(cfg), torch.randint(32, (8, 8))
+
+
+def _loss(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_stage_that_owns_no_computation(world):
+    world(2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    net = wh.annotate(Net(), {"a": wh.stage(), "unused": wh.stage(), "b": wh.stage()})
+    with pytest.raises(ValueError, match=r"owns no computation"):
+        wh.parallelize(net, loss_fn=F.mse_loss, example_inputs=torch.randn(8, 4),
+                       config=wh.Config(schedule="interleaved_1f1b", pipeline_degree=1))
+
+
+def test_more_stages_than_devices(world):
+    world(2)
+    model, x = _gpt()
+    with pytest.raises(ValueError, match=r"4 pipeline stages need 4 ranks but the world has 2"):
+        wh.parallelize(model, loss_fn=_loss, example_inputs=x,
+                       config=wh.Config(stage_boundaries=["blocks.1", "blocks.2", "blocks.3"]))
+
+
+def test_micro_batches_larger_than_the_batch(world):
+    world(2)
+    model, x = _gpt()
+    with pytest.raises(ValueError, match=r"num_micro_batch=16 is larger than the 8 rows"):
+        wh.parallelize(model, loss_fn=_loss, example_inputs=x,
+                       config=wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=16))
+    with pytest.raises(ValueError, match=r"num_micro_batch=0"):
+        wh.Config(num_micro_batch=0)
+    with pytest.raises(ValueError, match=r"pipeline\(num_micro_batch=...\) takes|must be >= 1"):
+        wh.pipeline(0)
+
+
+def test_unknown_schedule(world):
+    world(2)
+    model, x = _gpt()
+    with pytest.raises(ValueError, match=r"zero_bubble.*gpipe|gpipe.*zero_bubble"):
+        wh.parallelize(model, loss_fn=_loss, example_inputs=x,
+                       config=wh.Config(stage_boundaries=["blocks.2"], schedule="zero_bubble"))
+
+
+def test_one_module_in_two_stages(world):
+    world(2)
+    model, x = _gpt()
+    with pytest.raises(ValueError, match=r"'blocks.0'.*two stages|two stages.*'blocks.0'"):
+        wh.annotate(model, {"blocks": wh.stage(), "blocks.0": wh.stage()})
+
+
+def test_later_stage_feeding_an_earlier_one(world):
+    world(2)
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    net = wh.annotate(Loop(), {"a": wh.stage(), "b": wh.stage()})
+    with pytest.raises(ValueError, match=r"later stage cannot feed an earlier one"):
+        wh.parallelize(net, loss_fn=F.mse_loss, example_inputs=torch.randn(8, 4))
+
+
+def test_boundary_that_names_no_module(world):
+    world(2)
+    model, x = _gpt()
+    with pytest.raises(ValueError, match=r"stage boundary 'blocks.9' names no module"):
+        wh.parallelize(model, loss_fn=_loss, example_inputs=x,
+                       config=wh.Config(stage_boundaries=["blocks.9"]))
+
+
+def test_pipeline_plan_lays_out_ranks(world):
+    world(4)
+    model, x = _gpt()
+    program = wh.parallelize(model, loss_fn=_loss, example_inputs=x,
+                             config=wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=2))
+    plan = program.plan
+    assert plan.pipelines == ((0, 2), (1, 3))
+    assert (plan.dp_degree, plan.pipeline_degree, plan.num_stages) == (2, 2, 2)
+    assert [s.modules for s in program.stages][1][0] == "blocks.2"
+    assert type(plan).from_json(plan.to_json()) == plan

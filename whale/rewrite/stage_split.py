@@ -1,0 +1,241 @@
+"""Stage split: cut a captured fx graph into one program per pipeline stage.
+
+Requires: a graph from ``whale.capture`` (every node carries ``meta["whale_node_info"]`` and
+``meta["val"]``) and a stage for every node that computes.
+
+Call: each stage becomes a ``GraphModule`` ``forward(*model_inputs, *received) -> tuple(sent)``.
+Values that later stages need cross every boundary in between (a skip connection from stage 0
+to stage 2 is relayed by stage 1). Nodes that depend only on the model's inputs and hold no
+parameters (shape arithmetic, ``arange`` positions, masks) are recomputed in every stage that
+uses them instead of being sent; parameters and buffers go to every stage that reads them, so a
+weight tied across stages (GPT's embedding and head) lives on both and its gradients are summed
+by the runtime.
+
+Ensures: every compute node lands in exactly one stage; every stage computes something; no
+stage reads a value from a later one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import fx
+
+from ..capture import CapturedModel
+from ..primitives import Annotation
+
+__all__ = ["StageProgram", "assign_stages", "split_stages", "stage_annotations"]
+
+_INFO = "whale_node_info"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+    """One stage's program and its interface.
+
+    Attributes:
+        index: position of the stage in the pipeline.
+        module: ``forward(*model_inputs, *received)``; returns a tuple of the values sent on
+            (every stage but the last) or the model's output (the last stage).
+        received: names of the values this stage receives from the previous one, in order.
+        sent: names of the values it sends to the next one, in order (empty for the last).
+        modules: module paths whose computation this stage runs (outermost first).
+    """
+
+    index: int
+    module: fx.GraphModule
+    received: tuple[str, ...]
+    sent: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+def stage_annotations(captured: CapturedModel) -> tuple[Annotation, ...]:
+    """The ``stage()`` annotations in the graph, in order of first use."""
+    return tuple(a for a in captured.annotations_used() if a.kind == "stage")
+
+
+def assign_stages(
+    captured: CapturedModel, boundaries: Sequence[str] | None = None
+) -> tuple[dict[str, int], int]:
+    """Give each compute node a stage, from ``stage()`` annotations or from ``boundaries``.
+
+    Args:
+        captured: the captured model.
+        boundaries: module paths at which a new stage begins (in graph order), instead of
+            annotations; e.g. ``("blocks.2",)`` makes two stages.
+
+    Returns:
+        ``(stage of each compute node by name, number of stages)``. Inputs-only nodes
+        (recomputed where used), placeholders, parameters and the output have no entry.
+
+    Raises:
+        ValueError: an unknown boundary module, a boundary out of graph order, a stage with
+            no computation, or a stage that feeds an earlier one.
+    """
+    graph = captured.graph_module.graph
+    free = _inputs_only(graph)
+    stage: dict[str, int] = {}
+    if boundaries:
+        num = _assign_by_boundaries(graph, free, tuple(boundaries), stage)
+    else:
+        num = _assign_by_annotations(captured, graph, free, stage)
+    _check_every_stage_computes(captured, stage, num, boundaries)
+    return stage, num
+
+
+def _compute_nodes(graph: fx.Graph, free: set[str]):
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and node.name not in free:
+            yield node
+
+
+def _assign_by_boundaries(graph: fx.Graph, free: set[str], boundaries: tuple[str, ...], stage: dict) -> int:
+    paths = {node.meta[_INFO].module_path for node in graph.nodes if _INFO in node.meta}
+    for b in boundaries:
+        if not any(p == b or p.startswith(b + ".") for p in paths):
+            raise ValueError(
+                f"stage boundary {b!r} names no module that computes in the graph; use a module "
+                f"path of model.named_modules() that forward() calls"
+            )
+    current = 0
+    for node in _compute_nodes(graph, free):
+        path = node.meta[_INFO].module_path
+        while current < len(boundaries) and _under(path, boundaries[current]):
+            current += 1
+        if any(_under(path, b) for b in boundaries[current:]):
+            raise ValueError(
+                f"stage boundaries {list(boundaries)} are not in graph order: {path!r} runs "
+                f"before {boundaries[current]!r}; list them in the order forward() calls them"
+            )
+        stage[node.name] = current
+    return len(boundaries) + 1
+
+
+def _assign_by_annotations(captured: CapturedModel, graph: fx.Graph, free: set[str], stage: dict) -> int:
+    stages = stage_annotations(captured)
+    index = {id(a): i for i, a in enumerate(stages)}
+    for node in _compute_nodes(graph, free):
+        info = node.meta[_INFO]
+        producers = [stage[p.name] for p in node.all_input_nodes if p.name in stage]
+        floor = max(producers, default=0)
+        marks = [index[id(a)] for a in info.annotations if id(a) in index]
+        if not marks:
+            stage[node.name] = floor
+            continue
+        if marks[-1] < floor:
+            late = next(p for p in node.all_input_nodes if stage.get(p.name) == floor)
+            raise ValueError(
+                f"stage {marks[-1]} ({info.module_path or '<root>'!r}, node {node.name}) reads "
+                f"{late.name} from stage {floor} ({late.meta[_INFO].module_path!r}): a later stage "
+                "cannot feed an earlier one; reorder the stages or move the module"
+            )
+        stage[node.name] = marks[-1]
+    return max(len(stages), 1)
+
+
+def _check_every_stage_computes(captured, stage: dict, num: int, boundaries) -> None:
+    used = set(stage.values())
+    for s in range(num):
+        if s not in used:
+            if boundaries:
+                what = f"the stage starting at {boundaries[s - 1]!r}" if s else "the first stage"
+            else:
+                what = repr(stage_annotations(captured)[s]) + f" (stage {s})"
+            raise ValueError(
+                f"{what} owns no computation: no operation of forward() falls in it; remove it "
+                "or annotate a module that forward() calls"
+            )
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent + ".")
+
+
+def _inputs_only(graph: fx.Graph) -> set[str]:
+    """Nodes computed from the model's inputs and constants alone, holding no parameters."""
+    free: set[str] = set()
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and all(
+            p.op == "placeholder" or p.name in free for p in node.all_input_nodes
+        ):
+            free.add(node.name)
+    return free
+
+
+def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: int) -> tuple[StageProgram, ...]:
+    """Build one :class:`StageProgram` per stage from a stage assignment (see :func:`assign_stages`)."""
+    gm = captured.graph_module
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    (output,) = [n for n in nodes if n.op == "output"]
+    last_use: dict[str, int] = {}
+    for node in nodes:
+        user_stages = [stage[u.name] for u in node.users if u.name in stage]
+        if node is not output and output in node.users:
+            user_stages.append(num_stages - 1)
+        if user_stages:
+            last_use[node.name] = max(user_stages)
+    # Values produced by stage < s and needed at stage >= s cross boundary s-1 -> s.
+    crossing = [
+        [n.name for n in nodes if n.name in stage and stage[n.name] < s <= last_use.get(n.name, -1)]
+        for s in range(num_stages)
+    ]
+    for names in crossing:
+        for name in names:
+            meta = by_name[name].meta.get("val")
+            if not isinstance(meta, torch.Tensor):
+                raise ValueError(
+                    f"node {name} ({type(meta).__name__}) crosses a pipeline stage boundary, but "
+                    "only tensors can be sent between stages; compute it inside the stage that "
+                    "uses it"
+                )
+    programs = []
+    for s in range(num_stages):
+        received = tuple(crossing[s])
+        sent = tuple(crossing[s + 1]) if s + 1 < num_stages else ()
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for ph in placeholders:
+            env[ph] = g.placeholder(ph.name)
+            env[ph].meta = dict(ph.meta)
+        for name in received:
+            env[by_name[name]] = g.placeholder(f"recv_{name}")
+            env[by_name[name]].meta = dict(by_name[name].meta)
+        needed = _needed_in_stage(nodes, stage, s, sent, output if s == num_stages - 1 else None)
+        for node in nodes:
+            if node.name in needed and node not in env:
+                env[node] = g.node_copy(node, lambda n: env[n])
+        if s == num_stages - 1:
+            g.output(fx.graph.map_arg(output.args[0], lambda n: env[n]))
+        else:
+            g.output(tuple(env[by_name[name]] for name in sent))
+        g.lint()
+        module = fx.GraphModule(gm, g, class_name=f"Stage{s}")
+        paths = sorted({by_name[n].meta[_INFO].module_path for n in stage if stage[n] == s and _INFO in by_name[n].meta})
+        outer = tuple(p for p in paths if not any(q != p and q and _under(p, q) for q in paths))
+        programs.append(StageProgram(s, module, received, sent, outer))
+    return tuple(programs)
+
+
+def _needed_in_stage(nodes, stage: Mapping[str, int], s: int, sent, output) -> set[str]:
+    """Names of nodes stage ``s`` must contain: its own compute, and what they read locally."""
+    needed: set[str] = set()
+    by_name = {n.name: n for n in nodes}
+    stack = [n for n in nodes if stage.get(n.name) == s]
+    stack += [by_name[name] for name in sent if stage.get(name, s) == s]
+    if output is not None:
+        stack += [n for n in output.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node.name in needed or node.op == "placeholder":
+            continue
+        if node.name in stage and stage[node.name] != s:
+            continue  # produced elsewhere: received, not recomputed
+        needed.add(node.name)
+        stack.extend(node.all_input_nodes)
+    return needed
+

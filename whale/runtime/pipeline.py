@@ -1,0 +1,398 @@
+"""The pipeline program: runs each rank's action list of a schedule, stage by stage.
+
+Every rank holds the stage programs of its pipeline position (several with an interleaved
+schedule) and executes its list from ``whale.planner.schedules`` in order: ``F`` runs a stage
+on a micro-batch, ``B`` runs its backward, ``SA``/``RA`` move activations to the next stage and
+``SG``/``RG`` move gradients back. Sends are asynchronous (waited at the end of the step),
+receives block until their data is there. The schedule is the same data the planner simulates.
+
+Tensors crossing a boundary travel with a small header (shape, dtype, requires-grad) the first
+time a boundary sees a given micro-batch size; both ends know the row split, so later
+micro-batches of that size send only the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..planner.plan import Plan
+from ..planner.rows import row_offsets, split_rows
+from ..planner.schedules import ActionKind, make_schedule
+from ..rewrite.stage_split import StageProgram
+from .batch import batch_rows, broadcast_tensors, check_ranks_agree, narrow, signature, to_device
+from .grad_sync import GradientReducer
+from .process_group import require_initialized, world_info
+
+__all__ = ["PipelineProgram"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
+_MAX_DIMS = 8
+
+
+class PipelineProgram:
+    """What :func:`whale.parallelize` returns when the model has pipeline stages.
+
+    Each rank builds and trains only its own stages' parameters (``parameters()``); the
+    returned loss is the global batch's, the same on every rank; ``.grad`` of each local
+    parameter equals the local model's gradient on the global batch after ``step``.
+    """
+
+    def __init__(
+        self,
+        graph_module: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        plan: Plan,
+        config: Config,
+        stages: tuple[StageProgram, ...],
+    ) -> None:
+        assert len(stages) == plan.num_stages
+        self.plan = plan
+        self.config = config
+        self.loss_fn = loss_fn
+        self.stages = stages
+        self._graph_module = graph_module
+        interleaved = plan.schedule == "interleaved_1f1b"
+        self.schedule = make_schedule(
+            plan.schedule, plan.num_stages, plan.num_micro_batch, plan.pipeline_degree if interleaved else None
+        )
+        self._names = {id(p): n for n, p in graph_module.named_parameters()}
+        self._bound = False
+        if dist.is_available() and dist.is_initialized():
+            self._bind()
+
+    # ---- the optimizer-facing surface -------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters, under the local model's names (tied weights once)."""
+        self._require_bound()
+        yield from self._params.items()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters: those of its own stages only."""
+        for _, p in self.named_parameters():
+            yield p
+
+    def memory(self) -> dict[str, int]:
+        """Parameter bytes held by this rank against the whole model's."""
+        self._require_bound()
+        mine = sum(p.numel() * p.element_size() for p in self._params.values())
+        total = sum(p.numel() * p.element_size() for p in self._graph_module.parameters())
+        return {"param_bytes": mine, "model_param_bytes": total}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The local model's state dict, gathered from the stages (collective: call on every rank)."""
+        self._require_bound()
+        mine = {}
+        if self.plan.replica_of(dist.get_rank()) == 0:
+            mine = {n: t.detach().cpu() for n, t in self._local_state().items()}
+        parts: list[dict] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return {n: merged[n] for n in self._graph_module.state_dict() if n in merged}
+
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the local model's state dict: each rank takes its stages' entries."""
+        self._require_bound()
+        expected = set(self._graph_module.state_dict())
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"load_full_state_dict(): missing keys {sorted(missing)}, unexpected keys "
+                f"{sorted(unexpected)}; pass a state dict of the local model"
+            )
+        with torch.no_grad():
+            for name, t in self._local_state().items():
+                t.copy_(state_dict[name])
+
+    def train(self, mode: bool = True) -> PipelineProgram:
+        for stage in self.stages:
+            stage.module.train(mode)
+        return self
+
+    def eval(self) -> PipelineProgram:
+        return self.train(False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "a pipelined program holds only its own stages; run inference by loading "
+            "full_state_dict() into the local model"
+        )
+
+    def local_slice(self, global_rows: int) -> slice:
+        """The rows of a global batch this rank's pipeline replica takes (see ``step(batch=)``)."""
+        rows = self.plan.rows(global_rows)
+        d = self.plan.replica_of(dist.get_rank())
+        start = row_offsets(rows)[d]
+        return slice(start, start + rows[d])
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
+        """Run the schedule over the micro-batches; gradients synchronized. See DataParallelProgram.step."""
+        require_initialized("step()")
+        if not self._bound:
+            self._bind()
+        if batch not in ("global", "local"):
+            raise ValueError(f"step(batch={batch!r}): use 'global' or 'local'")
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        dim = self.config.batch_dim
+        rank = dist.get_rank()
+        d = self.plan.replica_of(rank)
+        my_rows = batch_rows(args, target, dim)
+        sig = signature(args, target, dim if batch == "local" else None)
+        total = check_ranks_agree(sig, my_rows, self._device)
+        if batch == "global":
+            total = my_rows
+            rows = self.plan.rows(total)
+            args, target = narrow((args, target), dim, row_offsets(rows)[d], rows[d])
+            my_rows = rows[d]
+        else:
+            # Every rank of a pipeline passes its replica's rows, so the world counts each P times.
+            total //= self.plan.pipeline_degree
+            if self.plan.rows(total)[d] != my_rows:
+                raise ValueError(
+                    f"rank {rank} passed {my_rows} rows but the plan gives its replica "
+                    f"{self.plan.rows(total)[d]} of the global {total}; cut the batch with "
+                    f"program.local_slice({total})"
+                )
+        m = self.plan.num_micro_batch
+        if my_rows < m:
+            raise ValueError(
+                f"num_micro_batch={m} is larger than the {my_rows} rows of replica {d}; pass a "
+                f"global batch of at least {m * self.plan.dp_degree} rows or use fewer micro-batches"
+            )
+        mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
+        starts = row_offsets(mb_rows)
+        micro = [to_device(narrow((args, target), dim, starts[i], n), self._device) for i, n in enumerate(mb_rows)]
+        weights = [n / total if self.config.loss_reduction == "mean" else 1.0 for n in mb_rows]
+        loss_sum = self._run(micro, mb_rows, weights)
+        for reducer in self._reducers.values():
+            reducer.finish()
+        for param, group in self._tied:
+            dist.all_reduce(param.grad, group=group)
+        dist.all_reduce(loss_sum)
+        return loss_sum.to(torch.float32)
+
+    def _run(self, micro: list, mb_rows: list[int], weights: list[float]) -> torch.Tensor:
+        rank = dist.get_rank()
+        d = self.plan.replica_of(rank)
+        pipeline = self.plan.pipelines[d]
+        last = self.plan.num_stages - 1
+        inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        outputs: dict[tuple[int, int], Any] = {}
+        grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        position = self.plan.position_of(rank)
+        for action in self.schedule.actions[position]:
+            s, i = action.stage, action.micro_batch
+            key = (s, i)
+            kind = action.kind
+            if kind is ActionKind.FORWARD:
+                args, target = micro[i]
+                received = inputs.get(key, [])
+                with torch.enable_grad():
+                    out = self.stages[s].module(*args, *received)
+                    if s == last:
+                        loss = self.loss_fn(out) if target is None else self.loss_fn(out, target)
+                        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                            raise TypeError("loss_fn must return a scalar tensor")
+                        out = loss * weights[i]
+                        loss_sum += out.detach().double()
+                outputs[key] = out
+                if s < last and self._local_stage(s + 1):
+                    inputs[(s + 1, i)] = [_as_leaf(t) for t in out]
+            elif kind is ActionKind.BACKWARD:
+                if key == self._final_backward.get(s) and s in self._reducers:
+                    self._reducers[s].begin()
+                out = outputs.pop(key)
+                if s == last:
+                    out.backward()
+                else:
+                    pairs = [(o, g) for o, g in zip(out, grads.pop(key)) if o.requires_grad]
+                    if pairs:
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                received = inputs.pop(key, [])
+                in_grads = [
+                    (t.grad if t.grad is not None else torch.zeros_like(t)) for t in received if t.requires_grad
+                ]
+                if s > 0 and self._local_stage(s - 1):
+                    grads[(s - 1, i)] = _fill_grads(outputs[(s - 1, i)], in_grads)
+                else:
+                    outputs[("in_grads", s, i)] = in_grads
+            elif kind is ActionKind.SEND_ACT:
+                peer = pipeline[(s + 1) % self.plan.pipeline_degree]
+                sends += self._send(list(outputs[key]), peer, 0, s, i, mb_rows[i])
+            elif kind is ActionKind.RECV_ACT:
+                peer = pipeline[(s - 1) % self.plan.pipeline_degree]
+                inputs[key] = [_as_leaf(t) for t in self._recv(peer, 0, s - 1, i, mb_rows[i], len(self.stages[s].received))]
+            elif kind is ActionKind.SEND_GRAD:
+                peer = pipeline[(s - 1) % self.plan.pipeline_degree]
+                sends += self._send(outputs.pop(("in_grads", s, i)), peer, 1, s, i, mb_rows[i])
+            elif kind is ActionKind.RECV_GRAD:
+                peer = pipeline[(s + 1) % self.plan.pipeline_degree]
+                mine = [o for o in outputs[key] if o.requires_grad]
+                got = self._recv(peer, 1, s + 1, i, mb_rows[i], len(mine), like=mine)
+                grads[key] = _fill_grads(outputs[key], got)
+        for work, _ in sends:
+            work.wait()
+        return loss_sum
+
+    # ---- point to point --------------------------------------------------------------------
+
+    def _send(self, tensors: list[torch.Tensor], peer: int, kind: int, stage: int, mb: int, rows: int):
+        works = []
+        header_key = (kind, stage, rows)
+        if kind == 0 and header_key not in self._headers:
+            header = _header(tensors)
+            self._headers[header_key] = header
+            works.append((dist.isend(header, peer, tag=_tag(kind, stage, mb, 63, True)), header))
+        for j, t in enumerate(tensors):
+            t = t.detach().contiguous()
+            works.append((dist.isend(t, peer, tag=_tag(kind, stage, mb, j, False)), t))
+        return works
+
+    def _recv(self, peer: int, kind: int, stage: int, mb: int, rows: int, count: int, like=None):
+        if like is not None:
+            specs = [(t.shape, t.dtype, False) for t in like]
+        else:
+            header_key = (kind, stage, rows)
+            if header_key not in self._headers:
+                header = torch.empty((count, 3 + _MAX_DIMS), dtype=torch.int64)
+                dist.recv(header, peer, tag=_tag(kind, stage, mb, 63, True))
+                self._headers[header_key] = header
+            specs = _specs(self._headers[header_key])
+        out = []
+        for j, (shape, dtype, requires_grad) in enumerate(specs):
+            t = torch.empty(shape, dtype=dtype, device=self._device)
+            dist.recv(t, peer, tag=_tag(kind, stage, mb, j, False))
+            out.append(t.requires_grad_(requires_grad))  # _as_leaf keeps the flag
+        return out
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _local_stage(self, s: int) -> bool:
+        return s in self._local
+
+    def _require_bound(self) -> None:
+        if not self._bound:
+            require_initialized("the pipelined program")
+            self._bind()
+
+    def _local_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for s in self._local:
+            for name, t in self.stages[s].module.state_dict(keep_vars=True).items():
+                state[name] = t
+        return state
+
+    def _bind(self) -> None:
+        info = world_info()
+        plan = self.plan
+        if info.world_size != plan.world_size:
+            raise ValueError(
+                f"the plan was made for {plan.world_size} ranks but the world has {info.world_size}"
+            )
+        self._device = info.device
+        position = plan.position_of(info.rank)
+        self._local = set(plan.stages_at(position))
+        self._params: dict[str, nn.Parameter] = {}
+        for s in sorted(self._local):
+            module = self.stages[s].module
+            if any(p.is_meta for p in module.parameters()):
+                raise ValueError(
+                    f"stage {s} has parameters on the meta device; materialize the model (or "
+                    "load_full_state_dict after to_empty) before training"
+                )
+            module.to(self._device)
+            for p in module.parameters():
+                self._params.setdefault(self._names[id(p)], p)
+        # Groups are made collectively: every rank creates every group, in one order.
+        held = {}  # parameter name -> positions that hold it
+        for s, stage in enumerate(self.stages):
+            for p in stage.module.parameters():
+                held.setdefault(self._names[id(p)], set()).add(s % plan.pipeline_degree)
+        dp_groups = {
+            pos: dist.new_group(list(plan.position_ranks(pos))) for pos in range(plan.pipeline_degree)
+        } if plan.dp_degree > 1 else {}
+        self._tied = []
+        for name in sorted(n for n, pos in held.items() if len(pos) > 1):
+            ranks = sorted(r for pos in held[name] for r in plan.position_ranks(pos))
+            group = dist.new_group(ranks)
+            if name in self._params:
+                self._tied.append((self._params[name], group))
+        tied_names = {n for n, pos in held.items() if len(pos) > 1}
+        # Replicas of a position start from the first replica's weights; tied copies agree too.
+        if plan.dp_degree > 1:
+            mine = [t.data for t in self._local_state().values()]
+            src = plan.position_ranks(position)[0]
+            broadcast_tensors(mine, src=src, group=dp_groups[position])
+        for param, group in self._tied:
+            ranks = dist.get_process_group_ranks(group)
+            broadcast_tensors([param.data], src=min(ranks), group=group)
+        self._reducers: dict[int, GradientReducer] = {}
+        if plan.dp_degree > 1:
+            cap = int(self.config.bucket_cap_mb * 2**20)
+            for s in sorted(self._local):
+                params = [p for p in self.stages[s].module.parameters() if self._names[id(p)] not in tied_names]
+                if params:
+                    self._reducers[s] = GradientReducer(
+                        params,
+                        group=dp_groups[position],
+                        bucket_cap_bytes=cap,
+                        first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
+                        comm_dtype=self.config.grad_comm_dtype,
+                    )
+        self._final_backward = {}
+        for a in self.schedule.actions[position]:
+            if a.kind is ActionKind.BACKWARD:
+                self._final_backward[a.stage] = (a.stage, a.micro_batch)
+        self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._bound = True
+
+
+def _as_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A received (or locally handed over) tensor: a leaf, so its gradient can be sent back."""
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _fill_grads(outputs, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Line up gradients (sent for the outputs that require grad) with all outputs."""
+    it = iter(grads)
+    return [next(it) if o.requires_grad else None for o in outputs]
+
+
+def _tag(kind: int, stage: int, mb: int, index: int, header: bool) -> int:
+    # Unique per message, so gloo matches sends and receives by tag, never by arrival order.
+    return (((kind * 64 + stage) * 4096 + mb) * 64 + index) * 2 + int(header)
+
+
+def _header(tensors: list[torch.Tensor]) -> torch.Tensor:
+    header = torch.zeros((len(tensors), 3 + _MAX_DIMS), dtype=torch.int64)
+    for j, t in enumerate(tensors):
+        if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
+            raise ValueError(
+                f"a {t.dim()}-d {t.dtype} tensor crosses a stage boundary; whale sends up to "
+                f"{_MAX_DIMS}-d tensors of {[str(d) for d in _DTYPES]}"
+            )
+        header[j, 0] = t.dim()
+        header[j, 1] = _DTYPES.index(t.dtype)
+        header[j, 2] = int(t.requires_grad)
+        header[j, 3 : 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    return header
+
+
+def _specs(header: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype, bool]]:
+    specs = []
+    for row in header.tolist():
+        ndim = row[0]
+        specs.append((tuple(row[3 : 3 + ndim]), _DTYPES[row[1]], bool(row[2])))
+    return specs
