@@ -53,7 +53,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     n = args.warmup + args.steps
     batches = [corpus.batch(args.batch, cfg.block_size, s) for s in range(n)]
     torch.manual_seed(0)
-    whale_model = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],))
+    config = wh.Config(bucket_cap_mb=args.bucket_mb) if args.bucket_mb else None
+    whale_model = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
     whale_opt = torch.optim.AdamW(whale_model.parameters(), lr=1e-3)
     torch.manual_seed(0)
     ddp_model = torch.nn.parallel.DistributedDataParallel(GPT(cfg))
@@ -87,6 +88,7 @@ def main() -> None:
     p.add_argument("--embd", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--bucket-mb", type=float, default=None, help="whale's bucket cap (default: Config's)")
     args = p.parse_args()
     world = 2
     with socket.socket() as s:

@@ -6,6 +6,13 @@ Run on 2 CPU processes::
 
 Useful flags: ``--steps 50 --batch 16 --layers 4 --embd 128 --micro-batches 2``; give faster
 devices more rows with ``--row-weights 3,1``. As a plain script it runs as a world of one.
+
+Pipelined over 2 stages (blocks split evenly, 1F1B over 4 micro-batches)::
+
+    torchrun --nproc_per_node=2 examples/gpt.py --stages 2 --micro-batches 4
+
+``--schedule gpipe|1f1b|interleaved_1f1b`` picks the schedule; with 4 processes and
+``--stages 2`` each stage is also replicated data parallel (2 stages x 2 replicas).
 """
 
 from __future__ import annotations
@@ -142,6 +149,9 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--row-weights", type=str, default=None, help="e.g. 3,1")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages (blocks split evenly)")
+    p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b or interleaved_1f1b")
+    p.add_argument("--pipeline-degree", type=int, default=None, help="ranks per pipeline (interleaved)")
     args = p.parse_args(argv)
 
     info = wh.init()
@@ -150,11 +160,19 @@ def main(argv: list[str] | None = None) -> float:
     corpus = SyntheticCorpus(cfg.vocab_size)
     x, y = corpus.batch(args.batch, cfg.block_size, step=0)
     weights = [float(w) for w in args.row_weights.split(",")] if args.row_weights else None
+    per_stage = args.layers / args.stages
+    boundaries = [f"blocks.{round(k * per_stage)}" for k in range(1, args.stages)] or None
     model = wh.parallelize(
         GPT(cfg),
         loss_fn=lm_loss,
         example_inputs=(x,),
-        config=wh.Config(num_micro_batch=args.micro_batches, row_weights=weights),
+        config=wh.Config(
+            num_micro_batch=args.micro_batches,
+            row_weights=weights,
+            stage_boundaries=boundaries,
+            schedule=args.schedule,
+            pipeline_degree=args.pipeline_degree,
+        ),
     )
     if info.rank == 0:
         print(model.plan.table(args.batch))
@@ -172,6 +190,11 @@ def main(argv: list[str] | None = None) -> float:
             elapsed = time.perf_counter() - start
             tok_s = (step + 1) * args.batch * cfg.block_size / elapsed
             print(f"step {step:4d}  loss {loss:.4f}  {tok_s:,.0f} tokens/s (global)")
+    if args.stages > 1:
+        bubble = torch.tensor([model.measured_bubble()])
+        torch.distributed.all_reduce(bubble)
+        if info.rank == 0:
+            print(f"measured pipeline bubble (last step, mean over ranks): {bubble.item() / info.world_size:.1%}")
     if info.rank == 0:
         print(f"loss {first:.3f} -> {last:.3f} over {args.steps} steps on {info.world_size} ranks")
     return last

@@ -66,3 +66,59 @@ def _make(kind: str):
     if kind == "replicate":
         return wh.replicate()
     raise ValueError(kind)
+
+
+class SkipNet(torch.nn.Module):
+    """Four blocks where block 0's output skips over blocks 1 and 2 (crossing two boundaries)
+    and block 3 reads two tensors at once."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.a = torch.nn.Linear(width, width)
+        self.b = torch.nn.Linear(width, width)
+        self.c = torch.nn.Linear(width, width)
+        self.d = torch.nn.Linear(2 * width, 4)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.a(x))
+        h1 = torch.tanh(self.b(h0))
+        h2 = torch.tanh(self.c(h1)) + h0
+        return self.d(torch.cat([h2, h1], dim=-1))
+
+
+def skip_equivalence(num_micro_batch: int = 2, schedule: str = "1f1b") -> dict:
+    torch.manual_seed(0)
+    model = SkipNet()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for _ in range(_STEPS)]
+    reference = copy.deepcopy(model)
+    loss_fn = torch.nn.functional.mse_loss
+    out = train_reference(reference, batches, loss_fn)
+    config = wh.Config(stage_boundaries=["b", "c", "d"], num_micro_batch=num_micro_batch, schedule=schedule)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["received"] = [s.received for s in program.stages]
+    out["memory"] = program.memory()
+    out["final"] = {n: p.detach().clone() for n, p in program.named_parameters()}
+    full = program.full_state_dict()
+    out["full_state"] = full if dist.get_rank() == 0 else None
+    return out
+
+
+def built_on_meta() -> dict:
+    """A GPT built on the meta device: each rank allocates only its stage, then loads weights."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32)
+    real = GPT(cfg)
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
+    batches = [corpus.batch(8, cfg.block_size, s) for s in range(_STEPS)]
+    config = wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=2)
+    program = wh.parallelize(meta, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    program.load_full_state_dict(real.state_dict())
+    out = train_reference(copy.deepcopy(real), batches, lm_loss)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["meta_left"] = sum(p.is_meta for p in meta.parameters())
+    out["memory"] = program.memory()
+    return out

@@ -83,6 +83,24 @@ def test_pipeline_world4(world4, kwargs):
     _check(outs)
 
 
+def test_skip_connection_over_two_stages(world4):
+    outs = world4.run("tests.pp_cases:skip_equivalence")
+    _check(outs)
+    received = outs[0]["received"]
+    # Stage 2 receives h1 and h0, relayed by stage 1: two tensors over one boundary. The cat
+    # of h2 and h1 runs where its last input is made (stage 2), so stage 3 receives one.
+    assert [len(r) for r in received] == [0, 1, 2, 1]
+
+
+def test_model_built_on_meta_is_materialized_per_stage(world2):
+    outs = world2.run("tests.pp_cases:built_on_meta")
+    for out in outs:
+        assert_equivalent(out, names=out["params"].keys())
+        # The other stage's parameters were never allocated on this rank.
+        assert out["meta_left"] > 0
+        assert out["memory"]["param_bytes"] < 0.6 * out["memory"]["model_param_bytes"]
+
+
 # ---- bad input, before any process group --------------------------------------------------------
 
 

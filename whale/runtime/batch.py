@@ -11,26 +11,37 @@ import torch.distributed as dist
 
 from . import comm_ops
 
-__all__ = ["batch_rows", "broadcast_tensors", "check_ranks_agree", "narrow", "signature", "to_device"]
+__all__ = ["RankAgreement", "batch_rows", "broadcast_tensors", "narrow", "signature", "to_device"]
 
 
-def check_ranks_agree(sig: int, my_rows: int, device: torch.device) -> int:
-    """Every step, before forward: all ranks passed matching batches. Returns the rows summed.
+class RankAgreement:
+    """Checks, without blocking, that all ranks passed matching batches; sums their rows.
 
-    One small all-reduce carries the rows and a shape fingerprint f with f**2: all ranks
-    agree exactly when world * sum(f**2) == sum(f)**2 (equality in Cauchy-Schwarz).
+    One small asynchronous all-reduce carries the rows and a shape fingerprint f with f**2:
+    all ranks agree exactly when world * sum(f**2) == sum(f)**2 (equality in Cauchy-Schwarz).
+    Started before forward and waited before the first backward, its latency hides behind
+    compute; a mismatch still stops every rank before any gradient is exchanged.
     """
-    f = sig % 2**20
-    summed = torch.tensor([my_rows, f, f * f], dtype=torch.int64, device=device)
-    dist.all_reduce(summed)
-    rows, f_sum, f2_sum = (int(v) for v in summed.tolist())
-    if dist.get_world_size() * f2_sum != f_sum**2:
-        raise ValueError(
-            f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ; "
-            "every rank must pass the same global batch (or, with batch='local', the rows "
-            "cut by program.local_slice)"
-        )
-    return rows
+
+    def __init__(self, sig: int, my_rows: int, device: torch.device) -> None:
+        f = sig % 2**20
+        self._summed = torch.tensor([my_rows, f, f * f], dtype=torch.int64, device=device)
+        self._work = dist.all_reduce(self._summed, async_op=True)
+        self._total: int | None = None
+
+    def wait(self) -> int:
+        """The rows summed over all ranks; raises ValueError if the ranks' batches differ."""
+        if self._total is None:
+            self._work.wait()
+            rows, f_sum, f2_sum = (int(v) for v in self._summed.tolist())
+            if dist.get_world_size() * f2_sum != f_sum**2:
+                raise ValueError(
+                    f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes "
+                    "differ; every rank must pass the same global batch (or, with "
+                    "batch='local', the rows cut by program.local_slice)"
+                )
+            self._total = rows
+        return self._total
 
 
 def batch_rows(args: tuple, target: Any, dim: int) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Config
 from ..planner.plan import Plan
 from ..planner.rows import row_offsets, split_rows
-from .batch import batch_rows, broadcast_tensors, check_ranks_agree, narrow, signature, to_device
+from .batch import RankAgreement, batch_rows, broadcast_tensors, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
 
@@ -127,29 +127,28 @@ class DataParallelProgram:
         my_rows = batch_rows(args, target, dim)
         # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
         sig = signature(args, target, dim if batch == "local" else None)
-        # Agree first, so a rank with a bad batch cannot strand the others in a collective.
-        total = check_ranks_agree(sig, my_rows, self._device)
+        agreement = RankAgreement(sig, my_rows, self._device)
         if batch == "global":
-            total = my_rows
-            rows = self.plan.rows(total)
+            try:
+                rows = self.plan.rows(my_rows)
+            except ValueError:
+                agreement.wait()  # a rank whose batch differs is the first thing to report
+                raise
             my_rows = rows[replica]
             args, target = narrow((args, target), dim, row_offsets(rows)[replica], my_rows)
-        elif self.plan.rows(total)[replica] != my_rows:
-            raise ValueError(
-                f"rank {rank} passed {my_rows} rows but the plan gives it "
-                f"{self.plan.rows(total)[replica]} of the global {total}; cut the batch with "
-                f"program.local_slice({total})"
-            )
         if self.config.broadcast_buffers:
             self._broadcast_buffers()
-        return self._forward_backward(args, target, my_rows, total)
+        return self._forward_backward(args, target, my_rows, agreement, batch)
 
-    def _forward_backward(self, args: tuple, target: Any, my_rows: int, total: int) -> torch.Tensor:
+    def _forward_backward(
+        self, args: tuple, target: Any, my_rows: int, agreement: RankAgreement, batch: str
+    ) -> torch.Tensor:
         m = self.config.num_micro_batch
         mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
         mean = self.config.loss_reduction == "mean"
         device = self._device
         weighted = torch.zeros((), dtype=torch.float64, device=device)
+        total = None
         at = 0
         for i, n in enumerate(mb_rows):
             mb_args, mb_target = narrow((args, target), self.config.batch_dim, at, n)
@@ -162,6 +161,10 @@ class DataParallelProgram:
                     f"loss_fn must return a scalar tensor, got "
                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
                 )
+            if total is None:
+                # The agreement check ran behind the first forward; it must pass before any
+                # backward starts exchanging gradients.
+                total = self._global_rows(agreement, my_rows, batch)
             weight = n / total if mean else 1.0
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
@@ -176,6 +179,19 @@ class DataParallelProgram:
                     self._reducer.finish()
         work.wait()
         return weighted.to(loss.dtype)
+
+    def _global_rows(self, agreement: RankAgreement, my_rows: int, batch: str) -> int:
+        summed = agreement.wait()
+        if batch == "global":
+            return summed // dist.get_world_size()
+        replica = self.plan.replica_of(dist.get_rank())
+        if self.plan.rows(summed)[replica] != my_rows:
+            raise ValueError(
+                f"rank {dist.get_rank()} passed {my_rows} rows but the plan gives it "
+                f"{self.plan.rows(summed)[replica]} of the global {summed}; cut the batch with "
+                f"program.local_slice({summed})"
+            )
+        return summed
 
     # ---- setup -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ micro-batches of that size send only the data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..planner.plan import Plan
 from ..planner.rows import row_offsets, split_rows
 from ..planner.schedules import ActionKind, make_schedule
 from ..rewrite.stage_split import StageProgram
-from .batch import batch_rows, broadcast_tensors, check_ranks_agree, narrow, signature, to_device
+from .batch import RankAgreement, batch_rows, broadcast_tensors, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
 
@@ -61,7 +62,13 @@ class PipelineProgram:
         self.schedule = make_schedule(
             plan.schedule, plan.num_stages, plan.num_micro_batch, plan.pipeline_degree if interleaved else None
         )
-        self._names = {id(p): n for n, p in graph_module.named_parameters()}
+        # Each stage's parameters by attribute path -> local-model name, fixed before any stage
+        # is materialized (materializing makes new tensors, and ties must survive it).
+        names = {id(p): n for n, p in graph_module.named_parameters()}
+        self._param_paths = [
+            {path: names[id(p)] for path, p in st.module.named_parameters(remove_duplicate=False)}
+            for st in stages
+        ]
         self._bound = False
         if dist.is_available() and dist.is_initialized():
             self._bind()
@@ -82,7 +89,9 @@ class PipelineProgram:
         """Parameter bytes held by this rank against the whole model's."""
         self._require_bound()
         mine = sum(p.numel() * p.element_size() for p in self._params.values())
-        total = sum(p.numel() * p.element_size() for p in self._graph_module.parameters())
+        sizes = {n: p.numel() * p.element_size() for paths, st in zip(self._param_paths, self.stages)
+                 for path, n in paths.items() for p in [st.module.get_parameter(path)]}
+        total = sum(sizes.values())
         return {"param_bytes": mine, "model_param_bytes": total}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -148,7 +157,7 @@ class PipelineProgram:
         d = self.plan.replica_of(rank)
         my_rows = batch_rows(args, target, dim)
         sig = signature(args, target, dim if batch == "local" else None)
-        total = check_ranks_agree(sig, my_rows, self._device)
+        total = RankAgreement(sig, my_rows, self._device).wait()
         if batch == "global":
             total = my_rows
             rows = self.plan.rows(total)
@@ -192,10 +201,13 @@ class PipelineProgram:
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         position = self.plan.position_of(rank)
+        timeline: list[tuple[str, float, float]] = []
+        start = time.perf_counter()
         for action in self.schedule.actions[position]:
             s, i = action.stage, action.micro_batch
             key = (s, i)
             kind = action.kind
+            began = time.perf_counter()
             if kind is ActionKind.FORWARD:
                 args, target = micro[i]
                 received = inputs.get(key, [])
@@ -242,9 +254,22 @@ class PipelineProgram:
                 mine = [o for o in outputs[key] if o.requires_grad]
                 got = self._recv(peer, 1, s + 1, i, mb_rows[i], len(mine), like=mine)
                 grads[key] = _fill_grads(outputs[key], got)
+            timeline.append((str(action), began - start, time.perf_counter() - start))
         for work, _ in sends:
             work.wait()
+        self.last_timeline = tuple(timeline)
         return loss_sum
+
+    def measured_bubble(self) -> float:
+        """This rank's idle fraction in the last step: 1 - (forward + backward time) / step time.
+
+        The same quantity the planner's simulator predicts (``SimResult.bubble_fraction`` is
+        its mean over ranks); sends and receives count as idle, as waiting is what they do.
+        """
+        if not getattr(self, "last_timeline", None):
+            raise RuntimeError("measured_bubble() needs a step() first")
+        compute = sum(end - begin for code, begin, end in self.last_timeline if _is_compute(code))
+        return 1.0 - compute / self.last_timeline[-1][2]
 
     # ---- point to point --------------------------------------------------------------------
 
@@ -294,6 +319,20 @@ class PipelineProgram:
                 state[name] = t
         return state
 
+    def _tie_local_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters by name; a weight several local stages use is one tensor."""
+        chosen: dict[str, nn.Parameter] = {}
+        for s in sorted(self._local):
+            module = self.stages[s].module
+            for path, name in self._param_paths[s].items():
+                owner_path, _, attr = path.rpartition(".")
+                owner = module.get_submodule(owner_path)
+                if name in chosen:
+                    setattr(owner, attr, chosen[name])
+                else:
+                    chosen[name] = getattr(owner, attr)
+        return chosen
+
     def _bind(self) -> None:
         info = world_info()
         plan = self.plan
@@ -304,45 +343,51 @@ class PipelineProgram:
         self._device = info.device
         position = plan.position_of(info.rank)
         self._local = set(plan.stages_at(position))
-        self._params: dict[str, nn.Parameter] = {}
         for s in sorted(self._local):
             module = self.stages[s].module
-            if any(p.is_meta for p in module.parameters()):
-                raise ValueError(
-                    f"stage {s} has parameters on the meta device; materialize the model (or "
-                    "load_full_state_dict after to_empty) before training"
-                )
+            if any(t.is_meta for t in module.parameters()):
+                _materialize(module, self._device, s)
             module.to(self._device)
-            for p in module.parameters():
-                self._params.setdefault(self._names[id(p)], p)
+        self._params = self._tie_local_parameters()
         # Groups are made collectively: every rank creates every group, in one order.
-        held = {}  # parameter name -> positions that hold it
-        for s, stage in enumerate(self.stages):
-            for p in stage.module.parameters():
-                held.setdefault(self._names[id(p)], set()).add(s % plan.pipeline_degree)
+        held: dict[str, set[int]] = {}  # parameter name -> pipeline positions that hold it
+        for s, paths in enumerate(self._param_paths):
+            for name in paths.values():
+                held.setdefault(name, set()).add(s % plan.pipeline_degree)
         dp_groups = {
             pos: dist.new_group(list(plan.position_ranks(pos))) for pos in range(plan.pipeline_degree)
         } if plan.dp_degree > 1 else {}
         self._tied = []
         for name in sorted(n for n, pos in held.items() if len(pos) > 1):
-            ranks = sorted(r for pos in held[name] for r in plan.position_ranks(pos))
-            group = dist.new_group(ranks)
+            group = dist.new_group(sorted(r for pos in held[name] for r in plan.position_ranks(pos)))
             if name in self._params:
                 self._tied.append((self._params[name], group))
         tied_names = {n for n, pos in held.items() if len(pos) > 1}
         # Replicas of a position start from the first replica's weights; tied copies agree too.
         if plan.dp_degree > 1:
             mine = [t.data for t in self._local_state().values()]
-            src = plan.position_ranks(position)[0]
-            broadcast_tensors(mine, src=src, group=dp_groups[position])
+            broadcast_tensors(mine, src=plan.position_ranks(position)[0], group=dp_groups[position])
         for param, group in self._tied:
-            ranks = dist.get_process_group_ranks(group)
-            broadcast_tensors([param.data], src=min(ranks), group=group)
+            broadcast_tensors([param.data], src=min(dist.get_process_group_ranks(group)), group=group)
+        actions = self.schedule.actions[position]
+        self._final_backward = {}
+        last_at = {}
+        for at, a in enumerate(actions):
+            if a.kind is ActionKind.BACKWARD:
+                self._final_backward[a.stage] = (a.stage, a.micro_batch)
+                last_at[a.stage] = at
         self._reducers: dict[int, GradientReducer] = {}
         if plan.dp_degree > 1:
+            # A parameter two local stages share is final after the later of their backwards.
+            owner: dict[str, int] = {}
+            for s in sorted(self._local, key=lambda s: last_at[s]):
+                for name in self._param_paths[s].values():
+                    owner[name] = s
             cap = int(self.config.bucket_cap_mb * 2**20)
             for s in sorted(self._local):
-                params = [p for p in self.stages[s].module.parameters() if self._names[id(p)] not in tied_names]
+                params = [
+                    p for name, p in self._params.items() if owner[name] == s and name not in tied_names
+                ]
                 if params:
                     self._reducers[s] = GradientReducer(
                         params,
@@ -351,12 +396,29 @@ class PipelineProgram:
                         first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
                         comm_dtype=self.config.grad_comm_dtype,
                     )
-        self._final_backward = {}
-        for a in self.schedule.actions[position]:
-            if a.kind is ActionKind.BACKWARD:
-                self._final_backward[a.stage] = (a.stage, a.micro_batch)
         self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
         self._bound = True
+
+
+def _materialize(module: nn.Module, device: torch.device, stage: int) -> None:
+    """Allocate a meta-built stage on ``device`` and initialize it with each layer's own
+    ``reset_parameters``: a model built on the meta device is materialized stage by stage, so
+    no rank ever holds all of it. Load real weights with ``load_full_state_dict`` after."""
+    if any(b.is_meta for b in module.buffers()):
+        raise ValueError(
+            f"stage {stage} has buffers on the meta device, whose values whale cannot recreate; "
+            "build buffers (masks, statistics) on a real device, parameters may stay on meta"
+        )
+    module.to_empty(device=device)
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset) and any(True for _ in sub.parameters(recurse=False)):
+            reset()
+
+
+def _is_compute(code: str) -> bool:
+    """``"1F3"`` and ``"0B2"`` are compute; ``"0SA3"`` and the like move tensors."""
+    return code.strip("0123456789") in ("F", "B")
 
 
 def _as_leaf(t: torch.Tensor) -> torch.Tensor:
