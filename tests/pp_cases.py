@@ -122,3 +122,32 @@ def built_on_meta() -> dict:
     out["meta_left"] = sum(p.is_meta for p in meta.parameters())
     out["memory"] = program.memory()
     return out
+
+
+class ForwardScoped(torch.nn.Module):
+    """Stages annotated around code in forward(), the second of the three places."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        with wh.pipeline(2):
+            with wh.stage():
+                x = torch.relu(self.layers[1](torch.relu(self.layers[0](x))))
+            with wh.stage():
+                x = self.layers[3](torch.relu(self.layers[2](x)))
+        return x
+
+
+def forward_scoped() -> dict:
+    torch.manual_seed(0)
+    model = ForwardScoped()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)) for _ in range(_STEPS)]
+    loss_fn = torch.nn.functional.mse_loss
+    out = train_reference(copy.deepcopy(model), batches, loss_fn)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],))
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["stages"] = (program.plan.num_stages, program.plan.num_micro_batch)
+    return out

@@ -92,6 +92,13 @@ def test_skip_connection_over_two_stages(world4):
     assert [len(r) for r in received] == [0, 1, 2, 1]
 
 
+def test_stages_annotated_inside_forward(world2):
+    outs = world2.run("tests.pp_cases:forward_scoped")
+    for out in outs:
+        assert out["stages"] == (2, 2)  # two stage() blocks under pipeline(2)
+        assert_equivalent(out, names=out["params"].keys())
+
+
 def test_model_built_on_meta_is_materialized_per_stage(world2):
     outs = world2.run("tests.pp_cases:built_on_meta")
     for out in outs:
