@@ -108,3 +108,12 @@ def state_dict_round_trip() -> bool:
     return same and all(
         torch.equal(a, b) for a, b in zip(program2.full_state_dict().values(), state.values())
     )
+
+
+def too_few_rows_for_micro_batches() -> None:
+    """Uneven replicas where only one gets fewer rows than micro-batches: every rank raises."""
+    model, batches, loss_fn = _model_and_batches("cnn", 8)
+    x, y = batches[0]
+    config = wh.Config(num_micro_batch=2, row_weights=(5, 1))
+    program = wh.parallelize(model, loss_fn=loss_fn, config=config)
+    program.step(x[:6], y[:6])

@@ -78,6 +78,7 @@ def test_full_state_dict_round_trip(world2):
         ("different_shapes_per_rank", "shapes or dtypes differ"),
         ("batch_too_small", "cannot be split over 2 replicas"),
         ("local_rows_not_as_planned", "local_slice(8)"),
+        ("too_few_rows_for_micro_batches", "num_micro_batch=2 is larger than the 1 rows replica 1"),
     ],
 )
 def test_bad_batches_are_named(world2, case, needle):

@@ -11,15 +11,16 @@ from torch import nn
 
 from ..config import Config
 from ..planner.plan import Plan
-from ..planner.rows import row_offsets, split_rows
-from .batch import RankAgreement, batch_rows, broadcast_tensors, narrow, signature, to_device
+from ..planner.rows import split_rows
+from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
+from .program import ProgramBase, ReplicaBatch
 
 __all__ = ["DataParallelProgram"]
 
 
-class DataParallelProgram:
+class DataParallelProgram(ProgramBase):
     """What :func:`whale.parallelize` returns for a data-parallel plan.
 
     ``step`` takes the global batch on every rank, keeps this replica's rows (as the plan
@@ -85,20 +86,6 @@ class DataParallelProgram:
         """Run the local model on the given inputs (inference; no communication)."""
         return self.module(*args, **kwargs)
 
-    def local_slice(self, global_rows: int) -> slice:
-        """The rows of a global batch of ``global_rows`` rows that this rank takes.
-
-        Example::
-
-            rows = program.local_slice(len(x_global))
-            loss = program.step(x_global[rows], y_global[rows], batch="local")
-        """
-        rank = world_info().rank if dist.is_initialized() else 0
-        replica = self.plan.replica_of(rank)
-        rows = self.plan.rows(global_rows)
-        start = row_offsets(rows)[replica]
-        return slice(start, start + rows[replica])
-
     # ---- training ----------------------------------------------------------------------------
 
     def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
@@ -115,34 +102,16 @@ class DataParallelProgram:
         Returns:
             The loss of the global batch, the same value on every rank.
         """
-        require_initialized("step()")
         if self._reducer is None:
+            require_initialized("step()")
             self._bind()
-        if batch not in ("global", "local"):
-            raise ValueError(f"step(batch={batch!r}): use 'global' or 'local'")
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        rank = dist.get_rank()
-        replica = self.plan.replica_of(rank)
-        dim = self.config.batch_dim
-        my_rows = batch_rows(args, target, dim)
-        # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
-        sig = signature(args, target, dim if batch == "local" else None)
-        agreement = RankAgreement(sig, my_rows, self._device)
-        if batch == "global":
-            try:
-                rows = self.plan.rows(my_rows)
-            except ValueError:
-                agreement.wait()  # a rank whose batch differs is the first thing to report
-                raise
-            my_rows = rows[replica]
-            args, target = narrow((args, target), dim, row_offsets(rows)[replica], my_rows)
+        cut = self._replica_batch(inputs, target, batch, self._device)
         if self.config.broadcast_buffers:
             self._broadcast_buffers()
-        return self._forward_backward(args, target, my_rows, agreement, batch)
+        return self._forward_backward(cut)
 
-    def _forward_backward(
-        self, args: tuple, target: Any, my_rows: int, agreement: RankAgreement, batch: str
-    ) -> torch.Tensor:
+    def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
+        args, target, my_rows = cut.args, cut.target, cut.rows
         m = self.config.num_micro_batch
         mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
         mean = self.config.loss_reduction == "mean"
@@ -164,7 +133,7 @@ class DataParallelProgram:
             if total is None:
                 # The agreement check ran behind the first forward; it must pass before any
                 # backward starts exchanging gradients.
-                total = self._global_rows(agreement, my_rows, batch)
+                total = self._global_rows(cut)
             weight = n / total if mean else 1.0
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
@@ -179,19 +148,6 @@ class DataParallelProgram:
                     self._reducer.finish()
         work.wait()
         return weighted.to(loss.dtype)
-
-    def _global_rows(self, agreement: RankAgreement, my_rows: int, batch: str) -> int:
-        summed = agreement.wait()
-        if batch == "global":
-            return summed // dist.get_world_size()
-        replica = self.plan.replica_of(dist.get_rank())
-        if self.plan.rows(summed)[replica] != my_rows:
-            raise ValueError(
-                f"rank {dist.get_rank()} passed {my_rows} rows but the plan gives it "
-                f"{self.plan.rows(summed)[replica]} of the global {summed}; cut the batch with "
-                f"program.local_slice({summed})"
-            )
-        return summed
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -212,13 +168,7 @@ class DataParallelProgram:
         self.module.to(self._device)
         # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
         broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
-        cap = int(self.config.bucket_cap_mb * 2**20)
-        self._reducer = GradientReducer(
-            list(self.module.parameters()),
-            bucket_cap_bytes=cap,
-            first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
-            comm_dtype=self.config.grad_comm_dtype,
-        )
+        self._reducer = self._make_reducer(list(self.module.parameters()), None)
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]

@@ -26,9 +26,10 @@ from ..planner.plan import Plan
 from ..planner.rows import row_offsets, split_rows
 from ..planner.schedules import ActionKind, make_schedule
 from ..rewrite.stage_split import StageProgram
-from .batch import RankAgreement, batch_rows, broadcast_tensors, narrow, signature, to_device
+from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
+from .program import ProgramBase
 
 __all__ = ["PipelineProgram"]
 
@@ -36,7 +37,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _MAX_DIMS = 8
 
 
-class PipelineProgram:
+class PipelineProgram(ProgramBase):
     """What :func:`whale.parallelize` returns when the model has pipeline stages.
 
     Each rank builds and trains only its own stages' parameters (``parameters()``); the
@@ -135,49 +136,18 @@ class PipelineProgram:
             "full_state_dict() into the local model"
         )
 
-    def local_slice(self, global_rows: int) -> slice:
-        """The rows of a global batch this rank's pipeline replica takes (see ``step(batch=)``)."""
-        rows = self.plan.rows(global_rows)
-        d = self.plan.replica_of(dist.get_rank())
-        start = row_offsets(rows)[d]
-        return slice(start, start + rows[d])
-
     # ---- training ----------------------------------------------------------------------------
 
     def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
         """Run the schedule over the micro-batches; gradients synchronized. See DataParallelProgram.step."""
-        require_initialized("step()")
         if not self._bound:
+            require_initialized("step()")
             self._bind()
-        if batch not in ("global", "local"):
-            raise ValueError(f"step(batch={batch!r}): use 'global' or 'local'")
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        cut = self._replica_batch(inputs, target, batch, self._device)
+        total = self._global_rows(cut)
+        args, target, my_rows = cut.args, cut.target, cut.rows
         dim = self.config.batch_dim
-        rank = dist.get_rank()
-        d = self.plan.replica_of(rank)
-        my_rows = batch_rows(args, target, dim)
-        sig = signature(args, target, dim if batch == "local" else None)
-        total = RankAgreement(sig, my_rows, self._device).wait()
-        if batch == "global":
-            total = my_rows
-            rows = self.plan.rows(total)
-            args, target = narrow((args, target), dim, row_offsets(rows)[d], rows[d])
-            my_rows = rows[d]
-        else:
-            # Every rank of a pipeline passes its replica's rows, so the world counts each P times.
-            total //= self.plan.pipeline_degree
-            if self.plan.rows(total)[d] != my_rows:
-                raise ValueError(
-                    f"rank {rank} passed {my_rows} rows but the plan gives its replica "
-                    f"{self.plan.rows(total)[d]} of the global {total}; cut the batch with "
-                    f"program.local_slice({total})"
-                )
         m = self.plan.num_micro_batch
-        if my_rows < m:
-            raise ValueError(
-                f"num_micro_batch={m} is larger than the {my_rows} rows of replica {d}; pass a "
-                f"global batch of at least {m * self.plan.dp_degree} rows or use fewer micro-batches"
-            )
         mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
         starts = row_offsets(mb_rows)
         micro = [to_device(narrow((args, target), dim, starts[i], n), self._device) for i, n in enumerate(mb_rows)]
@@ -383,19 +353,12 @@ class PipelineProgram:
             for s in sorted(self._local, key=lambda s: last_at[s]):
                 for name in self._param_paths[s].values():
                     owner[name] = s
-            cap = int(self.config.bucket_cap_mb * 2**20)
             for s in sorted(self._local):
                 params = [
                     p for name, p in self._params.items() if owner[name] == s and name not in tied_names
                 ]
                 if params:
-                    self._reducers[s] = GradientReducer(
-                        params,
-                        group=dp_groups[position],
-                        bucket_cap_bytes=cap,
-                        first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
-                        comm_dtype=self.config.grad_comm_dtype,
-                    )
+                    self._reducers[s] = self._make_reducer(params, dp_groups[position])
         self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
         self._bound = True
 

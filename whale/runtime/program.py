@@ -1,0 +1,114 @@
+"""What every parallelized program shares: cutting the batch for a replica, reducers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..planner.plan import Plan
+from ..planner.rows import row_offsets
+from .batch import RankAgreement, batch_rows, narrow, signature
+from .grad_sync import GradientReducer
+from .process_group import require_initialized
+
+__all__ = ["ProgramBase", "ReplicaBatch"]
+
+
+@dataclasses.dataclass
+class ReplicaBatch:
+    """This replica's rows of a step, and the pending check that every rank agrees."""
+
+    args: tuple
+    target: Any
+    rows: int
+    agreement: RankAgreement
+    mode: str  # "global" or "local"
+
+
+class ProgramBase:
+    """Base of the data-parallel and pipeline programs."""
+
+    plan: Plan
+    config: Config
+    loss_fn: Callable[..., torch.Tensor]
+
+    def local_slice(self, global_rows: int) -> slice:
+        """The rows of a global batch of ``global_rows`` rows that this rank's replica takes.
+
+        Example::
+
+            rows = program.local_slice(len(x_global))
+            loss = program.step(x_global[rows], y_global[rows], batch="local")
+        """
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        replica = self.plan.replica_of(rank)
+        rows = self.plan.rows(global_rows)
+        start = row_offsets(rows)[replica]
+        return slice(start, start + rows[replica])
+
+    def _replica_batch(self, inputs: Any, target: Any, mode: str, device: torch.device) -> ReplicaBatch:
+        """Check the step's arguments, start the agreement check, keep this replica's rows."""
+        require_initialized("step()")
+        if mode not in ("global", "local"):
+            raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        dim = self.config.batch_dim
+        rows = batch_rows(args, target, dim)
+        # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
+        agreement = RankAgreement(signature(args, target, dim if mode == "local" else None), rows, device)
+        if mode == "global":
+            replica = self.plan.replica_of(dist.get_rank())
+            try:
+                split = self.plan.rows(rows)
+            except ValueError:
+                agreement.wait()  # a rank whose batch differs is the first thing to report
+                raise
+            self._check_micro_batches(split, rows, agreement)
+            rows = split[replica]
+            args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
+        return ReplicaBatch(args, target, rows, agreement, mode)
+
+    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement) -> None:
+        # Every rank judges the whole split, so all of them raise together or none does.
+        m = self.plan.num_micro_batch
+        if min(split) < m:
+            agreement.wait()
+            replica = split.index(min(split))
+            raise ValueError(
+                f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
+                f"of a batch of {total}; pass a global batch of at least {m * len(split)} rows or "
+                "use fewer micro-batches"
+            )
+
+    def _global_rows(self, batch: ReplicaBatch) -> int:
+        """Wait for the agreement check; the global batch's rows (checked against the plan)."""
+        summed = batch.agreement.wait()
+        world = dist.get_world_size()
+        if batch.mode == "global":
+            return summed // world
+        # In local mode every rank of a replica passes that replica's rows.
+        total = summed // (world // self.plan.dp_degree)
+        replica = self.plan.replica_of(dist.get_rank())
+        self._check_micro_batches(self.plan.rows(total), total, batch.agreement)
+        if self.plan.rows(total)[replica] != batch.rows:
+            raise ValueError(
+                f"rank {dist.get_rank()} passed {batch.rows} rows but the plan gives its replica "
+                f"{self.plan.rows(total)[replica]} of the global {total}; cut the batch with "
+                f"program.local_slice({total})"
+            )
+        return total
+
+    def _make_reducer(self, params: list, group: dist.ProcessGroup | None) -> GradientReducer:
+        cap = int(self.config.bucket_cap_mb * 2**20)
+        return GradientReducer(
+            params,
+            group=group,
+            bucket_cap_bytes=cap,
+            first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
+            comm_dtype=self.config.grad_comm_dtype,
+        )
