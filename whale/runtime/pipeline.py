@@ -169,6 +169,9 @@ class PipelineProgram(ProgramBase):
         outputs: dict[tuple[int, int], Any] = {}
         grads: dict[tuple[int, int], list[torch.Tensor]] = {}
         sends: list[tuple[dist.Work, torch.Tensor]] = []
+        # Receives are posted where the schedule lists them and waited only when their data is
+        # needed, so a backward never waits for an activation only a later forward reads.
+        pending: dict[tuple[str, tuple[int, int]], list[dist.Work]] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         position = self.plan.position_of(rank)
         timeline: list[tuple[str, float, float]] = []
@@ -179,6 +182,8 @@ class PipelineProgram(ProgramBase):
             kind = action.kind
             began = time.perf_counter()
             if kind is ActionKind.FORWARD:
+                for work in pending.pop(("act", key), ()):
+                    work.wait()
                 args, target = micro[i]
                 received = inputs.get(key, [])
                 with torch.enable_grad():
@@ -195,6 +200,8 @@ class PipelineProgram(ProgramBase):
             elif kind is ActionKind.BACKWARD:
                 if key == self._final_backward.get(s) and s in self._reducers:
                     self._reducers[s].begin()
+                for work in pending.pop(("grad", key), ()):
+                    work.wait()
                 out = outputs.pop(key)
                 if s == last:
                     out.backward()
@@ -215,14 +222,15 @@ class PipelineProgram(ProgramBase):
                 sends += self._send(list(outputs[key]), peer, 0, s, i, mb_rows[i])
             elif kind is ActionKind.RECV_ACT:
                 peer = pipeline[(s - 1) % self.plan.pipeline_degree]
-                inputs[key] = [_as_leaf(t) for t in self._recv(peer, 0, s - 1, i, mb_rows[i], len(self.stages[s].received))]
+                got, pending[("act", key)] = self._recv(peer, 0, s - 1, i, mb_rows[i], len(self.stages[s].received))
+                inputs[key] = got
             elif kind is ActionKind.SEND_GRAD:
                 peer = pipeline[(s - 1) % self.plan.pipeline_degree]
                 sends += self._send(outputs.pop(("in_grads", s, i)), peer, 1, s, i, mb_rows[i])
             elif kind is ActionKind.RECV_GRAD:
                 peer = pipeline[(s + 1) % self.plan.pipeline_degree]
                 mine = [o for o in outputs[key] if o.requires_grad]
-                got = self._recv(peer, 1, s + 1, i, mb_rows[i], len(mine), like=mine)
+                got, pending[("grad", key)] = self._recv(peer, 1, s + 1, i, mb_rows[i], len(mine), like=mine)
                 grads[key] = _fill_grads(outputs[key], got)
             timeline.append((str(action), began - start, time.perf_counter() - start))
         for work, _ in sends:
@@ -231,15 +239,20 @@ class PipelineProgram(ProgramBase):
         return loss_sum
 
     def measured_bubble(self) -> float:
-        """This rank's idle fraction in the last step: 1 - (forward + backward time) / step time.
-
-        The same quantity the planner's simulator predicts (``SimResult.bubble_fraction`` is
-        its mean over ranks); sends and receives count as idle, as waiting is what they do.
+        """The pipeline's idle fraction in the last step, as the simulator defines it
+        (``SimResult.bubble_fraction``): 1 - (forward + backward time of all ranks) /
+        (ranks x the step's span up to the last action on any rank). Sends and receives count
+        as idle. Collective: call it on every rank; every rank gets the same value.
         """
         if not getattr(self, "last_timeline", None):
             raise RuntimeError("measured_bubble() needs a step() first")
         compute = sum(end - begin for code, begin, end in self.last_timeline if _is_compute(code))
-        return 1.0 - compute / self.last_timeline[-1][2]
+        # Ranks leave the step's agreement check together, so their clocks start aligned.
+        span = torch.tensor([self.last_timeline[-1][2]], dtype=torch.float64, device=self._device)
+        busy = torch.tensor([compute], dtype=torch.float64, device=self._device)
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        dist.all_reduce(busy)
+        return 1.0 - busy.item() / (dist.get_world_size() * span.item())
 
     # ---- point to point --------------------------------------------------------------------
 
@@ -256,6 +269,7 @@ class PipelineProgram(ProgramBase):
         return works
 
     def _recv(self, peer: int, kind: int, stage: int, mb: int, rows: int, count: int, like=None):
+        """Post the receives of one message: the tensors (filled once the works finish), works."""
         if like is not None:
             specs = [(t.shape, t.dtype, False) for t in like]
         else:
@@ -265,12 +279,13 @@ class PipelineProgram(ProgramBase):
                 dist.recv(header, peer, tag=_tag(kind, stage, mb, 63, True))
                 self._headers[header_key] = header
             specs = _specs(self._headers[header_key])
-        out = []
+        tensors, works = [], []
         for j, (shape, dtype, requires_grad) in enumerate(specs):
             t = torch.empty(shape, dtype=dtype, device=self._device)
-            dist.recv(t, peer, tag=_tag(kind, stage, mb, j, False))
-            out.append(t.requires_grad_(requires_grad))  # _as_leaf keeps the flag
-        return out
+            works.append(dist.irecv(t, peer, tag=_tag(kind, stage, mb, j, False)))
+            # A leaf, so the gradient of a received activation can be sent back.
+            tensors.append(t.requires_grad_(requires_grad))
+        return tensors, works
 
     # ---- setup -------------------------------------------------------------------------------
 

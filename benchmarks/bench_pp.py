@@ -1,0 +1,298 @@
+"""Pipeline parallel: whale ``PipelineProgram`` against ``torch.distributed.pipelining``.
+
+The same GPT, split at the same place (embeddings and ``blocks[:k]`` on stage 0; ``blocks[k:]``,
+``ln_f`` and ``lm_head`` on stage 1), the same schedule and micro-batch count, the same initial
+weights and global batches, on 2 gloo ranks. whale gets ``stage_boundaries=["blocks.k"]``; torch
+gets two hand-built stage modules in ``PipelineStage`` and ``Schedule1F1B``/``ScheduleGPipe``.
+Rounds alternate (whale, torch, whale, ...) so that drift of the machine hits both alike; the
+ratio is whale's throughput over torch's in the same round, with min/median/max over rounds.
+
+The GPT is benchmarked *untied* for both: manual torch stages cannot share ``wte.weight`` with
+``lm_head.weight`` across ranks, so ``lm_head`` gets its own copy of the initial weight.
+
+Beside the throughput, whale's measured bubble is set against the simulator's prediction from
+whale's own mean forward/backward time per stage (from ``program.last_timeline``), with free p2p
+and with a ping-pong-measured transfer time. The bubble is measured two ways over the timed
+steps from each rank's ``last_timeline``: each rank up to its own last action, and every rank up
+to the step's last action on any rank, which is the simulator's definition (and what
+``program.measured_bubble()`` returns).
+Per-step times (the slower rank's) give a median and best ratio that resist a busy machine.
+
+Run (spawns its own 2 processes)::
+
+    python benchmarks/bench_pp.py
+    python benchmarks/bench_pp.py --schedule gpipe --micro-batches 8 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import whale as wh
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from whale.planner.schedules import make_schedule
+from whale.planner.simulator import simulate
+
+_TORCH_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+
+
+class _FirstStage(nn.Module):
+    """Embeddings and ``blocks[:split]`` of a GPT: ``idx -> hidden``."""
+
+    def __init__(self, gpt: GPT, split: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = gpt.wte, gpt.wpe
+        self.blocks = nn.ModuleList(gpt.blocks[:split])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _LastStage(nn.Module):
+    """``blocks[split:]``, ``ln_f`` and ``lm_head`` of a GPT: ``hidden -> logits``."""
+
+    def __init__(self, gpt: GPT, split: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(gpt.blocks[split:])
+        self.ln_f, self.lm_head = gpt.ln_f, gpt.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def _untied_gpt(cfg: GPTConfig) -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(cfg)
+    # Manual stages on two ranks cannot share a weight; both sides get the untied model.
+    gpt.lm_head.weight = nn.Parameter(gpt.wte.weight.detach().clone())
+    return gpt
+
+
+def _p2p_seconds(shape: tuple[int, ...], rank: int, reps: int = 20) -> float:
+    """One-way time of a float32 tensor of ``shape`` between the 2 ranks: half a ping-pong."""
+    t = torch.zeros(shape)
+    peer = 1 - rank
+    for i in range(reps + 2):
+        if i == 2:  # two untimed round trips open the connection
+            dist.barrier()
+            start = time.perf_counter()
+        if rank == 0:
+            dist.send(t, peer)
+            dist.recv(t, peer)
+        else:
+            dist.recv(t, peer)
+            dist.send(t, peer)
+    return (time.perf_counter() - start) / reps / 2
+
+
+def _compute_times(timeline) -> dict[tuple[int, str], list[float]]:
+    """Durations of the forwards and backwards of one step's timeline, by (stage, "F"/"B")."""
+    times: dict[tuple[int, str], list[float]] = {}
+    for code, begin, end in timeline:
+        stage, kind = int(code[0]), code[1]
+        if kind in "FB":
+            times.setdefault((stage, kind), []).append(end - begin)
+    return times
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(args.threads)
+    wh.init("gloo")
+    cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    split = args.split if args.split is not None else args.layers // 2
+    corpus = SyntheticCorpus(cfg.vocab_size)
+    n = args.warmup + args.steps
+    batches = [corpus.batch(args.batch, cfg.block_size, s) for s in range(n)]
+    gpt = _untied_gpt(cfg)
+    m = args.micro_batches
+
+    config = wh.Config(stage_boundaries=[f"blocks.{split}"], schedule=args.schedule, num_micro_batch=m)
+    program = wh.parallelize(copy.deepcopy(gpt), loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    whale_opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
+
+    stage_cls = _FirstStage if rank == 0 else _LastStage
+    stage = PipelineStage(stage_cls(copy.deepcopy(gpt), split), rank, world, torch.device("cpu"))
+    schedule = _TORCH_SCHEDULES[args.schedule](stage, n_microbatches=m, loss_fn=lm_loss)
+    torch_opt = torch.optim.AdamW(stage.submod.parameters(), lr=1e-3)
+
+    def torch_step(x, y):
+        if rank == 0:
+            schedule.step(x)
+            return None
+        losses: list[torch.Tensor] = []
+        schedule.step(target=y, losses=losses)
+        # torch's loss per micro-batch is a mean over its rows; equal rows -> their mean.
+        return torch.stack(losses).mean()
+
+    # Same weights, same first batch, no optimizer step yet: the losses must agree.
+    x0, y0 = batches[0]
+    whale_loss0 = program.step(x0, y0).item()
+    torch_loss0 = torch_step(x0, y0)
+    whale_opt.zero_grad()
+    torch_opt.zero_grad()
+
+    timelines: list[tuple] = []  # per timed whale step: this rank's last_timeline
+
+    def whale_step(x, y):
+        program.step(x, y)
+
+    def record_whale():
+        timelines.append(program.last_timeline)  # parsed after the rounds, outside the timing
+
+    def train(step_fn, opt, after=None) -> tuple[float, list[float]]:
+        """Seconds per step over ``batches[warmup:]``, and this rank's time of each of those steps."""
+        stamps = []
+        for i, (x, y) in enumerate(batches):
+            if i == args.warmup:
+                dist.barrier()
+                start = time.perf_counter()
+                stamps.append(start)
+            step_fn(x, y)
+            opt.step()
+            opt.zero_grad()
+            if i >= args.warmup:
+                stamps.append(time.perf_counter())
+                if after is not None:
+                    after()
+        dist.barrier()
+        per_step = [b - a for a, b in itertools.pairwise(stamps)]
+        return (time.perf_counter() - start) / (len(batches) - args.warmup), per_step
+
+    ratios, whale_s, torch_s, whale_steps, torch_steps = [], [], [], [], []
+    for _ in range(args.rounds):
+        w, w_steps = train(whale_step, whale_opt, record_whale)
+        t, t_steps = train(torch_step, torch_opt)
+        whale_s.append(w)
+        torch_s.append(t)
+        whale_steps += w_steps
+        torch_steps += t_steps
+        ratios.append(t / w)  # throughput ratio = inverse time ratio
+
+    compute: dict[tuple[int, str], list[float]] = {}
+    busy_span = []  # per timed whale step: (F + B time, schedule span)
+    for timeline in timelines:
+        span = timeline[-1][2]
+        busy = 0.0
+        for key, durations in _compute_times(timeline).items():
+            compute.setdefault(key, []).extend(durations)
+            busy += sum(durations)
+        busy_span.append((busy, span))
+    mb_shape = (args.batch // m, cfg.block_size, cfg.n_embd)
+    p2p = _p2p_seconds(mb_shape, rank)
+    mine = {
+        "busy_span": busy_span,
+        "whale_steps": whale_steps,
+        "torch_steps": torch_steps,
+        "compute": {key: (statistics.mean(v), statistics.pstdev(v)) for key, v in compute.items()},
+        "torch_loss0": None if torch_loss0 is None else torch_loss0.item(),
+        "p2p": p2p,
+    }
+    gathered: list[dict] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        results.put((ratios, whale_s, torch_s, whale_loss0, gathered))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="whale pipeline vs torch.distributed.pipelining, 2 gloo ranks")
+    p.add_argument("--schedule", choices=sorted(_TORCH_SCHEDULES), default="1f1b")
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16, help="global batch (rows)")
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--split", type=int, default=None, help="first block of stage 1 (default layers // 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = p.parse_args()
+    world = 2
+    if args.batch % args.micro_batches:
+        p.error(f"--batch {args.batch} must be a multiple of --micro-batches {args.micro_batches}, "
+                "so both libraries cut equal micro-batches")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
+    ratios, whale_s, torch_s, whale_loss0, per_rank = results.get()
+
+    split = args.split if args.split is not None else args.layers // 2
+    tok = args.batch * args.block
+    print(f"GPT {args.layers}x{args.embd} (lm_head untied from wte for both), global batch "
+          f"{args.batch}x{args.block}, {world} gloo ranks, stages [emb, blocks 0-{split - 1}] | "
+          f"[blocks {split}-{args.layers - 1}, ln_f, lm_head], {args.schedule}, "
+          f"{args.micro_batches} micro-batches, {args.rounds} rounds x {args.steps} steps")
+    print(f"first-batch loss: whale {whale_loss0:.6f}  torch {per_rank[1]['torch_loss0']:.6f}")
+    print(f"{'round':>5}  {'whale tok/s':>12}  {'torch tok/s':>12}  {'ratio':>6}")
+    for i, (w, t, r) in enumerate(zip(whale_s, torch_s, ratios)):
+        print(f"{i:>5}  {tok / w:>12,.0f}  {tok / t:>12,.0f}  {r:>6.3f}")
+    print(f"throughput ratio whale/torch: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  "
+          f"max {max(ratios):.3f}")
+    # Per step, the slower rank's time; median and best over all rounds resist a busy machine.
+    w_steps = [max(t) for t in zip(*(r["whale_steps"] for r in per_rank))]
+    t_steps = [max(t) for t in zip(*(r["torch_steps"] for r in per_rank))]
+    print(f"per-step ms  whale median {statistics.median(w_steps) * 1e3:.1f} best {min(w_steps) * 1e3:.1f}  "
+          f"torch median {statistics.median(t_steps) * 1e3:.1f} best {min(t_steps) * 1e3:.1f}  ->  ratio "
+          f"median {statistics.median(t_steps) / statistics.median(w_steps):.3f} "
+          f"best {min(t_steps) / min(w_steps):.3f}")
+
+    # Rank r holds stage r: its mean F and B per micro-batch feed the simulator.
+    fwd, fwd_sd = zip(*(per_rank[s]["compute"][(s, "F")] for s in range(world)))
+    bwd, bwd_sd = zip(*(per_rank[s]["compute"][(s, "B")] for s in range(world)))
+    p2p = statistics.mean(r["p2p"] for r in per_rank)
+    sched = make_schedule(args.schedule, world, args.micro_batches)
+    free = simulate(sched, fwd, bwd)
+    costed = simulate(sched, fwd, bwd, p2p_time=p2p)
+    steps = list(zip(*(r["busy_span"] for r in per_rank)))  # per step: (busy, span) of each rank
+    own = statistics.mean(1 - busy / span for step in steps for busy, span in step)
+    # The simulator's definition: every rank idles until the step's last action on any rank.
+    # step() waits for its batch-agreement all-reduce before the schedule, so both ranks' span
+    # clocks start together (to well under a millisecond).
+    common = statistics.mean(1 - sum(b for b, _ in step) / (world * max(sp for _, sp in step)) for step in steps)
+    own_span = statistics.mean(sp for step in steps for _, sp in step)
+    common_span = statistics.mean(max(sp for _, sp in step) for step in steps)
+    ms = 1e3
+    print("whale per micro-batch, mean ± sd (ms): " + "  ".join(
+        f"stage {s} F {fwd[s] * ms:.1f}±{fwd_sd[s] * ms:.1f} B {bwd[s] * ms:.1f}±{bwd_sd[s] * ms:.1f}"
+        for s in range(world))
+        + f"  p2p {p2p * ms:.3f} (ping-pong, {args.batch // args.micro_batches}x{args.block}x{args.embd} fp32)")
+    print(f"{'whale bubble':<42}{'bubble':>7}  {'span ms':>8}")
+    rows = [
+        ("measured, each rank to its last action", own, own_span),
+        ("measured, to the last action of any rank", common, common_span),
+        ("simulated, p2p = 0", free.bubble_fraction, free.step_time),
+        ("simulated, p2p = ping-pong", costed.bubble_fraction, costed.step_time),
+    ]
+    for label, bubble, span in rows:
+        print(f"  {label:<40}{bubble:>7.1%}  {span * ms:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
