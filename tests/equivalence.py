@@ -70,8 +70,16 @@ def train_distributed(program, batches, ref_states, *, batch: str = "global") ->
         else:
             loss = program.step(x, y)
         out["loss"].append(loss.item())
-        out["grads"].append({n: p.grad.clone() for n, p in program.named_parameters()})
+        out["grads"].append(_whole(program, {n: p.grad for n, p in program.named_parameters()}))
         opt.step()
         opt.zero_grad()
-        out.setdefault("params", {n: p.detach().clone() for n, p in program.named_parameters()})
+        if "params" not in out:
+            out["params"] = _whole(program, {n: p.detach() for n, p in program.named_parameters()})
     return out
+
+
+def _whole(program, tensors: dict) -> dict:
+    """Shards gathered into whole tensors by local-model name (a program without shards: copies)."""
+    gather = getattr(program, "gather_full", None)
+    whole = gather(tensors) if gather is not None else tensors
+    return {n: t.detach().clone() for n, t in whole.items() if n in tensors or gather is not None}

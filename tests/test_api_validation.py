@@ -60,14 +60,6 @@ def test_pipeline_without_stages(world):
         wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=_x())
 
 
-def test_unexecutable_split_is_refused_by_name(world):
-    world(2)
-    model = wh.annotate(CNN(width=4), {"head": wh.split(2)})
-    with pytest.raises(NotImplementedError) as info:
-        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=_x())
-    assert "'head'" in str(info.value) and "tensor parallelism" in str(info.value)
-
-
 def test_forward_scope_split_is_seen_through_capture(world):
     world(2)
 
@@ -82,8 +74,9 @@ def test_forward_scope_split_is_seen_through_capture(world):
                 x = self.a(x)
             return self.b(x)
 
-    with pytest.raises(NotImplementedError, match="split"):
-        wh.parallelize(Net(), loss_fn=F.mse_loss, example_inputs=torch.randn(4, 4))
+    program = wh.parallelize(Net(), loss_fn=F.mse_loss, example_inputs=torch.randn(4, 4))
+    assert program.plan.tensor_parallel == 2
+    assert [p.strategy for p in program.plan.parts] == ["replicate", "split"]
 
 
 def test_example_batch_too_small_for_the_replicas(world):

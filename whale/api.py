@@ -16,6 +16,7 @@ from .config import Config
 from .planner.data_parallel import plan_data_parallel
 from .planner.pipeline import count_stages, plan_pipeline
 from .rewrite.stage_split import assign_stages, split_stages
+from .rewrite.tensor_parallel import TensorParallelAnalysis, resolve_sizes
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -111,7 +112,17 @@ def parallelize(
     plan = plan_data_parallel(
         scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node
     )
-    return DataParallelProgram(model, loss_fn, plan, config)
+    if plan.tensor_parallel > 1:
+        if captured is None:
+            raise ValueError(
+                "split() shards the captured graph: pass example_inputs= (one global batch)"
+                + (f"; capture failed:\n{capture_error}" if capture_error else "")
+            )
+        # The whole rewrite is checked now, before any group exists: kinds it cannot shard,
+        # more shards than heads or experts, shard sizes that do not add up.
+        analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
+        resolve_sizes(analysis, dict(plan.shard_sizes))
+    return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
 
 
 def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:

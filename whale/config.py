@@ -63,6 +63,9 @@ class Config:
     stage_boundaries: Sequence[str] | None = None
     """Module paths at which pipeline stages 1, 2, ... begin, instead of ``stage()`` annotations."""
 
+    shard_sizes: Mapping[str, Sequence[int]] | None = None
+    """Per split region (a module path in it), the heads/columns/classes/experts of each rank."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -114,6 +117,18 @@ class Config:
             if len(set(bounds)) != len(bounds):
                 raise ValueError(f"Config(stage_boundaries={list(bounds)}) names a module twice")
             object.__setattr__(self, "stage_boundaries", bounds)
+        if self.shard_sizes is not None:
+            if not isinstance(self.shard_sizes, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Sequence) and all(isinstance(n, int) for n in v)
+                for k, v in self.shard_sizes.items()
+            ):
+                raise TypeError(
+                    f"Config(shard_sizes={self.shard_sizes!r}) maps a module path to per-rank counts, "
+                    "e.g. {'lm_head': [3, 1]}"
+                )
+            object.__setattr__(
+                self, "shard_sizes", {k: tuple(v) for k, v in self.shard_sizes.items()}
+            )
         if not isinstance(self.broadcast_buffers, bool):
             raise TypeError(f"Config(broadcast_buffers=...) is a bool, got {self.broadcast_buffers!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..config import Config
-from ..primitives import Annotation, Cluster, Pipeline, Replicate, validate_stack
+from ..primitives import Annotation, Cluster, Pipeline, Replicate, Split, validate_stack
 from .plan import PartPlan, Plan
 from .rows import split_rows
 
@@ -16,9 +16,6 @@ __all__ = [
     "parts_of",
     "plan_data_parallel",
 ]
-
-# Kinds whose execution is not built yet; rejected by name rather than run as something else.
-_NOT_YET_EXECUTABLE = {"split": "tensor parallelism"}
 
 
 def name_annotations(scopes: Mapping[str, Sequence[Annotation]]) -> dict[int, str]:
@@ -106,14 +103,8 @@ def plan_data_parallel(
     """
     check_annotations(scopes, world_size)
     names = name_annotations(scopes)
-    for where, stack in scopes.items():
-        for a in stack:
-            if a.kind in _NOT_YET_EXECUTABLE:
-                raise NotImplementedError(
-                    f"{a!r} at {where!r}: this version of whale plans and validates {a.kind} "
-                    f"but does not execute {_NOT_YET_EXECUTABLE[a.kind]} yet; remove the "
-                    "annotation (the part then runs data parallel) or wait for that release"
-                )
+    tp = _tensor_parallel_degree(scopes, world_size)
+    dp = world_size // tp
     replicas = [a for a in distinct_annotations(scopes) if isinstance(a, Replicate)]
     counts = {a.device_count for a in replicas if a.device_count is not None}
     if len(counts) > 1:
@@ -121,22 +112,38 @@ def plan_data_parallel(
             f"replicate scopes ask for different device counts {sorted(counts)}; with no stages "
             "between them every part spans the same devices, so give them one device_count"
         )
-    inner = counts.pop() if counts else world_size
-    groups = _replica_groups(scopes, world_size, inner, ranks_per_node)
-
-    weights = (1.0,) * world_size if config.row_weights is None else config.row_weights
-    if len(weights) != world_size:
+    inner = counts.pop() if counts else dp
+    if dp % inner:
         raise ValueError(
-            f"Config(row_weights=...) has {len(weights)} entries but there are {world_size} "
-            "data-parallel replicas; give one weight per rank"
+            f"replicate(device_count={inner}) does not divide the {dp} data-parallel replicas "
+            f"({world_size} ranks / split over {tp}); use a device_count that divides {dp}"
+        )
+    if tp == 1:
+        groups = _replica_groups(scopes, world_size, inner, ranks_per_node)
+    else:
+        if any(isinstance(a, Cluster) and a.layout != "auto" for a in distinct_annotations(scopes)):
+            raise NotImplementedError(
+                "cluster(layout=...) together with split() is not supported yet; drop the layout "
+                "(tensor-parallel groups are consecutive ranks, one node under torchrun)"
+            )
+        groups = tuple(tuple(range(s, s + inner)) for s in range(0, dp, inner))
+
+    weights = (1.0,) * dp if config.row_weights is None else config.row_weights
+    if len(weights) != dp:
+        raise ValueError(
+            f"Config(row_weights=...) has {len(weights)} entries but there are {dp} "
+            "data-parallel replicas; give one weight per replica"
         )
     plan = Plan(
         world_size=world_size,
-        pipelines=tuple((r,) for r in range(world_size)),
+        # Tensor-parallel groups are consecutive ranks: one node under torchrun, fast links.
+        pipelines=tuple(tuple(range(d * tp, (d + 1) * tp)) for d in range(dp)),
         row_weights=tuple(float(w) for w in weights),
         replica_groups=groups,
         num_micro_batch=config.num_micro_batch,
-        parts=parts_of(scopes, names, inner, world_size),
+        parts=parts_of(scopes, names, inner, dp, tp),
+        tensor_parallel=tp,
+        shard_sizes=tuple(sorted((config.shard_sizes or {}).items())),
     )
     if example_rows is not None:
         rows = plan.rows(example_rows)
@@ -149,6 +156,26 @@ def plan_data_parallel(
             )
         split_rows(rows[0], [1.0] * config.num_micro_batch, what="micro-batches")
     return plan
+
+
+def _tensor_parallel_degree(scopes: Mapping[str, Sequence[Annotation]], world_size: int) -> int:
+    """Ranks per tensor-parallel group: the split() device count (all of the world if unset)."""
+    splits = [a for a in distinct_annotations(scopes) if isinstance(a, Split)]
+    counts = {a.device_count for a in splits if a.device_count is not None}
+    if len(counts) > 1:
+        raise ValueError(
+            f"split scopes ask for different device counts {sorted(counts)}; one tensor-parallel "
+            "group shards every split part, so give them one device_count"
+        )
+    if not splits:
+        return 1
+    tp = counts.pop() if counts else world_size
+    if world_size % tp:
+        raise ValueError(
+            f"split(device_count={tp}) does not divide the world of {world_size} ranks into "
+            f"tensor-parallel groups; use a device_count that divides {world_size}"
+        )
+    return tp
 
 
 def distinct_annotations(scopes: Mapping[str, Sequence[Annotation]]) -> list[Annotation]:
@@ -193,18 +220,27 @@ def _replica_groups(
 
 
 def parts_of(
-    scopes: Mapping[str, Sequence[Annotation]], names: dict[int, str], inner: int, world: int
+    scopes: Mapping[str, Sequence[Annotation]],
+    names: dict[int, str],
+    inner: int,
+    replicas: int,
+    tensor_parallel: int = 1,
 ) -> tuple[PartPlan, ...]:
-    owners: dict[str, list[str]] = {}
+    """One entry per annotated part (its innermost replicate or split) and one for the rest."""
+    owners: dict[str, tuple[str, list[str]]] = {}
     for where, stack in scopes.items():
-        reps = [a for a in stack if isinstance(a, Replicate)]
-        key = names[id(reps[-1])] if reps else "default"
-        owners.setdefault(key, []).append(where)
+        marks = [a for a in stack if isinstance(a, (Replicate, Split))]
+        key = names[id(marks[-1])] if marks else "default"
+        kind = marks[-1].kind if marks else "replicate"
+        owners.setdefault(key, (kind, []))[1].append(where)
     parts = []
-    for key, paths in owners.items():
+    for key, (kind, paths) in owners.items():
         # Keep only outermost paths: "blocks" covers "blocks.0.mlp".
-        outer = sorted(p for p in paths if not any(p != q and _inside(p, q) for q in paths))
-        parts.append(PartPlan(key, "replicate", tuple(outer), inner, world // inner))
+        outer = tuple(sorted(p for p in paths if not any(p != q and _inside(p, q) for q in paths)))
+        if kind == "split":
+            parts.append(PartPlan(key, "split", outer, tensor_parallel, replicas))
+        else:
+            parts.append(PartPlan(key, "replicate", outer, inner, replicas // inner))
     return tuple(sorted(parts, key=lambda p: p.name))
 
 

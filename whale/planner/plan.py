@@ -38,14 +38,17 @@ class Plan:
     """Where every part runs, for a world of ``world_size`` ranks.
 
     Ranks form ``dp_degree`` data-parallel replicas; each replica is a pipeline of
-    ``pipeline_degree`` ranks (one rank when there are no stages). Stage ``s`` runs on
-    position ``s % pipeline_degree`` of every pipeline (interleaved schedules put several
-    stages on one position).
+    ``pipeline_degree`` positions (one when there are no stages), and each position is a
+    tensor-parallel group of ``tensor_parallel`` ranks. Stage ``s`` runs on position
+    ``s % pipeline_degree`` of every pipeline (interleaved schedules put several stages on one
+    position).
 
     Attributes:
         world_size: ranks in the job.
-        pipelines: per replica, its ranks by pipeline position; ``((0,), (1,))`` is plain
-            data parallel on two ranks, ``((0, 2), (1, 3))`` two pipelines of two stages.
+        pipelines: per replica, its ranks by pipeline position and, within a position, by
+            tensor-parallel index; ``((0,), (1,))`` is plain data parallel on two ranks,
+            ``((0, 2), (1, 3))`` two pipelines of two stages, ``((0, 1), (2, 3))`` with
+            ``tensor_parallel=2`` two replicas of a model sharded over two ranks.
         row_weights: each replica's share of batch rows (device speed for uneven devices).
         replica_groups: the ``replicate(device_count)`` groups, as replica indices.
         num_micro_batch: micro-batches per step.
@@ -55,6 +58,9 @@ class Plan:
         schedule: the pipeline schedule's name (see ``whale.planner.schedules``).
         stage_boundaries: module paths at which stages 1.. begin; empty when the stages come
             from ``stage()`` annotations.
+        tensor_parallel: ranks that shard each ``split`` part (1: no tensor parallelism).
+        shard_sizes: per split region (module path), the heads/columns/classes/experts each
+            rank of a tensor-parallel group holds; empty for even shards.
     """
 
     world_size: int
@@ -67,11 +73,14 @@ class Plan:
     num_stages: int = 1
     schedule: str = "1f1b"
     stage_boundaries: tuple[str, ...] = ()
+    tensor_parallel: int = 1
+    shard_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         assert len(self.row_weights) == len(self.pipelines), "one weight per replica"
         assert sorted(r for p in self.pipelines for r in p) == list(range(self.world_size))
         assert len({len(p) for p in self.pipelines}) == 1, "pipelines of one length"
+        assert len(self.pipelines[0]) % self.tensor_parallel == 0
         assert sorted(i for g in self.replica_groups for i in g) == list(range(len(self.pipelines)))
         assert self.num_stages % self.pipeline_degree == 0
 
@@ -81,7 +90,7 @@ class Plan:
 
     @property
     def pipeline_degree(self) -> int:
-        return len(self.pipelines[0])
+        return len(self.pipelines[0]) // self.tensor_parallel
 
     def replica_of(self, rank: int) -> int:
         """The data-parallel replica ``rank`` belongs to."""
@@ -89,7 +98,18 @@ class Plan:
 
     def position_of(self, rank: int) -> int:
         """``rank``'s position in its pipeline."""
-        return self.pipelines[self.replica_of(rank)].index(rank)
+        return self.pipelines[self.replica_of(rank)].index(rank) // self.tensor_parallel
+
+    def tensor_group_of(self, rank: int) -> tuple[int, ...]:
+        """The ranks that shard the same part as ``rank`` (``rank`` alone without tensor parallelism)."""
+        ranks = self.pipelines[self.replica_of(rank)]
+        start = ranks.index(rank) // self.tensor_parallel * self.tensor_parallel
+        return ranks[start : start + self.tensor_parallel]
+
+    def data_group_of(self, rank: int) -> tuple[int, ...]:
+        """The ranks holding the same parameters (shards) as ``rank``, one per replica."""
+        index = self.pipelines[self.replica_of(rank)].index(rank)
+        return tuple(p[index] for p in self.pipelines)
 
     def stages_at(self, position: int) -> tuple[int, ...]:
         """The stages run by the ranks at ``position`` of every pipeline."""
@@ -97,7 +117,8 @@ class Plan:
 
     def position_ranks(self, position: int) -> tuple[int, ...]:
         """The ranks at ``position`` across replicas: they hold the same stages."""
-        return tuple(p[position] for p in self.pipelines)
+        k = self.tensor_parallel
+        return tuple(r for p in self.pipelines for r in p[position * k : (position + 1) * k])
 
     def rows(self, total: int) -> tuple[int, ...]:
         """Rows each replica takes from a global batch of ``total`` rows."""
@@ -128,7 +149,8 @@ class Plan:
         rows = self.rows(global_batch) if global_batch is not None else None
         lines = [
             f"world_size={self.world_size}  data-parallel degree={self.dp_degree}  "
-            f"pipeline degree={self.pipeline_degree}  stages={self.num_stages}  "
+            f"pipeline degree={self.pipeline_degree}  tensor parallel={self.tensor_parallel}  "
+            f"stages={self.num_stages}  "
             f"micro-batches={self.num_micro_batch}"
             + (f"  schedule={self.schedule}" if self.num_stages > 1 else "")
         ]

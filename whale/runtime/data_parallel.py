@@ -1,4 +1,9 @@
-"""The data-parallel program: runs a ``Plan`` whose parts are all replicated."""
+"""The data-parallel program: runs a ``Plan`` of replicas, each optionally tensor parallel.
+
+With ``plan.tensor_parallel > 1`` every replica is a group of ranks holding the model sharded
+by the ``split`` rewrite (``whale.rewrite.tensor_parallel``); gradients of the shards are then
+summed over the ranks holding the same shard in the other replicas.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..capture import CapturedModel
 from ..config import Config
 from ..planner.plan import Plan
 from ..planner.rows import split_rows
 from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
-from .program import ProgramBase, ReplicaBatch
+from ..rewrite.sharded_model import ShardedModel
+from ..rewrite.tensor_parallel import shard_model
+from .program import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["DataParallelProgram"]
 
@@ -42,31 +50,53 @@ class DataParallelProgram(ProgramBase):
         loss_fn: Callable[..., torch.Tensor],
         plan: Plan,
         config: Config,
+        captured: CapturedModel | None = None,
     ) -> None:
+        assert plan.tensor_parallel == 1 or captured is not None, "split needs the graph"
         self.module = module
         self.loss_fn = loss_fn
         self.plan = plan
         self.config = config
+        self._captured = captured
+        self._sharded: ShardedModel | None = None
         self._reducer: GradientReducer | None = None
+        self._bound = False
         if dist.is_available() and dist.is_initialized():
             self._bind()
 
     # ---- the optimizer-facing surface -------------------------------------------------------
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """This rank's parameters (every parameter: each replica holds a full copy)."""
+        """This rank's parameters: a full copy, or its shards where the model is split."""
+        self._require_bound()
         return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under the local model's names."""
+        """This rank's parameters (or shards) under the local model's names."""
+        self._require_bound()
         return self.module.named_parameters()
 
+    def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Whole tensors under local-model names from this rank's ones, e.g. gradients of shards
+        (collective over the tensor-parallel group; the identity without split)."""
+        self._require_bound()
+        if self._sharded is None:
+            return {k: v for k, v in tensors.items()}
+        return self._sharded.gather_full(tensors)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The local model's state dict (replicas are identical, so nothing is gathered)."""
+        """The local model's state dict: shards gathered (collective), replicas being identical."""
+        self._require_bound()
+        if self._sharded is not None:
+            return self._sharded.full_state_dict()
         return {k: v.detach() for k, v in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a local model's state dict on every rank (strict: names must match)."""
+        self._require_bound()
+        if self._sharded is not None:
+            self._sharded.load_full_state_dict(state_dict)
+            return
         missing, unexpected = self.module.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -102,7 +132,7 @@ class DataParallelProgram(ProgramBase):
         Returns:
             The loss of the global batch, the same value on every rank.
         """
-        if self._reducer is None:
+        if not self._bound:
             require_initialized("step()")
             self._bind()
         cut = self._replica_batch(inputs, target, batch, self._device)
@@ -140,37 +170,75 @@ class DataParallelProgram(ProgramBase):
             if last:
                 # The global loss is summed while backward runs.
                 work = dist.all_reduce(weighted, async_op=True)
-                self._reducer.begin()
+                if self._reducer is not None:
+                    self._reducer.begin()
             try:
                 (loss * weight).backward()
             finally:
-                if last:
+                if last and self._reducer is not None:
                     self._reducer.finish()
         work.wait()
-        return weighted.to(loss.dtype)
+        # Each rank of a tensor-parallel group holds its replica's loss once.
+        return (weighted / self.plan.tensor_parallel).to(loss.dtype)
 
     # ---- setup -------------------------------------------------------------------------------
 
+    def _require_bound(self) -> None:
+        if not self._bound:
+            if self.plan.tensor_parallel == 1 and not dist.is_initialized():
+                return  # an unsplit model needs no group to show its parameters
+            require_initialized("the parallelized program")
+            self._bind()
+
     def _bind(self) -> None:
-        """Join the process group: move to the device, make replicas equal, hook gradients."""
+        """Join the process group: shard, move to the device, make replicas equal, hook gradients."""
         info = world_info()
-        if info.world_size != self.plan.world_size:
+        plan = self.plan
+        if info.world_size != plan.world_size:
             raise ValueError(
-                f"the plan was made for {self.plan.world_size} ranks but the world has "
+                f"the plan was made for {plan.world_size} ranks but the world has "
                 f"{info.world_size}; call wh.parallelize after wh.init() in the launched job"
             )
         self._device = info.device
-        if any(p.is_meta for p in self.module.parameters()):
+        on_meta = any(p.is_meta for p in self.module.parameters())
+        if on_meta and plan.tensor_parallel == 1:
             raise ValueError(
                 "the model has parameters on the meta device; materialize it (e.g. "
                 "model.to_empty(device=...) and initialize) before training"
             )
-        self.module.to(self._device)
-        # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
-        broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
-        self._reducer = self._make_reducer(list(self.module.parameters()), None)
+        # Groups are made collectively: every rank creates every group, in one order.
+        width = len(plan.pipelines[0])
+        data_groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)] if width > 1 else []
+        index = plan.pipelines[plan.replica_of(info.rank)].index(info.rank)
+        self._data_group = data_groups[index] if data_groups else None
+        if plan.tensor_parallel > 1:
+            tensor_groups = [dist.new_group(list(p)) for p in plan.pipelines]
+            if not on_meta:
+                # Every group shards the same weights: rank 0's (then replicas start equal too).
+                broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
+            self._sharded = shard_model(
+                self.module,
+                self._captured,
+                group=tensor_groups[plan.replica_of(info.rank)],
+                shard_sizes=dict(plan.shard_sizes),
+                loss_fn=self.loss_fn,
+            )
+            self.module = self._sharded.module
+            if self._sharded.loss_fn is not None:
+                self.loss_fn = self._sharded.loss_fn
+            if on_meta:
+                materialize(self.module, self._device, "the sharded model")
+            self.module.to(self._device)
+        else:
+            self.module.to(self._device)
+            # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
+            broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
+        if plan.dp_degree > 1:
+            self._reducer = self._make_reducer(list(self.module.parameters()), self._data_group)
+        self._bound = True
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
-        if buffers and dist.get_world_size() > 1:
-            broadcast_tensors(buffers)
+        if buffers and self.plan.dp_degree > 1:
+            src = self.plan.data_group_of(dist.get_rank())[0]
+            broadcast_tensors(buffers, src=src, group=self._data_group)

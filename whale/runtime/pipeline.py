@@ -29,7 +29,7 @@ from ..rewrite.stage_split import StageProgram
 from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
-from .program import ProgramBase
+from .program import ProgramBase, materialize
 
 __all__ = ["PipelineProgram"]
 
@@ -331,7 +331,7 @@ class PipelineProgram(ProgramBase):
         for s in sorted(self._local):
             module = self.stages[s].module
             if any(t.is_meta for t in module.parameters()):
-                _materialize(module, self._device, s)
+                materialize(module, self._device, f"stage {s}")
             module.to(self._device)
         self._params = self._tie_local_parameters()
         # Groups are made collectively: every rank creates every group, in one order.
@@ -376,22 +376,6 @@ class PipelineProgram(ProgramBase):
                     self._reducers[s] = self._make_reducer(params, dp_groups[position])
         self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
         self._bound = True
-
-
-def _materialize(module: nn.Module, device: torch.device, stage: int) -> None:
-    """Allocate a meta-built stage on ``device`` and initialize it with each layer's own
-    ``reset_parameters``: a model built on the meta device is materialized stage by stage, so
-    no rank ever holds all of it. Load real weights with ``load_full_state_dict`` after."""
-    if any(b.is_meta for b in module.buffers()):
-        raise ValueError(
-            f"stage {stage} has buffers on the meta device, whose values whale cannot recreate; "
-            "build buffers (masks, statistics) on a real device, parameters may stay on meta"
-        )
-    module.to_empty(device=device)
-    for sub in module.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset) and any(True for _ in sub.parameters(recurse=False)):
-            reset()
 
 
 def _is_compute(code: str) -> bool:

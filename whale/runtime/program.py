@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import Config
 from ..planner.plan import Plan
@@ -16,7 +17,7 @@ from .batch import RankAgreement, batch_rows, narrow, signature
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
 
-__all__ = ["ProgramBase", "ReplicaBatch"]
+__all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
 
 
 @dataclasses.dataclass
@@ -112,3 +113,20 @@ class ProgramBase:
             first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
             comm_dtype=self.config.grad_comm_dtype,
         )
+
+
+def materialize(module: nn.Module, device: torch.device, what: str) -> None:
+    """Allocate a meta-built part of a model (a stage, a shard) on ``device`` and initialize it
+    with each layer's own ``reset_parameters``: a model built on the meta device is
+    materialized part by part, so no rank ever holds all of it. Load real weights with
+    ``load_full_state_dict`` after."""
+    if any(b.is_meta for b in module.buffers()):
+        raise ValueError(
+            f"{what} has buffers on the meta device, whose values whale cannot recreate; "
+            "build buffers (masks, statistics) on a real device, parameters may stay on meta"
+        )
+    module.to_empty(device=device)
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset) and any(True for _ in sub.parameters(recurse=False)):
+            reset()

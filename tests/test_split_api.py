@@ -1,0 +1,92 @@
+"""``split`` through ``wh.parallelize``: tensor parallel alone and inside replicate.
+
+The sharding rules themselves are tested in tests/test_tensor_parallel.py; here the program
+(plan, groups, data-parallel sync of shards, loss, state dicts) is. Tolerances: see
+tests/equivalence.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import whale as wh
+from examples.cnn import CNN
+from examples.gpt import GPT, GPTConfig
+from tests.equivalence import assert_equivalent
+
+CASE = "tests.split_cases:gpt_split"
+
+
+def _check(outs):
+    for out in outs:
+        assert_equivalent(out)
+        assert out["full_matches"]
+        assert out["loss"] == outs[0]["loss"]
+
+
+def test_split_alone_world2_uneven_vocab_shards(world2):
+    outs = world2.run(CASE, split={"blocks": 2, "lm_head": 2}, shard_sizes={"lm_head": [40, 24]})
+    _check(outs)
+    assert outs[0]["plan"] == (2, 1)
+    assert outs[0]["shards"]["lm_head.weight"] == (40, 32)
+    assert outs[1]["shards"]["lm_head.weight"] == (24, 32)
+
+
+def test_split_inside_replicate_world4(world4):
+    # 2 tensor-parallel ranks x 2 replicas with uneven rows: shards synced across replicas.
+    outs = world4.run(CASE, split={"blocks": 2}, row_weights=(3, 1))
+    _check(outs)
+    assert outs[0]["plan"] == (2, 2)
+    assert outs[0]["shards"]["blocks.0.mlp.fc.weight"] == (64, 32)
+
+
+@pytest.fixture
+def world(monkeypatch):
+    def set_world(n: int) -> None:
+        monkeypatch.setenv("WORLD_SIZE", str(n))
+
+    return set_world
+
+
+def _gpt():
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    return model, torch.randint(32, (4, 8))
+
+
+def _lm(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_unshardable_kind_is_named_before_any_group(world):
+    world(2)
+    model = wh.annotate(CNN(width=4), {"features": wh.split(2)})
+    with pytest.raises(ValueError, match=r"Conv2d.*Linear|Linear.*Conv2d"):
+        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=torch.randn(4, 3, 16, 16))
+
+
+def test_more_shards_than_heads(world):
+    world(4)
+    model, x = _gpt()
+    wh.annotate(model, {"blocks.0.attn": wh.split(4)})
+    with pytest.raises(ValueError, match=r"split\(4\) at .blocks.0.attn.: 4 shards but only 2 heads"):
+        wh.parallelize(model, loss_fn=_lm, example_inputs=x)
+
+
+def test_shard_sizes_that_do_not_add_up(world):
+    world(2)
+    model, x = _gpt()
+    model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach().clone())
+    wh.annotate(model, {"lm_head": wh.split(2)})
+    with pytest.raises(ValueError, match=r"adds up to 40 but .lm_head. has 32 classes"):
+        wh.parallelize(model, loss_fn=_lm, example_inputs=x,
+                       config=wh.Config(shard_sizes={"lm_head": [20, 20]}))
+
+
+def test_split_device_count_must_divide_the_world(world):
+    world(4)
+    model, x = _gpt()
+    wh.annotate(model, {"blocks": wh.split(3)})
+    with pytest.raises(ValueError, match=r"split\(device_count=3\) does not divide the world of 4"):
+        wh.parallelize(model, loss_fn=_lm, example_inputs=x)
