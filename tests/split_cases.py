@@ -39,3 +39,22 @@ def gpt_split(*, split: dict, row_weights=None, shard_sizes=None, global_batch: 
     out["full_matches"] = all(torch.equal(full[k], v) for k, v in plain.state_dict().items())
     out["rank"] = dist.get_rank()
     return out
+
+
+def split_in_stage(*, split: dict, boundaries, num_micro_batch: int = 2, shard_sizes=None) -> dict:
+    """A pipelined GPT whose stages hold split parts (tensor parallel inside pipeline stages)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=32)
+    model = GPT(cfg)
+    wh.annotate(model, {name: wh.split(n) for name, n in split.items()})
+    corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
+    batches = [corpus.batch(8, cfg.block_size, s) for s in range(_STEPS)]
+    out = train_reference(copy.deepcopy(model), batches, lm_loss)
+    config = wh.Config(stage_boundaries=boundaries, num_micro_batch=num_micro_batch, shard_sizes=shard_sizes)
+    program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["plan"] = (program.plan.dp_degree, program.plan.pipeline_degree, program.plan.tensor_parallel)
+    out["shards"] = {n: tuple(p.shape) for n, p in program.named_parameters()}
+    full = program.full_state_dict()
+    out["full_keys_ok"] = set(full) == set(GPT(cfg).state_dict())
+    return out

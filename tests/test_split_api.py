@@ -90,3 +90,29 @@ def test_split_device_count_must_divide_the_world(world):
     wh.annotate(model, {"blocks": wh.split(3)})
     with pytest.raises(ValueError, match=r"split\(device_count=3\) does not divide the world of 4"):
         wh.parallelize(model, loss_fn=_lm, example_inputs=x)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"split": {"blocks.2": 2, "blocks.3": 2}, "boundaries": ["blocks.2"]},
+        {
+            "split": {"blocks.0": 2, "blocks.3.mlp": 2},
+            "boundaries": ["blocks.2"],
+            "num_micro_batch": 3,
+            "shard_sizes": {"blocks.3.mlp": [96, 32]},
+        },
+    ],
+    ids=["split-last-stage", "split-both-stages-uneven-mlp"],
+)
+def test_split_inside_pipeline_stages_world4(world4, kwargs):
+    # 2 stages x 2 tensor-parallel ranks; the tied embedding/head spans both stages.
+    outs = world4.run("tests.split_cases:split_in_stage", **kwargs)
+    for out in outs:
+        assert out["plan"] == (1, 2, 2)
+        assert_equivalent(out, names=out["params"].keys())
+        assert out["full_keys_ok"]
+    if "shard_sizes" in kwargs:
+        # Ranks 2 and 3 hold stage 1: its MLP's hidden columns split 96 / 32.
+        assert outs[2]["shards"]["blocks.3.mlp.fc.weight"] == (96, 32)
+        assert outs[3]["shards"]["blocks.3.mlp.fc.weight"] == (32, 32)

@@ -15,7 +15,7 @@ from .capture import CaptureError, capture, module_annotation_map
 from .config import Config
 from .planner.data_parallel import plan_data_parallel
 from .planner.pipeline import count_stages, plan_pipeline
-from .rewrite.stage_split import assign_stages, split_stages
+from .rewrite.stage_split import assign_stages, capture_split_stages, split_stages
 from .rewrite.tensor_parallel import TensorParallelAnalysis, resolve_sizes
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
@@ -99,7 +99,13 @@ def parallelize(
         stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
         assert num_stages == plan.num_stages
         stages = split_stages(captured, stage_of, num_stages)
-        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages)
+        stage_graphs = {}
+        if plan.tensor_parallel > 1:
+            # Split inside stages: each stage holding a split part is captured on its own and
+            # its rewrite checked now, before any group exists.
+            stage_graphs = capture_split_stages(stages, captured)
+            _check_shard_sizes(plan, stage_graphs)
+        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs)
 
     if capture_error is not None:
         # Data parallel needs no graph: module-level annotations still hold, but any
@@ -123,6 +129,22 @@ def parallelize(
         analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
         resolve_sizes(analysis, dict(plan.shard_sizes))
     return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
+
+
+def _check_shard_sizes(plan, stage_graphs) -> None:
+    """Config(shard_sizes) names regions of the stages' rewrites; each must fit its stage."""
+    given = dict(plan.shard_sizes)
+    for graph in stage_graphs.values():
+        analysis = TensorParallelAnalysis(plan.tensor_parallel)(graph.graph_module, graph)
+        mine = {k: v for k, v in given.items() if any(k == r.name or k in r.modules for r in analysis.regions)}
+        resolve_sizes(analysis, mine)
+        for k in mine:
+            given.pop(k)
+    if given:
+        raise ValueError(
+            f"Config(shard_sizes=...) names {sorted(given)}, which no stage splits; name a module "
+            "inside a split() part"
+        )
 
 
 def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "name_annotations",
     "parts_of",
     "plan_data_parallel",
+    "split_degree",
 ]
 
 
@@ -103,7 +104,7 @@ def plan_data_parallel(
     """
     check_annotations(scopes, world_size)
     names = name_annotations(scopes)
-    tp = _tensor_parallel_degree(scopes, world_size)
+    tp = split_degree(scopes, world_size)
     dp = world_size // tp
     replicas = [a for a in distinct_annotations(scopes) if isinstance(a, Replicate)]
     counts = {a.device_count for a in replicas if a.device_count is not None}
@@ -158,8 +159,8 @@ def plan_data_parallel(
     return plan
 
 
-def _tensor_parallel_degree(scopes: Mapping[str, Sequence[Annotation]], world_size: int) -> int:
-    """Ranks per tensor-parallel group: the split() device count (all of the world if unset)."""
+def split_degree(scopes: Mapping[str, Sequence[Annotation]], world_size: int) -> int:
+    """Ranks per tensor-parallel group: the split() device count (all of ``world_size`` if unset)."""
     splits = [a for a in distinct_annotations(scopes) if isinstance(a, Split)]
     counts = {a.device_count for a in splits if a.device_count is not None}
     if len(counts) > 1:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from ..config import Config
 from ..primitives import Annotation, Pipeline, Replicate
-from .data_parallel import check_annotations, distinct_annotations, name_annotations, parts_of
+from .data_parallel import check_annotations, distinct_annotations, name_annotations, parts_of, split_degree
 from .plan import Plan
 from .schedules import make_schedule
 
@@ -33,23 +33,16 @@ def plan_pipeline(
 ) -> Plan:
     """Plan a pipeline of stages, replicated data parallel over the rest of the world.
 
-    Ranks are laid out pipeline-outermost, as Megatron-LM does: position ``p`` of replica ``d``
-    is rank ``p * dp_degree + d``, so a stage's replicas are consecutive ranks (one node under
-    torchrun) and only activations cross nodes.
+    Ranks are laid out as Megatron-LM does: pipeline outermost, tensor parallel innermost.
+    Tensor-parallel index ``t`` of position ``p`` of replica ``d`` is rank
+    ``(p * dp_degree + d) * tensor_parallel + t``, so a tensor-parallel group and a stage's
+    replicas are consecutive ranks (one node under torchrun) and only activations cross nodes.
 
     Raises:
         ValueError: too few ranks for the stages, a world the pipeline does not divide,
             contradicting micro-batch counts, a bad schedule, or a batch too small.
-        NotImplementedError: ``split`` inside a pipeline (tensor parallelism is not executed yet).
     """
     check_annotations(scopes, world_size)
-    for where, stack in scopes.items():
-        for a in stack:
-            if a.kind == "split":
-                raise NotImplementedError(
-                    f"{a!r} at {where!r}: this version of whale does not execute tensor "
-                    "parallelism yet; remove the split annotation"
-                )
     num_stages = count_stages(scopes, config)
     pipes = [a for a in distinct_annotations(scopes) if isinstance(a, Pipeline)]
     if len(pipes) > 1:
@@ -80,13 +73,14 @@ def plan_pipeline(
             f"{num_stages} pipeline stages need {degree} ranks but the world has {world_size}; "
             f"launch at least {degree} processes or use fewer stages"
         )
-    if world_size % degree:
+    tp = split_degree(scopes, world_size // degree if world_size % degree == 0 else 1)
+    if world_size % (degree * tp):
         raise ValueError(
-            f"pipelines of {degree} ranks do not divide the world of {world_size}; use a world "
-            f"that is a multiple of {degree}"
+            f"pipelines of {degree} positions x {tp} tensor-parallel ranks do not divide the "
+            f"world of {world_size}; use a world that is a multiple of {degree * tp}"
         )
     make_schedule(config.schedule, num_stages, m, degree if interleaved else None)
-    dp = world_size // degree
+    dp = world_size // (degree * tp)
     weights = (1.0,) * dp if config.row_weights is None else config.row_weights
     if len(weights) != dp:
         raise ValueError(
@@ -102,14 +96,18 @@ def plan_pipeline(
         )
     plan = Plan(
         world_size=world_size,
-        pipelines=tuple(tuple(p * dp + d for p in range(degree)) for d in range(dp)),
+        pipelines=tuple(
+            tuple((p * dp + d) * tp + t for p in range(degree) for t in range(tp)) for d in range(dp)
+        ),
         row_weights=tuple(float(w) for w in weights),
         replica_groups=tuple(tuple(range(s, s + inner)) for s in range(0, dp, inner)),
         num_micro_batch=m,
-        parts=parts_of(scopes, name_annotations(scopes), inner, dp),
+        parts=parts_of(scopes, name_annotations(scopes), inner, dp, tp),
         num_stages=num_stages,
         schedule=config.schedule,
         stage_boundaries=tuple(config.stage_boundaries or ()),
+        tensor_parallel=tp,
+        shard_sizes=tuple(sorted((config.shard_sizes or {}).items())),
     )
     if example_rows is not None:
         rows = plan.rows(example_rows)

@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx
 
-from ..capture import CapturedModel
+from ..capture import CapturedModel, NodeInfo
 from ..primitives import Annotation
 
-__all__ = ["StageProgram", "assign_stages", "split_stages", "stage_annotations"]
+__all__ = ["StageProgram", "assign_stages", "capture_split_stages", "split_stages", "stage_annotations"]
 
 _INFO = "whale_node_info"
 
@@ -239,3 +239,35 @@ def _needed_in_stage(nodes, stage: Mapping[str, int], s: int, sent, output) -> s
         stack.extend(node.all_input_nodes)
     return needed
 
+
+def capture_split_stages(stages: Sequence[StageProgram], captured: CapturedModel) -> dict[int, CapturedModel]:
+    """Each stage that holds a ``split`` part as a captured model of its own, for the
+    tensor-parallel rewrite.
+
+    No second trace: a stage's nodes are copies of the captured ones and keep their metadata
+    (annotations, module paths, shapes), so a split written around modules or inside
+    ``forward`` is seen in the stage exactly as in the whole model.
+    """
+    graphs = {}
+    for stage in stages:
+        infos = []
+        for node in stage.module.graph.nodes:
+            info = node.meta.get(_INFO)
+            if info is None:  # the stage's own output node
+                outs = [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+                info = NodeInfo(
+                    name=node.name, op="output", target="output", module_path="", annotations=(),
+                    shapes=tuple(tuple(t.shape) for t in outs), dtypes=tuple(str(t.dtype) for t in outs),
+                    flops=0, bytes_accessed=0, param_bytes=0, output_bytes=0,
+                )
+            else:
+                # Received values become placeholders named recv_*: the info follows the node.
+                info = dataclasses.replace(info, name=node.name, op=node.op)
+            node.meta[_INFO] = info
+            infos.append(info)
+        if not any(a.kind == "split" for info in infos for a in info.annotations):
+            continue
+        names = {n for n, _ in stage.module.named_parameters()}
+        param_bytes = {n: b for n, b in captured.param_bytes_by_name.items() if n in names}
+        graphs[stage.index] = CapturedModel(stage.module, captured.frontend, tuple(infos), param_bytes)
+    return graphs

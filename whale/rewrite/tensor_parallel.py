@@ -61,6 +61,7 @@ def shard_model(
     rank_in_group: int | None = None,
     shard_sizes: Mapping[str, Sequence[int]] | None = None,
     loss_fn: Callable | None = None,
+    gather_output: bool = False,
 ) -> ShardedModel:
     """This rank's tensor-parallel model: the ``split`` parts of ``model`` sharded over ``group``.
 
@@ -77,6 +78,8 @@ def shard_model(
             ``F.cross_entropy`` through reshapes; None counts as cross-entropy over the last dim),
             the logits stay sharded and ``ShardedModel.loss_fn`` computes it; otherwise they are
             gathered and ``loss_fn`` applies unchanged.
+        gather_output: always return whole outputs (a pipeline stage that is not the last one
+            hands them to the next stage), whatever the loss.
 
     Returns:
         A :class:`~.sharded_model.ShardedModel`.
@@ -89,7 +92,7 @@ def shard_model(
     rank = group_rank(group) if rank_in_group is None else rank_in_group
     if not 0 <= rank < ranks:
         raise ValueError(f"shard_model(rank_in_group={rank}): the group has {ranks} ranks")
-    plan = TensorParallelAnalysis(ranks)(model, captured)
+    plan = TensorParallelAnalysis(ranks, keep_sharded_output=not gather_output)(model, captured)
     sizes = resolve_sizes(plan, shard_sizes)
     sharded_loss = None
     if plan.output_layout is not None:

@@ -29,6 +29,9 @@ from ..rewrite.stage_split import StageProgram
 from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
+from ..capture import CapturedModel
+from ..rewrite.sharded_model import ShardedModel
+from ..rewrite.tensor_parallel import TensorParallelAnalysis, shard_model
 from .program import ProgramBase, materialize
 
 __all__ = ["PipelineProgram"]
@@ -52,12 +55,17 @@ class PipelineProgram(ProgramBase):
         plan: Plan,
         config: Config,
         stages: tuple[StageProgram, ...],
+        stage_graphs: Mapping[int, CapturedModel] | None = None,
     ) -> None:
         assert len(stages) == plan.num_stages
         self.plan = plan
         self.config = config
         self.loss_fn = loss_fn
         self.stages = stages
+        # Stages holding a split part, captured on their own; sharded at bind time.
+        self._stage_graphs = dict(stage_graphs or {})
+        self._modules = {st.index: st.module for st in stages}
+        self._sharded: dict[int, ShardedModel] = {}
         self._graph_module = graph_module
         interleaved = plan.schedule == "interleaved_1f1b"
         self.schedule = make_schedule(
@@ -96,20 +104,25 @@ class PipelineProgram(ProgramBase):
         return {"param_bytes": mine, "model_param_bytes": total}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The local model's state dict, gathered from the stages (collective: call on every rank)."""
+        """The local model's state dict, gathered from the stages and their shards (collective:
+        call it on every rank)."""
         self._require_bound()
-        mine = {}
-        if self.plan.replica_of(dist.get_rank()) == 0:
-            mine = {n: t.detach().cpu() for n, t in self._local_state().items()}
+        state = {}
+        for s in sorted(self._local):
+            # Shards are gathered inside the tensor-parallel group, stage by stage in one order.
+            part = self._sharded[s].full_state_dict() if s in self._sharded else self._modules[s].state_dict()
+            state.update({n: t.detach().cpu() for n, t in part.items()})
+        rank = dist.get_rank()
+        first = self.plan.replica_of(rank) == 0 and self.plan.tensor_group_of(rank)[0] == rank
         parts: list[dict] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+        dist.all_gather_object(parts, state if first else {})
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             merged.update(part)
         return {n: merged[n] for n in self._graph_module.state_dict() if n in merged}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load the local model's state dict: each rank takes its stages' entries."""
+        """Load the local model's state dict: each rank takes its stages' entries (its shards)."""
         self._require_bound()
         expected = set(self._graph_module.state_dict())
         missing, unexpected = expected - set(state_dict), set(state_dict) - expected
@@ -119,12 +132,30 @@ class PipelineProgram(ProgramBase):
                 f"{sorted(unexpected)}; pass a state dict of the local model"
             )
         with torch.no_grad():
-            for name, t in self._local_state().items():
-                t.copy_(state_dict[name])
+            for s in sorted(self._local):
+                if s in self._sharded:
+                    keys = self._sharded[s].full_keys
+                    self._sharded[s].load_full_state_dict({k: state_dict[k] for k in keys})
+                else:
+                    for name, t in self._modules[s].state_dict(keep_vars=True).items():
+                        t.copy_(state_dict[name])
+
+    def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Whole tensors by local-model name from this rank's ones (e.g. gradients of shards);
+        collective inside the tensor-parallel group."""
+        self._require_bound()
+        out = {}
+        for s in sorted(self._local):
+            names = {n for n in self._param_paths[s].values() if n in tensors and n not in out}
+            if s in self._sharded:
+                out.update(self._sharded[s].gather_full({n: tensors[n] for n in sorted(names)}))
+            else:
+                out.update({n: tensors[n] for n in names})
+        return out
 
     def train(self, mode: bool = True) -> PipelineProgram:
-        for stage in self.stages:
-            stage.module.train(mode)
+        for module in self._modules.values():
+            module.train(mode)
         return self
 
     def eval(self) -> PipelineProgram:
@@ -158,12 +189,11 @@ class PipelineProgram(ProgramBase):
         for param, group in self._tied:
             dist.all_reduce(param.grad, group=group)
         dist.all_reduce(loss_sum)
-        return loss_sum.to(torch.float32)
+        # Every rank of the last stage's tensor-parallel group holds the loss once.
+        return (loss_sum / self.plan.tensor_parallel).to(torch.float32)
 
     def _run(self, micro: list, mb_rows: list[int], weights: list[float]) -> torch.Tensor:
         rank = dist.get_rank()
-        d = self.plan.replica_of(rank)
-        pipeline = self.plan.pipelines[d]
         last = self.plan.num_stages - 1
         inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         outputs: dict[tuple[int, int], Any] = {}
@@ -187,9 +217,10 @@ class PipelineProgram(ProgramBase):
                 args, target = micro[i]
                 received = inputs.get(key, [])
                 with torch.enable_grad():
-                    out = self.stages[s].module(*args, *received)
+                    out = self._modules[s](*args, *received)
                     if s == last:
-                        loss = self.loss_fn(out) if target is None else self.loss_fn(out, target)
+                        loss_fn = self._sharded[s].loss_fn if s in self._sharded and self._sharded[s].loss_fn else self.loss_fn
+                        loss = loss_fn(out) if target is None else loss_fn(out, target)
                         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                             raise TypeError("loss_fn must return a scalar tensor")
                         out = loss * weights[i]
@@ -218,19 +249,17 @@ class PipelineProgram(ProgramBase):
                 else:
                     outputs[("in_grads", s, i)] = in_grads
             elif kind is ActionKind.SEND_ACT:
-                peer = pipeline[(s + 1) % self.plan.pipeline_degree]
-                sends += self._send(list(outputs[key]), peer, 0, s, i, mb_rows[i])
+                sends += self._send(list(outputs[key]), self._peer(s + 1), 0, s, i, mb_rows[i])
             elif kind is ActionKind.RECV_ACT:
-                peer = pipeline[(s - 1) % self.plan.pipeline_degree]
-                got, pending[("act", key)] = self._recv(peer, 0, s - 1, i, mb_rows[i], len(self.stages[s].received))
+                got, pending[("act", key)] = self._recv(
+                    self._peer(s - 1), 0, s - 1, i, mb_rows[i], len(self.stages[s].received)
+                )
                 inputs[key] = got
             elif kind is ActionKind.SEND_GRAD:
-                peer = pipeline[(s - 1) % self.plan.pipeline_degree]
-                sends += self._send(outputs.pop(("in_grads", s, i)), peer, 1, s, i, mb_rows[i])
+                sends += self._send(outputs.pop(("in_grads", s, i)), self._peer(s - 1), 1, s, i, mb_rows[i])
             elif kind is ActionKind.RECV_GRAD:
-                peer = pipeline[(s + 1) % self.plan.pipeline_degree]
                 mine = [o for o in outputs[key] if o.requires_grad]
-                got, pending[("grad", key)] = self._recv(peer, 1, s + 1, i, mb_rows[i], len(mine), like=mine)
+                got, pending[("grad", key)] = self._recv(self._peer(s + 1), 1, s + 1, i, mb_rows[i], len(mine), like=mine)
                 grads[key] = _fill_grads(outputs[key], got)
             timeline.append((str(action), began - start, time.perf_counter() - start))
         for work, _ in sends:
@@ -298,17 +327,51 @@ class PipelineProgram(ProgramBase):
             self._bind()
 
     def _local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers (shards where split), by local-model name."""
         state = {}
         for s in self._local:
-            for name, t in self.stages[s].module.state_dict(keep_vars=True).items():
-                state[name] = t
+            state.update(self._modules[s].state_dict(keep_vars=True))
         return state
+
+    def _peer(self, stage: int) -> int:
+        """The rank running ``stage`` in this rank's pipeline, at this rank's tensor-parallel index."""
+        rank = dist.get_rank()
+        ranks = self.plan.pipelines[self.plan.replica_of(rank)]
+        k = self.plan.tensor_parallel
+        return ranks[(stage % self.plan.pipeline_degree) * k + ranks.index(rank) % k]
+
+    def _shard_stage(self, s: int, group: dist.ProcessGroup, on_meta: bool) -> None:
+        """Replace stage ``s`` by this rank's tensor-parallel shard of it."""
+        module = self._modules[s]
+        if not on_meta:
+            # Every rank of the group shards the same weights: those of its first rank.
+            ranks = dist.get_process_group_ranks(group)
+            broadcast_tensors([t.data for t in module.state_dict(keep_vars=True).values()], src=ranks[0], group=group)
+        last = s == self.plan.num_stages - 1
+        regions = TensorParallelAnalysis(self.plan.tensor_parallel)(module, self._stage_graphs[s]).regions
+        mine = {
+            key: sizes
+            for key, sizes in self.plan.shard_sizes
+            if any(key == r.name or key in r.modules for r in regions)
+        }
+        sharded = shard_model(
+            module,
+            self._stage_graphs[s],
+            group=group,
+            shard_sizes=mine,
+            loss_fn=self.loss_fn if last else None,
+            gather_output=not last,  # the next stage receives whole activations
+        )
+        self._sharded[s] = sharded
+        self._modules[s] = sharded.module
+        if on_meta:
+            materialize(sharded.module, self._device, f"stage {s}")
 
     def _tie_local_parameters(self) -> dict[str, nn.Parameter]:
         """This rank's parameters by name; a weight several local stages use is one tensor."""
         chosen: dict[str, nn.Parameter] = {}
         for s in sorted(self._local):
-            module = self.stages[s].module
+            module = self._modules[s]
             for path, name in self._param_paths[s].items():
                 owner_path, _, attr = path.rpartition(".")
                 owner = module.get_submodule(owner_path)
@@ -328,30 +391,44 @@ class PipelineProgram(ProgramBase):
         self._device = info.device
         position = plan.position_of(info.rank)
         self._local = set(plan.stages_at(position))
-        for s in sorted(self._local):
-            module = self.stages[s].module
-            if any(t.is_meta for t in module.parameters()):
-                materialize(module, self._device, f"stage {s}")
-            module.to(self._device)
-        self._params = self._tie_local_parameters()
+        k = plan.tensor_parallel
+        index = plan.pipelines[plan.replica_of(info.rank)].index(info.rank)
         # Groups are made collectively: every rank creates every group, in one order.
+        width = len(plan.pipelines[0])
+        data_groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)] if plan.dp_degree > 1 else []
+        tensor_groups = {
+            (d, pos): dist.new_group(list(ranks[pos * k : (pos + 1) * k]))
+            for d, ranks in enumerate(plan.pipelines)
+            for pos in range(plan.pipeline_degree)
+        } if k > 1 else {}
+        for s in sorted(self._local):
+            module = self._modules[s]
+            on_meta = any(t.is_meta for t in module.parameters())
+            if s in self._stage_graphs:
+                self._shard_stage(s, tensor_groups[(plan.replica_of(info.rank), position)], on_meta)
+            elif on_meta:
+                materialize(module, self._device, f"stage {s}")
+            self._modules[s].to(self._device)
+        self._params = self._tie_local_parameters()
         held: dict[str, set[int]] = {}  # parameter name -> pipeline positions that hold it
         for s, paths in enumerate(self._param_paths):
             for name in paths.values():
                 held.setdefault(name, set()).add(s % plan.pipeline_degree)
-        dp_groups = {
-            pos: dist.new_group(list(plan.position_ranks(pos))) for pos in range(plan.pipeline_degree)
-        } if plan.dp_degree > 1 else {}
         self._tied = []
         for name in sorted(n for n, pos in held.items() if len(pos) > 1):
-            group = dist.new_group(sorted(r for pos in held[name] for r in plan.position_ranks(pos)))
-            if name in self._params:
-                self._tied.append((self._params[name], group))
+            # A tied weight is whole (never sharded): sum it per tensor-parallel index, or each
+            # rank of a group would add its identical copy once more.
+            for t in range(k):
+                ranks = sorted(p[pos * k + t] for p in plan.pipelines for pos in held[name])
+                group = dist.new_group(ranks)
+                if name in self._params and info.rank in ranks:
+                    self._tied.append((self._params[name], group))
         tied_names = {n for n, pos in held.items() if len(pos) > 1}
+        data_group = data_groups[index] if data_groups else None
         # Replicas of a position start from the first replica's weights; tied copies agree too.
         if plan.dp_degree > 1:
             mine = [t.data for t in self._local_state().values()]
-            broadcast_tensors(mine, src=plan.position_ranks(position)[0], group=dp_groups[position])
+            broadcast_tensors(mine, src=plan.data_group_of(info.rank)[0], group=data_group)
         for param, group in self._tied:
             broadcast_tensors([param.data], src=min(dist.get_process_group_ranks(group)), group=group)
         actions = self.schedule.actions[position]
@@ -373,7 +450,7 @@ class PipelineProgram(ProgramBase):
                     p for name, p in self._params.items() if owner[name] == s and name not in tied_names
                 ]
                 if params:
-                    self._reducers[s] = self._make_reducer(params, dp_groups[position])
+                    self._reducers[s] = self._make_reducer(params, data_group)
         self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
         self._bound = True
 
