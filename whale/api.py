@@ -15,6 +15,7 @@ from .capture import CaptureError, capture, module_annotation_map
 from .config import Config
 from .planner.data_parallel import plan_data_parallel
 from .planner.pipeline import count_stages, plan_pipeline
+from .planner.search import auto_plan
 from .rewrite.stage_split import assign_stages, capture_split_stages, split_stages
 from .rewrite.tensor_parallel import TensorParallelAnalysis, resolve_sizes
 from .runtime.data_parallel import DataParallelProgram
@@ -64,12 +65,6 @@ def parallelize(
         config = Config.from_dict(config)
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
-    if config.auto_parallel:
-        raise NotImplementedError(
-            "Config(auto_parallel=True): the planner's automatic search is not in this version "
-            "of whale; annotate the model (wh.replicate) or leave it unannotated"
-        )
-
     world_size, ranks_per_node = _world()
     scopes: dict[str, tuple] = dict(module_annotation_map(model))
     example_rows = None
@@ -88,6 +83,18 @@ def parallelize(
                 if len(node.annotations) > len(scopes.get(node.module_path, ())):
                     scopes[f"{node.module_path}:{node.name}"] = node.annotations
 
+    if config.auto_parallel:
+        if captured is None:
+            raise ValueError(
+                "Config(auto_parallel=True) plans from the captured graph: pass example_inputs= "
+                "(one global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
+            )
+        plan, _ = auto_plan(
+            captured, scopes, world_size, config, cluster=config.cluster,
+            global_batch=example_rows, ranks_per_node=ranks_per_node,
+        )
+        return _program(model, loss_fn, plan, config, captured)
+
     if count_stages(scopes, config):
         plan = plan_pipeline(scopes, world_size, config, example_rows=example_rows)
         if captured is None:
@@ -96,16 +103,7 @@ def parallelize(
                 "global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
             )
         _check_stages_compute(scopes, captured)
-        stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
-        assert num_stages == plan.num_stages
-        stages = split_stages(captured, stage_of, num_stages)
-        stage_graphs = {}
-        if plan.tensor_parallel > 1:
-            # Split inside stages: each stage holding a split part is captured on its own and
-            # its rewrite checked now, before any group exists.
-            stage_graphs = capture_split_stages(stages, captured)
-            _check_shard_sizes(plan, stage_graphs)
-        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs)
+        return _program(model, loss_fn, plan, config, captured)
 
     if capture_error is not None:
         # Data parallel needs no graph: module-level annotations still hold, but any
@@ -118,14 +116,30 @@ def parallelize(
     plan = plan_data_parallel(
         scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node
     )
+    if plan.tensor_parallel > 1 and captured is None:
+        raise ValueError(
+            "split() shards the captured graph: pass example_inputs= (one global batch)"
+            + (f"; capture failed:\n{capture_error}" if capture_error else "")
+        )
+    return _program(model, loss_fn, plan, config, captured)
+
+
+def _program(model, loss_fn, plan, config, captured) -> DataParallelProgram | PipelineProgram:
+    """The program that executes ``plan``, after checking every rewrite it needs.
+
+    The rewrites are checked here, before any group exists: kinds the split pass cannot shard,
+    more shards than heads or experts, shard sizes that do not add up.
+    """
+    if plan.num_stages > 1:
+        stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
+        assert num_stages == plan.num_stages
+        stages = split_stages(captured, stage_of, num_stages)
+        stage_graphs = {}
+        if plan.tensor_parallel > 1:
+            stage_graphs = capture_split_stages(stages, captured)
+            _check_shard_sizes(plan, stage_graphs)
+        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs)
     if plan.tensor_parallel > 1:
-        if captured is None:
-            raise ValueError(
-                "split() shards the captured graph: pass example_inputs= (one global batch)"
-                + (f"; capture failed:\n{capture_error}" if capture_error else "")
-            )
-        # The whole rewrite is checked now, before any group exists: kinds it cannot shard,
-        # more shards than heads or experts, shard sizes that do not add up.
         analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
         resolve_sizes(analysis, dict(plan.shard_sizes))
     return DataParallelProgram(model, loss_fn, plan, config, captured=captured)

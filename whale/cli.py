@@ -1,10 +1,22 @@
-"""The ``whale`` command: ``whale plan`` (dry run, no GPU) and ``whale build-ext``."""
+"""The ``whale`` command: ``whale plan`` (dry run, no GPU), ``whale profile``, ``whale build-ext``.
+
+``whale plan TARGET --cluster SPEC --global-batch N [--json] [--explain]`` captures the model
+TARGET returns (on fake tensors: a model built on ``torch.device("meta")`` allocates nothing),
+searches data, tensor and pipeline degrees, stages, micro-batches, schedule and rows for the
+cluster, and prints the plan. Without ``--cluster`` the cluster is ``--world-size`` devices of
+this host's type. Annotations and the pin flags fix choices; the search makes the rest.
+
+``whale profile [--out FILE] [--cluster-out FILE]`` measures the devices (and, under torchrun,
+the links) into a profile file for ``--profiles``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +26,11 @@ from torch import nn
 
 from .capture import capture, module_annotation_map
 from .config import Config
-from .planner.data_parallel import plan_data_parallel
+from .planner.cluster import load_cluster, parse_cluster
+from .planner.devices import load_profiles, save_profiles
+from .planner.pins import Pins
+from .planner.predict import CostOptions
+from .planner.search import SearchSettings, auto_plan, local_cluster
 
 __all__ = ["load_target", "main"]
 
@@ -27,6 +43,11 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
     TARGET is ``path/to/file.py`` (which defines ``whale_target()``), ``path/to/file.py:fn``,
     or ``package.module:fn``. The function takes no arguments and returns the model and a
     tuple of example inputs (one global batch).
+
+    Raises:
+        ValueError: the file or module cannot be imported, has no such function, the function
+            fails, or it returns no batch of inputs.
+        TypeError: it returns something other than ``(nn.Module, inputs)``.
     """
     where, _, fn_name = target.partition(":")
     fn_name = fn_name or _TARGET_FUNCTION
@@ -48,9 +69,9 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as err:
+        except Exception as err:
             raise ValueError(
-                f"TARGET {target!r}: cannot import {where!r} ({err}); give a .py file or "
+                f"TARGET {target!r}: cannot import {where!r} ({err!r}); give a .py file or "
                 "package.module:function"
             ) from err
     fn = getattr(module, fn_name, None)
@@ -58,36 +79,118 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
         raise ValueError(
             f"TARGET {target!r}: {where} has no function {fn_name}() returning (model, example_inputs)"
         )
-    result = fn()
-    if (
-        not isinstance(result, tuple)
-        or len(result) != 2
-        or not isinstance(result[0], nn.Module)
-    ):
-        raise ValueError(
-            f"TARGET {target!r}: {fn_name}() must return (model, example_inputs), got "
-            f"{type(result).__name__}"
+    try:
+        result = fn()
+    except Exception as err:
+        raise ValueError(f"TARGET {target!r}: {fn_name}() raised {err!r}") from err
+    if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], nn.Module):
+        got = type(result).__name__ if not isinstance(result, tuple) else f"a tuple of {len(result)}"
+        if isinstance(result, tuple) and len(result) == 2:
+            got = f"({type(result[0]).__name__}, {type(result[1]).__name__})"
+        raise TypeError(
+            f"TARGET {target!r}: {fn_name}() must return (model, example_inputs) with model an "
+            f"nn.Module, got {got}"
         )
     model, inputs = result
-    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not any(isinstance(t, torch.Tensor) and t.dim() for t in inputs):
+        raise ValueError(
+            f"TARGET {target!r}: {fn_name}() returned no tensor input with a batch dimension "
+            f"(got {[type(t).__name__ for t in inputs]}); return one global batch of inputs"
+        )
+    return model, inputs
+
+
+def _cluster(args: argparse.Namespace, profiles):
+    if args.cluster is None:
+        return local_cluster(args.world_size)
+    if args.cluster.startswith("@") or args.cluster.endswith((".json", ".yaml", ".yml")):
+        return load_cluster(args.cluster.removeprefix("@"), profiles=profiles)
+    return parse_cluster(args.cluster, profiles=profiles)
+
+
+def _pins(args: argparse.Namespace) -> Pins:
+    found, sources = {}, {}
+    for flag, name in (
+        ("tensor_parallel", "tensor_parallel"),
+        ("pipeline_degree", "pipeline_degree"),
+        ("stages", "num_stages"),
+        ("micro_batches", "num_micro_batch"),
+        ("schedule", "schedule"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            found[name], sources[name] = value, f"--{flag.replace('_', '-')} {value}"
+    if args.row_weights:
+        found["row_weights"] = tuple(float(w) for w in args.row_weights.split(","))
+        sources["row_weights"] = f"--row-weights {args.row_weights}"
+    return Pins(**found, sources=sources)
 
 
 def _plan(args: argparse.Namespace) -> int:
+    profiles = load_profiles(args.profiles) if args.profiles else None
+    cluster = _cluster(args, profiles)
     model, inputs = load_target(args.target)
     captured = capture(model, inputs)
-    weights = tuple(float(w) for w in args.row_weights.split(",")) if args.row_weights else None
-    config = Config(num_micro_batch=args.micro_batches, row_weights=weights)
+    scopes = dict(module_annotation_map(model))
+    for node in captured.nodes:
+        if len(node.annotations) > len(scopes.get(node.module_path, ())):
+            scopes[f"{node.module_path}:{node.name}"] = node.annotations
     rows0 = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim())
     global_batch = args.global_batch or rows0
-    plan = plan_data_parallel(
-        module_annotation_map(model), args.world_size, config, example_rows=global_batch
-    )
+    options = CostOptions(
+        dtype=args.dtype, precision=args.precision, optimizer=args.optimizer,
+        memory_fraction=args.memory_fraction,
+    )  # fmt: skip
+    settings = SearchSettings(allow_tensor_parallel=not args.no_tensor_parallel)
+    plan, report = auto_plan(
+        captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
+        global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
+        extra_pins=_pins(args),
+    )  # fmt: skip
     if args.json:
-        print(plan.to_json())
+        if args.explain:
+            print(json.dumps({"plan": json.loads(plan.to_json()), "report": report.to_dict()}, indent=2))
+        else:
+            print(plan.to_json())
         return 0
-    print(captured.summary())
-    print()
-    print(plan.table(global_batch))
+    params = captured.total_param_bytes
+    print(
+        f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {params / 2**30:.2f} GiB of "
+        f"parameters as captured, global batch {global_batch} rows, {cluster.world_size} devices"
+    )
+    print(report.table())
+    if args.explain:
+        print()
+        print(report.explain())
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .planner.cluster import cluster_to_dict
+    from .planner.measure import profile_here
+
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device, cluster, links = profile_here(quick=args.quick)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        save_profiles([device], args.out)
+        rates = ", ".join(f"{d} {r / 1e12:.3g} TFLOP/s" for d, r in device.peak_flops)
+        print(f"{device.name}: {rates}; memory {device.memory_bandwidth / 1e9:.3g} GB/s, "
+              f"{device.memory_bytes / 2**30:.1f} GiB -> {args.out}")  # fmt: skip
+        for name, fit in links.items():
+            print(f"{name}: {fit.describe()} per link")
+        if args.cluster_out and cluster is not None:
+            with open(args.cluster_out, "w", encoding="utf-8") as file:
+                json.dump(cluster_to_dict(cluster), file, indent=2)
+            print(f"cluster {cluster} -> {args.cluster_out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
@@ -102,14 +205,33 @@ def _build_ext(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whale", description="annotation-driven parallel training")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="dry run: print the plan for a model, no GPU needed")
-    plan.add_argument("target", help="file.py (defining whale_target()) or module:function")
-    plan.add_argument("--world-size", type=int, default=2, help="ranks in the job")
+    plan = sub.add_parser("plan", help="dry run: search and print the plan for a model, no GPU needed")
+    plan.add_argument("target", help="file.py (defining whale_target()), file.py:fn or module:function")
+    plan.add_argument("--cluster", default=None,
+                      help="e.g. 'node0=8xA100-80GB,node1=8xV100-32GB;net=100Gbps', or @cluster.json")  # fmt: skip
+    plan.add_argument("--world-size", type=int, default=2,
+                      help="without --cluster: this many devices of this host's type")  # fmt: skip
     plan.add_argument("--global-batch", type=int, default=None, help="rows per step (default: example's)")
-    plan.add_argument("--micro-batches", type=int, default=1)
-    plan.add_argument("--row-weights", default=None, help="relative speed per rank, e.g. 3,1")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--profiles", default=None, help="device profile file (whale profile) over datasheets")
+    plan.add_argument("--dtype", default="fp32", help="compute dtype: fp32, tf32, bf16, fp16, fp8")
+    plan.add_argument("--precision", default=None, help="fp32, mixed or half (default: from --dtype)")
+    plan.add_argument("--optimizer", default="adamw", help="adamw, sgd or sgd_momentum")
+    plan.add_argument("--memory-fraction", type=float, default=0.9, help="usable share of device memory")
+    plan.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
+    plan.add_argument("--row-weights", default=None, help="pin rows per replica by weight, e.g. 3,1")
+    plan.add_argument("--pipeline-degree", type=int, default=None, help="pin ranks per pipeline")
+    plan.add_argument("--stages", type=int, default=None, help="pin the number of pipeline stages")
+    plan.add_argument("--schedule", default=None, help="pin gpipe, 1f1b or interleaved_1f1b")
+    plan.add_argument("--tensor-parallel", type=int, default=None, help="pin ranks per tensor-parallel group")
+    plan.add_argument("--no-tensor-parallel", action="store_true", help="search data x pipeline plans only")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.from_json reads it)")
+    plan.add_argument("--explain", action="store_true", help="why this plan, and the best rejected ones")
     plan.set_defaults(run=_plan)
+    prof = sub.add_parser("profile", help="measure this host's devices (and links under torchrun)")
+    prof.add_argument("--out", default="whale_profile.json", help="profile file to write")
+    prof.add_argument("--cluster-out", default=None, help="also write the job's cluster with measured links")
+    prof.add_argument("--quick", action="store_true", help="small sizes: a first look in seconds")
+    prof.set_defaults(run=_profile)
     ext = sub.add_parser("build-ext", help="compile the C++/CUDA extension into torch's cache")
     ext.add_argument("--verbose", action="store_true")
     ext.set_defaults(run=_build_ext)

@@ -63,6 +63,10 @@ class Config:
     stage_boundaries: Sequence[str] | None = None
     """Module paths at which pipeline stages 1, 2, ... begin, instead of ``stage()`` annotations."""
 
+    cluster: Any = None
+    """For ``auto_parallel``: the devices, as a spec string (``"node0=8xA100-80GB,node1=8xV100-32GB"``)
+    or a parsed ``whale.planner.cluster.Cluster``; None is this host's device type."""
+
     shard_sizes: Mapping[str, Sequence[int]] | None = None
     """Per split region (a module path in it), the heads/columns/classes/experts of each rank."""
 
@@ -117,6 +121,17 @@ class Config:
             if len(set(bounds)) != len(bounds):
                 raise ValueError(f"Config(stage_boundaries={list(bounds)}) names a module twice")
             object.__setattr__(self, "stage_boundaries", bounds)
+        if self.cluster is not None:
+            from .planner.cluster import parse_cluster
+            from .planner.topology import Cluster
+
+            if isinstance(self.cluster, str):
+                object.__setattr__(self, "cluster", parse_cluster(self.cluster))
+            elif not isinstance(self.cluster, Cluster):
+                raise TypeError(
+                    f"Config(cluster=...) is a cluster spec such as 'node0=8xA100-80GB' or a "
+                    f"Cluster, got {type(self.cluster).__name__}"
+                )
         if self.shard_sizes is not None:
             if not isinstance(self.shard_sizes, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, Sequence) and all(isinstance(n, int) for n in v)

@@ -142,7 +142,7 @@ class DataParallelProgram(ProgramBase):
 
     def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
         args, target, my_rows = cut.args, cut.target, cut.rows
-        m = self.config.num_micro_batch
+        m = self.plan.num_micro_batch
         mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
         mean = self.config.loss_reduction == "mean"
         device = self._device

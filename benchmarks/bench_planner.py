@@ -1,0 +1,193 @@
+"""Planning time and plan quality of whale's auto-parallel search, on GPT shapes and mixed clusters.
+
+Run::
+
+    python benchmarks/bench_planner.py            # all cases, 3 runs each (median)
+    python benchmarks/bench_planner.py --runs 1 --case gpt3-1024
+
+Each case captures the model on the meta device (no weights are allocated; a 175B model needs
+~0.3 GB of host memory), groups its graph into layers, and searches data, tensor and pipeline
+degrees, layouts, stages, micro-batches, schedules and rows for the cluster. The same targets
+work with the CLI::
+
+    whale plan benchmarks/bench_planner.py:gpt3_175b --global-batch 1536 --dtype bf16 \\
+        --cluster "$(python benchmarks/bench_planner.py --print-cluster gpt3-1024)" --explain
+
+The reference point: AMP (Li et al., NeurIPS 2022) reports 200-500 s of planning on a CPU for
+16 GPUs; Alpa's and Metis' searches take minutes to hours on larger clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples.gpt import GPT, GPTConfig
+from whale.capture import capture
+from whale.planner.cluster import parse_cluster
+from whale.planner.explore import NoPlanError, describe
+from whale.planner.grouping import profile_model
+from whale.planner.predict import CostOptions
+from whale.planner.search import search
+
+
+def _gpt_on_meta(layers: int, hidden: int, heads: int, seq: int, vocab: int = 50257):
+    cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=hidden)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model, (torch.zeros(1, seq, dtype=torch.long, device="meta"),)
+
+
+def gpt3_175b():
+    """GPT-3 175B (Brown et al. 2020, Table 2.1): 96 layers, d_model 12288, 96 heads, 2048 tokens."""
+    return _gpt_on_meta(96, 12288, 96, 2048)
+
+
+def gpt2_xl():
+    """GPT-2 XL, 1.5B (Radford et al. 2019): 48 layers, d_model 1600, 25 heads, 1024 tokens."""
+    return _gpt_on_meta(48, 1600, 25, 1024)
+
+
+def _nodes(prefix: str, count: int, device: str, per_node: int = 8) -> list[str]:
+    return [f"{prefix}{k}={per_node}x{device}" for k in range(count // per_node)]
+
+
+CLUSTERS = {
+    # 1,024 GPUs of three types: 512 A100-80GB, 256 V100-32GB, 256 A10 (24 GB, PCIe).
+    "gpt3-1024": ",".join(_nodes("a", 512, "A100-80GB") + _nodes("v", 256, "V100-32GB") + _nodes("g", 256, "A10")),
+    "16": "a0=8xA100-80GB,v0=8xV100-32GB",
+}
+CASES = {
+    "gpt3-1024": (gpt3_175b, "gpt3-1024", 1536),
+    "gpt3-16": (gpt3_175b, "16", 1536),
+    "gpt2xl-16": (gpt2_xl, "16", 512),
+}
+
+
+def run_case(name: str, runs: int) -> dict:
+    target, cluster_name, batch = CASES[name]
+    cluster = parse_cluster(CLUSTERS[cluster_name])
+    options = CostOptions(dtype="bf16", precision="mixed", optimizer="adamw")
+    times, result, error = [], None, None
+    for _ in range(runs):
+        start = time.perf_counter()
+        model, inputs = target()
+        captured = capture(model, inputs)
+        captured_at = time.perf_counter()
+        profile = profile_model(captured, 1)
+        profiled_at = time.perf_counter()
+        try:
+            result = search(profile, cluster, batch, options=options)
+        except NoPlanError as err:
+            error = str(err)
+        done = time.perf_counter()
+        times.append((done - start, captured_at - start, profiled_at - captured_at, done - profiled_at))
+        del model, captured  # one model at a time: a 175B graph is ~0.3 GB of host memory
+    total, cap, prof, srch = (statistics.median(t[i] for t in times) for i in range(4))
+    return {
+        "case": name, "devices": cluster.world_size, "batch": batch, "layers": profile.num_layers,
+        "total": total, "capture": cap,
+        "profile": prof, "search": srch, "result": result, "error": error, "cluster": cluster,
+    }  # fmt: skip
+
+
+def oracle(count: int, seed: int) -> None:
+    """Plan quality against brute force on random small instances (the tests' oracle and space).
+
+    Instances: 2 device types, 2-8 devices, 2-5 layers, batch 1-10, drawn as the hypothesis
+    strategy of ``tests/test_search.py`` draws them.
+    """
+    import math
+    import random
+
+    from tests.test_search import DEVICES, brute_force
+    from whale.planner.layers import Layer, ModelProfile
+
+    rnd = random.Random(seed)
+    ratios, oracle_s, search_s, infeasible = [], 0.0, 0.0, 0
+    for _ in range(count):
+        a_type, b_type = rnd.sample(DEVICES, 2)
+        a = rnd.randint(1, 7)
+        b = rnd.randint(1, 8 - a)
+        layers = [
+            Layer.simple(
+                f"l{k}",
+                flops=rnd.uniform(1e9, 2e12),
+                param_bytes=rnd.randint(1, 6) * 2**30 // rnd.choice([2, 8, 32]),
+                act_bytes=rnd.uniform(1e6, 4e9),
+                row_bytes=rnd.uniform(0, 1e9),
+                hidden_bytes=rnd.uniform(1e5, 1e8),
+            )
+            for k in range(rnd.randint(2, 5))
+        ]
+        cluster, profile, batch = parse_cluster(f"{a}x{a_type},{b}x{b_type}"), ModelProfile.from_layers(layers), rnd.randint(1, 10)
+        start = time.perf_counter()
+        best, _ = brute_force(profile, cluster, batch)
+        mid = time.perf_counter()
+        try:
+            found = search(profile, cluster, batch).best.prediction.step_time
+        except ValueError:
+            found = math.inf
+        oracle_s += mid - start
+        search_s += time.perf_counter() - mid
+        if best == math.inf:
+            infeasible += 1
+            assert found == math.inf
+        else:
+            ratios.append(found / best)
+            if found > best * 1.02:
+                print(f"  above 2%: {cluster} batch {batch}: {found:.4g} s vs {best:.4g} s; {layers}")
+    within = sum(r <= 1.02 for r in ratios)
+    print(f"oracle: {count} random instances (seed {seed}), {len(ratios)} with a plan that fits, "
+          f"{infeasible} where nothing fits (the search agreed on all of those)")  # fmt: skip
+    print(f"planner / brute-force optimum: worst {max(ratios):.4f}, mean {statistics.mean(ratios):.5f}, "
+          f"exact on {sum(r <= 1 + 1e-9 for r in ratios)}, within 2% on {within} of {len(ratios)}")  # fmt: skip
+    print(f"time: brute force {oracle_s:.1f} s, planner {search_s:.1f} s in all")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--case", choices=sorted(CASES), action="append")
+    parser.add_argument("--print-cluster", choices=sorted(CLUSTERS))
+    parser.add_argument("--oracle", type=int, default=0, metavar="N", help="N random instances vs brute force")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.print_cluster:
+        print(CLUSTERS[args.print_cluster])
+        return
+    if args.oracle:
+        oracle(args.oracle, args.seed)
+        return
+    torch.set_num_threads(1)
+    print(f"planner benchmark on {os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.runs} run(s)")
+    print(f"{'case':<10} {'devices':>7} {'layers':>6} {'total s':>8} {'capture':>8} {'layers s':>8} "
+          f"{'search':>7} {'structs':>8} {'screened':>8}  plan -> predicted step")  # fmt: skip
+    for name in args.case or ["gpt2xl-16", "gpt3-16", "gpt3-1024"]:
+        r = run_case(name, args.runs)
+        res = r["result"]
+        if res is not None:
+            pred = res.best.prediction
+            plan = f"{describe(res.best.candidate, r['cluster'])} -> {pred.step_time:.3g} s, bubble {pred.bubble:.1%}"
+            counts = f"{res.num_structures:>8} {res.num_screened:>8}"
+        else:
+            plan, counts = f"no plan fits: {r['error'][:160]}...", f"{'-':>8} {'-':>8}"
+        print(f"{name:<10} {r['devices']:>7} {r['layers']:>6} {r['total']:>8.2f} {r['capture']:>8.2f} "
+              f"{r['profile']:>8.2f} {r['search']:>7.2f} {counts}  {plan}")  # fmt: skip
+        if res is not None:
+            for alt in res.alternatives[:3]:
+                print(f"{'':<10} runner-up: {describe(alt.candidate, r['cluster'])} -> {alt.prediction.step_time:.3g} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak host memory {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
