@@ -214,6 +214,7 @@ class PipelineProgram(ProgramBase):
             if kind is ActionKind.FORWARD:
                 for work in pending.pop(("act", key), ()):
                     work.wait()
+                began = time.perf_counter()  # waiting for data is idle time, not compute
                 args, target = micro[i]
                 received = inputs.get(key, [])
                 with torch.enable_grad():
@@ -233,6 +234,7 @@ class PipelineProgram(ProgramBase):
                     self._reducers[s].begin()
                 for work in pending.pop(("grad", key), ()):
                     work.wait()
+                began = time.perf_counter()
                 out = outputs.pop(key)
                 if s == last:
                     out.backward()
