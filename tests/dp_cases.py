@@ -117,3 +117,14 @@ def too_few_rows_for_micro_batches() -> None:
     config = wh.Config(num_micro_batch=2, row_weights=(5, 1))
     program = wh.parallelize(model, loss_fn=loss_fn, config=config)
     program.step(x[:6], y[:6])
+
+
+def different_shapes_in_a_later_step() -> None:
+    """After a first agreed step, a rank whose batch differs is caught on the loss all-reduce."""
+    model, batches, loss_fn = _model_and_batches("cnn", 8)
+    x, y = batches[0]
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(x,))
+    program.step(x, y)
+    if dist.get_rank() == 1:
+        x, y = x[:6], y[:6]
+    program.step(x, y)

@@ -76,6 +76,7 @@ def test_full_state_dict_round_trip(world2):
     "case, needle",
     [
         ("different_shapes_per_rank", "shapes or dtypes differ"),
+        ("different_shapes_in_a_later_step", "differ in this step"),
         ("batch_too_small", "cannot be split over 2 replicas"),
         ("local_rows_not_as_planned", "local_slice(8)"),
         ("too_few_rows_for_micro_batches", "num_micro_batch=2 is larger than the 1 rows replica 1"),

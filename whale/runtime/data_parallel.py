@@ -61,6 +61,7 @@ class DataParallelProgram(ProgramBase):
         self._sharded: ShardedModel | None = None
         self._reducer: GradientReducer | None = None
         self._bound = False
+        self._agreed = False
         if dist.is_available() and dist.is_initialized():
             self._bind()
 
@@ -135,10 +136,14 @@ class DataParallelProgram(ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
-        cut = self._replica_batch(inputs, target, batch, self._device)
+        # The first step checks before any backward that every rank passed the same batch;
+        # later global-batch steps check after it, on the loss all-reduce they make anyway.
+        cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed)
         if self.config.broadcast_buffers:
             self._broadcast_buffers()
-        return self._forward_backward(cut)
+        loss = self._forward_backward(cut)
+        self._agreed = True
+        return loss
 
     def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
         args, target, my_rows = cut.args, cut.target, cut.rows
@@ -168,8 +173,11 @@ class DataParallelProgram(ProgramBase):
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
             if last:
-                # The global loss is summed while backward runs.
-                work = dist.all_reduce(weighted, async_op=True)
+                # The global loss is summed while backward runs, with the batch fingerprint f
+                # and f**2: all ranks passed the same batch iff world * sum(f**2) == sum(f)**2.
+                f = float(cut.fingerprint)
+                summary = torch.stack([weighted, weighted.new_tensor(f), weighted.new_tensor(f * f)])
+                work = dist.all_reduce(summary, async_op=True)
                 if self._reducer is not None:
                     self._reducer.begin()
             try:
@@ -178,8 +186,16 @@ class DataParallelProgram(ProgramBase):
                 if last and self._reducer is not None:
                     self._reducer.finish()
         work.wait()
+        world = dist.get_world_size()
+        if world * summary[2].item() != summary[1].item() ** 2:
+            raise ValueError(
+                f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ in "
+                "this step; every rank must pass the same global batch (or, with batch='local', "
+                "the rows cut by program.local_slice). Gradients of this step are invalid: do not "
+                "apply them"
+            )
         # Each rank of a tensor-parallel group holds its replica's loss once.
-        return (weighted / self.plan.tensor_parallel).to(loss.dtype)
+        return (summary[0] / self.plan.tensor_parallel).to(loss.dtype)
 
     # ---- setup -------------------------------------------------------------------------------
 

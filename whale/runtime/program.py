@@ -27,8 +27,10 @@ class ReplicaBatch:
     args: tuple
     target: Any
     rows: int
-    agreement: RankAgreement
+    agreement: RankAgreement | None  # None: checked afterwards through the fingerprint
     mode: str  # "global" or "local"
+    total: int | None = None  # the global batch's rows, when known without the check
+    fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
 
 
 class ProgramBase:
@@ -52,8 +54,14 @@ class ProgramBase:
         start = row_offsets(rows)[replica]
         return slice(start, start + rows[replica])
 
-    def _replica_batch(self, inputs: Any, target: Any, mode: str, device: torch.device) -> ReplicaBatch:
-        """Check the step's arguments, start the agreement check, keep this replica's rows."""
+    def _replica_batch(
+        self, inputs: Any, target: Any, mode: str, device: torch.device, *, agree: bool = True
+    ) -> ReplicaBatch:
+        """Check the step's arguments, start the agreement check, keep this replica's rows.
+
+        ``agree=False`` (global batches only) skips the check's collective: the caller then
+        verifies ``fingerprint`` after the step, riding on a collective it makes anyway.
+        """
         require_initialized("step()")
         if mode not in ("global", "local"):
             raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
@@ -61,24 +69,28 @@ class ProgramBase:
         dim = self.config.batch_dim
         rows = batch_rows(args, target, dim)
         # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
-        agreement = RankAgreement(signature(args, target, dim if mode == "local" else None), rows, device)
+        sig = signature(args, target, dim if mode == "local" else None)
+        agreement = RankAgreement(sig, rows, device) if agree or mode == "local" else None
+        total = rows if mode == "global" else None
         if mode == "global":
             replica = self.plan.replica_of(dist.get_rank())
             try:
                 split = self.plan.rows(rows)
             except ValueError:
-                agreement.wait()  # a rank whose batch differs is the first thing to report
+                if agreement is not None:
+                    agreement.wait()  # a rank whose batch differs is the first thing to report
                 raise
             self._check_micro_batches(split, rows, agreement)
             rows = split[replica]
             args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
-        return ReplicaBatch(args, target, rows, agreement, mode)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20)
 
-    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement) -> None:
+    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement | None) -> None:
         # Every rank judges the whole split, so all of them raise together or none does.
         m = self.plan.num_micro_batch
         if min(split) < m:
-            agreement.wait()
+            if agreement is not None:
+                agreement.wait()
             replica = split.index(min(split))
             raise ValueError(
                 f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
@@ -88,6 +100,8 @@ class ProgramBase:
 
     def _global_rows(self, batch: ReplicaBatch) -> int:
         """Wait for the agreement check; the global batch's rows (checked against the plan)."""
+        if batch.agreement is None:
+            return batch.total
         summed = batch.agreement.wait()
         world = dist.get_world_size()
         if batch.mode == "global":
