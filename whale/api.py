@@ -134,24 +134,27 @@ def _program(model, loss_fn, plan, config, captured) -> DataParallelProgram | Pi
         stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
         assert num_stages == plan.num_stages
         stages = split_stages(captured, stage_of, num_stages)
-        stage_graphs = {}
+        stage_graphs, sizes = {}, {}
         if plan.tensor_parallel > 1:
             stage_graphs = capture_split_stages(stages, captured)
-            _check_shard_sizes(plan, stage_graphs)
-        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs)
+            sizes = _stage_shard_sizes(plan, stage_graphs)
+        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs, sizes)
     if plan.tensor_parallel > 1:
         analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
         resolve_sizes(analysis, dict(plan.shard_sizes))
     return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
 
 
-def _check_shard_sizes(plan, stage_graphs) -> None:
-    """Config(shard_sizes) names regions of the stages' rewrites; each must fit its stage."""
+def _stage_shard_sizes(plan, stage_graphs) -> dict[int, dict[str, tuple[int, ...]]]:
+    """Config(shard_sizes) cut by stage: each entry names a region of one stage's rewrite and
+    must fit it. The runtime shards each stage with its own entries, without a second analysis."""
     given = dict(plan.shard_sizes)
-    for graph in stage_graphs.values():
+    per_stage = {}
+    for s, graph in stage_graphs.items():
         analysis = TensorParallelAnalysis(plan.tensor_parallel)(graph.graph_module, graph)
         mine = {k: v for k, v in given.items() if any(k == r.name or k in r.modules for r in analysis.regions)}
         resolve_sizes(analysis, mine)
+        per_stage[s] = mine
         for k in mine:
             given.pop(k)
     if given:
@@ -159,6 +162,7 @@ def _check_shard_sizes(plan, stage_graphs) -> None:
             f"Config(shard_sizes=...) names {sorted(given)}, which no stage splits; name a module "
             "inside a split() part"
         )
+    return per_stage
 
 
 def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:

@@ -223,10 +223,7 @@ class DataParallelProgram(ProgramBase):
                 "model.to_empty(device=...) and initialize) before training"
             )
         # Groups are made collectively: every rank creates every group, in one order.
-        width = len(plan.pipelines[0])
-        data_groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)] if width > 1 else []
-        index = plan.pipelines[plan.replica_of(info.rank)].index(info.rank)
-        self._data_group = data_groups[index] if data_groups else None
+        self._data_group = self._make_data_group(info.rank)
         if plan.tensor_parallel > 1:
             tensor_groups = [dist.new_group(list(p)) for p in plan.pipelines]
             if not on_meta:

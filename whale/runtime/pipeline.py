@@ -31,7 +31,7 @@ from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
 from ..capture import CapturedModel
 from ..rewrite.sharded_model import ShardedModel
-from ..rewrite.tensor_parallel import TensorParallelAnalysis, shard_model
+from ..rewrite.tensor_parallel import shard_model
 from .program import ProgramBase, materialize
 
 __all__ = ["PipelineProgram"]
@@ -56,6 +56,7 @@ class PipelineProgram(ProgramBase):
         config: Config,
         stages: tuple[StageProgram, ...],
         stage_graphs: Mapping[int, CapturedModel] | None = None,
+        stage_shard_sizes: Mapping[int, Mapping[str, tuple[int, ...]]] | None = None,
     ) -> None:
         assert len(stages) == plan.num_stages
         self.plan = plan
@@ -64,6 +65,7 @@ class PipelineProgram(ProgramBase):
         self.stages = stages
         # Stages holding a split part, captured on their own; sharded at bind time.
         self._stage_graphs = dict(stage_graphs or {})
+        self._stage_shard_sizes = dict(stage_shard_sizes or {})
         self._modules = {st.index: st.module for st in stages}
         self._sharded: dict[int, ShardedModel] = {}
         self._graph_module = graph_module
@@ -350,17 +352,11 @@ class PipelineProgram(ProgramBase):
             ranks = dist.get_process_group_ranks(group)
             broadcast_tensors([t.data for t in module.state_dict(keep_vars=True).values()], src=ranks[0], group=group)
         last = s == self.plan.num_stages - 1
-        regions = TensorParallelAnalysis(self.plan.tensor_parallel)(module, self._stage_graphs[s]).regions
-        mine = {
-            key: sizes
-            for key, sizes in self.plan.shard_sizes
-            if any(key == r.name or key in r.modules for r in regions)
-        }
         sharded = shard_model(
             module,
             self._stage_graphs[s],
             group=group,
-            shard_sizes=mine,
+            shard_sizes=self._stage_shard_sizes.get(s, {}),
             loss_fn=self.loss_fn if last else None,
             gather_output=not last,  # the next stage receives whole activations
         )
@@ -394,10 +390,8 @@ class PipelineProgram(ProgramBase):
         position = plan.position_of(info.rank)
         self._local = set(plan.stages_at(position))
         k = plan.tensor_parallel
-        index = plan.pipelines[plan.replica_of(info.rank)].index(info.rank)
         # Groups are made collectively: every rank creates every group, in one order.
-        width = len(plan.pipelines[0])
-        data_groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)] if plan.dp_degree > 1 else []
+        data_group = self._make_data_group(info.rank)
         tensor_groups = {
             (d, pos): dist.new_group(list(ranks[pos * k : (pos + 1) * k]))
             for d, ranks in enumerate(plan.pipelines)
@@ -426,7 +420,6 @@ class PipelineProgram(ProgramBase):
                 if name in self._params and info.rank in ranks:
                     self._tied.append((self._params[name], group))
         tied_names = {n for n, pos in held.items() if len(pos) > 1}
-        data_group = data_groups[index] if data_groups else None
         # Replicas of a position start from the first replica's weights; tied copies agree too.
         if plan.dp_degree > 1:
             mine = [t.data for t in self._local_state().values()]

@@ -118,6 +118,17 @@ class ProgramBase:
             )
         return total
 
+    def _make_data_group(self, rank: int) -> dist.ProcessGroup | None:
+        """Make every data-parallel group (collective: all ranks, in one order) and return
+        ``rank``'s: the ranks holding the same parameters in each replica. None is the whole
+        world (plain data parallel) or no group at all (a single replica)."""
+        plan = self.plan
+        width = len(plan.pipelines[0])
+        if plan.dp_degree == 1 or width == 1:
+            return None
+        groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)]
+        return groups[plan.pipelines[plan.replica_of(rank)].index(rank)]
+
     def _make_reducer(self, params: list, group: dist.ProcessGroup | None) -> GradientReducer:
         cap = int(self.config.bucket_cap_mb * 2**20)
         return GradientReducer(
