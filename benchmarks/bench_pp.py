@@ -12,9 +12,8 @@ The GPT is benchmarked *untied* for both: manual torch stages cannot share ``wte
 
 Beside the throughput, whale's measured bubble is set against the simulator's prediction from
 whale's own mean forward/backward time per stage (from ``program.last_timeline``), with free p2p
-and with a ping-pong-measured transfer time. The bubble is measured two ways over the timed
-steps from each rank's ``last_timeline``: each rank up to its own last action, and every rank up
-to the step's last action on any rank, which is the simulator's definition (and what
+and with a ping-pong-measured transfer time. The measured bubble is the simulator's definition,
+computed from every rank's entry time and ``last_timeline`` by ``step_bubble`` (what
 ``program.measured_bubble()`` returns).
 Per-step times (the slower rank's) give a median and best ratio that resist a busy machine.
 
@@ -47,6 +46,7 @@ import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from whale.planner.schedules import make_schedule
 from whale.planner.simulator import simulate
+from whale.runtime.pipeline import step_bubble
 
 _TORCH_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 
@@ -153,13 +153,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     whale_opt.zero_grad()
     torch_opt.zero_grad()
 
-    timelines: list[tuple] = []  # per timed whale step: this rank's last_timeline
+    timelines: list[tuple] = []  # per timed whale step: this rank's (entry time, last_timeline)
 
     def whale_step(x, y):
         program.step(x, y)
 
     def record_whale():
-        timelines.append(program.last_timeline)  # parsed after the rounds, outside the timing
+        timelines.append((program.last_step_entry, program.last_timeline))  # parsed after the rounds
 
     def train(step_fn, opt, after=None) -> tuple[float, list[float]]:
         """Seconds per step over ``batches[warmup:]``, and this rank's time of each of those steps."""
@@ -191,18 +191,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         ratios.append(t / w)  # throughput ratio = inverse time ratio
 
     compute: dict[tuple[int, str], list[float]] = {}
-    busy_span = []  # per timed whale step: (F + B time, schedule span)
-    for timeline in timelines:
-        span = timeline[-1][2]
-        busy = 0.0
+    for _, timeline in timelines:
         for key, durations in _compute_times(timeline).items():
             compute.setdefault(key, []).extend(durations)
-            busy += sum(durations)
-        busy_span.append((busy, span))
     mb_shape = (args.batch // m, cfg.block_size, cfg.n_embd)
     p2p = _p2p_seconds(mb_shape, rank)
     mine = {
-        "busy_span": busy_span,
+        "timelines": timelines,
         "whale_steps": whale_steps,
         "torch_steps": torch_steps,
         "compute": {key: (statistics.mean(v), statistics.pstdev(v)) for key, v in compute.items()},
@@ -270,14 +265,10 @@ def main() -> None:
     sched = make_schedule(args.schedule, world, args.micro_batches)
     free = simulate(sched, fwd, bwd)
     costed = simulate(sched, fwd, bwd, p2p_time=p2p)
-    steps = list(zip(*(r["busy_span"] for r in per_rank)))  # per step: (busy, span) of each rank
-    own = statistics.mean(1 - busy / span for step in steps for busy, span in step)
-    # The simulator's definition: every rank idles until the step's last action on any rank.
-    # step() waits for its batch-agreement all-reduce before the schedule, so both ranks' span
-    # clocks start together (to well under a millisecond).
-    common = statistics.mean(1 - sum(b for b, _ in step) / (world * max(sp for _, sp in step)) for step in steps)
-    own_span = statistics.mean(sp for step in steps for _, sp in step)
-    common_span = statistics.mean(max(sp for _, sp in step) for step in steps)
+    # The simulator's definition (step_bubble): the step starts when the last rank enters it
+    # and ends with the last action on any rank.
+    measured = [step_bubble(step) for step in zip(*(r["timelines"] for r in per_rank))]
+    bubble, span = (statistics.mean(col) for col in zip(*measured))
     ms = 1e3
     print("whale per micro-batch, mean ± sd (ms): " + "  ".join(
         f"stage {s} F {fwd[s] * ms:.1f}±{fwd_sd[s] * ms:.1f} B {bwd[s] * ms:.1f}±{bwd_sd[s] * ms:.1f}"
@@ -285,8 +276,7 @@ def main() -> None:
         + f"  p2p {p2p * ms:.3f} (ping-pong, {args.batch // args.micro_batches}x{args.block}x{args.embd} fp32)")
     print(f"{'whale bubble':<42}{'bubble':>7}  {'span ms':>8}")
     rows = [
-        ("measured, each rank to its last action", own, own_span),
-        ("measured, to the last action of any rank", common, common_span),
+        ("measured (last rank in to last action)", bubble, span),
         ("simulated, p2p = 0", free.bubble_fraction, free.step_time),
         ("simulated, p2p = ping-pong", costed.bubble_fraction, costed.step_time),
     ]

@@ -8,17 +8,18 @@ import torch
 import torch.distributed as dist
 
 import whale as wh
-from tests.equivalence import train_distributed, train_reference
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from tests.equivalence import train_distributed, train_reference
 
 _STEPS = 2
 
 
-def _gpt(n_layer: int, global_batch: int):
+def _gpt(n_layer: int, global_batch: int, seq_lens=None):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
     corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
-    return GPT(cfg), [corpus.batch(global_batch, cfg.block_size, s) for s in range(_STEPS)]
+    seq_lens = seq_lens or [cfg.block_size] * _STEPS
+    return GPT(cfg), [corpus.batch(global_batch, t, s) for s, t in enumerate(seq_lens)]
 
 
 def equivalence(
@@ -32,12 +33,14 @@ def equivalence(
     pipeline_degree=None,
     row_weights=None,
     batch: str = "global",
+    seq_lens=None,
 ) -> dict:
-    """Train ``_STEPS`` steps pipelined; every rank also trains the local model on the same data.
+    """Train ``_STEPS`` steps pipelined (or one per entry of ``seq_lens``, the sequence length
+    of that step's batch); every rank also trains the local model on the same data.
 
     Returns this rank's loss, gradients and parameters (by local name) and the reference's.
     """
-    model, batches = _gpt(n_layer, global_batch)
+    model, batches = _gpt(n_layer, global_batch, seq_lens)
     if annotate:
         wh.annotate(model, {name: [_make(k) for k in kinds] for name, kinds in annotate.items()})
     reference = copy.deepcopy(model)
@@ -151,3 +154,30 @@ def forward_scoped() -> dict:
     out.update(train_distributed(program, batches, out.pop("ref_states")))
     out["stages"] = (program.plan.num_stages, program.plan.num_micro_batch)
     return out
+
+
+def different_batches_per_rank() -> str:
+    """A later step where rank 1's batch differs: every rank raises before any transfer, and the
+    program still trains on the next (agreeing) step."""
+    model, batches = _gpt(4, 8)
+    config = wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=2)
+    program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    x, y = batches[0]
+    program.step(x, y)
+    bad_x, bad_y = (x[:, :8], y[:, :8]) if dist.get_rank() == 1 else (x, y)
+    try:
+        program.step(bad_x, bad_y)
+    except ValueError as err:
+        message = str(err)
+    else:
+        message = ""
+    loss = program.step(*batches[1])
+    return f"{message}|{loss.item():.6f}"
+
+
+def measured_bubble() -> float:
+    model, batches = _gpt(4, 8)
+    config = wh.Config(stage_boundaries=["blocks.2"], schedule="gpipe", num_micro_batch=2)
+    program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    program.step(*batches[0])
+    return program.measured_bubble()

@@ -10,11 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig
 from tests.equivalence import assert_equivalent
+from whale.planner.schedules import make_schedule
+from whale.planner.simulator import simulate
+from whale.runtime.pipeline import step_bubble
 
 CASES = "tests.pp_cases:equivalence"
 
@@ -47,8 +52,16 @@ def _check(outs: list[dict]) -> None:
             "num_micro_batch": 4,
         },
         {"boundaries": ["blocks.3"], "schedule": "1f1b", "num_micro_batch": 3, "batch": "local"},
+        # Activations change shape between steps with the same rows: no stale transfer header.
+        {"boundaries": ["blocks.2"], "num_micro_batch": 2, "seq_lens": [16, 8, 16]},
     ],
-    ids=["1f1b-even", "gpipe-uneven-1+3-layers-mb3", "interleaved-4-stages", "1f1b-uneven-3+1-local-rows"],
+    ids=[
+        "1f1b-even",
+        "gpipe-uneven-1+3-layers-mb3",
+        "interleaved-4-stages",
+        "1f1b-uneven-3+1-local-rows",
+        "1f1b-sequence-length-changes",
+    ],
 )
 def test_pipeline_world2(world2, kwargs):
     outs = world2.run(CASES, **kwargs)
@@ -90,6 +103,41 @@ def test_skip_connection_over_two_stages(world4):
     # Stage 2 receives h1 and h0, relayed by stage 1: two tensors over one boundary. The cat
     # of h2 and h1 runs where its last input is made (stage 2), so stage 3 receives one.
     assert [len(r) for r in received] == [0, 1, 2, 1]
+
+
+def test_ranks_passing_different_batches_all_raise_and_recover(world2):
+    outs = world2.run("tests.pp_cases:different_batches_per_rank")
+    messages = [o.split("|")[0] for o in outs]
+    assert all("shapes or dtypes differ" in m for m in messages), messages
+    assert outs[0].split("|")[1] == outs[1].split("|")[1]  # the next step's global loss
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["gpipe", "1f1b"]),
+    p=st.integers(2, 4),
+    m=st.integers(1, 6),
+    fwd=st.floats(0.5, 3),
+    bwd=st.floats(0.5, 5),
+    leads=st.lists(st.floats(0, 10), min_size=4, max_size=4),
+)
+def test_step_bubble_is_the_simulators(name, p, m, fwd, bwd, leads):
+    # A simulated step as ranks record it: each entered `lead` earlier than the last one and
+    # measures from its own entry; the bubble must not count that lead.
+    sim = simulate(make_schedule(name, p, m), fwd, bwd, p2p_time=0.1)
+    ranks = []
+    for rank, row in enumerate(sim.timeline):
+        lead = leads[rank] if rank else 0.0  # rank 0 enters last
+        ranks.append((100.0 - lead, tuple((str(t.action), t.start + lead, t.end + lead) for t in row)))
+    bubble, span = step_bubble(ranks)
+    assert span == pytest.approx(sim.step_time)
+    assert bubble == pytest.approx(sim.bubble_fraction)
+
+
+def test_measured_bubble_agrees_on_every_rank(world2):
+    bubbles = world2.run("tests.pp_cases:measured_bubble")
+    assert bubbles[0] == bubbles[1]
+    assert 0.0 < bubbles[0] < 1.0
 
 
 def test_stages_annotated_inside_forward(world2):

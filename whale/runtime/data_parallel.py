@@ -18,11 +18,11 @@ from ..capture import CapturedModel
 from ..config import Config
 from ..planner.plan import Plan
 from ..planner.rows import split_rows
+from ..rewrite.sharded_model import ShardedModel
+from ..rewrite.tensor_parallel import shard_model
 from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
-from ..rewrite.sharded_model import ShardedModel
-from ..rewrite.tensor_parallel import shard_model
 from .program import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["DataParallelProgram"]

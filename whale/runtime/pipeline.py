@@ -3,41 +3,44 @@
 Every rank holds the stage programs of its pipeline position (several with an interleaved
 schedule) and executes its list from ``whale.planner.schedules`` in order: ``F`` runs a stage
 on a micro-batch, ``B`` runs its backward, ``SA``/``RA`` move activations to the next stage and
-``SG``/``RG`` move gradients back. Sends are asynchronous (waited at the end of the step),
-receives block until their data is there. The schedule is the same data the planner simulates.
-
-Tensors crossing a boundary travel with a small header (shape, dtype, requires-grad) the first
-time a boundary sees a given micro-batch size; both ends know the row split, so later
-micro-batches of that size send only the data.
+``SG``/``RG`` move gradients back. Sends are asynchronous (waited at the end of the step).
+A receive is posted at its place in the list, or earlier, while the rank computes the two
+actions before it, once its shapes are known (``whale.runtime.p2p``); only the compute that
+reads it waits for its data. That is the simulator's async p2p model: the schedule is the same
+data the planner simulates, and a receive's place in the list does not delay the transfer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..capture import CapturedModel
 from ..config import Config
 from ..planner.plan import Plan
 from ..planner.rows import row_offsets, split_rows
-from ..planner.schedules import ActionKind, make_schedule
+from ..planner.schedules import Action, ActionKind, make_schedule
+from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
+from ..rewrite.tensor_parallel import shard_model
 from .batch import broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
+from .p2p import Incoming, Transfers, shape_key
 from .process_group import require_initialized, world_info
-from ..capture import CapturedModel
-from ..rewrite.sharded_model import ShardedModel
-from ..rewrite.tensor_parallel import shard_model
-from .program import ProgramBase, materialize
+from .program import ProgramBase, ReplicaBatch, materialize
 
-__all__ = ["PipelineProgram"]
+__all__ = ["PipelineProgram", "step_bubble"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
-_MAX_DIMS = 8
+_RECEIVES = (ActionKind.RECV_ACT, ActionKind.RECV_GRAD)
+# Receives are posted while the rank computes the actions before them: up to the list's
+# receives of the compute after the next one.
+_LOOKAHEAD_COMPUTES = 2
 
 
 class PipelineProgram(ProgramBase):
@@ -176,8 +179,12 @@ class PipelineProgram(ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
+        start = time.perf_counter()
+        self.last_step_entry = time.time()
         cut = self._replica_batch(inputs, target, batch, self._device)
-        total = self._global_rows(cut)
+        # A global batch's rows are known here; the check that every rank passed the same one
+        # then runs behind the first compute and is waited before the first transfer.
+        total = cut.total if cut.total is not None else self._global_rows(cut)
         args, target, my_rows = cut.args, cut.target, cut.rows
         dim = self.config.batch_dim
         m = self.plan.num_micro_batch
@@ -185,140 +192,139 @@ class PipelineProgram(ProgramBase):
         starts = row_offsets(mb_rows)
         micro = [to_device(narrow((args, target), dim, starts[i], n), self._device) for i, n in enumerate(mb_rows)]
         weights = [n / total if self.config.loss_reduction == "mean" else 1.0 for n in mb_rows]
-        loss_sum = self._run(micro, mb_rows, weights)
+        loss_sum, loss_work = self._run(micro, weights, cut, start)
         for reducer in self._reducers.values():
             reducer.finish()
         for param, group in self._tied:
             dist.all_reduce(param.grad, group=group)
-        dist.all_reduce(loss_sum)
+        loss_work.wait()
         # Every rank of the last stage's tensor-parallel group holds the loss once.
         return (loss_sum / self.plan.tensor_parallel).to(torch.float32)
 
-    def _run(self, micro: list, mb_rows: list[int], weights: list[float]) -> torch.Tensor:
-        rank = dist.get_rank()
+    def _run(self, micro: list, weights: list[float], cut: ReplicaBatch, start: float) -> tuple[torch.Tensor, dist.Work]:
+        """Execute this rank's action list; the loss sum and its (started) all-reduce."""
+        st = _StepState(micro, weights, [shape_key(args) for args, _ in micro], self._device)
+        actions = self.schedule.actions[self.plan.position_of(dist.get_rank())]
         last = self.plan.num_stages - 1
-        inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
-        outputs: dict[tuple[int, int], Any] = {}
-        grads: dict[tuple[int, int], list[torch.Tensor]] = {}
-        sends: list[tuple[dist.Work, torch.Tensor]] = []
-        # Receives are posted where the schedule lists them and waited only when their data is
-        # needed, so a backward never waits for an activation only a later forward reads.
-        pending: dict[tuple[str, tuple[int, int]], list[dist.Work]] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
-        position = self.plan.position_of(rank)
+        # This rank's part of the loss is final after its last forward of the last stage (or
+        # at once if it holds none); its all-reduce starts then and is waited at the very end.
+        final_forward = max((at for at, a in enumerate(actions) if a.kind is ActionKind.FORWARD and a.stage == last), default=-1)
+        ahead = _lookahead(actions)
+        checked = False
         timeline: list[tuple[str, float, float]] = []
-        start = time.perf_counter()
-        for action in self.schedule.actions[position]:
-            s, i = action.stage, action.micro_batch
-            key = (s, i)
-            kind = action.kind
-            began = time.perf_counter()
-            if kind is ActionKind.FORWARD:
-                for work in pending.pop(("act", key), ()):
-                    work.wait()
-                began = time.perf_counter()  # waiting for data is idle time, not compute
-                args, target = micro[i]
-                received = inputs.get(key, [])
-                with torch.enable_grad():
-                    out = self._modules[s](*args, *received)
-                    if s == last:
-                        loss_fn = self._sharded[s].loss_fn if s in self._sharded and self._sharded[s].loss_fn else self.loss_fn
-                        loss = loss_fn(out) if target is None else loss_fn(out, target)
-                        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                            raise TypeError("loss_fn must return a scalar tensor")
-                        out = loss * weights[i]
-                        loss_sum += out.detach().double()
-                outputs[key] = out
-                if s < last and self._local_stage(s + 1):
-                    inputs[(s + 1, i)] = [_as_leaf(t) for t in out]
-            elif kind is ActionKind.BACKWARD:
-                if key == self._final_backward.get(s) and s in self._reducers:
-                    self._reducers[s].begin()
-                for work in pending.pop(("grad", key), ()):
-                    work.wait()
-                began = time.perf_counter()
-                out = outputs.pop(key)
-                if s == last:
-                    out.backward()
-                else:
-                    pairs = [(o, g) for o, g in zip(out, grads.pop(key)) if o.requires_grad]
-                    if pairs:
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                received = inputs.pop(key, [])
-                in_grads = [
-                    (t.grad if t.grad is not None else torch.zeros_like(t)) for t in received if t.requires_grad
-                ]
-                if s > 0 and self._local_stage(s - 1):
-                    grads[(s - 1, i)] = _fill_grads(outputs[(s - 1, i)], in_grads)
-                else:
-                    outputs[("in_grads", s, i)] = in_grads
-            elif kind is ActionKind.SEND_ACT:
-                sends += self._send(list(outputs[key]), self._peer(s + 1), 0, s, i, mb_rows[i])
-            elif kind is ActionKind.RECV_ACT:
-                got, pending[("act", key)] = self._recv(
-                    self._peer(s - 1), 0, s - 1, i, mb_rows[i], len(self.stages[s].received)
-                )
-                inputs[key] = got
-            elif kind is ActionKind.SEND_GRAD:
-                sends += self._send(outputs.pop(("in_grads", s, i)), self._peer(s - 1), 1, s, i, mb_rows[i])
-            elif kind is ActionKind.RECV_GRAD:
-                mine = [o for o in outputs[key] if o.requires_grad]
-                got, pending[("grad", key)] = self._recv(self._peer(s + 1), 1, s + 1, i, mb_rows[i], len(mine), like=mine)
-                grads[key] = _fill_grads(outputs[key], got)
+        for at, action in enumerate(actions):
+            if not checked and not action.is_compute:
+                # Nothing is posted before every rank is known to cut the same batch: a stray
+                # receive would take a later step's message.
+                self._global_rows(cut)
+                checked = True
+                if final_forward < 0:
+                    st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+            got = None
+            if action.is_compute:
+                # Receives are posted ahead of their place once their shapes are known, and
+                # waited only here, by the compute that reads them.
+                for later in actions[at + 1 : ahead[at]] if checked else ():
+                    if later.kind in _RECEIVES and later not in st.incoming and self._can_post(later, st.keys):
+                        st.incoming[later] = self._post(later, st.keys)
+                needed = self._input_receive(action)
+                got = None if needed is None else st.incoming.pop(needed).wait()
+            began = time.perf_counter()  # waiting for data is idle time, not compute
+            self._execute(action, st, got)
+            if at == final_forward:
+                self._global_rows(cut)  # (a single rank has no transfer that waited for it)
+                st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
             timeline.append((str(action), began - start, time.perf_counter() - start))
-        for work, _ in sends:
+        if st.loss_work is None:  # a rank with neither a transfer nor the last stage
+            self._global_rows(cut)
+            st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+        for work, _ in st.sends:
             work.wait()
         self.last_timeline = tuple(timeline)
-        return loss_sum
+        return st.loss_sum, st.loss_work
+
+    def _execute(self, action: Action, st: _StepState, got: list[torch.Tensor] | None) -> None:
+        """Run one action; ``got`` holds the received tensors a compute reads, if any."""
+        s, i = key = (action.stage, action.micro_batch)
+        kind = action.kind
+        if kind is ActionKind.FORWARD:
+            self._forward(s, i, st, got)
+        elif kind is ActionKind.BACKWARD:
+            if key == self._final_backward.get(s) and s in self._reducers:
+                self._reducers[s].begin()
+            if got is not None:
+                st.grads[key] = _fill_grads(st.outputs[key], got)
+            self._backward(s, i, st)
+        elif kind is ActionKind.SEND_ACT:
+            st.sends += self._transfers.send_activations(list(st.outputs[key]), self._peer(s + 1), s, i, st.keys[i])
+        elif kind is ActionKind.SEND_GRAD:
+            st.sends += self._transfers.send_grads(st.outputs.pop(("in_grads", s, i)), self._peer(s - 1), s - 1, i)
+        elif action not in st.incoming:  # a receive not posted ahead: its header comes first
+            st.incoming[action] = self._post(action, st.keys)
+
+    def _forward(self, s: int, i: int, st: _StepState, got: list[torch.Tensor] | None) -> None:
+        last = self.plan.num_stages - 1
+        args, target = st.micro[i]
+        received = st.inputs.get((s, i), []) if got is None else st.inputs.setdefault((s, i), got)
+        with torch.enable_grad():
+            out = self._modules[s](*args, *received)
+            if s == last:
+                sharded = self._sharded.get(s)
+                loss_fn = sharded.loss_fn if sharded is not None and sharded.loss_fn else self.loss_fn
+                loss = loss_fn(out) if target is None else loss_fn(out, target)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise TypeError("loss_fn must return a scalar tensor")
+                out = loss * st.weights[i]
+                st.loss_sum += out.detach().double()
+        st.outputs[(s, i)] = out
+        if s < last and self._local_stage(s + 1):
+            st.inputs[(s + 1, i)] = [_as_leaf(t) for t in out]
+
+    def _backward(self, s: int, i: int, st: _StepState) -> None:
+        out = st.outputs.pop((s, i))
+        if s == self.plan.num_stages - 1:
+            out.backward()
+        else:
+            pairs = [(o, g) for o, g in zip(out, st.grads.pop((s, i))) if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        received = st.inputs.pop((s, i), [])
+        in_grads = [(t.grad if t.grad is not None else torch.zeros_like(t)) for t in received if t.requires_grad]
+        if s > 0 and self._local_stage(s - 1):
+            st.grads[(s - 1, i)] = _fill_grads(st.outputs[(s - 1, i)], in_grads)
+        else:
+            st.outputs[("in_grads", s, i)] = in_grads
+
+    def _input_receive(self, compute: Action) -> Action | None:
+        """The receive whose tensors ``compute`` reads, or None if its input is local."""
+        s, i = compute.stage, compute.micro_batch
+        if compute.kind is ActionKind.FORWARD:
+            return Action(ActionKind.RECV_ACT, s, i) if s > 0 and not self._local_stage(s - 1) else None
+        below = s < self.plan.num_stages - 1 and not self._local_stage(s + 1)
+        return Action(ActionKind.RECV_GRAD, s, i) if below else None
+
+    def _can_post(self, receive: Action, keys: list[tuple]) -> bool:
+        """A receive can go ahead of its place once its boundary's header is cached."""
+        boundary = receive.stage - 1 if receive.kind is ActionKind.RECV_ACT else receive.stage
+        return self._transfers.knows(boundary, keys[receive.micro_batch])
+
+    def _post(self, receive: Action, keys: list[tuple]) -> Incoming:
+        s, i = receive.stage, receive.micro_batch
+        if receive.kind is ActionKind.RECV_ACT:
+            count = len(self.stages[s].received)
+            return self._transfers.recv_activations(self._peer(s - 1), s - 1, i, keys[i], count)
+        return self._transfers.recv_grads(self._peer(s + 1), s, i, keys[i])
 
     def measured_bubble(self) -> float:
         """The pipeline's idle fraction in the last step, as the simulator defines it
-        (``SimResult.bubble_fraction``): 1 - (forward + backward time of all ranks) /
-        (ranks x the step's span up to the last action on any rank). Sends and receives count
-        as idle. Collective: call it on every rank; every rank gets the same value.
+        (``SimResult.bubble_fraction``); see :func:`step_bubble`. Collective: call it on every
+        rank; every rank gets the same value.
         """
         if not getattr(self, "last_timeline", None):
             raise RuntimeError("measured_bubble() needs a step() first")
-        compute = sum(end - begin for code, begin, end in self.last_timeline if _is_compute(code))
-        # Ranks leave the step's agreement check together, so their clocks start aligned.
-        span = torch.tensor([self.last_timeline[-1][2]], dtype=torch.float64, device=self._device)
-        busy = torch.tensor([compute], dtype=torch.float64, device=self._device)
-        dist.all_reduce(span, op=dist.ReduceOp.MAX)
-        dist.all_reduce(busy)
-        return 1.0 - busy.item() / (dist.get_world_size() * span.item())
-
-    # ---- point to point --------------------------------------------------------------------
-
-    def _send(self, tensors: list[torch.Tensor], peer: int, kind: int, stage: int, mb: int, rows: int):
-        works = []
-        header_key = (kind, stage, rows)
-        if kind == 0 and header_key not in self._headers:
-            header = _header(tensors)
-            self._headers[header_key] = header
-            works.append((dist.isend(header, peer, tag=_tag(kind, stage, mb, 63, True)), header))
-        for j, t in enumerate(tensors):
-            t = t.detach().contiguous()
-            works.append((dist.isend(t, peer, tag=_tag(kind, stage, mb, j, False)), t))
-        return works
-
-    def _recv(self, peer: int, kind: int, stage: int, mb: int, rows: int, count: int, like=None):
-        """Post the receives of one message: the tensors (filled once the works finish), works."""
-        if like is not None:
-            specs = [(t.shape, t.dtype, False) for t in like]
-        else:
-            header_key = (kind, stage, rows)
-            if header_key not in self._headers:
-                header = torch.empty((count, 3 + _MAX_DIMS), dtype=torch.int64)
-                dist.recv(header, peer, tag=_tag(kind, stage, mb, 63, True))
-                self._headers[header_key] = header
-            specs = _specs(self._headers[header_key])
-        tensors, works = [], []
-        for j, (shape, dtype, requires_grad) in enumerate(specs):
-            t = torch.empty(shape, dtype=dtype, device=self._device)
-            works.append(dist.irecv(t, peer, tag=_tag(kind, stage, mb, j, False)))
-            # A leaf, so the gradient of a received activation can be sent back.
-            tensors.append(t.requires_grad_(requires_grad))
-        return tensors, works
+        ranks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (self.last_step_entry, self.last_timeline))
+        return step_bubble(ranks)[0]
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -446,8 +452,48 @@ class PipelineProgram(ProgramBase):
                 ]
                 if params:
                     self._reducers[s] = self._make_reducer(params, data_group)
-        self._headers: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._transfers = Transfers(self._device)
         self._bound = True
+
+
+@dataclasses.dataclass
+class _StepState:
+    """What one step's actions hand each other, by (stage, micro-batch)."""
+
+    micro: list  # per micro-batch: (args, target)
+    weights: list[float]  # per micro-batch: its loss's weight in the global loss
+    keys: list[tuple]  # per micro-batch: the shape key of its transfers
+    device: dataclasses.InitVar[torch.device]
+    inputs: dict = dataclasses.field(default_factory=dict)  # received (or handed-over) inputs
+    outputs: dict = dataclasses.field(default_factory=dict)  # outputs (the weighted loss last)
+    grads: dict = dataclasses.field(default_factory=dict)  # gradients of the outputs
+    incoming: dict = dataclasses.field(default_factory=dict)  # posted receives by action
+    sends: list = dataclasses.field(default_factory=list)  # (work, tensor) of posted sends
+    loss_sum: torch.Tensor = None
+    loss_work: dist.Work | None = None
+
+    def __post_init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+
+def step_bubble(ranks: Sequence[tuple[float, tuple]]) -> tuple[float, float]:
+    """Bubble and span of one step from every rank's (``last_step_entry``, ``last_timeline``).
+
+    As in the simulator, the step starts together on every rank, when the last rank enters it
+    (``time.time()``: hosts' clocks are assumed to agree, as they do on one host), and ends
+    with the last action on any rank; the bubble is 1 - (forward and backward time of all
+    ranks inside that span) / (ranks x span). Sends and receives count as idle.
+    """
+    origin = max(entry for entry, _ in ranks)
+    end = max(entry + timeline[-1][2] for entry, timeline in ranks if timeline)
+    span = end - origin
+    busy = sum(
+        max(0.0, min(entry + e, end) - max(entry + b, origin))
+        for entry, timeline in ranks
+        for code, b, e in timeline
+        if _is_compute(code)
+    )
+    return 1.0 - busy / (len(ranks) * span), span
 
 
 def _is_compute(code: str) -> bool:
@@ -466,29 +512,10 @@ def _fill_grads(outputs, grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [next(it) if o.requires_grad else None for o in outputs]
 
 
-def _tag(kind: int, stage: int, mb: int, index: int, header: bool) -> int:
-    # Unique per message, so gloo matches sends and receives by tag, never by arrival order.
-    return (((kind * 64 + stage) * 4096 + mb) * 64 + index) * 2 + int(header)
-
-
-def _header(tensors: list[torch.Tensor]) -> torch.Tensor:
-    header = torch.zeros((len(tensors), 3 + _MAX_DIMS), dtype=torch.int64)
-    for j, t in enumerate(tensors):
-        if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
-            raise ValueError(
-                f"a {t.dim()}-d {t.dtype} tensor crosses a stage boundary; whale sends up to "
-                f"{_MAX_DIMS}-d tensors of {[str(d) for d in _DTYPES]}"
-            )
-        header[j, 0] = t.dim()
-        header[j, 1] = _DTYPES.index(t.dtype)
-        header[j, 2] = int(t.requires_grad)
-        header[j, 3 : 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    return header
-
-
-def _specs(header: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype, bool]]:
-    specs = []
-    for row in header.tolist():
-        ndim = row[0]
-        specs.append((tuple(row[3 : 3 + ndim]), _DTYPES[row[1]], bool(row[2])))
-    return specs
+def _lookahead(actions: tuple[Action, ...]) -> dict[int, int]:
+    """For each compute's index, the end of the list slice whose receives it posts first."""
+    computes = [at for at, a in enumerate(actions) if a.is_compute]
+    return {
+        at: computes[k + _LOOKAHEAD_COMPUTES] if k + _LOOKAHEAD_COMPUTES < len(computes) else len(actions)
+        for k, at in enumerate(computes)
+    }
