@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import whale as wh  # noqa: E402
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss  # noqa: E402
+from _launch import run_on_ranks  # noqa: E402
 
 
 def _train(step_fn, opt, batches, warmup: int) -> float:
@@ -43,11 +42,7 @@ def _train(step_fn, opt, batches, warmup: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(args.threads)
-    wh.init("gloo")
+def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
     corpus = SyntheticCorpus(cfg.vocab_size)
     n = args.warmup + args.steps
@@ -74,7 +69,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         ratios.append(d / w)  # throughput ratio = inverse time ratio
     if rank == 0:
         results.put((ratios, whale_s, ddp_s))
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -91,13 +85,7 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=float, default=None, help="whale's bucket cap (default: Config's)")
     args = p.parse_args()
     world = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
-    ratios, whale_s, ddp_s = results.get()
+    ratios, whale_s, ddp_s = run_on_ranks(_worker, args, world=world, threads=args.threads)
     tok = args.batch * args.block
     print(f"GPT {args.layers}x{args.embd}, global batch {args.batch}x{args.block}, {world} gloo ranks, "
           f"{args.rounds} rounds x {args.steps} steps")

@@ -29,14 +29,12 @@ import argparse
 import copy
 import itertools
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -47,6 +45,7 @@ from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from whale.planner.schedules import make_schedule
 from whale.planner.simulator import simulate
 from whale.runtime.pipeline import step_bubble
+from _launch import run_on_ranks
 
 _TORCH_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 
@@ -115,11 +114,7 @@ def _compute_times(timeline) -> dict[tuple[int, str], list[float]]:
     return times
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(args.threads)
-    wh.init("gloo")
+def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
     split = args.split if args.split is not None else args.layers // 2
     corpus = SyntheticCorpus(cfg.vocab_size)
@@ -208,7 +203,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         results.put((ratios, whale_s, torch_s, whale_loss0, gathered))
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -230,13 +224,7 @@ def main() -> None:
     if args.batch % args.micro_batches:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batches {args.micro_batches}, "
                 "so both libraries cut equal micro-batches")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
-    ratios, whale_s, torch_s, whale_loss0, per_rank = results.get()
+    ratios, whale_s, torch_s, whale_loss0, per_rank = run_on_ranks(_worker, args, world=world, threads=args.threads)
 
     split = args.split if args.split is not None else args.layers // 2
     tok = args.batch * args.block

@@ -24,14 +24,12 @@ import argparse
 import contextlib
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import whale as wh  # noqa: E402
 from whale.capture import capture  # noqa: E402
 from whale.rewrite import shard_model  # noqa: E402
+from _launch import run_on_ranks  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -157,24 +156,12 @@ def _classifier_worker(rank: int, args, results) -> None:
         results.put((seconds, (peak - base) / 1024, peak / 1024, state / 2**20))
 
 
-def _entry(rank: int, world: int, port: int, target: str, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(args.threads)
-    wh.init("gloo")
-    try:
-        {"block": _block_worker, "classifier": _classifier_worker}[target](rank, args, results)
-    finally:
-        dist.destroy_process_group()
+def _entry(rank: int, world: int, args, results, target: str) -> None:
+    {"block": _block_worker, "classifier": _classifier_worker}[target](rank, args, results)
 
 
 def _spawn(target: str, args) -> object:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_entry, args=(2, port, target, args, results), nprocs=2, start_method="spawn")
-    return results.get()
+    return run_on_ranks(_entry, args, target, threads=args.threads)
 
 
 def main() -> None:
