@@ -128,3 +128,23 @@ def different_shapes_in_a_later_step() -> None:
     if dist.get_rank() == 1:
         x, y = x[:6], y[:6]
     program.step(x, y)
+
+
+def collectives_per_step(**config) -> dict:
+    """All-reduces one step after the first makes, against the reducer's buckets."""
+    model, batches, loss_fn = _model_and_batches("gpt", 8)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(**config))
+    program.step(*batches[0])
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        loss = program.step(*batches[1])
+    finally:
+        dist.all_reduce = real
+    return {"calls": len(calls), "buckets": len(program._reducer.buckets), "loss": loss.item()}

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from tests.equivalence import assert_equivalent
 from tests.world import CaseError
+from whale.runtime.batch import digits_agree, fingerprint_digits
 
 CASES = "tests.dp_cases"
 
@@ -54,6 +57,28 @@ def test_equivalence_world4(world4, kind, kwargs, rows):
     assert tuple(outs[0]["rows"]) == rows
     assert_equivalent(outs[0])
     _same_on_every_rank(outs)
+
+
+def test_loss_rides_on_the_gradient_all_reduce(world2):
+    # After the first step, a step's only collectives are the gradient buckets' all-reduces:
+    # the global loss and the batch check travel in the last bucket. With bf16 traffic the
+    # fingerprint would not sum exactly, so they take one all-reduce of their own.
+    same = world2.run(f"{CASES}:collectives_per_step")
+    assert same[0]["calls"] == same[0]["buckets"] >= 1
+    cast = world2.run(f"{CASES}:collectives_per_step", grad_comm_dtype=torch.bfloat16)
+    assert cast[0]["calls"] == cast[0]["buckets"] + 1
+    assert same[0]["loss"] == same[1]["loss"]
+    assert same[0]["loss"] == pytest.approx(cast[0]["loss"], rel=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**20 - 1), min_size=1, max_size=64), st.booleans())
+def test_fingerprint_digits_sum_exactly_in_float32(fingerprints, same):
+    if same:
+        fingerprints = [fingerprints[0]] * len(fingerprints)
+    rows = torch.tensor([fingerprint_digits(f) for f in fingerprints], dtype=torch.float32)
+    summed = rows.sum(0).tolist()
+    assert digits_agree(summed, len(fingerprints)) == (len(set(fingerprints)) == 1)
 
 
 def test_bf16_gradient_communication(world2):

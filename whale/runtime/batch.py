@@ -11,7 +11,16 @@ import torch.distributed as dist
 
 from . import comm_ops
 
-__all__ = ["RankAgreement", "batch_rows", "broadcast_tensors", "narrow", "signature", "to_device"]
+__all__ = [
+    "RankAgreement",
+    "batch_rows",
+    "broadcast_tensors",
+    "digits_agree",
+    "fingerprint_digits",
+    "narrow",
+    "signature",
+    "to_device",
+]
 
 
 class RankAgreement:
@@ -42,6 +51,22 @@ class RankAgreement:
                 )
             self._total = rows
         return self._total
+
+
+def fingerprint_digits(fingerprint: int) -> list[float]:
+    """A 20-bit fingerprint as four 5-bit digits and their squares, ``[d0, d0**2, d1, ...]``.
+
+    Summed over ranks they stay exact even in float32 (up to ~17,000 ranks), so they can ride
+    on a gradient bucket; all ranks had the same fingerprint iff :func:`digits_agree`.
+    """
+    digits = [(fingerprint >> (5 * k)) & 31 for k in range(4)]
+    return [float(v) for d in digits for v in (d, d * d)]
+
+
+def digits_agree(summed: list[float], world: int) -> bool:
+    """Whether summed :func:`fingerprint_digits` come from one fingerprint on every rank
+    (equality in Cauchy-Schwarz: world * sum(d**2) == sum(d)**2 exactly when all d are equal)."""
+    return all(world * round(summed[2 * k + 1]) == round(summed[2 * k]) ** 2 for k in range(4))
 
 
 def batch_rows(args: tuple, target: Any, dim: int) -> int:

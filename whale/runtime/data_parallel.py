@@ -20,7 +20,13 @@ from ..planner.plan import Plan
 from ..planner.rows import split_rows
 from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.tensor_parallel import shard_model
-from .batch import broadcast_tensors, narrow, to_device
+from .batch import (
+    broadcast_tensors,
+    digits_agree,
+    fingerprint_digits,
+    narrow,
+    to_device,
+)
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
 from .program import ProgramBase, ReplicaBatch, materialize
@@ -173,21 +179,17 @@ class DataParallelProgram(ProgramBase):
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
             if last:
-                # The global loss is summed while backward runs, with the batch fingerprint f
-                # and f**2: all ranks passed the same batch iff world * sum(f**2) == sum(f)**2.
-                f = float(cut.fingerprint)
-                summary = torch.stack([weighted, weighted.new_tensor(f), weighted.new_tensor(f * f)])
-                work = dist.all_reduce(summary, async_op=True)
-                if self._reducer is not None:
-                    self._reducer.begin()
+                # The global loss is summed with the gradients, and with it the batch
+                # fingerprint's digits: every rank passed the same batch iff they agree.
+                digits = torch.tensor(fingerprint_digits(cut.fingerprint), dtype=torch.float64)
+                started = self._start_summary(torch.cat([weighted.reshape(1), digits.to(device)]))
             try:
                 (loss * weight).backward()
             finally:
                 if last and self._reducer is not None:
                     self._reducer.finish()
-        work.wait()
-        world = dist.get_world_size()
-        if world * summary[2].item() != summary[1].item() ** 2:
+        summed = self._finish_summary(started)
+        if not digits_agree(summed[1:], dist.get_world_size()):
             raise ValueError(
                 f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ in "
                 "this step; every rank must pass the same global batch (or, with batch='local', "
@@ -195,7 +197,28 @@ class DataParallelProgram(ProgramBase):
                 "apply them"
             )
         # Each rank of a tensor-parallel group holds its replica's loss once.
-        return (summary[0] / self.plan.tensor_parallel).to(loss.dtype)
+        return torch.tensor(summed[0] / self.plan.tensor_parallel, dtype=loss.dtype, device=device)
+
+    def _start_summary(self, summary: torch.Tensor) -> tuple[dist.Work, torch.Tensor] | None:
+        """Start summing ``summary`` over all ranks and open the synchronizing backward: in the
+        gradient reducer's reserved slots (no collective of its own), else with one all-reduce
+        that runs behind backward."""
+        if self._summary_rides:
+            self._reducer.extra.copy_(summary)
+            self._reducer.begin()
+            return None
+        work = dist.all_reduce(summary, async_op=True)
+        if self._reducer is not None:
+            self._reducer.begin()
+        return work, summary
+
+    def _finish_summary(self, started: tuple[dist.Work, torch.Tensor] | None) -> list[float]:
+        """The summed summary, once backward and its gradient all-reduce have finished."""
+        if started is None:
+            return self._reducer.extra.tolist()
+        work, summary = started
+        work.wait()
+        return summary.tolist()
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -246,8 +269,23 @@ class DataParallelProgram(ProgramBase):
             self.module.to(self._device)
             # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
             broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
+        # The loss rides on the gradient all-reduce where that reaches every rank and its
+        # dtype sums the fingerprint digits exactly (float32 up to ~17,000 ranks).
+        params = list(self.module.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        # (The last bucket, launched last, holds the first parameters.)
+        dtype = trainable[0].dtype if trainable else None
+        exact = {torch.float64} if info.world_size > 17_000 else {torch.float32, torch.float64}
+        comm = self.config.grad_comm_dtype
+        self._summary_rides = (
+            plan.dp_degree > 1
+            and plan.tensor_parallel == 1
+            and dtype in exact
+            and (comm is None or comm == dtype)
+        )
         if plan.dp_degree > 1:
-            self._reducer = self._make_reducer(list(self.module.parameters()), self._data_group)
+            extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
+            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra)
         self._bound = True
 
     def _broadcast_buffers(self) -> None:

@@ -6,6 +6,10 @@ bucket, so a finished bucket is all-reduced in place with no copy; after an opti
 ``zero_grad(set_to_none=True)`` the fresh gradients are packed back into the bucket with one
 fused call (``torch.ops.whale.pack`` where the extension is built). Buckets are launched in index
 order on every rank, so collectives always match even if gradients arrive in another order.
+
+A caller may reserve a few extra elements at the end of the last bucket (``extra_numel``):
+whatever it writes there before backward is summed with the gradients, with no collective of
+its own (the data-parallel program sends the step's loss that way).
 """
 
 from __future__ import annotations
@@ -22,19 +26,21 @@ __all__ = ["GradientReducer"]
 
 
 class _Bucket:
-    __slots__ = ("params", "buffer", "views", "comm", "ready")
+    __slots__ = ("buffer", "comm", "extra", "grads", "params", "ready", "views")
 
-    def __init__(self, params: list[nn.Parameter], comm_dtype: torch.dtype | None) -> None:
+    def __init__(self, params: list[nn.Parameter], comm_dtype: torch.dtype | None, extra_numel: int = 0) -> None:
         self.params = params
         numel = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(numel, dtype=params[0].dtype, device=params[0].device)
+        self.buffer = torch.zeros(numel + extra_numel, dtype=params[0].dtype, device=params[0].device)
+        self.grads = self.buffer[:numel]  # the gradients' part; the rest is the caller's
+        self.extra = self.buffer[numel:]
         self.views: list[torch.Tensor] = []
         at = 0
         for p in params:
             self.views.append(self.buffer[at : at + p.numel()].view_as(p))
             at += p.numel()
         needs_cast = comm_dtype is not None and comm_dtype != self.buffer.dtype
-        self.comm = torch.empty(numel, dtype=comm_dtype, device=self.buffer.device) if needs_cast else None
+        self.comm = torch.empty_like(self.buffer, dtype=comm_dtype) if needs_cast else None
         self.ready: set[int] = set()
 
 
@@ -47,6 +53,7 @@ class GradientReducer:
         bucket_cap_bytes: size at which a bucket is closed.
         first_bucket_cap_bytes: size of the first bucket, small so communication starts early.
         comm_dtype: dtype gradients travel in; None keeps the parameters' dtype.
+        extra_numel: elements reserved after the last bucket's gradients (see :attr:`extra`).
 
     Usage: call :meth:`begin` before the backward whose gradients are final for the step (the
     last micro-batch's), then :meth:`finish` after it; backwards outside that window accumulate
@@ -61,6 +68,7 @@ class GradientReducer:
         bucket_cap_bytes: int = 25 * 2**20,
         first_bucket_cap_bytes: int = 2**20,
         comm_dtype: torch.dtype | None = None,
+        extra_numel: int = 0,
     ) -> None:
         self.group = group
         self.buckets: list[_Bucket] = []
@@ -80,11 +88,20 @@ class GradientReducer:
             current.append(p)
             size += nbytes
         if current:
-            self.buckets.append(_Bucket(current, comm_dtype))
+            self.buckets.append(_Bucket(current, comm_dtype, extra_numel))
+        elif extra_numel:
+            raise ValueError("GradientReducer(extra_numel=...) needs a parameter that requires grad")
         for b, bucket in enumerate(self.buckets):
             for i, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, i)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    @property
+    def extra(self) -> torch.Tensor:
+        """The reserved elements (in the parameters' dtype, travelling in ``comm_dtype``):
+        write them before the synchronizing backward, read their sum over the group after
+        :meth:`finish`."""
+        return self.buckets[-1].extra
 
     def begin(self) -> None:
         """Start a synchronizing backward: buckets go out as their gradients become final."""
@@ -137,7 +154,7 @@ class GradientReducer:
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):
             # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.
-            comm_ops.pack([p.grad for p in bucket.params], bucket.buffer, 1.0)
+            comm_ops.pack([p.grad for p in bucket.params], bucket.grads, 1.0)
         elif fresh:
             torch._foreach_copy_([bucket.views[i] for i in fresh], [bucket.params[i].grad for i in fresh])
         for i in fresh:

@@ -129,7 +129,7 @@ class ProgramBase:
         groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)]
         return groups[plan.pipelines[plan.replica_of(rank)].index(rank)]
 
-    def _make_reducer(self, params: list, group: dist.ProcessGroup | None) -> GradientReducer:
+    def _make_reducer(self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0) -> GradientReducer:
         cap = int(self.config.bucket_cap_mb * 2**20)
         return GradientReducer(
             params,
@@ -137,6 +137,7 @@ class ProgramBase:
             bucket_cap_bytes=cap,
             first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
             comm_dtype=self.config.grad_comm_dtype,
+            extra_numel=extra_numel,
         )
 
 
