@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -36,6 +36,7 @@ from whale.planner.predict import Candidate, CostModel, CostOptions, Layout
 from whale.planner.schedules import make_schedule
 from whale.planner.search import SearchSettings, auto_plan, plan_of, search
 from whale.planner.simulator import simulate
+from whale.planner.space import SearchSpace
 from whale.primitives import pipeline, replicate, stage
 
 DEVICES = ["A100-80GB", "V100-32GB", "T4", "A10", "H100-80GB", "P100-16GB"]
@@ -72,11 +73,18 @@ def _arrangements(groups, node_of, p):
 
 def brute_force(profile, cluster, batch, options=CostOptions(), max_interleave=2):
     """The best step time over the whole plan space, and the candidate reaching it."""
+    optima = structure_optima(profile, cluster, batch, options, max_interleave)
+    return min(optima.values(), key=lambda found: found[0], default=(math.inf, None))
+
+
+def structure_optima(profile, cluster, batch, options=CostOptions(), max_interleave=2):
+    """Per structure (:func:`structure_key`), the best step time over its cuts and rows, and the
+    candidate reaching it (``(inf, None)`` when none fits)."""
     costs = CostModel(profile, cluster, options)
     n = profile.num_layers
     node_of = [k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices)]
     cuttable = [k for k in range(1, n) if profile.layers[k].cuttable]
-    best = (math.inf, None)
+    optima = {}
     for t in (1, 2, 4, 8):
         groups = tensor_groups(cluster, t)
         if groups is None:
@@ -94,11 +102,19 @@ def brute_force(profile, cluster, batch, options=CostOptions(), max_interleave=2
                     for schedule, m in itertools.product(schedules, range(1, batch // dp + 1)):
                         if v > 1 and m % p:
                             continue
+                        best = (math.inf, None)
                         for cuts in itertools.combinations(cuttable, s - 1):
                             found = _best_rows(costs, layout, s, schedule, m, cuts, batch)
                             if found[0] < best[0]:
                                 best = (found[0], Candidate(layout, s, schedule, m, cuts, found[1]))
-    return best
+                        optima[structure_key(layout, node_of, s, schedule, m)] = best
+    return optima
+
+
+def structure_key(layout, node_of, num_stages, schedule, num_micro_batch):
+    """A structure up to replica order and devices of one node (interchangeable)."""
+    pipelines = tuple(sorted(tuple(node_of[g[0]] for g in pipe) for pipe in layout.pipelines))
+    return (layout.tensor_parallel, pipelines, num_stages, schedule, num_micro_batch)
 
 
 def _best_rows(costs, layout, s, schedule, m, cuts, batch):
@@ -143,10 +159,75 @@ def instances(draw, max_devices=8):
     return parse_cluster(spec), ModelProfile.from_layers(layers), batch
 
 
+def _instance(spec, batch, layers):
+    """An instance as :func:`instances` draws it; layers are (flops, param_bytes, act_bytes,
+    row_bytes, hidden_bytes)."""
+    fields = ("flops", "param_bytes", "act_bytes", "row_bytes", "hidden_bytes")
+    layers = [Layer.simple(f"l{k}", **dict(zip(fields, values))) for k, values in enumerate(layers)]
+    return parse_cluster(spec), ModelProfile.from_layers(layers), batch
+
+
+# Instances randomized runs found 2-19% off, each fixed in the search (see the examples):
+# balanced cuts ignore fill, drain and the gradient all-reduce, so a structure whose balanced
+# cuts were poor was estimated high and never refined (screening now tries every cut when
+# there are few, and every structure of few stages climbs); the lower bound assumed every
+# device equally faster on every layer, and cut off the optimum (T4 + A100); and a structure
+# was dropped when its most-micro-batch sibling did not fit, though with uneven rows fewer
+# micro-batches hold less (V100 + P100).
+_FOUND = {
+    "all-reduce over the network": _instance("3xA100-80GB,5xV100-32GB", 5, [(1e9, 134217728, 1e6, 0.0, 1e5)] * 3),
+    "one micro-batch: the sum of stages, not the slowest": _instance("5xA100-80GB,3xA10", 7, [
+        (241823356410.29187, 67108864, 1999926264.4793358, 1.0, 22300019.829613492),
+        (714592391322.651, 134217728, 4e9, 0.0, 1e7),
+        (1190822057566.0789, 805306368, 1116984745.6397264, 198808727.4463651, 15171809.536179198),
+        (55181706678.16018, 536870912, 3302475669.1458035, 191795309.3017069, 28186974.98459018)]),
+    "all-reduce over the network, one A100 node": _instance("7xH100-80GB,1xA100-80GB", 6, [
+        (4e9, 671088640, 237475075.88705602, 999999999.0, 1e7),
+        (379878169919.054, 3221225472, 1e7, 2.606309324054856e-239, 99734129.75711018),
+        (328311165505.0864, 1073741824, 119289908.38623819, 619663052.7030976, 3834049.9018041505),
+        (1179971397599.9102, 1073741824, 43890489.975935504, 970932460.26923, 70815278.48586443)]),
+    "all-reduce, cuts not convex (no climb reaches them)": _instance("3xA10,5xH100-80GB", 4, [
+        (461351576442.4415, 536870912, 1e7, 715298188.0689642, 77235967.61360845),
+        (361166342859.38196, 2147483648, 2077286316.4328384, 108757724.89804405, 34625371.53491938),
+        (1651065188857.7922, 67108864, 2590675561.55548, 995851681.4750127, 4138319.7269005263),
+        (1377613998261.4023, 167772160, 622977996.4235928, 0.0, 1e7)]),
+    "interleaved cuts": _instance("5xA100-80GB,3xV100-32GB", 10, [
+        (1277466126975.244, 3221225472, 1e7, 683724120.8513665, 47820364.10075158),
+        (1197680708385.5413, 3221225472, 1998238271.0497453, 3.1322872154596806e-61, 51309749.65030424),
+        (940344942253.5244, 3221225472, 3926460038.7448173, 9.6e-06, 85584031.80253144),
+        (736063666018.5372, 1610612736, 1440783220.7573361, 616196093.0543832, 32804251.957584508),
+        (228860789609.51334, 536870912, 3745858515.010601, 713939751.265581, 56574337.06469905)]),
+    "bound above the optimum": _instance("1xT4,1xA100-80GB", 5, [
+        (1e9, 33554432, 1e6, 0.0, 1224486.0100196926),
+        (1e9, 33554432, 1e6, 0.0, 1e5),
+        (1e9, 33554432, 1e6, 953657820.1499023, 1e5)]),
+    "uneven rows: fewer micro-batches hold less": _instance("3xV100-32GB,3xP100-16GB", 7, [
+        (1000000000.0000001, 536870912, 3625269243.482813, 689886275.7004324, 50529807.41440306),
+        (1370037485728.4146, 3221225472, 591554102.022773, 856809537.830326, 54567154.928319015),
+        (9e11, 1610612736, 975945482.2350279, 648182601.1321869, 91990042.4567912),
+        (1696111681169.3777, 536870912, 1e7, 5e-324, 15202174.826978419),
+        (1501869010508.8093, 536870912, 235599543.61021185, 6.103515625e-05, 63447098.410431884)]),
+    "interleaved cuts, one A10": _instance("5xP100-16GB,1xA10", 10, [
+        (1611045372656.4941, 100663296, 1e7, 919255276.2364867, 99999999.0),
+        (1679560154851.31, 2147483648, 1e6, 558124086.016809, 94662632.33563325),
+        (1e9, 536870912, 1377181423.965963, 9139927.130857209, 48190954.66541852),
+        (1912623049827.359, 67108864, 1138893363.6060627, 225696163.85567275, 8447647.536823757),
+        (1983061030478.9988, 134217728, 1999488504.3900285, 307944524.1491943, 51360662.22024438)]),
+}  # fmt: skip
+
+
+def _with_found(test):
+    """``test`` with every instance of ``_FOUND`` as an explicit example (run before the draws)."""
+    for instance in reversed(list(_FOUND.values())):
+        test = example(instance)(test)
+    return test
+
+
 # derandomize: CI replays one fixed set of 80 instances (a regression fails every run, not one in
-# many); randomized runs found one instance 2.15% off (tp=4 gpipe), recorded as a known defect.
+# many), after the instances randomized runs once found off (_FOUND).
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(instances())
+@_with_found
 def test_search_within_two_percent_of_brute_force(instance):
     cluster, profile, batch = instance
     oracle, best = brute_force(profile, cluster, batch)
@@ -162,6 +243,21 @@ def test_search_within_two_percent_of_brute_force(instance):
     assert result.best.prediction.fits
     assert found <= oracle * 1.02, (found, oracle, result.best.candidate, best)
     assert found >= oracle * (1 - 1e-9), "the search beat the whole space: the oracle is wrong"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(instances())
+@example(_FOUND["bound above the optimum"])
+def test_bound_is_below_every_plan_of_its_structure(instance):
+    # Screening stops at the first structure whose bound exceeds its best estimate: a bound
+    # above a plan of its own structure would cut that plan off unseen.
+    cluster, profile, batch = instance
+    optima = structure_optima(profile, cluster, batch)
+    node_of = [k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices)]
+    space = SearchSpace(profile, cluster, batch, CostOptions(), Pins(), SearchSettings())
+    for st in space.structures():
+        best, _ = optima[structure_key(st.layout, node_of, st.num_stages, st.schedule, st.num_micro_batch)]
+        assert st.bound <= best * (1 + 1e-9), (st, best)
 
 
 def test_brute_force_sees_heterogeneous_pipelines():

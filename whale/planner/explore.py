@@ -3,9 +3,10 @@
 The structures (degrees, layout, schedule, micro-batches) and their lower bounds come from
 :mod:`~.space`. Structures are screened in order of that bound:
 
-1. layers are partitioned over the stages (:func:`~.balance.partition_layers`) per kind of
-   pipeline, for all kinds pooled as Whale's virtual devices, and with the least memory;
-   pipelines of few stages then move cuts one layer at a time while the estimate improves;
+1. with few ways to cut, every cut is screened; otherwise layers are partitioned over the
+   stages (:func:`~.balance.partition_layers`) per kind of pipeline, for all kinds pooled as
+   Whale's virtual devices, and with the least memory; pipelines of few stages then move cuts
+   one layer at a time while the estimate improves;
 2. rows go to replicas by a line through two evaluations of each kind's time, capped by memory
    (:func:`~.balance.balance_rows`);
 3. the pipeline time (the schedule itself when it is short, else a closed form) scores it.
@@ -71,67 +72,76 @@ class Explorer(SearchSpace):
     def screen(self, st: Structure) -> tuple[float, tuple[int, ...], tuple[int, ...]] | None:
         """(estimated step time, cuts, rows) of a structure, or None if it does not fit."""
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
-        dp = layout.dp_degree
-        q = self.batch / (dp * m)
         classes = self.classes(layout)
+        allowed = [k for k in range(1, self.n) if self.cuttable[k]]
+        balanced = False
         if s == 1:
             options = [()]
         elif self.pins.cuts is not None:
             options = [self.pins.cuts]
+        elif math.comb(len(allowed), s - 1) <= self.settings.screen_cuts:
+            # Few ways to cut: look at them all. Balanced cuts can be far off when few
+            # micro-batches make fill, drain and the gradient all-reduce weigh more than the
+            # slowest stage, and a structure estimated too high is never refined.
+            options = list(itertools.combinations(allowed, s - 1))
         else:
-            # Cuts balanced for each kind of pipeline, for all kinds pooled (Whale's virtual
-            # devices), and pooled with the least memory (one row per micro-batch), which a
-            # slow kind that will get few rows may need.
-            options = []
-            groups = [([c], q) for c in classes[:2]] + ([(classes, q)] if len(classes) > 1 else [])
-            v = s // layout.pipeline_degree
-            least = [(classes, 1.0)] + ([([c], 1.0) for c in classes[:2]] if len(classes) > 1 else [])
-            for k, (pipes, rows) in enumerate(groups + least):
-                if k >= len(groups) and (q <= 1.0 or len(options) == len(groups) * (2 if v > 1 else 1)):
-                    break  # every nominal partition fitted: the least-memory ones add nothing
-                times, mems, caps, ends = self.stage_prefixes(pipes, s, st.schedule, m, rows)
-                # A rank's stages share its memory: give each its share, or (uneven chunks)
-                # all of it, and let the exact memory check decide.
-                for share in (1, v) if v > 1 else (1,):
-                    key = (id(times), share)
-                    if key not in self._partitions:
-                        self._partitions[key] = partition_layers(
-                            times, mems, [c * share for c in caps], self.cuttable, end_cost=ends, rel_tol=1e-3
-                        )
-                    cuts = self._partitions[key]
-                    if cuts is not None and cuts not in options:
-                        options.append(cuts)
+            options, balanced = self.partitions(st, classes, self.batch / (layout.dp_degree * m)), True
         best = None
         for cuts in options:
             found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=False)
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], cuts, found[1])
-        allowed = [k for k in range(1, self.n) if self.cuttable[k]]
-        if best is None and s > 1 and self.pins.cuts is None and math.comb(len(allowed), s - 1) <= self.settings.exhaustive_cuts:
-            # Balanced cuts fit no split of the rows between kinds of replicas; with few ways to
-            # cut, look at them all before giving the structure up.
-            for cuts in itertools.combinations(allowed, s - 1):
-                found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=False)
-                if found is not None and (best is None or found[0] < best[0]):
-                    best = (found[0], cuts, found[1])
-        promising = best is not None and best[0] <= self._best_estimate * (1 + self.settings.refine_margin)
-        if promising and 1 < s <= self.settings.climb_stages and self.pins.cuts is None:
-            # Few stages: the bottleneck is not the whole objective (fill, drain and transfers
-            # count too), so move cuts while the estimate improves.
+        if best is not None and balanced and s <= self.settings.climb_stages:
+            # Few stages: the bottleneck is not the whole objective (fill, drain, transfers and
+            # the gradient all-reduce count too), so move cuts while the estimate improves. Every
+            # structure climbs: one whose balanced cuts are poor is estimated high, and would
+            # not be refined if only structures already close to the best climbed.
             step, rows, cuts = self.climb(layout, classes, st, best[1], best[0], best[2], exact=False)
             best = (step, cuts, rows)
         return best
+
+    def partitions(self, st: Structure, classes, q: float) -> list[tuple[int, ...]]:
+        """Balanced cuts to screen a structure with, when there are too many ways to cut to try all.
+
+        Cuts balanced for each kind of pipeline, for all kinds pooled (Whale's virtual devices),
+        and pooled with the least memory (one row per micro-batch), which a slow kind that will
+        get few rows may need.
+        """
+        layout, s, m = st.layout, st.num_stages, st.num_micro_batch
+        options = []
+        groups = [([c], q) for c in classes[:2]] + ([(classes, q)] if len(classes) > 1 else [])
+        v = s // layout.pipeline_degree
+        least = [(classes, 1.0)] + ([([c], 1.0) for c in classes[:2]] if len(classes) > 1 else [])
+        for k, (pipes, rows) in enumerate(groups + least):
+            if k >= len(groups) and (q <= 1.0 or len(options) == len(groups) * (2 if v > 1 else 1)):
+                break  # every nominal partition fitted: the least-memory ones add nothing
+            times, mems, caps, ends = self.stage_prefixes(pipes, s, st.schedule, m, rows)
+            # A rank's stages share its memory: give each its share, or (uneven chunks)
+            # all of it, and let the exact memory check decide.
+            for share in (1, v) if v > 1 else (1,):
+                key = (id(times), share)
+                if key not in self._partitions:
+                    self._partitions[key] = partition_layers(
+                        times, mems, [c * share for c in caps], self.cuttable, end_cost=ends, rel_tol=1e-3
+                    )
+                cuts = self._partitions[key]
+                if cuts is not None and cuts not in options:
+                    options.append(cuts)
+        return options
 
     def _group_fits(self, st: Structure, least: Structure) -> bool:
         """Whether the least-memory structure of ``st``'s group fits (screened once per group).
 
         Held activations are ``min(m, p - r) ceil(rows / m)`` micro-batch rows under 1F1B (and
         ``m ceil(rows / m)`` under GPipe): smallest at ``m = rows``, one row per micro-batch.
-        That holds when every replica gets the same rows; with kinds of replicas of different
-        memory, fewer micro-batches let the larger ones take more rows, so there is no shortcut.
+        That holds when every replica gets exactly ``m`` rows of the least-memory structure.
+        Otherwise there is no shortcut: with kinds of replicas of different memory, fewer
+        micro-batches let the larger ones take more rows; and when the batch does not divide
+        evenly, a replica with ``m + 1`` rows holds two rows per micro-batch at ``m`` but fewer
+        at ``m = 1`` under GPipe.
         """
         key = _group(st)
-        if len(self.classes(st.layout)) > 1:
+        if len(self.classes(st.layout)) > 1 or least.num_micro_batch * st.layout.dp_degree != self.batch:
             return True
         if key not in self._unfit:
             self._unfit[key] = self.screen(least) is None
@@ -284,7 +294,6 @@ class Explorer(SearchSpace):
             if found is not None:
                 screened.append((found[0], k, st, found[1], found[2]))
                 best = min(best, found[0])
-                self._best_estimate = best
         if not screened:
             raise NoPlanError(self.shortfall_message(structures))
         # For explain: screen the most promising structures of shapes the bound cut off.

@@ -44,11 +44,13 @@ class SearchSettings:
     """Keep re-scoring while an estimate is within this share of the best exact time."""
     alternatives: int = 5
     climb_stages: int = 8
+    """Screening moves cuts one layer at a time for pipelines of at most this many stages."""
     exhaustive_cuts: int = 64
     """Refinement tries every way to cut when there are at most this many."""
+    screen_cuts: int = 16
+    """Screening tries every way to cut when there are at most this many (else balanced cuts)."""
     simulate_below: int = 256
     """Screening runs the schedule (not the closed form) when stages x micro-batches is below."""
-    """Screening moves cuts one layer at a time for pipelines of at most this many stages."""
 
 
 
@@ -106,6 +108,25 @@ def _micro_batches(max_m: int, p: int, v: int) -> list[int]:
     return sorted(m for m in choices if 1 <= m <= max_m)
 
 
+def _bound_weights(totals: np.ndarray, m: int, one_stage_each: bool) -> list[np.ndarray]:
+    """Weights ``mu_r`` of the rank times in :meth:`SearchSpace.bound`, given whole-model times.
+
+    One stage per rank: the dual of the linear program over work shares, solved backwards
+    (``mu_r = m lambda_r + sum_{j>r} lambda_j``, each ``lambda_r`` the least that keeps
+    ``mu_r >= 1 / totals_r``, then scaled to add up to one). Interleaved: the work constraints
+    weighted by speed, and the path alone.
+    """
+    speeds = 1 / totals
+    if not one_stage_each:
+        return [m * speeds / speeds.sum(), np.ones_like(speeds)]
+    lam, later = np.zeros_like(speeds), 0.0
+    for r in reversed(range(len(speeds))):
+        lam[r] = max(0.0, (speeds[r] - later) / m)
+        later += lam[r]
+    mu = m * lam + (later - np.cumsum(lam))
+    return [mu / later]
+
+
 class SearchSpace:
     """Structures of one model on one cluster, their bounds, replica kinds and stage arrays."""
 
@@ -118,7 +139,6 @@ class SearchSpace:
         self.device_of = self.costs.device_of
         self._speeds: dict = {}
         self._unfit: dict = {}  # (layout, stages, schedule) -> its least-memory structure does not fit
-        self._best_estimate = math.inf  # best screening estimate so far (gates the cut climbs)
         self._best_exact = math.inf
         self._prefixes: dict = {}
         self._partitions: dict = {}
@@ -183,11 +203,14 @@ class SearchSpace:
         Rank ``r`` of a pipeline cannot start before micro-batch 0 has come through the stages
         before it, does ``m`` micro-batches of its own work ``c_r``, and cannot finish before
         the last gradient has gone back through them: ``T >= sum_{j<r} c_j + m c_r`` (all three
-        schedules). The most work a replica can do within ``T`` at device speeds ``s_r`` (rows
-        per second on the whole model) is a small linear program solved backwards:
-        ``alpha_r = max(alpha_{r+1}, s_r / m + (1 - 1/m) alpha_{r+1})`` rows of a micro-batch
-        per second of ``T``. With interleaving only ``T >= m W_r`` and micro-batch 0's path
-        hold. Rows then go where they cost least: ``T >= B / sum_d capacity_d``.
+        schedules). With interleaving only ``T >= m c_r`` and micro-batch 0's path
+        ``T >= sum_r c_r`` hold. Any weights ``lambda >= 0`` adding up to one combine these
+        into ``T >= sum_r mu_r c_r``, and since each layer runs on some rank,
+        ``T >= sum_i min_r mu_r t_ir`` (layer ``i`` takes ``t_ir`` on rank ``r``): a bound for
+        every cut, even when one device is relatively faster on some layers than another (a
+        bound from whole-model speeds alone is not). The weights are those that make it exact
+        when layer times are proportional across ranks (:func:`_bound_weights`). Rows then go
+        where they cost least: ``T >= B / sum_d capacity_d``.
         """
         # Per-row times shrink as micro-batches grow (fixed reads amortise): rate every replica
         # at the largest micro-batch any replica could get, so that the bound stays below.
@@ -196,15 +219,10 @@ class SearchSpace:
         if key not in self._speeds:
             total = 0.0
             for pipe, count in self.classes(layout):
-                speeds = [q / (3 * float(self._group_arrays(g, q)[0].sum())) for g in pipe]
-                if s == layout.pipeline_degree:
-                    alpha = 0.0
-                    for x in reversed(speeds):
-                        alpha = max(alpha, x / m + (1 - 1 / m) * alpha)
-                    capacity = m * alpha
-                else:
-                    capacity = min(sum(speeds), m * max(speeds))
-                total += count * capacity
+                times = np.array([3 * self._group_arrays(g, q)[0] for g in pipe])
+                floor = max(float(np.min(mu[:, None] * times, axis=0).sum())
+                            for mu in _bound_weights(times.sum(axis=1), m, s == layout.pipeline_degree))  # fmt: skip
+                total += count * m * q / floor
             self._speeds[key] = self.batch / total
         return self._speeds[key]
 
