@@ -147,4 +147,5 @@ def collectives_per_step(**config) -> dict:
         loss = program.step(*batches[1])
     finally:
         dist.all_reduce = real
-    return {"calls": len(calls), "buckets": len(program._reducer.buckets), "loss": loss.item()}
+    grads = {n: p.grad.clone() for n, p in program.named_parameters()}
+    return {"calls": calls, "buckets": len(program._reducer.buckets), "loss": loss.item(), "grads": grads}

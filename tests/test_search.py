@@ -255,9 +255,9 @@ def test_bound_is_below_every_plan_of_its_structure(instance):
     optima = structure_optima(profile, cluster, batch)
     node_of = [k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices)]
     space = SearchSpace(profile, cluster, batch, CostOptions(), Pins(), SearchSettings())
-    for st in space.structures():
-        best, _ = optima[structure_key(st.layout, node_of, st.num_stages, st.schedule, st.num_micro_batch)]
-        assert st.bound <= best * (1 + 1e-9), (st, best)
+    for structure in space.structures():
+        best, _ = optima[structure_key(structure.layout, node_of, structure.num_stages, structure.schedule, structure.num_micro_batch)]
+        assert structure.bound <= best * (1 + 1e-9), (structure, best)
 
 
 def test_brute_force_sees_heterogeneous_pipelines():

@@ -42,6 +42,10 @@ class Config:
     grad_comm_dtype: torch.dtype | None = None
     """Dtype gradients travel in (e.g. ``torch.bfloat16`` halves traffic); None keeps theirs."""
 
+    shared_memory: bool = True
+    """CPU ranks on one host sum gradients through shared memory (``/dev/shm``) instead of the
+    process group's sockets; off, or where a rank's group spans hosts, the process group does."""
+
     loss_reduction: str = "mean"
     """How ``loss_fn`` reduces over rows: ``"mean"`` (replicas weighted by their rows) or ``"sum"``."""
 
@@ -144,8 +148,9 @@ class Config:
             object.__setattr__(
                 self, "shard_sizes", {k: tuple(v) for k, v in self.shard_sizes.items()}
             )
-        if not isinstance(self.broadcast_buffers, bool):
-            raise TypeError(f"Config(broadcast_buffers=...) is a bool, got {self.broadcast_buffers!r}")
+        for name in ("broadcast_buffers", "shared_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

@@ -246,7 +246,7 @@ class DataParallelProgram(ProgramBase):
                 "model.to_empty(device=...) and initialize) before training"
             )
         # Groups are made collectively: every rank creates every group, in one order.
-        self._data_group = self._make_data_group(info.rank)
+        self._data_group = self._make_data_group(info.rank, info.device)
         if plan.tensor_parallel > 1:
             tensor_groups = [dist.new_group(list(p)) for p in plan.pipelines]
             if not on_meta:

@@ -14,6 +14,7 @@ its own (the data-parallel program sends the step's loss that way).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm_ops
+from .host_reduce import HostLink, HostReduce, HostReduceUnavailable
 
 __all__ = ["GradientReducer"]
 
@@ -28,10 +30,10 @@ __all__ = ["GradientReducer"]
 class _Bucket:
     __slots__ = ("buffer", "comm", "extra", "grads", "params", "ready", "views")
 
-    def __init__(self, params: list[nn.Parameter], comm_dtype: torch.dtype | None, extra_numel: int = 0) -> None:
+    def __init__(self, params: list[nn.Parameter], buffer: torch.Tensor, comm_dtype: torch.dtype | None) -> None:
         self.params = params
         numel = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(numel + extra_numel, dtype=params[0].dtype, device=params[0].device)
+        self.buffer = buffer.zero_()
         self.grads = self.buffer[:numel]  # the gradients' part; the rest is the caller's
         self.extra = self.buffer[numel:]
         self.views: list[torch.Tensor] = []
@@ -54,6 +56,10 @@ class GradientReducer:
         first_bucket_cap_bytes: size of the first bucket, small so communication starts early.
         comm_dtype: dtype gradients travel in; None keeps the parameters' dtype.
         extra_numel: elements reserved after the last bucket's gradients (see :attr:`extra`).
+        host: the same ranks as ``group``, all on this host (:class:`~.host_reduce.HostLink`):
+            CPU gradients are then summed through shared memory instead of over ``group``,
+            unless they travel in another dtype or shared memory is short (then ``group``
+            serves, with a warning).
 
     Usage: call :meth:`begin` before the backward whose gradients are final for the step (the
     last micro-batch's), then :meth:`finish` after it; backwards outside that window accumulate
@@ -69,6 +75,7 @@ class GradientReducer:
         first_bucket_cap_bytes: int = 2**20,
         comm_dtype: torch.dtype | None = None,
         extra_numel: int = 0,
+        host: HostLink | None = None,
     ) -> None:
         self.group = group
         self.buckets: list[_Bucket] = []
@@ -77,24 +84,43 @@ class GradientReducer:
         self._next = 0
         self._works: list[tuple[_Bucket, dist.Work]] = []
         self._handles = []
-        current: list[nn.Parameter] = []
+        parts: list[list[nn.Parameter]] = []
         size = 0
         cap = first_bucket_cap_bytes
         for p in reversed([p for p in params if p.requires_grad]):
             nbytes = p.numel() * p.element_size()
-            if current and (size + nbytes > cap or p.dtype != current[0].dtype or p.device != current[0].device):
-                self.buckets.append(_Bucket(current, comm_dtype))
-                current, size, cap = [], 0, bucket_cap_bytes
-            current.append(p)
+            if parts and (size + nbytes > cap or p.dtype != parts[-1][0].dtype or p.device != parts[-1][0].device):
+                parts.append([])
+                size, cap = 0, bucket_cap_bytes
+            if not parts:
+                parts.append([])
+            parts[-1].append(p)
             size += nbytes
-        if current:
-            self.buckets.append(_Bucket(current, comm_dtype, extra_numel))
-        elif extra_numel:
+        if extra_numel and not parts:
             raise ValueError("GradientReducer(extra_numel=...) needs a parameter that requires grad")
+        sizes = [(sum(p.numel() for p in part) + (extra_numel if k == len(parts) - 1 else 0), part[0].dtype)
+                 for k, part in enumerate(parts)]
+        self._host = self._host_reduce(sizes, host, comm_dtype, [part[0].device for part in parts])
+        for k, part in enumerate(parts):
+            numel, dtype = sizes[k]
+            buffer = self._host.buffer(k) if self._host else torch.empty(numel, dtype=dtype, device=part[0].device)
+            self.buckets.append(_Bucket(part, buffer, comm_dtype))
         for b, bucket in enumerate(self.buckets):
             for i, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, i)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    @staticmethod
+    def _host_reduce(sizes, host, comm_dtype, devices) -> HostReduce | None:
+        if host is None or any(d.type != "cpu" for d in devices):
+            return None
+        if comm_dtype is not None and any(dtype != comm_dtype for _, dtype in sizes):
+            return None  # gradients travel cast: the process group carries them
+        try:
+            return HostReduce(sizes, host)
+        except HostReduceUnavailable as err:
+            warnings.warn(f"gradients are all-reduced over sockets, not shared memory: {err}", stacklevel=3)
+            return None
 
     @property
     def extra(self) -> torch.Tensor:
@@ -147,10 +173,11 @@ class GradientReducer:
             bucket = self.buckets[self._next]
             if len(bucket.ready) < len(bucket.params):
                 return
-            self._launch(bucket)
+            self._launch(self._next)
             self._next += 1
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, b: int) -> None:
+        bucket = self.buckets[b]
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):
             # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.
@@ -159,6 +186,9 @@ class GradientReducer:
             torch._foreach_copy_([bucket.views[i] for i in fresh], [bucket.params[i].grad for i in fresh])
         for i in fresh:
             bucket.params[i].grad = bucket.views[i]
+        if self._host is not None:
+            self._works.append((bucket, self._host.start(b)))
+            return
         payload = bucket.buffer
         if bucket.comm is not None:
             comm_ops.pack([bucket.buffer], bucket.comm, 1.0)

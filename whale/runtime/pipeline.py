@@ -397,7 +397,7 @@ class PipelineProgram(ProgramBase):
         self._local = set(plan.stages_at(position))
         k = plan.tensor_parallel
         # Groups are made collectively: every rank creates every group, in one order.
-        data_group = self._make_data_group(info.rank)
+        data_group = self._make_data_group(info.rank, info.device)
         tensor_groups = {
             (d, pos): dist.new_group(list(ranks[pos * k : (pos + 1) * k]))
             for d, ranks in enumerate(plan.pipelines)

@@ -15,6 +15,7 @@ from ..planner.plan import Plan
 from ..planner.rows import row_offsets
 from .batch import RankAgreement, batch_rows, narrow, signature
 from .grad_sync import GradientReducer
+from .host_reduce import HostLink, host_facts
 from .process_group import require_initialized
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
@@ -118,18 +119,35 @@ class ProgramBase:
             )
         return total
 
-    def _make_data_group(self, rank: int) -> dist.ProcessGroup | None:
+    def _make_data_group(self, rank: int, device: torch.device) -> dist.ProcessGroup | None:
         """Make every data-parallel group (collective: all ranks, in one order) and return
         ``rank``'s: the ranks holding the same parameters in each replica. None is the whole
-        world (plain data parallel) or no group at all (a single replica)."""
+        world (plain data parallel) or no group at all (a single replica).
+
+        Where gradients can meet in shared memory (``Config.shared_memory``, CPU ranks, every
+        data-parallel group on one host), each group also gets a twin the gradient reducers
+        use for that alone (``self._host``)."""
         plan = self.plan
         width = len(plan.pipelines[0])
-        if plan.dp_degree == 1 or width == 1:
+        self._host = None
+        if plan.dp_degree == 1:
             return None
-        groups = [dist.new_group([p[i] for p in plan.pipelines]) for i in range(width)]
-        return groups[plan.pipelines[plan.replica_of(rank)].index(rank)]
+        members = [[p[i] for p in plan.pipelines] for i in range(width)]
+        mine = plan.pipelines[plan.replica_of(rank)].index(rank)
+        groups = [dist.new_group(m) for m in members] if width > 1 else [None]
+        if self.config.shared_memory:
+            # Every rank decides alike, from every rank's facts, so the groups match.
+            facts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(facts, (device.type, *host_facts()))
+            if all(f[0] == "cpu" and f[2] for f in facts) and all(
+                len({facts[r][1] for r in m}) == 1 for m in members
+            ):
+                self._host = HostLink([dist.new_group(m) for m in members][mine])
+        return groups[mine]
 
-    def _make_reducer(self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0) -> GradientReducer:
+    def _make_reducer(
+        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0
+    ) -> GradientReducer:
         cap = int(self.config.bucket_cap_mb * 2**20)
         return GradientReducer(
             params,
@@ -138,6 +156,7 @@ class ProgramBase:
             first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
             comm_dtype=self.config.grad_comm_dtype,
             extra_numel=extra_numel,
+            host=self._host,
         )
 
 
