@@ -24,8 +24,14 @@ def run_on_ranks(worker: Callable[..., None], args: Any, *extra: Any, world: int
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_entry, args=(world, port, threads, worker, args, results, extra), nprocs=world, start_method="spawn")
-    return results.get()
+    ranks = mp.start_processes(
+        _entry, args=(world, port, threads, worker, args, results, extra), nprocs=world, start_method="spawn", join=False
+    )
+    # Read before joining: a result larger than the pipe's buffer blocks its rank until read.
+    result = results.get()
+    while not ranks.join():
+        pass
+    return result
 
 
 def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, extra) -> None:
