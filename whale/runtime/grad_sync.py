@@ -119,7 +119,11 @@ class GradientReducer:
         try:
             return HostReduce(sizes, host)
         except HostReduceUnavailable as err:
-            warnings.warn(f"gradients are all-reduced over sockets, not shared memory: {err}", stacklevel=3)
+            warnings.warn(
+                f"gradients are all-reduced over sockets, not shared memory: {err}. Give /dev/shm "
+                "more room (e.g. docker run --shm-size=...) or pass Config(shared_memory=False)",
+                stacklevel=3,
+            )
             return None
 
     @property
