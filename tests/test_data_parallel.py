@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from tests.equivalence import assert_equivalent
 from tests.world import CaseError
 from whale.runtime.batch import digits_agree, fingerprint_digits
+from whale.runtime.host_reduce import shared_memory_free
 
 CASES = "tests.dp_cases"
 
@@ -71,6 +72,7 @@ def test_loss_rides_on_the_gradient_all_reduce(world2):
     assert same[0]["loss"] == pytest.approx(cast[0]["loss"], rel=1e-6)
 
 
+@pytest.mark.skipif(shared_memory_free() == 0, reason="this host has no /dev/shm")
 def test_gradients_meet_in_shared_memory_on_one_host(world2):
     # The pool's ranks share a host: no gradient crosses the process group, only two
     # one-element barriers per bucket; the result is the same bits as over the process group.

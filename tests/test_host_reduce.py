@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from whale.runtime.host_reduce import shared_memory_free
+
 CASES = "tests.host_cases"
+pytestmark = pytest.mark.skipif(shared_memory_free() == 0, reason="this host has no /dev/shm")
 # Odd sizes: fewer elements than ranks, one element, chunks that do not divide evenly.
 SIZES = [1, 3, 1000, 12_345]
 
