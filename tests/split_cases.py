@@ -14,7 +14,7 @@ from tests.equivalence import train_distributed, train_reference
 _STEPS = 2
 
 
-def gpt_split(*, split: dict, row_weights=None, shard_sizes=None, global_batch: int = 8) -> dict:
+def gpt_split(*, split: dict, row_weights=None, shard_sizes=None, global_batch: int = 8, cluster=None) -> dict:
     """A GPT whose annotated parts are split; every rank also trains the local model."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
@@ -26,10 +26,11 @@ def gpt_split(*, split: dict, row_weights=None, shard_sizes=None, global_batch: 
     corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
     batches = [corpus.batch(global_batch, cfg.block_size, s) for s in range(_STEPS)]
     out = train_reference(copy.deepcopy(model), batches, lm_loss)
-    config = wh.Config(row_weights=row_weights, shard_sizes=shard_sizes)
+    config = wh.Config(row_weights=row_weights, shard_sizes=shard_sizes, cluster=cluster)
     program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
     out.update(train_distributed(program, batches, out.pop("ref_states")))
     out["plan"] = (program.plan.tensor_parallel, program.plan.dp_degree)
+    out["shard_sizes"] = dict(program.plan.shard_sizes)
     out["shards"] = {n: tuple(p.shape) for n, p in program.named_parameters()}
     full = program.full_state_dict()  # collective
     plain = GPT(cfg)
@@ -41,7 +42,7 @@ def gpt_split(*, split: dict, row_weights=None, shard_sizes=None, global_batch: 
     return out
 
 
-def split_in_stage(*, split: dict, boundaries, num_micro_batch: int = 2, shard_sizes=None) -> dict:
+def split_in_stage(*, split: dict, boundaries, num_micro_batch: int = 2, shard_sizes=None, cluster=None) -> dict:
     """A pipelined GPT whose stages hold split parts (tensor parallel inside pipeline stages)."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=32)
@@ -50,7 +51,9 @@ def split_in_stage(*, split: dict, boundaries, num_micro_batch: int = 2, shard_s
     corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
     batches = [corpus.batch(8, cfg.block_size, s) for s in range(_STEPS)]
     out = train_reference(copy.deepcopy(model), batches, lm_loss)
-    config = wh.Config(stage_boundaries=boundaries, num_micro_batch=num_micro_batch, shard_sizes=shard_sizes)
+    config = wh.Config(
+        stage_boundaries=boundaries, num_micro_batch=num_micro_batch, shard_sizes=shard_sizes, cluster=cluster
+    )
     program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
     out.update(train_distributed(program, batches, out.pop("ref_states")))
     out["plan"] = (program.plan.dp_degree, program.plan.pipeline_degree, program.plan.tensor_parallel)

@@ -167,3 +167,31 @@ def test_cluster_files_work_too(capsys, tmp_path):
     assert load_cluster(path).world_size == 4
     code, _, err = _run(capsys, "plan", GPT, "--cluster", f"@{path}", "--global-batch", "16")
     assert code == 0, err
+
+
+_SPLIT_GPT = """
+import torch
+import whale as wh
+from examples.gpt import GPT, GPTConfig
+
+
+def whale_target():
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    wh.annotate(model, {"blocks": wh.split(2), "lm_head": wh.split(2)})
+    return model, (torch.randint(64, (8, 16)),)
+"""
+
+
+def test_plan_on_a_mixed_workstation_shows_uneven_shards(capsys, tmp_path):
+    spec = "node0=1xA100-80GB+1xT4"
+    code, out, err = _run(capsys, "plan", GPT, "--cluster", spec, "--global-batch", "32", "--tensor-parallel", "2")
+    assert code == 0, err
+    assert "0.707 of tp 2" in out and "0.293 of tp 2" in out  # the A100 takes more
+    target = tmp_path / "split_gpt.py"
+    target.write_text(_SPLIT_GPT)
+    code, out, err = _run(capsys, "plan", str(target), "--cluster", spec, "--tensor-parallel", "2", "--json")
+    assert code == 0, err
+    plan = Plan.from_json(out)
+    assert dict(plan.shard_sizes)["lm_head"] == (45, 19)
+    _, out, _ = _run(capsys, "plan", str(target), "--cluster", spec, "--tensor-parallel", "2")
+    assert "shard sizes of 'lm_head' by tensor index: [45, 19]" in out

@@ -411,6 +411,12 @@ SYNTAX_ERRORS = [
     ("a=2xT4;net=1Gbps;lat=5us", 16, "expected ',' and an option, or the end"),
     ("a=2xT4;lat 5us", 11, "expected '=' and a value after 'lat'"),
     ("", 0, "expected a node such as 'node0=8xA100-80GB', found the end"),
+    ("ws=1xA100-80GB+", 15, "expected a run of devices after '\\+' in node 'ws'"),
+    ("ws=1xA100-80GB++1xT4", 15, "expected a run of devices such as 1xT4 in node 'ws'"),
+    ("ws=+1xT4", 3, "expected a run of devices such as 1xT4 in node 'ws'"),
+    ("ws=1xA100-80GB+0xT4", 15, "node 'ws' needs at least one device, got 0"),
+    ("ws=1xA100-80GB+2x", 17, "expected a device name after '2x'"),
+    ("ws=1xA100-80GB+1xT5", 17, "unknown device type 'T5'"),
 ]
 
 
@@ -485,13 +491,16 @@ def clusters(draw: st.DrawFn) -> Cluster:
             unique=True,
         )
     )
+    profiles = st.sampled_from((*DATASHEET_PROFILES, CPU_PROFILE))
     nodes = tuple(
         Node(
             name=name,
-            device=draw(st.sampled_from((*DATASHEET_PROFILES, CPU_PROFILE))),
-            num_devices=draw(st.integers(1, 16)),
             intra_link=draw(st.none() | links(st.sampled_from(tuple(INTRA_LINKS)))),
             network=draw(st.none() | links(st.just("network"))),
+            **draw(
+                st.fixed_dictionaries({"device": profiles, "num_devices": st.integers(1, 16)})
+                | st.fixed_dictionaries({"devices": st.lists(profiles, min_size=2, max_size=6).map(tuple)})
+            ),
         )
         for name in names
     )
@@ -599,3 +608,54 @@ def test_docstring_examples() -> None:
     for module in (devices_module, topology_module, cluster_module):
         result = doctest.testmod(module, extraglobs=extra)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# --- nodes of mixed device types --------------------------------------------------------------
+
+
+def test_mixed_node_in_the_string_and_json_forms(tmp_path) -> None:
+    a100, t4 = get_profile("A100-80GB"), get_profile("T4")
+    cluster = parse_cluster("ws = 1xA100-80GB + 2xT4, node1=2xA100-80GB")
+    ws = cluster.nodes[0]
+    assert ws.is_mixed and ws.device is None and ws.num_devices == 3
+    assert ws.devices == (a100, t4, t4) and ws.blocks == ((a100, 1), (t4, 2))
+    assert [d.profile for d in cluster.devices()] == [a100, t4, t4, a100, a100]
+    assert cluster.device_types == ("A100-80GB", "T4") and not cluster.is_homogeneous
+    assert cluster.ranks_by_device() == {"A100-80GB": (0, 3, 4), "T4": (1, 2)}
+    assert ws.device_link.kind == t4.intra_link  # the slower device's link (PCIe)
+    assert cluster.link(0, 1) == ws.device_link
+    assert format_cluster(cluster) == "ws=1xA100-80GB+2xT4,node1=2xA100-80GB"
+    data = cluster_to_dict(cluster)
+    assert data["nodes"][0] == {"name": "ws", "devices": [{"device": "A100-80GB", "count": 1},
+                                                          {"device": "T4", "count": 2}]}  # fmt: skip
+    path = tmp_path / "ws.json"
+    path.write_text(json.dumps(data))
+    assert load_cluster(path) == cluster
+    # Runs of one type make a node of one type.
+    assert parse_cluster("a=1xT4+1xT4") == parse_cluster("a=2xT4")
+    assert Node(name="a", devices=(t4, t4)) == Node(name="a", device=t4, num_devices=2)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"devices": [{"device": "T4"}], "device": "T4"}, "not both"),
+        ({"devices": []}, "'devices' must be a non-empty list"),
+        ({"devices": [{"device": "T4", "count": 0}]}, r"devices\[0\]: count must be an int >= 1"),
+        ({"devices": [{"device": "T4", "number": 2}]}, r"devices\[0\]: unknown keys \['number'\]"),
+        ({"devices": [{"device": "T5"}]}, "unknown device type 'T5'"),
+    ],
+)
+def test_bad_mixed_nodes_in_cluster_files(entry: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"cluster: nodes\[0\]: .*" + message):
+        cluster_from_dict({"nodes": [entry]})
+
+
+def test_node_validation_for_mixed_devices() -> None:
+    t4 = get_profile("T4")
+    with pytest.raises(ValueError, match="give device and num_devices, or devices"):
+        Node(name="a")
+    with pytest.raises(ValueError, match="num_devices=3 but devices lists 2 devices"):
+        Node(name="a", devices=(t4, t4), num_devices=3)
+    with pytest.raises(TypeError, match="a device must be a DeviceProfile"):
+        Node(name="a", devices=(t4, "T4"))

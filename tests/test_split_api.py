@@ -34,6 +34,23 @@ def test_split_alone_world2_uneven_vocab_shards(world2):
     assert outs[1]["shards"]["lm_head.weight"] == (24, 32)
 
 
+def test_split_on_a_workstation_shards_by_device_speed(world2):
+    # Rank 0 is an A100, rank 1 a T4 (fp32 achievable 9.75 vs 4.05 TFLOP/s): with no
+    # shard_sizes given, parallelize cuts heads, columns and vocabulary rows by speed.
+    outs = world2.run(CASE, split={"blocks": 2, "lm_head": 2}, cluster="node0=1xA100-80GB+1xT4")
+    _check(outs)
+    assert outs[0]["shard_sizes"] == {
+        "blocks.0.attn": (3, 1), "blocks.0.mlp": (90, 38),
+        "blocks.1.attn": (3, 1), "blocks.1.mlp": (90, 38), "lm_head": (45, 19),
+    }  # fmt: skip
+    assert outs[0]["shards"]["lm_head.weight"] == (45, 32)
+    assert outs[1]["shards"]["lm_head.weight"] == (19, 32)
+    assert outs[0]["shards"]["blocks.0.mlp.fc.weight"] == (90, 32)
+    assert outs[1]["shards"]["blocks.0.mlp.fc.weight"] == (38, 32)
+    assert outs[0]["shards"]["blocks.0.attn.qkv.weight"] == (3 * 3 * 8, 32)  # q, k, v of 3 heads
+    assert outs[1]["shards"]["blocks.0.attn.qkv.weight"] == (3 * 1 * 8, 32)
+
+
 def test_split_inside_replicate_world4(world4):
     # 2 tensor-parallel ranks x 2 replicas with uneven rows: shards synced across replicas.
     outs = world4.run(CASE, split={"blocks": 2}, row_weights=(3, 1))
@@ -84,6 +101,25 @@ def test_shard_sizes_that_do_not_add_up(world):
                        config=wh.Config(shard_sizes={"lm_head": [20, 20]}))
 
 
+def test_speed_sizes_are_planned_before_any_group(world):
+    world(2)
+    model, x = _gpt()
+    wh.annotate(model, {"blocks": wh.split(2)})
+    ws = "node0=1xA100-80GB+1xT4"
+    auto = wh.parallelize(model, loss_fn=_lm, example_inputs=x, config=wh.Config(auto_parallel=True, cluster=ws))
+    assert auto.plan.tensor_parallel == 2  # split() pins it
+    assert dict(auto.plan.shard_sizes)["blocks.0.mlp"] == (45, 19)  # 64 columns by speed
+    # Sizes the user gives win; on one device type the shards stay even.
+    given = wh.Config(cluster=ws, shard_sizes={"blocks.0.mlp": [32, 32]})
+    assert wh.parallelize(model, loss_fn=_lm, example_inputs=x, config=given).plan.shard_sizes == (("blocks.0.mlp", (32, 32)),)
+    same = wh.Config(cluster="2xA100-80GB")
+    assert wh.parallelize(model, loss_fn=_lm, example_inputs=x, config=same).plan.shard_sizes == ()
+    world(4)
+    mixed = wh.Config(cluster="a=1xA100-80GB+1xT4,b=2xA100-80GB")
+    with pytest.raises(ValueError, match=r"groups \[\(0, 1\), \(2, 3\)\] mix device types differently"):
+        wh.parallelize(model, loss_fn=_lm, example_inputs=x, config=mixed)
+
+
 def test_split_device_count_must_divide_the_world(world):
     world(4)
     model, x = _gpt()
@@ -102,8 +138,13 @@ def test_split_device_count_must_divide_the_world(world):
             "num_micro_batch": 3,
             "shard_sizes": {"blocks.3.mlp": [96, 32]},
         },
+        {
+            "split": {"blocks.0": 2, "blocks.3.mlp": 2},
+            "boundaries": ["blocks.2"],
+            "cluster": "a=1xA100-80GB+1xT4,b=1xA100-80GB+1xT4",
+        },
     ],
-    ids=["split-last-stage", "split-both-stages-uneven-mlp"],
+    ids=["split-last-stage", "split-both-stages-uneven-mlp", "split-both-stages-by-device-speed"],
 )
 def test_split_inside_pipeline_stages_world4(world4, kwargs):
     # 2 stages x 2 tensor-parallel ranks; the tied embedding/head spans both stages.
@@ -116,3 +157,9 @@ def test_split_inside_pipeline_stages_world4(world4, kwargs):
         # Ranks 2 and 3 hold stage 1: its MLP's hidden columns split 96 / 32.
         assert outs[2]["shards"]["blocks.3.mlp.fc.weight"] == (96, 32)
         assert outs[3]["shards"]["blocks.3.mlp.fc.weight"] == (32, 32)
+    if "cluster" in kwargs:
+        # Each stage's group is an A100 and a T4: columns 90 / 38, heads 3 / 1.
+        assert outs[2]["shards"]["blocks.3.mlp.fc.weight"] == (90, 32)
+        assert outs[3]["shards"]["blocks.3.mlp.fc.weight"] == (38, 32)
+        assert outs[0]["shards"]["blocks.0.attn.qkv.weight"] == (72, 32)
+        assert outs[1]["shards"]["blocks.0.attn.qkv.weight"] == (24, 32)

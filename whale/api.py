@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -13,9 +14,12 @@ from torch import nn
 
 from .capture import CaptureError, capture, module_annotation_map
 from .config import Config
+from .planner.cluster import Cluster
 from .planner.data_parallel import plan_data_parallel
 from .planner.pipeline import count_stages, plan_pipeline
+from .planner.plan import Plan
 from .planner.search import auto_plan
+from .planner.shards import speed_shard_sizes
 from .rewrite.stage_split import assign_stages, capture_split_stages, split_stages
 from .rewrite.tensor_parallel import TensorParallelAnalysis, resolve_sizes
 from .runtime.data_parallel import DataParallelProgram
@@ -137,12 +141,82 @@ def _program(model, loss_fn, plan, config, captured) -> DataParallelProgram | Pi
         stage_graphs, sizes = {}, {}
         if plan.tensor_parallel > 1:
             stage_graphs = capture_split_stages(stages, captured)
+            if _needs_speed_sizes(plan, config.cluster):
+                plan = _with_speed_sizes(plan, config.cluster, [
+                    (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module, s % plan.pipeline_degree)
+                    for s, g in stage_graphs.items()
+                ])  # fmt: skip
             sizes = _stage_shard_sizes(plan, stage_graphs)
         return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs, sizes)
     if plan.tensor_parallel > 1:
         analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
+        if _needs_speed_sizes(plan, config.cluster):
+            plan = _with_speed_sizes(plan, config.cluster, [(analysis, model, 0)])
         resolve_sizes(analysis, dict(plan.shard_sizes))
     return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
+
+
+def speed_sizes(plan: Plan, cluster: Cluster, model: nn.Module, captured) -> Plan:
+    """``plan`` with shard sizes in proportion to device speed where its tensor groups mix types.
+
+    The runtime shards every region the split rewrite finds; on a group of mixed devices each
+    rank gets atoms (heads, columns, classes, experts) by :func:`speed_shard_sizes`. ``plan``
+    is returned as it is without tensor parallelism, with sizes already set, or on groups of
+    one device type. ``whale plan`` shows the sizes this gives.
+
+    Example::
+
+        plan = speed_sizes(plan, parse_cluster("node0=1xA100-80GB+1xT4"), model, captured)
+    """
+    if not _needs_speed_sizes(plan, cluster):
+        return plan
+    if plan.num_stages == 1:
+        analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
+        return _with_speed_sizes(plan, cluster, [(analysis, model, 0)])
+    stage_of, _ = assign_stages(captured, plan.stage_boundaries or None)
+    graphs = capture_split_stages(split_stages(captured, stage_of, plan.num_stages), captured)
+    return _with_speed_sizes(plan, cluster, [
+        (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module, s % plan.pipeline_degree)
+        for s, g in graphs.items()
+    ])  # fmt: skip
+
+
+def _needs_speed_sizes(plan: Plan, cluster: Cluster | None) -> bool:
+    """True when a tensor group of ``plan`` mixes device types and the user gave no sizes."""
+    if plan.tensor_parallel == 1 or plan.shard_sizes or cluster is None:
+        return False
+    if cluster.world_size != plan.world_size:
+        raise ValueError(
+            f"Config(cluster={str(cluster)!r}) has {cluster.world_size} devices but the job has "
+            f"{plan.world_size} ranks; describe one device per rank"
+        )
+    names = [d.profile.name for d in cluster.devices()]
+    t = plan.tensor_parallel
+    return any(len({names[r] for r in pipe[k : k + t]}) > 1 for pipe in plan.pipelines for k in range(0, len(pipe), t))
+
+
+def _with_speed_sizes(plan: Plan, cluster: Cluster, analyses) -> Plan:
+    """``plan`` with speed-proportional sizes; ``analyses``: (analysis, its module, position)."""
+    t, sizes = plan.tensor_parallel, {}
+    for analysis, root, pos in analyses:
+        groups = [pipe[pos * t : (pos + 1) * t] for pipe in plan.pipelines]
+        regions = {r.name: (r.num_atoms, _region_params(root, r.modules) / r.num_atoms) for r in analysis.regions}
+        sizes.update(speed_shard_sizes(cluster, groups, regions))
+    if not sizes:
+        return plan
+    return dataclasses.replace(plan, shard_sizes=tuple(sorted(sizes.items())))
+
+
+def _region_params(root: nn.Module, paths) -> int:
+    """Parameters of the modules ``paths`` name (each once): the ones a region shards."""
+    seen: dict[int, int] = {}
+    for path in paths:
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            continue
+        seen.update((id(p), p.numel()) for p in module.parameters())
+    return sum(seen.values())
 
 
 def _stage_shard_sizes(plan, stage_graphs) -> dict[int, dict[str, tuple[int, ...]]]:

@@ -13,6 +13,7 @@ the links) into a profile file for ``--profiles``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .api import speed_sizes
 from .capture import capture, module_annotation_map
 from .config import Config
 from .planner.cluster import load_cluster, parse_cluster
@@ -148,6 +150,9 @@ def _plan(args: argparse.Namespace) -> int:
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
         extra_pins=_pins(args),
     )  # fmt: skip
+    if report.executable:  # the sizes the runtime will use on tensor groups of mixed devices
+        plan = speed_sizes(plan, cluster, model, captured)
+        report = dataclasses.replace(report, plan=plan)
     if args.json:
         if args.explain:
             print(json.dumps({"plan": json.loads(plan.to_json()), "report": report.to_dict()}, indent=2))

@@ -68,11 +68,13 @@ class Config:
     """Module paths at which pipeline stages 1, 2, ... begin, instead of ``stage()`` annotations."""
 
     cluster: Any = None
-    """For ``auto_parallel``: the devices, as a spec string (``"node0=8xA100-80GB,node1=8xV100-32GB"``)
-    or a parsed ``whale.planner.cluster.Cluster``; None is this host's device type."""
+    """The devices, as a spec string (``"node0=8xA100-80GB,node1=8xV100-32GB"``, a mixed node
+    ``"node0=1xA100-80GB+1xT4"``) or a parsed ``whale.planner.cluster.Cluster``; None is this
+    host's device type. ``auto_parallel`` plans on it; ``split`` shards by its device speeds."""
 
     shard_sizes: Mapping[str, Sequence[int]] | None = None
-    """Per split region (a module path in it), the heads/columns/classes/experts of each rank."""
+    """Per split region (a module path in it), the heads/columns/classes/experts of each rank.
+    None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:

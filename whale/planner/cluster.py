@@ -4,11 +4,14 @@ The data model (:class:`Cluster`, :class:`Node`, :class:`Link`) lives in
 :mod:`whale.planner.topology` and is re-exported here. A cluster string::
 
     cluster  := node ("," node)* [";" option ("," option)*]
-    node     := [name "="] [count "x"] device ["(" option ("," option)* ")"]
+    node     := [name "="] devices ["(" option ("," option)* ")"]
+    devices  := [count "x"] device ("+" [count "x"] device)*
     option   := key "=" value
 
 * ``name`` defaults to ``node<i>``; ``count`` to 1; ``device`` is any name
   :func:`~whale.planner.devices.get_profile` knows (``A100-80GB``, ``a100_80g``, ``T4``, ``cpu``).
+* A node of mixed devices joins runs with ``+``: ``ws=1xA100-80GB+1xT4`` is a workstation
+  whose rank 0 is the A100 and rank 1 the T4; its devices share the slowest profile's link.
 * Cluster options (after ``;``): ``net=<bandwidth>`` and ``lat=<time>``, the network between
   nodes (default 100 Gbps, 9.6 us).
 * Node options (in parentheses): ``net``/``lat`` for that node's own network interface;
@@ -28,7 +31,9 @@ bytes/s and seconds, or text with a unit::
     {"nodes": [{"name": "node0", "device": "A100-80GB", "count": 8},
                {"name": "node1", "device": "V100-32GB", "count": 8,
                 "network": {"bandwidth": "25Gbps", "latency": "5us"},
-                "intra_link": {"kind": "pcie3", "bandwidth": "16GB/s", "latency": "5.7us"}}],
+                "intra_link": {"kind": "pcie3", "bandwidth": "16GB/s", "latency": "5.7us"}},
+               {"name": "ws", "devices": [{"device": "A100-80GB", "count": 1},
+                                          {"device": "T4", "count": 1}]}],
      "network": {"bandwidth": "100Gbps", "latency": "5us"},
      "devices": [...custom profiles, in the load_profiles format...]}
 """
@@ -121,8 +126,12 @@ _NODE_OPTIONS: dict[str, Callable[[Any], Any]] = {
 _CLUSTER_OPTIONS = {key: _NODE_OPTIONS[key] for key in ("net", "lat")}
 
 
-def _node(name: str, profile: DeviceProfile, count: int, options: Mapping, network: Link) -> Node:
-    """A node; ``options`` use the string form's keys, ``network`` is the cluster's."""
+def _node(
+    name: str, blocks: list[tuple[DeviceProfile, int]], options: Mapping, network: Link
+) -> Node:
+    """A node of ``(profile, count)`` runs; ``options`` use the string form's keys, ``network``
+    is the cluster's."""
+    profile = min((p for p, _ in blocks), key=lambda d: d.intra_link_bandwidth)  # Node.link_profile
     net = None
     if "net" in options or "lat" in options:
         net = Link(
@@ -142,7 +151,10 @@ def _node(name: str, profile: DeviceProfile, count: int, options: Mapping, netwo
             bandwidth=options.get("intra", bandwidth),
             latency=options.get("intra_lat", standard.latency),
         )
-    return Node(name=name, device=profile, num_devices=count, intra_link=intra, network=net)
+    if len(blocks) == 1:  # one type: Node checks the count
+        return Node(name=name, device=profile, num_devices=blocks[0][1], intra_link=intra, network=net)
+    devices = tuple(p for p, count in blocks for _ in range(count))
+    return Node(name=name, devices=devices, intra_link=intra, network=net)
 
 
 def _cluster_network(options: Mapping) -> Link:
@@ -168,7 +180,7 @@ class ClusterSpecError(ValueError):
         super().__init__(
             f"cannot parse the cluster spec at position {position}: {problem}\n"
             f"  {spec}\n  {' ' * position}^\n"
-            f"write [name=]<count>x<device>[(options)] per node, comma-separated, then optional "
+            f"write [name=]<count>x<device>[+<count>x<device>...][(options)] per node, comma-separated, then optional "
             f"';net=<bandwidth>,lat=<time>', e.g. {_EXAMPLE!r}"
         )
 
@@ -219,6 +231,45 @@ class _Scanner:
                 return options
 
 
+def _runs(devices: str, at: int) -> list[tuple[int, str]]:
+    """``"1xA100+1xT4"`` at 5 -> ``[(5, "1xA100"), (12, "1xT4")]``: runs and their positions."""
+    out = []
+    for run in devices.split("+"):
+        out.append((at, run))
+        at += len(run) + 1
+    return out
+
+
+def _parse_block(
+    scan: _Scanner, name: str, devices: str, at_devices: int, profiles: Profiles
+) -> tuple[DeviceProfile, int]:
+    """One ``[count x] device`` run of node ``name`` starting at ``at_devices``."""
+    if not devices:
+        scan.fail(f"expected a run of devices such as 1xT4 in node {name!r}, around '+'", at_devices)
+    count_text, x, device = re.fullmatch(r"(\d*)([xX]?)(.*)", devices).groups()
+    if not x and devices.isdigit():
+        scan.fail(
+            f"expected 'x' and a device name after the count, e.g. {devices}xA100-80GB",
+            at_devices + len(devices),
+        )
+    if not x:  # no count: one device, the whole word names it
+        count_text, device = "", count_text + device
+    at_device = at_devices + len(count_text) + len(x)
+    if not device:
+        scan.fail(
+            f"expected a device name after {devices!r}, e.g. {devices or '8x'}A100-80GB",
+            at_device,
+        )
+    count = int(count_text) if count_text else 1
+    if count < 1:
+        scan.fail(f"node {name!r} needs at least one device, got {count}", at_devices)
+    try:
+        profile = get_profile(device, profiles)
+    except ValueError as error:
+        scan.fail(str(error), at_device)
+    return profile, count
+
+
 def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
     """Parse a cluster string (grammar in the module docstring).
 
@@ -238,7 +289,7 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
     if not isinstance(spec, str):
         raise TypeError(f"parse_cluster(spec=...) takes a string, got {type(spec).__name__}")
     scan = _Scanner(spec)
-    parsed: list[tuple[str, DeviceProfile, int, dict]] = []
+    parsed: list[tuple[str, list[tuple[DeviceProfile, int]], dict]] = []
     while True:
         at, first = scan.word("a node such as 'node0=8xA100-80GB'")
         name = f"node{len(parsed)}"
@@ -255,33 +306,20 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
         if name in (p[0] for p in parsed):
             default = "" if at_devices != at else f" (the default name of node {len(parsed)})"
             scan.fail(f"node name {name!r}{default} is used twice; name the nodes", at)
-        count_text, x, device = re.fullmatch(r"(\d*)([xX]?)(.*)", devices).groups()
-        if not x and devices.isdigit():
-            scan.fail(
-                f"expected 'x' and a device name after the count, e.g. {devices}xA100-80GB",
-                at_devices + len(devices),
-            )
-        if not x:  # no count: one device, the whole word names it
-            count_text, device = "", count_text + device
-        at_device = at_devices + len(count_text) + len(x)
-        if not device:
-            scan.fail(
-                f"expected a device name after {devices!r}, e.g. {devices or '8x'}A100-80GB",
-                at_device,
-            )
-        count = int(count_text) if count_text else 1
-        if count < 1:
-            scan.fail(f"node {name!r} needs at least one device, got {count}", at_devices)
-        try:
-            profile = get_profile(device, profiles)
-        except ValueError as error:
-            scan.fail(str(error), at_device)
+        runs = _runs(devices, at_devices)
+        while runs[-1][1] == "" or scan.peek() == "+":  # "A + B", "A+ B": runs across spaces
+            if runs[-1][1] == "":
+                runs.pop()
+            else:
+                scan.take("+")
+            runs += _runs(*reversed(scan.word(f"a run of devices after '+' in node {name!r}, e.g. 1xT4")))
+        blocks = [_parse_block(scan, name, run, at_run, profiles) for at_run, run in runs]
         options = {}
         if scan.take("("):
             options = scan.options(_NODE_OPTIONS)
             if not scan.take(")"):
                 scan.fail("expected ')' to close the node options, or ',' and another option")
-        parsed.append((name, profile, count, options))
+        parsed.append((name, blocks, options))
         if not scan.take(","):
             break
     cluster_options = scan.options(_CLUSTER_OPTIONS) if scan.take(";") else {}
@@ -318,7 +356,8 @@ def format_cluster(cluster: Cluster) -> str:
                 f"intra_lat={format_duration(node.intra_link.latency)}",
             ]
         suffix = f"({','.join(options)})" if options else ""
-        parts.append(f"{node.name}={node.num_devices}x{node.device.name}{suffix}")
+        devices = "+".join(f"{count}x{profile.name}" for profile, count in node.blocks)
+        parts.append(f"{node.name}={devices}{suffix}")
     text = ",".join(parts)
     if cluster.network != DEFAULT_NETWORK:
         text += (
@@ -361,15 +400,19 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
     """
     nodes, custom = [], {}
     for node in cluster.nodes:
-        entry: dict[str, Any] = {"name": node.name, "device": node.device.name}
-        entry["count"] = node.num_devices
+        entry: dict[str, Any] = {"name": node.name}
+        if node.is_mixed:
+            entry["devices"] = [{"device": p.name, "count": n} for p, n in node.blocks]
+        else:
+            entry["device"], entry["count"] = node.device.name, node.num_devices
         if node.intra_link is not None:
             entry["intra_link"] = {"kind": node.intra_link.kind, **_link_values(node.intra_link)}
         if node.network is not None:
             entry["network"] = _link_values(node.network)
         nodes.append(entry)
-        if _datasheet(node.device.name) != node.device:
-            custom[node.device.name] = node.device.to_dict()
+        for profile in dict.fromkeys(node.devices):
+            if _datasheet(profile.name) != profile:
+                custom[profile.name] = profile.to_dict()
     out = {"nodes": nodes, "network": _link_values(cluster.network)}
     return {**out, "devices": list(custom.values())} if custom else out
 
@@ -391,17 +434,40 @@ def cluster_from_dict(
     nodes = []
     for i, entry in enumerate(data["nodes"]):
         at = f"{where}: nodes[{i}]"
-        entry = _keys(entry, at, ("name", "device", "count", "intra_link", "network"), ("device",))
+        entry = _keys(entry, at, ("name", "device", "count", "devices", "intra_link", "network"))
         options = _options(entry.get("network", {}), f"{at}: network", link_keys)
         intra_keys = {"kind": "link", "bandwidth": "intra", "latency": "intra_lat"}
         options.update(_options(entry.get("intra_link", {}), f"{at}: intra_link", intra_keys))
         try:
-            profile = get_profile(entry["device"], known)
-            name, count = entry.get("name", f"node{i}"), entry.get("count", 1)
-            nodes.append(_node(name, profile, count, options, network))
+            name = entry.get("name", f"node{i}")
+            nodes.append(_node(name, _json_blocks(entry, known), options, network))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{at}: {error}") from None
     return Cluster(nodes=tuple(nodes), network=network)
+
+
+def _json_blocks(entry: Mapping, known: list) -> list[tuple[DeviceProfile, int]]:
+    """The ``(profile, count)`` runs of a JSON node: ``device``/``count`` or ``devices``."""
+    if "device" not in entry and "devices" not in entry:
+        raise ValueError("missing keys ['device'] (or 'devices' for a mixed node)")
+    if "devices" in entry and ("device" in entry or "count" in entry):
+        raise ValueError(
+            "give 'device' (and 'count') for one device type, or 'devices' as a list of "
+            '{"device": ..., "count": ...} for a mixed node, not both'
+        )
+    if "device" in entry:
+        return [(get_profile(entry["device"], known), entry.get("count", 1))]
+    runs = entry["devices"]
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"'devices' must be a non-empty list of objects, got {runs!r}")
+    out = []
+    for k, run in enumerate(runs):
+        run = _keys(run, f"devices[{k}]", ("device", "count"), ("device",))
+        count = run.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"devices[{k}]: count must be an int >= 1, got {count!r}")
+        out.append((get_profile(run["device"], known), count))
+    return out
 
 
 def load_cluster(path: str | os.PathLike, *, profiles: Profiles = None) -> Cluster:

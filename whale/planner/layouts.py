@@ -29,9 +29,15 @@ __all__ = ["count_arrangements", "layouts", "tensor_groups"]
 def tensor_groups(cluster: Cluster, degree: int) -> tuple[tuple[int, ...], ...] | None:
     """Consecutive ranks of each node in groups of ``degree``; None if a node does not divide.
 
+    A group on a mixed node can hold several device types; its members then hold shards in
+    proportion to their speed. The runtime takes one list of shard sizes for every group, so
+    when some group is mixed all groups must have the same device types by tensor index
+    (None otherwise: ``1xA100+1xT4,2xA100`` at degree 2 would need two size lists).
+
     Example::
 
         tensor_groups(parse_cluster("2xT4,2xA10"), 2)   # ((0, 1), (2, 3))
+        tensor_groups(parse_cluster("1xA100-80GB+1xT4"), 2)   # ((0, 1),), A100 then T4
     """
     groups, start = [], 0
     for node in cluster.nodes:
@@ -39,6 +45,10 @@ def tensor_groups(cluster: Cluster, degree: int) -> tuple[tuple[int, ...], ...] 
             return None
         groups += [tuple(range(start + k, start + k + degree)) for k in range(0, node.num_devices, degree)]
         start += node.num_devices
+    names = [d.profile.name for d in cluster.devices()]
+    patterns = {tuple(names[r] for r in g) for g in groups}
+    if len(patterns) > 1 and any(len(set(p)) > 1 for p in patterns):
+        return None
     return tuple(groups)
 
 
@@ -51,7 +61,7 @@ def _type_orders(cluster: Cluster, limit: int = 6) -> list[tuple[str, ...]]:
     types = list(cluster.device_types)
     if len(types) <= 3:
         return [tuple(order) for order in itertools.permutations(types)]
-    by = {n.device.name: n.device for n in cluster.nodes}
+    by = {d.name: d for n in cluster.nodes for d in n.devices}
     keys = [lambda d: -d.peak("fp32"), lambda d: d.peak("fp32"), lambda d: -d.memory_bytes, lambda d: d.memory_bytes]
     orders = [tuple(types)] + [tuple(sorted(types, key=lambda name: key(by[name]))) for key in keys]
     return list(dict.fromkeys(orders))[:limit]

@@ -40,7 +40,7 @@ from .flow_shop import flow_shop, peak_held, peak_held_bound, pipeline_estimate
 from .layers import ModelProfile
 from .topology import LOOPBACK
 
-__all__ = ["Candidate", "CostModel", "CostOptions", "Layout", "Prediction", "ReplicaCost"]
+__all__ = ["Candidate", "CostModel", "CostOptions", "Layout", "Prediction", "ReplicaCost", "achievable_peak"]
 
 # A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
 _FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
@@ -152,6 +152,18 @@ class Prediction:
         return 1 - busy / (len(self.rank_busy) * self.step_time) if self.step_time > 0 else 0.0
 
 
+def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
+    """FLOP/s ``device`` reaches in ``options.dtype``: its peak times the efficiency.
+
+    The speed the cost model splits sharded work by (:meth:`CostModel.shard_shares`).
+    """
+    rate = next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
+    eff = options.efficiency
+    if eff is None:
+        eff = 1.0 if device.source.startswith("measured") else DEFAULT_EFFICIENCY
+    return rate * eff
+
+
 class CostModel:
     """Times and bytes of layers, stages and replicas for one model on one cluster.
 
@@ -208,11 +220,7 @@ class CostModel:
 
     def peak(self, device: DeviceProfile) -> float:
         """Achievable FLOP/s of ``device`` in the compute dtype (efficiency applied)."""
-        rate = next(device.peak(d) for d in _FALLBACK[self.options.dtype] if d in device.dtypes)
-        eff = self.options.efficiency
-        if eff is None:
-            eff = 1.0 if device.source.startswith("measured") else DEFAULT_EFFICIENCY
-        return rate * eff
+        return achievable_peak(device, self.options)
 
     def capacity(self, rank: int) -> int:
         """Bytes a plan may use on ``rank``."""

@@ -95,6 +95,8 @@ class PlanReport:
             ),
         ]
         text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+        for name, sizes in self.plan.shard_sizes:
+            text.append(f"shard sizes of {name or '<root>'!r} by tensor index: {list(sizes)}")
         if not self.executable:
             text.append(
                 f"note: tensor parallel {self.plan.tensor_parallel} shards only split() parts at run "

@@ -92,8 +92,9 @@ def plan_of(
     batch sizes proportionally). Stage boundaries are the names of the layers at the cuts,
     unless given (``()`` when ``stage()`` annotations define the stages). A pipeline lists its
     ranks position by position, each position's tensor-parallel group in order. The search
-    forms tensor-parallel groups inside a node, of one device type, so even shards are the
-    speed-proportional ones and ``shard_sizes`` stays empty unless the user pinned it.
+    forms tensor-parallel groups inside a node; ``shard_sizes`` holds only what the user
+    pinned, and ``parallelize`` fills in speed-proportional sizes where a group mixes device
+    types (:func:`~.shards.speed_shard_sizes` on the rewrite's regions).
     """
     c = scored.candidate
     layout: Layout = c.layout

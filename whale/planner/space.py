@@ -303,15 +303,22 @@ class SearchSpace:
         costs = self.costs
         key = (tuple(self.device_of[r].name for r in group), costs.group_link(group), round(q, 9))
         if key not in self._arrays:
-            share = costs.shard_shares(group)[0]
-            prefix = costs._prefix_time(self.device_of[group[0]], q, share)
+            shares = costs.shard_shares(group)
+            kinds = dict.fromkeys((self.device_of[r], w, costs.capacity(r)) for r, w in zip(group, shares))
+            cap = min(c for _, _, c in kinds)
+            # A mixed group runs at its slowest member; each member's memory is scaled to the
+            # smallest capacity, so the largest of them fitting ``cap`` means every member fits.
+            prefixes = [np.asarray(costs._prefix_time(d, q, w)) for d, w, _ in kinds]
+            if len(prefixes) > 1:
+                prefixes = [np.concatenate([[0.0], np.cumsum(np.max([np.diff(x) for x in prefixes], axis=0))])]
+            prefix = prefixes[0]
+            state = np.max([((costs.params - costs.repl_params) * w + costs.repl_params) * (cap / c) for _, w, c in kinds], axis=0)
+            act = np.max([((costs.act - costs.repl_act) * w + costs.repl_act) * (cap / c) for _, w, c in kinds], axis=0)
+            state = state * costs.state_bytes_per_param
             t = len(group)
             if t > 1:
                 link = costs.group_link(group)
                 prefix = prefix + 2 * (t - 1) * link.latency * costs.tp_count + 2 * (t - 1) / t * q * costs.tp_bytes / link.bandwidth
-            state = ((costs.params - costs.repl_params) * share + costs.repl_params) * costs.state_bytes_per_param
-            act = (costs.act - costs.repl_act) * share + costs.repl_act
-            cap = min(costs.capacity(r) for r in group)
             self._arrays[key] = (np.maximum(np.diff(prefix), 1e-30), state, act, cap)
         return self._arrays[key]
 
@@ -329,7 +336,8 @@ def no_structure_error(pins: Pins, cluster: Cluster, batch: int, num_layers: int
         return ValueError(
             f"the pinned choices {', '.join(pinned)} admit no plan for {world} devices "
             f"({cluster}), a global batch of {batch} rows and {num_layers} layers: check that "
-            "pipeline and tensor degrees divide the devices (tensor groups inside one node), "
+            "pipeline and tensor degrees divide the devices (tensor groups inside one node, "
+            "with the same device types by tensor index when a node mixes types), "
             "that the batch gives every replica a row per micro-batch, and that there are as "
             "many layers as stages; or unpin some of them"
         )

@@ -81,20 +81,30 @@ DEFAULT_NETWORK = Link(kind="network", bandwidth=100e9 / 8, latency=9.6e-6)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Node:
-    """One machine: ``num_devices`` devices of one type.
+    """One machine: ``num_devices`` devices of one type, or ``devices`` of mixed types.
+
+    A node of one type takes ``device`` and ``num_devices``; a mixed node (a workstation with
+    two different GPUs) takes ``devices``, one profile per device in rank order, and has
+    ``device=None``. Either way ``devices`` and ``num_devices`` are filled in, so planner code
+    reads a node's devices one by one.
 
     Example::
 
         Node(name="node0", device=get_profile("A100-80GB"), num_devices=8)
+        Node(name="ws", devices=(get_profile("A100-80GB"), get_profile("T4")))
     """
 
     name: str
-    device: DeviceProfile
-    num_devices: int
+    device: DeviceProfile | None = None
+    """The device type of every device; None on a mixed node."""
+    num_devices: int | None = None
+    """Number of devices (from ``devices`` when not given)."""
     intra_link: Link | None = None
-    """Link between this node's devices; None takes the device profile's link."""
+    """Link between this node's devices; None takes the slowest device profile's link."""
     network: Link | None = None
     """This node's network interface; None takes the cluster's network."""
+    devices: tuple[DeviceProfile, ...] = ()
+    """Each device's profile in rank order (filled from ``device`` x ``num_devices``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NODE_NAME_RE.fullmatch(self.name):
@@ -102,13 +112,32 @@ class Node:
                 f"Node(name={self.name!r}) must start with a letter or '_' and hold only "
                 "letters, digits, '_', '.' and '-'"
             )
-        if not isinstance(self.device, DeviceProfile):
-            raise TypeError(
-                f"Node {self.name}: device must be a DeviceProfile, got {self.device!r}"
-            )
+        devices = tuple(self.devices)
+        for device in (self.device, *devices) if self.device is not None else devices:
+            if not isinstance(device, DeviceProfile):
+                raise TypeError(f"Node {self.name}: a device must be a DeviceProfile, got {device!r}")
         n = self.num_devices
+        if devices:
+            if n is not None and n != len(devices):
+                raise ValueError(
+                    f"Node {self.name}: num_devices={n!r} but devices lists {len(devices)} devices; "
+                    "give one of them"
+                )
+            if self.device is not None and set(devices) != {self.device}:
+                raise ValueError(
+                    f"Node {self.name}: device={self.device.name} but devices holds "
+                    f"{sorted({d.name for d in devices})}; give device for one type, devices for a mix"
+                )
+            n = len(devices)
+        elif self.device is None:
+            raise ValueError(f"Node {self.name}: give device and num_devices, or devices")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Node {self.name}: num_devices must be an int >= 1, got {n!r}")
+        if not devices:
+            devices = (self.device,) * n
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "num_devices", n)
+        object.__setattr__(self, "device", devices[0] if len(set(devices)) == 1 else None)
         if self.intra_link is not None and self.intra_link.kind not in INTRA_LINKS:
             raise ValueError(
                 f"Node {self.name}: intra_link kind {self.intra_link.kind!r} is not an intra-node "
@@ -118,14 +147,34 @@ class Node:
             raise ValueError(f"Node {self.name}: network must be a Link of kind 'network'")
 
     @property
+    def is_mixed(self) -> bool:
+        """True when the node holds more than one device type."""
+        return self.device is None
+
+    @property
+    def blocks(self) -> tuple[tuple[DeviceProfile, int], ...]:
+        """Runs of one device type in rank order, e.g. ``((A100, 1), (T4, 1))``."""
+        out: list[tuple[DeviceProfile, int]] = []
+        for device in self.devices:
+            if out and out[-1][0] == device:
+                out[-1] = (device, out[-1][1] + 1)
+            else:
+                out.append((device, 1))
+        return tuple(out)
+
+    @property
+    def link_profile(self) -> DeviceProfile:
+        """The profile whose intra-node link the devices share: the slowest one's on a mix."""
+        return min(dict.fromkeys(self.devices), key=lambda d: d.intra_link_bandwidth)
+
+    @property
     def device_link(self) -> Link:
         """The link between two devices of this node."""
         if self.intra_link is not None:
             return self.intra_link
-        kind = self.device.intra_link
-        return Link(
-            kind=kind, bandwidth=self.device.intra_link_bandwidth, latency=INTRA_LINKS[kind].latency
-        )
+        profile = self.link_profile
+        kind = profile.intra_link
+        return Link(kind=kind, bandwidth=profile.intra_link_bandwidth, latency=INTRA_LINKS[kind].latency)
 
 
 class RankDevice(NamedTuple):
@@ -184,9 +233,9 @@ class Cluster:
     def devices(self) -> tuple[RankDevice, ...]:
         """Every rank in order, with its node and device profile."""
         return tuple(
-            RankDevice(start + i, node, node.device)
+            RankDevice(start + i, node, device)
             for start, node in zip(self._starts, self.nodes, strict=True)
-            for i in range(node.num_devices)
+            for i, device in enumerate(node.devices)
         )
 
     def node_of(self, rank: int) -> Node:
@@ -245,12 +294,12 @@ class Cluster:
     @property
     def device_types(self) -> tuple[str, ...]:
         """Distinct device profile names, in rank order."""
-        return tuple(dict.fromkeys(node.device.name for node in self.nodes))
+        return tuple(dict.fromkeys(d.name for node in self.nodes for d in node.devices))
 
     @property
     def is_homogeneous(self) -> bool:
         """True when every rank has the same device profile."""
-        return len({node.device for node in self.nodes}) == 1
+        return len({d for node in self.nodes for d in node.devices}) == 1
 
     def ranks_by_device(self) -> dict[str, tuple[int, ...]]:
         """Ranks grouped by device profile name, e.g. ``{"A100-80GB": (0, ..., 7), ...}``."""
