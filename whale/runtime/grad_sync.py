@@ -84,16 +84,14 @@ class GradientReducer:
         self._next = 0
         self._works: list[tuple[_Bucket, dist.Work]] = []
         self._handles = []
-        parts: list[list[nn.Parameter]] = []
+        parts: list[list[nn.Parameter]] = []  # each bucket's parameters
         size = 0
-        cap = first_bucket_cap_bytes
         for p in reversed([p for p in params if p.requires_grad]):
             nbytes = p.numel() * p.element_size()
-            if parts and (size + nbytes > cap or p.dtype != parts[-1][0].dtype or p.device != parts[-1][0].device):
+            cap = first_bucket_cap_bytes if len(parts) == 1 else bucket_cap_bytes
+            if not parts or size + nbytes > cap or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
                 parts.append([])
-                size, cap = 0, bucket_cap_bytes
-            if not parts:
-                parts.append([])
+                size = 0
             parts[-1].append(p)
             size += nbytes
         if extra_numel and not parts:
