@@ -84,16 +84,16 @@ class GradientReducer:
         self._next = 0
         self._works: list[tuple[_Bucket, dist.Work]] = []
         self._handles = []
+        # As DDP's: a bucket closes once it holds its cap (the first bucket's is small).
         parts: list[list[nn.Parameter]] = []  # each bucket's parameters
-        size = 0
+        size, full = 0, True
         for p in reversed([p for p in params if p.requires_grad]):
-            nbytes = p.numel() * p.element_size()
-            cap = first_bucket_cap_bytes if len(parts) == 1 else bucket_cap_bytes
-            if not parts or size + nbytes > cap or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
+            if full or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
                 parts.append([])
                 size = 0
             parts[-1].append(p)
-            size += nbytes
+            size += p.numel() * p.element_size()
+            full = size >= (first_bucket_cap_bytes if len(parts) == 1 else bucket_cap_bytes)
         if extra_numel and not parts:
             raise ValueError("GradientReducer(extra_numel=...) needs a parameter that requires grad")
         sizes = [(sum(p.numel() for p in part) + (extra_numel if k == len(parts) - 1 else 0), part[0].dtype)
