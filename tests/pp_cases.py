@@ -181,3 +181,21 @@ def measured_bubble() -> float:
     program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
     program.step(*batches[0])
     return program.measured_bubble()
+
+
+def inference(*, n_layer: int = 4, **config) -> dict:
+    """The pipelined model's output on a batch against the local model with the same weights."""
+    model, batches = _gpt(n_layer, 8)
+    program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=wh.Config(**config))
+    program.step(*batches[0])  # a training step first: inference must not disturb its transfers
+    reference, _ = _gpt(n_layer, 8)
+    reference.load_state_dict(program.full_state_dict())
+    program.eval()
+    reference.eval()
+    x = batches[1][0][:6]  # rows that do not divide evenly into the micro-batches
+    out = program(x)
+    program.train()
+    loss = program.step(*batches[1])  # and training goes on
+    with torch.no_grad():
+        expected = reference(x)
+    return {"diff": (out - expected).abs().max().item(), "shape": tuple(out.shape), "loss": loss.item()}

@@ -60,4 +60,16 @@ def split_in_stage(*, split: dict, boundaries, num_micro_batch: int = 2, shard_s
     out["shards"] = {n: tuple(p.shape) for n, p in program.named_parameters()}
     full = program.full_state_dict()
     out["full_keys_ok"] = set(full) == set(GPT(cfg).state_dict())
+    # Inference: the output of the local model with the trained weights, or refused (a split
+    # last stage keeps its output sharded) on every rank alike.
+    reference = GPT(cfg)
+    reference.load_state_dict(full)
+    x = batches[0][0]
+    try:
+        got = program(x)
+    except NotImplementedError:
+        out["inference"] = "refused"
+    else:
+        with torch.no_grad():
+            out["inference"] = (got - reference(x)).abs().max().item()
     return out

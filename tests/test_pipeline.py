@@ -140,6 +140,28 @@ def test_measured_bubble_agrees_on_every_rank(world2):
     assert 0.0 < bubbles[0] < 1.0
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"stage_boundaries": ["blocks.2"], "num_micro_batch": 4},
+        {"stage_boundaries": ["blocks.1", "blocks.2", "blocks.3"], "schedule": "interleaved_1f1b",
+         "pipeline_degree": 2, "num_micro_batch": 2},
+    ],
+    ids=["1f1b", "interleaved"],
+)
+def test_inference_returns_the_local_models_output_on_every_rank(world2, config):
+    # The same weights and ops, cut into stages and micro-batches: equal to float32 round-off
+    # (matmuls of fewer rows may sum in another order).
+    for out in world2.run("tests.pp_cases:inference", **config):
+        assert out["shape"] == (6, 16, 64)
+        assert out["diff"] < 1e-5, out
+
+
+def test_inference_with_replicas(world4):
+    outs = world4.run("tests.pp_cases:inference", stage_boundaries=["blocks.2"], num_micro_batch=2)
+    assert all(o["diff"] < 1e-5 and o["shape"] == (6, 16, 64) for o in outs), outs
+
+
 def test_stages_annotated_inside_forward(world2):
     outs = world2.run("tests.pp_cases:forward_scoped")
     for out in outs:

@@ -143,8 +143,14 @@ def test_split_device_count_must_divide_the_world(world):
             "boundaries": ["blocks.2"],
             "cluster": "a=1xA100-80GB+1xT4,b=1xA100-80GB+1xT4",
         },
+        {"split": {"blocks.0": 2}, "boundaries": ["blocks.2"]},
     ],
-    ids=["split-last-stage", "split-both-stages-uneven-mlp", "split-both-stages-by-device-speed"],
+    ids=[
+        "split-last-stage",
+        "split-both-stages-uneven-mlp",
+        "split-both-stages-by-device-speed",
+        "split-first-stage",
+    ],
 )
 def test_split_inside_pipeline_stages_world4(world4, kwargs):
     # 2 stages x 2 tensor-parallel ranks; the tied embedding/head spans both stages.
@@ -163,3 +169,8 @@ def test_split_inside_pipeline_stages_world4(world4, kwargs):
         assert outs[3]["shards"]["blocks.3.mlp.fc.weight"] == (38, 32)
         assert outs[0]["shards"]["blocks.0.attn.qkv.weight"] == (72, 32)
         assert outs[1]["shards"]["blocks.0.attn.qkv.weight"] == (24, 32)
+    # Inference: refused where the last stage holds a split part (its output stays sharded),
+    # else the local model's output with the trained weights, to float32 round-off.
+    last_split = any(name.startswith("blocks.3") or name.startswith("blocks.2") for name in kwargs["split"])
+    for out in outs:
+        assert out["inference"] == "refused" if last_split else out["inference"] < 1e-5, out["inference"]

@@ -29,7 +29,7 @@ from ..planner.schedules import Action, ActionKind, make_schedule
 from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
 from ..rewrite.tensor_parallel import shard_model
-from .batch import broadcast_tensors, narrow, to_device
+from .batch import batch_rows, broadcast_tensors, narrow, to_device
 from .grad_sync import GradientReducer
 from .p2p import Incoming, Transfers, shape_key
 from .process_group import require_initialized, world_info
@@ -166,11 +166,73 @@ class PipelineProgram(ProgramBase):
     def eval(self) -> PipelineProgram:
         return self.train(False)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "a pipelined program holds only its own stages; run inference by loading "
-            "full_state_dict() into the local model"
-        )
+    def __call__(self, *args: Any) -> Any:
+        """The model's output on ``args``, without gradients: the batch is cut into
+        ``num_micro_batch`` micro-batches that flow through the stages in the order of the
+        schedule's forwards, and every rank of the pipeline returns the whole output. Each
+        replica runs the whole batch it is given, as a data-parallel program runs its local
+        model. Collective: call it on every rank. Use ``eval()`` first for dropout and the like.
+
+        Example::
+
+            program.eval()
+            logits = program(x)
+        """
+        self._require_bound()
+        last = self.plan.num_stages - 1
+        if last in self._stage_graphs:
+            raise NotImplementedError(
+                "inference through a pipeline whose last stage is split: its output stays sharded "
+                "over the tensor-parallel group; load full_state_dict() into the local model instead"
+            )
+        dim = self.config.batch_dim
+        rows = batch_rows(args, None, dim)
+        m = self.plan.num_micro_batch
+        if rows < m:
+            raise ValueError(f"program(...) got {rows} rows, fewer than num_micro_batch={m}; pass at least {m}")
+        mb_rows = split_rows(rows, [1.0] * m, what="micro-batches")
+        micro = [to_device(narrow(args, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
+        # Headers of inference transfers are cached apart: their tensors do not require grad.
+        keys = [("inference", shape_key(a)) for a in micro]
+        position = self.plan.position_of(dist.get_rank())
+        forwards = (ActionKind.FORWARD, ActionKind.SEND_ACT, ActionKind.RECV_ACT)
+        outputs: dict = {}
+        inputs: dict = {}
+        incoming: dict[Action, Incoming] = {}
+        sends: list = []
+        with torch.no_grad():
+            for action in (a for a in self.schedule.actions[position] if a.kind in forwards):
+                s, i = action.stage, action.micro_batch
+                if action.kind is ActionKind.RECV_ACT:
+                    incoming[action] = self._post(action, keys)
+                elif action.kind is ActionKind.SEND_ACT:
+                    sends += self._transfers.send_activations(list(outputs.pop((s, i))), self._peer(s + 1), s, i, keys[i])
+                else:
+                    needed = self._input_receive(action)
+                    received = incoming.pop(needed).wait() if needed else inputs.pop((s, i), [])
+                    outputs[(s, i)] = self._modules[s](*micro[i], *received)
+                    if s < last and self._local_stage(s + 1):
+                        inputs[(s + 1, i)] = list(outputs.pop((s, i)))
+        for work, _ in sends:
+            work.wait()
+        return self._share_output([outputs[(last, i)] for i in range(m)] if self._local_stage(last) else None)
+
+    def _share_output(self, parts: list | None) -> Any:
+        """Every rank of the pipeline gets the output the last stage's rank (of its tensor
+        index) joined from the micro-batches' ``parts``."""
+        rank = dist.get_rank()
+        ranks = self.plan.pipelines[self.plan.replica_of(rank)]
+        k = self.plan.tensor_parallel
+        index = ranks.index(rank) % k  # this rank's tensor-parallel index
+        source = ranks[(self.plan.pipeline_degree - 1) * k + index]
+        box = [_join(parts, self.config.batch_dim) if parts is not None else None]
+        if rank == source:
+            for at, r in enumerate(ranks):
+                if r != rank and at % k == index:
+                    dist.send_object_list(box, dst=r)
+        else:
+            dist.recv_object_list(box, src=source)
+        return box[0]
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -494,6 +556,22 @@ def step_bubble(ranks: Sequence[tuple[float, tuple]]) -> tuple[float, float]:
         if _is_compute(code)
     )
     return 1.0 - busy / (len(ranks) * span), span
+
+
+def _join(parts: list, dim: int) -> Any:
+    """One output from the micro-batches' outputs: tensors concatenated along ``dim``, tuples,
+    lists and dicts element by element."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=dim) if first.dim() > 0 else torch.stack(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join(list(column), dim) for column in zip(*parts))
+    if isinstance(first, dict):
+        return {key: _join([p[key] for p in parts], dim) for key in first}
+    raise TypeError(
+        f"the model returns a {type(first).__name__}; a pipeline joins tensors and tuples, "
+        "lists or dicts of them from its micro-batches"
+    )
 
 
 def _is_compute(code: str) -> bool:
