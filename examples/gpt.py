@@ -194,8 +194,14 @@ def main(argv: list[str] | None = None) -> float:
         bubble = model.measured_bubble()  # collective: every rank calls it
         if info.rank == 0:
             print(f"measured pipeline bubble (last step): {bubble:.1%}")
+    # A held-out batch, forward only (through the stages when pipelined; collective).
+    x, y = corpus.batch(args.batch, cfg.block_size, step=10_000)
+    with torch.no_grad():
+        held_out = lm_loss(model.eval()(x), y).item()
+    model.train()
     if info.rank == 0:
-        print(f"loss {first:.3f} -> {last:.3f} over {args.steps} steps on {info.world_size} ranks")
+        print(f"loss {first:.3f} -> {last:.3f} over {args.steps} steps on {info.world_size} ranks; "
+              f"held-out batch {held_out:.3f}")
     return last
 
 
