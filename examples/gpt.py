@@ -138,7 +138,8 @@ def whale_target(batch: int = 16) -> tuple[GPT, tuple[torch.Tensor]]:
     return GPT(cfg), (x,)
 
 
-def main(argv: list[str] | None = None) -> float:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train, then evaluate a held-out batch; the first and last training losses and that one."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=16, help="global batch (rows)")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> float:
     if info.rank == 0:
         print(f"loss {first:.3f} -> {last:.3f} over {args.steps} steps on {info.world_size} ranks; "
               f"held-out batch {held_out:.3f}")
-    return last
+    return {"first": first, "last": last, "held_out": held_out}
 
 
 if __name__ == "__main__":

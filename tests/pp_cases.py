@@ -199,3 +199,10 @@ def inference(*, n_layer: int = 4, **config) -> dict:
     with torch.no_grad():
         expected = reference(x)
     return {"diff": (out - expected).abs().max().item(), "shape": tuple(out.shape), "loss": loss.item()}
+
+
+def gpt_example(argv: list[str]) -> dict:
+    """examples/gpt.py's main job, as torchrun runs it (the pool's world is torchrun's)."""
+    from examples.gpt import main
+
+    return main(argv)

@@ -162,6 +162,16 @@ def test_inference_with_replicas(world4):
     assert all(o["diff"] < 1e-5 and o["shape"] == (6, 16, 64) for o in outs), outs
 
 
+@pytest.mark.parametrize("extra", [[], ["--stages", "2", "--micro-batches", "2"]], ids=["data-parallel", "pipeline"])
+def test_gpt_example_learns(world2, extra):
+    # The README's main job, smaller: the loss falls, and the held-out batch (forward only,
+    # through the stages when pipelined) is evaluated alike on every rank.
+    argv = ["--steps", "30", "--layers", "2", "--embd", "64", "--block", "32", "--batch", "8", "--lr", "1e-2", *extra]
+    outs = world2.run("tests.pp_cases:gpt_example", argv)
+    assert outs[0]["last"] < 0.7 * outs[0]["first"], outs[0]  # observed 5.5 -> ~2.5
+    assert outs[0]["held_out"] == outs[1]["held_out"] < outs[0]["first"]
+
+
 def test_stages_annotated_inside_forward(world2):
     outs = world2.run("tests.pp_cases:forward_scoped")
     for out in outs:
