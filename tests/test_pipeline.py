@@ -168,7 +168,7 @@ def test_gpt_example_learns(world2, extra):
     # through the stages when pipelined) is evaluated alike on every rank.
     argv = ["--steps", "30", "--layers", "2", "--embd", "64", "--block", "32", "--batch", "8", "--lr", "1e-2", *extra]
     outs = world2.run("tests.pp_cases:gpt_example", argv)
-    assert outs[0]["last"] < 0.7 * outs[0]["first"], outs[0]  # observed 5.5 -> ~2.5
+    assert outs[0]["last"] < 0.7 * outs[0]["first"], outs[0]  # observed 5.56 -> 2.97
     assert outs[0]["held_out"] == outs[1]["held_out"] < outs[0]["first"]
 
 
