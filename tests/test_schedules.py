@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from whale.planner import schedules as schedules_module
 from whale.planner import simulator as simulator_module
+from whale.planner.schedule_check import validate
 from whale.planner.schedules import (
     SCHEDULE_NAMES,
     Action,
@@ -23,7 +24,6 @@ from whale.planner.schedules import (
     format_schedule,
     make_schedule,
     parse_schedule,
-    validate,
 )
 from whale.planner.simulator import render_table, simulate
 

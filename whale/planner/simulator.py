@@ -17,7 +17,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from .schedules import Action, ActionKind, Schedule, validate
+from .schedule_check import validate
+from .schedules import Action, ActionKind, Schedule
 
 __all__ = ["SimResult", "TimedAction", "render_table", "simulate"]
 
