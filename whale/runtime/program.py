@@ -135,14 +135,14 @@ class ProgramBase:
         members = [[p[i] for p in plan.pipelines] for i in range(width)]
         mine = plan.pipelines[plan.replica_of(rank)].index(rank)
         groups = [dist.new_group(m) for m in members] if width > 1 else [None]
-        if self.config.shared_memory:
-            # Every rank decides alike, from every rank's facts, so the groups match.
-            facts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(facts, (device.type, *host_facts()))
-            if all(f[0] == "cpu" and f[2] for f in facts) and all(
-                len({facts[r][1] for r in m}) == 1 for m in members
-            ):
-                self._host = HostLink([dist.new_group(m) for m in members][mine])
+        # Every rank decides alike, from every rank's facts (its config included), so the
+        # groups match.
+        facts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(facts, (self.config.shared_memory, device.type, *host_facts()))
+        if all(wanted and kind == "cpu" and shm for wanted, kind, _, shm in facts) and all(
+            len({facts[r][2] for r in m}) == 1 for m in members
+        ):
+            self._host = HostLink([dist.new_group(m) for m in members][mine])
         return groups[mine]
 
     def _make_reducer(
