@@ -23,8 +23,9 @@ from tests.models import Block, MHAModel, TinyGPT
 from tests.tp_cases import Classifier, build, lm_loss
 from whale.capture import capture
 from whale.capture.graph import NODE_INFO_KEY
+from whale.planner.rows import row_offsets
 from whale.rewrite.parallel_loss import VocabParallelCrossEntropy, parallel_loss
-from whale.rewrite.shard_sizes import even_sizes, offsets, validate_sizes
+from whale.rewrite.shard_sizes import even_sizes, validate_sizes
 from whale.rewrite.tensor_parallel import TensorParallelRewrite, resolve_sizes, shard_model
 from whale.rewrite.tp_analysis import TensorParallelAnalysis
 from whale.rewrite.tp_layout import Layout, view_groups, view_move
@@ -61,7 +62,7 @@ def _comm_nodes(module) -> Counter:
 def test_even_sizes_add_up_and_differ_by_at_most_one(total, parts):
     sizes = even_sizes(total, parts)
     assert sum(sizes) == total and len(sizes) == parts and max(sizes) - min(sizes) <= 1
-    assert offsets(sizes) == tuple(sum(sizes[:i]) for i in range(parts))
+    assert row_offsets(sizes) == tuple(sum(sizes[:i]) for i in range(parts))
 
 
 @pytest.mark.parametrize(
@@ -317,7 +318,7 @@ def test_every_ranks_shard_put_together_is_the_whole_tensor(sizes, blocks, dim):
     """shard_tensor per rank, reassembled block by block in rank order, gives the full tensor back."""
     width = sum(sizes)
     full = torch.arange(blocks * width * 3).reshape((blocks * width, 3) if dim == 0 else (3, blocks * width))
-    starts = offsets(sizes)
+    starts = row_offsets(sizes)
     pieces = [
         shard_tensor(full, ShardSpec("w", dim, starts[r], sizes[r], tuple(full.shape), blocks, tuple(sizes)))
         for r in range(len(sizes))

@@ -47,7 +47,7 @@ def split_rows(total: int, weights: Sequence[float], *, what: str = "replicas") 
 
 
 def row_offsets(rows: Sequence[int]) -> tuple[int, ...]:
-    """Start offset of each part: ``(0, rows[0], rows[0] + rows[1], ...)``."""
+    """Start offset of each part (rows of a batch, atoms of a shard): ``(0, rows[0], rows[0] + rows[1], ...)``."""
     offsets, at = [], 0
     for r in rows:
         offsets.append(at)

@@ -28,8 +28,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..capture.graph import NODE_INFO_KEY
+from ..planner.rows import row_offsets
 from .collectives import all_to_all, gather_from_group, scatter_to_group
-from .shard_sizes import even_sizes, offsets
+from .shard_sizes import even_sizes
 
 __all__ = ["ExpertParallelMoE", "MoESpec", "collapse_moe", "find_moe"]
 
@@ -206,7 +207,7 @@ class ExpertParallelMoE(nn.Module):
         self.group = group
         self.rank = rank
         self.expert_sizes = expert_sizes
-        first = offsets(expert_sizes)[rank]
+        first = row_offsets(expert_sizes)[rank]
         self.local_ids = tuple(range(first, first + expert_sizes[rank]))
         setattr(self, spec.router_attr, getattr(source, spec.router_attr))
         experts = getattr(source, spec.experts_attr)
@@ -224,7 +225,7 @@ class ExpertParallelMoE(nn.Module):
         # Routing is replicated: every rank knows every pair's destination, so counts need no exchange.
         weights, ids = route(getattr(self, spec.router_attr)(tokens), k, spec.normalize)
         rows = even_sizes(n, ranks)
-        start = offsets(rows)[self.rank]
+        start = row_offsets(rows)[self.rank]
         mine = scatter_to_group(tokens, 0, rows, group)
         src = torch.repeat_interleave(torch.arange(ranks, device=x.device), torch.tensor(rows, device=x.device))
         pair_src = src.repeat_interleave(k)

@@ -1,15 +1,16 @@
 """Shard-size arithmetic: how many heads, columns, classes or experts each rank holds.
 
 A sharded region has ``num_atoms`` indivisible units (a head, a column, an expert); rank ``r``
-holds ``sizes[r]`` consecutive atoms starting at ``offsets(sizes)[r]``. Sizes may differ per rank
-(the planner gives faster devices more) but add up to ``num_atoms`` and are at least 1 each.
+holds ``sizes[r]`` consecutive atoms starting at ``row_offsets(sizes)[r]``
+(:func:`whale.planner.rows.row_offsets`). Sizes may differ per rank (the planner gives faster
+devices more) but add up to ``num_atoms`` and are at least 1 each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["even_sizes", "offsets", "validate_sizes"]
+__all__ = ["even_sizes", "validate_sizes"]
 
 
 def even_sizes(num_atoms: int, parts: int) -> tuple[int, ...]:
@@ -22,15 +23,6 @@ def even_sizes(num_atoms: int, parts: int) -> tuple[int, ...]:
     """
     q, r = divmod(num_atoms, parts)
     return tuple(q + (i < r) for i in range(parts))
-
-
-def offsets(sizes: Sequence[int]) -> tuple[int, ...]:
-    """Where each rank's shard starts: exclusive prefix sums of ``sizes``."""
-    out, at = [], 0
-    for s in sizes:
-        out.append(at)
-        at += s
-    return tuple(out)
 
 
 def validate_sizes(

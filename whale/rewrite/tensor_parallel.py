@@ -27,10 +27,11 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from ..capture.graph import NODE_INFO_KEY, CapturedModel
+from ..planner.rows import row_offsets
 from .collectives import group_rank, group_size
 from .moe import ExpertParallelMoE
 from .parallel_loss import VocabParallelCrossEntropy, parallel_loss
-from .shard_sizes import offsets, validate_sizes
+from .shard_sizes import validate_sizes
 from .sharded_model import ShardedModel
 from .tp_analysis import TensorParallelAnalysis, TensorParallelPlan
 from .tp_layout import Layout, local_width
@@ -98,7 +99,7 @@ def shard_model(
     if plan.output_layout is not None:
         region = plan.region(plan.output_layout.region)
         counts = sizes[region.id]
-        ce = VocabParallelCrossEntropy(offsets(counts)[rank], region.num_atoms, group)
+        ce = VocabParallelCrossEntropy(row_offsets(counts)[rank], region.num_atoms, group)
         logits = plan.graph_module.graph.output_node().args[0]
         sharded_loss = parallel_loss(loss_fn, ce, counts[rank], len(logits.meta[NODE_INFO_KEY].shapes[0]))
         if sharded_loss is None:
@@ -188,7 +189,7 @@ class TensorParallelRewrite:
 
     def _spec(self, name: str, full: torch.Tensor, dim: int, layout: Layout) -> ShardSpec:
         lengths = self._elems(layout)
-        return ShardSpec(name, dim, offsets(lengths)[self.rank], lengths[self.rank], tuple(full.shape), layout.blocks, lengths)
+        return ShardSpec(name, dim, row_offsets(lengths)[self.rank], lengths[self.rank], tuple(full.shape), layout.blocks, lengths)
 
     # ---- the rewrite ------------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class TensorParallelRewrite:
             new = VocabParallelEmbedding(module, specs["weight"], self.group)
         elif kind == "mha":
             heads = self.sizes[decision.region]
-            new = ShardedMultiheadAttention(module, offsets(heads)[self.rank], heads[self.rank], heads, self.group)
+            new = ShardedMultiheadAttention(module, row_offsets(heads)[self.rank], heads[self.rank], heads, self.group)
             specs = dict(new.specs)
         else:
             experts = self.sizes[decision.region]
