@@ -17,16 +17,9 @@ from torch import nn
 from ..capture import CapturedModel
 from ..config import Config
 from ..planner.plan import Plan
-from ..planner.rows import split_rows
 from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.tensor_parallel import shard_model
-from .batch import (
-    broadcast_tensors,
-    digits_agree,
-    fingerprint_digits,
-    narrow,
-    to_device,
-)
+from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .grad_sync import GradientReducer
 from .process_group import require_initialized, world_info
 from .program import ProgramBase, ReplicaBatch, materialize
@@ -152,18 +145,13 @@ class DataParallelProgram(ProgramBase):
         return loss
 
     def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
-        args, target, my_rows = cut.args, cut.target, cut.rows
-        m = self.plan.num_micro_batch
-        mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
+        micro, mb_rows = self._micro_batches((cut.args, cut.target), cut.rows)
+        m = len(mb_rows)
         mean = self.config.loss_reduction == "mean"
         device = self._device
         weighted = torch.zeros((), dtype=torch.float64, device=device)
         total = None
-        at = 0
-        for i, n in enumerate(mb_rows):
-            mb_args, mb_target = narrow((args, target), self.config.batch_dim, at, n)
-            at += n
-            mb_args, mb_target = to_device((mb_args, mb_target), device)
+        for i, ((mb_args, mb_target), n) in enumerate(zip(micro, mb_rows)):
             out = self.module(*mb_args)
             loss = self.loss_fn(out) if mb_target is None else self.loss_fn(out, mb_target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

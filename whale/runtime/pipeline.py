@@ -24,12 +24,11 @@ from torch import nn
 from ..capture import CapturedModel
 from ..config import Config
 from ..planner.plan import Plan
-from ..planner.rows import row_offsets, split_rows
 from ..planner.schedules import Action, ActionKind, make_schedule
 from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
 from ..rewrite.tensor_parallel import shard_model
-from .batch import batch_rows, broadcast_tensors, narrow, to_device
+from .batch import batch_rows, broadcast_tensors
 from .grad_sync import GradientReducer
 from .p2p import Incoming, Transfers, shape_key
 from .process_group import require_initialized, world_info
@@ -185,13 +184,11 @@ class PipelineProgram(ProgramBase):
                 "inference through a pipeline whose last stage is split: its output stays sharded "
                 "over the tensor-parallel group; load full_state_dict() into the local model instead"
             )
-        dim = self.config.batch_dim
-        rows = batch_rows(args, None, dim)
+        rows = batch_rows(args, None, self.config.batch_dim)
         m = self.plan.num_micro_batch
         if rows < m:
             raise ValueError(f"program(...) got {rows} rows, fewer than num_micro_batch={m}; pass at least {m}")
-        mb_rows = split_rows(rows, [1.0] * m, what="micro-batches")
-        micro = [to_device(narrow(args, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
+        micro, _ = self._micro_batches(args, rows)
         # Headers of inference transfers are cached apart: their tensors do not require grad.
         keys = [("inference", shape_key(a)) for a in micro]
         position = self.plan.position_of(dist.get_rank())
@@ -247,12 +244,7 @@ class PipelineProgram(ProgramBase):
         # A global batch's rows are known here; the check that every rank passed the same one
         # then runs behind the first compute and is waited before the first transfer.
         total = cut.total if cut.total is not None else self._global_rows(cut)
-        args, target, my_rows = cut.args, cut.target, cut.rows
-        dim = self.config.batch_dim
-        m = self.plan.num_micro_batch
-        mb_rows = split_rows(my_rows, [1.0] * m, what="micro-batches")
-        starts = row_offsets(mb_rows)
-        micro = [to_device(narrow((args, target), dim, starts[i], n), self._device) for i, n in enumerate(mb_rows)]
+        micro, mb_rows = self._micro_batches((cut.args, cut.target), cut.rows)
         weights = [n / total if self.config.loss_reduction == "mean" else 1.0 for n in mb_rows]
         loss_sum, loss_work = self._run(micro, weights, cut, start)
         for reducer in self._reducers.values():

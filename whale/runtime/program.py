@@ -12,8 +12,8 @@ from torch import nn
 
 from ..config import Config
 from ..planner.plan import Plan
-from ..planner.rows import row_offsets
-from .batch import RankAgreement, batch_rows, narrow, signature
+from ..planner.rows import row_offsets, split_rows
+from .batch import RankAgreement, batch_rows, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
 from .process_group import require_initialized
@@ -85,6 +85,14 @@ class ProgramBase:
             rows = split[replica]
             args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
         return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20)
+
+    def _micro_batches(self, value: Any, rows: int) -> tuple[list, list[int]]:
+        """``value`` (its tensors cut along ``Config.batch_dim``) as ``num_micro_batch``
+        micro-batches of near-equal rows on this rank's device, and their rows."""
+        mb_rows = split_rows(rows, [1.0] * self.plan.num_micro_batch, what="micro-batches")
+        dim = self.config.batch_dim
+        micro = [to_device(narrow(value, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
+        return micro, mb_rows
 
     def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement | None) -> None:
         # Every rank judges the whole split, so all of them raise together or none does.
