@@ -315,30 +315,22 @@ def _matmul(ctx, node):
                 return la.moved(oa)
         raise Fallback("matmul of operands sharded on different dims")
     if isinstance(la, Layout):
-        if la.dim == len(sa) - 1:
-            raise Fallback("matmul contracting a sharded dim with a replicated operand")
-        od = broadcast_dim(len(sa), len(so), la.dim)
-        if batch_a(la.dim):
-            bd = od - (len(so) - len(sb))
-            if bd >= 0 and sb[bd] != 1:
-                ctx.scatter(node, b, la.moved(bd))
-            else:
-                ctx.copy(node, b)
-        else:
-            ctx.copy(node, b)
-        return la.moved(od)
-    if lb.dim == len(sb) - 2:
+        return _matmul_one_sharded(ctx, node, la, sa, len(sa) - 1, b, sb, so)
+    return _matmul_one_sharded(ctx, node, lb, sb, len(sb) - 2, a, sa, so)
+
+
+def _matmul_one_sharded(ctx, node, layout, shape, contracted, other, other_shape, out_shape):
+    """A matmul whose operand of ``shape`` is sharded by ``layout`` and whose ``other`` operand
+    is replicated; ``contracted`` is the sharded operand's contracted dim."""
+    if layout.dim == contracted:
         raise Fallback("matmul contracting a sharded dim with a replicated operand")
-    od = broadcast_dim(len(sb), len(so), lb.dim)
-    if batch_b(lb.dim):
-        ad = od - (len(so) - len(sa))
-        if ad >= 0 and sa[ad] != 1:
-            ctx.scatter(node, a, lb.moved(ad))
-        else:
-            ctx.copy(node, a)
+    od = broadcast_dim(len(shape), len(out_shape), layout.dim)
+    other_dim = od - (len(out_shape) - len(other_shape))
+    if layout.dim < len(shape) - 2 and other_dim >= 0 and other_shape[other_dim] != 1:
+        ctx.scatter(node, other, layout.moved(other_dim))  # a batch dim the other one has too
     else:
-        ctx.copy(node, a)
-    return lb.moved(od)
+        ctx.copy(node, other)
+    return layout.moved(od)
 
 
 def _sdpa(ctx, node):
