@@ -21,7 +21,7 @@ from ..rewrite.sharded_model import ShardedModel
 from ..rewrite.tensor_parallel import shard_model
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .grad_sync import GradientReducer
-from .process_group import require_initialized, world_info
+from .process_group import require_initialized
 from .program import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["DataParallelProgram"]
@@ -219,14 +219,8 @@ class DataParallelProgram(ProgramBase):
 
     def _bind(self) -> None:
         """Join the process group: shard, move to the device, make replicas equal, hook gradients."""
-        info = world_info()
+        info = self._join_world()
         plan = self.plan
-        if info.world_size != plan.world_size:
-            raise ValueError(
-                f"the plan was made for {plan.world_size} ranks but the world has "
-                f"{info.world_size}; call wh.parallelize after wh.init() in the launched job"
-            )
-        self._device = info.device
         on_meta = any(p.is_meta for p in self.module.parameters())
         if on_meta and plan.tensor_parallel == 1:
             raise ValueError(

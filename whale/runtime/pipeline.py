@@ -31,7 +31,7 @@ from ..rewrite.tensor_parallel import shard_model
 from .batch import batch_rows, broadcast_tensors
 from .grad_sync import GradientReducer
 from .p2p import Incoming, Transfers, shape_key
-from .process_group import require_initialized, world_info
+from .process_group import require_initialized
 from .program import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["PipelineProgram", "step_bubble"]
@@ -440,13 +440,8 @@ class PipelineProgram(ProgramBase):
         return chosen
 
     def _bind(self) -> None:
-        info = world_info()
+        info = self._join_world()
         plan = self.plan
-        if info.world_size != plan.world_size:
-            raise ValueError(
-                f"the plan was made for {plan.world_size} ranks but the world has {info.world_size}"
-            )
-        self._device = info.device
         position = plan.position_of(info.rank)
         self._local = set(plan.stages_at(position))
         k = plan.tensor_parallel

@@ -16,7 +16,7 @@ from ..planner.rows import row_offsets, split_rows
 from .batch import RankAgreement, batch_rows, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
-from .process_group import require_initialized
+from .process_group import WorldInfo, require_initialized, world_info
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
 
@@ -85,6 +85,17 @@ class ProgramBase:
             rows = split[replica]
             args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
         return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20)
+
+    def _join_world(self) -> WorldInfo:
+        """This rank's place in the launched world, checked against the plan; sets the device."""
+        info = world_info()
+        if info.world_size != self.plan.world_size:
+            raise ValueError(
+                f"the plan was made for {self.plan.world_size} ranks but the world has "
+                f"{info.world_size}; call wh.parallelize after wh.init() in the launched job"
+            )
+        self._device = info.device
+        return info
 
     def _micro_batches(self, value: Any, rows: int) -> tuple[list, list[int]]:
         """``value`` (its tensors cut along ``Config.batch_dim``) as ``num_micro_batch``
