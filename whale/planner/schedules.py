@@ -223,6 +223,16 @@ class Schedule:
         """The stages that run on ``rank``, in pipeline order."""
         return tuple(s for s, r in enumerate(self.stage_to_rank) if r == rank)
 
+    def input_receive(self, compute: Action) -> Action | None:
+        """The receive whose tensor ``compute`` reads (a forward's activation, a backward's
+        output gradient), or None where that tensor is made on the same rank or not at all."""
+        stage, micro_batch, place = compute.stage, compute.micro_batch, self.stage_to_rank
+        if compute.kind is _F and stage > 0 and place[stage - 1] != place[stage]:
+            return Action(_RA, stage, micro_batch)
+        if compute.kind is _B and stage < self.num_stages - 1 and place[stage + 1] != place[stage]:
+            return Action(_RG, stage, micro_batch)
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # Generators: the compute order of each rank, then sends/receives placed deadlock-free.

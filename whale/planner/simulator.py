@@ -123,7 +123,7 @@ def simulate(
         print(render_table(sched, result))
     """
     validate(schedule)
-    stages, lists, place = schedule.num_stages, schedule.actions, schedule.stage_to_rank
+    stages, lists = schedule.num_stages, schedule.actions
     cost = {
         _F: _per_index(forward_time, stages, "forward_time", "stage"),
         _B: _per_index(backward_time, stages, "backward_time", "stage"),
@@ -141,22 +141,6 @@ def simulate(
         # Boundary s lies between stages s and s + 1.
         return start + link[send.stage if send.kind is ActionKind.SEND_ACT else send.stage - 1]
 
-    def input_transfer(action: Action) -> Action | None:
-        """The send whose tensor a compute waits for, or None if its input is local."""
-        if (
-            action.kind is _F
-            and action.stage > 0
-            and place[action.stage - 1] != place[action.stage]
-        ):
-            return Action(ActionKind.SEND_ACT, action.stage - 1, action.micro_batch)
-        if (
-            action.kind is _B
-            and action.stage < stages - 1
-            and place[action.stage + 1] != place[action.stage]
-        ):
-            return Action(ActionKind.SEND_GRAD, action.stage + 1, action.micro_batch)
-        return None
-
     num_ranks = len(lists)
     clock = [0.0] * num_ranks
     busy = [0.0] * num_ranks
@@ -170,7 +154,8 @@ def simulate(
             while head[rank] < len(actions):
                 action = actions[head[rank]]
                 if action.is_compute:
-                    send = input_transfer(action)
+                    receive = schedule.input_receive(action)
+                    send = None if receive is None else receive.matching()
                     ready = 0.0 if send is None else arrival(send)
                     if ready is None:
                         break

@@ -205,7 +205,7 @@ class PipelineProgram(ProgramBase):
                 elif action.kind is ActionKind.SEND_ACT:
                     sends += self._transfers.send_activations(list(outputs.pop((s, i))), self._peer(s + 1), s, i, keys[i])
                 else:
-                    needed = self._input_receive(action)
+                    needed = self.schedule.input_receive(action)
                     received = incoming.pop(needed).wait() if needed else inputs.pop((s, i), [])
                     outputs[(s, i)] = self._modules[s](*micro[i], *received)
                     if s < last and self._local_stage(s + 1):
@@ -281,7 +281,7 @@ class PipelineProgram(ProgramBase):
                 for later in actions[at + 1 : ahead[at]] if checked else ():
                     if later.kind in _RECEIVES and later not in st.incoming and self._can_post(later, st.keys):
                         st.incoming[later] = self._post(later, st.keys)
-                needed = self._input_receive(action)
+                needed = self.schedule.input_receive(action)
                 got = None if needed is None else st.incoming.pop(needed).wait()
             began = time.perf_counter()  # waiting for data is idle time, not compute
             self._execute(action, st, got)
@@ -348,14 +348,6 @@ class PipelineProgram(ProgramBase):
             st.grads[(s - 1, i)] = _fill_grads(st.outputs[(s - 1, i)], in_grads)
         else:
             st.outputs[("in_grads", s, i)] = in_grads
-
-    def _input_receive(self, compute: Action) -> Action | None:
-        """The receive whose tensors ``compute`` reads, or None if its input is local."""
-        s, i = compute.stage, compute.micro_batch
-        if compute.kind is ActionKind.FORWARD:
-            return Action(ActionKind.RECV_ACT, s, i) if s > 0 and not self._local_stage(s - 1) else None
-        below = s < self.plan.num_stages - 1 and not self._local_stage(s + 1)
-        return Action(ActionKind.RECV_GRAD, s, i) if below else None
 
     def _can_post(self, receive: Action, keys: list[tuple]) -> bool:
         """A receive can go ahead of its place once its boundary's header is cached."""
