@@ -141,18 +141,14 @@ def _program(model, loss_fn, plan, config, captured) -> DataParallelProgram | Pi
         stage_graphs, sizes = {}, {}
         if plan.tensor_parallel > 1:
             stage_graphs = capture_split_stages(stages, captured)
-            if _needs_speed_sizes(plan, config.cluster):
-                plan = _with_speed_sizes(plan, config.cluster, [
-                    (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module, s % plan.pipeline_degree)
-                    for s, g in stage_graphs.items()
-                ])  # fmt: skip
-            sizes = _stage_shard_sizes(plan, stage_graphs)
+            analyses = _split_analyses(plan, model, captured, stage_graphs)
+            plan = _with_speed_sizes(plan, config.cluster, analyses)
+            sizes = _stage_shard_sizes(plan, analyses)
         return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs, sizes)
     if plan.tensor_parallel > 1:
-        analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
-        if _needs_speed_sizes(plan, config.cluster):
-            plan = _with_speed_sizes(plan, config.cluster, [(analysis, model, 0)])
-        resolve_sizes(analysis, dict(plan.shard_sizes))
+        analyses = _split_analyses(plan, model, captured, {})
+        plan = _with_speed_sizes(plan, config.cluster, analyses)
+        resolve_sizes(analyses[0][0], dict(plan.shard_sizes))
     return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
 
 
@@ -170,15 +166,22 @@ def speed_sizes(plan: Plan, cluster: Cluster, model: nn.Module, captured) -> Pla
     """
     if not _needs_speed_sizes(plan, cluster):
         return plan
-    if plan.num_stages == 1:
-        analysis = TensorParallelAnalysis(plan.tensor_parallel)(model, captured)
-        return _with_speed_sizes(plan, cluster, [(analysis, model, 0)])
-    stage_of, _ = assign_stages(captured, plan.stage_boundaries or None)
-    graphs = capture_split_stages(split_stages(captured, stage_of, plan.num_stages), captured)
-    return _with_speed_sizes(plan, cluster, [
-        (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module, s % plan.pipeline_degree)
-        for s, g in graphs.items()
-    ])  # fmt: skip
+    stage_graphs = {}
+    if plan.num_stages > 1:
+        stage_of, _ = assign_stages(captured, plan.stage_boundaries or None)
+        stage_graphs = capture_split_stages(split_stages(captured, stage_of, plan.num_stages), captured)
+    return _with_speed_sizes(plan, cluster, _split_analyses(plan, model, captured, stage_graphs))
+
+
+def _split_analyses(plan: Plan, model: nn.Module, captured, stage_graphs) -> dict[int, tuple]:
+    """The split rewrite's analysis and module of each stage holding a split part (stage 0: the
+    whole model when there are no stages), made once for the sizes and their checks."""
+    if not stage_graphs:
+        return {0: (TensorParallelAnalysis(plan.tensor_parallel)(model, captured), model)}
+    return {
+        s: (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module)
+        for s, g in stage_graphs.items()
+    }
 
 
 def _needs_speed_sizes(plan: Plan, cluster: Cluster | None) -> bool:
@@ -195,10 +198,14 @@ def _needs_speed_sizes(plan: Plan, cluster: Cluster | None) -> bool:
     return any(len({names[r] for r in pipe[k : k + t]}) > 1 for pipe in plan.pipelines for k in range(0, len(pipe), t))
 
 
-def _with_speed_sizes(plan: Plan, cluster: Cluster, analyses) -> Plan:
-    """``plan`` with speed-proportional sizes; ``analyses``: (analysis, its module, position)."""
+def _with_speed_sizes(plan: Plan, cluster: Cluster | None, analyses: Mapping[int, tuple]) -> Plan:
+    """``plan`` with speed-proportional sizes where its tensor groups mix device types (see
+    :func:`speed_sizes`); ``analyses`` from :func:`_split_analyses`."""
+    if not _needs_speed_sizes(plan, cluster):
+        return plan
     t, sizes = plan.tensor_parallel, {}
-    for analysis, root, pos in analyses:
+    for stage, (analysis, root) in analyses.items():
+        pos = stage % plan.pipeline_degree
         groups = [pipe[pos * t : (pos + 1) * t] for pipe in plan.pipelines]
         regions = {r.name: (r.num_atoms, _region_params(root, r.modules) / r.num_atoms) for r in analysis.regions}
         sizes.update(speed_shard_sizes(cluster, groups, regions))
@@ -219,13 +226,12 @@ def _region_params(root: nn.Module, paths) -> int:
     return sum(seen.values())
 
 
-def _stage_shard_sizes(plan, stage_graphs) -> dict[int, dict[str, tuple[int, ...]]]:
+def _stage_shard_sizes(plan, analyses: Mapping[int, tuple]) -> dict[int, dict[str, tuple[int, ...]]]:
     """Config(shard_sizes) cut by stage: each entry names a region of one stage's rewrite and
     must fit it. The runtime shards each stage with its own entries, without a second analysis."""
     given = dict(plan.shard_sizes)
     per_stage = {}
-    for s, graph in stage_graphs.items():
-        analysis = TensorParallelAnalysis(plan.tensor_parallel)(graph.graph_module, graph)
+    for s, (analysis, _) in analyses.items():
         mine = {k: v for k, v in given.items() if any(k == r.name or k in r.modules for r in analysis.regions)}
         resolve_sizes(analysis, mine)
         per_stage[s] = mine
