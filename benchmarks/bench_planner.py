@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.gpt import GPT, GPTConfig
 from whale.capture import capture
-from whale.planner.cluster import parse_cluster
-from whale.planner.explore import NoPlanError, describe
-from whale.planner.grouping import profile_model
-from whale.planner.predict import CostOptions
-from whale.planner.search import search
+from whale.ir.cluster_spec import parse_cluster
+from whale.planner.search.explore import NoPlanError, describe
+from whale.planner.cost.model_profile import profile_model
+from whale.planner.cost.predict import CostOptions
+from whale.planner.search.auto import search
 
 
 def _gpt_on_meta(layers: int, hidden: int, heads: int, seq: int, vocab: int = 50257):
@@ -109,7 +109,7 @@ def oracle(count: int, seed: int) -> None:
     import random
 
     from tests.test_search import DEVICES, brute_force
-    from whale.planner.layers import Layer, ModelProfile
+    from whale.planner.cost.layers import Layer, ModelProfile
 
     rnd = random.Random(seed)
     ratios, oracle_s, search_s, infeasible = [], 0.0, 0.0, 0

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whale.planner import balance as balance_module
-from whale.planner.balance import (
+from whale.planner.search import balance as balance_module
+from whale.planner.search.balance import (
     balance_rows,
     partition_layers,
     rows_by_speed,

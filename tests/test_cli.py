@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from whale.cli import main
-from whale.planner.cluster import load_cluster, parse_cluster
-from whale.planner.devices import load_profiles
-from whale.planner.plan import Plan
+from whale.ir.cluster_spec import load_cluster, parse_cluster
+from whale.ir.devices import load_profiles
+from whale.ir.plan import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = os.path.join(ROOT, "examples", "gpt.py")

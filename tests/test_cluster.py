@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whale.planner import cluster as cluster_module
-from whale.planner import devices as devices_module
-from whale.planner import topology as topology_module
-from whale.planner.cluster import (
+from whale.ir import cluster_spec as cluster_module
+from whale.ir import devices as devices_module
+from whale.ir import topology as topology_module
+from whale.ir.cluster_spec import (
     DEFAULT_NETWORK,
     LOOPBACK,
     Cluster,
@@ -37,7 +37,7 @@ from whale.planner.cluster import (
     parse_cluster,
     parse_duration,
 )
-from whale.planner.devices import (
+from whale.ir.devices import (
     CPU_PROFILE,
     DATASHEET_PROFILES,
     INTRA_LINKS,

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from whale.capture.graph import NodeInfo
-from whale.planner import cost_model as cost_model_module
-from whale.planner.cluster import Link, parse_cluster
-from whale.planner.cost_model import (
+from whale.planner.cost import formulas as cost_model_module
+from whale.ir.cluster_spec import Link, parse_cluster
+from whale.planner.cost.formulas import (
     BACKWARD_FLOPS_FACTOR,
     DEFAULT_EFFICIENCY,
     MemoryEstimate,
@@ -32,9 +32,9 @@ from whale.planner.cost_model import (
     reduce_scatter_time,
     training_memory,
 )
-from whale.planner.devices import get_profile
-from whale.planner.schedules import make_schedule
-from whale.planner.simulator import simulate
+from whale.ir.devices import get_profile
+from whale.ir.schedule import make_schedule
+from whale.planner.schedules.simulator import simulate
 
 A100 = get_profile("A100-80GB")
 T4 = get_profile("T4")

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from whale.planner.cluster import parse_cluster
-from whale.planner.cost_model import training_memory
-from whale.planner.layers import Layer, ModelProfile
-from whale.planner.layouts import tensor_groups
-from whale.planner.pins import Pins
-from whale.planner.predict import CostModel, CostOptions, achievable_peak
-from whale.planner.search import search
-from whale.planner.shards import speed_shard_sizes
+from whale.ir.cluster_spec import parse_cluster
+from whale.planner.cost.formulas import training_memory
+from whale.planner.cost.layers import Layer, ModelProfile
+from whale.planner.search.rank_layouts import tensor_groups
+from whale.planner.search.pins import Pins
+from whale.planner.cost.predict import CostModel, CostOptions, achievable_peak
+from whale.planner.search.auto import search
+from whale.planner.search.speed_shards import speed_shard_sizes
 
 _WORKSTATION = "node0=1xA100-80GB+1xT4"
 

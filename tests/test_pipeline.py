@@ -17,8 +17,8 @@ from torch import nn
 import whale as wh
 from examples.gpt import GPT, GPTConfig
 from tests.equivalence import assert_equivalent
-from whale.planner.schedules import make_schedule
-from whale.planner.simulator import simulate
+from whale.ir.schedule import make_schedule
+from whale.planner.schedules.simulator import simulate
 from whale.runtime.pipeline import step_bubble
 
 CASES = "tests.pp_cases:equivalence"

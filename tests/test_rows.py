@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whale.planner.rows import row_offsets, split_rows
+from whale.ir.rows import row_offsets, split_rows
 
 
 @given(

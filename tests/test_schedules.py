@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whale.planner import schedules as schedules_module
-from whale.planner import simulator as simulator_module
-from whale.planner.schedule_check import validate
-from whale.planner.schedules import (
+from whale.ir import schedule as schedules_module
+from whale.planner.schedules import simulator as simulator_module
+from whale.ir.schedule_check import validate
+from whale.ir.schedule import (
     SCHEDULE_NAMES,
     Action,
     ActionKind,
@@ -25,7 +25,7 @@ from whale.planner.schedules import (
     make_schedule,
     parse_schedule,
 )
-from whale.planner.simulator import render_table, simulate
+from whale.planner.schedules.simulator import render_table, simulate
 
 EXACT = 1e-12  # one float division of exact integers
 

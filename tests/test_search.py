@@ -24,19 +24,19 @@ from torch import nn
 
 from whale.capture import capture, module_annotation_map
 from whale.config import Config
-from whale.planner.cluster import parse_cluster
-from whale.planner.explore import NoPlanError
-from whale.planner.flow_shop import flow_shop, peak_held, peak_held_bound
-from whale.planner.grouping import profile_model
-from whale.planner.layers import Layer, ModelProfile
-from whale.planner.layouts import tensor_groups
-from whale.planner.pins import Pins, pins_from
-from whale.planner.plan import Plan
-from whale.planner.predict import Candidate, CostModel, CostOptions, Layout
-from whale.planner.schedules import make_schedule
-from whale.planner.search import SearchSettings, auto_plan, plan_of, search
-from whale.planner.simulator import simulate
-from whale.planner.space import SearchSpace
+from whale.ir.cluster_spec import parse_cluster
+from whale.planner.search.explore import NoPlanError
+from whale.planner.schedules.flow_shop import flow_shop, peak_held, peak_held_bound
+from whale.planner.cost.model_profile import profile_model
+from whale.planner.cost.layers import Layer, ModelProfile
+from whale.planner.search.rank_layouts import tensor_groups
+from whale.planner.search.pins import Pins, pins_from
+from whale.ir.plan import Plan
+from whale.planner.cost.predict import Candidate, CostModel, CostOptions, Layout
+from whale.ir.schedule import make_schedule
+from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
+from whale.planner.schedules.simulator import simulate
+from whale.planner.search.space import SearchSpace
 from whale.primitives import pipeline, replicate, stage
 
 DEVICES = ["A100-80GB", "V100-32GB", "T4", "A10", "H100-80GB", "P100-16GB"]

@@ -23,13 +23,13 @@ from tests.models import Block, MHAModel, TinyGPT
 from tests.tp_cases import Classifier, build, lm_loss
 from whale.capture import capture
 from whale.capture.graph import NODE_INFO_KEY
-from whale.planner.rows import row_offsets
-from whale.rewrite.parallel_loss import VocabParallelCrossEntropy, parallel_loss
-from whale.rewrite.shard_sizes import even_sizes, validate_sizes
-from whale.rewrite.tensor_parallel import TensorParallelRewrite, resolve_sizes, shard_model
-from whale.rewrite.tp_analysis import TensorParallelAnalysis
-from whale.rewrite.tp_layout import Layout, view_groups, view_move
-from whale.rewrite.tp_modules import ColumnParallelLinear, RowParallelLinear, ShardSpec, shard_tensor
+from whale.ir.rows import row_offsets
+from whale.rewrite.tensor_parallel.parallel_loss import VocabParallelCrossEntropy, parallel_loss
+from whale.rewrite.tensor_parallel.shard_sizes import even_sizes, validate_sizes
+from whale.rewrite.tensor_parallel.shard import TensorParallelRewrite, resolve_sizes, shard_model
+from whale.rewrite.tensor_parallel.analysis import TensorParallelAnalysis
+from whale.rewrite.tensor_parallel.layout import Layout, view_groups, view_move
+from whale.rewrite.tensor_parallel.modules import ColumnParallelLinear, RowParallelLinear, ShardSpec, shard_tensor
 
 
 def _plan(model, x, ranks=2, **kw):

@@ -14,14 +14,14 @@ from torch import nn
 
 from .capture import CaptureError, capture, module_annotation_map
 from .config import Config
-from .planner.cluster import Cluster
-from .planner.data_parallel import plan_data_parallel
-from .planner.pipeline import count_stages, plan_pipeline
-from .planner.plan import Plan
-from .planner.search import auto_plan
-from .planner.shards import speed_shard_sizes
+from .ir.cluster_spec import Cluster
+from .planner.annotated.replicas import plan_data_parallel
+from .planner.annotated.stages import count_stages, plan_pipeline
+from .ir.plan import Plan
+from .planner.search.auto import auto_plan
+from .planner.search.speed_shards import speed_shard_sizes
 from .rewrite.stage_split import assign_stages, capture_split_stages, split_stages
-from .rewrite.tensor_parallel import TensorParallelAnalysis, resolve_sizes
+from .rewrite.tensor_parallel.shard import TensorParallelAnalysis, resolve_sizes
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init

@@ -28,11 +28,11 @@ from torch import nn
 from .api import speed_sizes
 from .capture import capture, module_annotation_map
 from .config import Config
-from .planner.cluster import load_cluster, parse_cluster
-from .planner.devices import load_profiles, save_profiles
-from .planner.pins import Pins
-from .planner.predict import CostOptions
-from .planner.search import SearchSettings, auto_plan, local_cluster
+from .ir.cluster_spec import load_cluster, parse_cluster
+from .ir.devices import load_profiles, save_profiles
+from .planner.search.pins import Pins
+from .planner.cost.predict import CostOptions
+from .planner.search.auto import SearchSettings, auto_plan, local_cluster
 
 __all__ = ["load_target", "main"]
 
@@ -174,7 +174,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .planner.cluster import cluster_to_dict
+    from .ir.cluster_spec import cluster_to_dict
     from .planner.measure import profile_here
 
     if "RANK" in os.environ and not dist.is_initialized():

@@ -69,7 +69,7 @@ class Config:
 
     cluster: Any = None
     """The devices, as a spec string (``"node0=8xA100-80GB,node1=8xV100-32GB"``, a mixed node
-    ``"node0=1xA100-80GB+1xT4"``) or a parsed ``whale.planner.cluster.Cluster``; None is this
+    ``"node0=1xA100-80GB+1xT4"``) or a parsed ``whale.ir.cluster_spec.Cluster``; None is this
     host's device type. ``auto_parallel`` plans on it; ``split`` shards by its device speeds."""
 
     shard_sizes: Mapping[str, Sequence[int]] | None = None
@@ -128,8 +128,8 @@ class Config:
                 raise ValueError(f"Config(stage_boundaries={list(bounds)}) names a module twice")
             object.__setattr__(self, "stage_boundaries", bounds)
         if self.cluster is not None:
-            from .planner.cluster import parse_cluster
-            from .planner.topology import Cluster
+            from .ir.cluster_spec import parse_cluster
+            from .ir.topology import Cluster
 
             if isinstance(self.cluster, str):
                 object.__setattr__(self, "cluster", parse_cluster(self.cluster))

@@ -26,8 +26,8 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from .cluster import Cluster, Link, Node, format_bandwidth, format_duration
-from .devices import DeviceProfile, get_profile
+from ..ir.cluster_spec import Cluster, Link, Node, format_bandwidth, format_duration
+from ..ir.devices import DeviceProfile, get_profile
 
 __all__ = ["LinkFit", "fit_alpha_beta", "measure_device", "measure_links", "profile_here"]
 

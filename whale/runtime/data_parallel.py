@@ -1,7 +1,7 @@
 """The data-parallel program: runs a ``Plan`` of replicas, each optionally tensor parallel.
 
 With ``plan.tensor_parallel > 1`` every replica is a group of ranks holding the model sharded
-by the ``split`` rewrite (``whale.rewrite.tensor_parallel``); gradients of the shards are then
+by the ``split`` rewrite (``whale.rewrite.tensor_parallel.shard``); gradients of the shards are then
 summed over the ranks holding the same shard in the other replicas.
 """
 
@@ -16,13 +16,13 @@ from torch import nn
 
 from ..capture import CapturedModel
 from ..config import Config
-from ..planner.plan import Plan
-from ..rewrite.sharded_model import ShardedModel
-from ..rewrite.tensor_parallel import shard_model
+from ..ir.plan import Plan
+from ..rewrite.tensor_parallel.sharded_model import ShardedModel
+from ..rewrite.tensor_parallel.shard import shard_model
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
-from .program import ProgramBase, ReplicaBatch, materialize
+from .program_base import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["DataParallelProgram"]
 

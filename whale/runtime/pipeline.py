@@ -1,7 +1,7 @@
 """The pipeline program: runs each rank's action list of a schedule, stage by stage.
 
 Every rank holds the stage programs of its pipeline position (several with an interleaved
-schedule) and executes its list from ``whale.planner.schedules`` in order: ``F`` runs a stage
+schedule) and executes its list from ``whale.ir.schedule`` in order: ``F`` runs a stage
 on a micro-batch, ``B`` runs its backward, ``SA``/``RA`` move activations to the next stage and
 ``SG``/``RG`` move gradients back. Sends are asynchronous (waited at the end of the step).
 A receive is posted at its place in the list, or earlier, while the rank computes the two
@@ -23,16 +23,16 @@ from torch import nn
 
 from ..capture import CapturedModel
 from ..config import Config
-from ..planner.plan import Plan
-from ..planner.schedules import Action, ActionKind, make_schedule
-from ..rewrite.sharded_model import ShardedModel
+from ..ir.plan import Plan
+from ..ir.schedule import Action, ActionKind, make_schedule
+from ..rewrite.tensor_parallel.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
-from ..rewrite.tensor_parallel import shard_model
+from ..rewrite.tensor_parallel.shard import shard_model
 from .batch import batch_rows, broadcast_tensors
 from .grad_sync import GradientReducer
 from .p2p import Incoming, Transfers, shape_key
 from .process_group import require_initialized
-from .program import ProgramBase, ReplicaBatch, materialize
+from .program_base import ProgramBase, ReplicaBatch, materialize
 
 __all__ = ["PipelineProgram", "step_bubble"]
 

@@ -1,0 +1,428 @@
+"""Device profiles: peak rates, memory and intra-node links of the devices a plan runs on.
+
+A :class:`DeviceProfile` comes from one of three places:
+
+* the datasheet table :data:`DATASHEET_PROFILES` (common NVIDIA GPUs; the vendor datasheet is
+  named in each row's ``source``),
+* :data:`CPU_PROFILE`, a nominal CPU for gloo runs,
+* a JSON file read by :func:`load_profiles`: custom devices, or profiles measured on the devices
+  at hand, which then stand in for the datasheet rows of the same name.
+
+Units are SI throughout: bytes, FLOP/s, bytes/s, seconds. Peak FLOP/s are *dense* rates (no 2:4
+sparsity); where a datasheet lists only the sparse figure, the row holds half of it. Link
+bandwidths are per direction (datasheets quote both directions added up).
+
+The profile file (``version`` 1) is one JSON object::
+
+    {"version": 1,
+     "devices": [{"name": "A100-80GB",
+                  "memory_bytes": 85899345920,
+                  "peak_flops": {"fp32": 1.95e13, "tf32": 1.56e14, "bf16": 3.12e14},
+                  "memory_bandwidth": 2.039e12,
+                  "intra_link": "nvlink3",
+                  "intra_link_bandwidth": 3.0e11,
+                  "source": "measured by whale profile on host gpu07",
+                  "aliases": ["a100"]}]}
+
+``intra_link_bandwidth`` and ``aliases`` may be left out; every other key is required and
+unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "CPU_PROFILE",
+    "DATASHEET_PROFILES",
+    "DTYPES",
+    "INTRA_LINKS",
+    "DeviceProfile",
+    "IntraLink",
+    "get_profile",
+    "known_device_names",
+    "load_profiles",
+    "normalize_dtype",
+    "save_profiles",
+]
+
+_FORMAT_VERSION = 1
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8")
+"""Compute dtypes a profile may give a peak rate for, in display order."""
+
+# fmt: off
+_DTYPE_ALIASES = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "tf32": "tf32",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fp8": "fp8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "e4m3": "fp8", "e5m2": "fp8",
+}
+# fmt: on
+
+_GiB = 2**30  # NVIDIA's memory "GB" are binary: an "80GB" A100 is five 16 GiB HBM2e stacks
+
+
+@dataclasses.dataclass(frozen=True)
+class IntraLink:
+    """Standard figures of one intra-node link kind (per direction)."""
+
+    bandwidth: float
+    latency: float
+    source: str
+
+
+# Latencies: NCCL src/graph/tuning.cc hwLat, Ring/Simple per-step latency (NVLink 3.4us, PCI 5.7us).
+# fmt: off
+INTRA_LINKS: Mapping[str, IntraLink] = MappingProxyType({
+    "nvlink1": IntraLink(80e9, 3.4e-6, "Tesla P100 datasheet: NVLink 160 GB/s both ways"),
+    "nvlink2": IntraLink(150e9, 3.4e-6, "V100 datasheet: NVLink 300 GB/s both ways"),
+    "nvlink3": IntraLink(300e9, 3.4e-6, "A100 datasheet: NVLink 600 GB/s both ways"),
+    "nvlink4": IntraLink(450e9, 3.4e-6, "H100/H200 datasheets: NVLink 900 GB/s both ways"),
+    "pcie3": IntraLink(16e9, 5.7e-6, "V100 PCIe / T4 datasheets: PCIe Gen3 x16 32 GB/s both ways"),
+    "pcie4": IntraLink(32e9, 5.7e-6, "A100 / A10 / L4 datasheets: PCIe Gen4 x16 64 GB/s both ways"),
+    "pcie5": IntraLink(64e9, 5.7e-6, "H100 datasheet: PCIe Gen5 x16 128 GB/s both ways"),
+    # Nominal, in no datasheet: gloo's TCP transport between processes of one host.
+    "shm": IntraLink(10e9, 20e-6, "nominal gloo TCP over loopback; measure with whale profile"),
+})
+# fmt: on
+"""Intra-node link kinds: NVLink generations, PCIe generations, and host memory (``shm``)."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def normalize_dtype(dtype: object) -> str:
+    """The canonical compute dtype (``"fp32"``, ``"tf32"``, ``"fp16"``, ``"bf16"``, ``"fp8"``).
+
+    Accepts those names, torch's names (``"bfloat16"``, ``"float16"``) and ``torch.dtype`` objects.
+
+    Example::
+
+        >>> normalize_dtype("bfloat16"), normalize_dtype("half")
+        ('bf16', 'fp16')
+    """
+    text = str(dtype).lower().removeprefix("torch.")
+    if text not in _DTYPE_ALIASES:
+        raise ValueError(
+            f"unknown compute dtype {dtype!r}; use one of {list(DTYPES)} "
+            "(torch names such as 'bfloat16' or a torch.dtype also work)"
+        )
+    return _DTYPE_ALIASES[text]
+
+
+def _positive(owner: str, name: str, value: object, *, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        what = "an int" if integer else "a finite number"
+        raise ValueError(f"{owner}: {name} must be {what} > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceProfile:
+    """What the cost model needs to know about one device type.
+
+    Example::
+
+        a100 = get_profile("a100_80g")
+        a100.peak("bf16")        # 3.12e14 FLOP/s
+        a100.memory_bytes        # 85899345920
+    """
+
+    name: str
+    """Canonical name, usable in a cluster string (letters, digits, ``_.-``): ``"A100-80GB"``."""
+    memory_bytes: int
+    """Device memory in bytes (physical; the planner leaves its own headroom)."""
+    peak_flops: tuple[tuple[str, float], ...]
+    """Dense peak FLOP/s per compute dtype; a mapping is accepted and stored as sorted pairs."""
+    memory_bandwidth: float
+    """Device memory bandwidth, bytes/s."""
+    intra_link: str
+    """Kind of the link between devices of one node: a key of :data:`INTRA_LINKS`."""
+    intra_link_bandwidth: float | None = None
+    """Bytes/s per direction between two devices of a node; None takes the kind's standard."""
+    source: str
+    """Where the numbers come from: the datasheet, or the measurement."""
+    aliases: tuple[str, ...] = ()
+    """Other names that find this profile (matched case- and punctuation-insensitively)."""
+
+    def __post_init__(self) -> None:
+        owner = f"DeviceProfile({self.name!r})"
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            raise ValueError(
+                f"DeviceProfile(name={self.name!r}) must start with a letter or digit and hold "
+                "only letters, digits, '_', '.' and '-', e.g. 'A100-80GB'"
+            )
+        _positive(owner, "memory_bytes", self.memory_bytes, integer=True)
+        _positive(owner, "memory_bandwidth", self.memory_bandwidth)
+        items = self.peak_flops.items() if isinstance(self.peak_flops, Mapping) else self.peak_flops
+        rates: dict[str, float] = {}
+        for key, rate in items:
+            dtype = normalize_dtype(key)
+            if dtype in rates:
+                raise ValueError(f"{owner}: peak_flops gives {dtype!r} twice")
+            _positive(owner, f"peak_flops[{key!r}]", rate)
+            rates[dtype] = float(rate)
+        if "fp32" not in rates:
+            raise ValueError(f"{owner}: peak_flops needs an 'fp32' rate, got {sorted(rates)}")
+        object.__setattr__(self, "peak_flops", tuple((d, rates[d]) for d in DTYPES if d in rates))
+        if self.intra_link not in INTRA_LINKS:
+            raise ValueError(
+                f"{owner}: intra_link={self.intra_link!r} is unknown; "
+                f"use one of {list(INTRA_LINKS)}"
+            )
+        if self.intra_link_bandwidth is None:
+            object.__setattr__(self, "intra_link_bandwidth", INTRA_LINKS[self.intra_link].bandwidth)
+        _positive(owner, "intra_link_bandwidth", self.intra_link_bandwidth)
+        object.__setattr__(self, "memory_bandwidth", float(self.memory_bandwidth))
+        object.__setattr__(self, "intra_link_bandwidth", float(self.intra_link_bandwidth))
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(f"{owner}: source must name where the numbers come from")
+        if isinstance(self.aliases, str) or not all(isinstance(a, str) for a in self.aliases):
+            raise ValueError(f"{owner}: aliases must be a list of strings, got {self.aliases!r}")
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """The compute dtypes this device has a peak rate for."""
+        return tuple(d for d, _ in self.peak_flops)
+
+    def peak(self, dtype: object = "fp32") -> float:
+        """Dense peak FLOP/s for ``dtype`` (any name :func:`normalize_dtype` accepts)."""
+        key = normalize_dtype(dtype)
+        for d, rate in self.peak_flops:
+            if d == key:
+                return rate
+        raise ValueError(
+            f"{self.name} has no {key} rate (it computes {list(self.dtypes)}); pick one of those "
+            f"dtypes, or give the device a {key!r} peak_flops entry in a profile file"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this profile in the profile file format."""
+        out = dataclasses.asdict(self)
+        out["peak_flops"] = dict(self.peak_flops)
+        out["aliases"] = list(self.aliases)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "device profile") -> DeviceProfile:
+        """Build a profile from its JSON object; ``where`` names it in error messages."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; the keys are {sorted(fields)}")
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{where}: missing keys {missing}")
+        if not isinstance(data["peak_flops"], Mapping):
+            raise ValueError(
+                f'{where}: peak_flops must be an object such as {{"fp32": 1.95e13}}, '
+                f"got {data['peak_flops']!r}"
+            )
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+
+
+def _gpu(
+    name: str,
+    gib: int,
+    flops: Mapping[str, float],
+    bandwidth: float,
+    link: str,
+    source: str,
+    *aliases: str,
+) -> DeviceProfile:
+    return DeviceProfile(
+        name=name,
+        memory_bytes=gib * _GiB,
+        peak_flops=flops,
+        memory_bandwidth=bandwidth,
+        intra_link=link,
+        source=source,
+        aliases=aliases,
+    )
+
+
+_T = 1e12  # TFLOP/s
+# fmt: off
+DATASHEET_PROFILES: tuple[DeviceProfile, ...] = (
+    _gpu("P100-16GB", 16, {"fp32": 10.6 * _T, "fp16": 21.2 * _T}, 732e9, "nvlink1",
+         "NVIDIA Tesla P100 datasheet (2016), SXM2 module for NVLink servers",
+         "P100", "P100-SXM2-16GB", "Tesla P100-SXM2-16GB"),
+    _gpu("V100-16GB", 16, {"fp32": 15.7 * _T, "fp16": 125 * _T}, 900e9, "nvlink2",
+         "NVIDIA V100 Tensor Core GPU datasheet (2020), SXM2; fp16 = Tensor Core rate",
+         "V100-SXM2-16GB", "Tesla V100-SXM2-16GB"),
+    _gpu("V100-32GB", 32, {"fp32": 15.7 * _T, "fp16": 125 * _T}, 900e9, "nvlink2",
+         "NVIDIA V100 Tensor Core GPU datasheet (2020), SXM2; fp16 = Tensor Core rate",
+         "V100-SXM2-32GB", "Tesla V100-SXM2-32GB"),
+    _gpu("T4", 16, {"fp32": 8.1 * _T, "fp16": 65 * _T}, 300e9, "pcie3",
+         "NVIDIA T4 Tensor Core GPU datasheet (2019); fp16 = mixed-precision Tensor Core rate",
+         "T4-16GB", "Tesla T4"),
+    _gpu("A10", 24, {"fp32": 31.2 * _T, "tf32": 62.5 * _T, "fp16": 125 * _T, "bf16": 125 * _T},
+         600e9, "pcie4", "NVIDIA A10 Tensor Core GPU datasheet (2021), dense (no sparsity)",
+         "A10-24GB", "NVIDIA A10"),
+    _gpu("L4", 24, {"fp32": 30.3 * _T, "tf32": 60 * _T, "fp16": 121 * _T, "bf16": 121 * _T,
+                    "fp8": 242.5 * _T}, 300e9, "pcie4",
+         "NVIDIA L4 Tensor Core GPU datasheet (2023); dense = half the listed sparse figures",
+         "L4-24GB", "NVIDIA L4"),
+    _gpu("A100-40GB", 40, {"fp32": 19.5 * _T, "tf32": 156 * _T, "fp16": 312 * _T, "bf16": 312 * _T},
+         1555e9, "nvlink3",
+         "NVIDIA A100 Tensor Core GPU datasheet (2021), SXM4 40GB, dense (no sparsity)",
+         "A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB"),
+    _gpu("A100-80GB", 80, {"fp32": 19.5 * _T, "tf32": 156 * _T, "fp16": 312 * _T, "bf16": 312 * _T},
+         2039e9, "nvlink3",
+         "NVIDIA A100 Tensor Core GPU datasheet (2021), SXM4 80GB, dense (no sparsity)",
+         "A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB"),
+    _gpu("H100-80GB", 80, {"fp32": 67 * _T, "tf32": 494.5 * _T, "fp16": 989.5 * _T,
+                           "bf16": 989.5 * _T, "fp8": 1979 * _T}, 3.35e12, "nvlink4",
+         "NVIDIA H100 Tensor Core GPU datasheet (2023), H100 SXM; dense = half the listed "
+         "sparse figures", "H100", "H100-SXM", "H100-SXM5-80GB", "NVIDIA H100 80GB HBM3"),
+    _gpu("H200-141GB", 141, {"fp32": 67 * _T, "tf32": 494.5 * _T, "fp16": 989.5 * _T,
+                             "bf16": 989.5 * _T, "fp8": 1979 * _T}, 4.8e12, "nvlink4",
+         "NVIDIA H200 Tensor Core GPU datasheet (2024), H200 SXM; dense = half the listed "
+         "sparse figures", "H200", "H200-SXM", "NVIDIA H200"),
+)
+# fmt: on
+"""Datasheet profiles of common NVIDIA data-center GPUs (SXM modules where both forms exist)."""
+
+# Nominal: one Intel Xeon Platinum 8380 socket (Intel ARK: 40 cores, 2.3 GHz base; two AVX-512
+# FMA units = 64 fp32 FLOP/cycle/core -> 5.89 TFLOP/s; 8 channels of DDR4-3200 -> 204.8 GB/s).
+CPU_PROFILE = DeviceProfile(
+    name="CPU",
+    memory_bytes=256 * _GiB,
+    peak_flops={"fp32": 40 * 2.3e9 * 64},
+    memory_bandwidth=8 * 3200e6 * 8,
+    intra_link="shm",
+    source="nominal: one Intel Xeon Platinum 8380 socket (Intel ARK), 256 GiB of DDR4; "
+    "measure with whale profile for real numbers",
+    aliases=("cpu", "host"),
+)
+
+
+def _key(name: str) -> str:
+    """Lookup key: lower case, no vendor prefix, no punctuation, ``80gb`` -> ``80g``."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    key = re.sub(r"^(nvidia|tesla)+", "", key)
+    return re.sub(r"(\d)gb", r"\1g", key)
+
+
+def _table(profiles: Mapping[str, DeviceProfile] | Iterable[DeviceProfile] | None) -> dict:
+    """Lookup key -> profile: the datasheet and CPU, then ``profiles`` in their place."""
+    table: dict[str, DeviceProfile] = {}
+    for profile in (*DATASHEET_PROFILES, CPU_PROFILE):
+        for name in (profile.name, *profile.aliases):
+            table[_key(name)] = profile
+    extra = profiles.values() if isinstance(profiles, Mapping) else (profiles or ())
+    for profile in extra:
+        if not isinstance(profile, DeviceProfile):
+            raise TypeError(f"profiles must hold DeviceProfile objects, got {profile!r}")
+        replaced = table.get(_key(profile.name))
+        if replaced is not None:  # a measured profile stands in for the datasheet row
+            table = {k: (profile if v is replaced else v) for k, v in table.items()}
+        for name in (profile.name, *profile.aliases):
+            table[_key(name)] = profile
+    return table
+
+
+def known_device_names(
+    profiles: Mapping[str, DeviceProfile] | Iterable[DeviceProfile] | None = None,
+) -> tuple[str, ...]:
+    """Canonical names of every profile a lookup can find, datasheet order first."""
+    return tuple(dict.fromkeys(p.name for p in _table(profiles).values()))
+
+
+def get_profile(
+    name: str, profiles: Mapping[str, DeviceProfile] | Iterable[DeviceProfile] | None = None
+) -> DeviceProfile:
+    """Find a device profile by name or alias, ignoring case, spaces, ``-``/``_`` and ``GB``/``G``.
+
+    Args:
+        name: e.g. ``"A100-80GB"``, ``"a100_80g"``, ``"NVIDIA A100-SXM4-80GB"``, ``"cpu"``.
+        profiles: custom or measured profiles (from :func:`load_profiles`); one whose name
+            matches a datasheet row replaces that row.
+
+    Example::
+
+        >>> get_profile("v100_32g").name
+        'V100-32GB'
+
+    Raises:
+        ValueError: for an unknown name, listing the known names and the closest matches.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a device name is a string, got {name!r}")
+    table = _table(profiles)
+    key = _key(name)
+    if key in table:
+        return table[key]
+    known = known_device_names(profiles)
+    starts = sorted({p.name for k, p in table.items() if key and k.startswith(key)})
+    close = starts or [table[k].name for k in difflib.get_close_matches(key, list(table), n=3)]
+    hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else "."
+    raise ValueError(
+        f"unknown device type {name!r}{hint} Known devices: {', '.join(known)}. "
+        "Describe other devices in a profile file (whale.ir.devices.load_profiles)."
+    )
+
+
+def load_profiles(path: str | os.PathLike) -> dict[str, DeviceProfile]:
+    """Read custom or measured device profiles from a JSON file (format in the module docstring).
+
+    Returns:
+        The profiles by canonical name, in file order; pass them as ``profiles=`` to
+        :func:`get_profile` or to the cluster parser.
+
+    Example::
+
+        profiles = load_profiles("measured.json")
+        cluster = parse_cluster("node0=8xA100-80GB", profiles=profiles)
+    """
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or set(data) != {"version", "devices"}:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{where}: a profile file is an object with exactly the keys 'version' and "
+            f"'devices', got {keys}"
+        )
+    if data["version"] != _FORMAT_VERSION:
+        raise ValueError(f"{where}: version must be {_FORMAT_VERSION}, got {data['version']!r}")
+    if not isinstance(data["devices"], list):
+        raise ValueError(f"{where}: 'devices' must be a list of device objects")
+    profiles: dict[str, DeviceProfile] = {}
+    for index, entry in enumerate(data["devices"]):
+        profile = DeviceProfile.from_dict(entry, where=f"{where}: devices[{index}]")
+        if profile.name in profiles:
+            raise ValueError(f"{where}: devices[{index}] repeats the name {profile.name!r}")
+        profiles[profile.name] = profile
+    return profiles
+
+
+def save_profiles(profiles: Iterable[DeviceProfile], path: str | os.PathLike) -> None:
+    """Write profiles in the format :func:`load_profiles` reads."""
+    devices = [p.to_dict() for p in profiles]
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump({"version": _FORMAT_VERSION, "devices": devices}, file, indent=2)
+        file.write("\n")

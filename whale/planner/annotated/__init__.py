@@ -1,0 +1,1 @@
+"""Plans from what the user wrote: replicas, stages and splits of the annotations."""

@@ -1,0 +1,463 @@
+"""Scoring a candidate plan: predicted step time and memory of every rank under the cost model.
+
+A :class:`Candidate` fixes every choice the search makes: tensor-parallel groups, how they form
+data-parallel replicas of a pipeline (``Layout``), stages and where they are cut, schedule,
+micro-batches and rows per replica. :class:`CostModel` turns it into a :class:`Prediction` from
+the layers of a :class:`~.layers.ModelProfile`, the device profiles and links of a
+:class:`~.cluster.Cluster`, and the formulas of :mod:`whale.planner.cost.formulas`:
+
+* a stage's forward on a tensor-parallel group is the per-node roofline of its layers on the
+  slowest member's share, plus Megatron-LM's all-reduces (Shoeybi et al. 2019, section 3: two
+  in the forward and two in the backward of a transformer layer); the backward is twice both;
+* a replica runs its schedule (:mod:`~.flow_shop`, equal to the simulator), then synchronises
+  gradients with a ring all-reduce per pipeline position that overlaps only the last backward
+  (the runtime starts gradient buckets at the final micro-batch);
+* memory is ZeRO's count of weights, gradients and optimizer states (``training_memory``) plus
+  the activations the schedule holds at its peak.
+
+Replicas only meet in the gradient all-reduce, so the step is the slowest replica's time:
+``max_d max_p (finish(d, p) + max(0, allreduce(p) - last_backward(d, p)))``. Rows per replica
+are thus a min-max over independent, monotone functions (see :mod:`~.balance`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ...ir.cluster_spec import Cluster, Link
+from .formulas import (
+    BACKWARD_FLOPS_FACTOR,
+    DEFAULT_EFFICIENCY,
+    point_to_point_time,
+    training_memory,
+)
+from ...ir.devices import DeviceProfile, normalize_dtype
+from ..schedules.flow_shop import flow_shop, peak_held, peak_held_bound, pipeline_estimate
+from .layers import ModelProfile
+from ...ir.topology import LOOPBACK
+
+__all__ = ["Candidate", "CostModel", "CostOptions", "Layout", "Prediction", "ReplicaCost", "achievable_peak"]
+
+# A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
+_FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
+             "fp8": ("fp8", "bf16", "fp16", "fp32"), "tf32": ("tf32", "fp32"), "fp32": ("fp32",)}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CostOptions:
+    """How the model trains, as far as time and memory go.
+
+    Example::
+
+        CostOptions(dtype="bf16", precision="mixed", optimizer="adamw")
+    """
+
+    dtype: str = "fp32"
+    """Compute dtype choosing each device's peak rate (a device without it uses the next wider)."""
+    precision: str | None = None
+    """``training_memory`` precision; None: ``"fp32"`` for 32-bit dtypes, else ``"mixed"``."""
+    optimizer: str = "adamw"
+    """``"adamw"``, ``"sgd"`` or ``"sgd_momentum"``: optimizer states per parameter."""
+    memory_fraction: float = 0.9
+    """Share of device memory a plan may use (nominal: CUDA context, allocator fragmentation)."""
+    efficiency: float | None = None
+    """Share of peak FLOP/s reached; None: 0.5 for datasheet rows, 1.0 for measured profiles."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.precision is None:
+            object.__setattr__(self, "precision", "fp32" if self.dtype in ("fp32", "tf32") else "mixed")
+        training_memory(1, optimizer=self.optimizer, precision=self.precision)  # validates both
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"CostOptions(memory_fraction={self.memory_fraction!r}) must be in (0, 1]")
+        if self.efficiency is not None and not 0 < self.efficiency <= 1:
+            raise ValueError(f"CostOptions(efficiency={self.efficiency!r}) must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which ranks form each tensor-parallel group, replica and pipeline position.
+
+    ``pipelines[d][p]`` is the tensor-parallel group (its ranks) at position ``p`` of replica
+    ``d``; with ``tensor_parallel == 1`` every group is one rank.
+    """
+
+    tensor_parallel: int
+    pipelines: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @property
+    def dp_degree(self) -> int:
+        return len(self.pipelines)
+
+    @property
+    def pipeline_degree(self) -> int:
+        return len(self.pipelines[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """Every choice of a plan: layout, stages, cuts (first layer of stages 1..), schedule, rows."""
+
+    layout: Layout
+    num_stages: int
+    schedule: str
+    num_micro_batch: int
+    cuts: tuple[int, ...]
+    rows: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaCost:
+    """One replica with ``rows`` rows: its time and, per position, busy time and bytes needed."""
+
+    time: float
+    busy: tuple[float, ...]
+    memory: tuple[tuple[int, ...], ...]  # per position, per member of its tensor-parallel group
+    stage_times: tuple[float, ...]  # forward + backward of one micro-batch per stage
+    row_limit: float  # most rows whose micro-batches fit in every member's memory
+
+    @property
+    def fits(self) -> bool:
+        return math.isfinite(self.time)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What a candidate costs: step time, and per rank its busy time, memory and capacity."""
+
+    step_time: float
+    replica_times: tuple[float, ...]
+    rank_busy: tuple[float, ...]
+    rank_memory: tuple[int, ...]
+    rank_capacity: tuple[int, ...]
+    stage_times: tuple[tuple[float, ...], ...]  # per replica, per stage (f + b of a micro-batch)
+    sync_time: tuple[float, ...]  # gradient all-reduce per position
+
+    @property
+    def fits(self) -> bool:
+        return all(m <= c for m, c in zip(self.rank_memory, self.rank_capacity))
+
+    @property
+    def shortfall(self) -> tuple[int, int]:
+        """``(bytes missing, rank)`` on the rank that overflows most (<= 0 bytes: it fits)."""
+        return max((m - c, r) for r, (m, c) in enumerate(zip(self.rank_memory, self.rank_capacity)))
+
+    @property
+    def bubble(self) -> float:
+        busy = sum(self.rank_busy)
+        return 1 - busy / (len(self.rank_busy) * self.step_time) if self.step_time > 0 else 0.0
+
+
+def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
+    """FLOP/s ``device`` reaches in ``options.dtype``: its peak times the efficiency.
+
+    The speed the cost model splits sharded work by (:meth:`CostModel.shard_shares`).
+    """
+    rate = next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
+    eff = options.efficiency
+    if eff is None:
+        eff = 1.0 if device.source.startswith("measured") else DEFAULT_EFFICIENCY
+    return rate * eff
+
+
+class CostModel:
+    """Times and bytes of layers, stages and replicas for one model on one cluster.
+
+    Pure in what it returns; it memoises per-layer roofline times by (device, rows, share).
+
+    Example::
+
+        costs = CostModel(profile, parse_cluster("2xA100-80GB,2xV100-32GB"), CostOptions())
+        costs.predict(candidate).step_time
+    """
+
+    def __init__(self, profile: ModelProfile, cluster: Cluster, options: CostOptions = CostOptions()) -> None:
+        self.profile, self.cluster, self.options = profile, cluster, options
+        devices = cluster.devices()
+        self.device_of = tuple(d.profile for d in devices)
+        self.node_of = tuple(k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices))
+        self._links: dict[tuple[int, int], Link] = {}
+        self._shares: dict[tuple[str, ...], tuple[float, ...]] = {}
+        self._group_links: dict[tuple, Link] = {}
+        layers = profile.layers
+        self.num_layers = len(layers)
+        sixteen = options.precision in ("mixed", "half")
+        self.act_scale = (2 / profile.act_dtype_bytes) if sixteen else 1.0
+        self.weight_scale = (2 / profile.param_dtype_bytes) if sixteen else 1.0
+        per_param = training_memory(1, optimizer=options.optimizer, precision=options.precision)
+        self.state_bytes_per_param = per_param.total / profile.param_dtype_bytes  # per captured byte
+        self.grad_bytes_per_param = per_param.gradients / profile.param_dtype_bytes
+        flops, row, fixed, sharded, owner = [], [], [], [], []
+        for k, layer in enumerate(layers):
+            flops += layer.flops
+            row += layer.row_bytes
+            fixed += layer.fixed_bytes
+            sharded += [i < layer.num_sharded for i in range(len(layer.flops))]
+            owner += [k] * len(layer.flops)
+        self._flops = np.array(flops, dtype=float)
+        self._row = np.array(row, dtype=float) * self.act_scale
+        self._fixed = np.array(fixed, dtype=float) * self.weight_scale
+        self._sharded = np.array(sharded, dtype=bool)
+        self._owner = np.array(owner)
+        self._times: dict = {}
+
+        def prefix(values) -> np.ndarray:
+            return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
+
+        self.params = prefix([x.param_bytes for x in layers])
+        self.repl_params = prefix([x.replicated_param_bytes for x in layers])
+        self.act = prefix([x.act_bytes * self.act_scale for x in layers])
+        self.repl_act = prefix([x.replicated_act_bytes * self.act_scale for x in layers])
+        self.tp_count = prefix([x.tp_all_reduces for x in layers])
+        self.tp_bytes = prefix([x.tp_all_reduces * x.hidden_bytes * self.act_scale for x in layers])
+        self.cut_bytes = np.array(profile.cut_bytes, dtype=float) * self.act_scale
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def peak(self, device: DeviceProfile) -> float:
+        """Achievable FLOP/s of ``device`` in the compute dtype (efficiency applied)."""
+        return achievable_peak(device, self.options)
+
+    def capacity(self, rank: int) -> int:
+        """Bytes a plan may use on ``rank``."""
+        return int(self.device_of[rank].memory_bytes * self.options.memory_fraction)
+
+    def speed(self, device: DeviceProfile, rows: float = 1.0) -> float:
+        """Rows per second of the whole model's forward and backward on one ``device``."""
+        return rows / (3 * float(self.layer_times(device, rows).sum()) or 1e-30)
+
+    # --- layers and stages ------------------------------------------------------------------
+
+    def layer_times(self, device: DeviceProfile, rows: float, share: float = 1.0) -> np.ndarray:
+        """Forward time per layer for a micro-batch of ``rows`` rows, ``share`` of it sharded.
+
+        Per node roofline (Williams et al. 2009) on ``device``; under tensor parallelism a
+        member computes ``share`` of the sharded nodes and all of the replicated ones.
+        """
+        return np.diff(self._prefix_time(device, rows, share))
+
+    def _prefix_time(self, device: DeviceProfile, rows: float, share: float) -> list[float]:
+        """Cumulative forward time of layers (``n + 1`` entries), memoised."""
+        key = (device.name, rows, share)
+        cached = self._times.get(key)
+        if cached is None:
+            scale = np.where(self._sharded, share, 1.0)
+            node = np.maximum(
+                rows * self._flops / self.peak(device),
+                (rows * self._row + self._fixed) / device.memory_bandwidth,
+            ) * scale
+            per_layer = np.bincount(self._owner, weights=node, minlength=self.num_layers)
+            cached = np.concatenate([[0.0], np.cumsum(per_layer)])
+            self._times[key] = cached
+        return cached
+
+    def block_param_bytes(self, start: int, stop: int) -> float:
+        """Captured bytes of the parameters layers ``start..stop-1`` read (tied ones once)."""
+        total = self.params[stop] - self.params[start]
+        for _, size, users in self.profile.shared_params:
+            inside = sum(start <= u < stop for u in users)
+            if inside > 1:
+                total -= (inside - 1) * size
+        return float(total)
+
+    def group_forward(self, group: Sequence[int], shares: Sequence[float], rows: float, start: int, stop: int) -> float:
+        """Forward time of layers ``start..stop-1`` on a tensor-parallel group, comm included."""
+        t = len(group)
+        if t == 1:
+            prefix = self._prefix_time(self.device_of[group[0]], rows, shares[0])
+            return float(prefix[stop] - prefix[start])
+        kinds = {(self.device_of[r], w) for r, w in zip(group, shares)}  # members alike compute alike
+        compute = max(float(p[stop] - p[start]) for p in (self._prefix_time(d, rows, w) for d, w in kinds))
+        link = self.group_link(group)
+        count = self.tp_count[stop] - self.tp_count[start]
+        volume = rows * (self.tp_bytes[stop] - self.tp_bytes[start])
+        # Ring all-reduce (cost_model.all_reduce_time), summed over the layers' all-reduces.
+        return compute + 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth
+
+    def state_bytes(self, member_share: float, blocks: Sequence[tuple[int, int]]) -> int:
+        """Weights, gradients and optimizer states one group member keeps for ``blocks``."""
+        params = sum(
+            (self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a])) * member_share
+            + (self.repl_params[b] - self.repl_params[a])
+            for a, b in blocks
+        )
+        return int(params * self.state_bytes_per_param)
+
+    def member_act(self, share: float, start: int, stop: int) -> float:
+        """Activation bytes per row a member keeps for layers ``start..stop-1``."""
+        repl = self.repl_act[stop] - self.repl_act[start]
+        return (self.act[stop] - self.act[start] - repl) * share + repl
+
+    # --- links ------------------------------------------------------------------------------
+
+    def link(self, rank_a: int, rank_b: int) -> Link:
+        """``Cluster.link``, memoised by node pair."""
+        if rank_a == rank_b:
+            return LOOPBACK
+        key = (self.node_of[rank_a], self.node_of[rank_b])
+        if key not in self._links:
+            self._links[key] = self.cluster.link(rank_a, rank_b)
+        return self._links[key]
+
+    def group_link(self, ranks: Sequence[int]) -> Link:
+        """The slowest link among ``ranks`` (equal to ``Cluster.group_link``, in O(len(ranks)))."""
+        key = tuple(ranks)
+        if key not in self._group_links:
+            self._group_links[key] = self._group_link(key)
+        return self._group_links[key]
+
+    def _group_link(self, ranks: Sequence[int]) -> Link:
+        nodes: dict[int, int] = {}
+        for r in ranks:
+            nodes[self.node_of[r]] = nodes.get(self.node_of[r], 0) + 1
+        if sum(nodes.values()) < 2:
+            return LOOPBACK
+        links = [self.cluster.nodes[n].device_link for n, c in nodes.items() if c > 1]
+        if len(nodes) > 1:
+            nets = [self.cluster._network(self.cluster.nodes[n]) for n in nodes]
+            links.append(Link(kind="network", bandwidth=min(x.bandwidth for x in nets),
+                              latency=max(x.latency for x in nets)))  # fmt: skip
+        slowest = min(links, key=lambda x: x.bandwidth)
+        return Link(kind=slowest.kind, bandwidth=slowest.bandwidth, latency=max(x.latency for x in links))
+
+    def sync_time(self, layout: Layout, num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
+        """Gradient all-reduce time per pipeline position (ring over the position's replicas)."""
+        p, dp = layout.pipeline_degree, layout.dp_degree
+        if dp == 1:
+            return (0.0,) * p
+        bounds = (0, *cuts, self.num_layers)
+        out = []
+        for pos in range(p):
+            groups = [layout.pipelines[d][pos] for d in range(dp)]
+            shares = self.shard_shares(groups[0])
+            blocks = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
+            sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
+            repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
+            grad = (sharded * max(shares) + repl) * self.grad_bytes_per_param
+            link = self.group_link([g[0] for g in groups])
+            out.append(2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * grad / link.bandwidth)
+        return tuple(out)
+
+    def shard_shares(self, group: Sequence[int]) -> tuple[float, ...]:
+        """Each member's share of sharded widths: in proportion to its device's speed."""
+        key = tuple(self.device_of[r].name for r in group)
+        if key not in self._shares:
+            speeds = [self.peak(self.device_of[r]) for r in group]
+            self._shares[key] = tuple(s / sum(speeds) for s in speeds)
+        return self._shares[key]
+
+    # --- replicas ---------------------------------------------------------------------------
+
+    def replica_cost(
+        self,
+        pipeline: Sequence[Sequence[int]],
+        num_stages: int,
+        schedule: str,
+        num_micro_batch: int,
+        cuts: Sequence[int],
+        rows: int,
+        sync: Sequence[float],
+        *,
+        exact: bool = True,
+    ) -> ReplicaCost:
+        """Time and memory of one replica (``pipeline``: its groups by position) with ``rows``.
+
+        ``exact`` runs the schedule (:func:`~.flow_shop.flow_shop`); otherwise the closed form
+        :func:`~.flow_shop.pipeline_estimate` is used, for screening. Memory is exact either way.
+        The time is ``inf`` when some member's memory exceeds its capacity.
+        """
+        p, m = len(pipeline), num_micro_batch
+        q, q_max = rows / m, -(-rows // m)
+        bounds = (0, *cuts, self.num_layers)
+        shares = [self.shard_shares(g) for g in pipeline]
+        forward, backward, p2p = [], [], []
+        for s in range(num_stages):
+            pos = s % p
+            fwd = self.group_forward(pipeline[pos], shares[pos], q, bounds[s], bounds[s + 1])
+            forward.append(fwd)
+            backward.append(BACKWARD_FLOPS_FACTOR * fwd)
+            if s < num_stages - 1:
+                a, b = pipeline[pos][0], pipeline[(s + 1) % p][0]
+                size = self.cut_bytes[bounds[s + 1]] * q
+                p2p.append(0.0 if a == b else point_to_point_time(size, self.link(a, b)))
+        memory: list[list[int]] = [[] for _ in range(p)]
+        fits, limit = True, math.inf
+        # The exact peak needs the schedule's orders; screening bounds it when they are long.
+        held_of = peak_held if exact or num_stages * m <= 512 else peak_held_bound
+        width = max(len(g) for g in pipeline)
+        column: dict = {}  # members alike (device, share) across positions need alike memory
+        for k in range(width):
+            member = [min(k, len(g) - 1) for g in pipeline]
+            kind = tuple((self.device_of[g[i]].name, shares[pos][i]) for pos, (g, i) in enumerate(zip(pipeline, member)))
+            if kind not in column:
+                # Member k of every group: its activations per stage, then its peak per position.
+                acts = [self.member_act(shares[s % p][member[s % p]], bounds[s], bounds[s + 1]) for s in range(num_stages)]
+                held = held_of(schedule, p, m, acts)
+                states = [self.state_bytes(shares[pos][member[pos]], [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)])
+                          for pos in range(p)]  # fmt: skip
+                column[kind] = (held, states)
+            held, states = column[kind]
+            for pos, group in enumerate(pipeline):
+                if k >= len(group):
+                    continue
+                cap = self.capacity(group[k])
+                memory[pos].append(states[pos] + int(held[pos] * q_max))
+                fits &= memory[pos][-1] <= cap
+                room = cap - states[pos]
+                limit = min(limit, -1 if room < 0 else m * (room // held[pos]) if held[pos] > 0 else math.inf)
+        memory = [tuple(x) for x in memory]
+        busy = tuple(m * sum(forward[s] + backward[s] for s in range(pos, num_stages, p)) for pos in range(p))
+        stage_times = tuple(f + b for f, b in zip(forward, backward))
+        if exact:
+            run = flow_shop(schedule, p, m, forward, backward, p2p)
+            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) for k in range(p))
+        else:
+            # The final compute of position k is the backward of its first stage, k.
+            finish = pipeline_estimate(p, m, forward, backward, p2p)
+            time = max(finish[k] + max(0.0, sync[k] - backward[k]) for k in range(p))
+        return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
+
+    def predict(self, candidate: Candidate) -> Prediction:
+        """Score every replica exactly and assemble the per-rank view.
+
+        Example::
+
+            prediction = costs.predict(candidate)
+            prediction.step_time, prediction.fits, prediction.shortfall
+        """
+        layout = candidate.layout
+        sync = self.sync_time(layout, candidate.num_stages, candidate.cuts)
+        world = self.cluster.world_size
+        busy, memory = [0.0] * world, [0] * world
+        times, stage_times = [], []
+        alike: dict = {}  # replicas on the same devices and links with the same rows cost the same
+        for d, pipeline in enumerate(layout.pipelines):
+            key = (
+                tuple(tuple(self.device_of[r].name for r in g) for g in pipeline),
+                tuple(self.link(pipeline[k][0], pipeline[(k + 1) % len(pipeline)][0]) for k in range(len(pipeline))),
+                candidate.rows[d],
+            )
+            if key not in alike:
+                alike[key] = self.replica_cost(pipeline, candidate.num_stages, candidate.schedule,
+                                               candidate.num_micro_batch, candidate.cuts, candidate.rows[d], sync)  # fmt: skip
+            cost = alike[key]
+            times.append(cost.time)
+            stage_times.append(cost.stage_times)
+            for pos, group in enumerate(pipeline):
+                for rank, need in zip(group, cost.memory[pos]):
+                    busy[rank], memory[rank] = cost.busy[pos], need
+        finite = [t for t in times if math.isfinite(t)]
+        step = max(times) if len(finite) == len(times) else math.inf
+        return Prediction(
+            step_time=step,
+            replica_times=tuple(times),
+            rank_busy=tuple(busy),
+            rank_memory=tuple(memory),
+            rank_capacity=tuple(self.capacity(r) for r in range(world)),
+            stage_times=tuple(stage_times),
+            sync_time=sync,
+        )

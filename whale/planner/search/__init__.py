@@ -1,0 +1,1 @@
+"""Search: the plan space, balancing rows and layers, pins, the search itself and its report."""

@@ -1,0 +1,413 @@
+"""The search engine: screen structures in order of their lower bound, refine the best exactly.
+
+The structures (degrees, layout, schedule, micro-batches) and their lower bounds come from
+:mod:`~.space`. Structures are screened in order of that bound:
+
+1. with few ways to cut, every cut is screened; otherwise layers are partitioned over the
+   stages (:func:`~.balance.partition_layers`) per kind of pipeline, for all kinds pooled as
+   Whale's virtual devices, and with the least memory; pipelines of few stages then move cuts
+   one layer at a time while the estimate improves;
+2. rows go to replicas by a line through two evaluations of each kind's time, capped by memory
+   (:func:`~.balance.balance_rows`);
+3. the pipeline time (the schedule itself when it is short, else a closed form) scores it.
+
+Screening stops when the next bound exceeds the best score. Structures are then re-scored
+exactly, best estimates first, while an estimate is within ``refine_margin`` of the best exact
+time (and the best of every other shape, for ``explain``): rows rebalanced against the
+simulated schedule, cuts tried exhaustively when there are few or moved in runs otherwise, and
+the whole plan predicted by :meth:`~.predict.CostModel.predict`. Pins (:mod:`~.pins`) restrict
+every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .balance import balance_rows, partition_layers
+from ..cost.predict import Candidate, Layout, Prediction
+from ...ir.rows import split_rows
+from .space import SearchSettings, SearchSpace, Structure, describe, no_structure_error
+
+__all__ = ["Explorer", "NoPlanError", "Scored", "SearchResult", "SearchSettings", "describe"]
+
+_GiB = 2**30
+
+
+class NoPlanError(ValueError):
+    """No plan fits: the message names the closest plan and what memory it lacks where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """A candidate and its exact prediction."""
+
+    candidate: Candidate
+    prediction: Prediction
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """The winner, the best plan of each other shape, and what the search did."""
+
+    best: Scored
+    alternatives: tuple[Scored, ...]
+    overflows: tuple[Scored, ...]
+    """Shapes with no plan that fits, each with the candidate that comes closest."""
+    num_structures: int
+    num_screened: int
+    seconds: float
+    global_batch: int
+
+
+
+class Explorer(SearchSpace):
+    """One search: screen structures in order of their bound, refine the best, explain the rest."""
+
+    def screen(self, st: Structure) -> tuple[float, tuple[int, ...], tuple[int, ...]] | None:
+        """(estimated step time, cuts, rows) of a structure, or None if it does not fit."""
+        layout, s, m = st.layout, st.num_stages, st.num_micro_batch
+        classes = self.classes(layout)
+        allowed = [k for k in range(1, self.n) if self.cuttable[k]]
+        balanced = False
+        if s == 1:
+            options = [()]
+        elif self.pins.cuts is not None:
+            options = [self.pins.cuts]
+        elif math.comb(len(allowed), s - 1) <= self.settings.screen_cuts:
+            # Few ways to cut: look at them all. Balanced cuts can be far off when few
+            # micro-batches make fill, drain and the gradient all-reduce weigh more than the
+            # slowest stage, and a structure estimated too high is never refined.
+            options = list(itertools.combinations(allowed, s - 1))
+        else:
+            options, balanced = self.partitions(st, classes, self.batch / (layout.dp_degree * m)), True
+        best = None
+        for cuts in options:
+            found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=False)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], cuts, found[1])
+        if best is not None and balanced and s <= self.settings.climb_stages:
+            # Few stages: the bottleneck is not the whole objective (fill, drain, transfers and
+            # the gradient all-reduce count too), so move cuts while the estimate improves. Every
+            # structure climbs: one whose balanced cuts are poor is estimated high, and would
+            # not be refined if only structures already close to the best climbed.
+            step, rows, cuts = self.climb(layout, classes, st, best[1], best[0], best[2], exact=False)
+            best = (step, cuts, rows)
+        return best
+
+    def partitions(self, st: Structure, classes, q: float) -> list[tuple[int, ...]]:
+        """Balanced cuts to screen a structure with, when there are too many ways to cut to try all.
+
+        Cuts balanced for each kind of pipeline, for all kinds pooled (Whale's virtual devices),
+        and pooled with the least memory (one row per micro-batch), which a slow kind that will
+        get few rows may need.
+        """
+        layout, s, m = st.layout, st.num_stages, st.num_micro_batch
+        options = []
+        groups = [([c], q) for c in classes[:2]] + ([(classes, q)] if len(classes) > 1 else [])
+        v = s // layout.pipeline_degree
+        least = [(classes, 1.0)] + ([([c], 1.0) for c in classes[:2]] if len(classes) > 1 else [])
+        for k, (pipes, rows) in enumerate(groups + least):
+            if k >= len(groups) and (q <= 1.0 or len(options) == len(groups) * (2 if v > 1 else 1)):
+                break  # every nominal partition fitted: the least-memory ones add nothing
+            times, mems, caps, ends = self.stage_prefixes(pipes, s, st.schedule, m, rows)
+            # A rank's stages share its memory: give each its share, or (uneven chunks)
+            # all of it, and let the exact memory check decide.
+            for share in (1, v) if v > 1 else (1,):
+                key = (id(times), share)
+                if key not in self._partitions:
+                    self._partitions[key] = partition_layers(
+                        times, mems, [c * share for c in caps], self.cuttable, end_cost=ends, rel_tol=1e-3
+                    )
+                cuts = self._partitions[key]
+                if cuts is not None and cuts not in options:
+                    options.append(cuts)
+        return options
+
+    def _group_fits(self, st: Structure, least: Structure) -> bool:
+        """Whether the least-memory structure of ``st``'s group fits (screened once per group).
+
+        Held activations are ``min(m, p - r) ceil(rows / m)`` micro-batch rows under 1F1B (and
+        ``m ceil(rows / m)`` under GPipe): smallest at ``m = rows``, one row per micro-batch.
+        That holds when every replica gets exactly ``m`` rows of the least-memory structure.
+        Otherwise there is no shortcut: with kinds of replicas of different memory, fewer
+        micro-batches let the larger ones take more rows; and when the batch does not divide
+        evenly, a replica with ``m + 1`` rows holds two rows per micro-batch at ``m`` but fewer
+        at ``m = 1`` under GPipe.
+        """
+        key = _group(st)
+        if len(self.classes(st.layout)) > 1 or least.num_micro_batch * st.layout.dp_degree != self.batch:
+            return True
+        if key not in self._unfit:
+            self._unfit[key] = self.screen(least) is None
+        return not self._unfit[key]
+
+    def climb(self, layout, classes, st: Structure, cuts, step, rows, *, exact: bool, guess=None):
+        """Move a cut (screening), or a run of neighbouring cuts (exact), by one layer while that helps.
+
+        Moves are scored with the rows held fixed (one evaluation per kind of replica); the
+        rows are rebalanced once for the cuts the climb ends on.
+        """
+        s, m = st.num_stages, st.num_micro_batch
+        widths = range(1, len(cuts) + 1) if exact else (1,)
+        moves = [(k, w) for w in widths for k in range(len(cuts) - w + 1)]
+        class_of = self._classes[id(layout)][1]
+        held_rows = [max(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
+        run = exact or s * m <= self.settings.simulate_below
+
+        def time_at(trial: tuple[int, ...]) -> float:
+            sync = self.costs.sync_time(layout, s, trial)
+            return max(self.costs.replica_cost(pipe, s, st.schedule, m, trial, r, sync, exact=run).time
+                       for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
+
+        start, current = tuple(cuts), time_at(tuple(cuts))
+        improved = True
+        while improved:
+            improved = False
+            for (k, width), delta in itertools.product(moves, (-1, 1)):
+                moved = list(cuts)
+                for i in range(k, k + width):
+                    moved[i] += delta
+                bounds = [0, *moved, self.n]
+                if any(a >= b for a, b in itertools.pairwise(bounds)) or not all(self.cuttable[c] for c in moved):
+                    continue
+                trial = time_at(tuple(moved))
+                if trial < current * (1 - 1e-9):
+                    current, cuts, improved = trial, tuple(moved), True
+        if tuple(cuts) == start:
+            return step, rows, start
+        found = self.rows_and_time(layout, classes, s, st.schedule, m, tuple(cuts), exact=exact, guess=guess or held_rows)
+        if found is None or found[0] >= step:
+            return step, rows, start
+        return found[0], found[1], tuple(cuts)
+
+    def rows_and_time(self, layout, classes, s, schedule, m, cuts, *, exact: bool, guess=None):
+        """Rows per replica (min-max over classes of replicas) and the resulting step time.
+
+        Exact: each class's time is its simulated schedule. Screening: a line through two row
+        counts per class (pipeline times are close to affine in rows), capped by memory.
+        """
+        costs = self.costs
+        sync = costs.sync_time(layout, s, cuts)
+        counts = [c for _, c in classes]
+
+        # Short schedules are cheap to run: screen them with the flow shop too.
+        run = exact or s * m <= self.settings.simulate_below
+
+        def cost(k: int, rows: int):
+            return costs.replica_cost(classes[k][0], s, schedule, m, cuts, rows, sync, exact=run)
+
+        if self.pins.row_weights is not None:
+            rows = split_rows(self.batch, self.pins.row_weights)
+            times = [costs.replica_cost(pipe, s, schedule, m, cuts, r, sync, exact=exact).time
+                     for pipe, r in zip(layout.pipelines, rows)]  # fmt: skip
+            return (max(times), rows) if all(math.isfinite(x) and r >= m for x, r in zip(times, rows)) else None
+        if exact:
+            def time_of(k, r):
+                return cost(k, r).time
+        else:
+            # Screening: each class's time as a line through two row counts within what its
+            # memory allows (a pipeline's time is close to affine in its rows).
+            nominal = m * max(1, int(self.batch / (len(layout.pipelines) * m)))
+            lines = []
+            for k in range(len(classes)):
+                a = cost(k, nominal)
+                if a.row_limit < m:
+                    return None
+                r1 = int(min(nominal, a.row_limit))
+                a = a if r1 == nominal else cost(k, r1)
+                r2 = int(min(2 * r1, a.row_limit))
+                r2 = r2 if r2 > r1 else max(m, r1 // 2)
+                b = cost(k, r2) if r2 != r1 else a
+                slope = (b.time - a.time) / (r2 - r1) if r2 != r1 else a.time / r1
+                lines.append((slope, a.time - slope * r1, a.row_limit))
+
+            def time_of(k, r):
+                slope, icpt, limit = lines[k]
+                return slope * r + icpt if r <= limit else math.inf
+
+        per_class = balance_rows(self.batch, counts, time_of, minimum=m, guess=guess)
+        if per_class is None:
+            return None
+        if exact:
+            step = max(cost(k, max(rows)).time for k, rows in enumerate(per_class))
+        else:
+            step = max(time_of(k, max(rows)) for k, rows in enumerate(per_class))
+        if not math.isfinite(step):
+            return None
+        queues = [list(rows) for rows in per_class]
+        self.classes(layout)
+        class_of = self._classes[id(layout)][1]
+        return step, tuple(queues[class_of[d]].pop() for d in range(len(layout.pipelines)))
+
+    def refine(self, st: Structure, cuts: tuple[int, ...], rows: tuple[int, ...]) -> Scored | None:
+        """Exact rows for the structure, and cuts moved one layer at a time while that helps."""
+        layout, s, m = st.layout, st.num_stages, st.num_micro_batch
+        classes = self.classes(layout)
+        class_of = self._classes[id(layout)][1]
+        guess = [max(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
+        found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=True, guess=guess)
+        if found is None:
+            return None
+        step, rows = found
+        small = 1 < s <= self.settings.climb_stages and self.pins.cuts is None and s * m <= self.settings.simulate_below
+        small = small and step <= self._best_exact * (1 + self.settings.refine_margin)
+        allowed = [k for k in range(1, self.n) if self.cuttable[k]]
+        if small and math.comb(len(allowed), s - 1) <= self.settings.exhaustive_cuts:
+            # Few ways to cut: try them all (fill, drain and transfers make the time non-convex).
+            for trial_cuts in itertools.combinations(allowed, s - 1):
+                trial = self.rows_and_time(layout, classes, s, st.schedule, m, trial_cuts, exact=True, guess=guess)
+                if trial is not None and trial[0] < step * (1 - 1e-9):
+                    step, rows, cuts = trial[0], trial[1], trial_cuts
+        elif small:
+            step, rows, cuts = self.climb(layout, classes, st, cuts, step, rows, exact=True, guess=guess)
+        candidate = Candidate(layout, s, st.schedule, m, tuple(cuts), rows)
+        return Scored(candidate, self.costs.predict(candidate))
+
+    def run(self) -> SearchResult:
+        started = time.perf_counter()
+        structures = self.structures()
+        if not structures:
+            raise no_structure_error(self.pins, self.cluster, self.batch, self.n)
+        screened: list[tuple] = []
+        best, count = math.inf, 0
+        # Per layout, stage count and schedule, the structure that needs the least memory: the
+        # most micro-batches (one row each). If it does not fit, no other micro-batch count does.
+        least: dict = {}
+        for st in structures:
+            if _group(st) not in least or st.num_micro_batch > least[_group(st)].num_micro_batch:
+                least[_group(st)] = st
+        tried: dict[tuple, int] = {}
+        for k, st in enumerate(structures):
+            if st.bound > best:
+                break
+            count += 1
+            tried[_shape_of(st)] = tried.get(_shape_of(st), 0) + 1
+            if not self._group_fits(st, least[_group(st)]):
+                continue
+            found = self.screen(st)
+            if found is not None:
+                screened.append((found[0], k, st, found[1], found[2]))
+                best = min(best, found[0])
+        if not screened:
+            raise NoPlanError(self.shortfall_message(structures))
+        # For explain: screen the most promising structures of shapes the bound cut off.
+        fitted = {_shape_of(x[2]) for x in screened}
+        for k, st in enumerate(structures[count:], count):
+            shape = _shape_of(st)
+            if shape in fitted or tried.get(shape, 0) >= 3 or len(fitted) >= self.settings.finalists + self.settings.alternatives:
+                continue
+            tried[shape] = tried.get(shape, 0) + 1
+            found = self.screen(st)
+            if found is not None:
+                screened.append((found[0], k, st, found[1], found[2]))
+                fitted.add(shape)
+        screened.sort(key=lambda x: (x[0], x[1]))
+        # Refine in order of estimate: at least `finalists`, then while an estimate is within
+        # `refine_margin` of the best exact time so far (estimates are approximate), and the
+        # best of every other shape for explain.
+        scored, shapes, best_exact = [], set(), math.inf
+        for est, k, st, cuts, rows in screened:
+            promising = len(scored) < self.settings.finalists or (
+                est <= best_exact * (1 + self.settings.refine_margin) and len(scored) < self.settings.max_finalists
+            )
+            if not promising and _shape_of(st) in shapes:
+                continue
+            shapes.add(_shape_of(st))
+            found = self.refine(st, cuts, rows)
+            if found is not None and found.prediction.fits:
+                scored.append(found)
+                best_exact = min(best_exact, found.prediction.step_time)
+                self._best_exact = best_exact
+        if not scored:
+            raise NoPlanError(self.shortfall_message(structures))
+        scored.sort(key=lambda x: x.prediction.step_time)
+        winner, others, seen = scored[0], [], {_shape(scored[0].candidate)}
+        for x in scored[1:]:
+            if _shape(x.candidate) not in seen and len(others) < self.settings.alternatives:
+                seen.add(_shape(x.candidate))
+                others.append(x)
+        unfit = [st for st in structures if _shape_of(st) in tried and _shape_of(st) not in fitted]
+        overflows = tuple(self.closest(unfit, limit=2))
+        seconds = time.perf_counter() - started
+        return SearchResult(winner, tuple(others), overflows, len(structures), count, seconds, self.batch)
+
+    def closest(self, structures: Sequence[Structure], limit: int, *, every_layout: bool = False) -> list[Scored]:
+        """Per shape (or layout), the candidate that comes closest to fitting, in bound order."""
+        out, seen = [], set()
+        for st in structures:
+            key = (id(st.layout), st.num_stages, st.schedule)
+            mark = key if every_layout else _shape_of(st)
+            if mark in seen or len(out) >= limit:
+                continue
+            seen.add(mark)
+            m = max(x.num_micro_batch for x in structures if (id(x.layout), x.num_stages, x.schedule) == key)
+            cuts = self.least_overflow_cuts(st.layout, st.num_stages, st.schedule, m)
+            candidate = Candidate(st.layout, st.num_stages, st.schedule, m, cuts, _even_rows(self.batch, st.layout.dp_degree))
+            out.append(Scored(candidate, self.costs.predict(candidate)))
+        return out
+
+    # --- when nothing fits -------------------------------------------------------------------------
+
+    def shortfall_message(self, structures: Sequence[Structure]) -> str:
+        """Name the structure that comes closest to fitting, and what it lacks where."""
+        every = len({(id(st.layout), st.num_stages, st.schedule) for st in structures}) <= 64
+        close = min(self.closest(structures, len(structures), every_layout=every), key=lambda x: x.prediction.shortfall[0])
+        missing, rank = close.prediction.shortfall
+        device = self.device_of[rank]
+        need, cap = close.prediction.rank_memory[rank], close.prediction.rank_capacity[rank]
+        return (
+            f"the model fits on no plan of this cluster: the closest ({describe(close.candidate, self.cluster)}) "
+            f"needs {need / _GiB:.1f} GiB on rank {rank} ({device.name}), which has {cap / _GiB:.1f} GiB "
+            f"usable ({self.costs.options.memory_fraction:.0%} of {device.memory_bytes / _GiB:.0f} GiB): "
+            f"{missing / _GiB:.1f} GiB missing there. Add devices or devices with more memory, train "
+            "in lower precision or with a lighter optimizer, or use a smaller global batch"
+        )
+
+    def least_overflow_cuts(self, layout: Layout, s: int, schedule: str, m: int) -> tuple[int, ...]:
+        if s == 1:
+            return ()
+        if self.pins.cuts is not None:
+            return self.pins.cuts
+        classes = self.classes(layout)
+        q = self.batch / (layout.dp_degree * m)
+        _, mems, caps, _ = self.stage_prefixes(classes, s, schedule, m, q)
+        zeros = [np.zeros(self.n + 1)] * s
+        lo, hi = -max(caps), max(float(x[-1]) for x in mems)
+        cuts = None
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            found = partition_layers(zeros, mems, [c + mid for c in caps], self.cuttable)
+            if found is None:
+                lo = mid
+            else:
+                hi, cuts = mid, found
+        if cuts is None:
+            cuts = partition_layers(zeros, None, None, self.cuttable)
+        return tuple(cuts)
+
+
+
+
+def _shape(c: Candidate) -> tuple:
+    return (c.layout.tensor_parallel, c.layout.pipeline_degree, c.num_stages, c.schedule)
+
+
+def _group(st: Structure) -> tuple:
+    return (id(st.layout), st.num_stages, st.schedule)
+
+
+def _shape_of(st: Structure) -> tuple:
+    return (st.layout.tensor_parallel, st.layout.pipeline_degree, st.num_stages, st.schedule)
+
+
+def _even_rows(total: int, parts: int) -> tuple[int, ...]:
+    q, r = divmod(total, parts)
+    return tuple(q + (i < r) for i in range(parts))
+
+

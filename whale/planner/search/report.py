@@ -1,0 +1,286 @@
+"""What a plan does and why it won: the per-device table and the explanation, as frozen data.
+
+:class:`PlanReport` is built once from a search result; ``table()`` prints, per device (ranks
+that do the same thing are folded into one line on large clusters), what it runs: its replica,
+stages and layers, rows, tensor-parallel shard, memory and predicted busy time. ``explain()``
+adds why the plan won: its balance, what limits it, and the best rejected alternatives with
+their predicted step times (or, for shapes that do not fit, the memory they lack and where).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ...ir.cluster_spec import Cluster
+from .explore import Scored, SearchResult, describe
+from ..cost.layers import ModelProfile
+from ...ir.plan import Plan
+from ..cost.predict import CostModel
+
+__all__ = ["Alternative", "DeviceRow", "PlanReport", "build_report"]
+
+_GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRow:
+    """What one rank (or several identical ones) does under the plan."""
+
+    ranks: tuple[int, ...]
+    device: str
+    replicas: tuple[int, ...]
+    stages: tuple[int, ...]
+    layers: str
+    num_layers: int
+    rows: int
+    shard: str
+    memory_bytes: int
+    capacity_bytes: int
+    busy_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """A rejected plan: its shape, predicted step time (None if it does not fit), and why."""
+
+    description: str
+    step_time: float | None
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    """A plan with its predictions and the reasons it was chosen.
+
+    Example::
+
+        plan, report = auto_plan(captured, scopes, 16, Config(auto_parallel=True),
+                                 cluster=parse_cluster("8xA100-80GB,8xV100-32GB"), global_batch=512)
+        print(report.table())
+        print(report.explain())
+    """
+
+    plan: Plan
+    cluster: str
+    description: str
+    global_batch: int
+    step_time: float
+    bubble: float
+    sync_seconds: tuple[float, ...]
+    devices: tuple[DeviceRow, ...]
+    stage_lines: tuple[str, ...]
+    reasons: tuple[str, ...]
+    alternatives: tuple[Alternative, ...]
+    search_summary: str
+    executable: bool
+
+    def table(self) -> str:
+        """Per device: replica, stages, layers, rows, shard, memory, predicted busy time."""
+        head = ("ranks", "device", "replica", "stages", "layers", "rows", "shard", "memory GiB", "busy s")
+        lines = [head]
+        for d in self.devices:
+            lines.append((
+                _ranges(d.ranks), d.device, _ranges(d.replicas), ",".join(map(str, d.stages)),
+                f"{d.num_layers}: {d.layers}", str(d.rows), d.shard,
+                f"{d.memory_bytes / _GiB:.1f}/{d.capacity_bytes / _GiB:.1f}", f"{d.busy_seconds:.4g}",
+            ))  # fmt: skip
+        widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+        text = [
+            f"{self.description}",
+            (
+                f"predicted step {self.step_time:.4g} s for {self.global_batch} rows "
+                f"({self.global_batch / self.step_time:.4g} rows/s), bubble {self.bubble:.1%}"
+            ),
+        ]
+        text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+        for name, sizes in self.plan.shard_sizes:
+            text.append(f"shard sizes of {name or '<root>'!r} by tensor index: {list(sizes)}")
+        if not self.executable:
+            text.append(
+                f"note: tensor parallel {self.plan.tensor_parallel} shards only split() parts at run "
+                "time; annotate the layers the plan shards (e.g. the blocks) with wh.split()"
+            )
+        return "\n".join(text)
+
+    def explain(self) -> str:
+        """Why the plan won, its stage balance, and the best rejected alternatives."""
+        lines = [f"plan: {self.description}", f"cluster: {self.cluster}", "why:"]
+        lines += [f"  - {r}" for r in self.reasons]
+        if self.stage_lines:
+            lines.append("stages (forward + backward of one micro-batch):")
+            lines += [f"  {s}" for s in self.stage_lines]
+        if self.alternatives:
+            lines.append("best rejected alternatives:")
+            for k, a in enumerate(self.alternatives, 1):
+                if a.step_time is None:
+                    lines.append(f"  {k}. {a.description}: {a.note}")
+                else:
+                    slower = a.step_time / self.step_time - 1
+                    lines.append(f"  {k}. {a.description}: {a.step_time:.4g} s ({slower:+.1%}){'; ' + a.note if a.note else ''}")
+        lines.append(f"search: {self.search_summary}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the plan as its own JSON object)."""
+        out = dataclasses.asdict(self)
+        out["plan"] = _plan_dict(self.plan)
+        return out
+
+
+def _plan_dict(plan: Plan) -> dict:
+    import json
+
+    return json.loads(plan.to_json())
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    out, start, prev = [], None, None
+    for v in list(values) + [None]:
+        if start is not None and v is not None and v == prev + 1:
+            prev = v
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = v
+    return ",".join(out)
+
+
+def build_report(result: SearchResult, profile: ModelProfile, cluster: Cluster, plan: Plan) -> PlanReport:
+    """Assemble the report of ``plan``, made from ``result.best``.
+
+    Example::
+
+        report = build_report(result, profile, cluster, plan_of(result.best, profile, cluster))
+    """
+    best = result.best
+    c, pred = best.candidate, best.prediction
+    costs = CostModel(profile, cluster)
+    layout = c.layout
+    bounds = (0, *c.cuts, profile.num_layers)
+    names = [layer.name or "<root>" for layer in profile.layers]
+    devices = cluster.devices()
+    per_rank = []
+    for d, pipe in enumerate(layout.pipelines):
+        for pos, group in enumerate(pipe):
+            stages = tuple(range(pos, c.num_stages, layout.pipeline_degree))
+            spans = [(bounds[s], bounds[s + 1]) for s in stages]
+            text = ", ".join(names[a] if b - a == 1 else f"{names[a]}..{names[b - 1]}" for a, b in spans)
+            count = sum(b - a for a, b in spans)
+            shares = costs.shard_shares(group)
+            for k, rank in enumerate(group):
+                shard = f"{shares[k]:.3g} of tp {len(group)}" if len(group) > 1 else "-"
+                per_rank.append(DeviceRow((rank,), devices[rank].profile.name, (d,), stages, text, count,
+                                          c.rows[d], shard, pred.rank_memory[rank], pred.rank_capacity[rank],
+                                          pred.rank_busy[rank]))  # fmt: skip
+    per_rank.sort(key=lambda row: row.ranks)
+    rows = per_rank if len(per_rank) <= 32 else _fold(per_rank)
+    return PlanReport(
+        plan=plan,
+        cluster=str(cluster),
+        description=describe(c, cluster),
+        global_batch=result.global_batch,
+        step_time=pred.step_time,
+        bubble=pred.bubble,
+        sync_seconds=pred.sync_time,
+        devices=tuple(rows),
+        stage_lines=_stage_lines(best, names, bounds, devices),
+        reasons=_reasons(result, cluster),
+        alternatives=_alternatives(result, cluster),
+        search_summary=(
+            f"{result.num_structures} structures (degrees x layouts x schedules x micro-batches), "
+            f"{result.num_screened} screened before the bound cut the rest, "
+            f"best ones re-scored exactly; {result.seconds:.2f} s"
+        ),
+        executable=plan.tensor_parallel == 1 or profile.split_only,
+    )
+
+
+def _fold(rows: list[DeviceRow]) -> list[DeviceRow]:
+    """Merge ranks doing the same thing on the same device type (large clusters)."""
+    groups: dict[tuple, list[DeviceRow]] = {}
+    for r in rows:
+        key = (r.device, r.stages, r.layers, r.rows, r.shard, r.memory_bytes, round(r.busy_seconds, 9))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        out.append(dataclasses.replace(
+            first,
+            ranks=tuple(r for m in members for r in m.ranks),
+            replicas=tuple(sorted({d for m in members for d in m.replicas})),
+        ))  # fmt: skip
+    return sorted(out, key=lambda r: r.ranks[0])
+
+
+def _stage_lines(best: Scored, names, bounds, devices) -> tuple[str, ...]:
+    c, pred = best.candidate, best.prediction
+    if c.num_stages == 1:
+        return ()
+    pipe, p = c.layout.pipelines[0], c.layout.pipeline_degree
+    lines = []
+    for s in range(c.num_stages):
+        a, b = bounds[s], bounds[s + 1]
+        device = devices[pipe[s % p][0]].profile.name
+        lines.append(
+            f"stage {s} on {device} (replica 0 rank {pipe[s % p][0]}): layers {names[a]}..{names[b - 1]} "
+            f"({b - a}), {pred.stage_times[0][s]:.4g} s"
+        )
+    return tuple(lines)
+
+
+def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
+    c, pred = result.best.candidate, result.best.prediction
+    out = [
+        (
+            f"fastest predicted step among the plans that fit: {pred.step_time:.4g} s, "
+            f"{result.global_batch / pred.step_time:.4g} rows/s"
+        )
+    ]
+    devices = cluster.devices()
+    kinds: dict[str, list[int]] = {}
+    for d, pipe in enumerate(c.layout.pipelines):
+        key = " > ".join(devices[g[0]].profile.name for g in pipe)
+        kinds.setdefault(key, []).append(c.rows[d])
+    if len(kinds) > 1:
+        shares = [
+            f"{k}: {v[0]} rows x {len(v)}" if min(v) == max(v) else f"{k}: {min(v)}-{max(v)} rows x {len(v)}"
+            for k, v in kinds.items()
+        ]
+        out.append("rows follow replica speed: " + "; ".join(shares))
+    if c.num_stages > 1:
+        times = pred.stage_times[0]
+        out.append(
+            f"{c.num_stages} stages cut so the slowest is as fast as possible: stage times "
+            f"{min(times):.4g}-{max(times):.4g} s per micro-batch (spread {max(times) / min(times) - 1:.1%}); "
+            f"{c.num_micro_batch} micro-batches keep the bubble at {pred.bubble:.1%}"
+        )
+    top = max(range(len(pred.rank_memory)), key=lambda r: pred.rank_memory[r] / pred.rank_capacity[r])
+    out.append(
+        f"fullest device: rank {top} ({devices[top].profile.name}) uses "
+        f"{pred.rank_memory[top] / _GiB:.1f} of {pred.rank_capacity[top] / _GiB:.1f} GiB usable"
+    )
+    if max(pred.sync_time) > 0:
+        out.append(f"gradient all-reduce per position up to {max(pred.sync_time):.4g} s (overlaps the last backward)")
+    for alt in result.overflows:
+        missing, rank = alt.prediction.shortfall
+        out.append(
+            f"{describe(alt.candidate, cluster)} does not fit: it needs "
+            f"{alt.prediction.rank_memory[rank] / _GiB:.1f} GiB on rank {rank} ({devices[rank].profile.name}), "
+            f"{missing / _GiB:.1f} GiB more than it has"
+        )
+    return tuple(out)
+
+
+def _alternatives(result: SearchResult, cluster: Cluster) -> tuple[Alternative, ...]:
+    devices = cluster.devices()
+    out = [Alternative(describe(a.candidate, cluster), a.prediction.step_time, "") for a in result.alternatives]
+    for alt in result.overflows:
+        missing, rank = alt.prediction.shortfall
+        out.append(Alternative(
+            describe(alt.candidate, cluster), None,
+            f"does not fit: needs {missing / _GiB:.1f} GiB more on rank {rank} ({devices[rank].profile.name})",
+        ))  # fmt: skip
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""The tensor-parallel rewrite (``split``): analysis of the graph, sharding rules, sharded modules."""

@@ -1,0 +1,393 @@
+"""Propagation rules: how each traced op carries a sharded layout from its inputs to its output.
+
+A rule gets the node and a context (:class:`RuleContext`, implemented by the analysis pass) and
+returns the output's layout: a :class:`Layout`, ``None`` (replicated) or a tuple of those for ops
+with several outputs. It may ask the context to transform an input (``copy`` a replicated value
+into sharded compute, ``scatter`` it to the shard layout), to localize shape arguments
+(``fix``), to bound the region's atom count (``bound``), or it raises
+
+* :class:`Fallback`: this op cannot run sharded; the pass all-gathers its sharded inputs and runs
+  it replicated (always correct, costs one all-gather);
+* :class:`NeedBlocks`: the sharded dim must be cut into more equal blocks at its origin (a fused
+  qkv output split into q, k, v) and the analysis restarts.
+
+Ops without a rule fall back. Rules never see names of the user's modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch.fx import Node
+
+from .layout import Layout, broadcast_dim, index_move, view_move
+
+__all__ = ["Fallback", "NeedBlocks", "RuleContext", "op_name", "propagate_op"]
+
+
+class Fallback(Exception):
+    """The op cannot run on shards; its sharded inputs are gathered."""
+
+
+class NeedBlocks(Exception):
+    """The layout's origin must split its sharded dim into ``factor`` times more blocks."""
+
+    def __init__(self, anchor: str, factor: int) -> None:
+        super().__init__(f"{anchor}: x{factor} blocks")
+        self.anchor, self.factor = anchor, factor
+
+
+class RuleContext(Protocol):
+    def val(self, arg: Any) -> Any: ...
+    def shape(self, node: Node) -> tuple[int, ...]: ...
+    def shape_list(self, node: Node) -> tuple[tuple[int, ...], ...]: ...
+    def is_tensor(self, arg: Any) -> bool: ...
+    def const(self, arg: Any) -> Any: ...
+    def copy(self, node: Node, arg: Node) -> None: ...
+    def scatter(self, node: Node, arg: Node, layout: Layout) -> None: ...
+    def fix(self, node: Node, kind: str, layout: Layout, extra: Any = None) -> None: ...
+    def bound(self, layout: Layout, per_block: int, heads: bool = False) -> None: ...
+    def merge(self, a: Layout, b: Layout) -> None: ...
+    def reduce_after(self, node: Node) -> None: ...
+
+
+_ALIASES = {"truediv": "div", "iadd": "add_", "imul": "mul_", "isub": "sub_", "itruediv": "div_",
+            "swapaxes": "transpose", "swapdims": "transpose", "reshape": "view", "divide": "div",
+            "multiply": "mul", "subtract": "sub", "split_with_sizes": "split", "concat": "cat",
+            "concatenate": "cat", "bmm": "matmul", "special_erf": "erf", "__getitem__": "getitem"}
+
+
+def op_name(node: Node) -> str:
+    """A normalized op name: ``x.transpose``, ``torch.transpose`` and ``operator``'s forms agree."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+    else:
+        return node.op
+    name = name.strip("_") if name.startswith("__") else name
+    return _ALIASES.get(name, name)
+
+
+# Ops applied to their first tensor argument only, elementwise: the layout passes through.
+_UNARY = frozenset(["abs", "clone", "contiguous", "cos", "detach", "double", "dropout", "elu", "erf", "exp", "float", "gelu", "half", "bfloat16", "hardtanh", "leaky_relu", "log", "log1p", "mish", "nan_to_num", "neg", "pos", "relu", "relu6", "rsqrt", "selu", "sigmoid", "silu", "sin", "softplus", "sqrt", "square", "tanh", "to", "type", "type_as", "reciprocal", "sign", "gelu_", "relu_", "silu_", "dropout_", "clamp", "clamp_min", "clamp_max", "hardswish", "hardsigmoid", "logsigmoid"])
+# Elementwise ops over several tensors that broadcast.
+_BROADCAST = frozenset(["add", "sub", "mul", "div", "floordiv", "pow", "maximum", "minimum", "masked_fill", "where", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "add_", "sub_", "mul_", "div_", "masked_fill_", "lerp", "addcmul"])
+_REDUCTIONS = frozenset(["sum", "mean", "amax", "amin", "max", "min", "logsumexp", "std", "var", "norm", "prod"])
+
+
+def _dim_arg(node: Node, pos: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _norm(d: int, ndim: int) -> int:
+    return d % ndim if ndim else 0
+
+
+def _sharded_first(ctx: RuleContext, node: Node) -> tuple[Node, Layout]:
+    x = node.args[0]
+    layout = ctx.val(x)
+    if not isinstance(layout, Layout):
+        raise Fallback(f"{op_name(node)} on a sharded value that is not its first argument")
+    return x, layout
+
+
+def _unary(ctx, node):
+    _, layout = _sharded_first(ctx, node)
+    for a in [*node.args[1:], *node.kwargs.values()]:
+        if isinstance(ctx.val(a), Layout):
+            raise Fallback(f"{op_name(node)} with a second sharded operand")
+    return layout
+
+
+def _broadcast(ctx, node):
+    out_shape = ctx.shape(node)
+    operands = [a for a in [*node.args, *node.kwargs.values()] if ctx.is_tensor(a)]
+    ref = None
+    for a in operands:
+        la = ctx.val(a)
+        if isinstance(la, Layout):
+            od = broadcast_dim(len(ctx.shape(a)), len(out_shape), la.dim)
+            cand = la.moved(od)
+            if ref is None:
+                ref = cand
+            elif not ref.same_structure(cand):
+                raise Fallback("operands sharded differently")
+            else:
+                ctx.merge(ref, cand)
+    if op_name(node).endswith("_") and not isinstance(ctx.val(node.args[0]), Layout):
+        raise Fallback("in-place update of a replicated tensor by a sharded one")
+    for a in operands:
+        if isinstance(ctx.val(a), Layout):
+            continue
+        shape = ctx.shape(a)
+        ad = ref.dim - (len(out_shape) - len(shape))
+        if ad < 0 or shape[ad] == 1:
+            ctx.copy(node, a)
+        elif shape[ad] == out_shape[ref.dim]:
+            ctx.scatter(node, a, ref.moved(ad))
+        else:
+            raise Fallback("operand does not broadcast along the sharded dim")
+    return ref
+
+
+def _softmax(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    d = _dim_arg(node, 1, "dim")
+    if d is None or _norm(d, len(ctx.shape(x))) == layout.dim:
+        raise Fallback("softmax over the sharded dim")
+    return layout
+
+
+def _layer_norm(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    nd = len(ctx.shape(x))
+    normalized = _dim_arg(node, 1, "normalized_shape")
+    count = len(normalized) if isinstance(normalized, (tuple, list)) else 1
+    if layout.dim >= nd - count:
+        raise Fallback("normalization over the sharded dim")
+    for a in [*node.args[2:], *node.kwargs.values()]:
+        if ctx.is_tensor(a):
+            ctx.copy(node, a)
+    return layout
+
+
+def _normalize(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    if _norm(_dim_arg(node, 2, "dim", 1), len(ctx.shape(x))) == layout.dim:
+        raise Fallback("normalize over the sharded dim")
+    return layout
+
+
+def _reduction(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    nd = len(ctx.shape(x))
+    dims = _dim_arg(node, 1, "dim")
+    if dims is None or isinstance(dims, Node):  # a full reduction, or max/min of two tensors
+        raise Fallback("reduction over every dim")
+    dims = [_norm(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    if layout.dim in dims:
+        raise Fallback("reduction over the sharded dim")
+    keepdim = _dim_arg(node, 2, "keepdim", False)
+    out = layout if keepdim else layout.moved(layout.dim - sum(d < layout.dim for d in dims))
+    pieces = ctx.shape_list(node)
+    return tuple(out for _ in pieces) if len(pieces) > 1 else out  # max/min: (values, indices)
+
+
+def _transpose(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    nd = len(ctx.shape(x))
+    if op_name(node) == "t":
+        a, b = 0, 1
+    else:
+        a, b = _norm(_dim_arg(node, 1, "dim0"), nd), _norm(_dim_arg(node, 2, "dim1"), nd)
+    d = layout.dim
+    return layout.moved(b if d == a else a if d == b else d)
+
+
+def _permute(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    nd = len(ctx.shape(x))
+    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    dims = dims or node.kwargs.get("dims")
+    dims = [_norm(ctx.const(d), nd) for d in dims]
+    return layout.moved(dims.index(layout.dim))
+
+
+def _unsqueeze(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    d = _norm(_dim_arg(node, 1, "dim"), len(ctx.shape(x)) + 1)
+    return layout.moved(layout.dim + (d <= layout.dim))
+
+
+def _squeeze(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    dims = _dim_arg(node, 1, "dim")
+    if dims is None:
+        raise Fallback("squeeze() of every size-1 dim: a shard may have size 1 where the whole does not")
+    nd = len(ctx.shape(x))
+    dims = [_norm(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    if layout.dim in dims:
+        raise Fallback("squeeze of the sharded dim")
+    shape = ctx.shape(x)
+    return layout.moved(layout.dim - sum(d < layout.dim and shape[d] == 1 for d in dims))
+
+
+def _view(ctx, node):
+    x, layout = _sharded_first(ctx, node)
+    move = view_move(layout, ctx.shape(x), ctx.shape(node))
+    if move is None:
+        raise Fallback("the view mixes sharded and unsharded elements in one dim")
+    out = layout.moved(move.dim, move.blocks, move.per_block)
+    ctx.bound(out, move.per_block, heads=move.splits_dim)
+    if op_name(node) in ("view", "unflatten"):
+        ctx.fix(node, op_name(node), out)
+    return out
+
+
+def _split(ctx, node):
+    """split / chunk / tensor_split / unbind: along another dim each piece keeps the layout."""
+    x, layout = _sharded_first(ctx, node)
+    shape = ctx.shape(x)
+    name = op_name(node)
+    d = _norm(_dim_arg(node, 2 if name != "unbind" else 1, "dim", 0), len(shape))
+    pieces = ctx.shape_list(node)
+    if d != layout.dim:
+        if name == "unbind":
+            return tuple(layout.moved(layout.dim - (d < layout.dim)) for _ in pieces)
+        return tuple(layout for _ in pieces)
+    if name == "unbind":
+        _need_blocks(layout, shape[d])
+        raise Fallback("unbind along the sharded dim")
+    widths = [p[d] for p in pieces]
+    if any(w % layout.per_block for w in widths):
+        unit = math.gcd(*widths)
+        _need_blocks(layout, layout.per_block // math.gcd(layout.per_block, unit))
+        raise Fallback("split into pieces that are not whole blocks")
+    blocks = [w // layout.per_block for w in widths]
+    ctx.fix(node, "split", layout, tuple(blocks))
+    return tuple(layout.moved(d, b) for b in blocks)
+
+
+def _need_blocks(layout: Layout, parts: int) -> None:
+    factor = parts // math.gcd(layout.blocks, parts)
+    if factor > 1:
+        raise NeedBlocks(layout.anchor, factor)
+
+
+def _getitem(ctx, node):
+    x, index = node.args
+    layout = ctx.val(x)
+    if isinstance(layout, tuple):
+        return layout[index]
+    if not isinstance(layout, Layout):
+        return None
+    shape = ctx.shape(x)
+    kind, out_dim = index_move(index, len(shape), layout.dim, shape)
+    if kind == "keep":
+        return layout.moved(out_dim)
+    if kind == "int":
+        _need_blocks(layout, shape[layout.dim])
+    raise Fallback("indexing into the sharded dim")
+
+
+def _size(ctx, node):
+    x = node.args[0]
+    layout = ctx.val(x)
+    if isinstance(layout, Layout):
+        ctx.fix(node, op_name(node), layout)
+
+
+def _getattr(ctx, node):
+    x, attr = node.args
+    layout = ctx.val(x)
+    if not isinstance(layout, Layout):
+        return
+    if attr == "shape":
+        ctx.fix(node, "size", layout)
+        return
+    if attr in ("dtype", "device", "ndim", "is_cuda", "requires_grad"):
+        return
+    raise Fallback(f"attribute {attr!r} of a sharded tensor")
+
+
+def _matmul(ctx, node):
+    a, b = node.args[:2]
+    la, lb = ctx.val(a), ctx.val(b)
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    if len(sa) < 2 or len(sb) < 2:
+        raise Fallback("matmul with a 1-D operand")
+    batch_a = lambda d: d < len(sa) - 2
+    batch_b = lambda d: d < len(sb) - 2
+    if isinstance(la, Layout) and isinstance(lb, Layout):
+        if la.dim == len(sa) - 1 and lb.dim == len(sb) - 2 and la.blocks == lb.blocks and la.per_block == lb.per_block:
+            ctx.merge(la, lb)
+            ctx.reduce_after(node)
+            return None  # partial sums over the contraction, all-reduced right after
+        if batch_a(la.dim) and batch_b(lb.dim):
+            oa, ob = broadcast_dim(len(sa), len(so), la.dim), broadcast_dim(len(sb), len(so), lb.dim)
+            if oa == ob and la.blocks == lb.blocks and la.per_block == lb.per_block:
+                ctx.merge(la, lb)
+                return la.moved(oa)
+        raise Fallback("matmul of operands sharded on different dims")
+    if isinstance(la, Layout):
+        return _matmul_one_sharded(ctx, node, la, sa, len(sa) - 1, b, sb, so)
+    return _matmul_one_sharded(ctx, node, lb, sb, len(sb) - 2, a, sa, so)
+
+
+def _matmul_one_sharded(ctx, node, layout, shape, contracted, other, other_shape, out_shape):
+    """A matmul whose operand of ``shape`` is sharded by ``layout`` and whose ``other`` operand
+    is replicated; ``contracted`` is the sharded operand's contracted dim."""
+    if layout.dim == contracted:
+        raise Fallback("matmul contracting a sharded dim with a replicated operand")
+    od = broadcast_dim(len(shape), len(out_shape), layout.dim)
+    other_dim = od - (len(out_shape) - len(other_shape))
+    if layout.dim < len(shape) - 2 and other_dim >= 0 and other_shape[other_dim] != 1:
+        ctx.scatter(node, other, layout.moved(other_dim))  # a batch dim the other one has too
+    else:
+        ctx.copy(node, other)
+    return layout.moved(od)
+
+
+def _sdpa(ctx, node):
+    q, k, v = (node.args[i] if len(node.args) > i else node.kwargs[n] for i, n in enumerate("qkv"))
+    layouts = [ctx.val(t) for t in (q, k, v)]
+    nd = len(ctx.shape(q))
+    if not all(isinstance(la, Layout) for la in layouts):
+        raise Fallback("attention with some of q, k, v replicated")
+    first = layouts[0]
+    if first.dim >= nd - 2 or any(not first.same_structure(la) for la in layouts[1:]):
+        raise Fallback("attention sharded other than by heads")
+    for la in layouts[1:]:
+        ctx.merge(first, la)
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if ctx.is_tensor(mask):
+        ms = ctx.shape(mask)
+        md = first.dim - (nd - len(ms))
+        if md >= 0 and ms[md] != 1:
+            ctx.scatter(node, mask, first.moved(md))
+        else:
+            ctx.copy(node, mask)
+    return first
+
+
+def _cat(ctx, node):
+    tensors = node.args[0]
+    out_nd = len(ctx.shape(node))
+    stack = op_name(node) == "stack"
+    d = _norm(_dim_arg(node, 1, "dim", 0), out_nd)
+    layouts = [ctx.val(t) for t in tensors]
+    if not all(isinstance(la, Layout) for la in layouts):
+        raise Fallback("cat of sharded and replicated tensors")
+    first = layouts[0]
+    if any(not first.same_structure(la) for la in layouts[1:]) or (first.dim == d and not stack):
+        raise Fallback("cat along the sharded dim")
+    for la in layouts[1:]:
+        ctx.merge(first, la)
+    return first.moved(first.dim + (stack and d <= first.dim))
+
+
+_RULES: dict[str, Callable[[Any, Node], Any]] = {
+    **{n: _unary for n in _UNARY},
+    **{n: _broadcast for n in _BROADCAST},
+    **{n: _reduction for n in _REDUCTIONS},
+    "softmax": _softmax, "log_softmax": _softmax, "layer_norm": _layer_norm, "rms_norm": _layer_norm,
+    "normalize": _normalize, "transpose": _transpose, "t": _transpose, "permute": _permute,
+    "unsqueeze": _unsqueeze, "squeeze": _squeeze, "view": _view, "flatten": _view,
+    "unflatten": _view, "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
+    "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
+    "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
+    "cat": _cat, "stack": _cat,
+}
+
+
+def propagate_op(ctx: RuleContext, node: Node) -> Any:
+    """The output layout of a call_function / call_method node with a sharded input."""
+    rule = _RULES.get(op_name(node))
+    if rule is None:
+        raise Fallback(f"no sharding rule for {op_name(node)!r}")
+    return rule(ctx, node)

@@ -1,0 +1,196 @@
+"""What every parallelized program shares: cutting the batch for a replica, reducers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..ir.plan import Plan
+from ..ir.rows import row_offsets, split_rows
+from .batch import RankAgreement, batch_rows, narrow, signature, to_device
+from .grad_sync import GradientReducer
+from .host_reduce import HostLink, host_facts
+from .process_group import WorldInfo, require_initialized, world_info
+
+__all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
+
+
+@dataclasses.dataclass
+class ReplicaBatch:
+    """This replica's rows of a step, and the pending check that every rank agrees."""
+
+    args: tuple
+    target: Any
+    rows: int
+    agreement: RankAgreement | None  # None: checked afterwards through the fingerprint
+    mode: str  # "global" or "local"
+    total: int | None = None  # the global batch's rows, when known without the check
+    fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
+
+
+class ProgramBase:
+    """Base of the data-parallel and pipeline programs."""
+
+    plan: Plan
+    config: Config
+    loss_fn: Callable[..., torch.Tensor]
+
+    def local_slice(self, global_rows: int) -> slice:
+        """The rows of a global batch of ``global_rows`` rows that this rank's replica takes.
+
+        Example::
+
+            rows = program.local_slice(len(x_global))
+            loss = program.step(x_global[rows], y_global[rows], batch="local")
+        """
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        replica = self.plan.replica_of(rank)
+        rows = self.plan.rows(global_rows)
+        start = row_offsets(rows)[replica]
+        return slice(start, start + rows[replica])
+
+    def _replica_batch(
+        self, inputs: Any, target: Any, mode: str, device: torch.device, *, agree: bool = True
+    ) -> ReplicaBatch:
+        """Check the step's arguments, start the agreement check, keep this replica's rows.
+
+        ``agree=False`` (global batches only) skips the check's collective: the caller then
+        verifies ``fingerprint`` after the step, riding on a collective it makes anyway.
+        """
+        require_initialized("step()")
+        if mode not in ("global", "local"):
+            raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        dim = self.config.batch_dim
+        rows = batch_rows(args, target, dim)
+        # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
+        sig = signature(args, target, dim if mode == "local" else None)
+        agreement = RankAgreement(sig, rows, device) if agree or mode == "local" else None
+        total = rows if mode == "global" else None
+        if mode == "global":
+            replica = self.plan.replica_of(dist.get_rank())
+            try:
+                split = self.plan.rows(rows)
+            except ValueError:
+                if agreement is not None:
+                    agreement.wait()  # a rank whose batch differs is the first thing to report
+                raise
+            self._check_micro_batches(split, rows, agreement)
+            rows = split[replica]
+            args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20)
+
+    def _join_world(self) -> WorldInfo:
+        """This rank's place in the launched world, checked against the plan; sets the device."""
+        info = world_info()
+        if info.world_size != self.plan.world_size:
+            raise ValueError(
+                f"the plan was made for {self.plan.world_size} ranks but the world has "
+                f"{info.world_size}; call wh.parallelize after wh.init() in the launched job"
+            )
+        self._device = info.device
+        return info
+
+    def _micro_batches(self, value: Any, rows: int) -> tuple[list, list[int]]:
+        """``value`` (its tensors cut along ``Config.batch_dim``) as ``num_micro_batch``
+        micro-batches of near-equal rows on this rank's device, and their rows."""
+        mb_rows = split_rows(rows, [1.0] * self.plan.num_micro_batch, what="micro-batches")
+        dim = self.config.batch_dim
+        micro = [to_device(narrow(value, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
+        return micro, mb_rows
+
+    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement | None) -> None:
+        # Every rank judges the whole split, so all of them raise together or none does.
+        m = self.plan.num_micro_batch
+        if min(split) < m:
+            if agreement is not None:
+                agreement.wait()
+            replica = split.index(min(split))
+            raise ValueError(
+                f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
+                f"of a batch of {total}; pass a global batch of at least {m * len(split)} rows or "
+                "use fewer micro-batches"
+            )
+
+    def _global_rows(self, batch: ReplicaBatch) -> int:
+        """Wait for the agreement check; the global batch's rows (checked against the plan)."""
+        if batch.agreement is None:
+            return batch.total
+        summed = batch.agreement.wait()
+        world = dist.get_world_size()
+        if batch.mode == "global":
+            return summed // world
+        # In local mode every rank of a replica passes that replica's rows.
+        total = summed // (world // self.plan.dp_degree)
+        replica = self.plan.replica_of(dist.get_rank())
+        self._check_micro_batches(self.plan.rows(total), total, batch.agreement)
+        if self.plan.rows(total)[replica] != batch.rows:
+            raise ValueError(
+                f"rank {dist.get_rank()} passed {batch.rows} rows but the plan gives its replica "
+                f"{self.plan.rows(total)[replica]} of the global {total}; cut the batch with "
+                f"program.local_slice({total})"
+            )
+        return total
+
+    def _make_data_group(self, rank: int, device: torch.device) -> dist.ProcessGroup | None:
+        """Make every data-parallel group (collective: all ranks, in one order) and return
+        ``rank``'s: the ranks holding the same parameters in each replica. None is the whole
+        world (plain data parallel) or no group at all (a single replica).
+
+        Where gradients can meet in shared memory (``Config.shared_memory``, CPU ranks, every
+        data-parallel group on one host), each group also gets a twin the gradient reducers
+        use for that alone (``self._host``)."""
+        plan = self.plan
+        width = len(plan.pipelines[0])
+        self._host = None
+        if plan.dp_degree == 1:
+            return None
+        members = [[p[i] for p in plan.pipelines] for i in range(width)]
+        mine = plan.pipelines[plan.replica_of(rank)].index(rank)
+        groups = [dist.new_group(m) for m in members] if width > 1 else [None]
+        # Every rank decides alike, from every rank's facts (its config included), so the
+        # groups match.
+        facts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(facts, (self.config.shared_memory, device.type, *host_facts()))
+        if all(wanted and kind == "cpu" and shm for wanted, kind, _, shm in facts) and all(
+            len({facts[r][2] for r in m}) == 1 for m in members
+        ):
+            self._host = HostLink([dist.new_group(m) for m in members][mine])
+        return groups[mine]
+
+    def _make_reducer(
+        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0
+    ) -> GradientReducer:
+        cap = int(self.config.bucket_cap_mb * 2**20)
+        return GradientReducer(
+            params,
+            group=group,
+            bucket_cap_bytes=cap,
+            first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
+            comm_dtype=self.config.grad_comm_dtype,
+            extra_numel=extra_numel,
+            host=self._host,
+        )
+
+
+def materialize(module: nn.Module, device: torch.device, what: str) -> None:
+    """Allocate a meta-built part of a model (a stage, a shard) on ``device`` and initialize it
+    with each layer's own ``reset_parameters``: a model built on the meta device is
+    materialized part by part, so no rank ever holds all of it. Load real weights with
+    ``load_full_state_dict`` after."""
+    if any(b.is_meta for b in module.buffers()):
+        raise ValueError(
+            f"{what} has buffers on the meta device, whose values whale cannot recreate; "
+            "build buffers (masks, statistics) on a real device, parameters may stay on meta"
+        )
+    module.to_empty(device=device)
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset) and any(True for _ in sub.parameters(recurse=False)):
+            reset()
