@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
-from whale.ir.schedule import make_schedule
+from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import simulate
 from whale.runtime.pipeline import step_bubble
 from _launch import run_on_ranks

@@ -33,7 +33,7 @@ from whale.planner.cost.formulas import (
     training_memory,
 )
 from whale.ir.devices import get_profile
-from whale.ir.schedule import make_schedule
+from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import simulate
 
 A100 = get_profile("A100-80GB")

@@ -17,7 +17,7 @@ from torch import nn
 import whale as wh
 from examples.gpt import GPT, GPTConfig
 from tests.equivalence import assert_equivalent
-from whale.ir.schedule import make_schedule
+from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import simulate
 from whale.runtime.pipeline import step_bubble
 

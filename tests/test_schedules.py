@@ -22,9 +22,10 @@ from whale.ir.schedule import (
     ActionKind,
     Schedule,
     format_schedule,
-    make_schedule,
     parse_schedule,
 )
+from whale.planner.schedules import generate as generate_module
+from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import render_table, simulate
 
 EXACT = 1e-12  # one float division of exact integers
@@ -200,7 +201,7 @@ def test_action_codes() -> None:
 
 
 def test_docstring_examples() -> None:
-    for module in (schedules_module, simulator_module):
+    for module in (schedules_module, generate_module, simulator_module):
         failed, _ = doctest.testmod(
             module, extraglobs={"make_schedule": make_schedule}, report=True
         )

@@ -33,7 +33,7 @@ from whale.planner.search.rank_layouts import tensor_groups
 from whale.planner.search.pins import Pins, pins_from
 from whale.ir.plan import Plan
 from whale.planner.cost.predict import Candidate, CostModel, CostOptions, Layout
-from whale.ir.schedule import make_schedule
+from whale.planner.schedules.generate import make_schedule
 from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
 from whale.planner.schedules.simulator import simulate
 from whale.planner.search.space import SearchSpace

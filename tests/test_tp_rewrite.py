@@ -28,7 +28,7 @@ from whale.rewrite.tensor_parallel.parallel_loss import VocabParallelCrossEntrop
 from whale.rewrite.tensor_parallel.shard_sizes import even_sizes, validate_sizes
 from whale.rewrite.tensor_parallel.shard import TensorParallelRewrite, resolve_sizes, shard_model
 from whale.rewrite.tensor_parallel.analysis import TensorParallelAnalysis
-from whale.rewrite.tensor_parallel.layout import Layout, view_groups, view_move
+from whale.rewrite.tensor_parallel.layout import ShardLayout, view_groups, view_move
 from whale.rewrite.tensor_parallel.modules import ColumnParallelLinear, RowParallelLinear, ShardSpec, shard_tensor
 
 
@@ -88,21 +88,21 @@ def test_sizes_of_wrong_type_and_more_shards_than_atoms():
 
 def test_view_arithmetic():
     assert view_groups((2, 16, 32), (2, 16, 4, 8)) == [((0,), (0,)), ((1,), (1,)), ((2,), (2, 3))]
-    heads = Layout(2, 1, 32, 0, "qkv")
+    heads = ShardLayout(2, 1, 32, 0, "qkv")
     assert view_move(heads, (2, 16, 32), (2, 16, 4, 8)) == view_move(heads, (2, 16, 32), (2, 16, 4, 8))
     move = view_move(heads, (2, 16, 32), (2, 16, 4, 8))
     assert (move.dim, move.blocks, move.per_block, move.splits_dim) == (2, 1, 4, True)
     # A fused qkv output of 3 blocks viewed as (B, T, 3, heads, head_dim): the heads dim is sharded.
-    move = view_move(Layout(2, 3, 32, 0, "qkv"), (2, 16, 96), (2, 16, 3, 4, 8))
+    move = view_move(ShardLayout(2, 3, 32, 0, "qkv"), (2, 16, 96), (2, 16, 3, 4, 8))
     assert (move.dim, move.blocks, move.per_block) == (3, 1, 4)
     # Merging heads back: (B, T, heads, head_dim) -> (B, T, C).
-    move = view_move(Layout(2, 1, 4, 0, "qkv"), (2, 16, 4, 8), (2, 16, 32))
+    move = view_move(ShardLayout(2, 1, 4, 0, "qkv"), (2, 16, 4, 8), (2, 16, 32))
     assert (move.dim, move.blocks, move.per_block) == (2, 1, 32)
     # Heads merged into the batch dim: the batch becomes blocks, each holding this rank's heads.
-    move = view_move(Layout(1, 1, 4, 0, "qkv"), (2, 4, 16, 8), (8, 16, 8))
+    move = view_move(ShardLayout(1, 1, 4, 0, "qkv"), (2, 4, 16, 8), (8, 16, 8))
     assert (move.dim, move.blocks, move.per_block) == (0, 2, 4)
     # Three blocks of 4 viewed as (2, 6): a block straddles two rows, not shardable.
-    assert view_move(Layout(0, 3, 4, 0, "qkv"), (12,), (2, 6)) is None
+    assert view_move(ShardLayout(0, 3, 4, 0, "qkv"), (12,), (2, 6)) is None
 
 
 # ---- decisions --------------------------------------------------------------------------------

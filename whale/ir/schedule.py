@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "SCHEDULE_NAMES",
@@ -34,7 +34,6 @@ __all__ = [
     "ActionKind",
     "Schedule",
     "format_schedule",
-    "make_schedule",
     "parse_schedule",
 ]
 
@@ -69,6 +68,8 @@ _WORDS = {
     _SG: "send of the gradient",
     _RG: "receive of the gradient",
 }
+# The generators of whale.planner.schedules.generate, by name.
+SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
 _ACTION_RE = re.compile(r"(\d+)(F|B|SA|RA|SG|RG)(\d+)")
 
 
@@ -232,177 +233,6 @@ class Schedule:
         if compute.kind is _B and stage < self.num_stages - 1 and place[stage + 1] != place[stage]:
             return Action(_RG, stage, micro_batch)
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Generators: the compute order of each rank, then sends/receives placed deadlock-free.
-
-_Order = list[Action]
-
-
-def _gpipe(rank: int, num_stages: int, num_micro_batch: int, num_ranks: int) -> _Order:
-    # All forwards, then all backwards (torch's ScheduleGPipe order).
-    return [Action(_F, rank, i) for i in range(num_micro_batch)] + [
-        Action(_B, rank, i) for i in range(num_micro_batch)
-    ]
-
-
-def _one_f_one_b(rank: int, num_stages: int, num_micro_batch: int, num_ranks: int) -> _Order:
-    # Warm-up forwards fill the pipe below this stage; then one forward, one backward.
-    warmup = min(num_stages - rank - 1, num_micro_batch)
-    order = [Action(_F, rank, i) for i in range(warmup)]
-    for i in range(num_micro_batch - warmup):
-        order += [Action(_F, rank, warmup + i), Action(_B, rank, i)]
-    return order + [Action(_B, rank, i) for i in range(num_micro_batch - warmup, num_micro_batch)]
-
-
-def _interleaved_one_f_one_b(
-    rank: int, num_stages: int, num_micro_batch: int, num_ranks: int
-) -> _Order:
-    # Megatron-LM's interleaved schedule: micro-batches go in groups of num_ranks through each
-    # model chunk (virtual stage) in turn; chunk c of this rank is stage c * num_ranks + rank.
-    chunks = num_stages // num_ranks
-    total = num_micro_batch * chunks
-
-    def action(kind: ActionKind, k: int) -> Action:
-        chunk = (k // num_ranks) % chunks
-        if kind is _B:
-            chunk = chunks - 1 - chunk
-        micro_batch = (k // (num_ranks * chunks)) * num_ranks + k % num_ranks
-        return Action(kind, chunk * num_ranks + rank, micro_batch)
-
-    warmup = min((num_ranks - rank - 1) * 2 + (chunks - 1) * num_ranks, total)
-    order = [action(_F, k) for k in range(warmup)]
-    for k in range(total - warmup):
-        order += [action(_F, warmup + k), action(_B, k)]
-    return order + [action(_B, k) for k in range(total - warmup, total)]
-
-
-_GENERATORS: dict[str, Callable[[int, int, int, int], _Order]] = {
-    "gpipe": _gpipe,
-    "1f1b": _one_f_one_b,
-    "interleaved_1f1b": _interleaved_one_f_one_b,
-}
-SCHEDULE_NAMES: tuple[str, ...] = tuple(_GENERATORS)
-# Unit costs used only to place sends/receives; backward ~ 2x forward is the usual ratio.
-_PLACEMENT_COST = {_F: 1, _B: 2}
-
-
-def make_schedule(
-    name: str, num_stages: int, num_micro_batch: int, num_ranks: int | None = None
-) -> Schedule:
-    """Generate a named schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
-
-    ``gpipe`` and ``1f1b`` run one stage per rank (``num_ranks`` is None or ``num_stages``).
-    ``interleaved_1f1b`` needs ``num_ranks``: stage ``s`` runs on rank ``s % num_ranks`` (Megatron's
-    layout, ``num_stages // num_ranks`` virtual stages per rank), and as in Megatron
-    ``num_micro_batch`` must be a multiple of ``num_ranks``.
-
-    Sends and receives are placed so that the lists are deadlock-free even with blocking p2p:
-    they are the per-rank projections of one global order in which each send and its receive
-    are a single event (as torch's pipelining lowers its schedules).
-
-    Example::
-
-        sched = make_schedule("interleaved_1f1b", num_stages=8, num_micro_batch=8, num_ranks=4)
-        print(format_schedule(sched))
-    """
-    if name not in _GENERATORS:
-        raise ValueError(
-            f"unknown pipeline schedule {name!r}; known schedules: {list(SCHEDULE_NAMES)}"
-        )
-    _check_int("make_schedule", "num_stages", num_stages, 1)
-    _check_int("make_schedule", "num_micro_batch", num_micro_batch, 1)
-    if name == "interleaved_1f1b":
-        if num_ranks is None:
-            raise ValueError(
-                f"make_schedule('interleaved_1f1b', num_stages={num_stages}) needs num_ranks: "
-                "each rank holds num_stages // num_ranks virtual stages"
-            )
-        _check_int("make_schedule", "num_ranks", num_ranks, 1)
-        if num_stages % num_ranks:
-            raise ValueError(
-                f"interleaved_1f1b: num_stages={num_stages} is not a multiple of "
-                f"num_ranks={num_ranks}; every rank must hold the same number of virtual stages"
-            )
-        if num_micro_batch % num_ranks:
-            rounded = num_micro_batch + (-num_micro_batch) % num_ranks
-            raise ValueError(
-                f"interleaved_1f1b: num_micro_batch={num_micro_batch} is not a multiple of "
-                f"num_ranks={num_ranks} (micro-batches go through the chunks in groups of "
-                f"num_ranks, as in Megatron-LM); use e.g. {rounded}"
-            )
-    elif num_ranks is not None and num_ranks != num_stages:
-        raise ValueError(
-            f"{name} runs one stage per rank, but num_stages={num_stages} and "
-            f"num_ranks={num_ranks}; use 'interleaved_1f1b' for several stages per rank"
-        )
-    ranks = num_stages if num_ranks is None else num_ranks
-    stage_to_rank = tuple(s % ranks for s in range(num_stages))
-    orders = [_GENERATORS[name](r, num_stages, num_micro_batch, ranks) for r in range(ranks)]
-    return Schedule(
-        name, num_stages, num_micro_batch, stage_to_rank, _place_p2p(orders, stage_to_rank)
-    )
-
-
-def _place_p2p(
-    orders: list[_Order], stage_to_rank: tuple[int, ...]
-) -> tuple[tuple[Action, ...], ...]:
-    """Insert sends/receives into per-rank compute orders, deadlock-free under blocking p2p.
-
-    Runs the compute orders with unit costs, then sorts every compute (at its start) and every
-    send/receive pair (at the end of the compute that produced the tensor) into one global order;
-    each rank's list is its part of that order. Executing the global order event by event never
-    finds a send without its receive at the head of the peer's list, so rendezvous p2p cannot
-    deadlock, and every receive sits before the compute that needs it.
-    """
-    num_stages = len(stage_to_rank)
-    end: dict[tuple[ActionKind, int, int], int] = {}
-    events: list[tuple[tuple[int, int, int, int, int], list[tuple[int, Action]]]] = []
-    clock = [0] * len(orders)
-    head = [0] * len(orders)
-    remaining = sum(len(order) for order in orders)
-    while remaining:
-        progressed = False
-        for rank, order in enumerate(orders):
-            while head[rank] < len(order):
-                action = order[head[rank]]
-                stage, micro_batch = action.stage, action.micro_batch
-                if action.kind is _F:
-                    deps = [(_F, stage - 1, micro_batch)] if stage else []
-                else:
-                    deps = [(_F, stage, micro_batch)]
-                    deps += [(_B, stage + 1, micro_batch)] if stage < num_stages - 1 else []
-                if any(dep not in end for dep in deps):
-                    break
-                start = max([clock[rank]] + [end[dep] for dep in deps])
-                clock[rank] = end[(action.kind, stage, micro_batch)] = (
-                    start + _PLACEMENT_COST[action.kind]
-                )
-                # At equal times a send/receive pair (0) goes before a compute (1).
-                events.append(((start, 1, rank, 0, 0), [(rank, action)]))
-                head[rank] += 1
-                remaining -= 1
-                progressed = True
-        assert progressed, f"compute orders cannot run: {orders}"
-    for (kind, stage, micro_batch), time in end.items():
-        peer = stage + 1 if kind is _F else stage - 1
-        if not 0 <= peer < num_stages:
-            continue
-        send = Action(_SA if kind is _F else _SG, stage, micro_batch)
-        src, dst = stage_to_rank[stage], stage_to_rank[peer]
-        if src != dst:
-            events.append(
-                (
-                    (time, 0, stage, int(kind is _B), micro_batch),
-                    [(src, send), (dst, send.matching())],
-                )
-            )
-    lists: list[list[Action]] = [[] for _ in orders]
-    for _, placed in sorted(events, key=lambda event: event[0]):
-        for rank, action in placed:
-            lists[rank].append(action)
-    return tuple(tuple(rank_list) for rank_list in lists)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torch import nn
 from ..capture import CapturedModel
 from ..config import Config
 from ..ir.plan import Plan
-from ..ir.schedule import Action, ActionKind, make_schedule
+from ..ir.schedule import Action, ActionKind
+from ..planner.schedules.generate import make_schedule  # (removed below: the plan carries its schedule)
 from ..rewrite.tensor_parallel.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
 from ..rewrite.tensor_parallel.shard import shard_model

@@ -8,7 +8,7 @@ from ...config import Config
 from ...primitives import Annotation, Pipeline, Replicate
 from .replicas import check_annotations, distinct_annotations, name_annotations, parts_of, split_degree
 from ...ir.plan import Plan
-from ...ir.schedule import make_schedule
+from ..schedules.generate import make_schedule
 
 __all__ = ["count_stages", "plan_pipeline"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ...ir.cluster_spec import Cluster, Link
 from ...ir.devices import DeviceProfile, normalize_dtype
-from ...ir.schedule import make_schedule
+from ..schedules.generate import make_schedule
 from ..schedules.simulator import SimResult, simulate
 
 if TYPE_CHECKING:  # only for annotations: the cost model itself needs no torch

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...ir.schedule import _GENERATORS, ActionKind
+from ...ir.schedule import ActionKind
+from .generate import _GENERATORS
 
 __all__ = [
     "FlowShopResult",

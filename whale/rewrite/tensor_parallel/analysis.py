@@ -1,7 +1,7 @@
 """The tensor-parallel analysis pass: which modules are sharded how, and what communication goes where.
 
 It walks the captured fx graph once per attempt, in order, giving every value inside a ``split``
-scope a layout (replicated, or sharded as a :class:`~.tp_layout.Layout`):
+scope a layout (replicated, or sharded as a :class:`~.tp_layout.ShardLayout`):
 
 * an ``nn.Linear`` whose input is replicated becomes **column-parallel** (its output is sharded
   on the last dim); one whose input is sharded on its last dim becomes **row-parallel** (its
@@ -34,7 +34,7 @@ from torch.fx import GraphModule, Node
 from ...capture.graph import NODE_INFO_KEY, CapturedModel, NodeInfo
 from ...primitives.annotations import Split
 from .moe import MoESpec, collapse_moe, find_moe
-from .layout import Layout
+from .layout import ShardLayout
 from .decisions import ModuleDecision, Region, TensorParallelPlan
 from .rules import Fallback, NeedBlocks, op_name, propagate_op
 
@@ -224,7 +224,7 @@ class _Propagation:
         self.members: dict[int, list[str]] = {}
         self.modules: dict[str, ModuleDecision] = {}
         self.fallbacks: list[str] = []
-        self.output_layout: Layout | None = None
+        self.output_layout: ShardLayout | None = None
         self._staged: dict[str, list] = {}
 
     # ---- the rules' context ------------------------------------------------------------------
@@ -248,16 +248,16 @@ class _Propagation:
         if arg.meta["val"].dtype.is_floating_point:  # masks and ids never carry a gradient
             self._staged["edges"].append(((node.name, arg.name), (("copy",),)))
 
-    def scatter(self, node: Node, arg: Node, layout: Layout) -> None:
+    def scatter(self, node: Node, arg: Node, layout: ShardLayout) -> None:
         self._staged["edges"].append(((node.name, arg.name), (("scatter", layout),)))
 
-    def fix(self, node: Node, kind: str, layout: Layout, extra: Any = None) -> None:
+    def fix(self, node: Node, kind: str, layout: ShardLayout, extra: Any = None) -> None:
         self._staged["fixes"].append((node.name, (kind, layout, extra)))
 
-    def bound(self, layout: Layout, per_block: int, heads: bool = False) -> None:
+    def bound(self, layout: ShardLayout, per_block: int, heads: bool = False) -> None:
         self._staged["bounds"].append((layout.region, per_block, heads))
 
-    def merge(self, a: Layout, b: Layout) -> None:
+    def merge(self, a: ShardLayout, b: ShardLayout) -> None:
         self._staged["merges"].append((a.region, b.region))
 
     def reduce_after(self, node: Node) -> None:
@@ -302,10 +302,10 @@ class _Propagation:
         gathered = False
         for a in node.all_input_nodes:
             v = self.vals.get(a.name)
-            if isinstance(v, Layout):
+            if isinstance(v, ShardLayout):
                 self._gather(node, a)
                 gathered = True
-            elif isinstance(v, tuple) and any(isinstance(x, Layout) for x in v):
+            elif isinstance(v, tuple) and any(isinstance(x, ShardLayout) for x in v):
                 raise ValueError(
                     f"node {node.name} ({_info(node).module_path or '<root>'}) uses several sharded "
                     f"values at once ({reason}); whale cannot gather a tuple"
@@ -350,13 +350,13 @@ class _Propagation:
         path = node.target
         if isinstance(module, nn.Linear):
             nd = len(_info(x).shapes[0])
-            if isinstance(layout, Layout) and layout.dim == nd - 1:
+            if isinstance(layout, ShardLayout) and layout.dim == nd - 1:
                 region = self._find(layout.region)
                 self.bounds[region].append(layout.per_block)
                 self.members[region].append(path)
                 self.modules[node.name] = ModuleDecision(node.name, path, "row", layout.region, layout)
                 return None
-            if isinstance(layout, Layout):
+            if isinstance(layout, ShardLayout):
                 self._gather(node, x, then_copy=True)
                 self.fallbacks.append(f"{node.name} ({path}): Linear input sharded on a non-feature dim")
             else:
@@ -366,7 +366,7 @@ class _Propagation:
                 raise ValueError(f"{path}: {module.out_features} output features cannot form {blocks} equal blocks")
             per_block = module.out_features // blocks
             region = self._new_region("columns", path, per_block)
-            out = Layout(len(_info(node).shapes[0]) - 1, blocks, per_block, region, node.name)
+            out = ShardLayout(len(_info(node).shapes[0]) - 1, blocks, per_block, region, node.name)
             self.modules[node.name] = ModuleDecision(node.name, path, "column", region, out)
             return out
         if isinstance(module, _ELEMENTWISE_MODULES):
@@ -374,7 +374,7 @@ class _Propagation:
         is_mha = isinstance(module, nn.MultiheadAttention)
         qkv = [a for a in [*node.args[:3], *(node.kwargs.get(k) for k in ("query", "key", "value"))] if isinstance(a, Node)]
         for a in node.all_input_nodes:
-            sharded = isinstance(self.val(a), Layout)
+            sharded = isinstance(self.val(a), ShardLayout)
             if sharded:
                 self.fallbacks.append(f"{node.name} ({path}): {type(module).__name__} on a sharded value")
             # A replicated input entering a head-sharded attention gets partial gradients per rank.
@@ -401,7 +401,7 @@ class _Propagation:
         layout = self.val(result)
         if (
             self.keep_sharded_output
-            and isinstance(layout, Layout)
+            and isinstance(layout, ShardLayout)
             and layout.dim == len(_info(result).shapes[0]) - 1
             and layout.blocks == 1
         ):
@@ -427,7 +427,7 @@ class _Propagation:
             regions.append(Region(root, name if name or len(modules) == 1 else "+".join(modules), kind, modules, bound))
 
         def canon(v: Any) -> Any:
-            if isinstance(v, Layout):
+            if isinstance(v, ShardLayout):
                 return dataclasses.replace(v, region=self._find(v.region))
             if isinstance(v, tuple):
                 return tuple(canon(x) for x in v)

@@ -9,7 +9,7 @@ from typing import Any
 from torch.fx import GraphModule
 
 from .moe import MoESpec
-from .layout import Layout
+from .layout import ShardLayout
 
 __all__ = ["ModuleDecision", "Region", "TensorParallelPlan"]
 
@@ -33,7 +33,7 @@ class ModuleDecision:
     path: str
     kind: str  # "column", "row", "vocab", "mha", "moe"
     region: int
-    layout: Layout | None = None  # column: its output's layout; row: its input's layout
+    layout: ShardLayout | None = None  # column: its output's layout; row: its input's layout
     need_weights: bool = False  # mha: the averaged attention weights are used
 
 
@@ -44,12 +44,12 @@ class TensorParallelPlan:
     graph_module: GraphModule  # the captured graph, mixture-of-experts modules collapsed
     group_size: int
     regions: tuple[Region, ...]
-    layouts: Mapping[str, Any]  # node name -> Layout | None | tuple
+    layouts: Mapping[str, Any]  # node name -> ShardLayout | None | tuple
     modules: Mapping[str, ModuleDecision]  # call_module node name -> decision
-    edges: Mapping[tuple[str, str], tuple]  # (consumer, producer) -> steps: ("gather",), ("copy",), ("scatter", Layout)
-    fixes: Mapping[str, tuple]  # node -> (kind, Layout, extra): shape arguments to localize
+    edges: Mapping[tuple[str, str], tuple]  # (consumer, producer) -> steps: ("gather",), ("copy",), ("scatter", ShardLayout)
+    fixes: Mapping[str, tuple]  # node -> (kind, ShardLayout, extra): shape arguments to localize
     reduce_after: frozenset[str]  # nodes whose output is a partial sum
-    output_layout: Layout | None  # the model output stays sharded (a split classifier)
+    output_layout: ShardLayout | None  # the model output stays sharded (a split classifier)
     fallbacks: tuple[str, ...]  # where sharded values were gathered, and why
     moe: Mapping[str, MoESpec]
 

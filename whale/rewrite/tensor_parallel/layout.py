@@ -16,11 +16,11 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-__all__ = ["Layout", "ViewMove", "broadcast_dim", "index_move", "local_width", "view_groups", "view_move"]
+__all__ = ["ShardLayout", "ViewMove", "broadcast_dim", "index_move", "local_width", "view_groups", "view_move"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class ShardLayout:
     """A value sharded along ``dim`` (non-negative) over the ranks of one region."""
 
     dim: int
@@ -29,7 +29,7 @@ class Layout:
     region: int  # region id (union-find root after analysis)
     anchor: str  # the node that created the sharding (a column-parallel Linear)
 
-    def moved(self, dim: int, blocks: int | None = None, per_block: int | None = None) -> Layout:
+    def moved(self, dim: int, blocks: int | None = None, per_block: int | None = None) -> ShardLayout:
         return dataclasses.replace(
             self,
             dim=dim,
@@ -37,11 +37,11 @@ class Layout:
             per_block=self.per_block if per_block is None else per_block,
         )
 
-    def same_structure(self, other: Layout) -> bool:
+    def same_structure(self, other: ShardLayout) -> bool:
         return (self.dim, self.blocks, self.per_block) == (other.dim, other.blocks, other.per_block)
 
 
-def local_width(layout: Layout, num_atoms: int, atoms_here: int) -> int:
+def local_width(layout: ShardLayout, num_atoms: int, atoms_here: int) -> int:
     """Elements of the sharded dim a rank holding ``atoms_here`` of ``num_atoms`` atoms keeps."""
     assert layout.per_block % num_atoms == 0, (layout, num_atoms)
     return layout.blocks * atoms_here * (layout.per_block // num_atoms)
@@ -94,7 +94,7 @@ class ViewMove:
     splits_dim: bool  # the view split the sharded dim into several (e.g. into heads x head_dim)
 
 
-def view_move(layout: Layout, src: Sequence[int], dst: Sequence[int]) -> ViewMove | None:
+def view_move(layout: ShardLayout, src: Sequence[int], dst: Sequence[int]) -> ViewMove | None:
     """The sharded dim of ``x.view(dst)`` for ``x`` of full shape ``src`` sharded as ``layout``.
 
     The sharded elements of the group holding ``layout.dim`` are ``outer`` runs of

@@ -1,7 +1,7 @@
 """Propagation rules: how each traced op carries a sharded layout from its inputs to its output.
 
 A rule gets the node and a context (:class:`RuleContext`, implemented by the analysis pass) and
-returns the output's layout: a :class:`Layout`, ``None`` (replicated) or a tuple of those for ops
+returns the output's layout: a :class:`ShardLayout`, ``None`` (replicated) or a tuple of those for ops
 with several outputs. It may ask the context to transform an input (``copy`` a replicated value
 into sharded compute, ``scatter`` it to the shard layout), to localize shape arguments
 (``fix``), to bound the region's atom count (``bound``), or it raises
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from torch.fx import Node
 
-from .layout import Layout, broadcast_dim, index_move, view_move
+from .layout import ShardLayout, broadcast_dim, index_move, view_move
 
 __all__ = ["Fallback", "NeedBlocks", "RuleContext", "op_name", "propagate_op"]
 
@@ -46,10 +46,10 @@ class RuleContext(Protocol):
     def is_tensor(self, arg: Any) -> bool: ...
     def const(self, arg: Any) -> Any: ...
     def copy(self, node: Node, arg: Node) -> None: ...
-    def scatter(self, node: Node, arg: Node, layout: Layout) -> None: ...
-    def fix(self, node: Node, kind: str, layout: Layout, extra: Any = None) -> None: ...
-    def bound(self, layout: Layout, per_block: int, heads: bool = False) -> None: ...
-    def merge(self, a: Layout, b: Layout) -> None: ...
+    def scatter(self, node: Node, arg: Node, layout: ShardLayout) -> None: ...
+    def fix(self, node: Node, kind: str, layout: ShardLayout, extra: Any = None) -> None: ...
+    def bound(self, layout: ShardLayout, per_block: int, heads: bool = False) -> None: ...
+    def merge(self, a: ShardLayout, b: ShardLayout) -> None: ...
     def reduce_after(self, node: Node) -> None: ...
 
 
@@ -88,10 +88,10 @@ def _norm(d: int, ndim: int) -> int:
     return d % ndim if ndim else 0
 
 
-def _sharded_first(ctx: RuleContext, node: Node) -> tuple[Node, Layout]:
+def _sharded_first(ctx: RuleContext, node: Node) -> tuple[Node, ShardLayout]:
     x = node.args[0]
     layout = ctx.val(x)
-    if not isinstance(layout, Layout):
+    if not isinstance(layout, ShardLayout):
         raise Fallback(f"{op_name(node)} on a sharded value that is not its first argument")
     return x, layout
 
@@ -99,7 +99,7 @@ def _sharded_first(ctx: RuleContext, node: Node) -> tuple[Node, Layout]:
 def _unary(ctx, node):
     _, layout = _sharded_first(ctx, node)
     for a in [*node.args[1:], *node.kwargs.values()]:
-        if isinstance(ctx.val(a), Layout):
+        if isinstance(ctx.val(a), ShardLayout):
             raise Fallback(f"{op_name(node)} with a second sharded operand")
     return layout
 
@@ -110,7 +110,7 @@ def _broadcast(ctx, node):
     ref = None
     for a in operands:
         la = ctx.val(a)
-        if isinstance(la, Layout):
+        if isinstance(la, ShardLayout):
             od = broadcast_dim(len(ctx.shape(a)), len(out_shape), la.dim)
             cand = la.moved(od)
             if ref is None:
@@ -119,10 +119,10 @@ def _broadcast(ctx, node):
                 raise Fallback("operands sharded differently")
             else:
                 ctx.merge(ref, cand)
-    if op_name(node).endswith("_") and not isinstance(ctx.val(node.args[0]), Layout):
+    if op_name(node).endswith("_") and not isinstance(ctx.val(node.args[0]), ShardLayout):
         raise Fallback("in-place update of a replicated tensor by a sharded one")
     for a in operands:
-        if isinstance(ctx.val(a), Layout):
+        if isinstance(ctx.val(a), ShardLayout):
             continue
         shape = ctx.shape(a)
         ad = ref.dim - (len(out_shape) - len(shape))
@@ -253,7 +253,7 @@ def _split(ctx, node):
     return tuple(layout.moved(d, b) for b in blocks)
 
 
-def _need_blocks(layout: Layout, parts: int) -> None:
+def _need_blocks(layout: ShardLayout, parts: int) -> None:
     factor = parts // math.gcd(layout.blocks, parts)
     if factor > 1:
         raise NeedBlocks(layout.anchor, factor)
@@ -264,7 +264,7 @@ def _getitem(ctx, node):
     layout = ctx.val(x)
     if isinstance(layout, tuple):
         return layout[index]
-    if not isinstance(layout, Layout):
+    if not isinstance(layout, ShardLayout):
         return None
     shape = ctx.shape(x)
     kind, out_dim = index_move(index, len(shape), layout.dim, shape)
@@ -278,14 +278,14 @@ def _getitem(ctx, node):
 def _size(ctx, node):
     x = node.args[0]
     layout = ctx.val(x)
-    if isinstance(layout, Layout):
+    if isinstance(layout, ShardLayout):
         ctx.fix(node, op_name(node), layout)
 
 
 def _getattr(ctx, node):
     x, attr = node.args
     layout = ctx.val(x)
-    if not isinstance(layout, Layout):
+    if not isinstance(layout, ShardLayout):
         return
     if attr == "shape":
         ctx.fix(node, "size", layout)
@@ -303,7 +303,7 @@ def _matmul(ctx, node):
         raise Fallback("matmul with a 1-D operand")
     batch_a = lambda d: d < len(sa) - 2
     batch_b = lambda d: d < len(sb) - 2
-    if isinstance(la, Layout) and isinstance(lb, Layout):
+    if isinstance(la, ShardLayout) and isinstance(lb, ShardLayout):
         if la.dim == len(sa) - 1 and lb.dim == len(sb) - 2 and la.blocks == lb.blocks and la.per_block == lb.per_block:
             ctx.merge(la, lb)
             ctx.reduce_after(node)
@@ -314,7 +314,7 @@ def _matmul(ctx, node):
                 ctx.merge(la, lb)
                 return la.moved(oa)
         raise Fallback("matmul of operands sharded on different dims")
-    if isinstance(la, Layout):
+    if isinstance(la, ShardLayout):
         return _matmul_one_sharded(ctx, node, la, sa, len(sa) - 1, b, sb, so)
     return _matmul_one_sharded(ctx, node, lb, sb, len(sb) - 2, a, sa, so)
 
@@ -337,7 +337,7 @@ def _sdpa(ctx, node):
     q, k, v = (node.args[i] if len(node.args) > i else node.kwargs[n] for i, n in enumerate("qkv"))
     layouts = [ctx.val(t) for t in (q, k, v)]
     nd = len(ctx.shape(q))
-    if not all(isinstance(la, Layout) for la in layouts):
+    if not all(isinstance(la, ShardLayout) for la in layouts):
         raise Fallback("attention with some of q, k, v replicated")
     first = layouts[0]
     if first.dim >= nd - 2 or any(not first.same_structure(la) for la in layouts[1:]):
@@ -361,7 +361,7 @@ def _cat(ctx, node):
     stack = op_name(node) == "stack"
     d = _norm(_dim_arg(node, 1, "dim", 0), out_nd)
     layouts = [ctx.val(t) for t in tensors]
-    if not all(isinstance(la, Layout) for la in layouts):
+    if not all(isinstance(la, ShardLayout) for la in layouts):
         raise Fallback("cat of sharded and replicated tensors")
     first = layouts[0]
     if any(not first.same_structure(la) for la in layouts[1:]) or (first.dim == d and not stack):

@@ -34,7 +34,7 @@ from .parallel_loss import VocabParallelCrossEntropy, parallel_loss
 from .shard_sizes import validate_sizes
 from .sharded_model import ShardedModel
 from .analysis import TensorParallelAnalysis, TensorParallelPlan
-from .layout import Layout, local_width
+from .layout import ShardLayout, local_width
 from .modules import (
     ColumnParallelLinear,
     CopyToGroup,
@@ -179,15 +179,15 @@ class TensorParallelRewrite:
 
     # ---- per-rank arithmetic ----------------------------------------------------------------
 
-    def _elems(self, layout: Layout) -> tuple[int, ...]:
+    def _elems(self, layout: ShardLayout) -> tuple[int, ...]:
         """Per-rank elements of one block along the sharded dim."""
         per_atom = layout.per_block // self.atoms[layout.region]
         return tuple(c * per_atom for c in self.sizes[layout.region])
 
-    def _local(self, layout: Layout) -> int:
+    def _local(self, layout: ShardLayout) -> int:
         return local_width(layout, self.atoms[layout.region], self.sizes[layout.region][self.rank])
 
-    def _spec(self, name: str, full: torch.Tensor, dim: int, layout: Layout) -> ShardSpec:
+    def _spec(self, name: str, full: torch.Tensor, dim: int, layout: ShardLayout) -> ShardSpec:
         lengths = self._elems(layout)
         return ShardSpec(name, dim, row_offsets(lengths)[self.rank], lengths[self.rank], tuple(full.shape), layout.blocks, lengths)
 
@@ -243,7 +243,7 @@ class TensorParallelRewrite:
             self._cache[key] = value
         return self._cache[key]
 
-    def _comm(self, kind: str, layout: Layout | None, value: Node) -> Node:
+    def _comm(self, kind: str, layout: ShardLayout | None, value: Node) -> Node:
         if kind in ("gather", "scatter"):
             module = _COMM[kind](layout.dim, self._elems(layout), layout.blocks, self.group)
         else:
@@ -311,7 +311,7 @@ class TensorParallelRewrite:
             else:
                 new = RowParallelLinear(module, w, self.group)
         elif kind == "vocab":
-            layout = Layout(0, 1, module.num_embeddings, decision.region, node.name)
+            layout = ShardLayout(0, 1, module.num_embeddings, decision.region, node.name)
             specs = {"weight": self._spec(f"{path}.weight", module.weight, 0, layout)}
             new = VocabParallelEmbedding(module, specs["weight"], self.group)
         elif kind == "mha":
