@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .rows import split_rows
+from .schedule import Schedule, format_schedule, parse_schedule
+from .schedule_check import validate
 
 __all__ = ["PartPlan", "Plan"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Plan:
         parts: one entry per annotated part, and one for the default strategy.
         pinned_rows: rows per replica fixed by the user, or None to follow ``row_weights``.
         num_stages: pipeline stages (1: no pipeline).
-        schedule: the pipeline schedule's name (see ``whale.ir.schedule``).
+        schedule: the pipeline schedule the runtime executes, one action list per pipeline
+            position (see :mod:`whale.ir.schedule`); None without stages.
         stage_boundaries: module paths at which stages 1.. begin; empty when the stages come
             from ``stage()`` annotations.
         tensor_parallel: ranks that shard each ``split`` part (1: no tensor parallelism).
@@ -71,18 +74,45 @@ class Plan:
     parts: tuple[PartPlan, ...] = ()
     pinned_rows: tuple[int, ...] | None = None
     num_stages: int = 1
-    schedule: str = "1f1b"
+    schedule: Schedule | None = None
     stage_boundaries: tuple[str, ...] = ()
     tensor_parallel: int = 1
     shard_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        assert len(self.row_weights) == len(self.pipelines), "one weight per replica"
-        assert sorted(r for p in self.pipelines for r in p) == list(range(self.world_size))
-        assert len({len(p) for p in self.pipelines}) == 1, "pipelines of one length"
-        assert len(self.pipelines[0]) % self.tensor_parallel == 0
-        assert sorted(i for g in self.replica_groups for i in g) == list(range(len(self.pipelines)))
-        assert self.num_stages % self.pipeline_degree == 0
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"Plan({field}=...): {why}")
+
+        if not self.pipelines or len({len(p) for p in self.pipelines}) != 1:
+            raise bad("pipelines", f"{self.pipelines!r} must be one or more pipelines of one length")
+        if sorted(r for p in self.pipelines for r in p) != list(range(self.world_size)):
+            raise bad("pipelines", f"{self.pipelines!r} must hold every rank 0..{self.world_size - 1} once")
+        if len(self.row_weights) != len(self.pipelines):
+            raise bad("row_weights", f"{len(self.row_weights)} weights for {len(self.pipelines)} replicas")
+        if self.tensor_parallel < 1 or len(self.pipelines[0]) % self.tensor_parallel:
+            raise bad("tensor_parallel", f"{self.tensor_parallel} does not divide a pipeline of {len(self.pipelines[0])} ranks")
+        if sorted(i for g in self.replica_groups for i in g) != list(range(len(self.pipelines))):
+            raise bad("replica_groups", f"{self.replica_groups!r} must hold every replica index once")
+        if self.num_stages < 1 or self.num_stages % self.pipeline_degree:
+            raise bad("num_stages", f"{self.num_stages} is not a multiple of the pipeline degree {self.pipeline_degree}")
+        if self.num_stages == 1:
+            if self.schedule is not None:
+                raise bad("schedule", "a plan without stages has no schedule")
+            return
+        if not isinstance(self.schedule, Schedule):
+            raise bad("schedule", f"a plan of {self.num_stages} stages needs its Schedule, got {self.schedule!r}")
+        sched = self.schedule
+        if (sched.num_stages, sched.num_micro_batch, sched.num_ranks) != (
+            self.num_stages, self.num_micro_batch, self.pipeline_degree
+        ):
+            raise bad(
+                "schedule",
+                f"{sched.name} is for {sched.num_stages} stages, {sched.num_micro_batch} micro-batches "
+                f"on {sched.num_ranks} ranks; the plan has {self.num_stages}, {self.num_micro_batch} "
+                f"and {self.pipeline_degree}",
+            )
+        if tuple(sched.stage_to_rank) != tuple(s % self.pipeline_degree for s in range(self.num_stages)):
+            raise bad("schedule", f"places stages on ranks {list(sched.stage_to_rank)}; stage s runs at position s % {self.pipeline_degree}")
 
     @property
     def dp_degree(self) -> int:
@@ -133,16 +163,38 @@ class Plan:
         return split_rows(total, self.row_weights)
 
     def to_json(self) -> str:
-        return json.dumps({"version": _FORMAT_VERSION, **dataclasses.asdict(self)}, indent=2)
+        """The plan as JSON; :meth:`from_json` reads it back equal, schedule included."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["parts"] = [dataclasses.asdict(part) for part in self.parts]
+        data["schedule"] = None if self.schedule is None else format_schedule(self.schedule).splitlines()
+        return json.dumps({"version": _FORMAT_VERSION, **data}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        data: dict[str, Any] = json.loads(text)
+        """Read :meth:`to_json`'s form; a missing, unknown or malformed field is a ValueError
+        naming it."""
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"a plan is JSON; this text is not: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
         if data.pop("version", None) != _FORMAT_VERSION:
-            raise ValueError(f"plan format version must be {_FORMAT_VERSION}")
-        tup = _deep_tuple
-        parts = tuple(PartPlan(**{k: tup(v) for k, v in p.items()}) for p in data.pop("parts"))
-        return cls(parts=parts, **{k: tup(v) for k, v in data.items()})
+            raise ValueError(f"plan format version must be {_FORMAT_VERSION}; re-plan with this whale")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"plan field(s) {unknown} are unknown; known fields: {sorted(fields)}")
+        missing = sorted(n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"plan field(s) {missing} are missing")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            try:
+                values[name] = _READERS.get(name, _deep_tuple)(value)
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"plan field {name!r} is malformed: {err}") from None
+        return cls(**values)
 
     def table(self, global_batch: int | None = None) -> str:
         """A readable summary: one line per rank, then one per part."""
@@ -152,7 +204,7 @@ class Plan:
             f"pipeline degree={self.pipeline_degree}  tensor parallel={self.tensor_parallel}  "
             f"stages={self.num_stages}  "
             f"micro-batches={self.num_micro_batch}"
-            + (f"  schedule={self.schedule}" if self.num_stages > 1 else "")
+            + (f"  schedule={self.schedule.name}" if self.schedule is not None else "")
         ]
         lines.append(f"{'rank':>4}  {'replica':>7}  {'stages':>8}  {'weight':>7}  {'rows':>6}")
         for rank in range(self.world_size):
@@ -172,3 +224,35 @@ def _deep_tuple(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return tuple(_deep_tuple(v) for v in value)
     return value
+
+
+def _read_schedule(lines: Any) -> Schedule | None:
+    if lines is None:
+        return None
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise TypeError("the schedule is a list of lines of its text form")
+    schedule = parse_schedule("\n".join(lines))
+    validate(schedule)
+    return schedule
+
+
+def _read_parts(parts: Any) -> tuple[PartPlan, ...]:
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise TypeError("parts is a list of objects")
+    return tuple(PartPlan(**{k: _deep_tuple(v) for k, v in p.items()}) for p in parts)
+
+
+def _read_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an int")
+    return value
+
+
+_READERS = {
+    "schedule": _read_schedule,
+    "parts": _read_parts,
+    "world_size": _read_int,
+    "num_micro_batch": _read_int,
+    "num_stages": _read_int,
+    "tensor_parallel": _read_int,
+}

@@ -25,7 +25,6 @@ from ..capture import CapturedModel
 from ..config import Config
 from ..ir.plan import Plan
 from ..ir.schedule import Action, ActionKind
-from ..planner.schedules.generate import make_schedule  # (removed below: the plan carries its schedule)
 from ..rewrite.tensor_parallel.sharded_model import ShardedModel
 from ..rewrite.stage_split import StageProgram
 from ..rewrite.tensor_parallel.shard import shard_model
@@ -72,10 +71,7 @@ class PipelineProgram(ProgramBase):
         self._modules = {st.index: st.module for st in stages}
         self._sharded: dict[int, ShardedModel] = {}
         self._graph_module = graph_module
-        interleaved = plan.schedule == "interleaved_1f1b"
-        self.schedule = make_schedule(
-            plan.schedule, plan.num_stages, plan.num_micro_batch, plan.pipeline_degree if interleaved else None
-        )
+        self.schedule = plan.schedule
         # Each stage's parameters by attribute path -> local-model name, fixed before any stage
         # is materialized (materializing makes new tensors, and ties must survive it).
         names = {id(p): n for n, p in graph_module.named_parameters()}

@@ -79,7 +79,7 @@ def plan_pipeline(
             f"pipelines of {degree} positions x {tp} tensor-parallel ranks do not divide the "
             f"world of {world_size}; use a world that is a multiple of {degree * tp}"
         )
-    make_schedule(config.schedule, num_stages, m, degree if interleaved else None)
+    schedule = make_schedule(config.schedule, num_stages, m, degree if interleaved else None)
     dp = world_size // (degree * tp)
     weights = (1.0,) * dp if config.row_weights is None else config.row_weights
     if len(weights) != dp:
@@ -104,7 +104,7 @@ def plan_pipeline(
         num_micro_batch=m,
         parts=parts_of(scopes, name_annotations(scopes), inner, dp, tp),
         num_stages=num_stages,
-        schedule=config.schedule,
+        schedule=schedule if num_stages > 1 else None,
         stage_boundaries=tuple(config.stage_boundaries or ()),
         tensor_parallel=tp,
         shard_sizes=tuple(sorted((config.shard_sizes or {}).items())),

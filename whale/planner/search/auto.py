@@ -17,6 +17,7 @@ from ...config import Config
 from ...primitives import Annotation
 from ...ir.cluster_spec import Cluster, parse_cluster
 from ..annotated.replicas import check_annotations, name_annotations, parts_of
+from ..schedules.generate import make_schedule
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
 from ..cost.model_profile import profile_model
 from ..cost.layers import ModelProfile
@@ -109,7 +110,10 @@ def plan_of(
         num_micro_batch=c.num_micro_batch,
         parts=tuple(parts),
         num_stages=c.num_stages,
-        schedule=c.schedule,
+        schedule=None if c.num_stages == 1 else make_schedule(
+            c.schedule, c.num_stages, c.num_micro_batch,
+            layout.pipeline_degree if c.schedule == "interleaved_1f1b" else None,
+        ),
         stage_boundaries=tuple(stage_boundaries),
         tensor_parallel=layout.tensor_parallel,
         shard_sizes=tuple(sorted((shard_sizes or {}).items())),
