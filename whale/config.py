@@ -3,16 +3,49 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from .ir.schedule import SCHEDULE_NAMES
 
 __all__ = ["Config"]
 
 _STRATEGIES = ("replicate",)
 _REDUCTIONS = ("mean", "sum")
 _COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+
+
+class _FrozenSizes(Mapping):
+    """``Config.shard_sizes`` once validated: a read-only, hashable mapping of module path to a
+    tuple of per-rank counts, so that a Config stays hashable. Equal to a dict of the same items."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Sequence[int]]) -> None:
+        object.__setattr__(self, "_items", {k: tuple(v) for k, v in items.items()})
+
+    def __getitem__(self, key: str) -> tuple[int, ...]:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config.shard_sizes is read-only; make a new Config instead")
+
+    def __reduce__(self):  # pickle and copy through the constructor (slots are read-only)
+        return (type(self), (dict(self._items),))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +107,8 @@ class Config:
 
     shard_sizes: Mapping[str, Sequence[int]] | None = None
     """Per split region (a module path in it), the heads/columns/classes/experts of each rank.
-    None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types."""
+    None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types.
+    Stored as a read-only, hashable mapping of tuples (``dict(config.shard_sizes)`` copies it)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -115,6 +149,11 @@ class Config:
             raise TypeError(f"Config(batch_dim=...) is an int, got {self.batch_dim!r}")
         if not isinstance(self.schedule, str):
             raise TypeError(f"Config(schedule=...) is a schedule name, got {self.schedule!r}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(
+                f"Config(schedule={self.schedule!r}) is not a pipeline schedule; "
+                f"choose one of {list(SCHEDULE_NAMES)}"
+            )
         if self.pipeline_degree is not None:
             positive_int("pipeline_degree")
         if self.stage_boundaries is not None:
@@ -147,9 +186,7 @@ class Config:
                     f"Config(shard_sizes={self.shard_sizes!r}) maps a module path to per-rank counts, "
                     "e.g. {'lm_head': [3, 1]}"
                 )
-            object.__setattr__(
-                self, "shard_sizes", {k: tuple(v) for k, v in self.shard_sizes.items()}
-            )
+            object.__setattr__(self, "shard_sizes", _FrozenSizes(self.shard_sizes))
         for name in ("broadcast_buffers", "shared_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
