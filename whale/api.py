@@ -1,8 +1,7 @@
-"""The top-level API: the only place that wires capture, planner and runtime together."""
+"""The top-level API: the only place that wires capture, planner, rewrite and runtime together."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -12,16 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .capture import CaptureError, capture, module_annotation_map
+from .capture import CaptureError, CapturedModel, capture, module_annotation_map
 from .config import Config
-from .ir.cluster_spec import Cluster
+from .ir.plan import Plan
+from .ir.topology import Cluster
 from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
-from .ir.plan import Plan
 from .planner.search.auto import auto_plan
-from .planner.search.speed_shards import speed_shard_sizes
-from .rewrite.stage_split import assign_stages, capture_split_stages, split_stages
-from .rewrite.tensor_parallel.shard import TensorParallelAnalysis, resolve_sizes
+from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
+from .rewrite.build import ProgramRewrite
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -70,179 +68,82 @@ def parallelize(
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
     world_size, ranks_per_node = _world()
+    scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
+    plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
+    rewrite = ProgramRewrite(model, captured, plan, loss_fn)
+    plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
+    program = rewrite.build(plan, _rank())
+    if plan.num_stages > 1:
+        return PipelineProgram(program, config)
+    return DataParallelProgram(program, config)
+
+
+def _capture(model: nn.Module, example_inputs: Any, config: Config):
+    """The annotations by where they were written, the captured graph (or why capture failed)
+    and the example batch's rows."""
     scopes: dict[str, tuple] = dict(module_annotation_map(model))
-    example_rows = None
-    captured = None
-    capture_error = None
-    if example_inputs is not None:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        example_rows = _rows_of(args, config.batch_dim)
-        try:
-            captured = capture(model, args)
-        except CaptureError as err:
-            capture_error = err
-        else:
-            for node in captured.nodes:
-                # Annotations written inside forward() show on nodes beyond their module's own.
-                if len(node.annotations) > len(scopes.get(node.module_path, ())):
-                    scopes[f"{node.module_path}:{node.name}"] = node.annotations
+    if example_inputs is None:
+        return scopes, None, None, None
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    example_rows = _rows_of(args, config.batch_dim)
+    try:
+        captured = capture(model, args)
+    except CaptureError as err:
+        return scopes, None, err, example_rows
+    for node in captured.nodes:
+        # Annotations written inside forward() show on nodes beyond their module's own.
+        if len(node.annotations) > len(scopes.get(node.module_path, ())):
+            scopes[f"{node.module_path}:{node.name}"] = node.annotations
+    return scopes, captured, None, example_rows
+
+
+def _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config) -> Plan:
+    """The plan: searched (``auto_parallel``), or from the annotations and the Config."""
+    def needs_graph(what: str) -> ValueError:
+        return ValueError(
+            f"{what}: pass example_inputs= (one global batch)"
+            + (f"; capture failed:\n{capture_error}" if capture_error else "")
+        )
 
     if config.auto_parallel:
         if captured is None:
-            raise ValueError(
-                "Config(auto_parallel=True) plans from the captured graph: pass example_inputs= "
-                "(one global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
-            )
+            raise needs_graph("Config(auto_parallel=True) plans from the captured graph")
         plan, _ = auto_plan(
             captured, scopes, world_size, config, cluster=config.cluster,
             global_batch=example_rows, ranks_per_node=ranks_per_node,
         )
-        return _program(model, loss_fn, plan, config, captured)
-
+        return plan
     if count_stages(scopes, config):
         plan = plan_pipeline(scopes, world_size, config, example_rows=example_rows)
         if captured is None:
-            raise ValueError(
-                "pipeline stages are cut from the captured graph: pass example_inputs= (one "
-                "global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
-            )
+            raise needs_graph("pipeline stages are cut from the captured graph")
         _check_stages_compute(scopes, captured)
-        return _program(model, loss_fn, plan, config, captured)
-
+        return plan
     if capture_error is not None:
         # Data parallel needs no graph: module-level annotations still hold, but any
         # annotation written inside forward cannot be seen, and the user is told so.
         warnings.warn(
             f"whale could not capture {type(model).__name__} as a graph, so annotations "
             f"inside forward() are not seen; module-level annotations still apply.\n{capture_error}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    plan = plan_data_parallel(
-        scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node
-    )
+    plan = plan_data_parallel(scopes, world_size, config, example_rows=example_rows, ranks_per_node=ranks_per_node)
     if plan.tensor_parallel > 1 and captured is None:
-        raise ValueError(
-            "split() shards the captured graph: pass example_inputs= (one global batch)"
-            + (f"; capture failed:\n{capture_error}" if capture_error else "")
-        )
-    return _program(model, loss_fn, plan, config, captured)
+        raise needs_graph("split() shards the captured graph")
+    return plan
 
 
-def _program(model, loss_fn, plan, config, captured) -> DataParallelProgram | PipelineProgram:
-    """The program that executes ``plan``, after checking every rewrite it needs.
-
-    The rewrites are checked here, before any group exists: kinds the split pass cannot shard,
-    more shards than heads or experts, shard sizes that do not add up.
-    """
-    if plan.num_stages > 1:
-        stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
-        assert num_stages == plan.num_stages
-        stages = split_stages(captured, stage_of, num_stages)
-        stage_graphs, sizes = {}, {}
-        if plan.tensor_parallel > 1:
-            stage_graphs = capture_split_stages(stages, captured)
-            analyses = _split_analyses(plan, model, captured, stage_graphs)
-            plan = _with_speed_sizes(plan, config.cluster, analyses)
-            sizes = _stage_shard_sizes(plan, analyses)
-        return PipelineProgram(captured.graph_module, loss_fn, plan, config, stages, stage_graphs, sizes)
-    if plan.tensor_parallel > 1:
-        analyses = _split_analyses(plan, model, captured, {})
-        plan = _with_speed_sizes(plan, config.cluster, analyses)
-        resolve_sizes(analyses[0][0], dict(plan.shard_sizes))
-    return DataParallelProgram(model, loss_fn, plan, config, captured=captured)
-
-
-def speed_sizes(plan: Plan, cluster: Cluster, model: nn.Module, captured) -> Plan:
-    """``plan`` with shard sizes in proportion to device speed where its tensor groups mix types.
-
-    The runtime shards every region the split rewrite finds; on a group of mixed devices each
-    rank gets atoms (heads, columns, classes, experts) by :func:`speed_shard_sizes`. ``plan``
-    is returned as it is without tensor parallelism, with sizes already set, or on groups of
-    one device type. ``whale plan`` shows the sizes this gives.
+def speed_sizes(plan: Plan, cluster: Cluster, model: nn.Module, captured: CapturedModel) -> Plan:
+    """``plan`` with shard sizes in proportion to device speed where its tensor groups mix types
+    (what ``parallelize`` runs; ``whale plan`` shows the sizes this gives).
 
     Example::
 
         plan = speed_sizes(plan, parse_cluster("node0=1xA100-80GB+1xT4"), model, captured)
     """
-    if not _needs_speed_sizes(plan, cluster):
+    if not needs_speed_sizes(plan, cluster):
         return plan
-    stage_graphs = {}
-    if plan.num_stages > 1:
-        stage_of, _ = assign_stages(captured, plan.stage_boundaries or None)
-        stage_graphs = capture_split_stages(split_stages(captured, stage_of, plan.num_stages), captured)
-    return _with_speed_sizes(plan, cluster, _split_analyses(plan, model, captured, stage_graphs))
-
-
-def _split_analyses(plan: Plan, model: nn.Module, captured, stage_graphs) -> dict[int, tuple]:
-    """The split rewrite's analysis and module of each stage holding a split part (stage 0: the
-    whole model when there are no stages), made once for the sizes and their checks."""
-    if not stage_graphs:
-        return {0: (TensorParallelAnalysis(plan.tensor_parallel)(model, captured), model)}
-    return {
-        s: (TensorParallelAnalysis(plan.tensor_parallel)(g.graph_module, g), g.graph_module)
-        for s, g in stage_graphs.items()
-    }
-
-
-def _needs_speed_sizes(plan: Plan, cluster: Cluster | None) -> bool:
-    """True when a tensor group of ``plan`` mixes device types and the user gave no sizes."""
-    if plan.tensor_parallel == 1 or plan.shard_sizes or cluster is None:
-        return False
-    if cluster.world_size != plan.world_size:
-        raise ValueError(
-            f"Config(cluster={str(cluster)!r}) has {cluster.world_size} devices but the job has "
-            f"{plan.world_size} ranks; describe one device per rank"
-        )
-    names = [d.profile.name for d in cluster.devices()]
-    t = plan.tensor_parallel
-    return any(len({names[r] for r in pipe[k : k + t]}) > 1 for pipe in plan.pipelines for k in range(0, len(pipe), t))
-
-
-def _with_speed_sizes(plan: Plan, cluster: Cluster | None, analyses: Mapping[int, tuple]) -> Plan:
-    """``plan`` with speed-proportional sizes where its tensor groups mix device types (see
-    :func:`speed_sizes`); ``analyses`` from :func:`_split_analyses`."""
-    if not _needs_speed_sizes(plan, cluster):
-        return plan
-    t, sizes = plan.tensor_parallel, {}
-    for stage, (analysis, root) in analyses.items():
-        pos = stage % plan.pipeline_degree
-        groups = [pipe[pos * t : (pos + 1) * t] for pipe in plan.pipelines]
-        regions = {r.name: (r.num_atoms, _region_params(root, r.modules) / r.num_atoms) for r in analysis.regions}
-        sizes.update(speed_shard_sizes(cluster, groups, regions))
-    if not sizes:
-        return plan
-    return dataclasses.replace(plan, shard_sizes=tuple(sorted(sizes.items())))
-
-
-def _region_params(root: nn.Module, paths) -> int:
-    """Parameters of the modules ``paths`` name (each once): the ones a region shards."""
-    seen: dict[int, int] = {}
-    for path in paths:
-        try:
-            module = root.get_submodule(path)
-        except AttributeError:
-            continue
-        seen.update((id(p), p.numel()) for p in module.parameters())
-    return sum(seen.values())
-
-
-def _stage_shard_sizes(plan, analyses: Mapping[int, tuple]) -> dict[int, dict[str, tuple[int, ...]]]:
-    """Config(shard_sizes) cut by stage: each entry names a region of one stage's rewrite and
-    must fit it. The runtime shards each stage with its own entries, without a second analysis."""
-    given = dict(plan.shard_sizes)
-    per_stage = {}
-    for s, (analysis, _) in analyses.items():
-        mine = {k: v for k, v in given.items() if any(k == r.name or k in r.modules for r in analysis.regions)}
-        resolve_sizes(analysis, mine)
-        per_stage[s] = mine
-        for k in mine:
-            given.pop(k)
-    if given:
-        raise ValueError(
-            f"Config(shard_sizes=...) names {sorted(given)}, which no stage splits; name a module "
-            "inside a split() part"
-        )
-    return per_stage
+    return with_speed_sizes(plan, cluster, ProgramRewrite(model, captured, plan, loss_fn=None).regions())
 
 
 def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:
@@ -255,6 +156,13 @@ def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:
                     f"{a!r} at {where!r} owns no computation: forward() never runs that module; "
                     "remove the annotation or annotate a module that forward() calls"
                 )
+
+
+def _rank() -> int:
+    """This process's rank: the group's once ``wh.init()`` ran, else torchrun's ``RANK``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _world() -> tuple[int, int | None]:

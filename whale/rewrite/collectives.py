@@ -35,10 +35,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "CommGroup",
     "all_to_all",
     "copy_to_group",
     "gather_from_group",
+    "global_rank",
     "group_rank",
+    "process_group",
     "group_size",
     "reduce_from_group",
     "scatter_to_group",
@@ -46,18 +49,74 @@ __all__ = [
 ]
 
 
-def group_size(group: dist.ProcessGroup | None) -> int:
+class CommGroup:
+    """Ranks a rewritten program communicates among, named by their global ranks.
+
+    The rewrite builds a program before any process group exists; the communication modules
+    it inserts hold a ``CommGroup``, and the runtime binds the process group it makes for
+    ``ranks`` (:meth:`bind`) before the first collective. A group of one rank needs none.
+
+    Example::
+
+        tp = CommGroup((0, 1))
+        y = reduce_from_group(x, tp)          # after tp.bind(dist.new_group([0, 1]))
+    """
+
+    def __init__(self, ranks: Sequence[int]) -> None:
+        self.ranks = tuple(ranks)
+        self._process_group: dist.ProcessGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"CommGroup({self.ranks})"
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def bind(self, group: dist.ProcessGroup) -> None:
+        """Attach the process group made for ``ranks`` (once, by the runtime)."""
+        if self._process_group is not None and self._process_group is not group:
+            raise RuntimeError(f"{self!r} is already bound to another process group")
+        self._process_group = group
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        if self._process_group is None:
+            raise RuntimeError(
+                f"{self!r} has no process group yet: run the program's step() after wh.init(), "
+                "which binds the groups it communicates in"
+            )
+        return self._process_group
+
+
+def process_group(group: CommGroup | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The process group a collective runs over (None: the default group)."""
+    return group.process_group if isinstance(group, CommGroup) else group
+
+
+def group_size(group: CommGroup | dist.ProcessGroup | None) -> int:
     """Ranks in ``group`` (None: the default group); 1 when torch.distributed is not initialized."""
+    if isinstance(group, CommGroup):
+        return group.size
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
-def group_rank(group: dist.ProcessGroup | None) -> int:
+def group_rank(group: CommGroup | dist.ProcessGroup | None) -> int:
     """This process's rank inside ``group`` (0 when not initialized)."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0
+    if isinstance(group, CommGroup):
+        return group.ranks.index(dist.get_rank())
     return dist.get_rank(group)
+
+
+def global_rank(group: CommGroup | dist.ProcessGroup | None, index: int) -> int:
+    """The global rank of ``group``'s ``index``-th rank."""
+    if isinstance(group, CommGroup):
+        return group.ranks[index]
+    return index if group is None else dist.get_global_rank(group, index)
 
 
 def _check_sizes(what: str, sizes: Sequence[int], group: dist.ProcessGroup | None) -> None:
@@ -89,7 +148,7 @@ def uneven_all_gather(
         front = torch.cat([front, pad])
     front = front.contiguous()
     pieces = [torch.empty_like(front) for _ in range(n)]
-    dist.all_gather(pieces, front, group=group)
+    dist.all_gather(pieces, front, group=process_group(group))
     if num_blocks == 1:
         parts = [p[: sizes[r]] for r, p in enumerate(pieces)]
     else:
@@ -123,7 +182,7 @@ class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=process_group(ctx.group))
         return grad, None
 
 
@@ -131,7 +190,7 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=process_group(group))
         return out
 
     @staticmethod
@@ -169,7 +228,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.args = (output_splits, input_splits, group)
         x = x.contiguous()
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
+        dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=process_group(group))
         return out
 
     @staticmethod
@@ -177,7 +236,7 @@ class _AllToAll(torch.autograd.Function):
         output_splits, input_splits, group = ctx.args
         grad = grad.contiguous()
         out = grad.new_empty((sum(input_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad, list(input_splits), list(output_splits), group=group)
+        dist.all_to_all_single(out, grad, list(input_splits), list(output_splits), group=process_group(group))
         return out, None, None, None
 
 

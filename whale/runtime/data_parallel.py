@@ -7,18 +7,15 @@ summed over the ranks holding the same shard in the other replicas.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..capture import CapturedModel
 from ..config import Config
-from ..ir.plan import Plan
-from ..rewrite.tensor_parallel.sharded_model import ShardedModel
-from ..rewrite.tensor_parallel.shard import shard_model
+from ..rewrite.program import DistributedProgram
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
@@ -43,21 +40,15 @@ class DataParallelProgram(ProgramBase):
         opt.step(); opt.zero_grad()
     """
 
-    def __init__(
-        self,
-        module: nn.Module,
-        loss_fn: Callable[..., torch.Tensor],
-        plan: Plan,
-        config: Config,
-        captured: CapturedModel | None = None,
-    ) -> None:
-        assert plan.tensor_parallel == 1 or captured is not None, "split needs the graph"
-        self.module = module
-        self.loss_fn = loss_fn
-        self.plan = plan
+    def __init__(self, program: DistributedProgram, config: Config) -> None:
+        (stage,) = program.stages
+        self.program = program
+        self.module = stage.module
+        self.loss_fn = program.loss_fn
+        self.plan = program.plan
         self.config = config
-        self._captured = captured
-        self._sharded: ShardedModel | None = None
+        self._stage = stage
+        self._sharded = stage.sharded
         self._reducer: GradientReducer | None = None
         self._bound = False
         self._agreed = False
@@ -229,22 +220,14 @@ class DataParallelProgram(ProgramBase):
             )
         # Groups are made collectively: every rank creates every group, in one order.
         self._data_group = self._make_data_group(info.rank, info.device)
-        if plan.tensor_parallel > 1:
-            tensor_groups = [dist.new_group(list(p)) for p in plan.pipelines]
+        if self._sharded is not None:
+            self._bind_tensor_groups()
             if not on_meta:
                 # Every group shards the same weights: rank 0's (then replicas start equal too).
-                broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
-            self._sharded = shard_model(
-                self.module,
-                self._captured,
-                group=tensor_groups[plan.replica_of(info.rank)],
-                shard_sizes=dict(plan.shard_sizes),
-                loss_fn=self.loss_fn,
-            )
-            self.module = self._sharded.module
-            if self._sharded.loss_fn is not None:
-                self.loss_fn = self._sharded.loss_fn
-            if on_meta:
+                source = self._stage.source
+                broadcast_tensors([t.data for t in source.parameters()] + list(source.buffers()))
+                self._sharded.load_full_state_dict(source.state_dict())
+            else:
                 materialize(self.module, self._device, "the sharded model")
             self.module.to(self._device)
         else:

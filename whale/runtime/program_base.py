@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import Config
 from ..ir.plan import Plan
+from ..rewrite.program import DistributedProgram
 from ..ir.rows import row_offsets, split_rows
 from .batch import RankAgreement, batch_rows, narrow, signature, to_device
 from .grad_sync import GradientReducer
@@ -37,6 +38,7 @@ class ReplicaBatch:
 class ProgramBase:
     """Base of the data-parallel and pipeline programs."""
 
+    program: DistributedProgram
     plan: Plan
     config: Config
     loss_fn: Callable[..., torch.Tensor]
@@ -93,6 +95,12 @@ class ProgramBase:
             raise ValueError(
                 f"the plan was made for {self.plan.world_size} ranks but the world has "
                 f"{info.world_size}; call wh.parallelize after wh.init() in the launched job"
+            )
+        if info.rank != self.program.rank:
+            raise ValueError(
+                f"this program was built for rank {self.program.rank} but runs as rank {info.rank}; "
+                "call wh.parallelize in each launched process (after wh.init(), or with torchrun's "
+                "RANK set)"
             )
         self._device = info.device
         return info
@@ -151,7 +159,7 @@ class ProgramBase:
         self._host = None
         if plan.dp_degree == 1:
             return None
-        members = [[p[i] for p in plan.pipelines] for i in range(width)]
+        members = [list(m) for m in self.program.data_groups]
         mine = plan.pipelines[plan.replica_of(rank)].index(rank)
         groups = [dist.new_group(m) for m in members] if width > 1 else [None]
         # Every rank decides alike, from every rank's facts (its config included), so the
@@ -163,6 +171,14 @@ class ProgramBase:
         ):
             self._host = HostLink([dist.new_group(m) for m in members][mine])
         return groups[mine]
+
+    def _bind_tensor_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
+        """Make every tensor-parallel group the program names (collective: all ranks, in one
+        order) and bind this rank's to the communication its sharded modules hold."""
+        made = {ranks: dist.new_group(list(ranks)) for ranks in self.program.tensor_groups}
+        if self.program.tensor_group is not None:
+            self.program.tensor_group.bind(made[self.program.tensor_group.ranks])
+        return made
 
     def _make_reducer(
         self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0

@@ -9,14 +9,16 @@ runtime computes what the plan predicted. Groups of one device type keep even sh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from .balance import shard_sizes_by_speed
 from ...ir.cluster_spec import Cluster
+from ...ir.plan import Plan
 from ..cost.formulas import training_memory
 from ..cost.predict import CostOptions, achievable_peak
 
-__all__ = ["speed_shard_sizes"]
+__all__ = ["needs_speed_sizes", "speed_shard_sizes", "with_speed_sizes"]
 
 
 def speed_shard_sizes(
@@ -84,3 +86,46 @@ def speed_shard_sizes(
                 f"{' + '.join(d.name for d in pattern)} by speed within memory: {error}"
             ) from None
     return out
+
+
+def needs_speed_sizes(plan: Plan, cluster: Cluster | None) -> bool:
+    """True when a tensor group of ``plan`` mixes device types of ``cluster`` and the user gave
+    no sizes."""
+    if plan.tensor_parallel == 1 or plan.shard_sizes or cluster is None:
+        return False
+    if cluster.world_size != plan.world_size:
+        raise ValueError(
+            f"Config(cluster={str(cluster)!r}) has {cluster.world_size} devices but the job has "
+            f"{plan.world_size} ranks; describe one device per rank"
+        )
+    names = [d.profile.name for d in cluster.devices()]
+    t = plan.tensor_parallel
+    return any(len({names[r] for r in pipe[k : k + t]}) > 1 for pipe in plan.pipelines for k in range(0, len(pipe), t))
+
+
+def with_speed_sizes(
+    plan: Plan, cluster: Cluster | None, regions: Mapping[int, Mapping[str, tuple[int, float]]]
+) -> Plan:
+    """``plan`` with shard sizes in proportion to device speed where its tensor groups mix
+    types, else ``plan`` itself.
+
+    Args:
+        plan: the plan (its ``shard_sizes`` hold what the user pinned).
+        cluster: the devices, one per rank.
+        regions: per split stage (0 without stages), each region's atoms and parameters per
+            atom by name, as the rewrite found them.
+
+    Example::
+
+        plan = with_speed_sizes(plan, parse_cluster("node0=1xA100-80GB+1xT4"), rewrite.regions())
+    """
+    if not needs_speed_sizes(plan, cluster):
+        return plan
+    t, sizes = plan.tensor_parallel, {}
+    for stage, by_name in regions.items():
+        pos = stage % plan.pipeline_degree
+        groups = [pipe[pos * t : (pos + 1) * t] for pipe in plan.pipelines]
+        sizes.update(speed_shard_sizes(cluster, groups, by_name))
+    if not sizes:
+        return plan
+    return dataclasses.replace(plan, shard_sizes=tuple(sorted(sizes.items())))

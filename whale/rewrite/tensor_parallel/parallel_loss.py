@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..collectives import group_size
+from ..collectives import group_size, process_group
 
 __all__ = ["VocabParallelCrossEntropy", "parallel_loss", "vocab_parallel_cross_entropy"]
 
@@ -41,7 +41,7 @@ class _VocabParallelCE(torch.autograd.Function):
         stats = torch.stack([torch.logsumexp(z, dim=-1), picked * here, z.sum(-1)], dim=1)
         if group_size(group) > 1:
             parts = [torch.empty_like(stats) for _ in range(group_size(group))]
-            dist.all_gather(parts, stats.contiguous(), group=group)
+            dist.all_gather(parts, stats.contiguous(), group=process_group(group))
             every = torch.stack(parts)  # (ranks, rows, 3)
             lse, target_logit, total = torch.logsumexp(every[..., 0], 0), every[..., 1].sum(0), every[..., 2].sum(0)
         else:

@@ -63,6 +63,7 @@ def shard_model(
     shard_sizes: Mapping[str, Sequence[int]] | None = None,
     loss_fn: Callable | None = None,
     gather_output: bool = False,
+    analysis: TensorParallelPlan | None = None,
 ) -> ShardedModel:
     """This rank's tensor-parallel model: the ``split`` parts of ``model`` sharded over ``group``.
 
@@ -81,6 +82,8 @@ def shard_model(
             gathered and ``loss_fn`` applies unchanged.
         gather_output: always return whole outputs (a pipeline stage that is not the last one
             hands them to the next stage), whatever the loss.
+        analysis: ``TensorParallelAnalysis(group size, keep_sharded_output=not gather_output)``
+            of ``captured``, when the caller has made it already (it is the same on every rank).
 
     Returns:
         A :class:`~.sharded_model.ShardedModel`.
@@ -93,7 +96,7 @@ def shard_model(
     rank = group_rank(group) if rank_in_group is None else rank_in_group
     if not 0 <= rank < ranks:
         raise ValueError(f"shard_model(rank_in_group={rank}): the group has {ranks} ranks")
-    plan = TensorParallelAnalysis(ranks, keep_sharded_output=not gather_output)(model, captured)
+    plan = analysis or TensorParallelAnalysis(ranks, keep_sharded_output=not gather_output)(model, captured)
     sizes = resolve_sizes(plan, shard_sizes)
     sharded_loss = None
     if plan.output_layout is not None:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..collectives import group_size, uneven_all_gather
+from ..collectives import global_rank, group_size, process_group, uneven_all_gather
 from .analysis import TensorParallelPlan
 from .modules import ShardSpec, shard_tensor
 
@@ -107,7 +107,7 @@ class ShardedModel:
         if spec.dim is None:
             buf = mine.detach().clone() if mine is not None else torch.zeros(spec.full_shape, dtype=dtype, device=device)
             if group_size(self.group) > 1:
-                dist.broadcast(buf, src=_global_rank(self.group, spec.owner), group=self.group)
+                dist.broadcast(buf, src=global_rank(self.group, spec.owner), group=process_group(self.group))
             return buf
         if mine is None:
             shape = list(spec.full_shape)
@@ -120,6 +120,3 @@ class ShardedModel:
             return p.dtype, p.device
         return torch.get_default_dtype(), torch.device("cpu")
 
-
-def _global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)

@@ -1,0 +1,195 @@
+"""The rewrite as a whole: a captured model and a Plan -> one rank's :class:`DistributedProgram`.
+
+:class:`ProgramRewrite` cuts the graph into the plan's stages and analyses every split part
+once. The planner may read the split regions from it (:meth:`ProgramRewrite.regions`) to size
+shards by device speed; :meth:`ProgramRewrite.build` then shards this rank's stages with the
+plan's sizes. Everything a user can get wrong in a rewrite (what ``split`` cannot shard, more
+shards than heads, sizes that do not add up) is raised here, before any process group exists.
+
+Example::
+
+    rewrite = ProgramRewrite(model, captured, plan, loss_fn)
+    program = rewrite.build(plan, rank=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..capture import CapturedModel
+from ..ir.plan import Plan
+from .collectives import CommGroup
+from .program import DistributedProgram, ProgramStage, TiedWeight
+from .stage_split import assign_stages, capture_split_stages, split_stages
+from .tensor_parallel.analysis import TensorParallelAnalysis
+from .tensor_parallel.decisions import TensorParallelPlan
+from .tensor_parallel.shard import resolve_sizes, shard_model
+
+__all__ = ["ProgramRewrite"]
+
+
+class ProgramRewrite:
+    """The stage split and split analyses of ``captured`` under ``plan``, made once.
+
+    Args:
+        model: the local model (its weights are the programs' starting weights).
+        captured: ``capture(model, example_inputs)``.
+        plan: the plan; :meth:`build` may be given the same plan with shard sizes filled in.
+        loss_fn: the user's ``loss_fn(output, target)``.
+    """
+
+    def __init__(self, model: nn.Module, captured: CapturedModel | None, plan: Plan, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.model, self.captured, self.plan, self.loss_fn = model, captured, plan, loss_fn
+        self.stages = None
+        graphs: dict[int, tuple[nn.Module, CapturedModel]] = {}
+        if plan.num_stages > 1:
+            stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
+            assert num_stages == plan.num_stages, (num_stages, plan.num_stages)
+            self.stages = split_stages(captured, stage_of, num_stages)
+            if plan.tensor_parallel > 1:
+                split = capture_split_stages(self.stages, captured)
+                graphs = {s: (g.graph_module, g) for s, g in split.items()}
+        elif plan.tensor_parallel > 1:
+            graphs = {0: (model, captured)}
+        last = plan.num_stages - 1
+        # A stage that hands its output on gathers it whole; the last may keep logits sharded.
+        self.analyses: dict[int, tuple[TensorParallelPlan, nn.Module, CapturedModel]] = {
+            s: (TensorParallelAnalysis(plan.tensor_parallel, keep_sharded_output=s == last)(root, g), root, g)
+            for s, (root, g) in graphs.items()
+        }
+
+    def regions(self) -> dict[int, dict[str, tuple[int, float]]]:
+        """Per split stage, each region's atoms and parameters per atom, by region name: what
+        the planner needs to size shards by device speed."""
+        return {
+            s: {r.name: (r.num_atoms, _region_params(root, r.modules) / r.num_atoms) for r in analysis.regions}
+            for s, (analysis, root, _) in self.analyses.items()
+        }
+
+    def build(self, plan: Plan, rank: int) -> DistributedProgram:
+        """Rank ``rank``'s program of ``plan`` (the plan given at construction, shard sizes
+        possibly filled in).
+
+        Raises:
+            ValueError: shard sizes that do not fit a region, or name one no stage splits.
+        """
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is outside the plan's world of {plan.world_size} ranks")
+        sizes = self._stage_sizes(plan)
+        k = plan.tensor_parallel
+        tensor_groups = tuple(
+            ranks[pos * k : (pos + 1) * k] for ranks in plan.pipelines for pos in range(plan.pipeline_degree)
+        ) if k > 1 else ()
+        group = CommGroup(plan.tensor_group_of(rank)) if k > 1 else None
+        local = set(plan.stages_at(plan.position_of(rank)))
+        loss_fn = self.loss_fn
+        if self.stages is None:
+            stages = (self._whole_model(rank, group, sizes.get(0, {})),)
+            if stages[0].sharded is not None and stages[0].sharded.loss_fn is not None:
+                loss_fn = stages[0].sharded.loss_fn
+            state_keys = tuple(self.model.state_dict())
+            params = self.model.named_parameters()
+            tied: tuple[TiedWeight, ...] = ()
+        else:
+            gm = self.captured.graph_module
+            names = {id(p): n for n, p in gm.named_parameters()}
+            stages = []
+            for st in self.stages:
+                param_names = {path: names[id(p)] for path, p in st.module.named_parameters(remove_duplicate=False)}
+                stage = ProgramStage(st.index, st.received, st.sent, st.modules, param_names,
+                                     is_split=st.index in self.analyses)
+                if st.index in local and st.index in self.analyses:
+                    stage = self._shard_stage(stage, st.module, rank, group, sizes.get(st.index, {}))
+                    if stage.sharded.loss_fn is not None:
+                        loss_fn = stage.sharded.loss_fn
+                elif st.index in local:
+                    stage = dataclasses.replace(stage, module=st.module)
+                stages.append(stage)
+            stages = tuple(stages)
+            state_keys = tuple(gm.state_dict())
+            params = gm.named_parameters()
+            tied = _tied_weights(plan, stages)
+        return DistributedProgram(
+            plan=plan,
+            rank=rank,
+            stages=stages,
+            loss_fn=loss_fn,
+            state_keys=state_keys,
+            param_bytes={n: p.numel() * p.element_size() for n, p in params},
+            shard_sizes={n: v for per_stage in sizes.values() for n, v in per_stage.items()},
+            tensor_groups=tensor_groups,
+            tensor_group=group,
+            tied=tied,
+        )
+
+    def _whole_model(self, rank: int, group: CommGroup | None, sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:
+        params = {n: n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        stage = ProgramStage(0, (), (), ("",), params, module=self.model)
+        if group is None:
+            return stage
+        analysis = self.analyses[0][0]
+        sharded = shard_model(
+            self.model, self.captured, group=group, rank_in_group=group.ranks.index(rank),
+            shard_sizes=sizes, loss_fn=self.loss_fn, analysis=analysis,
+        )
+        return dataclasses.replace(stage, module=sharded.module, sharded=sharded, source=self.model, is_split=True)
+
+    def _shard_stage(self, stage: ProgramStage, module: nn.Module, rank: int, group: CommGroup,
+                     sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:
+        last = stage.index == self.plan.num_stages - 1
+        analysis, _, graph = self.analyses[stage.index]
+        sharded = shard_model(
+            module, graph, group=group, rank_in_group=group.ranks.index(rank),
+            shard_sizes=sizes, loss_fn=self.loss_fn if last else None,
+            gather_output=not last,  # the next stage receives whole activations
+            analysis=analysis,
+        )
+        return dataclasses.replace(stage, module=sharded.module, sharded=sharded, source=module)
+
+    def _stage_sizes(self, plan: Plan) -> dict[int, dict[str, tuple[int, ...]]]:
+        """``plan.shard_sizes`` cut by stage, each entry checked against its stage's regions."""
+        given = dict(plan.shard_sizes)
+        per_stage = {}
+        for s, (analysis, _, _) in self.analyses.items():
+            mine = {k: v for k, v in given.items() if any(k == r.name or k in r.modules for r in analysis.regions)}
+            resolve_sizes(analysis, mine)
+            per_stage[s] = mine
+            for k in mine:
+                given.pop(k)
+        if given:
+            raise ValueError(
+                f"Config(shard_sizes=...) names {sorted(given)}, which no stage splits; name a module "
+                "inside a split() part"
+            )
+        return per_stage
+
+
+def _tied_weights(plan: Plan, stages: tuple[ProgramStage, ...]) -> tuple[TiedWeight, ...]:
+    """Weights used by stages at several pipeline positions (never sharded: whole everywhere)."""
+    held: dict[str, set[int]] = {}
+    for stage in stages:
+        for name in stage.param_names.values():
+            held.setdefault(name, set()).add(stage.index % plan.pipeline_degree)
+    k = plan.tensor_parallel
+    return tuple(
+        TiedWeight(name, tuple(
+            tuple(sorted(p[pos * k + t] for p in plan.pipelines for pos in held[name])) for t in range(k)
+        ))
+        for name in sorted(n for n, pos in held.items() if len(pos) > 1)
+    )
+
+
+def _region_params(root: nn.Module, paths) -> int:
+    """Parameters of the modules ``paths`` name (each once): the ones a region shards."""
+    seen: dict[int, int] = {}
+    for path in paths:
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            continue
+        seen.update((id(p), p.numel()) for p in module.parameters())
+    return sum(seen.values())

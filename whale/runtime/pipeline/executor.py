@@ -1,0 +1,177 @@
+"""The pipeline's step executor: one rank's action list of the plan's schedule, in order.
+
+``F`` runs a stage on a micro-batch, ``B`` its backward, ``SA``/``RA`` move activations to the
+next stage and ``SG``/``RG`` gradients back. Sends are asynchronous (waited at the end of the
+step). A receive is posted at its place in the list, or earlier, while the rank computes the
+two actions before it, once its shapes are known (:mod:`whale.runtime.p2p`); only the compute
+that reads it waits for its data. That is the simulator's async p2p model: the schedule is the
+data the planner simulates, and a receive's place in the list does not delay the transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.distributed as dist
+
+from ...ir.schedule import Action, ActionKind
+from ..p2p import Incoming, shape_key
+from ..program_base import ReplicaBatch
+
+__all__ = ["StepExecutor"]
+
+_RECEIVES = (ActionKind.RECV_ACT, ActionKind.RECV_GRAD)
+# Receives are posted while the rank computes the actions before them: up to the list's
+# receives of the compute after the next one.
+_LOOKAHEAD_COMPUTES = 2
+
+
+class StepExecutor:
+    """Runs one step of this rank's action list (a part of :class:`PipelineProgram`, which
+    binds the stages, transfers and reducers it uses)."""
+
+    def _run(self, micro: list, weights: list[float], cut: ReplicaBatch, start: float) -> tuple[torch.Tensor, dist.Work]:
+        """Execute this rank's action list; the loss sum and its (started) all-reduce."""
+        st = _StepState(micro, weights, [shape_key(args) for args, _ in micro], self._device)
+        actions = self.schedule.actions[self.plan.position_of(dist.get_rank())]
+        last = self.plan.num_stages - 1
+        # This rank's part of the loss is final after its last forward of the last stage (or
+        # at once if it holds none); its all-reduce starts then and is waited at the very end.
+        final_forward = max((at for at, a in enumerate(actions) if a.kind is ActionKind.FORWARD and a.stage == last), default=-1)
+        ahead = _lookahead(actions)
+        checked = False
+        timeline: list[tuple[str, float, float]] = []
+        for at, action in enumerate(actions):
+            if not checked and not action.is_compute:
+                # Nothing is posted before every rank is known to cut the same batch: a stray
+                # receive would take a later step's message.
+                self._global_rows(cut)
+                checked = True
+                if final_forward < 0:
+                    st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+            got = None
+            if action.is_compute:
+                # Receives are posted ahead of their place once their shapes are known, and
+                # waited only here, by the compute that reads them.
+                for later in actions[at + 1 : ahead[at]] if checked else ():
+                    if later.kind in _RECEIVES and later not in st.incoming and self._can_post(later, st.keys):
+                        st.incoming[later] = self._post(later, st.keys)
+                needed = self.schedule.input_receive(action)
+                got = None if needed is None else st.incoming.pop(needed).wait()
+            began = time.perf_counter()  # waiting for data is idle time, not compute
+            self._execute(action, st, got)
+            if at == final_forward:
+                self._global_rows(cut)  # (a single rank has no transfer that waited for it)
+                st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+            timeline.append((str(action), began - start, time.perf_counter() - start))
+        if st.loss_work is None:  # a rank with neither a transfer nor the last stage
+            self._global_rows(cut)
+            st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+        for work, _ in st.sends:
+            work.wait()
+        self.last_timeline = tuple(timeline)
+        return st.loss_sum, st.loss_work
+
+    def _execute(self, action: Action, st: _StepState, got: list[torch.Tensor] | None) -> None:
+        """Run one action; ``got`` holds the received tensors a compute reads, if any."""
+        s, i = key = (action.stage, action.micro_batch)
+        kind = action.kind
+        if kind is ActionKind.FORWARD:
+            self._forward(s, i, st, got)
+        elif kind is ActionKind.BACKWARD:
+            if key == self._final_backward.get(s) and s in self._reducers:
+                self._reducers[s].begin()
+            if got is not None:
+                st.grads[key] = _fill_grads(st.outputs[key], got)
+            self._backward(s, i, st)
+        elif kind is ActionKind.SEND_ACT:
+            st.sends += self._transfers.send_activations(list(st.outputs[key]), self._peer(s + 1), s, i, st.keys[i])
+        elif kind is ActionKind.SEND_GRAD:
+            st.sends += self._transfers.send_grads(st.outputs.pop(("in_grads", s, i)), self._peer(s - 1), s - 1, i)
+        elif action not in st.incoming:  # a receive not posted ahead: its header comes first
+            st.incoming[action] = self._post(action, st.keys)
+
+    def _forward(self, s: int, i: int, st: _StepState, got: list[torch.Tensor] | None) -> None:
+        last = self.plan.num_stages - 1
+        args, target = st.micro[i]
+        received = st.inputs.get((s, i), []) if got is None else st.inputs.setdefault((s, i), got)
+        with torch.enable_grad():
+            out = self._modules[s](*args, *received)
+            if s == last:
+                loss = self.loss_fn(out) if target is None else self.loss_fn(out, target)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise TypeError("loss_fn must return a scalar tensor")
+                out = loss * st.weights[i]
+                st.loss_sum += out.detach().double()
+        st.outputs[(s, i)] = out
+        if s < last and self._local_stage(s + 1):
+            st.inputs[(s + 1, i)] = [_as_leaf(t) for t in out]
+
+    def _backward(self, s: int, i: int, st: _StepState) -> None:
+        out = st.outputs.pop((s, i))
+        if s == self.plan.num_stages - 1:
+            out.backward()
+        else:
+            pairs = [(o, g) for o, g in zip(out, st.grads.pop((s, i))) if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        received = st.inputs.pop((s, i), [])
+        in_grads = [(t.grad if t.grad is not None else torch.zeros_like(t)) for t in received if t.requires_grad]
+        if s > 0 and self._local_stage(s - 1):
+            st.grads[(s - 1, i)] = _fill_grads(st.outputs[(s - 1, i)], in_grads)
+        else:
+            st.outputs[("in_grads", s, i)] = in_grads
+
+    def _can_post(self, receive: Action, keys: list[tuple]) -> bool:
+        """A receive can go ahead of its place once its boundary's header is cached."""
+        boundary = receive.stage - 1 if receive.kind is ActionKind.RECV_ACT else receive.stage
+        return self._transfers.knows(boundary, keys[receive.micro_batch])
+
+    def _post(self, receive: Action, keys: list[tuple]) -> Incoming:
+        s, i = receive.stage, receive.micro_batch
+        if receive.kind is ActionKind.RECV_ACT:
+            count = len(self.stages[s].received)
+            return self._transfers.recv_activations(self._peer(s - 1), s - 1, i, keys[i], count)
+        return self._transfers.recv_grads(self._peer(s + 1), s, i, keys[i])
+
+
+@dataclasses.dataclass
+class _StepState:
+    """What one step's actions hand each other, by (stage, micro-batch)."""
+
+    micro: list  # per micro-batch: (args, target)
+    weights: list[float]  # per micro-batch: its loss's weight in the global loss
+    keys: list[tuple]  # per micro-batch: the shape key of its transfers
+    device: dataclasses.InitVar[torch.device]
+    inputs: dict = dataclasses.field(default_factory=dict)  # received (or handed-over) inputs
+    outputs: dict = dataclasses.field(default_factory=dict)  # outputs (the weighted loss last)
+    grads: dict = dataclasses.field(default_factory=dict)  # gradients of the outputs
+    incoming: dict = dataclasses.field(default_factory=dict)  # posted receives by action
+    sends: list = dataclasses.field(default_factory=list)  # (work, tensor) of posted sends
+    loss_sum: torch.Tensor = None
+    loss_work: dist.Work | None = None
+
+    def __post_init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+
+def _as_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A received (or locally handed over) tensor: a leaf, so its gradient can be sent back."""
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _fill_grads(outputs, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Line up gradients (sent for the outputs that require grad) with all outputs."""
+    it = iter(grads)
+    return [next(it) if o.requires_grad else None for o in outputs]
+
+
+def _lookahead(actions: tuple[Action, ...]) -> dict[int, int]:
+    """For each compute's index, the end of the list slice whose receives it posts first."""
+    computes = [at for at, a in enumerate(actions) if a.is_compute]
+    return {
+        at: computes[k + _LOOKAHEAD_COMPUTES] if k + _LOOKAHEAD_COMPUTES < len(computes) else len(actions)
+        for k, at in enumerate(computes)
+    }

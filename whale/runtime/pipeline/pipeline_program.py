@@ -1,0 +1,272 @@
+"""The pipeline program users train: parameters, state dicts, inference and the step.
+
+Each rank holds the stage programs of its pipeline position (several with an interleaved
+schedule), as the rewrite cut and sharded them (:class:`~whale.rewrite.program.DistributedProgram`);
+:class:`~.stage_setup.StageSetup` binds them and :class:`~.executor.StepExecutor` runs the
+plan's schedule over them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...config import Config
+from ...ir.schedule import Action, ActionKind
+from ...rewrite.program import DistributedProgram
+from ..batch import batch_rows
+from ..p2p import Incoming, shape_key
+from ..process_group import require_initialized
+from ..program_base import ProgramBase
+from .executor import StepExecutor
+from .stage_setup import StageSetup
+
+__all__ = ["PipelineProgram", "step_bubble"]
+
+
+class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
+    """What :func:`whale.parallelize` returns when the model has pipeline stages.
+
+    Each rank builds and trains only its own stages' parameters (``parameters()``); the
+    returned loss is the global batch's, the same on every rank; ``.grad`` of each local
+    parameter equals the local model's gradient on the global batch after ``step``.
+    """
+
+    def __init__(self, program: DistributedProgram, config: Config) -> None:
+        plan = program.plan
+        assert len(program.stages) == plan.num_stages and plan.schedule is not None
+        self.program = program
+        self.plan = plan
+        self.config = config
+        self.loss_fn = program.loss_fn
+        self.stages = program.stages
+        self.schedule = plan.schedule
+        self._modules = {st.index: st.module for st in program.local_stages}
+        self._sharded = {st.index: st.sharded for st in program.local_stages if st.sharded is not None}
+        # Each stage's parameters by attribute path -> local-model name, fixed before any stage
+        # is materialized (materializing makes new tensors, and ties must survive it).
+        self._param_paths = [dict(st.param_names) for st in program.stages]
+        self._bound = False
+        if dist.is_available() and dist.is_initialized():
+            self._bind()
+
+    # ---- the optimizer-facing surface -------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters, under the local model's names (tied weights once)."""
+        self._require_bound()
+        yield from self._params.items()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters: those of its own stages only."""
+        for _, p in self.named_parameters():
+            yield p
+
+    def memory(self) -> dict[str, int]:
+        """Parameter bytes held by this rank against the whole model's."""
+        self._require_bound()
+        mine = sum(p.numel() * p.element_size() for p in self._params.values())
+        return {"param_bytes": mine, "model_param_bytes": sum(self.program.param_bytes.values())}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The local model's state dict, gathered from the stages and their shards (collective:
+        call it on every rank)."""
+        self._require_bound()
+        state = {}
+        for s in sorted(self._local):
+            # Shards are gathered inside the tensor-parallel group, stage by stage in one order.
+            part = self._sharded[s].full_state_dict() if s in self._sharded else self._modules[s].state_dict()
+            state.update({n: t.detach().cpu() for n, t in part.items()})
+        rank = dist.get_rank()
+        first = self.plan.replica_of(rank) == 0 and self.plan.tensor_group_of(rank)[0] == rank
+        parts: list[dict] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, state if first else {})
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return {n: merged[n] for n in self.program.state_keys if n in merged}
+
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the local model's state dict: each rank takes its stages' entries (its shards)."""
+        self._require_bound()
+        expected = set(self.program.state_keys)
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"load_full_state_dict(): missing keys {sorted(missing)}, unexpected keys "
+                f"{sorted(unexpected)}; pass a state dict of the local model"
+            )
+        with torch.no_grad():
+            for s in sorted(self._local):
+                if s in self._sharded:
+                    keys = self._sharded[s].full_keys
+                    self._sharded[s].load_full_state_dict({k: state_dict[k] for k in keys})
+                else:
+                    for name, t in self._modules[s].state_dict(keep_vars=True).items():
+                        t.copy_(state_dict[name])
+
+    def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Whole tensors by local-model name from this rank's ones (e.g. gradients of shards);
+        collective inside the tensor-parallel group."""
+        self._require_bound()
+        out = {}
+        for s in sorted(self._local):
+            names = {n for n in self._param_paths[s].values() if n in tensors and n not in out}
+            if s in self._sharded:
+                out.update(self._sharded[s].gather_full({n: tensors[n] for n in sorted(names)}))
+            else:
+                out.update({n: tensors[n] for n in names})
+        return out
+
+    def train(self, mode: bool = True) -> PipelineProgram:
+        for module in self._modules.values():
+            module.train(mode)
+        return self
+
+    def eval(self) -> PipelineProgram:
+        return self.train(False)
+
+    def __call__(self, *args: Any) -> Any:
+        """The model's output on ``args``, without gradients: the batch is cut into
+        ``num_micro_batch`` micro-batches that flow through the stages in the order of the
+        schedule's forwards, and every rank of the pipeline returns the whole output. Each
+        replica runs the whole batch it is given, as a data-parallel program runs its local
+        model. Collective: call it on every rank. Use ``eval()`` first for dropout and the like.
+
+        Example::
+
+            program.eval()
+            logits = program(x)
+        """
+        self._require_bound()
+        last = self.plan.num_stages - 1
+        if self.stages[last].is_split:
+            raise NotImplementedError(
+                "inference through a pipeline whose last stage is split: its output stays sharded "
+                "over the tensor-parallel group; load full_state_dict() into the local model instead"
+            )
+        rows = batch_rows(args, None, self.config.batch_dim)
+        m = self.plan.num_micro_batch
+        if rows < m:
+            raise ValueError(f"program(...) got {rows} rows, fewer than num_micro_batch={m}; pass at least {m}")
+        micro, _ = self._micro_batches(args, rows)
+        # Headers of inference transfers are cached apart: their tensors do not require grad.
+        keys = [("inference", shape_key(a)) for a in micro]
+        position = self.plan.position_of(dist.get_rank())
+        forwards = (ActionKind.FORWARD, ActionKind.SEND_ACT, ActionKind.RECV_ACT)
+        outputs: dict = {}
+        inputs: dict = {}
+        incoming: dict[Action, Incoming] = {}
+        sends: list = []
+        with torch.no_grad():
+            for action in (a for a in self.schedule.actions[position] if a.kind in forwards):
+                s, i = action.stage, action.micro_batch
+                if action.kind is ActionKind.RECV_ACT:
+                    incoming[action] = self._post(action, keys)
+                elif action.kind is ActionKind.SEND_ACT:
+                    sends += self._transfers.send_activations(list(outputs.pop((s, i))), self._peer(s + 1), s, i, keys[i])
+                else:
+                    needed = self.schedule.input_receive(action)
+                    received = incoming.pop(needed).wait() if needed else inputs.pop((s, i), [])
+                    outputs[(s, i)] = self._modules[s](*micro[i], *received)
+                    if s < last and self._local_stage(s + 1):
+                        inputs[(s + 1, i)] = list(outputs.pop((s, i)))
+        for work, _ in sends:
+            work.wait()
+        return self._share_output([outputs[(last, i)] for i in range(m)] if self._local_stage(last) else None)
+
+    def _share_output(self, parts: list | None) -> Any:
+        """Every rank of the pipeline gets the output the last stage's rank (of its tensor
+        index) joined from the micro-batches' ``parts``."""
+        rank = dist.get_rank()
+        ranks = self.plan.pipelines[self.plan.replica_of(rank)]
+        k = self.plan.tensor_parallel
+        index = ranks.index(rank) % k  # this rank's tensor-parallel index
+        source = ranks[(self.plan.pipeline_degree - 1) * k + index]
+        box = [_join(parts, self.config.batch_dim) if parts is not None else None]
+        if rank == source:
+            for at, r in enumerate(ranks):
+                if r != rank and at % k == index:
+                    dist.send_object_list(box, dst=r)
+        else:
+            dist.recv_object_list(box, src=source)
+        return box[0]
+
+    def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
+        """Run the schedule over the micro-batches; gradients synchronized. See DataParallelProgram.step."""
+        if not self._bound:
+            require_initialized("step()")
+            self._bind()
+        start = time.perf_counter()
+        self.last_step_entry = time.time()
+        cut = self._replica_batch(inputs, target, batch, self._device)
+        # A global batch's rows are known here; the check that every rank passed the same one
+        # then runs behind the first compute and is waited before the first transfer.
+        total = cut.total if cut.total is not None else self._global_rows(cut)
+        micro, mb_rows = self._micro_batches((cut.args, cut.target), cut.rows)
+        weights = [n / total if self.config.loss_reduction == "mean" else 1.0 for n in mb_rows]
+        loss_sum, loss_work = self._run(micro, weights, cut, start)
+        for reducer in self._reducers.values():
+            reducer.finish()
+        for param, group in self._tied:
+            dist.all_reduce(param.grad, group=group)
+        loss_work.wait()
+        # Every rank of the last stage's tensor-parallel group holds the loss once.
+        return (loss_sum / self.plan.tensor_parallel).to(torch.float32)
+
+    def measured_bubble(self) -> float:
+        """The pipeline's idle fraction in the last step, as the simulator defines it
+        (``SimResult.bubble_fraction``); see :func:`step_bubble`. Collective: call it on every
+        rank; every rank gets the same value.
+        """
+        if not getattr(self, "last_timeline", None):
+            raise RuntimeError("measured_bubble() needs a step() first")
+        ranks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (self.last_step_entry, self.last_timeline))
+        return step_bubble(ranks)[0]
+
+
+def step_bubble(ranks: Sequence[tuple[float, tuple]]) -> tuple[float, float]:
+    """Bubble and span of one step from every rank's (``last_step_entry``, ``last_timeline``).
+
+    As in the simulator, the step starts together on every rank, when the last rank enters it
+    (``time.time()``: hosts' clocks are assumed to agree, as they do on one host), and ends
+    with the last action on any rank; the bubble is 1 - (forward and backward time of all
+    ranks inside that span) / (ranks x span). Sends and receives count as idle.
+    """
+    origin = max(entry for entry, _ in ranks)
+    end = max(entry + timeline[-1][2] for entry, timeline in ranks if timeline)
+    span = end - origin
+    busy = sum(
+        max(0.0, min(entry + e, end) - max(entry + b, origin))
+        for entry, timeline in ranks
+        for code, b, e in timeline
+        if _is_compute(code)
+    )
+    return 1.0 - busy / (len(ranks) * span), span
+
+
+def _join(parts: list, dim: int) -> Any:
+    """One output from the micro-batches' outputs: tensors concatenated along ``dim``, tuples,
+    lists and dicts element by element."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=dim) if first.dim() > 0 else torch.stack(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join(list(column), dim) for column in zip(*parts))
+    if isinstance(first, dict):
+        return {key: _join([p[key] for p in parts], dim) for key in first}
+    raise TypeError(
+        f"the model returns a {type(first).__name__}; a pipeline joins tensors and tuples, "
+        "lists or dicts of them from its micro-batches"
+    )
+
+
+def _is_compute(code: str) -> bool:
+    """``"1F3"`` and ``"0B2"`` are compute; ``"0SA3"`` and the like move tensors."""
+    return code.strip("0123456789") in ("F", "B")
