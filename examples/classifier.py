@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 import zlib
 
 import torch
@@ -29,6 +28,11 @@ from torch import nn
 import whale as wh
 from whale.capture import capture
 from whale.rewrite import shard_model
+
+try:  # examples/_train_loop.py: the training loop shared with moe.py
+    from ._train_loop import finish, train  # imported as examples.classifier
+except ImportError:
+    from _train_loop import finish, train  # run as a script: its directory is on sys.path
 
 
 class LargeClassifier(nn.Module):
@@ -95,20 +99,9 @@ def main(argv: list[str] | None = None) -> float:
     init_shards(sharded, info.rank)
     if info.rank == 0:
         print(sharded.plan.summary())
-    opt = torch.optim.AdamW(sharded.module.parameters(), lr=args.lr)
-    first = last = math.nan
-    start = time.perf_counter()
-    for step in range(args.steps):
-        x, y = data.batch(args.batch, step)
-        loss = sharded.loss_fn(sharded.module(x), y)  # logits stay sharded by class
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        first = loss.item() if step == 0 else first
-        last = loss.item()
-        if info.rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            rate = (step + 1) * args.batch / (time.perf_counter() - start)
-            print(f"step {step:4d}  loss {last:.4f}  {rate:,.0f} samples/s")
+    # sharded.loss_fn takes the logits still sharded by class.
+    first, last = train(sharded.module, sharded.loss_fn, lambda step: data.batch(args.batch, step),
+                        steps=args.steps, lr=args.lr, rank=info.rank, items_per_step=args.batch, unit="samples")
     if info.rank == 0:
         held = {n: p.numel() for n, p in sharded.module.named_parameters()}
         total = sum(math.prod(s.full_shape) for s in sharded.full_specs.values())
@@ -120,6 +113,4 @@ def main(argv: list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     main()
-    # Leave together and tear gloo down before interpreter exit.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish()

@@ -13,8 +13,6 @@ As a plain script it runs as a world of one.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,11 @@ from torch import nn
 import whale as wh
 from whale.capture import capture
 from whale.rewrite import shard_model
+
+try:  # examples/_train_loop.py: the training loop shared with classifier.py
+    from ._train_loop import finish, train  # imported as examples.moe
+except ImportError:
+    from _train_loop import finish, train  # run as a script: its directory is on sys.path
 
 
 class Expert(nn.Module):
@@ -113,20 +116,9 @@ def main(argv: list[str] | None = None) -> float:
     sharded = shard_model(model, capture(model, (x,)), shard_sizes=sizes, loss_fn=lm_loss)
     if info.rank == 0:
         print(sharded.plan.summary())
-    opt = torch.optim.AdamW(sharded.module.parameters(), lr=args.lr)
-    first = last = math.nan
-    start = time.perf_counter()
-    for step in range(args.steps):
-        x, y = batch(128, args.batch, args.length, step)
-        loss = lm_loss(sharded.module(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        first = loss.item() if step == 0 else first
-        last = loss.item()
-        if info.rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            tok_s = (step + 1) * args.batch * args.length / (time.perf_counter() - start)
-            print(f"step {step:4d}  loss {last:.4f}  {tok_s:,.0f} tokens/s")
+    first, last = train(sharded.module, lm_loss, lambda step: batch(128, args.batch, args.length, step),
+                        steps=args.steps, lr=args.lr, rank=info.rank,
+                        items_per_step=args.batch * args.length, unit="tokens")
     if info.rank == 0:
         print(f"loss {first:.3f} -> {last:.3f} over {args.steps} steps on {info.world_size} ranks")
     return last
@@ -134,6 +126,4 @@ def main(argv: list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     main()
-    # Leave together and tear gloo down before interpreter exit.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish()
