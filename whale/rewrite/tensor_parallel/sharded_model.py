@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..collectives import global_rank, group_size, process_group, uneven_all_gather
-from .analysis import TensorParallelPlan
+from .decisions import TensorParallelPlan
 from .modules import ShardSpec, shard_tensor
 
 __all__ = ["ShardedModel"]
