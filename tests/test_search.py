@@ -32,7 +32,7 @@ from whale.planner.cost.layers import Layer, ModelProfile
 from whale.planner.search.rank_layouts import tensor_groups
 from whale.planner.search.pins import Pins, pins_from
 from whale.ir.plan import Plan
-from whale.planner.cost.predict import Candidate, CostModel, CostOptions, Layout
+from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
 from whale.planner.schedules.generate import make_schedule
 from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
 from whale.planner.schedules.simulator import simulate
@@ -68,7 +68,7 @@ def _arrangements(groups, node_of, p):
             continue
         seen.add(replicas)
         pools = {k: list(v) for k, v in by_node.items()}
-        yield Layout(len(groups[0]), tuple(tuple(pools[label].pop() for label in r) for r in replicas))
+        yield RankLayout(len(groups[0]), tuple(tuple(pools[label].pop() for label in r) for r in replicas))
 
 
 def brute_force(profile, cluster, batch, options=CostOptions(), max_interleave=2):

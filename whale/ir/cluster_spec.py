@@ -56,6 +56,7 @@ from .topology import (
     Node,
     RankDevice,
     format_bandwidth,
+    format_cluster,
     format_duration,
     parse_bandwidth,
     parse_duration,
@@ -331,40 +332,6 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
         )
     network = _cluster_network(cluster_options)
     return Cluster(nodes=tuple(_node(*p, network) for p in parsed), network=network)
-
-
-def format_cluster(cluster: Cluster) -> str:
-    """The cluster string of ``cluster``; :func:`parse_cluster` reads it back to an equal cluster.
-
-    Example::
-
-        >>> format_cluster(parse_cluster("2xT4; net = 25 Gbps"))
-        'node0=2xT4;net=25Gbps,lat=9.6us'
-    """
-    parts = []
-    for node in cluster.nodes:
-        options = []
-        if node.network is not None:
-            options += [
-                f"net={format_bandwidth(node.network.bandwidth)}",
-                f"lat={format_duration(node.network.latency)}",
-            ]
-        if node.intra_link is not None:
-            options += [
-                f"link={node.intra_link.kind}",
-                f"intra={format_bandwidth(node.intra_link.bandwidth)}",
-                f"intra_lat={format_duration(node.intra_link.latency)}",
-            ]
-        suffix = f"({','.join(options)})" if options else ""
-        devices = "+".join(f"{count}x{profile.name}" for profile, count in node.blocks)
-        parts.append(f"{node.name}={devices}{suffix}")
-    text = ",".join(parts)
-    if cluster.network != DEFAULT_NETWORK:
-        text += (
-            f";net={format_bandwidth(cluster.network.bandwidth)},"
-            f"lat={format_duration(cluster.network.latency)}"
-        )
-    return text
 
 
 # --- the file form --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ __all__ = [
     "Node",
     "RankDevice",
     "format_bandwidth",
+    "format_cluster",
     "format_duration",
     "parse_bandwidth",
     "parse_duration",
@@ -309,8 +310,6 @@ class Cluster:
         return {name: tuple(ranks) for name, ranks in groups.items()}
 
     def __str__(self) -> str:
-        from .cluster_spec import format_cluster  # the text form lives with the grammar
-
         return format_cluster(self)
 
 
@@ -391,4 +390,38 @@ def format_duration(value: float) -> str:
         value, (("us", -6, False), ("ms", -3, False), ("ns", -9, False), ("s", 0, False))
     )
     assert parse_duration(text) == value, (value, text)
+    return text
+
+
+def format_cluster(cluster: Cluster) -> str:
+    """The cluster string of ``cluster``; ``cluster_spec.parse_cluster`` reads it back equal.
+
+    Example::
+
+        >>> format_cluster(parse_cluster("2xT4; net = 25 Gbps"))
+        'node0=2xT4;net=25Gbps,lat=9.6us'
+    """
+    parts = []
+    for node in cluster.nodes:
+        options = []
+        if node.network is not None:
+            options += [
+                f"net={format_bandwidth(node.network.bandwidth)}",
+                f"lat={format_duration(node.network.latency)}",
+            ]
+        if node.intra_link is not None:
+            options += [
+                f"link={node.intra_link.kind}",
+                f"intra={format_bandwidth(node.intra_link.bandwidth)}",
+                f"intra_lat={format_duration(node.intra_link.latency)}",
+            ]
+        suffix = f"({','.join(options)})" if options else ""
+        devices = "+".join(f"{count}x{profile.name}" for profile, count in node.blocks)
+        parts.append(f"{node.name}={devices}{suffix}")
+    text = ",".join(parts)
+    if cluster.network != DEFAULT_NETWORK:
+        text += (
+            f";net={format_bandwidth(cluster.network.bandwidth)},"
+            f"lat={format_duration(cluster.network.latency)}"
+        )
     return text

@@ -2,11 +2,11 @@
 
 from .annotations import (
     Annotation,
-    Cluster,
     Pipeline,
     Replicate,
     Split,
     Stage,
+    VirtualDevices,
     cluster,
     current_scope,
     merge_stacks,
@@ -21,11 +21,11 @@ from .by_name import annotate
 
 __all__ = [
     "Annotation",
-    "Cluster",
     "Pipeline",
     "Replicate",
     "Split",
     "Stage",
+    "VirtualDevices",
     "annotate",
     "cluster",
     "current_scope",

@@ -24,11 +24,11 @@ from torch import nn
 
 __all__ = [
     "Annotation",
-    "Cluster",
     "Pipeline",
     "Replicate",
     "Split",
     "Stage",
+    "VirtualDevices",
     "cluster",
     "current_scope",
     "merge_stacks",
@@ -158,8 +158,10 @@ class Pipeline(Annotation):
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class Cluster(Annotation):
-    """How physical devices group into virtual devices for the parts inside.
+class VirtualDevices(Annotation):
+    """How physical devices group into virtual devices for the parts inside (made by ``cluster()``).
+
+    Not :class:`whale.ir.topology.Cluster`, which describes the physical machines.
 
     ``layout`` is ``"auto"`` (the planner decides), ``"node"`` (virtual devices never span
     nodes), or an explicit list of rank groups, e.g. ``[[0, 1], [2, 3]]``.
@@ -223,7 +225,7 @@ replicate = _factory(Replicate, ("device_count",))
 split = _factory(Split, ("device_count",))
 stage = _factory(Stage, ())
 pipeline = _factory(Pipeline, ("num_micro_batch",))
-cluster = _factory(Cluster, ("layout",))
+cluster = _factory(VirtualDevices, ("layout",))
 
 
 def validate_stack(stack: Sequence[Annotation], where: str = "") -> None:

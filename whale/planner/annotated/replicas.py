@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ...config import Config
-from ...primitives import Annotation, Cluster, Pipeline, Replicate, Split, validate_stack
+from ...primitives import Annotation, Pipeline, Replicate, Split, VirtualDevices, validate_stack
 from ...ir.plan import PartPlan, Plan
 from ...ir.rows import split_rows
 
@@ -66,7 +66,7 @@ def check_annotations(scopes: Mapping[str, Sequence[Annotation]], world_size: in
                 f"{a!r} at {where!r} has no stage() inside it: a pipeline needs its stages "
                 "annotated with wh.stage() within its scope"
             )
-        if isinstance(a, Cluster) and not isinstance(a.layout, str):
+        if isinstance(a, VirtualDevices) and not isinstance(a.layout, str):
             ranks = sorted(r for g in a.layout for r in g)
             if ranks != list(range(world_size)):
                 raise ValueError(
@@ -122,7 +122,7 @@ def plan_data_parallel(
     if tp == 1:
         groups = _replica_groups(scopes, world_size, inner, ranks_per_node)
     else:
-        if any(isinstance(a, Cluster) and a.layout != "auto" for a in distinct_annotations(scopes)):
+        if any(isinstance(a, VirtualDevices) and a.layout != "auto" for a in distinct_annotations(scopes)):
             raise NotImplementedError(
                 "cluster(layout=...) together with split() is not supported yet; drop the layout "
                 "(tensor-parallel groups are consecutive ranks, one node under torchrun)"
@@ -194,7 +194,7 @@ def _replica_groups(
     inner: int,
     ranks_per_node: int | None,
 ) -> tuple[tuple[int, ...], ...]:
-    layouts = [a for a in distinct_annotations(scopes) if isinstance(a, Cluster) and a.layout != "auto"]
+    layouts = [a for a in distinct_annotations(scopes) if isinstance(a, VirtualDevices) and a.layout != "auto"]
     if len(layouts) > 1:
         raise ValueError(f"two cluster layouts {layouts} cover one data-parallel model; keep one")
     if layouts and layouts[0].layout == "node":

@@ -1,7 +1,7 @@
 """Scoring a candidate plan: predicted step time and memory of every rank under the cost model.
 
 A :class:`Candidate` fixes every choice the search makes: tensor-parallel groups, how they form
-data-parallel replicas of a pipeline (``Layout``), stages and where they are cut, schedule,
+data-parallel replicas of a pipeline (``RankLayout``), stages and where they are cut, schedule,
 micro-batches and rows per replica. :class:`CostModel` turns it into a :class:`Prediction` from
 the layers of a :class:`~.layers.ModelProfile`, the device profiles and links of a
 :class:`~.cluster.Cluster`, and the formulas of :mod:`whale.planner.cost.formulas`:
@@ -40,7 +40,7 @@ from ..schedules.flow_shop import flow_shop, peak_held, peak_held_bound, pipelin
 from .layers import ModelProfile
 from ...ir.topology import LOOPBACK
 
-__all__ = ["Candidate", "CostModel", "CostOptions", "Layout", "Prediction", "ReplicaCost", "achievable_peak"]
+__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "achievable_peak"]
 
 # A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
 _FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
@@ -79,7 +79,7 @@ class CostOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class RankLayout:
     """Which ranks form each tensor-parallel group, replica and pipeline position.
 
     ``pipelines[d][p]`` is the tensor-parallel group (its ranks) at position ``p`` of replica
@@ -102,7 +102,7 @@ class Layout:
 class Candidate:
     """Every choice of a plan: layout, stages, cuts (first layer of stages 1..), schedule, rows."""
 
-    layout: Layout
+    layout: RankLayout
     num_stages: int
     schedule: str
     num_micro_batch: int
@@ -324,7 +324,7 @@ class CostModel:
         slowest = min(links, key=lambda x: x.bandwidth)
         return Link(kind=slowest.kind, bandwidth=slowest.bandwidth, latency=max(x.latency for x in links))
 
-    def sync_time(self, layout: Layout, num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
+    def sync_time(self, layout: RankLayout, num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
         """Gradient all-reduce time per pipeline position (ring over the position's replicas)."""
         p, dp = layout.pipeline_degree, layout.dp_degree
         if dp == 1:

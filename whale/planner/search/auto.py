@@ -23,7 +23,7 @@ from ..cost.model_profile import profile_model
 from ..cost.layers import ModelProfile
 from .pins import Pins, pins_from
 from ...ir.plan import Plan
-from ..cost.predict import CostOptions, Layout
+from ..cost.predict import CostOptions, RankLayout
 from .report import PlanReport, build_report
 
 __all__ = [
@@ -98,7 +98,7 @@ def plan_of(
     types (:func:`~.shards.speed_shard_sizes` on the rewrite's regions).
     """
     c = scored.candidate
-    layout: Layout = c.layout
+    layout: RankLayout = c.layout
     if stage_boundaries is None:
         stage_boundaries = tuple(profile.layers[k].name for k in c.cuts)
     dp = layout.dp_degree

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .balance import balance_rows, partition_layers
-from ..cost.predict import Candidate, Layout, Prediction
+from ..cost.predict import Candidate, Prediction, RankLayout
 from ...ir.rows import split_rows
 from .space import SearchSettings, SearchSpace, Structure, describe, no_structure_error
 
@@ -369,7 +369,7 @@ class Explorer(SearchSpace):
             "in lower precision or with a lighter optimizer, or use a smaller global batch"
         )
 
-    def least_overflow_cuts(self, layout: Layout, s: int, schedule: str, m: int) -> tuple[int, ...]:
+    def least_overflow_cuts(self, layout: RankLayout, s: int, schedule: str, m: int) -> tuple[int, ...]:
         if s == 1:
             return ()
         if self.pins.cuts is not None:

@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from ...config import Config
-from ...primitives import Annotation, Cluster, Pipeline, Replicate, Split
+from ...primitives import Annotation, Pipeline, Replicate, Split, VirtualDevices
 from ..annotated.replicas import distinct_annotations
 from ...ir.schedule import SCHEDULE_NAMES
 
@@ -147,7 +147,7 @@ def pins_from(scopes: Mapping[str, Sequence[Annotation]], config: Config) -> Pin
             pin("replica_group", a.device_count, f"{a!r} at {first_at[id(a)]!r}")
         if isinstance(a, Pipeline) and a.num_micro_batch is not None:
             pin("num_micro_batch", a.num_micro_batch, f"{a!r} at {first_at[id(a)]!r}")
-        if isinstance(a, Cluster) and a.layout != "auto":
+        if isinstance(a, VirtualDevices) and a.layout != "auto":
             pin("replica_groups", a.layout, f"{a!r} at {first_at[id(a)]!r}")
     stages = [a for a in annotations if a.kind == "stage"]
     if stages and config.stage_boundaries:

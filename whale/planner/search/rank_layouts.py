@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Iterator
 
 from ...ir.cluster_spec import Cluster
-from ..cost.predict import Layout
+from ..cost.predict import RankLayout
 
 __all__ = ["count_arrangements", "layouts", "tensor_groups"]
 
@@ -95,7 +95,7 @@ def _arrangements(left: list[int], p: int, dp: int, previous: tuple[int, ...] | 
 
 def layouts(
     cluster: Cluster, degree: int, p: int, *, exhaustive_limit: int = 48
-) -> list[Layout]:
+) -> list[RankLayout]:
     """Candidate layouts of ``degree``-rank groups into pipelines of ``p`` positions.
 
     Every layout of the families in the module docstring, each once (layouts that differ only
@@ -116,12 +116,12 @@ def layouts(
     by_node: dict[int, list[tuple[int, ...]]] = {}
     for g in groups:
         by_node.setdefault(node_of[g[0]], []).append(g)
-    found: dict[tuple, Layout] = {}
+    found: dict[tuple, RankLayout] = {}
 
     def add(pipelines: list[list[tuple[int, ...]]]) -> None:
         key = tuple(sorted(tuple(node_of[g[0]] for g in pipe) for pipe in pipelines))
         if key not in found:
-            found[key] = Layout(degree, tuple(tuple(pipe) for pipe in pipelines))
+            found[key] = RankLayout(degree, tuple(tuple(pipe) for pipe in pipelines))
 
     nodes = sorted(by_node)
     counts = tuple(len(by_node[n]) for n in nodes)

@@ -19,7 +19,7 @@ from ...ir.cluster_spec import Cluster
 from ..schedules.flow_shop import peak_held_bound
 from .rank_layouts import layouts, tensor_groups
 from .pins import Pins
-from ..cost.predict import Candidate, CostModel, Layout
+from ..cost.predict import Candidate, CostModel, RankLayout
 
 __all__ = ["SearchSettings", "SearchSpace", "Structure", "describe"]
 
@@ -59,7 +59,7 @@ class Structure:
     """What the search fixes before choosing cuts and rows, with a lower bound on its step."""
 
     bound: float
-    layout: Layout
+    layout: RankLayout
     num_stages: int
     schedule: str
     num_micro_batch: int
@@ -197,7 +197,7 @@ class SearchSpace:
                                 out.append(Structure(self.bound(layout, s, m), layout, s, sched, m))
         return sorted(out, key=lambda x: x.bound)
 
-    def bound(self, layout: Layout, s: int, m: int) -> float:
+    def bound(self, layout: RankLayout, s: int, m: int) -> float:
         """A lower bound on the step time of any plan of this structure.
 
         Rank ``r`` of a pipeline cannot start before micro-batch 0 has come through the stages
@@ -226,7 +226,7 @@ class SearchSpace:
             self._speeds[key] = self.batch / total
         return self._speeds[key]
 
-    def classes(self, layout: Layout) -> list[tuple[tuple, int]]:
+    def classes(self, layout: RankLayout) -> list[tuple[tuple, int]]:
         """Replicas grouped by what their time depends on: (representative, count)."""
         if id(layout) in self._classes:
             return self._classes[id(layout)][0]
