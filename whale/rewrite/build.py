@@ -15,16 +15,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
+from torch import fx, nn
 
 from ..capture import CapturedModel
 from ..ir.plan import Plan
 from .collectives import CommGroup
-from .program import DistributedProgram, ProgramStage, TiedWeight
+from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
 from .stage_split import assign_stages, capture_split_stages, split_stages
+from .sync_batch_norm import batch_norm_pass  # Config(sync_batch_norm)
 from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
@@ -42,8 +46,10 @@ class ProgramRewrite:
         loss_fn: the user's ``loss_fn(output, target)``.
     """
 
-    def __init__(self, model: nn.Module, captured: CapturedModel | None, plan: Plan, loss_fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, captured: CapturedModel | None, plan: Plan, loss_fn: Callable[..., torch.Tensor],
+                 *, sync_batch_norm: bool = False) -> None:
         self.model, self.captured, self.plan, self.loss_fn = model, captured, plan, loss_fn
+        self.sync_batch_norm = sync_batch_norm  # Config(sync_batch_norm): see sync_batch_norm.py
         self.stages = None
         graphs: dict[int, tuple[nn.Module, CapturedModel]] = {}
         if plan.num_stages > 1:
@@ -87,21 +93,28 @@ class ProgramRewrite:
         group = CommGroup(plan.tensor_group_of(rank)) if k > 1 else None
         local = set(plan.stages_at(plan.position_of(rank)))
         loss_fn = self.loss_fn
+        state_keys = tuple(self.model.state_dict())
+        call = ModelCall(_forward_signature(self.model), model_name=type(self.model).__name__)
         if self.stages is None:
             stages = (self._whole_model(rank, group, sizes.get(0, {})),)
             if stages[0].sharded is not None and stages[0].sharded.loss_fn is not None:
                 loss_fn = stages[0].sharded.loss_fn
-            state_keys = tuple(self.model.state_dict())
             params = self.model.named_parameters()
             tied: tuple[TiedWeight, ...] = ()
         else:
             gm = self.captured.graph_module
+            aliases = _state_aliases(self.model)
             names = {id(p): n for n, p in gm.named_parameters()}
             stages = []
             for st in self.stages:
-                param_names = {path: names[id(p)] for path, p in st.module.named_parameters(remove_duplicate=False)}
+                # Canonical names are the local model's (its named_parameters()), tied ones once.
+                param_names = {
+                    path: aliases[path][0] if path in aliases else names[id(p)]
+                    for path, p in st.module.named_parameters(remove_duplicate=False)
+                }
+                state_names = {key: aliases[key] for key in st.module.state_dict()}
                 stage = ProgramStage(st.index, st.received, st.sent, st.modules, param_names,
-                                     is_split=st.index in self.analyses)
+                                     is_split=st.index in self.analyses, state_names=state_names)
                 if st.index in local and st.index in self.analyses:
                     stage = self._shard_stage(stage, st.module, rank, group, sizes.get(st.index, {}))
                     if stage.sharded.loss_fn is not None:
@@ -110,9 +123,13 @@ class ProgramRewrite:
                     stage = dataclasses.replace(stage, module=st.module)
                 stages.append(stage)
             stages = tuple(stages)
-            state_keys = tuple(gm.state_dict())
             params = gm.named_parameters()
             tied = _tied_weights(plan, stages)
+            call = dataclasses.replace(
+                call, flatten=_flattener(self.captured, call.signature), restore=_restorer(self.captured)
+            )
+        # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
+        stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
         return DistributedProgram(
             plan=plan,
             rank=rank,
@@ -124,6 +141,8 @@ class ProgramRewrite:
             tensor_groups=tensor_groups,
             tensor_group=group,
             tied=tied,
+            call=call,
+            data_group=data_group,  # Config(sync_batch_norm)
         )
 
     def _whole_model(self, rank: int, group: CommGroup | None, sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:
@@ -181,6 +200,53 @@ def _tied_weights(plan: Plan, stages: tuple[ProgramStage, ...]) -> tuple[TiedWei
         ))
         for name in sorted(n for n, pos in held.items() if len(pos) > 1)
     )
+
+
+def _state_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each key of ``model.state_dict()`` -> every key naming the same tensor, in order."""
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    return {name: tuple(groups[id(t)]) for name, t in state.items()}
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin forward: inputs go unchecked
+        return None
+
+
+def _flattener(captured: CapturedModel, signature: inspect.Signature | None) -> Callable[[tuple, Mapping[str, Any]], tuple]:
+    """``(args, kwargs)`` -> the graph's placeholder values: capture's own flattening where it
+    has one, else forward's arguments bound by placeholder name."""
+    flatten = getattr(captured, "flatten_inputs", None)
+    if flatten is not None:
+        return flatten
+    names = [n.target for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    if signature is None:
+        return lambda args, kwargs: tuple(args)
+
+    def by_name(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments[n] for n in names)
+
+    return by_name
+
+
+def _restorer(captured: CapturedModel) -> Callable[[Any], Any] | None:
+    """The last stage's flat outputs -> the model's output: capture's own unflattening where it
+    has one, else the graph's output pytree (export keeps one; fx returns the output itself)."""
+    unflatten = getattr(captured, "unflatten_output", None)
+    if unflatten is not None:
+        return unflatten
+    codegen = captured.graph_module.graph._codegen
+    if not isinstance(codegen, fx.graph._PyTreeCodeGen) or codegen.pytree_info.out_spec is None:
+        return None
+    spec = codegen.pytree_info.out_spec
+    return lambda flat: pytree.tree_unflatten(list(flat), spec)
 
 
 def _region_params(root: nn.Module, paths) -> int:

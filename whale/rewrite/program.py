@@ -9,7 +9,9 @@ schedule; it never captures, plans or rewrites.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from ..ir.plan import Plan
 from .collectives import CommGroup
 from .tensor_parallel.sharded_model import ShardedModel
 
-__all__ = ["DistributedProgram", "ProgramStage", "TiedWeight"]
+__all__ = ["DistributedProgram", "ModelCall", "ProgramStage", "TiedWeight"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +41,11 @@ class ProgramStage:
         source: the unsharded stage whose weights the first rank of the tensor group shares with
             the others when the program is bound (None without a split).
         is_split: the stage holds a ``split`` part (on every rank of its position).
+        state_names: each key of the stage module's ``state_dict()`` -> every name the local
+            model's ``state_dict()`` gives that tensor (a tied weight has several: GPT-2's
+            ``transformer.wte.weight`` and ``lm_head.weight``). Non-persistent buffers (rotary
+            ``inv_freq``, ``position_ids``) are not in the stage's state dict either: the stage
+            keeps them as built, no state dict needs or carries them.
     """
 
     index: int
@@ -50,6 +57,55 @@ class ProgramStage:
     sharded: ShardedModel | None = None
     source: nn.Module | None = None
     is_split: bool = False
+    state_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelCall:
+    """How a step's inputs reach the program, and the program's output the loss.
+
+    The user calls the program as they call the local model: positional and keyword inputs.
+    A data-parallel program runs the model itself on them; pipeline stages run the captured
+    graph, whose placeholders are the inputs flattened (``CapturedModel.flatten_inputs``), and
+    the last stage's flat outputs are restored to the model's output object
+    (``CapturedModel.unflatten_output``), so ``loss_fn`` sees what the local model returns.
+
+    Attributes:
+        signature: ``forward``'s signature (None where it cannot be read: inputs go unchecked).
+        flatten: ``(args, kwargs) -> `` the graph's placeholder values in order; None where the
+            program runs the model itself.
+        restore: the last stage's flat outputs -> the model's output; None: returned as they are.
+        model_name: the local model's class name, for messages.
+    """
+
+    signature: inspect.Signature | None
+    flatten: Callable[[tuple, Mapping[str, Any]], tuple] | None = None
+    restore: Callable[[Any], Any] | None = None
+    model_name: str = "model"
+
+    def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """Raise ``TypeError`` if ``args``/``kwargs`` do not fit ``forward`` (no collective: every
+        rank given the same inputs raises the same error)."""
+        if self.signature is None:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"the inputs do not fit {self.model_name}.forward{self.signature}: {exc}; got "
+                f"{len(args)} positional input(s) and keyword inputs {sorted(kwargs)}"
+            ) from None
+
+    def stage_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+        """The inputs as the stage programs take them (checked first)."""
+        self.check(args, kwargs)
+        if self.flatten is None:
+            return tuple(args)
+        return tuple(self.flatten(tuple(args), dict(kwargs)))
+
+    def output(self, flat: Any) -> Any:
+        """The model's output from the last stage's outputs."""
+        return flat if self.restore is None else self.restore(flat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +133,9 @@ class DistributedProgram:
         tensor_groups: every tensor-parallel group of the job (by replica, then position).
         tensor_group: this rank's, the one its sharded modules communicate in (None without split).
         tied: the weights shared across pipeline positions.
+        call: how inputs reach the stages and the last stage's output the loss.
+        data_group: this rank's data-parallel ranks, which its SyncBatchNorm modules communicate
+            in (``Config(sync_batch_norm=True)``; None otherwise); the runtime binds it.
     """
 
     plan: Plan
@@ -89,6 +148,8 @@ class DistributedProgram:
     tensor_groups: tuple[tuple[int, ...], ...] = ()
     tensor_group: CommGroup | None = None
     tied: tuple[TiedWeight, ...] = ()
+    call: ModelCall = dataclasses.field(default_factory=lambda: ModelCall(None))
+    data_group: CommGroup | None = None  # Config(sync_batch_norm)
 
     @property
     def local_stages(self) -> tuple[ProgramStage, ...]:

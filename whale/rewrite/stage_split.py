@@ -193,6 +193,7 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
                     "only tensors can be sent between stages; compute it inside the stage that "
                     "uses it"
                 )
+    state_keys = set(gm.state_dict())
     programs = []
     for s in range(num_stages):
         received = tuple(crossing[s])
@@ -215,10 +216,21 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
             g.output(tuple(env[by_name[name]] for name in sent))
         g.lint()
         module = fx.GraphModule(gm, g, class_name=f"Stage{s}")
+        _keep_state_dict_keys(module, state_keys)
         paths = sorted({by_name[n].meta[_INFO].module_path for n in stage if stage[n] == s and _INFO in by_name[n].meta})
         outer = tuple(p for p in paths if not any(q != p and q and _under(p, q) for q in paths))
         programs.append(StageProgram(s, module, received, sent, outer))
     return tuple(programs)
+
+
+def _keep_state_dict_keys(module: fx.GraphModule, state_keys: set[str]) -> None:
+    """Make a stage's state dict a part of the whole graph's: the buffers the stage copied that
+    the graph's state dict leaves out (non-persistent ones, such as Llama's rotary ``inv_freq``
+    and BERT's ``position_ids``, and export's lifted constants) stay out of it."""
+    for name, _ in module.named_buffers(remove_duplicate=False):
+        if name not in state_keys:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._non_persistent_buffers_set.add(attr)
 
 
 def _needed_in_stage(nodes, stage: Mapping[str, int], s: int, sent, output) -> set[str]:

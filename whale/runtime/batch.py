@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ __all__ = [
     "RankAgreement",
     "batch_rows",
     "broadcast_tensors",
+    "call_inputs",
     "digits_agree",
     "fingerprint_digits",
     "narrow",
@@ -67,6 +68,33 @@ def digits_agree(summed: list[float], world: int) -> bool:
     """Whether summed :func:`fingerprint_digits` come from one fingerprint on every rank
     (equality in Cauchy-Schwarz: world * sum(d**2) == sum(d)**2 exactly when all d are equal)."""
     return all(world * round(summed[2 * k + 1]) == round(summed[2 * k]) ** 2 for k in range(4))
+
+
+def call_inputs(inputs: Any, kwargs: Mapping[str, Any] | None = None) -> tuple[tuple, dict]:
+    """A step's inputs as the model's ``(args, kwargs)``: a tuple is the positional inputs, a
+    dict the keyword inputs, anything else the one positional input; ``kwargs`` are added to
+    the keyword inputs.
+
+    Example::
+
+        >>> call_inputs({"input_ids": 1}, {"attention_mask": 2})
+        ((), {'input_ids': 1, 'attention_mask': 2})
+    """
+    kwargs = dict(kwargs or {})
+    if isinstance(inputs, Mapping):
+        twice = sorted(set(inputs) & set(kwargs))
+        if twice:
+            raise TypeError(
+                f"step(): keyword inputs {twice} are given both in the inputs dict and as keywords; "
+                "pass each once"
+            )
+        bad = [k for k in inputs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"step(): a dict of inputs is keyword inputs by name; got keys {bad!r}")
+        return (), {**inputs, **kwargs}
+    if isinstance(inputs, tuple):
+        return inputs, kwargs
+    return (inputs,), kwargs
 
 
 def batch_rows(args: tuple, target: Any, dim: int) -> int:

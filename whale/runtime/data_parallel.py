@@ -109,26 +109,35 @@ class DataParallelProgram(ProgramBase):
 
     # ---- training ----------------------------------------------------------------------------
 
-    def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
+    def step(self, inputs: Any, target: Any = None, *, batch: str = "global", **kwargs: Any) -> torch.Tensor:
         """Forward and backward over the micro-batches, gradients synchronized.
 
         Args:
-            inputs: a tensor or a tuple of positional arguments of the model; tensors are cut
-                along ``Config.batch_dim``.
+            inputs: a tensor, a tuple of positional inputs of the model, or a dict of its
+                keyword inputs; tensors are cut along ``Config.batch_dim``, None and other
+                values passed to every micro-batch as they are.
             target: passed to ``loss_fn(output, target)``; cut like the inputs. None calls
                 ``loss_fn(output)``.
             batch: ``"global"`` (every rank passes the whole batch) or ``"local"`` (each rank
                 passes only its rows, see :meth:`local_slice`).
+            **kwargs: more keyword inputs of the model (``attention_mask=m``), cut like
+                ``inputs``. Inputs that do not fit ``forward`` raise ``TypeError`` on every
+                rank before any communication.
 
         Returns:
             The loss of the global batch, the same value on every rank.
+
+        Example::
+
+            loss = program.step({"input_ids": x, "attention_mask": m}, y)
+            loss = program.step(x, y, attention_mask=m)  # the same
         """
         if not self._bound:
             require_initialized("step()")
             self._bind()
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
-        cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed)
+        cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
         if self.config.broadcast_buffers:
             self._broadcast_buffers()
         loss = self._forward_backward(cut)
@@ -136,14 +145,14 @@ class DataParallelProgram(ProgramBase):
         return loss
 
     def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
-        micro, mb_rows = self._micro_batches((cut.args, cut.target), cut.rows)
+        micro, mb_rows = self._micro_batches(((cut.args, cut.kwargs), cut.target), cut.rows)
         m = len(mb_rows)
         mean = self.config.loss_reduction == "mean"
         device = self._device
         weighted = torch.zeros((), dtype=torch.float64, device=device)
         total = None
-        for i, ((mb_args, mb_target), n) in enumerate(zip(micro, mb_rows)):
-            out = self.module(*mb_args)
+        for i, (((mb_args, mb_kwargs), mb_target), n) in enumerate(zip(micro, mb_rows)):
+            out = self.module(*mb_args, **mb_kwargs)
             loss = self.loss_fn(out) if mb_target is None else self.loss_fn(out, mb_target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise TypeError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from ..config import Config
 from ..ir.plan import Plan
 from ..rewrite.program import DistributedProgram
 from ..ir.rows import row_offsets, split_rows
-from .batch import RankAgreement, batch_rows, narrow, signature, to_device
+from .batch import RankAgreement, batch_rows, call_inputs, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
 from .process_group import WorldInfo, require_initialized, world_info
@@ -26,13 +26,14 @@ __all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
 class ReplicaBatch:
     """This replica's rows of a step, and the pending check that every rank agrees."""
 
-    args: tuple
+    args: tuple  # positional inputs (a pipeline's: the stage programs' model inputs)
     target: Any
     rows: int
     agreement: RankAgreement | None  # None: checked afterwards through the fingerprint
     mode: str  # "global" or "local"
     total: int | None = None  # the global batch's rows, when known without the check
     fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
+    kwargs: dict = dataclasses.field(default_factory=dict)  # keyword inputs, cut like args
 
 
 class ProgramBase:
@@ -57,22 +58,33 @@ class ProgramBase:
         start = row_offsets(rows)[replica]
         return slice(start, start + rows[replica])
 
+    def _model_inputs(self, inputs: Any, kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
+        """The step's inputs as ``(args, kwargs)`` of the model, checked against its forward
+        (no collective: every rank raises alike). The pipeline flattens them for its stages."""
+        args, kwargs = call_inputs(inputs, kwargs)
+        self.program.call.check(args, kwargs)
+        return args, kwargs
+
     def _replica_batch(
-        self, inputs: Any, target: Any, mode: str, device: torch.device, *, agree: bool = True
+        self, inputs: Any, target: Any, mode: str, device: torch.device, *, agree: bool = True,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> ReplicaBatch:
         """Check the step's arguments, start the agreement check, keep this replica's rows.
 
-        ``agree=False`` (global batches only) skips the check's collective: the caller then
-        verifies ``fingerprint`` after the step, riding on a collective it makes anyway.
+        ``inputs`` and ``kwargs`` are read as :func:`~.batch.call_inputs` reads them; keyword
+        tensors are cut along ``Config.batch_dim`` like positional ones, None and other
+        non-tensors passed as they are. ``agree=False`` (global batches only) skips the check's
+        collective: the caller then verifies ``fingerprint`` after the step, riding on a
+        collective it makes anyway.
         """
         require_initialized("step()")
         if mode not in ("global", "local"):
             raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        args, kwargs = self._model_inputs(inputs, kwargs)
         dim = self.config.batch_dim
-        rows = batch_rows(args, target, dim)
+        rows = batch_rows((args, kwargs), target, dim)
         # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
-        sig = signature(args, target, dim if mode == "local" else None)
+        sig = signature((args, kwargs), target, dim if mode == "local" else None)
         agreement = RankAgreement(sig, rows, device) if agree or mode == "local" else None
         total = rows if mode == "global" else None
         if mode == "global":
@@ -85,8 +97,8 @@ class ProgramBase:
                 raise
             self._check_micro_batches(split, rows, agreement)
             rows = split[replica]
-            args, target = narrow((args, target), dim, row_offsets(split)[replica], rows)
-        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20)
+            args, kwargs, target = narrow((args, kwargs, target), dim, row_offsets(split)[replica], rows)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20, kwargs)
 
     def _join_world(self) -> WorldInfo:
         """This rank's place in the launched world, checked against the plan; sets the device."""
@@ -162,6 +174,8 @@ class ProgramBase:
         members = [list(m) for m in self.program.data_groups]
         mine = plan.pipelines[plan.replica_of(rank)].index(rank)
         groups = [dist.new_group(m) for m in members] if width > 1 else [None]
+        if self.program.data_group is not None:  # Config(sync_batch_norm): its BatchNorms' group
+            self.program.data_group.bind(dist.group.WORLD if groups[mine] is None else groups[mine])
         # Every rank decides alike, from every rank's facts (its config included), so the
         # groups match.
         facts: list = [None] * dist.get_world_size()

@@ -100,6 +100,7 @@ class StepExecutor:
         with torch.enable_grad():
             out = self._modules[s](*args, *received)
             if s == last:
+                out = self.program.call.output(out)  # what the local model returns
                 loss = self.loss_fn(out) if target is None else self.loss_fn(out, target)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise TypeError("loss_fn must return a scalar tensor")

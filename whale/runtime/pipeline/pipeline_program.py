@@ -19,7 +19,7 @@ from torch import nn
 from ...config import Config
 from ...ir.schedule import Action, ActionKind
 from ...rewrite.program import DistributedProgram
-from ..batch import batch_rows
+from ..batch import batch_rows, call_inputs
 from ..p2p import Incoming, shape_key
 from ..process_group import require_initialized
 from ..program_base import ProgramBase
@@ -75,13 +75,17 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The local model's state dict, gathered from the stages and their shards (collective:
-        call it on every rank)."""
+        call it on every rank). A tied weight appears under every name the local model gives
+        it; non-persistent buffers are left out, as the local model leaves them out."""
         self._require_bound()
         state = {}
         for s in sorted(self._local):
             # Shards are gathered inside the tensor-parallel group, stage by stage in one order.
             part = self._sharded[s].full_state_dict() if s in self._sharded else self._modules[s].state_dict()
-            state.update({n: t.detach().cpu() for n, t in part.items()})
+            names = self.stages[s].state_names
+            for key, t in part.items():
+                for name in names.get(key, (key,)):
+                    state[name] = t.detach().cpu()
         rank = dist.get_rank()
         first = self.plan.replica_of(rank) == 0 and self.plan.tensor_group_of(rank)[0] == rank
         parts: list[dict] = [None] * dist.get_world_size()
@@ -89,10 +93,13 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             merged.update(part)
-        return {n: merged[n] for n in self.program.state_keys if n in merged}
+        missing = [n for n in self.program.state_keys if n not in merged]
+        assert not missing, f"no stage holds {missing}"
+        return {n: merged[n] for n in self.program.state_keys}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load the local model's state dict: each rank takes its stages' entries (its shards)."""
+        """Load the local model's state dict: each rank takes its stages' entries (its shards).
+        Names must match the local model's ``state_dict()`` (every name of a tied weight)."""
         self._require_bound()
         expected = set(self.program.state_keys)
         missing, unexpected = expected - set(state_dict), set(state_dict) - expected
@@ -103,12 +110,18 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             )
         with torch.no_grad():
             for s in sorted(self._local):
+                names = self.stages[s].state_names
+
+                def entry(key: str) -> torch.Tensor:
+                    # As the local model's load_state_dict: the last name of a tied weight wins.
+                    return state_dict[names.get(key, (key,))[-1]]
+
                 if s in self._sharded:
                     keys = self._sharded[s].full_keys
-                    self._sharded[s].load_full_state_dict({k: state_dict[k] for k in keys})
+                    self._sharded[s].load_full_state_dict({k: entry(k) for k in keys})
                 else:
-                    for name, t in self._modules[s].state_dict(keep_vars=True).items():
-                        t.copy_(state_dict[name])
+                    for key, t in self._modules[s].state_dict(keep_vars=True).items():
+                        t.copy_(entry(key))
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """Whole tensors by local-model name from this rank's ones (e.g. gradients of shards);
@@ -131,8 +144,9 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
     def eval(self) -> PipelineProgram:
         return self.train(False)
 
-    def __call__(self, *args: Any) -> Any:
-        """The model's output on ``args``, without gradients: the batch is cut into
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output on its inputs (positional and keyword, as the local model takes
+        them), without gradients: the batch is cut into
         ``num_micro_batch`` micro-batches that flow through the stages in the order of the
         schedule's forwards, and every rank of the pipeline returns the whole output. Each
         replica runs the whole batch it is given, as a data-parallel program runs its local
@@ -150,6 +164,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
                 "inference through a pipeline whose last stage is split: its output stays sharded "
                 "over the tensor-parallel group; load full_state_dict() into the local model instead"
             )
+        args, _ = self._model_inputs(args, kwargs)
         rows = batch_rows(args, None, self.config.batch_dim)
         m = self.plan.num_micro_batch
         if rows < m:
@@ -178,7 +193,8 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
                         inputs[(s + 1, i)] = list(outputs.pop((s, i)))
         for work, _ in sends:
             work.wait()
-        return self._share_output([outputs[(last, i)] for i in range(m)] if self._local_stage(last) else None)
+        flat = self._share_output([outputs[(last, i)] for i in range(m)] if self._local_stage(last) else None)
+        return self.program.call.output(flat)
 
     def _share_output(self, parts: list | None) -> Any:
         """Every rank of the pipeline gets the output the last stage's rank (of its tensor
@@ -197,14 +213,22 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             dist.recv_object_list(box, src=source)
         return box[0]
 
-    def step(self, inputs: Any, target: Any = None, *, batch: str = "global") -> torch.Tensor:
-        """Run the schedule over the micro-batches; gradients synchronized. See DataParallelProgram.step."""
+    def _model_inputs(self, inputs: Any, kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
+        """The inputs as the stage programs take them: the captured graph's inputs, flattened
+        from the model's positional and keyword inputs (checked against its forward first)."""
+        args, kwargs = call_inputs(inputs, kwargs)
+        return self.program.call.stage_inputs(args, kwargs), {}
+
+    def step(self, inputs: Any, target: Any = None, *, batch: str = "global", **kwargs: Any) -> torch.Tensor:
+        """Run the schedule over the micro-batches; gradients synchronized. Inputs as in
+        :meth:`DataParallelProgram.step <whale.runtime.data_parallel.DataParallelProgram.step>`:
+        a tensor, a tuple, a dict of keyword inputs, and more keyword inputs in ``kwargs``."""
         if not self._bound:
             require_initialized("step()")
             self._bind()
         start = time.perf_counter()
         self.last_step_entry = time.time()
-        cut = self._replica_batch(inputs, target, batch, self._device)
+        cut = self._replica_batch(inputs, target, batch, self._device, kwargs=kwargs)
         # A global batch's rows are known here; the check that every rank passed the same one
         # then runs behind the first compute and is waited before the first transfer.
         total = cut.total if cut.total is not None else self._global_rows(cut)
