@@ -241,7 +241,8 @@ def _restorer(captured: CapturedModel) -> Callable[[Any], Any] | None:
     has one, else the graph's output pytree (export keeps one; fx returns the output itself)."""
     unflatten = getattr(captured, "unflatten_output", None)
     if unflatten is not None:
-        return unflatten
+        # Capture takes the leaves of what the output node returns (fx: of its structure).
+        return lambda out: unflatten(pytree.tree_leaves(out))
     codegen = captured.graph_module.graph._codegen
     if not isinstance(codegen, fx.graph._PyTreeCodeGen) or codegen.pytree_info.out_spec is None:
         return None

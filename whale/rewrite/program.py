@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,16 +86,28 @@ class ModelCall:
 
     def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
         """Raise ``TypeError`` if ``args``/``kwargs`` do not fit ``forward`` (no collective: every
-        rank given the same inputs raises the same error)."""
+        rank given the same inputs raises the same error). A ``**kwargs`` typed as
+        ``Unpack[SomeTypedDict]`` (transformers' forwards) takes only that dict's keys."""
         if self.signature is None:
             return
+        shown = f"{self.model_name}.forward({', '.join(_short(p) for p in self.signature.parameters.values())})"
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(
-                f"the inputs do not fit {self.model_name}.forward{self.signature}: {exc}; got "
-                f"{len(args)} positional input(s) and keyword inputs {sorted(kwargs)}"
+                f"the inputs do not fit {shown}: {exc}; got {len(args)} positional input(s) and "
+                f"keyword inputs {sorted(kwargs)}"
             ) from None
+        params = self.signature.parameters
+        var_kw = next((p for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+        takes = _typed_keys(var_kw.annotation) if var_kw is not None else None
+        named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
+        extra = sorted(k for k in kwargs if k not in named and takes is not None and k not in takes)
+        if extra:
+            raise TypeError(
+                f"keyword input(s) {extra} are not parameters of {shown} (its **{var_kw.name} takes "
+                f"{sorted(takes)}); name the inputs as forward does"
+            )
 
     def stage_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
         """The inputs as the stage programs take them (checked first)."""
@@ -115,6 +128,21 @@ class TiedWeight:
 
     name: str
     groups: tuple[tuple[int, ...], ...]
+
+
+def _short(param: inspect.Parameter) -> str:
+    """A parameter as a call shows it, without annotations: ``attention_mask=None``, ``**kwargs``."""
+    prefix = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "")
+    default = "" if param.default is param.empty else f"={param.default!r}"
+    return f"{prefix}{param.name}{default}"
+
+
+def _typed_keys(annotation: Any) -> frozenset[str] | None:
+    """The keys ``**kwargs: Unpack[SomeTypedDict]`` takes; None where any key goes."""
+    if typing.get_origin(annotation) is not typing.Unpack:
+        return None
+    (td,) = typing.get_args(annotation)
+    return frozenset(td.__required_keys__ | td.__optional_keys__) if typing.is_typeddict(td) else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
