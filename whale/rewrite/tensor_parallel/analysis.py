@@ -1,7 +1,10 @@
 """The tensor-parallel analysis pass: which modules are sharded how, and what communication goes where.
 
-It walks the captured fx graph once per attempt, in order, giving every value inside a ``split``
-scope a layout (replicated, or sharded as a :class:`~.tp_layout.ShardLayout`):
+It walks the captured graph once per attempt, in order, giving every value inside a ``split``
+scope a layout (replicated, or sharded as a :class:`~.tp_layout.ShardLayout`). A graph captured
+with ``torch.export`` is aten-level: its ``aten.linear`` / ``aten.addmm`` (Conv1D) /
+``aten.embedding`` on parameters first become modules (:mod:`.exported`), and the rules know
+the aten spellings of the ops between them, so the same decisions follow:
 
 * an ``nn.Linear`` whose input is replicated becomes **column-parallel** (its output is sharded
   on the last dim); one whose input is sharded on its last dim becomes **row-parallel** (its
@@ -22,6 +25,7 @@ The result is a frozen :class:`TensorParallelPlan`; no process group is touched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -33,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from ...capture.graph import NODE_INFO_KEY, CapturedModel, NodeInfo
 from ...primitives.annotations import Split
+from .exported import ExportedEmbedding, ExportedLinear, lower_parameter_ops, unlowered_parameter_use
 from .moe import MoESpec, collapse_moe, find_moe
 from .layout import ShardLayout
 from .decisions import ModuleDecision, Region, TensorParallelPlan
@@ -92,12 +97,6 @@ class TensorParallelAnalysis:
         return plan
 
     def requires(self, model: nn.Module, captured: CapturedModel) -> None:
-        if captured.frontend != "fx":
-            raise ValueError(
-                f"tensor parallelism needs {type(model).__name__} captured with the fx front end "
-                "(where nn.Linear, nn.Embedding and nn.MultiheadAttention stay whole modules); it "
-                "was captured with torch.export. Make forward fx-traceable or drop split()"
-            )
         for node in captured.graph_module.graph.nodes:
             info = _info(node)
             found = _splits(info)
@@ -118,10 +117,15 @@ class TensorParallelAnalysis:
         graph = torch.fx.Graph()
         out = graph.graph_copy(source.graph, {})
         graph.output(out).meta = dict(next(iter(reversed(source.graph.nodes))).meta)
+        graph._codegen = copy.deepcopy(source.graph._codegen)  # export: the output pytree
         gm = GraphModule(source, graph, type(model).__name__)
-        moe = self._find_moe(model, gm)
-        collapse_moe(gm, model, moe)
-        self._check_module_kinds(model, gm, moe)
+        if captured.frontend == "export":
+            moe: dict[str, MoESpec] = {}
+            self._lower_exported(gm)
+        else:
+            moe = self._find_moe(model, gm)
+            collapse_moe(gm, model, moe)
+            self._check_module_kinds(model, gm, moe)
         blocks: dict[str, int] = {}
         for _ in range(_MAX_ATTEMPTS):
             try:
@@ -144,6 +148,30 @@ class TensorParallelAnalysis:
                 )
         for d in plan.modules.values():
             assert d.region in {r.id for r in plan.regions}, d
+
+    def _lower_exported(self, gm: GraphModule) -> None:
+        in_split = lambda n: bool(_splits(_info(n)))
+        lower_parameter_ops(gm, in_split)
+        bad = unlowered_parameter_use(gm, in_split)
+        if bad is not None:
+            user, param = bad
+            raise ValueError(
+                f"split() cannot shard node {user.name} ({_info(user).target}) at "
+                f"{_info(user).module_path or '<root>'!r}: it reads the parameter {param.target!r}, and "
+                "whale shards matrix parameters only through aten.linear, aten.addmm (Conv1D) and "
+                "aten.embedding. Move split() to the layers it can shard, or use replicate() here"
+            )
+        by_scope: dict[int, list[Node]] = {}
+        for n in gm.graph.nodes:
+            if in_split(n):
+                by_scope.setdefault(id(_splits(_info(n))[0]), []).append(n)
+        for nodes in by_scope.values():
+            if not any(n.op == "call_module" for n in nodes):
+                where = _common_path([_info(n).module_path for n in nodes])
+                raise ValueError(
+                    f"{_splits(_info(nodes[0]))[0]!r} at {where or '<root>'!r} holds nothing whale can "
+                    "shard (no aten.linear, aten.addmm or aten.embedding on a parameter)"
+                )
 
     def _find_moe(self, model: nn.Module, gm: GraphModule) -> dict[str, MoESpec]:
         scoped = {_info(n).module_path for n in gm.graph.nodes if _splits(_info(n))}
@@ -225,6 +253,7 @@ class _Propagation:
         self.modules: dict[str, ModuleDecision] = {}
         self.fallbacks: list[str] = []
         self.output_layout: ShardLayout | None = None
+        self.output_index: int | None = None
         self._staged: dict[str, list] = {}
 
     # ---- the rules' context ------------------------------------------------------------------
@@ -344,11 +373,11 @@ class _Propagation:
         return result
 
     def _module(self, node: Node) -> Any:
-        module = self.model.get_submodule(node.target)
+        module = self.gm.get_submodule(node.target)
         x = node.args[0] if node.args else None
         layout = self.val(x)
         path = node.target
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, ExportedLinear)):
             nd = len(_info(x).shapes[0])
             if isinstance(layout, ShardLayout) and layout.dim == nd - 1:
                 region = self._find(layout.region)
@@ -381,7 +410,7 @@ class _Propagation:
             copy = is_mha and a in qkv
             if sharded or copy:
                 self.edges[(node.name, a.name)] = ((("gather",),) if sharded else ()) + ((("copy",),) if copy else ())
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Embedding, ExportedEmbedding)):
             region = self._new_region("vocabulary entries", path, module.num_embeddings)
             self.modules[node.name] = ModuleDecision(node.name, path, "vocab", region)
         elif isinstance(module, nn.MultiheadAttention):
@@ -397,7 +426,12 @@ class _Propagation:
         return None
 
     def _output(self, node: Node) -> None:
-        result = node.args[0]
+        result, index = node.args[0], None
+        if isinstance(result, (tuple, list)):  # export: the flat outputs of the output pytree
+            sharded = [i for i, r in enumerate(result) if isinstance(self.val(r), ShardLayout)]
+            if len(sharded) == 1:
+                index = sharded[0]
+                result = result[index]
         layout = self.val(result)
         if (
             self.keep_sharded_output
@@ -405,7 +439,7 @@ class _Propagation:
             and layout.dim == len(_info(result).shapes[0]) - 1
             and layout.blocks == 1
         ):
-            self.output_layout = layout
+            self.output_layout, self.output_index = layout, index
             self.kinds[self._find(layout.region)] = "classes"
             return
         self._gather_sharded_inputs(node, "model output")
@@ -446,6 +480,7 @@ class _Propagation:
             fixes=fixes,
             reduce_after=frozenset(self.reduce),
             output_layout=canon(self.output_layout),
+            output_index=self.output_index,
             fallbacks=tuple(self.fallbacks),
             moe=dict(self.moe),
         )

@@ -52,6 +52,7 @@ class TensorParallelPlan:
     output_layout: ShardLayout | None  # the model output stays sharded (a split classifier)
     fallbacks: tuple[str, ...]  # where sharded values were gathered, and why
     moe: Mapping[str, MoESpec]
+    output_index: int | None = None  # the sharded output among the flat outputs (export), or None: the output itself
 
     def region(self, key: str | int) -> Region:
         """A region by id, name, or the path of any of its modules."""

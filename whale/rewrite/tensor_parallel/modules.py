@@ -69,6 +69,14 @@ def _param(full: nn.Parameter, spec: ShardSpec) -> nn.Parameter:
     return nn.Parameter(shard_tensor(full, spec), requires_grad=full.requires_grad)
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if not transposed:
+        return F.linear(x, weight, bias)
+    if bias is not None and x.dim() == 2:
+        return torch.addmm(bias, x, weight)  # as transformers' Conv1D computes it
+    return x @ weight if bias is None else x @ weight + bias
+
+
 def global_size(x: torch.Tensor, dim: int, full: int, index: int | None = None):
     """``x.size()`` (or ``x.size(index)``) of a sharded ``x`` as the local model sees it."""
     sizes = list(x.shape)
@@ -127,10 +135,11 @@ class ColumnParallelLinear(nn.Module):
     layers reading the same value, so their input gradients are all-reduced once).
     """
 
-    def __init__(self, linear: nn.Linear, weight: ShardSpec, bias: ShardSpec | None) -> None:
+    def __init__(self, linear: nn.Module, weight: ShardSpec, bias: ShardSpec | None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = weight.num_blocks * weight.length
+        self.transposed = getattr(linear, "transposed", False)  # a (in, out) weight: Conv1D
         self.weight = _param(linear.weight, weight)
         self.bias = None if bias is None else _param(linear.bias, bias)
 
@@ -138,16 +147,17 @@ class ColumnParallelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features} (local)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias, self.transposed)
 
 
 class RowParallelLinear(nn.Module):
     """``nn.Linear`` holding this rank's input features; partial sums all-reduced, bias added once."""
 
-    def __init__(self, linear: nn.Linear, weight: ShardSpec, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, linear: nn.Module, weight: ShardSpec, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.in_features = weight.num_blocks * weight.length
         self.out_features = linear.out_features
+        self.transposed = getattr(linear, "transposed", False)
         self.group = group
         self.weight = _param(linear.weight, weight)
         self.bias = linear.bias  # replicated: every rank adds it after the all-reduce
@@ -156,7 +166,7 @@ class RowParallelLinear(nn.Module):
         return f"in_features={self.in_features} (local), out_features={self.out_features}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_group(F.linear(x, self.weight), self.group)
+        y = reduce_from_group(_linear(x, self.weight, None, self.transposed), self.group)
         return y if self.bias is None else y + self.bias
 
 

@@ -14,6 +14,7 @@ through reshapes only, it runs on shards with that call replaced (see :func:`par
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -167,15 +168,21 @@ class _LossInterpreter(torch.fx.Interpreter):
 
 
 def parallel_loss(
-    loss_fn: Callable | None, ce: VocabParallelCrossEntropy, width: int, output_ndim: int
+    loss_fn: Callable | None, ce: VocabParallelCrossEntropy, width: int, output_ndim: int,
+    field: str | int | None = None,
 ) -> Callable | None:
     """``loss_fn`` computed on logits sharded by class, or None when whale cannot tell it is cross-entropy.
 
     None (no loss given) and ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` on 2-D logits map
     to ``ce``; a function is traced and accepted when its logits reach a single
-    ``F.cross_entropy`` (without class weights) through reshapes alone.
+    ``F.cross_entropy`` (without class weights) through reshapes alone. ``field``: the model
+    returns an object and the logits are its ``field`` (``out.logits``, ``out["logits"]``,
+    ``out[0]``); the loss must be a function that reads that field.
     """
-    if loss_fn is None:
+    if field is not None:
+        if loss_fn is None or loss_fn is F.cross_entropy or isinstance(loss_fn, nn.Module):
+            return None
+    elif loss_fn is None:
         return ce
     if loss_fn is F.cross_entropy:
         return ce if output_ndim == 2 else None
@@ -189,10 +196,15 @@ def parallel_loss(
         gm = torch.fx.symbolic_trace(loss_fn)
     except Exception:  # noqa: BLE001 - any tracing failure means: not recognizably cross-entropy
         return None
-    return _ShardedLoss(gm, ce, width) if _is_cross_entropy_of_logits(gm) else None
+    return _ShardedLoss(gm, ce, width) if _is_cross_entropy_of_logits(gm, field) else None
 
 
-def _is_cross_entropy_of_logits(gm: torch.fx.GraphModule) -> bool:
+def _reads_field(node: torch.fx.Node, source: torch.fx.Node, field: str | int) -> bool:
+    return (node.op == "call_function" and node.target in (getattr, operator.getitem)
+            and node.args[0] is source and node.args[1] == field)
+
+
+def _is_cross_entropy_of_logits(gm: torch.fx.GraphModule, field: str | int | None = None) -> bool:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 2:
         return False
@@ -204,6 +216,10 @@ def _is_cross_entropy_of_logits(gm: torch.fx.GraphModule) -> bool:
         return False
     # Every use of the logits must be a reshape leading to the cross-entropy's input.
     frontier, chain = [placeholders[0]], set()
+    if field is not None:
+        if not all(_reads_field(u, placeholders[0], field) for u in placeholders[0].users):
+            return False
+        frontier = list(placeholders[0].users)
     while frontier:
         node = frontier.pop()
         for user in node.users:

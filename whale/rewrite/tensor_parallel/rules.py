@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import torch
 from torch.fx import Node
 
 from .layout import ShardLayout, broadcast_dim, index_move, view_move
@@ -56,13 +57,18 @@ class RuleContext(Protocol):
 _ALIASES = {"truediv": "div", "iadd": "add_", "imul": "mul_", "isub": "sub_", "itruediv": "div_",
             "swapaxes": "transpose", "swapdims": "transpose", "reshape": "view", "divide": "div",
             "multiply": "mul", "subtract": "sub", "split_with_sizes": "split", "concat": "cat",
-            "concatenate": "cat", "bmm": "matmul", "special_erf": "erf", "__getitem__": "getitem"}
+            "concatenate": "cat", "bmm": "matmul", "special_erf": "erf", "__getitem__": "getitem",
+            # aten spellings (graphs captured with torch.export)
+            "mm": "matmul", "_softmax": "softmax", "_log_softmax": "log_softmax", "_unsafe_view": "view",
+            "_to_copy": "to", "alias": "contiguous", "sym_size": "size", "sym_numel": "numel"}
 
 
 def op_name(node: Node) -> str:
     """A normalized op name: ``x.transpose``, ``torch.transpose`` and ``operator``'s forms agree."""
     if node.op == "call_method":
         name = node.target
+    elif isinstance(node.target, torch._ops.OpOverload):  # aten.view.default -> "view"
+        name = node.target._opname
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))
     else:
@@ -229,6 +235,26 @@ def _view(ctx, node):
     return out
 
 
+def _expand(ctx, node):
+    """``expand(x, sizes)``: new leading dims move the sharded dim; its size is localized."""
+    x, layout = _sharded_first(ctx, node)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node)
+    out = layout.moved(layout.dim + len(out_shape) - len(in_shape))
+    if in_shape[layout.dim] != out_shape[out.dim]:
+        raise Fallback("expand of the sharded dim")
+    ctx.fix(node, "expand", out)
+    return out
+
+
+def _slice(ctx, node):
+    """``aten.slice(x, dim, start, end, step)``: a slice of another dim (or all of it) keeps the layout."""
+    x, layout = _sharded_first(ctx, node)
+    shape = ctx.shape(x)
+    if _norm(_dim_arg(node, 1, "dim", 0), len(shape)) == layout.dim and ctx.shape(node) != shape:
+        raise Fallback("slice of the sharded dim")
+    return layout
+
+
 def _split(ctx, node):
     """split / chunk / tensor_split / unbind: along another dim each piece keeps the layout."""
     x, layout = _sharded_first(ctx, node)
@@ -381,7 +407,8 @@ _RULES: dict[str, Callable[[Any, Node], Any]] = {
     "unflatten": _view, "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
     "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
     "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
-    "cat": _cat, "stack": _cat,
+    "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice,
+    "_assert_tensor_metadata": lambda ctx, node: None,  # checks dtype and device only
 }
 
 

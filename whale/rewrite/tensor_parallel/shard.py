@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -69,7 +70,7 @@ def shard_model(
 
     Args:
         model: the local model (parameters real or on the meta device).
-        captured: ``capture(model, example_inputs)`` with the fx front end.
+        captured: ``capture(model, example_inputs)`` (fx or torch.export).
         group: the tensor-parallel process group (None: the default group).
         rank_in_group: this rank's index in ``group`` (None: asked from the group).
         shard_sizes: per region, the heads / columns / classes / experts each rank holds, keyed
@@ -104,7 +105,10 @@ def shard_model(
         counts = sizes[region.id]
         ce = VocabParallelCrossEntropy(row_offsets(counts)[rank], region.num_atoms, group)
         logits = plan.graph_module.graph.output_node().args[0]
-        sharded_loss = parallel_loss(loss_fn, ce, counts[rank], len(logits.meta[NODE_INFO_KEY].shapes[0]))
+        field = None
+        if plan.output_index is not None:
+            logits, field = logits[plan.output_index], _output_field(plan.graph_module, plan.output_index)
+        sharded_loss = parallel_loss(loss_fn, ce, counts[rank], len(logits.meta[NODE_INFO_KEY].shapes[0]), field)
         if sharded_loss is None:
             # Not recognizably cross-entropy: gather the logits and let the user's loss run.
             plan = TensorParallelAnalysis(ranks, keep_sharded_output=False)(model, captured)
@@ -199,6 +203,7 @@ class TensorParallelRewrite:
     def call(self, model: nn.Module):
         plan, source = self.plan, self.plan.graph_module
         graph, env, root = Graph(), {}, {}
+        graph._codegen = copy.deepcopy(source.graph._codegen)  # export: the output pytree
         self._graph, self._root, self._cache, self._count = graph, root, {}, 0
         param_shards: dict[str, ShardSpec] = {}
         full_specs: dict[str, ShardSpec] = {}
@@ -209,8 +214,11 @@ class TensorParallelRewrite:
             if fix is not None and fix[0] in ("size", "numel"):
                 env[node.name] = self._global_size(fix, node, args)
                 continue
+            target = node.target
             if fix is not None:
                 args = self._localize(fix, node, args)
+                if fix[0] == "split" and node.target is torch.ops.aten.split.Tensor and not isinstance(args[1], int):
+                    target = torch.ops.aten.split_with_sizes.default  # uneven pieces
             if node.op == "output":
                 graph.output(args[0])
                 continue
@@ -221,7 +229,7 @@ class TensorParallelRewrite:
                     args = (*args[:4], False, *args[5:])
                 else:
                     kwargs = {**kwargs, "need_weights": False}
-            new = graph.create_node(node.op, node.target, args, kwargs, node.name)
+            new = graph.create_node(node.op, target, args, kwargs, node.name)
             new.meta = dict(node.meta)
             env[node.name] = new
             if node.op == "call_module":
@@ -261,7 +269,8 @@ class TensorParallelRewrite:
         full = layout.blocks * layout.per_block
         if kind == "numel":
             return self._graph.call_function(global_numel, (args[0], layout.dim, full))
-        index = args[1] if node.op == "call_method" and len(args) > 1 else node.kwargs.get("dim")
+        positional = node.op == "call_method" or isinstance(node.target, torch._ops.OpOverload)  # not getattr(x, "shape")
+        index = args[1] if positional and len(args) > 1 else node.kwargs.get("dim")
         return self._graph.call_function(global_size, (args[0], layout.dim, full, index))
 
     def _localize(self, fix: tuple, node: Node, args: tuple) -> tuple:
@@ -282,6 +291,11 @@ class TensorParallelRewrite:
             if args[1 + pos] != -1:
                 args[1 + pos] = self._local(layout)
             return tuple(args)
+        if kind == "expand":
+            sizes = list(args[1])
+            if sizes[layout.dim] != -1:
+                sizes[layout.dim] = self._local(layout)
+            return (args[0], sizes, *args[2:])
         if kind == "unflatten":
             dim = args[1] % (len(node.meta["val"].shape) - len(args[2]) + 1)
             sizes = list(args[2])
@@ -294,6 +308,8 @@ class TensorParallelRewrite:
             pieces = [b * per_block for b in extra]
             if len(args) > 1:
                 args[1] = pieces
+                if isinstance(node.target, torch._ops.OpOverload) and len(set(pieces)) == 1:
+                    args[1] = pieces[0]  # aten.split.Tensor takes one size
             return tuple(args)
         return tuple(args)
 
@@ -303,7 +319,7 @@ class TensorParallelRewrite:
             return module
         path, kind = decision.path, decision.kind
         if kind in ("column", "row"):
-            dim = 0 if kind == "column" else 1
+            dim = (0 if kind == "column" else 1) ^ getattr(module, "transposed", False)
             w = self._spec(f"{path}.weight", module.weight, dim, decision.layout)
             specs = {"weight": w}
             if kind == "column":
@@ -340,11 +356,24 @@ class TensorParallelRewrite:
         return new
 
 
+def _output_field(gm: GraphModule, index: int) -> str | int:
+    """How a loss reaches flat output ``index`` of an exported model: a field name or a position."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = info.out_spec if info is not None else None
+    if spec is None or spec.num_leaves != spec.num_children or not all(c.is_leaf() for c in spec.children()):
+        return -1  # nested or unknown: no field reaches it
+    if isinstance(spec.context, (list, tuple)) and all(isinstance(k, str) for k in spec.context):
+        return spec.context[index]  # a ModelOutput or dict: out.logits / out["logits"]
+    return index  # a tuple or list
+
+
 def _renamed(spec: ShardSpec, name: str) -> ShardSpec:
     return dataclasses.replace(spec, full_name=name)
 
 
 def _is_split(node: Node) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._opname in ("split", "split_with_sizes")
     return getattr(node.target, "__name__", node.target) in ("split", "split_with_sizes")
 
 

@@ -1,0 +1,86 @@
+"""Cases run on every rank of a gloo pool (tests/world.py): ``split`` on transformers models
+captured with ``torch.export`` (aten-level graphs), against the local model.
+
+One call runs every family, so the pool is shared and each model is built once per rank.
+Every rank builds the same model from the same seed, annotates it by module name, captures it
+with keyword inputs, shards it with ``shard_model`` and trains one AdamW step; rank 0 also
+trains the local model and returns both, gradients and parameters gathered to the local model's
+names.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import whale as wh
+from tests.hf_models import BUILDERS
+from whale.capture import capture
+from whale.rewrite import shard_model
+
+_ADAM_EPS = 1e-6  # as tests/tp_cases.py: a round-off-sized gradient must not become an lr-sized step
+_LR = 1e-2
+
+# Family -> (split scopes by module name, uneven shard sizes by region).
+SPLITS = {
+    "llama": (
+        ["model.embed_tokens", "model.layers", "lm_head"],
+        {"model.layers.0.mlp": [40, 24], "model.embed_tokens": [24, 40], "lm_head": [36, 28]},
+    ),
+    "gpt2": (["transformer.h"], {"transformer.h.0.attn": [3, 1], "transformer.h.1.mlp": [100, 28]}),
+    "bert": (["bert.encoder"], {"bert.encoder.layer.0.attention": [1, 3], "bert.encoder.layer.1": [20, 44]}),
+    "t5": (["encoder.block", "decoder.block"], {"encoder.block.0.layer.0.SelfAttention": [3, 1],
+                                                "decoder.block.1.layer.2.DenseReluDense": [48, 16]}),
+}
+
+
+def _kwargs(name: str, inputs: dict) -> dict:
+    # use_cache=True returns a DynamicCache, which torch.export refuses; training needs no cache.
+    return dict(inputs) if name == "bert" else {**inputs, "use_cache": False}
+
+
+def family(name: str, uneven: bool) -> dict:
+    """One AdamW step of ``name`` sharded over the world, and (rank 0) of the local model."""
+    case = BUILDERS[name](rows=4)
+    reference = copy.deepcopy(case.model)
+    scopes, sizes = SPLITS[name]
+    wh.annotate(case.model, {s: wh.split() for s in scopes})
+    kwargs = _kwargs(name, case.inputs)
+    sharded = shard_model(case.model, capture(case.model, (), example_kwargs=kwargs),
+                          shard_sizes=sizes if uneven else None, loss_fn=case.loss_fn)
+    params = dict(sharded.module.named_parameters())
+    opt = torch.optim.AdamW(params.values(), lr=_LR, eps=_ADAM_EPS)
+    output = sharded.module(**kwargs)
+    loss = (sharded.loss_fn or case.loss_fn)(output, case.target)
+    loss.backward()
+    out = {"loss": loss.item(), "fallbacks": sharded.plan.fallbacks, "sizes": dict(sharded.sizes),
+           "regions": {r.name: (r.kind, r.num_atoms) for r in sharded.plan.regions},
+           "sharded": sorted(sharded.full_specs), "logits_width": output.logits.shape[-1]}
+    out["grads"] = sharded.gather_full({n: p.grad for n, p in params.items()})
+    opt.step()
+    out["params"] = sharded.full_state_dict()
+    if dist.get_rank() == 0:
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=_LR, eps=_ADAM_EPS)
+        ref_loss = case.loss_fn(reference(**kwargs), case.target)
+        ref_loss.backward()
+        out["ref_loss"] = ref_loss.item()
+        # Every name of a tied weight, so the program's name for it is found.
+        out["ref_grads"] = {n: p.grad.clone() for n, p in reference.named_parameters(remove_duplicate=False)}
+        ref_opt.step()
+        out["ref_params"] = {k: v.clone() for k, v in reference.state_dict().items()}
+    else:
+        out["grads"] = out["params"] = None
+    return out
+
+
+def families(names: list[str], uneven: bool) -> dict:
+    """Every family in one case, so the world is shared (a failing family names itself)."""
+    results = {}
+    for name in names:
+        try:
+            results[name] = family(name, uneven)
+        except Exception as err:
+            raise type(err)(f"{name}: {err}") from err
+    return results

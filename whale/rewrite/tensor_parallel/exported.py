@@ -1,0 +1,148 @@
+"""Graphs captured with ``torch.export``: their parameterized aten ops become modules the analysis shards.
+
+An exported graph holds no ``nn.Linear``: a layer is ``aten.linear(x, W, b)`` (or
+``aten.addmm(b, x2d, W)`` for transformers' ``Conv1D``, whose weight is stored transposed) or
+``aten.embedding(W, ids)``, with ``W`` and ``b`` read by ``get_attr`` nodes. Inside a ``split``
+scope, :func:`lower_parameter_ops` turns each such op into a ``call_module`` node of a small
+module holding the same parameters under the owner's path (``model.layers.0.mlp.up_proj``), so
+the analysis decides column / row / vocabulary-parallel exactly as for fx graphs, and parameter
+names stay the local model's. The decision comes from the op and its operands, never from a
+class name. Any other op reading a matrix parameter inside a split is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+__all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "unlowered_parameter_use"]
+
+_aten = torch.ops.aten
+
+
+class ExportedLinear(nn.Module):
+    """``aten.linear(x, weight, bias)``; with ``transposed``, ``aten.addmm(bias, x, weight)`` (a (in, out) weight)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, transposed: bool) -> None:
+        super().__init__()
+        self.weight, self.bias, self.transposed = weight, bias, transposed
+        self.in_features, self.out_features = weight.shape[::-1] if not transposed else weight.shape
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, transposed={self.transposed}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+class ExportedEmbedding(nn.Module):
+    """``aten.embedding(weight, ids, padding_idx)`` as a module with ``nn.Embedding``'s attributes."""
+
+    max_norm = None
+    sparse = False
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int | None) -> None:
+        super().__init__()
+        self.weight, self.padding_idx = weight, padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+
+def _param(gm: GraphModule, node: object, ndim: int) -> nn.Parameter | None:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    value = gm.get_parameter(node.target) if _is_param(gm, node.target) else None
+    return value if value is not None and value.dim() == ndim else None
+
+
+def _is_param(gm: GraphModule, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    try:
+        return name in gm.get_submodule(owner)._parameters
+    except AttributeError:
+        return False
+
+
+def _match(gm: GraphModule, node: Node) -> tuple[Node, nn.Module, str] | None:
+    """(input, module, owner path) for a lowerable node, else None."""
+    if node.op != "call_function":
+        return None
+    args = list(node.args)
+    if node.target is _aten.linear.default:
+        x, w, b = (args + [None])[:3]
+        transposed = False
+    elif node.target is _aten.addmm.default and not node.kwargs:
+        b, x, w = args
+        transposed = True
+    elif node.target is _aten.embedding.default and not any(args[3:]):  # no scale_grad_by_freq, sparse
+        weight = _param(gm, args[0], 2)
+        if weight is None:
+            return None
+        pad = args[2] if len(args) > 2 else -1
+        return args[1], ExportedEmbedding(weight, None if pad < 0 else pad), args[0].target.rpartition(".")[0]
+    else:
+        return None
+    weight = _param(gm, w, 2)
+    bias = _param(gm, b, 1) if b is not None else None
+    owner = w.target.rpartition(".")[0] if weight is not None else ""
+    if not owner or (b is not None and (bias is None or b.target != f"{owner}.bias")):
+        return None
+    return x, ExportedLinear(weight, bias, transposed), owner
+
+
+def _holds_only_weights(gm: GraphModule, owner: str) -> bool:
+    m = gm.get_submodule(owner)
+    return set(m._parameters) | set(m._buffers) | set(m._modules) <= {"weight", "bias"}
+
+
+def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool]) -> dict[str, str]:
+    """Replace, in place, every linear / addmm / embedding on parameters inside a split by a ``call_module``.
+
+    Returns the new nodes' names -> the names of the nodes they replaced.
+    """
+    renamed: dict[str, str] = {}
+    lowered: dict[str, nn.Module] = {}
+    for node in list(gm.graph.nodes):
+        found = _match(gm, node) if in_split(node) else None
+        if found is None or not _holds_only_weights(gm, found[2]):
+            continue
+        x, module, owner = found
+        if owner in lowered:
+            raise ValueError(
+                f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second time "
+                "(a layer called twice, or a tied weight); whale shards a layer used once. Keep "
+                "its users out of the split, or untie the weight"
+            )
+        lowered[owner] = module
+        reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        parent, _, leaf = owner.rpartition(".")
+        setattr(gm.get_submodule(parent), leaf, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(owner, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        renamed[new.name] = node.name
+        for a in reads:
+            if not a.users:
+                gm.graph.erase_node(a)
+    return renamed
+
+
+def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -> tuple[Node, Node] | None:
+    """(user, parameter read) for an op inside a split that reads a matrix parameter but was not lowered."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not _is_param(gm, node.target) or gm.get_parameter(node.target).dim() < 2:
+            continue
+        for user in node.users:
+            if in_split(user) and user.op == "call_function":
+                return user, node
+    return None
