@@ -24,9 +24,11 @@ from whale.ir.schedule import (
     format_schedule,
     parse_schedule,
 )
+from whale.planner.schedules import flow_shop as flow_shop_module
 from whale.planner.schedules import generate as generate_module
+from whale.planner.schedules.flow_shop import compute_orders, flow_shop
 from whale.planner.schedules.generate import make_schedule
-from whale.planner.schedules.simulator import render_table, simulate
+from whale.planner.schedules.simulator import render_table, run_orders, simulate
 
 EXACT = 1e-12  # one float division of exact integers
 
@@ -183,6 +185,48 @@ def test_local_handoff_on_one_rank_has_no_p2p() -> None:
     assert simulate(sched, 1, 1).bubble_fraction == 0.0
 
 
+# --- one event loop: the simulator's core ------------------------------------------------------
+
+
+def test_every_prediction_runs_in_the_simulators_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placement, the search's flow shop and the simulator all advance clocks in run_orders."""
+    callers = []
+
+    def spy(*args, **kwargs):
+        callers.append(kwargs.get("p2p_listed", False))
+        return run_orders(*args, **kwargs)
+
+    for module in (generate_module, flow_shop_module, simulator_module):
+        monkeypatch.setattr(module, "run_orders", spy)
+    sched = make_schedule("1f1b", 3, 4)
+    assert callers == [False]
+    assert flow_shop("1f1b", 3, 4, [1.0] * 3, [2.0] * 3, [0.0] * 2).step_time == 18.0
+    assert simulate(sched, 1, 2, blocking=True).step_time == 18.0
+    assert callers == [False, False, True]
+
+
+@settings(max_examples=80, deadline=None)
+@given(any_schedule(), st.data())
+def test_flow_shop_equals_the_simulator_float_for_float(
+    sched: Schedule, data: st.DataObject
+) -> None:
+    """Generated lists send each tensor right after the compute that made it, so the compute
+    orders alone (what the flow shop and the placement run) give the simulator's times."""
+    s, m, ranks = sched.num_stages, sched.num_micro_batch, sched.num_ranks
+    times = st.floats(0, 5)
+    fwd, bwd = (data.draw(st.lists(times, min_size=s, max_size=s)) for _ in range(2))
+    link = data.draw(st.lists(times, min_size=s - 1, max_size=s - 1))
+    ref = simulate(sched, fwd, bwd, link)
+    fast = flow_shop(sched.name, ranks, m, fwd, bwd, link)
+    finish = tuple(max(t.end for t in row if t.action.is_compute) for row in ref.timeline)
+    assert (fast.step_time, fast.finish, fast.busy) == (ref.step_time, finish, ref.per_rank_busy)
+    orders = compute_orders(sched.name, s, m, ranks)
+    starts = run_orders(orders, sched.stage_to_rank, m, fwd, bwd, link).start
+    assert [list(row) for row in starts] == [
+        [t.start for t in row if t.action.is_compute] for row in ref.timeline
+    ]
+
+
 # --- text form and printer ---------------------------------------------------------------------
 
 
@@ -256,6 +300,15 @@ def broken(old: str, new: str) -> Schedule:
 
 def test_good_hand_written_schedule() -> None:
     assert parse_schedule(GOOD) == make_schedule("1f1b", 2, 3)
+
+
+def test_a_late_send_delays_its_receiver() -> None:
+    """The simulator sends where the list says, not when the tensor is made."""
+    late = broken("0SA0 0F1", "0F1 0SA0")
+    on_time, delayed = simulate(parse_schedule(GOOD), 1, 2), simulate(late, 1, 2)
+    assert (on_time.timeline[1][1].start, on_time.step_time) == (1.0, 12.0)
+    assert str(delayed.timeline[1][1].action) == "1F0"
+    assert (delayed.timeline[1][1].start, delayed.step_time) == (2.0, 13.0)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
-"""A fast interpreter of pipeline schedules for the search: step time and memory, no Action objects.
+"""Pipeline schedules for the search: step time and memory from compute orders, no Action objects.
 
-:func:`whale.planner.schedules.simulator.simulate` replays every send and receive; the planner scores
-thousands of candidate pipelines and needs the same numbers faster. With async p2p (the
+:func:`whale.planner.schedules.simulator.simulate` replays every send and receive; the planner
+scores thousands of candidate pipelines and needs the same numbers faster. With async p2p (the
 simulator's default) a compute starts when its rank is free and its input has arrived: the end
 of the producing compute on the other rank plus the transfer time. The step is then a flow shop
-over the compute orders alone, which this module runs over plain integers. Its results equal
-the simulator's (``tests/test_search.py`` checks all schedules on random times).
+over the compute orders alone, which :func:`flow_shop` runs in the simulator's own loop
+(:func:`~.simulator.run_orders`) over plain tuples. Its results equal the simulator's
+(``tests/test_search.py`` checks all schedules on random times).
 
 Peak activation memory does not depend on timing at all: a rank holds a stage's activations
 from its forward to its backward, and the order of its computes is fixed by the schedule.
@@ -21,6 +22,7 @@ import numpy as np
 
 from ...ir.schedule import ActionKind
 from .generate import _GENERATORS
+from .simulator import run_orders
 
 __all__ = [
     "FlowShopResult",
@@ -84,47 +86,10 @@ def flow_shop(
     """
     stages = len(forward)
     orders = compute_orders(schedule, stages, num_micro_batch, num_ranks)
-    end_f = [[-1.0] * num_micro_batch for _ in range(stages)]
-    end_b = [[-1.0] * num_micro_batch for _ in range(stages)]
-    clock = [0.0] * num_ranks
-    busy = [0.0] * num_ranks
-    last = [0.0] * num_ranks
-    head = [0] * num_ranks
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for rank in range(num_ranks):
-            order, h, now = orders[rank], head[rank], clock[rank]
-            n = len(order)
-            while h < n:
-                fwd, s, i = order[h]
-                if fwd:
-                    ready = 0.0
-                    if s and (s - 1) % num_ranks != rank:
-                        dep = end_f[s - 1][i]
-                        if dep < 0:
-                            break
-                        ready = dep + p2p[s - 1]
-                    cost = forward[s]
-                else:
-                    ready = 0.0
-                    if s < stages - 1 and (s + 1) % num_ranks != rank:
-                        dep = end_b[s + 1][i]
-                        if dep < 0:
-                            break
-                        ready = dep + p2p[s]
-                    cost = backward[s]
-                now = (now if now > ready else ready) + cost  # noqa: FURB136 (no call in the hot loop)
-                (end_f if fwd else end_b)[s][i] = now
-                busy[rank] += cost
-                last[rank] = cost
-                h += 1
-            if h != head[rank]:
-                remaining -= h - head[rank]
-                head[rank], clock[rank] = h, now
-                progressed = True
-        assert progressed, "flow shop stalled: the schedule's compute orders cannot run"
-    return FlowShopResult(max(clock), tuple(clock), tuple(busy), tuple(last))
+    place = [s % num_ranks for s in range(stages)]
+    run = run_orders(orders, place, num_micro_batch, forward, backward, p2p)
+    last = tuple((forward if fwd else backward)[s] for fwd, s, _ in (o[-1] for o in orders))
+    return FlowShopResult(max(run.finish), run.finish, run.busy, last)
 
 
 @functools.lru_cache(maxsize=512)

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...ir.schedule import _B, _F, _RA, _RG, _SA, _SG, SCHEDULE_NAMES, Action, ActionKind, Schedule, _check_int
+from ...ir.schedule import (
+    _B,
+    _F,
+    _SA,
+    _SG,
+    SCHEDULE_NAMES,
+    Action,
+    ActionKind,
+    Schedule,
+    _check_int,
+)
+from .simulator import run_orders
 
 __all__ = ["make_schedule"]
 
@@ -61,7 +72,7 @@ _GENERATORS: dict[str, Callable[[int, int, int, int], _Order]] = {
 }
 assert tuple(_GENERATORS) == SCHEDULE_NAMES
 # Unit costs used only to place sends/receives; backward ~ 2x forward is the usual ratio.
-_PLACEMENT_COST = {_F: 1, _B: 2}
+_PLACEMENT_FORWARD, _PLACEMENT_BACKWARD = 1, 2
 
 
 def make_schedule(
@@ -116,64 +127,47 @@ def make_schedule(
     ranks = num_stages if num_ranks is None else num_ranks
     stage_to_rank = tuple(s % ranks for s in range(num_stages))
     orders = [_GENERATORS[name](r, num_stages, num_micro_batch, ranks) for r in range(ranks)]
-    return Schedule(
-        name, num_stages, num_micro_batch, stage_to_rank, _place_p2p(orders, stage_to_rank)
-    )
+    actions = _place_p2p(orders, stage_to_rank, num_micro_batch)
+    return Schedule(name, num_stages, num_micro_batch, stage_to_rank, actions)
 
 
 def _place_p2p(
-    orders: list[_Order], stage_to_rank: tuple[int, ...]
+    orders: list[_Order], stage_to_rank: tuple[int, ...], num_micro_batch: int
 ) -> tuple[tuple[Action, ...], ...]:
     """Insert sends/receives into per-rank compute orders, deadlock-free under blocking p2p.
 
-    Runs the compute orders with unit costs, then sorts every compute (at its start) and every
-    send/receive pair (at the end of the compute that produced the tensor) into one global order;
-    each rank's list is its part of that order. Executing the global order event by event never
-    finds a send without its receive at the head of the peer's list, so rendezvous p2p cannot
-    deadlock, and every receive sits before the compute that needs it.
+    Runs the compute orders with unit costs in the simulator's :func:`~.simulator.run_orders`,
+    then sorts every compute (at its start) and every send/receive pair (at the end of the
+    compute that produced the tensor) into one global order; each rank's list is its part of
+    that order. Executing the global order event by event never finds a send without its receive
+    at the head of the peer's list, so rendezvous p2p cannot deadlock, and every receive sits
+    before the compute that needs it.
     """
     num_stages = len(stage_to_rank)
-    end: dict[tuple[ActionKind, int, int], int] = {}
-    events: list[tuple[tuple[int, int, int, int, int], list[tuple[int, Action]]]] = []
-    clock = [0] * len(orders)
-    head = [0] * len(orders)
-    remaining = sum(len(order) for order in orders)
-    while remaining:
-        progressed = False
-        for rank, order in enumerate(orders):
-            while head[rank] < len(order):
-                action = order[head[rank]]
-                stage, micro_batch = action.stage, action.micro_batch
-                if action.kind is _F:
-                    deps = [(_F, stage - 1, micro_batch)] if stage else []
-                else:
-                    deps = [(_F, stage, micro_batch)]
-                    deps += [(_B, stage + 1, micro_batch)] if stage < num_stages - 1 else []
-                if any(dep not in end for dep in deps):
-                    break
-                start = max([clock[rank]] + [end[dep] for dep in deps])
-                clock[rank] = end[(action.kind, stage, micro_batch)] = (
-                    start + _PLACEMENT_COST[action.kind]
+    run = run_orders(
+        [[(action.kind is _F, action.stage, action.micro_batch) for action in o] for o in orders],
+        stage_to_rank,
+        num_micro_batch,
+        [_PLACEMENT_FORWARD] * num_stages,
+        [_PLACEMENT_BACKWARD] * num_stages,
+        [0] * (num_stages - 1),
+    )
+    events: list[tuple[tuple[float, int, int, int, int], list[tuple[int, Action]]]] = []
+    for rank, (order, starts) in enumerate(zip(orders, run.start)):
+        for action, start in zip(order, starts):
+            # At equal times a send/receive pair (0) goes before a compute (1).
+            events.append(((start, 1, rank, 0, 0), [(rank, action)]))
+            forward, stage = action.kind is _F, action.stage
+            peer = stage + 1 if forward else stage - 1
+            if 0 <= peer < num_stages and stage_to_rank[peer] != rank:
+                end = start + (_PLACEMENT_FORWARD if forward else _PLACEMENT_BACKWARD)
+                send = Action(_SA if forward else _SG, stage, action.micro_batch)
+                events.append(
+                    (
+                        (end, 0, stage, int(not forward), action.micro_batch),
+                        [(rank, send), (stage_to_rank[peer], send.matching())],
+                    )
                 )
-                # At equal times a send/receive pair (0) goes before a compute (1).
-                events.append(((start, 1, rank, 0, 0), [(rank, action)]))
-                head[rank] += 1
-                remaining -= 1
-                progressed = True
-        assert progressed, f"compute orders cannot run: {orders}"
-    for (kind, stage, micro_batch), time in end.items():
-        peer = stage + 1 if kind is _F else stage - 1
-        if not 0 <= peer < num_stages:
-            continue
-        send = Action(_SA if kind is _F else _SG, stage, micro_batch)
-        src, dst = stage_to_rank[stage], stage_to_rank[peer]
-        if src != dst:
-            events.append(
-                (
-                    (time, 0, stage, int(kind is _B), micro_batch),
-                    [(src, send), (dst, send.matching())],
-                )
-            )
     lists: list[list[Action]] = [[] for _ in orders]
     for _, placed in sorted(events, key=lambda event: event[0]):
         for rank, action in placed:

@@ -9,6 +9,10 @@ and backward of each stage and per transfer between adjacent stages. Two p2p mod
   not matter, and the step time is that of the compute orders alone (a flow shop).
 * blocking (pessimistic): a send and its receive are a rendezvous; both ranks wait until both
   are posted, then for the transfer. A sender also waits while its receiver finishes a compute.
+
+One loop, :func:`run_orders`, advances the ranks' clocks for every prediction: these action
+lists, the search's flow shop over compute orders (:mod:`.flow_shop`) and the unit-time run that
+places sends and receives in :func:`~.generate.make_schedule`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from ...ir.schedule import _B, _F, _RA, _RG, _SA, _SG, Action, ActionKind, Schedule
 from ...ir.schedule_check import validate
-from ...ir.schedule import Action, ActionKind, Schedule
 
-__all__ = ["SimResult", "TimedAction", "render_table", "simulate"]
-
-_F, _B = ActionKind.FORWARD, ActionKind.BACKWARD
+__all__ = [
+    "Item",
+    "OrderTimes",
+    "SimResult",
+    "TimedAction",
+    "render_table",
+    "run_orders",
+    "simulate",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +106,128 @@ def _per_index(
     return tuple(float(v) for v in values)
 
 
+Item = tuple[bool | ActionKind, int, int]
+"""One entry of a rank's order: ``(is_forward, stage, micro_batch)`` for a compute, or
+``(kind, stage, micro_batch)`` with the :class:`ActionKind` of a send or receive."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderTimes:
+    """What :func:`run_orders` found: when each item began, when each rank finished and worked."""
+
+    start: tuple[list[float], ...]
+    """Per rank, per item of its order: a compute's start, or when a send or receive was posted."""
+
+    finish: tuple[float, ...]
+    """Per rank, its clock after its last item."""
+
+    busy: tuple[float, ...]
+    """Per rank, the time it spent computing."""
+
+
+def run_orders(
+    orders: Sequence[Sequence[Item]],
+    stage_to_rank: Sequence[int],
+    num_micro_batch: int,
+    forward: Sequence[float],
+    backward: Sequence[float],
+    link: Sequence[float],
+    *,
+    p2p_listed: bool = False,
+    blocking: bool = False,
+) -> OrderTimes:
+    """Run per-rank orders with per-stage times: the one event loop behind every prediction.
+
+    :func:`simulate` runs a schedule's action lists here, the search's
+    :func:`~.flow_shop.flow_shop` the generators' compute orders, and
+    :func:`~.generate.make_schedule` the same orders with unit times to place sends and receives.
+    A compute starts when its rank is free and its input has arrived: ``link`` after it was sent
+    (a tensor made on the same rank is there at once). Nothing is checked; orders that cannot
+    run fail an assertion.
+
+    Args:
+        orders: per rank, its :data:`Item` s in order.
+        stage_to_rank: the rank of each stage.
+        num_micro_batch: micro-batches.
+        forward: one micro-batch's forward time per stage.
+        backward: one micro-batch's backward time per stage.
+        link: transfer time per boundary (entry ``s`` between stages ``s`` and ``s + 1``).
+        p2p_listed: the orders hold the sends and receives, and a tensor is sent when its rank
+            reaches the send; otherwise they hold computes only, each sending at its end.
+        blocking: a send and its receive are a rendezvous (needs ``p2p_listed``; see the
+            module docstring); otherwise posting them costs the rank nothing.
+
+    Example::
+
+        >>> run_orders([[(True, 0, 0), (False, 0, 0)]], (0,), 1, [1.0], [2.0], []).finish
+        (3.0,)
+    """
+    end_f = [[-1.0] * num_micro_batch for _ in forward]
+    end_b = [[-1.0] * num_micro_batch for _ in forward]
+    # Indexed by the sending stage; unlisted sends leave when their producer ends.
+    sent_f, sent_b = end_f, end_b
+    if p2p_listed:
+        sent_f, sent_b, got_f, got_b = (
+            [[-1.0] * num_micro_batch for _ in forward] for _ in range(4)
+        )
+        # Per kind: sending stage and boundary relative to the action's stage, its side, the other.
+        slots = {
+            _SA: (0, 0, sent_f, got_f),
+            _RA: (-1, -1, got_f, sent_f),
+            _SG: (0, -1, sent_b, got_b),
+            _RG: (1, 0, got_b, sent_b),
+        }
+    last_stage, place, num_ranks = len(forward) - 1, stage_to_rank, len(orders)
+    clock, busy, head = [0.0] * num_ranks, [0.0] * num_ranks, [0] * num_ranks
+    start = tuple([0.0] * len(order) for order in orders)
+    remaining = sum(len(order) for order in orders)
+    while remaining:
+        before = remaining
+        for rank in range(num_ranks):
+            order, at, now, work = orders[rank], start[rank], clock[rank], busy[rank]
+            first = h = head[rank]
+            n = len(order)
+            # Conditional expressions instead of max(): no call in the hot loop.
+            while h < n:
+                code, s, i = order[h]
+                if code is True:
+                    ready = 0.0
+                    if s and place[s - 1] != rank:
+                        dep = sent_f[s - 1][i]
+                        if dep < 0:
+                            break
+                        ready = dep + link[s - 1]
+                    cost = forward[s]
+                    at[h] = begin = now if now > ready else ready  # noqa: FURB136
+                    now = end_f[s][i] = begin + cost
+                    work += cost
+                elif code is False:
+                    ready = 0.0
+                    if s < last_stage and place[s + 1] != rank:
+                        dep = sent_b[s + 1][i]
+                        if dep < 0:
+                            break
+                        ready = dep + link[s]
+                    cost = backward[s]
+                    at[h] = begin = now if now > ready else ready  # noqa: FURB136
+                    now = end_b[s][i] = begin + cost
+                    work += cost
+                else:
+                    shift, edge, mine, theirs = slots[code]
+                    at[h] = mine[s + shift][i] = now
+                    if blocking:
+                        other = theirs[s + shift][i]
+                        if other < 0:
+                            break
+                        now = (now if now > other else other) + link[s + edge]  # noqa: FURB136
+                h += 1
+            if h != first:
+                remaining -= h - first
+                head[rank], clock[rank], busy[rank] = h, now, work
+        assert remaining < before, "the orders cannot run: some rank waits for a tensor never sent"
+    return OrderTimes(start, tuple(clock), tuple(busy))
+
+
 def simulate(
     schedule: Schedule,
     forward_time: float | Sequence[float],
@@ -129,76 +261,57 @@ def simulate(
         _B: _per_index(backward_time, stages, "backward_time", "stage"),
     }
     link = _per_index(p2p_time, stages - 1, "p2p_time", "boundary between stages")
-    # Keyed by the send action: [send posted, receive posted].
-    posted: dict[Action, list[float | None]] = {}
+    orders = [
+        [(a.kind is _F if a.is_compute else a.kind, a.stage, a.micro_batch) for a in actions]
+        for actions in lists
+    ]
+    run = run_orders(
+        orders,
+        schedule.stage_to_rank,
+        schedule.num_micro_batch,
+        cost[_F],
+        cost[_B],
+        link,
+        p2p_listed=True,
+        blocking=blocking,
+    )
+    posted = {
+        action: at
+        for actions, starts in zip(lists, run.start)
+        for action, at in zip(actions, starts)
+        if not action.is_compute
+    }
 
-    def arrival(send: Action) -> float | None:
-        """When the tensor of ``send`` is at the receiver, or None if not known yet."""
-        sent, received = posted.get(send, (None, None))
-        if sent is None or (blocking and received is None):
-            return None
-        start = max(sent, received) if blocking and received is not None else sent
+    def arrival(send: Action) -> float:
+        """When the tensor of ``send`` is at the receiver."""
+        sent = posted[send]
+        if blocking:
+            sent = max(sent, posted[send.matching()])
         # Boundary s lies between stages s and s + 1.
-        return start + link[send.stage if send.kind is ActionKind.SEND_ACT else send.stage - 1]
+        return sent + link[send.stage if send.kind is _SA else send.stage - 1]
 
-    num_ranks = len(lists)
-    clock = [0.0] * num_ranks
-    busy = [0.0] * num_ranks
-    held, peak = [0] * num_ranks, [0] * num_ranks
-    head = [0] * num_ranks
-    timeline: list[list[list]] = [[] for _ in lists]
-    remaining = sum(len(actions) for actions in lists)
-    while remaining:
-        progressed = False
-        for rank, actions in enumerate(lists):
-            while head[rank] < len(actions):
-                action = actions[head[rank]]
-                if action.is_compute:
-                    receive = schedule.input_receive(action)
-                    send = None if receive is None else receive.matching()
-                    ready = 0.0 if send is None else arrival(send)
-                    if ready is None:
-                        break
-                    start = max(clock[rank], ready)
-                    clock[rank] = start + cost[action.kind][action.stage]
-                    busy[rank] += cost[action.kind][action.stage]
-                    held[rank] += 1 if action.kind is _F else -1
-                    peak[rank] = max(peak[rank], held[rank])
-                    timeline[rank].append([action, start, clock[rank]])
-                else:
-                    send = action if action.is_send else action.matching()
-                    times = posted.setdefault(send, [None, None])
-                    side = 0 if action.is_send else 1
-                    if times[side] is None:
-                        times[side] = clock[rank]
-                    done = arrival(send)
-                    if blocking:
-                        if done is None:
-                            break
-                        clock[rank] = done
-                    # With async p2p a receive posted before its send gets its end below.
-                    timeline[rank].append([action, times[side], done])
-                head[rank] += 1
-                remaining -= 1
-                progressed = True
-        # validate() proved the lists finish under rendezvous p2p, which is stricter than async.
-        assert progressed, "simulation stalled on a validated schedule"
-    step_time = max(clock, default=0.0)
-    frozen = []
-    for rank_timeline in timeline:
-        entries = []
-        for action, start, end in rank_timeline:
-            if end is None:
-                end = arrival(action if action.is_send else action.matching())
-            entries.append(TimedAction(action, start, max(start, end)))
-        frozen.append(tuple(entries))
-    idle = tuple(step_time - b for b in busy)
+    timeline, peak = [], []
+    for actions, starts in zip(lists, run.start):
+        entries, held, most = [], 0, 0
+        for action, start in zip(actions, starts):
+            if action.is_compute:
+                # The same sum as in run_orders, so the end is its end exactly.
+                end = start + cost[action.kind][action.stage]
+                held += 1 if action.kind is _F else -1
+                most = max(most, held)
+            else:
+                end = max(start, arrival(action if action.is_send else action.matching()))
+            entries.append(TimedAction(action, start, end))
+        timeline.append(tuple(entries))
+        peak.append(most)
+    step_time = max(run.finish)
+    idle = tuple(step_time - b for b in run.busy)
     return SimResult(
         step_time=step_time,
-        bubble_fraction=sum(idle) / (num_ranks * step_time) if step_time > 0 else 0.0,
-        per_rank_busy=tuple(busy),
+        bubble_fraction=sum(idle) / (len(lists) * step_time) if step_time > 0 else 0.0,
+        per_rank_busy=run.busy,
         per_rank_idle=idle,
-        timeline=tuple(frozen),
+        timeline=tuple(timeline),
         peak_in_flight=tuple(peak),
     )
 
