@@ -91,6 +91,18 @@ class Config:
     broadcast_buffers: bool = True
     """Send rank 0's buffers (e.g. BatchNorm statistics) to all replicas before each step, as DDP."""
 
+    sync_batch_norm: bool = False
+    """Data parallel: BatchNorm1d/2d/3d layers normalize by the statistics of the global batch
+    (all replicas' rows, uneven rows included) and update their running statistics as the local
+    model does on it; one small all-reduce per layer forward and one backward, over the
+    data-parallel ranks (gloo or NCCL). Off, each replica normalizes its own rows (as DDP) and
+    whale warns. The user's model is not modified: the program holds copies of the modules on
+    the path to each BatchNorm, sharing every parameter and buffer. With ``num_micro_batch > 1``
+    each micro-batch is normalized over the replicas' micro-batches of that index (the local
+    model accumulating gradients over those micro-batches, not one pass over the whole batch).
+    In training mode a forward communicates: call ``program.eval()`` before inference on one
+    rank. Not with pipeline stages or ``split`` parts (refused)."""
+
     schedule: str = "1f1b"
     """Pipeline schedule: ``"1f1b"`` (Whale's backward-first), ``"gpipe"`` or ``"interleaved_1f1b"``."""
 
@@ -187,7 +199,7 @@ class Config:
                     "e.g. {'lm_head': [3, 1]}"
                 )
             object.__setattr__(self, "shard_sizes", _FrozenSizes(self.shard_sizes))
-        for name in ("broadcast_buffers", "shared_memory"):
+        for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
 
