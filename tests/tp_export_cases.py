@@ -18,7 +18,7 @@ import torch.distributed as dist
 import whale as wh
 from tests.hf_models import BUILDERS
 from whale.capture import capture
-from whale.rewrite import shard_model
+from whale.rewrite import TensorParallelAnalysis, shard_model
 
 _ADAM_EPS = 1e-6  # as tests/tp_cases.py: a round-off-sized gradient must not become an lr-sized step
 _LR = 1e-2
@@ -48,16 +48,23 @@ def family(name: str, uneven: bool) -> dict:
     scopes, sizes = SPLITS[name]
     wh.annotate(case.model, {s: wh.split() for s in scopes})
     kwargs = _kwargs(name, case.inputs)
-    sharded = shard_model(case.model, capture(case.model, (), example_kwargs=kwargs),
-                          shard_sizes=sizes if uneven else None, loss_fn=case.loss_fn)
+    captured = capture(case.model, (), example_kwargs=kwargs)
+    sharded = shard_model(case.model, captured, shard_sizes=sizes if uneven else None, loss_fn=case.loss_fn)
+    out = {"fallbacks": sharded.plan.fallbacks, "sizes": dict(sharded.sizes),
+           "regions": {r.name: (r.kind, r.num_atoms) for r in sharded.plan.regions},
+           "decisions": {d.path: (d.kind, d.layout.blocks if d.layout else 1) for d in sharded.plan.modules.values()},
+           "sharded": sorted(sharded.full_specs), "batch_dynamic": _other_batch_error(name, case, sharded, reference)}
+    if name == "llama" and dist.get_rank() == 0:  # 4 ranks cannot share 2 kv heads
+        try:
+            TensorParallelAnalysis(4)(case.model, captured)
+        except ValueError as err:
+            out["four_ranks"] = str(err)
     params = dict(sharded.module.named_parameters())
     opt = torch.optim.AdamW(params.values(), lr=_LR, eps=_ADAM_EPS)
     output = sharded.module(**kwargs)
     loss = (sharded.loss_fn or case.loss_fn)(output, case.target)
     loss.backward()
-    out = {"loss": loss.item(), "fallbacks": sharded.plan.fallbacks, "sizes": dict(sharded.sizes),
-           "regions": {r.name: (r.kind, r.num_atoms) for r in sharded.plan.regions},
-           "sharded": sorted(sharded.full_specs), "logits_width": output.logits.shape[-1]}
+    out.update(loss=loss.item(), logits_width=output.logits.shape[-1])
     out["grads"] = sharded.gather_full({n: p.grad for n, p in params.items()})
     opt.step()
     out["params"] = sharded.full_state_dict()
@@ -73,6 +80,18 @@ def family(name: str, uneven: bool) -> dict:
     else:
         out["grads"] = out["params"] = None
     return out
+
+
+def _other_batch_error(name: str, case, sharded, reference) -> float:
+    """Max |logits - local logits| on a batch of another size than the captured one (this
+    rank's classes where the logits stay sharded)."""
+    half = {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in _kwargs(name, case.inputs).items()}
+    with torch.no_grad():
+        got, want = sharded.module(**half).logits, reference(**half).logits
+    if got.shape[-1] != want.shape[-1]:
+        counts = sharded.sizes["lm_head"]
+        want = want[..., sum(counts[: sharded.rank]) : sum(counts[: sharded.rank + 1])]
+    return (got - want).abs().max().item()
 
 
 def families(names: list[str], uneven: bool) -> dict:
