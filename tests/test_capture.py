@@ -12,6 +12,7 @@ import resource
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -379,9 +380,11 @@ def test_captured_model_helpers():
 def test_capture_rejects_bad_arguments():
     with pytest.raises(ValueError, match="use 'auto', 'fx' or 'export'"):
         capture(nn.Linear(2, 2), torch.randn(1, 2), frontend="jit")
-    with pytest.raises(TypeError, match="example_inputs is a tensor or a tuple"):
+    with pytest.raises(TypeError, match="example_inputs is a tensor, a tuple .* or a dict"):
+        capture(nn.Linear(2, 2), 3)
+    with pytest.raises(ValueError, match=r"keyword input 'x' is not a parameter of Linear.forward\(input\)"):
         capture(nn.Linear(2, 2), {"x": torch.randn(1, 2)})
-    with pytest.raises(TypeError, match=r"do not fit forward\(x, scale=None\)"):
+    with pytest.raises(ValueError, match=r"do not fit OptionalScale.forward\(x, scale=None\)"):
         capture(OptionalScale(), (torch.randn(1, 4), None, 3))
 
 
@@ -481,3 +484,138 @@ def test_bert_captures_with_analytic_flops():
         assert sum(n.flops for n in nodes_in(c, f"encoder.layer.{i}")) == per_layer
     assert c.total_flops == 2 * per_layer + 2 * B * H * H  # + the pooler's dense on [CLS]
     assert c.total_param_bytes == sum(p.numel() for p in model.parameters()) * F32
+
+
+def test_untraceable_forward_under_parallelize_names_both_reasons_and_what_still_works(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    staged = wh.annotate(DataDependent(), {"fc": wh.stage(), "gate": wh.stage()})
+    with pytest.raises(ValueError) as info:
+        wh.parallelize(staged, loss_fn=F.mse_loss, example_inputs=torch.randn(4, 4))
+    msg = str(info.value)
+    assert "pipeline stages are cut from the captured graph" in msg
+    assert "fx: TraceError" in msg and "export: " in msg and "h.sum().item() > 0" in msg
+    assert "plain data parallel still works" in msg and "split()" in msg
+    # Plain data parallel needs no graph: it is built, with a warning saying why.
+    with pytest.warns(UserWarning, match="could not capture DataDependent"):
+        program = wh.parallelize(DataDependent(), loss_fn=F.mse_loss, example_inputs=torch.randn(4, 4))
+    assert program.plan.rows(4) == (2, 2)
+
+
+# --------------------------------------------------------------------- the model stays the user's
+
+
+class UpdatesState(nn.Module):
+    """Updates state in forward: a step counter buffer (reassigned), running statistics (in
+    place) and a Python counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("stats", torch.ones(4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.count += 1
+        self.stats.mul_(0.9).add_(0.1 * x.mean(0).detach())
+        self.calls += 1
+        return self.fc(x) * self.stats
+
+
+def _state_of(model):
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {n: (id(t), type(t), t.detach().clone()) for n, t in named}, dict(vars(model))
+
+
+def _assert_untouched(model, before):
+    tensors, attrs = before
+    now, now_attrs = _state_of(model)
+    assert now.keys() == tensors.keys()
+    for name, (ident, kind, value) in tensors.items():
+        assert now[name][:2] == (ident, kind), f"capture replaced {name}"
+        assert torch.equal(now[name][2], value), f"capture changed {name}"
+    assert now_attrs.keys() == attrs.keys() and all(now_attrs[k] is attrs[k] for k in attrs)
+
+
+def test_a_forward_that_updates_buffers_is_captured_by_export_and_the_model_is_untouched():
+    torch.manual_seed(0)
+    model, x = UpdatesState(), torch.randn(3, 4)
+    reference = copy.deepcopy(model)
+    before = _state_of(model)
+    with pytest.raises(CaptureError, match=r"assigns module state \['count'\]"):
+        capture(model, x, frontend="fx")
+    _assert_untouched(model, before)  # no fx Proxy left in the buffer
+    c = capture(model, x)
+    _assert_untouched(model, before)
+    assert c.frontend == "export" and model.calls == 0
+    # The graph carries both updates: two steps move the buffers as two eager steps do.
+    for rows in (3, 5):
+        batch = torch.randn(rows, 4)
+        torch.testing.assert_close(c.graph_module(batch), reference(batch), rtol=0, atol=0)
+    assert int(c.graph_module.count) == int(reference.count) == 2
+    torch.testing.assert_close(c.graph_module.stats, reference.stats, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ inputs and outputs of the graph
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):
+        y = self.fc(x)
+        if scale is not None:
+            y = y * scale
+        return {"y": y, "pair": (y, y.sum(-1))}
+
+
+def _flat_run(gm, flat):
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # default codegen: flat placeholders in
+    return torch.utils._pytree.tree_leaves(torch.fx.GraphModule(gm, graph)(*flat))
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_flatten_inputs_and_unflatten_output_round_trip(frontend):
+    model, x = DictOut(), torch.randn(3, 4)
+    c = capture(model, {"x": x, "scale": None}, frontend=frontend)
+    for rows in (1, 6):
+        batch = torch.randn(rows, 4)
+        flat = c.flatten_inputs((batch,), {})
+        assert c.flatten_inputs((), {"x": batch}) == flat and flat[0] is batch
+        out = c.unflatten_output(_flat_run(c.graph_module, flat))
+        ref = model(batch)
+        assert out.keys() == ref.keys() and isinstance(out["pair"], tuple)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scale"):
+        c.flatten_inputs((x,), {"scale": torch.ones(4)})
+
+
+def test_fx_model_flat_output_is_the_single_tensor():
+    torch.manual_seed(0)
+    model, x = TinyGPT(), torch.randint(0, 64, (2, 16))
+    c = capture(model, x, frontend="fx")
+    assert c.flatten_inputs((x,), {}) == (x,) and c.input_defaults == {} and c.fixed_rows is None
+    out = c.unflatten_output(_flat_run(c.graph_module, (x,)))
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_export_keeps_the_batch_dynamic_or_says_why_not():
+    class FixedRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("row_scale", torch.ones(4, 1))
+
+        def forward(self, x):
+            return self.fc(x) * self.row_scale  # (B, 4) * (4, 1): only B == 4 broadcasts
+
+    assert capture(nn.Linear(4, 4), torch.randn(4, 4), frontend="export").fixed_rows is None
+    with pytest.warns(UserWarning, match=r"(?s)dimension 0 of FixedRows's inputs \['x'\].*constant \(4\)"
+                                         r".*runs only on batches of 4 rows"):
+        c = capture(FixedRows(), torch.randn(4, 4), frontend="export")
+    assert c.fixed_rows == 4 and "batch fixed at 4 rows" in c.summary()
+    with pytest.warns(UserWarning, match="give an example batch of 2 or more rows"):
+        assert capture(nn.Linear(4, 4), torch.randn(1, 4), frontend="export").fixed_rows == 1

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .capture import CaptureError, CapturedModel, capture, module_annotation_map
+from .capture import CaptureError, CapturedModel, capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.plan import Plan
 from .ir.topology import Cluster
@@ -44,12 +44,18 @@ def parallelize(
         model: the local model, annotated inside, by name (``wh.annotate``) or not at all.
         loss_fn: ``loss_fn(output, target) -> scalar``; a mean over rows unless
             ``Config(loss_reduction="sum")``.
-        example_inputs: a global batch of model inputs (tensor or tuple) used to capture the
-            graph and check the plan. Without it, only module-level annotations are seen.
+        example_inputs: a global batch of model inputs used to capture the graph and check
+            the plan: a tensor, a tuple of forward's positional inputs, or a dict of its keyword
+            inputs (``{"input_ids": x, "attention_mask": m}``; ``None`` for an optional input
+            left out). Without it, only module-level annotations are seen.
         config: a :class:`Config` or a mapping of its fields.
 
     Returns:
         The program: ``step``, ``parameters``, ``full_state_dict``, ``load_full_state_dict``.
+
+    Raises:
+        ValueError: example inputs that do not fit forward (naming the keyword and forward's
+            parameters), checked first; annotations or a Config the world cannot run.
 
     Example::
 
@@ -59,6 +65,8 @@ def parallelize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize(model=...) takes an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None:
+        split_example_inputs(model, example_inputs, "parallelize(example_inputs=...)")
     if not callable(loss_fn):
         raise TypeError(f"parallelize(loss_fn=...) must be callable, got {loss_fn!r}")
     if config is None:
@@ -70,7 +78,7 @@ def parallelize(
     world_size, ranks_per_node = _world()
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
     plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
-    rewrite = ProgramRewrite(model, captured, plan, loss_fn)
+    rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
     program = rewrite.build(plan, _rank())
     if plan.num_stages > 1:
@@ -84,10 +92,10 @@ def _capture(model: nn.Module, example_inputs: Any, config: Config):
     scopes: dict[str, tuple] = dict(module_annotation_map(model))
     if example_inputs is None:
         return scopes, None, None, None
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    example_rows = _rows_of(args, config.batch_dim)
+    args, kwargs = split_example_inputs(model, example_inputs, "parallelize(example_inputs=...)")
+    example_rows = _rows_of(args, kwargs, config.batch_dim)
     try:
-        captured = capture(model, args)
+        captured = capture(model, args, example_kwargs=kwargs, batch_dim=config.batch_dim)
     except CaptureError as err:
         return scopes, None, err, example_rows
     for node in captured.nodes:
@@ -174,11 +182,13 @@ def _world() -> tuple[int, int | None]:
     return world, int(local) if local else None
 
 
-def _rows_of(args: tuple, dim: int) -> int:
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() > dim:
-            return a.shape[dim]
+def _rows_of(args: tuple, kwargs: Mapping[str, Any], dim: int) -> int:
+    """Rows of the example batch: dimension ``dim`` of the first tensor input, positional
+    inputs first, then keyword inputs in order (nested tuples and dicts included)."""
+    for value in torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs))):
+        if isinstance(value, torch.Tensor) and value.dim() > dim:
+            return value.shape[dim]
+    given = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
     raise ValueError(
-        f"parallelize(example_inputs=...): no tensor with a batch dimension {dim} among "
-        f"{[type(a).__name__ for a in args]}"
+        f"parallelize(example_inputs=...): no tensor with a batch dimension {dim} among {given}"
     )

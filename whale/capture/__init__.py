@@ -2,5 +2,14 @@
 
 from .errors import CaptureError
 from .graph import CapturedModel, NodeInfo, capture, module_annotation_map
+from .graph_io import GraphIO, split_example_inputs
 
-__all__ = ["CaptureError", "CapturedModel", "NodeInfo", "capture", "module_annotation_map"]
+__all__ = [
+    "CaptureError",
+    "CapturedModel",
+    "GraphIO",
+    "NodeInfo",
+    "capture",
+    "module_annotation_map",
+    "split_example_inputs",
+]

@@ -72,13 +72,21 @@ class CaptureError(ValueError):
                 "Fix: make the marked line traceable (torch.where or torch.cond instead of Python "
                 "control flow on tensor values, no .item()/.tolist() feeding an if)."
             )
+        if any("Cache" in f.error for f in failures):
+            lines.append(
+                "The forward returns a cache object (transformers' use_cache=True): pass "
+                "use_cache=False among the example's keyword inputs, or set "
+                "model.config.use_cache = False; training needs no cache."
+            )
         untried = [name for name in ("fx", "export") if name not in {f.frontend for f in failures}]
         if untried:
             lines.append(f"Or try capture(..., frontend={untried[0]!r}).")
         lines.append(
-            "Module-level annotations (scopes around construction in __init__, and "
-            "wh.annotate(model, {name: ...})) still work for data parallel (replicate), which "
-            "needs no graph; whale.capture.module_annotation_map(model) shows them."
+            "Without a graph, plain data parallel still works: replicate(), and module-level "
+            "annotations (scopes around construction in __init__, wh.annotate(model, "
+            "{name: ...})), need no graph; whale.capture.module_annotation_map(model) shows "
+            "them. Pipeline stages (stage()/pipeline()), split() and Config(auto_parallel=True) "
+            "need the graph."
         )
         return cls("\n".join(lines), failures)
 

@@ -8,23 +8,35 @@ Nothing here merges annotations or decides between front ends; ``graph.capture``
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx import GraphModule, Node
 
 from ..primitives.annotations import EXPORT_META_KEY, Annotation, current_scope
 from .costs import NodeCost, StateIndex, measure_costs
+from .graph_io import (
+    GraphIO,
+    batch_dynamic_shapes,
+    export_graph_io,
+    forward_signature,
+    fx_graph_io,
+    rows_of,
+)
+from .model_state import preserved_state
 
 __all__ = ["Trace", "normalize_module_path", "trace_export", "trace_fx"]
 
 # node.meta key under which the fx tracer records the whale scope active at node creation.
 _FX_SCOPE_KEY = "whale_forward_scope"
+# torch/_export/passes/_node_metadata_hook.py: the nn_module_stack of nodes created outside a module.
+_NO_MODULE_KEY = "_empty_nn_module_stack_from_metadata_hook"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +48,12 @@ class Trace:
     module_paths: Mapping[str, str]  # node name -> innermost owning module ("" = root)
     forward_scopes: Mapping[str, tuple[Annotation, ...]]  # node name -> scopes entered in forward
     costs: Mapping[str, NodeCost]
+    io: GraphIO
+    fixed_rows: int | None = None  # the graph runs only on this many rows; None: any number
+
+
+class StateAssignmentError(RuntimeError):
+    """forward reassigns module state (``self.count += 1`` on a buffer), which fx cannot record."""
 
 
 class _WhaleTracer(torch.fx.Tracer):
@@ -59,19 +77,33 @@ def trace_fx(
     model: nn.Module,
     args: tuple,
     kwargs: Mapping[str, object],
+    defaults: Mapping[str, object] = {},  # noqa: B006 - read only
+    batch_dim: int | None = 0,
 ) -> Trace:
     """Trace with ``torch.fx`` symbolic tracing, then measure on fake tensors.
 
     Inputs that are not tensors (flags, ``None`` for an optional mask) are passed to fx as
     ``concrete_args``, so ``if mask is not None`` takes the branch the example takes instead of
-    the branch a Proxy would take.
+    the branch a Proxy would take. ``defaults`` are keyword inputs capture set for the user
+    (already in ``kwargs``). fx graphs take any number of rows, so ``batch_dim`` needs nothing.
+
+    Raises:
+        StateAssignmentError: forward reassigns a buffer or attribute; fx would drop the update
+            (the model is restored; torch.export records such updates).
     """
     bound = _bind(model, args, kwargs)
     concrete = None
     if bound is not None:
         concrete = {k: v for k, v in bound.items() if not _holds_tensor(v) and _is_leaf_value(v)}
     tracer = _WhaleTracer()
-    graph = tracer.trace(model, concrete_args=concrete or None)
+    with preserved_state(model) as state:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        assigned = state.assigned()
+    if assigned:
+        raise StateAssignmentError(
+            f"forward assigns module state {assigned} (e.g. `self.count += 1` on a buffer); fx "
+            "cannot record an assignment, torch.export records it as a buffer update"
+        )
     gm = GraphModule(tracer.root, graph, type(model).__name__)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -97,23 +129,33 @@ def trace_fx(
     for node in gm.graph.nodes:
         paths[node.name] = _fx_module_path(node, modules)
         scopes[node.name] = node.meta.get(_FX_SCOPE_KEY, ())
-    return Trace(gm, "fx", paths, scopes, costs)
+    io = fx_graph_io(gm, forward_signature(model), bound, concrete or {}, defaults)
+    return Trace(gm, "fx", paths, scopes, costs, io)
 
 
 def trace_export(
     model: nn.Module,
     args: tuple,
     kwargs: Mapping[str, object],
+    defaults: Mapping[str, object] = {},  # noqa: B006 - read only
+    batch_dim: int | None = 0,
 ) -> Trace:
     """Export with ``torch.export.export(strict=False)``; costs use export's own fake values.
+
+    The batch dimension ``batch_dim`` of every tensor input with the example's rows is
+    exported dynamic (``Dim.AUTO``), so the graph runs on any number of rows (micro-batches of
+    any size). Where the model forces one size, the graph keeps the example's rows
+    (``Trace.fixed_rows``) and a warning says why. ``defaults`` are keyword inputs capture set
+    for the user (already in ``kwargs``).
 
     ``preserve_node_meta`` is entered around export because non-strict export only copies
     ``torch.fx.traceback.annotate`` metadata (whale's forward scopes) onto nodes inside it.
     """
     if _on_meta(model):
         args, kwargs = _to_meta(args), _to_meta(dict(kwargs))
-    with torch.fx.traceback.preserve_node_meta():
-        exported = torch.export.export(model, args, dict(kwargs), strict=False)
+    sig = forward_signature(model)
+    args, kwargs = tuple(args), dict(kwargs)
+    exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim)
     gm = exported.module()
     known = frozenset(name for name, _ in model.named_modules(remove_duplicate=False))
     vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -125,7 +167,69 @@ def trace_export(
         paths[node.name] = _export_module_path(node, known)
         custom = node.meta.get("custom") or {}
         scopes[node.name] = tuple(custom.get(EXPORT_META_KEY, ()))
-    return Trace(gm, "export", paths, scopes, costs)
+    io = export_graph_io(gm, sig, defaults, (args, kwargs))
+    return Trace(gm, "export", paths, scopes, costs, io, fixed_rows)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None) -> torch.export.ExportedProgram:
+    with torch.fx.traceback.preserve_node_meta():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _export_batch_dynamic(model, sig, args, kwargs, batch_dim) -> tuple[torch.export.ExportedProgram, int | None]:
+    """Export with a dynamic batch dimension; else the example's rows, saying why."""
+    rows = None if batch_dim is None else rows_of(args, kwargs, batch_dim)
+    if rows is None:
+        return _export(model, args, kwargs), None
+    shapes, marked = batch_dynamic_shapes(sig, args, kwargs, batch_dim, rows)
+    try:
+        exported = _export(model, args, kwargs, shapes)
+    except Exception as exc:  # dynamic export failed where a static one may not
+        exported = _export(model, args, kwargs)
+        _warn_fixed_rows(model, marked, batch_dim, rows, _first_line(exc))
+        return exported, rows
+    inputs = [n for n in exported.graph.nodes if n.op == "placeholder"]
+    user = set(exported.graph_signature.user_inputs)
+    fixed = [
+        n.name for n in inputs
+        if n.name in user and isinstance(n.meta.get("val"), torch.Tensor)
+        and n.meta["val"].dim() > batch_dim and is_concrete_int(n.meta["val"].shape[batch_dim])
+        and int(n.meta["val"].shape[batch_dim]) == rows
+    ]
+    if not fixed:
+        return exported, None
+    if rows == 1:
+        reason = "export fixes a size of 1; give an example batch of 2 or more rows"
+    else:
+        reason = _why_specialised(model, sig, args, kwargs, batch_dim, rows)
+    _warn_fixed_rows(model, fixed, batch_dim, rows, reason)
+    return exported, rows
+
+
+def _why_specialised(model, sig, args, kwargs, batch_dim, rows) -> str:
+    # A named Dim makes export explain the specialisation that Dim.AUTO made silently.
+    shapes, _ = batch_dynamic_shapes(sig, args, kwargs, batch_dim, rows, torch.export.Dim("batch"))
+    try:
+        _export(model, args, kwargs, shapes)
+    except Exception as exc:
+        return _first_line(exc, lines=2).split(" If you're using", 1)[0]
+    return "export specialised it without a reason"
+
+
+def _warn_fixed_rows(model, inputs, batch_dim, rows, reason) -> None:
+    warnings.warn(
+        f"torch.export could not keep dimension {batch_dim} of {type(model).__name__}'s inputs "
+        f"{list(inputs)} dynamic: {reason}\nThe captured graph runs only on batches of {rows} "
+        f"rows, so each pipeline micro-batch must have {rows} rows; make the batch size traceable "
+        "(no size fixed in forward) to lift this. Data parallel, which needs no graph, is not "
+        "affected.",
+        stacklevel=4,
+    )
+
+
+def _first_line(exc: BaseException, lines: int = 1) -> str:
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: " + " ".join(text[:lines])[:400]
 
 
 def normalize_module_path(raw: str, known: frozenset[str] | set[str] = frozenset()) -> str:
@@ -181,6 +285,8 @@ def _export_module_path(node: Node, known: frozenset[str]) -> str:
         # Export's only call_module is its _guards_fn input check, not part of the model.
         return ""
     stack = node.meta.get("nn_module_stack") or {}
+    # Nodes export adds after tracing (sym_size of a dynamic input) carry a "no module" marker.
+    stack = {k: v for k, v in stack.items() if k != _NO_MODULE_KEY}
     if not stack:
         return ""
     raw = next(reversed(stack.values()))[0]
@@ -202,9 +308,8 @@ def _owner(attr: str, modules: frozenset[str]) -> str:
 
 def _bind(model: nn.Module, args: tuple, kwargs: Mapping[str, object]) -> dict | None:
     """forward's arguments by name, defaults applied; None when forward takes *args/**kwargs."""
-    try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError):
+    sig = forward_signature(model)
+    if sig is None:
         return None
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         return None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ from ..primitives.annotations import (
 )
 from .errors import CaptureError, describe_failure, is_whale_usage_error
 from .frontends import Trace, trace_export, trace_fx
+from .graph_io import GraphIO, check_inputs, split_example_inputs, training_defaults
+from .model_state import preserved_state
 
 __all__ = ["CapturedModel", "NodeInfo", "capture", "module_annotation_map"]
 
@@ -55,12 +57,63 @@ class CapturedModel:
 
     ``param_bytes_by_name`` holds every parameter the graph owns once, by canonical name, so
     tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) count once.
+
+    ``io`` says how the model's inputs map onto the graph's placeholders and the graph's
+    outputs back onto the model's output object (:meth:`flatten_inputs`,
+    :meth:`unflatten_output`). ``fixed_rows`` is None when the graph runs on any number of rows
+    (fx graphs; exported graphs with a dynamic batch dimension), else the only row count it
+    takes. ``input_defaults`` are keyword inputs capture set because forward has them and the
+    user left them out (``use_cache=False``: training needs no cache); every call gets them.
     """
 
     graph_module: torch.fx.GraphModule
     frontend: str  # "fx" or "export"
     nodes: tuple[NodeInfo, ...]
     param_bytes_by_name: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    io: GraphIO | None = None
+    fixed_rows: int | None = None
+
+    @property
+    def input_defaults(self) -> Mapping[str, object]:
+        """Keyword inputs capture set for the user (``{"use_cache": False}``), else empty."""
+        return dict(self.io.defaults) if self.io is not None else {}
+
+    def flatten_inputs(self, args: tuple, kwargs: Mapping[str, object]) -> tuple:
+        """The values of the graph's placeholders, in graph order, for ``model(*args, **kwargs)``.
+
+        What the flat graph takes (``torch.fx.Interpreter(graph_module).run(*flat)``, or a
+        pipeline's first stage): for an exported graph the pytree leaves of the inputs in the
+        layout it was exported with, ``input_defaults`` added; for fx the bound forward argument
+        of each placeholder, defaults applied. Positional and keyword spellings of one input are
+        the same call.
+
+        Raises:
+            ValueError: the inputs do not fit forward or the example's layout (an input the
+                example did not have, one it had missing, a fixed non-tensor input changed).
+
+        Example::
+
+            flat = captured.flatten_inputs((), {"input_ids": x, "attention_mask": m})
+            out = captured.unflatten_output(torch.fx.Interpreter(captured.graph_module).run(*flat))
+        """
+        if self.io is None:  # a graph made by a pass, not by capture: fed positionally
+            return (*args, *kwargs.values())
+        return self.io.flatten_inputs(tuple(args), dict(kwargs))
+
+    def unflatten_output(self, flat: Sequence[Any]) -> Any:
+        """The model's output object (a tensor, a dict, ``CausalLMOutputWithPast`` with
+        ``.logits``, ...) from the graph's flat outputs.
+
+        ``flat`` is ``torch.utils._pytree.tree_leaves`` of what the graph's output node returns:
+        an exported graph's output tuple as it is; for fx, whose output node already holds the
+        model's structure, the leaves of it (a single tensor output is ``(tensor,)``).
+
+        Raises:
+            ValueError: ``flat`` has another number of values than the graph returns.
+        """
+        if self.io is None:
+            return flat[0] if len(flat) == 1 else tuple(flat)
+        return self.io.unflatten_output(flat)
 
     @property
     def total_flops(self) -> int:
@@ -111,6 +164,11 @@ class CapturedModel:
             f"{self.total_param_bytes / byte_scale:.2f} {byte_unit} parameters, "
             f"{act_bytes / byte_scale:.2f} {byte_unit} activations"
         )
+        if self.input_defaults:
+            set_ = ", ".join(f"{k}={v!r}" for k, v in self.input_defaults.items())
+            head += f"; with {set_} (set by capture: training needs no cache)"
+        if self.fixed_rows is not None:
+            head += f"; batch fixed at {self.fixed_rows} rows"
         rows = [("module", "nodes", flop_unit, f"param {byte_unit}", f"act {byte_unit}", "annotations")]
         for key, group in groups.items():
             rows.append(
@@ -137,6 +195,7 @@ def capture(
     *,
     frontend: str = "auto",
     example_kwargs: Mapping[str, object] | None = None,
+    batch_dim: int | None = 0,
 ) -> CapturedModel:
     """Trace ``model`` into a graph whose nodes carry whale annotations, shapes and costs.
 
@@ -145,18 +204,30 @@ def capture(
 
     Args:
         model: the (possibly annotated) model.
-        example_inputs: positional arguments of ``forward``; a single tensor is wrapped.
+        example_inputs: a tensor (the one positional input), a tuple of ``forward``'s
+            positional inputs, or a dict of its keyword inputs (``None`` for an optional input
+            left out).
         frontend: ``"fx"`` (symbolic tracing; torch.nn layers stay ``call_module``),
             ``"export"`` (``torch.export``, aten-level nodes), or ``"auto"``: fx, then export.
-        example_kwargs: keyword arguments of ``forward``.
+        example_kwargs: more keyword inputs of ``forward``.
+        batch_dim: the batch dimension of the tensor inputs; export keeps it dynamic so the
+            graph runs on any number of rows (None: export the example's shapes as they are).
+
+    When forward has a ``use_cache`` parameter the example leaves out (transformers models),
+    capture sets ``use_cache=False``: training needs no cache, and the cache object the default
+    returns cannot be exported. ``CapturedModel.input_defaults`` records it and
+    ``flatten_inputs`` adds it to every call. The model itself is never changed: a forward that
+    updates buffers runs on a snapshot that is restored, and is captured by export, which
+    records the updates in the graph.
 
     Returns:
         A frozen :class:`CapturedModel`.
 
     Raises:
         CaptureError: no front end could trace the forward; the message points at the line.
-        ValueError: an annotation nesting is illegal at some module (a split inside a split),
-            or capture was called inside a whale scope.
+        ValueError: the example inputs do not fit forward (naming the keyword), an annotation
+            nesting is illegal at some module (a split inside a split), or capture was called
+            inside a whale scope.
 
     Example::
 
@@ -167,14 +238,18 @@ def capture(
         raise TypeError(f"capture() takes an nn.Module, got {type(model).__name__}")
     if frontend not in ("auto", *_FRONTENDS):
         raise ValueError(f"capture(frontend={frontend!r}): use 'auto', 'fx' or 'export'")
-    args = _as_args(example_inputs)
+    where = f"capture({type(model).__name__})"
+    args, kwargs = split_example_inputs(model, example_inputs, where)
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
         raise TypeError(
             f"capture(example_kwargs=...) takes a dict of forward's keyword arguments, "
             f"got {type(example_kwargs).__name__}"
         )
-    kwargs = dict(example_kwargs or {})
-    _check_signature(model, args, kwargs)
+    if example_kwargs:
+        kwargs = {**kwargs, **example_kwargs}
+        check_inputs(model, args, kwargs, where)
+    defaults = training_defaults(model, args, kwargs)
+    kwargs = {**kwargs, **defaults}
 
     if current_scope():
         # Tracing registers modules; under an open scope that would tag the user's modules.
@@ -186,7 +261,8 @@ def capture(
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         try:
-            trace = _FRONTENDS[name](model, args, kwargs)
+            with preserved_state(model):
+                trace = _FRONTENDS[name](model, args, kwargs, defaults, batch_dim)
             break
         except Exception as exc:  # any tracer failure: try the next front end, then report all
             if is_whale_usage_error(exc):
@@ -257,7 +333,9 @@ def _assemble(model: nn.Module, trace: Trace) -> CapturedModel:
         infos.append(info)
         for pname in cost.param_names:
             param_bytes_by_name[pname] = state[pname].numel() * state[pname].element_size()
-    return CapturedModel(trace.graph_module, trace.frontend, tuple(infos), param_bytes_by_name)
+    return CapturedModel(
+        trace.graph_module, trace.frontend, tuple(infos), param_bytes_by_name, trace.io, trace.fixed_rows
+    )
 
 
 def _forward_scope(
@@ -295,27 +373,3 @@ def _unit(value: float, names: tuple[str, ...], base: int) -> tuple[str, float]:
     while i + 1 < len(names) and value >= scale * base:
         scale, i = scale * base, i + 1
     return names[i], scale
-
-
-def _as_args(example_inputs: object) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "capture(model, example_inputs): example_inputs is a tensor or a tuple of forward's "
-        f"positional arguments, got {type(example_inputs).__name__}"
-    )
-
-
-def _check_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # a builtin forward: let the tracers judge
-        return
-    try:
-        sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(
-            f"capture({type(model).__name__}): example inputs do not fit forward{sig}: {exc}"
-        ) from None
