@@ -114,7 +114,8 @@ class ProgramRewrite:
                 }
                 state_names = {key: aliases[key] for key in st.module.state_dict()}
                 stage = ProgramStage(st.index, st.received, st.sent, st.modules, param_names,
-                                     is_split=st.index in self.analyses, state_names=state_names)
+                                     is_split=st.index in self.analyses, state_names=state_names,
+                                     updated_buffers=st.updated_buffers)
                 if st.index in local and st.index in self.analyses:
                     stage = self._shard_stage(stage, st.module, rank, group, sizes.get(st.index, {}))
                     if stage.sharded.loss_fn is not None:

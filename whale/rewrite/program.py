@@ -47,6 +47,9 @@ class ProgramStage:
             ``transformer.wte.weight`` and ``lm_head.weight``). Non-persistent buffers (rotary
             ``inv_freq``, ``position_ids``) are not in the stage's state dict either: the stage
             keeps them as built, no state dict needs or carries them.
+        updated_buffers: the buffers (attribute paths of ``module``) its forward updates
+            (counters, running statistics): a pipeline's replicas take the first replica's
+            after each step.
     """
 
     index: int
@@ -59,6 +62,7 @@ class ProgramStage:
     source: nn.Module | None = None
     is_split: bool = False
     state_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    updated_buffers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

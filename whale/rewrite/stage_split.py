@@ -9,7 +9,9 @@ to stage 2 is relayed by stage 1). Nodes that depend only on the model's inputs 
 parameters (shape arithmetic, ``arange`` positions, masks) are recomputed in every stage that
 uses them instead of being sent; parameters and buffers go to every stage that reads them, so a
 weight tied across stages (GPT's embedding and head) lives on both and its gradients are summed
-by the runtime.
+by the runtime. A buffer that forward updates (a counter, running statistics; export records the
+write as an in-place op or a ``copy_`` into it) lives in one stage: its write runs in the stage
+that computes the new value, and a buffer read or written by two stages is refused.
 
 Ensures: every compute node lands in exactly one stage; every stage computes something; no
 stage reads a value from a later one.
@@ -42,6 +44,7 @@ class StageProgram:
         received: names of the values this stage receives from the previous one, in order.
         sent: names of the values it sends to the next one, in order (empty for the last).
         modules: module paths whose computation this stage runs (outermost first).
+        updated_buffers: the buffers (attribute paths) this stage's forward writes.
     """
 
     index: int
@@ -49,6 +52,7 @@ class StageProgram:
     received: tuple[str, ...]
     sent: tuple[str, ...]
     modules: tuple[str, ...]
+    updated_buffers: tuple[str, ...] = ()
 
 
 def stage_annotations(captured: CapturedModel) -> tuple[Annotation, ...]:
@@ -81,8 +85,58 @@ def assign_stages(
         num = _assign_by_boundaries(graph, free, tuple(boundaries), stage)
     else:
         num = _assign_by_annotations(captured, graph, free, stage)
+    _place_state_writes(graph, stage)
     _check_every_stage_computes(captured, stage, num, boundaries)
     return stage, num
+
+
+def _written_state(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node whose tensor ``node`` writes in place (``add_``, ``copy_``, also
+    through in-place ops and views of it), or None."""
+    if not _aliases_first_arg(node, write=True):
+        return None
+    at = node.args[0]
+    while isinstance(at, fx.Node) and at.op == "call_function" and _aliases_first_arg(at, write=False):
+        at = at.args[0]
+    return at if isinstance(at, fx.Node) and at.op == "get_attr" else None
+
+
+def _aliases_first_arg(node: fx.Node, *, write: bool) -> bool:
+    """``node`` is an aten op whose first argument it writes (``write``) or returns an alias of."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+        return False
+    schema = target._schema
+    if write:
+        info = schema.arguments[0].alias_info if schema.arguments else None
+        return info is not None and info.is_write
+    return bool(schema.returns) and schema.returns[0].alias_info is not None
+
+
+def _place_state_writes(graph: fx.Graph, stage: dict[str, int]) -> None:
+    """Run each write into a buffer in the stage that computes what it writes (export puts the
+    ``copy_`` of an updated buffer at the end of the graph, in the last stage), and refuse a
+    buffer that two stages use: each would update its own copy."""
+    users: dict[str, set[int]] = {}
+    written: set[str] = set()
+    for node in graph.nodes:
+        state = _written_state(node)
+        if state is None:
+            continue
+        written.add(state.name)
+        if not node.users and node.name in stage:
+            producers = [stage[p.name] for p in node.all_input_nodes if p.name in stage]
+            stage[node.name] = max(producers, default=stage[node.name])
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.name in written:
+            users[node.target] = {stage[u.name] for u in node.users if u.name in stage}
+    for target, where in users.items():
+        if len(where) > 1:
+            raise ValueError(
+                f"buffer {target!r} is updated in forward and used by stages {sorted(where)}: each "
+                "stage would update its own copy; put the stage boundaries so that one stage "
+                "reads and writes it"
+            )
 
 
 def _compute_nodes(graph: fx.Graph, free: set[str]):
@@ -219,7 +273,8 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
         _keep_state_dict_keys(module, state_keys)
         paths = sorted({by_name[n].meta[_INFO].module_path for n in stage if stage[n] == s and _INFO in by_name[n].meta})
         outer = tuple(p for p in paths if not any(q != p and q and _under(p, q) for q in paths))
-        programs.append(StageProgram(s, module, received, sent, outer))
+        updated = sorted({w.target for n in g.nodes if (w := _written_state(n)) is not None})
+        programs.append(StageProgram(s, module, received, sent, outer, tuple(updated)))
     return tuple(programs)
 
 

@@ -30,6 +30,13 @@ class DataParallelProgram(ProgramBase):
     ``step`` takes the global batch on every rank, keeps this replica's rows (as the plan
     splits them, possibly unevenly), runs forward and backward over the micro-batches and
     leaves every parameter's ``.grad`` equal to the local model's gradient on the global batch.
+
+    Buffers that forward updates (a step counter, running statistics) are the local model's
+    after it ran forward on the first replica's micro-batches in order: each replica updates
+    its own, and with ``Config.broadcast_buffers`` the first replica's are sent to the others
+    at the end of every step (DDP sends rank 0's at each forward), so every rank holds the same.
+    A counter thus equals the local model's with one micro-batch; statistics of the batch
+    equal the local model's on the whole batch only with ``Config(sync_batch_norm=True)``.
     To load only this rank's rows, use :meth:`local_slice` and ``step(..., batch="local")``.
 
     Example::
@@ -138,10 +145,12 @@ class DataParallelProgram(ProgramBase):
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
         cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
-        if self.config.broadcast_buffers:
-            self._broadcast_buffers()
         loss = self._forward_backward(cut)
         self._agreed = True
+        if self.config.broadcast_buffers:
+            # Buffers forward updated (counters, statistics) leave every step as the first
+            # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
+            self._broadcast_buffers()
         return loss
 
     def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:

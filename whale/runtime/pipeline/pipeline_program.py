@@ -35,6 +35,12 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
     Each rank builds and trains only its own stages' parameters (``parameters()``); the
     returned loss is the global batch's, the same on every rank; ``.grad`` of each local
     parameter equals the local model's gradient on the global batch after ``step``.
+
+    A buffer forward updates (a counter, running statistics) lives in the one stage that reads
+    and writes it, and after each step equals the local model's after it ran forward on the
+    step's micro-batches in order (the first replica's: the others take it at the end of the
+    step with ``Config.broadcast_buffers``): with one micro-batch and one replica, the local
+    model's after the step exactly.
     """
 
     def __init__(self, program: DistributedProgram, config: Config) -> None:
@@ -239,6 +245,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             reducer.finish()
         for param, group in self._tied:
             dist.all_reduce(param.grad, group=group)
+        self._share_updated_buffers()
         loss_work.wait()
         # Every rank of the last stage's tensor-parallel group holds the loss once.
         return (loss_sum / self.plan.tensor_parallel).to(torch.float32)

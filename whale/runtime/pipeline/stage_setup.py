@@ -35,6 +35,15 @@ class StageSetup:
             state.update(self._modules[s].state_dict(keep_vars=True))
         return state
 
+    def _share_updated_buffers(self) -> None:
+        """Every replica takes the first replica's updated buffers (a collective in the data
+        group; none where forward updates no buffer or there is one replica)."""
+        if self.plan.dp_degree == 1 or not self._updated_buffers or not self.config.broadcast_buffers:
+            return
+        buffers = [self._modules[s].get_buffer(path) for s, path in self._updated_buffers]
+        src = self.plan.data_group_of(dist.get_rank())[0]
+        broadcast_tensors(buffers, src=src, group=self._data_group)
+
     def _peer(self, stage: int) -> int:
         """The rank running ``stage`` in this rank's pipeline, at this rank's tensor-parallel index."""
         rank = dist.get_rank()
@@ -64,7 +73,7 @@ class StageSetup:
         plan = self.plan
         position = plan.position_of(info.rank)
         self._local = set(plan.stages_at(position))
-        data_group = self._make_data_group(info.rank, info.device)
+        data_group = self._data_group = self._make_data_group(info.rank, info.device)
         tensor_groups = self._bind_tensor_groups()
         for stage in self.program.local_stages:
             s, module = stage.index, self._modules[stage.index]
@@ -112,5 +121,7 @@ class StageSetup:
                 ]
                 if params:
                     self._reducers[s] = self._make_reducer(params, data_group)
+        # Buffers forward updates, by stage and path (the same on every replica of a position).
+        self._updated_buffers = [(s, path) for s in sorted(self._local) for path in self.stages[s].updated_buffers]
         self._transfers = Transfers(self._device)
         self._bound = True
