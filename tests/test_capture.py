@@ -501,6 +501,22 @@ def test_untraceable_forward_under_parallelize_names_both_reasons_and_what_still
     assert program.plan.rows(4) == (2, 2)
 
 
+def test_a_forward_returning_a_cache_is_told_what_to_set():
+    transformers = pytest.importorskip("transformers")
+
+    class ReturnsCache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, **kwargs):
+            return self.fc(x), transformers.DynamicCache()
+
+    with pytest.raises(CaptureError, match=r"pass use_cache=False among the example's keyword inputs, "
+                                           r"or set model.config.use_cache = False"):
+        capture(ReturnsCache(), torch.randn(2, 4))
+
+
 # --------------------------------------------------------------------- the model stays the user's
 
 

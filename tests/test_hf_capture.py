@@ -134,8 +134,8 @@ def test_parallelize_takes_keyword_inputs_and_finds_their_rows(world):
     case = BUILDERS["bert"](rows=6)
     program = wh.parallelize(
         case.model, loss_fn=case.loss_fn,
-        example_inputs={"input_ids": case.inputs["input_ids"], "token_type_ids": None,
-                        "attention_mask": case.inputs["attention_mask"]},
+        example_inputs={"token_type_ids": None, "attention_mask": case.inputs["attention_mask"],
+                        "input_ids": case.inputs["input_ids"]},
     )
     assert program.plan.rows(6) == (3, 3)
 

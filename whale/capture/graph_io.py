@@ -9,7 +9,7 @@ user's inputs and hand the user the object the model returns:
 - ``flatten_inputs(args, kwargs)``: the value of every placeholder, in graph order;
 - ``unflatten_output(flat)``: the model's output object from the output node's leaves.
 
-The helpers before it bind example inputs to ``forward``'s signature (keyword inputs, ``None``
+The helpers bind example inputs to ``forward``'s signature (keyword inputs, ``None``
 for optional ones) and say what export needs: keyword inputs capture sets on the user's behalf
 (``use_cache=False``) and the dynamic batch dimension of each tensor input.
 """
@@ -28,7 +28,14 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, t
 
 __all__ = [
     "GraphIO",
+    "batch_dynamic_shapes",
+    "call_layout",
+    "check_inputs",
+    "export_graph_io",
     "forward_signature",
+    "fx_graph_io",
+    "positional_names",
+    "rows_of",
     "split_example_inputs",
     "training_defaults",
 ]
