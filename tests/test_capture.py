@@ -635,3 +635,23 @@ def test_export_keeps_the_batch_dynamic_or_says_why_not():
     assert c.fixed_rows == 4 and "batch fixed at 4 rows" in c.summary()
     with pytest.warns(UserWarning, match="give an example batch of 2 or more rows"):
         assert capture(nn.Linear(4, 4), torch.randn(1, 4), frontend="export").fixed_rows == 1
+
+
+def test_a_pipeline_over_a_graph_with_fixed_rows_is_refused_before_any_step(monkeypatch):
+    class FixedRowsTwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.register_buffer("row_scale", torch.ones(8, 1))
+
+        def forward(self, x):
+            if x.shape[0] > 0:  # Python control flow on a size: fx refuses, export goes on
+                x = self.fc1(x) * self.row_scale  # fixes the batch at 8 rows
+            return self.fc2(x)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = wh.annotate(FixedRowsTwoLayers(), {"fc1": wh.stage(), "fc2": wh.stage()})
+    with pytest.warns(UserWarning, match="runs only on batches of 8 rows"):
+        with pytest.raises(ValueError, match=r"runs only on batches of 8 rows .* micro-batches of \[4\] rows"):
+            wh.parallelize(model, loss_fn=F.mse_loss, example_inputs=torch.randn(8, 4),
+                           config=wh.Config(num_micro_batch=2))

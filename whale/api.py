@@ -14,6 +14,7 @@ from torch import nn
 from .capture import CaptureError, CapturedModel, capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.plan import Plan
+from .ir.rows import split_rows
 from .ir.topology import Cluster
 from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
@@ -78,6 +79,7 @@ def parallelize(
     world_size, ranks_per_node = _world()
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
     plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
+    _check_fixed_rows(plan, captured, example_rows)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
     program = rewrite.build(plan, _rank())
@@ -164,6 +166,28 @@ def _check_stages_compute(scopes: Mapping[str, tuple], captured) -> None:
                     f"{a!r} at {where!r} owns no computation: forward() never runs that module; "
                     "remove the annotation or annotate a module that forward() calls"
                 )
+
+
+def _check_fixed_rows(plan: Plan, captured: CapturedModel | None, example_rows: int | None) -> None:
+    """A graph export could not make batch-dynamic runs only on its example's rows: the
+    micro-batches a pipeline or tensor-parallel program feeds it must have exactly those."""
+    if captured is None or captured.fixed_rows is None or example_rows is None:
+        return
+    if plan.num_stages == 1 and plan.tensor_parallel == 1:
+        return  # plain data parallel runs the model itself, on any rows
+    micro = sorted({
+        r for replica in plan.rows(example_rows) if replica
+        for r in split_rows(replica, [1.0] * plan.num_micro_batch, what="micro-batches")
+    })
+    if micro != [captured.fixed_rows]:
+        raise ValueError(
+            f"the captured graph of the model runs only on batches of {captured.fixed_rows} rows "
+            f"(torch.export fixed the batch size; the capture warning says where), but this plan "
+            f"feeds it micro-batches of {micro} rows ({example_rows} example rows over "
+            f"{len(plan.rows(example_rows))} replicas x {plan.num_micro_batch} micro-batches); "
+            f"make the batch size traceable, or choose rows so that every micro-batch has "
+            f"{captured.fixed_rows}"
+        )
 
 
 def _rank() -> int:
