@@ -66,6 +66,10 @@ def test_transformers_split_equals_local(world2):
     assert kinds["model.embed_tokens"] == "vocab" and kinds["lm_head"] == "column"
     # The split LM head's logits stay sharded by class (vocabulary-parallel cross-entropy).
     assert [o["llama"]["logits_width"] for o in outs] == [36, 28]
+    # GPT-2's LM head is tied to wte: one vocabulary region, both layers share one shard.
+    assert [o["gpt2"]["logits_width"] for o in outs] == [40, 24]
+    assert gpt2["regions"]["transformer.wte+lm_head"] == ("classes", 64)
+    assert gpt2["decisions"]["transformer.wte"][0] == "vocab"
     # GPT-2's fused qkv Conv1D: three blocks (q, k, v), each split by heads.
     assert gpt2["decisions"]["transformer.h.0.attn.c_attn"] == ("column", 3)
     assert gpt2["decisions"]["transformer.h.0.attn.c_proj"][0] == "row"

@@ -29,7 +29,9 @@ SPLITS = {
         ["model.embed_tokens", "model.layers", "lm_head"],
         {"model.layers.0.mlp": [40, 24], "model.embed_tokens": [24, 40], "lm_head": [36, 28]},
     ),
-    "gpt2": (["transformer.h"], {"transformer.h.0.attn": [3, 1], "transformer.h.1.mlp": [100, 28]}),
+    # wte and lm_head are one tied weight: one vocabulary region, sliced once.
+    "gpt2": (["transformer.wte", "transformer.h", "lm_head"],
+             {"transformer.h.0.attn": [3, 1], "transformer.h.1.mlp": [100, 28], "lm_head": [40, 24]}),
     "bert": (["bert.encoder"], {"bert.encoder.layer.0.attention": [1, 3], "bert.encoder.layer.1": [20, 44]}),
     "t5": (["encoder.block", "decoder.block"], {"encoder.block.0.layer.0.SelfAttention": [3, 1],
                                                 "decoder.block.1.layer.2.DenseReluDense": [48, 16]}),
@@ -50,7 +52,8 @@ def family(name: str, uneven: bool) -> dict:
     kwargs = _kwargs(name, case.inputs)
     captured = capture(case.model, (), example_kwargs=kwargs)
     sharded = shard_model(case.model, captured, shard_sizes=sizes if uneven else None, loss_fn=case.loss_fn)
-    out = {"fallbacks": sharded.plan.fallbacks, "sizes": dict(sharded.sizes),
+    region_of = lambda key: sharded.plan.region(key).name  # a module path -> its region's name
+    out = {"fallbacks": sharded.plan.fallbacks, "sizes": {k: sharded.sizes[region_of(k)] for k in sizes},
            "regions": {r.name: (r.kind, r.num_atoms) for r in sharded.plan.regions},
            "decisions": {d.path: (d.kind, d.layout.blocks if d.layout else 1) for d in sharded.plan.modules.values()},
            "sharded": sorted(sharded.full_specs), "batch_dynamic": _other_batch_error(name, case, sharded, reference)}
@@ -89,7 +92,7 @@ def _other_batch_error(name: str, case, sharded, reference) -> float:
     with torch.no_grad():
         got, want = sharded.module(**half).logits, reference(**half).logits
     if got.shape[-1] != want.shape[-1]:
-        counts = sharded.sizes["lm_head"]
+        counts = sharded.sizes[sharded.plan.region("lm_head").name]
         want = want[..., sum(counts[: sharded.rank]) : sum(counts[: sharded.rank + 1])]
     return (got - want).abs().max().item()
 

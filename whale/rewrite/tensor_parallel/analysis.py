@@ -121,7 +121,7 @@ class TensorParallelAnalysis:
         gm = GraphModule(source, graph, type(model).__name__)
         if captured.frontend == "export":
             moe: dict[str, MoESpec] = {}
-            self._lower_exported(gm)
+            self._lower_exported(gm, model)
         else:
             moe = self._find_moe(model, gm)
             collapse_moe(gm, model, moe)
@@ -149,9 +149,12 @@ class TensorParallelAnalysis:
         for d in plan.modules.values():
             assert d.region in {r.id for r in plan.regions}, d
 
-    def _lower_exported(self, gm: GraphModule) -> None:
+    def _lower_exported(self, gm: GraphModule, model: nn.Module) -> None:
         in_split = lambda n: bool(_splits(_info(n)))
-        lower_parameter_ops(gm, in_split)
+        names: dict[int, set[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), set()).add(name)
+        lower_parameter_ops(gm, in_split, lambda p: names.get(id(p), set()))
         bad = unlowered_parameter_use(gm, in_split)
         if bad is not None:
             user, param = bad
@@ -254,6 +257,7 @@ class _Propagation:
         self.fallbacks: list[str] = []
         self.output_layout: ShardLayout | None = None
         self.output_index: int | None = None
+        self.weight_regions: dict[int, int] = {}
         self._staged: dict[str, list] = {}
 
     # ---- the rules' context ------------------------------------------------------------------
@@ -394,7 +398,7 @@ class _Propagation:
             if module.out_features % blocks:
                 raise ValueError(f"{path}: {module.out_features} output features cannot form {blocks} equal blocks")
             per_block = module.out_features // blocks
-            region = self._new_region("columns", path, per_block)
+            region = self._tied(module, self._new_region("columns", path, per_block))
             out = ShardLayout(len(_info(node).shapes[0]) - 1, blocks, per_block, region, node.name)
             self.modules[node.name] = ModuleDecision(node.name, path, "column", region, out)
             return out
@@ -411,7 +415,7 @@ class _Propagation:
             if sharded or copy:
                 self.edges[(node.name, a.name)] = ((("gather",),) if sharded else ()) + ((("copy",),) if copy else ())
         if isinstance(module, (nn.Embedding, ExportedEmbedding)):
-            region = self._new_region("vocabulary entries", path, module.num_embeddings)
+            region = self._tied(module, self._new_region("vocabulary entries", path, module.num_embeddings))
             self.modules[node.name] = ModuleDecision(node.name, path, "vocab", region)
         elif isinstance(module, nn.MultiheadAttention):
             region = self._new_region("heads", path, module.num_heads)
@@ -424,6 +428,13 @@ class _Propagation:
             region = self._new_region("experts", path, self.moe[path].num_experts)
             self.modules[node.name] = ModuleDecision(node.name, path, "moe", region)
         return None
+
+    def _tied(self, module: nn.Module, region: int) -> int:
+        """A weight tied between layers (an embedding and its LM head) is sliced once: one region."""
+        first = self.weight_regions.setdefault(id(module.weight), region)
+        if first != region:
+            self.parent[self._find(region)] = self._find(first)
+        return region
 
     def _output(self, node: Node) -> None:
         result, index = node.args[0], None

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ...capture.graph import NODE_INFO_KEY
+
+NamesOf = Callable[[nn.Parameter], set[str]]
+
 __all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "unlowered_parameter_use"]
 
 _aten = torch.ops.aten
@@ -71,7 +75,7 @@ def _is_param(gm: GraphModule, target: str) -> bool:
         return False
 
 
-def _match(gm: GraphModule, node: Node) -> tuple[Node, nn.Module, str] | None:
+def _match(gm: GraphModule, node: Node, names: NamesOf) -> tuple[Node, nn.Module, str] | None:
     """(input, module, owner path) for a lowerable node, else None."""
     if node.op != "call_function":
         return None
@@ -87,31 +91,45 @@ def _match(gm: GraphModule, node: Node) -> tuple[Node, nn.Module, str] | None:
         if weight is None:
             return None
         pad = args[2] if len(args) > 2 else -1
-        return args[1], ExportedEmbedding(weight, None if pad < 0 else pad), args[0].target.rpartition(".")[0]
+        return args[1], ExportedEmbedding(weight, None if pad < 0 else pad), _owner(node, args[0], weight, None, None, names)
     else:
         return None
     weight = _param(gm, w, 2)
     bias = _param(gm, b, 1) if b is not None else None
-    owner = w.target.rpartition(".")[0] if weight is not None else ""
-    if not owner or (b is not None and (bias is None or b.target != f"{owner}.bias")):
+    if weight is None or (b is not None and bias is None):
         return None
-    return x, ExportedLinear(weight, bias, transposed), owner
+    owner = _owner(node, w, weight, b, bias, names)
+    return (x, ExportedLinear(weight, bias, transposed), owner) if owner else None
+
+
+def _owner(node: Node, w: Node, weight: nn.Parameter, b: Node | None, bias: nn.Parameter | None, names: NamesOf) -> str:
+    """The module path the parameters are named under: the node's own module where the model
+    names them so (a tied weight is read through one of its names only), else the read's."""
+    path = node.meta[NODE_INFO_KEY].module_path
+    if path and f"{path}.weight" in names(weight) and (bias is None or f"{path}.bias" in names(bias)):
+        return path
+    owner = w.target.rpartition(".")[0]
+    return owner if b is None or b.target == f"{owner}.bias" else ""
 
 
 def _holds_only_weights(gm: GraphModule, owner: str) -> bool:
-    m = gm.get_submodule(owner)
+    try:
+        m = gm.get_submodule(owner)
+    except AttributeError:
+        return True  # not in the graph module yet: the node reads a tied weight by another name
     return set(m._parameters) | set(m._buffers) | set(m._modules) <= {"weight", "bias"}
 
 
-def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool]) -> dict[str, str]:
+def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names: NamesOf = lambda p: set()) -> dict[str, str]:
     """Replace, in place, every linear / addmm / embedding on parameters inside a split by a ``call_module``.
 
+    ``names(parameter)``: every name the local model gives it (a tied weight has several).
     Returns the new nodes' names -> the names of the nodes they replaced.
     """
     renamed: dict[str, str] = {}
     lowered: dict[str, nn.Module] = {}
     for node in list(gm.graph.nodes):
-        found = _match(gm, node) if in_split(node) else None
+        found = _match(gm, node, names) if in_split(node) else None
         if found is None or not _holds_only_weights(gm, found[2]):
             continue
         x, module, owner = found
@@ -123,8 +141,11 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool]) -> di
             )
         lowered[owner] = module
         reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
-        parent, _, leaf = owner.rpartition(".")
-        setattr(gm.get_submodule(parent), leaf, module)
+        if _exists(gm, owner):
+            parent, _, leaf = owner.rpartition(".")
+            setattr(gm.get_submodule(parent), leaf, module)
+        else:
+            gm.add_submodule(owner, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(owner, (x,))
         new.meta = dict(node.meta)
@@ -135,6 +156,14 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool]) -> di
             if not a.users:
                 gm.graph.erase_node(a)
     return renamed
+
+
+def _exists(gm: GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -> tuple[Node, Node] | None:

@@ -128,7 +128,15 @@ def shard_model(
         rank=rank,
         group=group,
         unused_state=unused,
+        tied=_tied_names(module),
     )
+
+
+def _tied_names(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: tuple(names) for names in groups.values() if len(names) > 1 for n in names}
 
 
 def resolve_sizes(plan: TensorParallelPlan, shard_sizes: Mapping[str, Sequence[int]] | None) -> dict[int, tuple[int, ...]]:
@@ -204,10 +212,13 @@ class TensorParallelRewrite:
         plan, source = self.plan, self.plan.graph_module
         graph, env, root = Graph(), {}, {}
         graph._codegen = copy.deepcopy(source.graph._codegen)  # export: the output pytree
-        self._graph, self._root, self._cache, self._count = graph, root, {}, 0
+        self._graph, self._root, self._cache, self._count, self._tied = graph, root, {}, 0, {}
         param_shards: dict[str, ShardSpec] = {}
         full_specs: dict[str, ShardSpec] = {}
+        sharded = tuple(d.path + "." for d in plan.modules.values())
         for node in source.graph.nodes:
+            if node.op == "get_attr" and not node.users and node.target.startswith(sharded):
+                continue  # an unused read of a sharded weight (export keeps one per tied name)
             args = torch.fx.node.map_arg(node.args, lambda a, n=node: self._input(n, a, env))
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, n=node: self._input(n, a, env))
             fix = plan.fixes.get(node.name)
@@ -353,7 +364,21 @@ class TensorParallelRewrite:
             full = spec.full_name if spec.full_name.startswith(path + ".") else f"{path}.{spec.full_name}"
             spec = _renamed(spec, full)
             param_shards[full] = full_specs[full] = spec
+            if "." not in pname:
+                self._share_tied(new, pname, _fetch(module, pname), spec)
         return new
+
+    def _share_tied(self, new: nn.Module, pname: str, full: torch.Tensor, spec: ShardSpec) -> None:
+        """Layers tied to one weight hold one sharded Parameter (its gradient sums their uses)."""
+        where = (spec.dim, spec.offset, spec.length, spec.num_blocks, spec.rank_lengths)
+        first = self._tied.setdefault(id(full), (where, getattr(new, pname), spec.full_name))
+        if first[0] != where:
+            raise ValueError(
+                f"{first[2]} and {spec.full_name} are one tied weight sharded two ways ({first[0][:2]} "
+                f"vs {where[:2]} as (dim, offset)); whale slices a tied weight once. Give both layers "
+                "the same split (an embedding and its LM head: vocabulary rows), or untie them"
+            )
+        setattr(new, pname, first[1])
 
 
 def _output_field(gm: GraphModule, index: int) -> str | int:
@@ -395,7 +420,7 @@ def _check_untied(plan: TensorParallelPlan) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in sharded:
             tensors = list(gm.get_submodule(node.target).named_parameters())
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" and node.users:
             tensors = [("", _fetch(gm, node.target))]
         else:
             continue
@@ -406,12 +431,4 @@ def _check_untied(plan: TensorParallelPlan) -> None:
                     "weight); whale cannot slice a weight for one user only. Untie them, or put both "
                     "users in the same split"
                 )
-    seen: dict[int, str] = {}
-    for path in sorted(sharded):
-        for name, p in gm.get_submodule(path).named_parameters():
-            if id(p) in seen and not seen[id(p)].startswith(path):
-                raise ValueError(
-                    f"{seen[id(p)]} and {path}.{name} are one tied weight in two sharded layers; "
-                    "whale shards each layer on its own. Untie them"
-                )
-            seen[id(p)] = f"{path}.{name}"
+    # A weight tied between sharded layers is sliced once (TensorParallelRewrite._share_tied).

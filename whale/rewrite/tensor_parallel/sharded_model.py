@@ -47,6 +47,7 @@ class ShardedModel:
     rank: int
     group: Any = None
     unused_state: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    tied: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # name -> every name of its Parameter
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -67,7 +68,8 @@ class ShardedModel:
             if spec is None:
                 out[name] = local[name].detach().clone() if local[name] is not None else None
                 continue
-            mine = local.get(name) if name in self.param_shards else None
+            key = next((n for n in self.tied.get(name, (name,)) if n in local), name)  # a tied weight by another name
+            mine = local.get(key) if name in self.param_shards else None
             out[name] = self._gather_one(spec, mine)
         return out
 
