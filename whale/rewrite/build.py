@@ -97,6 +97,8 @@ class ProgramRewrite:
         call = ModelCall(_forward_signature(self.model), model_name=type(self.model).__name__)
         if self.stages is None:
             stages = (self._whole_model(rank, group, sizes.get(0, {})),)
+            if group is not None:  # the sharded graph takes the inputs capture set, too
+                call = dataclasses.replace(call, defaults=dict(getattr(self.captured, "input_defaults", {})))
             if stages[0].sharded is not None and stages[0].sharded.loss_fn is not None:
                 loss_fn = stages[0].sharded.loss_fn
             params = self.model.named_parameters()
@@ -147,7 +149,9 @@ class ProgramRewrite:
         )
 
     def _whole_model(self, rank: int, group: CommGroup | None, sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:
-        params = {n: n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        # Every path of a parameter -> the local model's name for it (a tied weight's first).
+        aliases = _state_aliases(self.model)
+        params = {n: aliases.get(n, (n,))[0] for n, _ in self.model.named_parameters(remove_duplicate=False)}
         stage = ProgramStage(0, (), (), ("",), params, module=self.model)
         if group is None:
             return stage

@@ -81,12 +81,16 @@ class ModelCall:
             program runs the model itself.
         restore: the last stage's flat outputs -> the model's output; None: returned as they are.
         model_name: the local model's class name, for messages.
+        defaults: keyword inputs every call gets where the caller leaves them out: those capture
+            set (``use_cache=False``), where the program runs a captured graph that needs them
+            (a model sharded by ``split``).
     """
 
     signature: inspect.Signature | None
     flatten: Callable[[tuple, Mapping[str, Any]], tuple] | None = None
     restore: Callable[[Any], Any] | None = None
     model_name: str = "model"
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
         """Raise ``TypeError`` if ``args``/``kwargs`` do not fit ``forward`` (no collective: every
@@ -112,6 +116,11 @@ class ModelCall:
                 f"keyword input(s) {extra} are not parameters of {shown} (its **{var_kw.name} takes "
                 f"{sorted(takes)}); name the inputs as forward does"
             )
+
+    def model_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` as the program's model takes them (checked first)."""
+        self.check(args, kwargs)
+        return tuple(args), {**self.defaults, **kwargs}
 
     def stage_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
         """The inputs as the stage programs take them (checked first)."""

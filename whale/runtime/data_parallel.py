@@ -70,9 +70,11 @@ class DataParallelProgram(ProgramBase):
         return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters (or shards) under the local model's names."""
+        """This rank's parameters (or shards) under the local model's names (a tied weight once,
+        under the name the local model's ``named_parameters()`` gives it)."""
         self._require_bound()
-        return self.module.named_parameters()
+        names = self._stage.param_names
+        return ((names.get(n, n), p) for n, p in self.module.named_parameters())
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """Whole tensors under local-model names from this rank's ones, e.g. gradients of shards

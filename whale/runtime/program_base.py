@@ -61,9 +61,7 @@ class ProgramBase:
     def _model_inputs(self, inputs: Any, kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
         """The step's inputs as ``(args, kwargs)`` of the model, checked against its forward
         (no collective: every rank raises alike). The pipeline flattens them for its stages."""
-        args, kwargs = call_inputs(inputs, kwargs)
-        self.program.call.check(args, kwargs)
-        return args, kwargs
+        return self.program.call.model_inputs(*call_inputs(inputs, kwargs))
 
     def _replica_batch(
         self, inputs: Any, target: Any, mode: str, device: torch.device, *, agree: bool = True,

@@ -137,7 +137,12 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         for s in sorted(self._local):
             names = {n for n in self._param_paths[s].values() if n in tensors and n not in out}
             if s in self._sharded:
-                out.update(self._sharded[s].gather_full({n: tensors[n] for n in sorted(names)}))
+                # The shards are named by the stage's paths: a tied weight's may not be its name.
+                path = {}
+                for p, n in self._param_paths[s].items():
+                    path.setdefault(n, p)
+                got = self._sharded[s].gather_full({path[n]: tensors[n] for n in sorted(names)})
+                out.update({n: got[path[n]] for n in names})
             else:
                 out.update({n: tensors[n] for n in names})
         return out
