@@ -74,11 +74,16 @@ def _train_distributed(program, batches, ref_states, form: str) -> dict:
     return out
 
 
-def equivalence(name: str, *, rows: int = 8, form: str = "dict", example: bool = True, **config) -> dict:
+def equivalence(
+    name: str, *, rows: int = 8, form: str = "dict", example: bool = True, split: tuple[str, ...] = (), **config
+) -> dict:
     """Train ``name`` under ``Config(**config)`` against the local model; then the state-dict
     round trips: the program's full state dict under the local model's names (tied weights
-    under each), loaded back, and loaded into a fresh local model."""
+    under each), loaded back, and loaded into a fresh local model. ``split``: module names
+    annotated ``wh.split(2)``."""
     case = BUILDERS[name](rows=rows)
+    if split:
+        wh.annotate(case.model, {path: wh.split(2) for path in split})
     batches = _batches(case)
     reference = copy.deepcopy(case.model)
     out = _train_reference(reference, batches, case.loss_fn)
@@ -87,6 +92,10 @@ def equivalence(name: str, *, rows: int = 8, form: str = "dict", example: bool =
         config=wh.Config(**config),
     )
     out.update(_train_distributed(program, batches, out.pop("ref_states"), form))
+    if split:  # shards gathered into whole tensors (collective in the tensor-parallel group)
+        for key in ("grads",):
+            out[key] = [program.gather_full(g) for g in out[key]]
+        out["params"] = program.gather_full(out["params"])
     full = program.full_state_dict()  # collective
     out["full_keys"] = list(full)
     out["ref_keys"] = list(reference.state_dict())
@@ -98,7 +107,9 @@ def equivalence(name: str, *, rows: int = 8, form: str = "dict", example: bool =
         torch.equal(full[names[0]], full[n]) for names in aliases.values() for n in names
     )
     out["tied_names"] = [names for names in aliases.values() if len(names) > 1]
-    out["full_matches_params"] = all(torch.equal(full[n], p.detach().cpu()) for n, p in program.named_parameters())
+    final = {n: p.detach() for n, p in program.named_parameters()}
+    final = program.gather_full(final) if split else final  # collective
+    out["full_matches_params"] = all(torch.equal(full[n], p.cpu()) for n, p in final.items())
     # Round trips: the program's own state dict back in; then a fresh local model takes it.
     program.load_full_state_dict(full)
     fresh = BUILDERS[name](rows=rows, seed=1).model
