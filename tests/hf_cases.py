@@ -118,6 +118,7 @@ def equivalence(
     # Non-persistent buffers are kept by the program (and the local model's are untouched).
     out["buffers_kept"] = _buffers_kept(program, reference)
     out["plan"] = (program.plan.num_stages, program.plan.dp_degree, program.plan.num_micro_batch)
+    out["received"] = [len(s.received) for s in getattr(program, "stages", ())]
     return out
 
 

@@ -80,6 +80,9 @@ def test_pipeline(world2, name, form, schedule, num_micro_batch, rows):
     assert outs[0]["plan"] == (2, 1, num_micro_batch)
     if name in ("gpt2", "t5"):
         assert len(outs[0]["tied_names"][0]) == {"gpt2": 2, "t5": 4}[name]
+    # Only the hidden state crosses; positions, masks and Llama's rotary cos/sin (from the
+    # inv_freq buffer) are recomputed by the stage that reads them.
+    assert outs[0]["received"] == [0, 1]
 
 
 @pytest.mark.parametrize("config", [{}, {"stage_boundaries": [BOUNDARY["bert"]], "num_micro_batch": 2}],

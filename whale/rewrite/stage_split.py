@@ -5,9 +5,9 @@ Requires: a graph from ``whale.capture`` (every node carries ``meta["whale_node_
 
 Call: each stage becomes a ``GraphModule`` ``forward(*model_inputs, *received) -> tuple(sent)``.
 Values that later stages need cross every boundary in between (a skip connection from stage 0
-to stage 2 is relayed by stage 1). Nodes that depend only on the model's inputs and hold no
-parameters (shape arithmetic, ``arange`` positions, masks) are recomputed in every stage that
-uses them instead of being sent; parameters and buffers go to every stage that reads them, so a
+to stage 2 is relayed by stage 1). Nodes that depend only on the model's inputs and on buffers
+forward does not update, and hold no parameters (shape arithmetic, ``arange`` positions, masks,
+rotary cos/sin) are recomputed in every stage that uses them instead of being sent; parameters and buffers go to every stage that reads them, so a
 weight tied across stages (GPT's embedding and head) lives on both and its gradients are summed
 by the runtime. A buffer that forward updates (a counter, running statistics; export records the
 write as an in-place op or a ``copy_`` into it) lives in one stage: its write runs in the stage
@@ -79,7 +79,7 @@ def assign_stages(
             no computation, or a stage that feeds an earlier one.
     """
     graph = captured.graph_module.graph
-    free = _inputs_only(graph)
+    free = _inputs_only(captured.graph_module)
     stage: dict[str, int] = {}
     if boundaries:
         num = _assign_by_boundaries(graph, free, tuple(boundaries), stage)
@@ -207,15 +207,35 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent + ".")
 
 
-def _inputs_only(graph: fx.Graph) -> set[str]:
-    """Nodes computed from the model's inputs and constants alone, holding no parameters."""
+def _inputs_only(gm: fx.GraphModule) -> set[str]:
+    """Nodes computed from the model's inputs, constants and buffers forward does not update
+    alone, holding no parameters (positions, masks, Llama's rotary cos/sin from ``inv_freq``):
+    each stage that uses one recomputes it rather than receiving it."""
+    graph = gm.graph
+    written = {w.name for n in graph.nodes if (w := _written_state(n)) is not None}
+    params = {id(p) for p in gm.parameters()}
+    sources = {
+        n.name for n in graph.nodes
+        if n.op == "placeholder"
+        or (n.op == "get_attr" and n.name not in written and _is_constant_tensor(gm, n.target, params))
+    }
     free: set[str] = set()
     for node in graph.nodes:
         if node.op in ("call_function", "call_method") and all(
-            p.op == "placeholder" or p.name in free for p in node.all_input_nodes
+            p.name in sources or p.name in free for p in node.all_input_nodes
         ):
             free.add(node.name)
     return free
+
+
+def _is_constant_tensor(gm: fx.GraphModule, target: str, params: set[int]) -> bool:
+    """``target`` names a tensor attribute of ``gm`` that is no parameter (a buffer, a constant)."""
+    owner, _, attr = target.rpartition(".")
+    try:
+        value = getattr(gm.get_submodule(owner), attr)
+    except AttributeError:
+        return False
+    return isinstance(value, torch.Tensor) and id(value) not in params
 
 
 def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: int) -> tuple[StageProgram, ...]:

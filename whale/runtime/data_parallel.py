@@ -113,7 +113,9 @@ class DataParallelProgram(ProgramBase):
         return self.train(False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the local model on the given inputs (inference; no communication)."""
+        """Run the local model (this rank's shard of it) on the given inputs, as the local model
+        takes them (inference; communication only inside a tensor-parallel group)."""
+        args, kwargs = self.program.call.model_inputs(args, kwargs)
         return self.module(*args, **kwargs)
 
     # ---- training ----------------------------------------------------------------------------
