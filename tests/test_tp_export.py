@@ -1,10 +1,11 @@
 """Tensor parallelism (``split``) on transformers models captured with ``torch.export``.
 
-GPT-2 (fused ``c_attn`` Conv1D split by heads, ``c_proj`` row), Llama (grouped-query attention
+GPT-2 (fused ``c_attn`` Conv1D split by heads, ``c_proj`` row, ``wte`` and the tied LM head one
+vocabulary region), Llama (grouped-query attention
 split by whole kv-head groups, SwiGLU gate/up column and down row, vocabulary-parallel
 embedding, split LM head with the vocabulary-parallel cross-entropy), BERT (attention and
 intermediate layers) and T5 (self- and cross-attention, feed-forward, the relative-position
-embedding vocabulary-parallel), annotated by module name with uneven shard sizes, on 2 gloo
+embedding vocabulary-parallel, the shared embedding tied three ways with the LM head), annotated by module name with uneven shard sizes, on 2 gloo
 ranks against the local model after one AdamW step (tests/tp_export_cases.py; one case runs
 every family, so capture and the pool are paid once). Tolerances, fp32:
 
@@ -53,6 +54,7 @@ def test_transformers_split_equals_local(world2):
         _assert_equivalent(name, out)
         assert out["fallbacks"] == (), f"{name}: nothing gathered inside the split ({out['fallbacks']})"
         assert outs[1][name]["loss"] == out["loss"], "every rank computes the same loss"
+        assert all(o[name]["round_trip"] for o in outs), f"{name}: full state dict loads back"
         assert all(o[name]["batch_dynamic"] < 1e-5 for o in outs), f"{name}: another batch size"
         for region, given in SPLITS[name][1].items():
             assert out["sizes"][region] == tuple(given)
@@ -70,6 +72,8 @@ def test_transformers_split_equals_local(world2):
     assert [o["gpt2"]["logits_width"] for o in outs] == [40, 24]
     assert gpt2["regions"]["transformer.wte+lm_head"] == ("classes", 64)
     assert gpt2["decisions"]["transformer.wte"][0] == "vocab"
+    assert outs[0]["t5"]["regions"]["encoder.embed_tokens+decoder.embed_tokens+lm_head"] == ("classes", 64)
+    assert [o["t5"]["logits_width"] for o in outs] == [30, 34]
     # GPT-2's fused qkv Conv1D: three blocks (q, k, v), each split by heads.
     assert gpt2["decisions"]["transformer.h.0.attn.c_attn"] == ("column", 3)
     assert gpt2["decisions"]["transformer.h.0.attn.c_proj"][0] == "row"

@@ -33,8 +33,9 @@ SPLITS = {
     "gpt2": (["transformer.wte", "transformer.h", "lm_head"],
              {"transformer.h.0.attn": [3, 1], "transformer.h.1.mlp": [100, 28], "lm_head": [40, 24]}),
     "bert": (["bert.encoder"], {"bert.encoder.layer.0.attention": [1, 3], "bert.encoder.layer.1": [20, 44]}),
-    "t5": (["encoder.block", "decoder.block"], {"encoder.block.0.layer.0.SelfAttention": [3, 1],
-                                                "decoder.block.1.layer.2.DenseReluDense": [48, 16]}),
+    # The shared embedding is tied three ways (encoder, decoder, lm_head): one region.
+    "t5": (["encoder", "decoder", "lm_head"], {"encoder.block.0.layer.0.SelfAttention": [3, 1],
+                                              "decoder.block.1.layer.2.DenseReluDense": [48, 16], "lm_head": [30, 34]}),
 }
 
 
@@ -71,6 +72,11 @@ def family(name: str, uneven: bool) -> dict:
     out["grads"] = sharded.gather_full({n: p.grad for n, p in params.items()})
     opt.step()
     out["params"] = sharded.full_state_dict()
+    # The gathered dict (every name of a tied weight, no non-persistent buffer) loads back.
+    sharded.load_full_state_dict({k: torch.zeros_like(v) for k, v in out["params"].items()})
+    sharded.load_full_state_dict(out["params"])
+    again = sharded.full_state_dict()
+    out["round_trip"] = all(torch.equal(again[k], v) for k, v in out["params"].items())
     if dist.get_rank() == 0:
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=_LR, eps=_ADAM_EPS)
         ref_loss = case.loss_fn(reference(**kwargs), case.target)

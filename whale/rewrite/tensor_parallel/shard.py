@@ -114,6 +114,7 @@ def shard_model(
             plan = TensorParallelAnalysis(ranks, keep_sharded_output=False)(model, captured)
             sizes = resolve_sizes(plan, shard_sizes)
     module, param_shards, full_specs = TensorParallelRewrite(plan, sizes, rank, group)(model)
+    tied = _tied_names(model, param_shards, full_specs)
     full_keys = tuple(model.state_dict().keys())
     own = set(module.state_dict().keys())
     unused = {k: v for k, v in model.state_dict().items() if k not in own and k not in full_specs}
@@ -128,15 +129,25 @@ def shard_model(
         rank=rank,
         group=group,
         unused_state=unused,
-        tied=_tied_names(module),
+        tied=tied,
     )
 
 
-def _tied_names(module: nn.Module) -> dict[str, tuple[str, ...]]:
+def _tied_names(model: nn.Module, param_shards: dict, full_specs: dict) -> dict[str, tuple[str, ...]]:
+    """Every name of each tied weight of ``model``; a sharded one gets its spec under each name (in place)."""
     groups: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    return {n: tuple(names) for names in groups.values() if len(names) > 1 for n in names}
+    tied = {}
+    for names in (g for g in groups.values() if len(g) > 1):
+        known = next((n for n in names if n in full_specs), None)
+        for n in names:
+            tied[n] = tuple(names)
+            if known is not None and n not in full_specs:
+                full_specs[n] = _renamed(full_specs[known], n)
+                if known in param_shards:
+                    param_shards[n] = full_specs[n]
+    return tied
 
 
 def resolve_sizes(plan: TensorParallelPlan, shard_sizes: Mapping[str, Sequence[int]] | None) -> dict[int, tuple[int, ...]]:
@@ -215,9 +226,9 @@ class TensorParallelRewrite:
         self._graph, self._root, self._cache, self._count, self._tied = graph, root, {}, 0, {}
         param_shards: dict[str, ShardSpec] = {}
         full_specs: dict[str, ShardSpec] = {}
-        sharded = tuple(d.path + "." for d in plan.modules.values())
+        sharded = {id(p) for d in plan.modules.values() for p in source.get_submodule(d.path).parameters()}
         for node in source.graph.nodes:
-            if node.op == "get_attr" and not node.users and node.target.startswith(sharded):
+            if node.op == "get_attr" and not node.users and id(_fetch(source, node.target)) in sharded:
                 continue  # an unused read of a sharded weight (export keeps one per tied name)
             args = torch.fx.node.map_arg(node.args, lambda a, n=node: self._input(n, a, env))
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, n=node: self._input(n, a, env))

@@ -100,8 +100,11 @@ class ShardedModel:
                     )
                 if spec is not None and name not in self.param_shards:
                     continue  # another rank's expert
-                target = own.get(name, self.unused_state.get(name))
+                alias = next((n for n in self.tied.get(name, ()) if n in own), name)  # a tied name the program lacks
+                target = own.get(alias, self.unused_state.get(name))
                 value = full if spec is None else shard_tensor(full, self.param_shards[name])
+                if target is None:
+                    raise KeyError(f"load_full_state_dict(): {name} has no tensor in this rank's program")
                 target.copy_(value)
 
     def _gather_one(self, spec: ShardSpec, mine: torch.Tensor | None) -> torch.Tensor:
