@@ -53,6 +53,11 @@ def _step(program, inputs: dict, target, form: str):
         return program.step(inputs[first], target, **{k: inputs[k] for k in rest})
     if form == "tuple":  # every input positional, in forward's order (dicts keep it)
         return program.step(tuple(inputs.values()), target)
+    if form == "local":  # each rank passes only its replica's rows
+        rows = program.local_slice(len(target))
+        return program.step({k: v[rows] for k, v in inputs.items()}, target[rows], batch="local")
+    if form == "none":  # an optional input passed as None, which the example left out
+        return program.step(inputs, target, attention_mask=None)
     raise ValueError(form)
 
 

@@ -51,7 +51,7 @@ def _check(outs: list[dict]) -> None:
     [
         ("gpt2", "tuple", {"num_micro_batch": 2}),
         ("bert", "keywords", {}),
-        ("llama", "dict", {"example": False}),  # data parallel needs no captured graph
+        ("llama", "none", {"example": False}),  # data parallel needs no captured graph
         ("t5", "dict", {}),
     ],
 )
@@ -67,7 +67,7 @@ def test_data_parallel(world2, name, form, kwargs):
         ("gpt2", "dict", "1f1b", 2, 8),
         ("gpt2", "tuple", "gpipe", 4, 8),
         ("bert", "keywords", "gpipe", 4, 8),  # attention_mask as a keyword of step()
-        ("llama", "dict", "gpipe", 2, 7),  # uneven micro-batches: 4 + 3 rows
+        ("llama", "none", "gpipe", 2, 7),  # uneven micro-batches: 4 + 3 rows; attention_mask=None
         ("t5", "dict", "1f1b", 4, 8),
     ],
 )
@@ -139,9 +139,11 @@ def test_split_state_dicts(world2, name, split):
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        # data parallel x pipeline: 6 rows per replica in 4 micro-batches (2, 2, 1, 1); the
-        # embedding tied to the head is summed over both positions of both replicas.
-        ("gpt2", {"rows": 12, "stage_boundaries": ["transformer.h.1"], "num_micro_batch": 4, "schedule": "gpipe"}),
+        # data parallel x pipeline: 6 rows per replica in 4 micro-batches (2, 2, 1, 1), each
+        # rank passing only its replica's rows; the embedding tied to the head is summed over
+        # both positions of both replicas.
+        ("gpt2", {"rows": 12, "stage_boundaries": ["transformer.h.1"], "num_micro_batch": 4, "schedule": "gpipe",
+                  "form": "local"}),
         # pipeline x split: each stage sharded over 2 ranks; the tied head's shards by its name.
         ("gpt2", {"split": ("transformer.h",), "stage_boundaries": ["transformer.h.1"], "num_micro_batch": 2}),
     ],
