@@ -152,3 +152,39 @@ def test_split_state_dicts(world2, name, split):
 def test_four_ranks(world4, name, kwargs):
     outs = world4.run(f"{CASES}:equivalence", name, **kwargs)
     _check(outs)
+
+
+# ---- pure logic, no processes ----------------------------------------------------------------
+
+
+def test_step_inputs_are_read_as_the_model_takes_them():
+    from whale.runtime.batch import call_inputs
+
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    assert call_inputs(x) == ((x,), {})
+    assert call_inputs((x, m)) == ((x, m), {})
+    assert call_inputs({"input_ids": x}, {"attention_mask": m}) == ((), {"input_ids": x, "attention_mask": m})
+    with pytest.raises(TypeError, match=r"\['input_ids'\] are given both"):
+        call_inputs({"input_ids": x}, {"input_ids": m})
+
+
+def test_a_buffer_two_stages_use_is_refused():
+    from tests.hf_cases import Counting
+    from whale.capture import capture
+    from whale.rewrite.stage_split import assign_stages
+
+    class ReadsStatistics(Counting):
+        def forward(self, x):  # stage 0 reads the statistics stage 1 (``b``) updates
+            return self.b(torch.tanh(self.a(x)) + self.b.running)
+
+    captured = capture(ReadsStatistics(), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"buffer 'b.running' is updated in forward and used by stages \[0, 1\]"):
+        assign_stages(captured, ["b"])
+    # A value read after its update is sent like any other: the counter lives in stage 0.
+    class ScaledByCount(Counting):
+        def forward(self, x):
+            self.steps += 1
+            return self.b(torch.tanh(self.a(x))) * self.steps
+
+    stage, _ = assign_stages(capture(ScaledByCount(), torch.randn(4, 8)), ["b"])
+    assert stage["copy__default"] == 0

@@ -20,6 +20,7 @@ stage reads a value from a later one.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -96,15 +97,30 @@ def _written_state(node: fx.Node) -> fx.Node | None:
     if not _aliases_first_arg(node, write=True):
         return None
     at = node.args[0]
-    while isinstance(at, fx.Node) and at.op == "call_function" and _aliases_first_arg(at, write=False):
+    while isinstance(at, fx.Node) and _aliases_first_arg(at, write=False):
         at = at.args[0]
     return at if isinstance(at, fx.Node) and at.op == "get_attr" else None
 
 
+_INPLACE_OPERATORS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+)
+
+
 def _aliases_first_arg(node: fx.Node, *, write: bool) -> bool:
-    """``node`` is an aten op whose first argument it writes (``write``) or returns an alias of."""
+    """``node`` writes its first argument in place (``write``) or returns an alias of it: an
+    aten op by its schema (export), an in-place Tensor method (``mul_``) or operator (fx)."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return target.endswith("_") and not target.startswith("__")
+    if node.op != "call_function":
+        return False
+    if target in _INPLACE_OPERATORS:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
         return False
     schema = target._schema
     if write:
