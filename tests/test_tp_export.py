@@ -5,7 +5,8 @@ vocabulary region), Llama (grouped-query attention
 split by whole kv-head groups, SwiGLU gate/up column and down row, vocabulary-parallel
 embedding, split LM head with the vocabulary-parallel cross-entropy), BERT (attention and
 intermediate layers) and T5 (self- and cross-attention, feed-forward, the relative-position
-embedding vocabulary-parallel, the shared embedding tied three ways with the LM head), annotated by module name with uneven shard sizes, on 2 gloo
+embedding vocabulary-parallel, the shared embedding tied three ways with the LM head), and
+grouped-query attention written with ``scaled_dot_product_attention(enable_gqa=True)``, annotated by module name with uneven shard sizes, on 2 gloo
 ranks against the local model after one AdamW step (tests/tp_export_cases.py; one case runs
 every family, so capture and the pool are paid once). Tolerances, fp32:
 
@@ -32,7 +33,7 @@ from whale.capture import capture
 from whale.rewrite import TensorParallelAnalysis
 
 CASES = "tests.tp_export_cases"
-FAMILIES = ["gpt2", "llama", "bert", "t5"]
+FAMILIES = ["gpt2", "llama", "bert", "t5", "gqa-sdpa"]
 
 
 def _assert_equivalent(name: str, out: dict) -> None:
@@ -66,6 +67,8 @@ def test_transformers_split_equals_local(world2):
     assert kinds["model.layers.0.mlp.gate_proj"] == kinds["model.layers.0.mlp.up_proj"] == "column"
     assert kinds["model.layers.0.mlp.down_proj"] == kinds["model.layers.0.self_attn.o_proj"] == "row"
     assert kinds["model.embed_tokens"] == "vocab" and kinds["lm_head"] == "column"
+    # scaled_dot_product_attention(enable_gqa=True): q, k, v shard by whole kv-head groups.
+    assert outs[0]["gqa-sdpa"]["regions"]["attn"] == ("heads", 2)
     # The split LM head's logits stay sharded by class (vocabulary-parallel cross-entropy).
     assert [o["llama"]["logits_width"] for o in outs] == [36, 28]
     # GPT-2's LM head is tied to wte: one vocabulary region, both layers share one shard.
@@ -111,3 +114,16 @@ def test_exported_split_is_planned_like_fx():
     fx, export = ({d.path: d.kind for d in p.modules.values()} for p in plans)
     assert fx == export == {"w1": "column", "w3": "column", "w2": "row"}
     assert [(r.kind, r.num_atoms) for r in plans[0].regions] == [(r.kind, r.num_atoms) for r in plans[1].regions]
+
+
+def test_sharded_loss_reads_the_logits_field_as_the_output_allows():
+    """A loss traced as ``out.logits`` runs on shards for a ModelOutput; for a dict output the
+    traced attribute read would fail, so the logits are gathered instead (None)."""
+    from tests.hf_models import lm_loss
+    from whale.rewrite.tensor_parallel.parallel_loss import VocabParallelCrossEntropy, parallel_loss
+
+    ce = VocabParallelCrossEntropy(offset=0, num_classes=64)
+    assert parallel_loss(lm_loss, ce, 64, 3, "logits") is not None
+    assert parallel_loss(lm_loss, ce, 64, 3, ("item", "logits")) is None
+    assert parallel_loss(lambda out, y: torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten()),
+                         ce, 64, 3, ("item", "logits")) is not None

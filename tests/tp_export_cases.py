@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import whale as wh
-from tests.hf_models import BUILDERS
+from tests.hf_models import BUILDERS, HFCase, lm_loss
 from whale.capture import capture
 from whale.rewrite import TensorParallelAnalysis, shard_model
 
@@ -34,6 +34,7 @@ SPLITS = {
              {"transformer.h.0.attn": [3, 1], "transformer.h.1.mlp": [100, 28], "lm_head": [40, 24]}),
     "bert": (["bert.encoder"], {"bert.encoder.layer.0.attention": [1, 3], "bert.encoder.layer.1": [20, 44]}),
     # The shared embedding is tied three ways (encoder, decoder, lm_head): one region.
+    "gqa-sdpa": ([""], {}),  # the whole model: the attention math is in its own forward
     "t5": (["encoder", "decoder", "lm_head"], {"encoder.block.0.layer.0.SelfAttention": [3, 1],
                                               "decoder.block.1.layer.2.DenseReluDense": [48, 16], "lm_head": [30, 34]}),
 }
@@ -41,17 +42,26 @@ SPLITS = {
 
 def _kwargs(name: str, inputs: dict) -> dict:
     # use_cache=True returns a DynamicCache, which torch.export refuses; training needs no cache.
-    return dict(inputs) if name == "bert" else {**inputs, "use_cache": False}
+    return dict(inputs) if name in ("bert", "gqa-sdpa") else {**inputs, "use_cache": False}
+
+
+def _build(name: str) -> HFCase:
+    if name != "gqa-sdpa":
+        return BUILDERS[name](rows=4)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(64, (4, 8), generator=g), torch.randint(64, (4, 8), generator=g)
+    return HFCase(name, GQAttention(), {"input_ids": x}, y, lm_loss)
 
 
 def family(name: str, uneven: bool) -> dict:
     """One AdamW step of ``name`` sharded over the world, and (rank 0) of the local model."""
-    case = BUILDERS[name](rows=4)
+    case = _build(name)
     reference = copy.deepcopy(case.model)
     scopes, sizes = SPLITS[name]
     wh.annotate(case.model, {s: wh.split() for s in scopes})
     kwargs = _kwargs(name, case.inputs)
-    captured = capture(case.model, (), example_kwargs=kwargs)
+    captured = capture(case.model, kwargs, frontend="export")  # a dict: keyword inputs
     sharded = shard_model(case.model, captured, shard_sizes=sizes if uneven else None, loss_fn=case.loss_fn)
     region_of = lambda key: sharded.plan.region(key).name  # a module path -> its region's name
     out = {"fallbacks": sharded.plan.fallbacks, "sizes": {k: sharded.sizes[region_of(k)] for k in sizes},
@@ -68,7 +78,7 @@ def family(name: str, uneven: bool) -> dict:
     output = sharded.module(**kwargs)
     loss = (sharded.loss_fn or case.loss_fn)(output, case.target)
     loss.backward()
-    out.update(loss=loss.item(), logits_width=output.logits.shape[-1])
+    out.update(loss=loss.item(), logits_width=_logits(output).shape[-1])
     out["grads"] = sharded.gather_full({n: p.grad for n, p in params.items()})
     opt.step()
     out["params"] = sharded.full_state_dict()
@@ -96,11 +106,15 @@ def _other_batch_error(name: str, case, sharded, reference) -> float:
     rank's classes where the logits stay sharded)."""
     half = {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in _kwargs(name, case.inputs).items()}
     with torch.no_grad():
-        got, want = sharded.module(**half).logits, reference(**half).logits
+        got, want = _logits(sharded.module(**half)), _logits(reference(**half))
     if got.shape[-1] != want.shape[-1]:
         counts = sharded.sizes[sharded.plan.region("lm_head").name]
         want = want[..., sum(counts[: sharded.rank]) : sum(counts[: sharded.rank + 1])]
     return (got - want).abs().max().item()
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out["logits"]
 
 
 def families(names: list[str], uneven: bool) -> dict:
@@ -112,3 +126,25 @@ def families(names: list[str], uneven: bool) -> dict:
         except Exception as err:
             raise type(err)(f"{name}: {err}") from err
     return results
+
+
+class GQAttention(torch.nn.Module):
+    """Grouped-query attention through ``scaled_dot_product_attention(enable_gqa=True)``
+    (4 query heads, 2 kv heads), the whole model split: vocabulary-parallel embedding, split LM head."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.embed, self.lm_head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, vocab)
+        self.attn = torch.nn.ModuleDict({
+            "q": torch.nn.Linear(dim, dim), "k": torch.nn.Linear(dim, kv_heads * self.hd),
+            "v": torch.nn.Linear(dim, kv_heads * self.hd), "o": torch.nn.Linear(dim, dim)})
+
+    def forward(self, input_ids: torch.Tensor):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        x = self.embed(input_ids)
+        b, t, _ = x.shape
+        q, k, v = (self.attn[n](x).view(b, t, -1, self.hd).transpose(1, 2) for n in "qkv")
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return CausalLMOutput(logits=self.lm_head(x + self.attn["o"](y.transpose(1, 2).reshape(b, t, -1))))

@@ -199,9 +199,11 @@ def parallel_loss(
     return _ShardedLoss(gm, ce, width) if _is_cross_entropy_of_logits(gm, field) else None
 
 
-def _reads_field(node: torch.fx.Node, source: torch.fx.Node, field: str | int) -> bool:
-    return (node.op == "call_function" and node.target in (getattr, operator.getitem)
-            and node.args[0] is source and node.args[1] == field)
+def _reads_field(node: torch.fx.Node, source: torch.fx.Node, field: str | int | tuple[str, str]) -> bool:
+    """``out.field`` / ``out[field]``; a field given as ``("item", key)`` is read by ``out[key]`` only (a dict)."""
+    readers = (getattr, operator.getitem) if not isinstance(field, tuple) else (operator.getitem,)
+    key = field[1] if isinstance(field, tuple) else field
+    return node.op == "call_function" and node.target in readers and node.args[0] is source and node.args[1] == key
 
 
 def _is_cross_entropy_of_logits(gm: torch.fx.GraphModule, field: str | int | None = None) -> bool:

@@ -365,8 +365,13 @@ def _sdpa(ctx, node):
     nd = len(ctx.shape(q))
     if not all(isinstance(la, ShardLayout) for la in layouts):
         raise Fallback("attention with some of q, k, v replicated")
-    first = layouts[0]
-    if first.dim >= nd - 2 or any(not first.same_structure(la) for la in layouts[1:]):
+    first, key = layouts[0], layouts[1]
+    # enable_gqa: k and v have fewer heads; each kv head serves a run of consecutive q heads, so
+    # an atom is a kv head with its q heads and q, k, v shard alike in atoms.
+    gqa = node.kwargs.get("enable_gqa", False) and first.per_block != key.per_block
+    same = (lambda a, b: (a.dim, a.blocks) == (b.dim, b.blocks) and a.per_block % b.per_block == 0) if gqa else (
+        lambda a, b: a.same_structure(b))
+    if first.dim >= nd - 2 or not same(first, key) or not key.same_structure(layouts[2]):
         raise Fallback("attention sharded other than by heads")
     for la in layouts[1:]:
         ctx.merge(first, la)

@@ -392,14 +392,16 @@ class TensorParallelRewrite:
         setattr(new, pname, first[1])
 
 
-def _output_field(gm: GraphModule, index: int) -> str | int:
+def _output_field(gm: GraphModule, index: int) -> str | int | tuple[str, str]:
     """How a loss reaches flat output ``index`` of an exported model: a field name or a position."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     spec = info.out_spec if info is not None else None
     if spec is None or spec.num_leaves != spec.num_children or not all(c.is_leaf() for c in spec.children()):
         return -1  # nested or unknown: no field reaches it
     if isinstance(spec.context, (list, tuple)) and all(isinstance(k, str) for k in spec.context):
-        return spec.context[index]  # a ModelOutput or dict: out.logits / out["logits"]
+        if spec.type is dict:
+            return ("item", spec.context[index])  # out["logits"] only: a traced out.logits is a dict's attribute
+        return spec.context[index]  # a ModelOutput: out.logits / out["logits"]
     return index  # a tuple or list
 
 
