@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import fx, nn
+from torch import nn
 
 from ..capture import CapturedModel
 from ..ir.plan import Plan
@@ -98,7 +98,7 @@ class ProgramRewrite:
         if self.stages is None:
             stages = (self._whole_model(rank, group, sizes.get(0, {})),)
             if group is not None:  # the sharded graph takes the inputs capture set, too
-                call = dataclasses.replace(call, defaults=dict(getattr(self.captured, "input_defaults", {})))
+                call = dataclasses.replace(call, defaults=dict(self.captured.input_defaults))
             if stages[0].sharded is not None and stages[0].sharded.loss_fn is not None:
                 loss_fn = stages[0].sharded.loss_fn
             params = self.model.named_parameters()
@@ -128,9 +128,7 @@ class ProgramRewrite:
             stages = tuple(stages)
             params = gm.named_parameters()
             tied = _tied_weights(plan, stages)
-            call = dataclasses.replace(
-                call, flatten=_flattener(self.captured, call.signature), restore=_restorer(self.captured)
-            )
+            call = dataclasses.replace(call, flatten=self.captured.flatten_inputs, restore=_restorer(self.captured))
         # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
         stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
         return DistributedProgram(
@@ -223,36 +221,10 @@ def _forward_signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def _flattener(captured: CapturedModel, signature: inspect.Signature | None) -> Callable[[tuple, Mapping[str, Any]], tuple]:
-    """``(args, kwargs)`` -> the graph's placeholder values: capture's own flattening where it
-    has one, else forward's arguments bound by placeholder name."""
-    flatten = getattr(captured, "flatten_inputs", None)
-    if flatten is not None:
-        return flatten
-    names = [n.target for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
-    if signature is None:
-        return lambda args, kwargs: tuple(args)
-
-    def by_name(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return tuple(bound.arguments[n] for n in names)
-
-    return by_name
-
-
-def _restorer(captured: CapturedModel) -> Callable[[Any], Any] | None:
-    """The last stage's flat outputs -> the model's output: capture's own unflattening where it
-    has one, else the graph's output pytree (export keeps one; fx returns the output itself)."""
-    unflatten = getattr(captured, "unflatten_output", None)
-    if unflatten is not None:
-        # Capture takes the leaves of what the output node returns (fx: of its structure).
-        return lambda out: unflatten(pytree.tree_leaves(out))
-    codegen = captured.graph_module.graph._codegen
-    if not isinstance(codegen, fx.graph._PyTreeCodeGen) or codegen.pytree_info.out_spec is None:
-        return None
-    spec = codegen.pytree_info.out_spec
-    return lambda flat: pytree.tree_unflatten(list(flat), spec)
+def _restorer(captured: CapturedModel) -> Callable[[Any], Any]:
+    """The last stage's outputs -> the model's output object (``CapturedModel.unflatten_output``
+    takes the leaves of what the graph's output node returns)."""
+    return lambda out: captured.unflatten_output(pytree.tree_leaves(out))
 
 
 def _region_params(root: nn.Module, paths) -> int:
