@@ -121,6 +121,13 @@ def test_bert_keyword_inputs_with_a_mask_and_a_none(hf):
     assert [t is v for t, v in zip(flat, (x, mask))] == [True, True]
 
 
+def test_required_input_given_only_in_example_kwargs(hf):
+    # forward requires input_ids: an empty positional tuple plus keywords is still a whole call.
+    gpt2 = hf["gpt2"]
+    again = capture(gpt2.case.model, (), example_kwargs=gpt2.case.inputs)
+    assert again.frontend == "export" and len(again.nodes) == len(gpt2.captured.nodes)
+
+
 # ------------------------------------------------------------------------------- parallelize
 
 

@@ -18,7 +18,7 @@ from ..primitives.annotations import (
 )
 from .errors import CaptureError, describe_failure, is_whale_usage_error
 from .frontends import Trace, trace_export, trace_fx
-from .graph_io import GraphIO, check_inputs, split_example_inputs, training_defaults
+from .graph_io import GraphIO, split_example_inputs, training_defaults
 from .model_state import preserved_state
 
 __all__ = ["CapturedModel", "NodeInfo", "capture", "module_annotation_map"]
@@ -239,15 +239,12 @@ def capture(
     if frontend not in ("auto", *_FRONTENDS):
         raise ValueError(f"capture(frontend={frontend!r}): use 'auto', 'fx' or 'export'")
     where = f"capture({type(model).__name__})"
-    args, kwargs = split_example_inputs(model, example_inputs, where)
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
         raise TypeError(
             f"capture(example_kwargs=...) takes a dict of forward's keyword arguments, "
             f"got {type(example_kwargs).__name__}"
         )
-    if example_kwargs:
-        kwargs = {**kwargs, **example_kwargs}
-        check_inputs(model, args, kwargs, where)
+    args, kwargs = split_example_inputs(model, example_inputs, where, example_kwargs)
     defaults = training_defaults(model, args, kwargs)
     kwargs = {**kwargs, **defaults}
 

@@ -54,11 +54,14 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def split_example_inputs(model: nn.Module, example_inputs: object, where: str) -> tuple[tuple, dict]:
+def split_example_inputs(
+    model: nn.Module, example_inputs: object, where: str, extra_kwargs: Mapping[str, object] | None = None
+) -> tuple[tuple, dict]:
     """``example_inputs`` as ``(args, kwargs)``, checked against ``forward``'s signature.
 
     A tensor is one positional input, a tuple or list the positional inputs, a dict the keyword
-    inputs (``None`` values stand for optional inputs left out).
+    inputs (``None`` values stand for optional inputs left out); ``extra_kwargs`` adds keyword
+    inputs before the check.
 
     Raises:
         TypeError: ``example_inputs`` is none of these.
@@ -83,6 +86,7 @@ def split_example_inputs(model: nn.Module, example_inputs: object, where: str) -
             f"{where}: example_inputs is a tensor, a tuple of forward's positional inputs or a "
             f"dict of its keyword inputs, got {type(example_inputs).__name__}"
         )
+    kwargs = {**kwargs, **(extra_kwargs or {})}
     check_inputs(model, args, kwargs, where)
     return args, kwargs
 
