@@ -95,7 +95,7 @@ def test_keyword_that_forward_does_not_take(world2, config):
     assert outs[0]["loss"] == outs[1]["loss"]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5"])
+@pytest.mark.parametrize("name", ["t5"])  # an output object of two fields (logits, encoder state)
 def test_pipeline_inference_returns_the_models_output(world2, name):
     outs = world2.run(f"{CASES}:inference", name, stage_boundaries=[BOUNDARY[name]], num_micro_batch=4)
     for out in outs:
