@@ -89,7 +89,8 @@ class Config:
     """The dimension of inputs and targets that holds the batch rows."""
 
     broadcast_buffers: bool = True
-    """Send rank 0's buffers (e.g. BatchNorm statistics) to all replicas before each step, as DDP."""
+    """Send the first replica's buffers (e.g. BatchNorm statistics, counters updated in forward)
+    to every replica after each step, so all ranks hold the same state (DDP sends them before)."""
 
     sync_batch_norm: bool = False
     """Data parallel: BatchNorm1d/2d/3d layers normalize by the statistics of the global batch
