@@ -2,15 +2,25 @@
 
 A 175B-parameter GPT captures to ~3,000 graph nodes; the planner works on ~100 layers. A layer is
 a contiguous run of graph nodes that begins at a module (its ``name``), so a stage boundary at a
-layer is a module path the stage-split pass accepts (``Config(stage_boundaries=...)``). Layers
-are found from the module tree, not from any model family: starting at the root's children,
-a module holding more than ``1 / granularity`` of the model's cost (FLOPs, bytes or parameters)
-is replaced by its children, until every layer is small or a leaf. A GPT stops at its blocks
-(``blocks.0`` ... ``blocks.95``), a small model descends into attention and MLP modules.
+layer is a module path the stage-split pass accepts (``Config(stage_boundaries=...)``).
+
+Layers are found from the module tree, not from any model family. A *block* is an element of a
+module list or sequence (its path ends in an index: ``model.layers.3``, ``transformer.h.1``,
+``encoder.block.0``). When the model has blocks, a module is opened into its children only if
+blocks lie below it (``model``, ``encoder``, ``bert.encoder``): blocks and the modules beside
+them (embeddings, final norm, head) are layers whole, so a stage never begins between the
+gate, up and down projections of an MLP or inside an attention. A model without blocks opens,
+from the root's children, every module holding more than ``1 / granularity`` of the model's
+cost (FLOPs, bytes or parameters), until every layer is small or a leaf. Pinned stage
+boundaries open the modules they lie in.
 
 Nodes outside every layer (the root's ``x + pos``) join the layer before them, as the stage-split
-pass puts them in the current stage. Modules whose nodes interleave (a block called twice) are
-merged into one layer, so each layer is one contiguous range.
+pass puts them in the current stage, and so do nodes computed from the model's inputs alone
+(masks, positions: every stage recomputes them). Modules with parameters whose nodes interleave
+(a block called twice) are merged into one layer, so each layer is one contiguous range; a
+parameterless module called twice (T5's stack dropout) leaves its later calls where they fall.
+A layer is ``cuttable`` where the stage split accepts a boundary: it begins with its module's
+first node, and only tensors cross into it.
 
 All sizes are per batch row, from the example batch the model was captured with: FLOPs, memory
 traffic and saved activations grow with rows; parameter reads do not.
@@ -82,11 +92,16 @@ def profile_model(
             owner_path[i] = n.module_path
     stage_marks = _stage_marks(captured, compute)
     forced = set(boundaries)
-    starts = _layer_starts(nodes, compute, owner_path, granularity, forced, stage_marks)
+    free = _inputs_only(nodes, inputs)
+    stateful = {i for i in compute if any(nodes[p].op == "get_attr" for p in inputs[nodes[i].name])}
+    placed = [i for i in compute if i not in free] or compute
+    starts = _layer_starts(nodes, placed, owner_path, granularity, forced, stage_marks, stateful)
     if split_only is None:
         split_only = any(a.kind == "split" for a in captured.annotations_used())
     splittable = [not split_only or any(a.kind == "split" for a in n.annotations) for n in nodes]
-    profile = _build(captured, nodes, starts, owner_path, users, inputs, example_rows, forced, stage_marks, splittable)
+    profile = _build(
+        captured, nodes, starts, owner_path, users, inputs, example_rows, forced, stage_marks, splittable, free
+    )
     return dataclasses.replace(profile, split_only=split_only)
 
 
@@ -112,8 +127,25 @@ def _under(path: str, parent: str) -> bool:
     return parent == "" or path == parent or path.startswith(parent + ".")
 
 
-def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks) -> list[tuple[int, str]]:
-    """(first node index, name) of every layer, in graph order."""
+def _inputs_only(nodes: Sequence[NodeInfo], inputs: Mapping[str, list[int]]) -> set[int]:
+    """Nodes computed from the model's inputs alone: recomputed in every stage, never sent."""
+    free: set[int] = set()
+    for i, n in enumerate(nodes):
+        if n.op in ("call_function", "call_method") and all(
+            nodes[p].op == "placeholder" or p in free for p in inputs[n.name]
+        ):
+            free.add(i)
+    return free
+
+
+def _is_block(path: str) -> bool:
+    """An element of a module list or sequence (``model.layers.3``)."""
+    return path.rpartition(".")[2].isdigit()
+
+
+def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks, stateful) -> list[tuple[int, str]]:
+    """(first node index, name) of every layer, in graph order; ``compute`` holds the nodes that
+    place layers (not the inputs-only ones), ``stateful`` those that read parameters or buffers."""
     shares = _cost_shares(nodes, compute, owner)
     children: dict[str, list[str]] = {}
     for i in compute:
@@ -129,12 +161,16 @@ def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks) -> li
         for depth in range(len(parts) + 1):
             marks_by_path.setdefault(".".join(parts[:depth]), set()).add(stage_marks[i])
 
+    blocks_below = {p for p in shares if any(_is_block(q) and q != p and _under(q, p) for q in shares)}
+
     def expand(path: str) -> bool:
         kids = children.get(path, [])
         if not kids:
             return False
         if any(f != path and _under(f, path) for f in forced) or len(marks_by_path.get(path, ())) > 1:
             return True
+        if blocks_below:  # stacks open; blocks and the modules beside them stay whole
+            return not _is_block(path) and path in blocks_below
         return len(kids) >= 2 and shares.get(path, 0.0) > 1.0 / granularity
 
     groups: list[str] = []
@@ -155,7 +191,8 @@ def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks) -> li
     last: dict[str, int] = {}
     for i, g in group_of.items():
         first.setdefault(g, i)
-        last[g] = i
+        if i in stateful or g not in last:
+            last[g] = i  # a parameterless module's later calls need not stay in its layer
     ordered = sorted(first, key=first.get)
     # Merge modules whose nodes interleave, so that every layer is one contiguous range.
     merged: list[list] = []
@@ -193,6 +230,11 @@ def _stage_marks(captured: CapturedModel, compute: Sequence[int]) -> dict[int, i
     return marks
 
 
+def _is_tensor(value) -> bool:
+    """A tensor (fake or real) as capture records it in ``meta["val"]``; not a SymInt or tuple."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, (tuple, list))
+
+
 def _tensor_bytes(info: NodeInfo) -> int:
     return sum(
         max(0, math.prod(shape)) * _ELEMENT_BYTES.get(dtype, 4)
@@ -200,7 +242,7 @@ def _tensor_bytes(info: NodeInfo) -> int:
     )
 
 
-def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_marks, splittable) -> ModelProfile:
+def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_marks, splittable, free) -> ModelProfile:
     n_layers = len(starts)
     begin = [s for s, _ in starts] + [len(nodes)]
     layer_of = [0] * len(nodes)
@@ -211,14 +253,11 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
         if n.op == "get_attr" and users.get(n.name):
             layer_of[i] = layer_of[min(users[n.name])]
     state_bytes = {i: n.param_bytes + n.buffer_bytes for i, n in enumerate(nodes) if n.op == "get_attr"}
-    # Values computed from the model's inputs alone are recomputed in every stage, not sent.
-    free: set[int] = set()
-    for i, n in enumerate(nodes):
-        if n.op in ("call_function", "call_method") and all(
-            nodes[p].op == "placeholder" or p in free for p in inputs[n.name]
-        ):
-            free.add(i)
+    # Values computed from the model's inputs alone are recomputed in every stage, not sent;
+    # only tensors can be sent, so no stage may begin where another value (a SymInt) crosses.
+    values = [gn.meta.get("val") for gn in captured.graph_module.graph.nodes]
     cut = [0.0] * (n_layers + 1)
+    untensored = [0] * (n_layers + 1)
     for i, n in enumerate(nodes):
         if n.op not in _COMPUTE_OPS or i in free or not users[n.name]:
             continue
@@ -227,6 +266,10 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
             size = _tensor_bytes(n) / rows
             cut[layer_of[i] + 1] += size
             cut[last_use + 1] -= size
+            if not _is_tensor(values[i]):
+                untensored[layer_of[i] + 1] += 1
+                untensored[last_use + 1] -= 1
+    crossed_by_other = [sum(untensored[: k + 1]) > 0 for k in range(n_layers)]
     cut_bytes, running = [], 0.0
     for k in range(n_layers):
         running += cut[k]
@@ -240,7 +283,7 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
         layer = _layer(nodes, members, name, rows, state_bytes, inputs, captured.param_bytes_by_name, splittable)
         first_of_name = min((i for i in range(len(nodes)) if name and _under(owner[i], name)
                              and nodes[i].op in _COMPUTE_OPS), default=start)  # fmt: skip
-        cuttable = bool(name) and ":" not in name and first_of_name >= start
+        cuttable = bool(name) and ":" not in name and first_of_name >= start and not crossed_by_other[k]
         layers.append(dataclasses.replace(layer, cuttable=cuttable))
         for pname in layer.param_names:
             name_layers.setdefault(pname, []).append(k)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ...config import Config
 from ...primitives import Annotation
@@ -157,6 +157,7 @@ def auto_plan(
     settings: SearchSettings | None = None,
     ranks_per_node: int | None = None,
     extra_pins: Pins | None = None,
+    tensor_parallel_check: Callable[[int], str | None] | None = None,
 ) -> tuple[Plan, PlanReport]:
     """Plan a captured model automatically, keeping everything its annotations and Config pin.
 
@@ -174,6 +175,9 @@ def auto_plan(
             ``split()`` annotations (the runtime shards only split parts).
         ranks_per_node: for ``cluster(layout="node")`` and the local cluster.
         extra_pins: pins from elsewhere (the CLI), merged with those of the annotations.
+        tensor_parallel_check: ``check(degree)`` is None where the rewrite can shard the
+            model's ``split()`` parts over ``degree`` ranks, else why not (the heads or kv-head
+            groups do not divide, say); the search proposes only degrees it accepts. None: any.
 
     Returns:
         ``(plan, report)``: the plan executes as-is on the data-parallel runtime
@@ -200,6 +204,14 @@ def auto_plan(
         pins = _merge(pins, extra_pins)
     if settings is None:
         settings = SearchSettings(allow_tensor_parallel=pins.needs_tensor_parallel)
+    if tensor_parallel_check is not None and (settings.allow_tensor_parallel or pins.tensor_parallel):
+        settings = _shardable_degrees(settings, pins, world_size, tensor_parallel_check)
+    if getattr(captured, "fixed_rows", None) is not None and _unpinned_structure(pins, config):
+        # Export fixed the batch size: stages and shards run the graph on micro-batches of
+        # other sizes, which it refuses; data parallel runs the model itself.
+        pins = dataclasses.replace(pins, num_stages=1, sources={**pins.sources, "num_stages": (
+            f"the captured graph runs only on {captured.fixed_rows} rows (data parallel only)")})
+        settings = dataclasses.replace(settings, allow_tensor_parallel=False)
     if example_rows is None:
         example_rows = _example_rows(captured, config.batch_dim)
     profile = profile_model(captured, example_rows, boundaries=tuple(config.stage_boundaries or ()))
@@ -221,6 +233,31 @@ def auto_plan(
         shard_sizes=config.shard_sizes,
     )  # fmt: skip
     return plan, build_report(result, profile, cluster, plan)
+
+
+def _unpinned_structure(pins: Pins, config: Config) -> bool:
+    """Neither stages nor tensor parallelism are asked for by the user."""
+    return (pins.num_stages is None and pins.pipeline_degree is None and pins.tensor_parallel is None
+            and not pins.needs_tensor_parallel and not config.stage_boundaries)  # fmt: skip
+
+
+def _shardable_degrees(settings: SearchSettings, pins: Pins, world_size: int, check) -> SearchSettings:
+    """``settings`` limited to the tensor-parallel degrees the rewrite accepts; a pinned or
+    required degree it refuses is an error naming its reason."""
+    wanted = [pins.tensor_parallel] if pins.tensor_parallel else [
+        t for t in (2, 4, 8, 16) if t <= settings.max_tensor_parallel and world_size % t == 0
+    ]  # fmt: skip
+    reasons = {t: check(t) for t in wanted if t > 1}
+    allowed = tuple(t for t, why in reasons.items() if why is None)
+    if pins.tensor_parallel and pins.tensor_parallel > 1 and not allowed:
+        raise ValueError(
+            f"{pins.where('tensor_parallel')}: the model's split() parts cannot be sharded over "
+            f"{pins.tensor_parallel} ranks: {reasons[pins.tensor_parallel]}"
+        )
+    if pins.needs_tensor_parallel and not allowed:
+        why = "; ".join(f"{t} ranks: {r}" for t, r in reasons.items()) or f"no degree divides {world_size} ranks"
+        raise ValueError(f"the model's split() parts cannot be sharded over any tensor-parallel degree ({why})")
+    return dataclasses.replace(settings, tensor_parallel_degrees=allowed)
 
 
 def _merge(pins: Pins, extra: Pins) -> Pins:

@@ -35,6 +35,8 @@ class SearchSettings:
 
     allow_tensor_parallel: bool = True
     max_tensor_parallel: int = 8
+    tensor_parallel_degrees: tuple[int, ...] | None = None
+    """The degrees above 1 the rewrite can shard the model's split() parts into (None: any)."""
     max_interleave: int = 2
     """Most virtual stages per rank for ``interleaved_1f1b``."""
     finalists: int = 6
@@ -154,6 +156,8 @@ class SearchSpace:
         ]
         if not self.settings.allow_tensor_parallel and not pins.tensor_parallel:
             degrees = [1]
+        if self.settings.tensor_parallel_degrees is not None:
+            degrees = [t for t in degrees if t == 1 or t in self.settings.tensor_parallel_degrees]
         if pins.needs_tensor_parallel:
             degrees = [t for t in degrees if t >= 2]
         if pins.replica_groups is not None:
@@ -177,8 +181,8 @@ class SearchSpace:
                     s = p * v
                     if s > self.n or (pins.num_stages and s != pins.num_stages):
                         continue
-                    if v == 1 and pins.num_stages is None and p > 1 and sum(self.cuttable[1:]) < p - 1:
-                        continue
+                    if pins.num_stages is None and pins.cuts is None and sum(self.cuttable[1:]) < s - 1:
+                        continue  # more stages than places to begin one
                     scheds = ["1f1b"] if s == 1 else ["gpipe", "1f1b"] if v == 1 else ["interleaved_1f1b"]
                     if pins.schedule:
                         scheds = [x for x in scheds if x == pins.schedule] if s > 1 else []
