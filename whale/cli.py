@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .api import speed_sizes
-from .capture import capture, module_annotation_map
+from .capture import capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.cluster_spec import load_cluster, parse_cluster
 from .ir.devices import load_profiles, save_profiles
@@ -43,8 +43,10 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
     """Import TARGET and call it for ``(model, example_inputs)``.
 
     TARGET is ``path/to/file.py`` (which defines ``whale_target()``), ``path/to/file.py:fn``,
-    or ``package.module:fn``. The function takes no arguments and returns the model and a
-    tuple of example inputs (one global batch).
+    or ``package.module:fn``. The function takes no arguments and returns the model and its
+    example inputs (one global batch), as ``parallelize(example_inputs=...)`` takes them: a
+    tensor, a tuple of forward's positional inputs, or a dict of its keyword inputs
+    (``{"input_ids": x, "attention_mask": m}``, as a transformers model takes them).
 
     Raises:
         ValueError: the file or module cannot be imported, has no such function, the function
@@ -94,11 +96,13 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
             f"nn.Module, got {got}"
         )
     model, inputs = result
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not any(isinstance(t, torch.Tensor) and t.dim() for t in inputs):
+    if not isinstance(inputs, (tuple, dict)):
+        inputs = (inputs,)
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    if not any(isinstance(t, torch.Tensor) and t.dim() for t in leaves):
         raise ValueError(
             f"TARGET {target!r}: {fn_name}() returned no tensor input with a batch dimension "
-            f"(got {[type(t).__name__ for t in inputs]}); return one global batch of inputs"
+            f"(got {[type(t).__name__ for t in leaves]}); return one global batch of inputs"
         )
     return model, inputs
 
@@ -129,26 +133,47 @@ def _pins(args: argparse.Namespace) -> Pins:
     return Pins(**found, sources=sources)
 
 
+def _tensor_parallel_check(model: nn.Module, captured):
+    """``check(degree)``: None where the rewrite shards the model's split() parts over
+    ``degree`` ranks (even shards), else its reason; None for a model without split() parts."""
+    if not any(a.kind == "split" for a in captured.annotations_used()):
+        return None
+    from .rewrite.tensor_parallel.analysis import TensorParallelAnalysis
+    from .rewrite.tensor_parallel.shard import resolve_sizes
+
+    def check(degree: int) -> str | None:
+        try:
+            resolve_sizes(TensorParallelAnalysis(degree)(model, captured), None)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    return check
+
+
 def _plan(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles) if args.profiles else None
     cluster = _cluster(args, profiles)
     model, inputs = load_target(args.target)
-    captured = capture(model, inputs)
+    positional, keywords = split_example_inputs(model, inputs, f"TARGET {args.target!r}")
+    captured = capture(model, positional, example_kwargs=keywords)
     scopes = dict(module_annotation_map(model))
     for node in captured.nodes:
         if len(node.annotations) > len(scopes.get(node.module_path, ())):
             scopes[f"{node.module_path}:{node.name}"] = node.annotations
-    rows0 = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim())
+    rows0 = next(t.shape[0] for t in (*positional, *keywords.values()) if isinstance(t, torch.Tensor) and t.dim())
     global_batch = args.global_batch or rows0
     options = CostOptions(
         dtype=args.dtype, precision=args.precision, optimizer=args.optimizer,
         memory_fraction=args.memory_fraction,
     )  # fmt: skip
-    settings = SearchSettings(allow_tensor_parallel=not args.no_tensor_parallel)
+    # As parallelize: tensor parallel only where the model has split() parts (the runtime shards
+    # nothing else), unless --tensor-parallel asks for a what-if (the report then says so).
+    settings = SearchSettings(allow_tensor_parallel=False) if args.no_tensor_parallel else None
     plan, report = auto_plan(
         captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
-        extra_pins=_pins(args),
+        extra_pins=_pins(args), tensor_parallel_check=_tensor_parallel_check(model, captured),
     )  # fmt: skip
     if report.executable:  # the sizes the runtime will use on tensor groups of mixed devices
         plan = speed_sizes(plan, cluster, model, captured)
@@ -228,7 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.add_argument("--stages", type=int, default=None, help="pin the number of pipeline stages")
     plan.add_argument("--schedule", default=None, help="pin gpipe, 1f1b or interleaved_1f1b")
     plan.add_argument("--tensor-parallel", type=int, default=None, help="pin ranks per tensor-parallel group")
-    plan.add_argument("--no-tensor-parallel", action="store_true", help="search data x pipeline plans only")
+    plan.add_argument("--no-tensor-parallel", action="store_true",
+                      help="search data x pipeline plans only (tensor parallel is searched only where "
+                           "the model has split() parts)")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.from_json reads it)")
     plan.add_argument("--explain", action="store_true", help="why this plan, and the best rejected ones")
     plan.set_defaults(run=_plan)
