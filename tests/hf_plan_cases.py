@@ -28,8 +28,9 @@ def _reference(model, inputs, target, loss_fn) -> dict:
     return out
 
 
-def auto_equivalence(names: tuple[str, ...], cluster: str, rows: int = 8) -> dict:
-    """For each model: the auto plan on ``cluster``, one step against the local model.
+def auto_equivalence(names: tuple[str, ...], cluster: str, rows: int = 8, split: dict | None = None) -> dict:
+    """For each model: the auto plan on ``cluster``, one step against the local model;
+    ``split`` maps a model name to the module path annotated ``wh.split()`` in it.
 
     Returns ``{name: out}`` with ``out`` as ``assert_equivalent`` takes it plus ``"plan"`` (the
     plan's JSON); a model whose plan fails to build or step returns ``{"error": ..., "plan": ...}``
@@ -38,6 +39,8 @@ def auto_equivalence(names: tuple[str, ...], cluster: str, rows: int = 8) -> dic
     results = {}
     for name in names:
         case = BUILDERS[name](rows=rows)
+        if split and name in split:
+            wh.annotate(case.model, {split[name]: wh.split()})
         out = _reference(copy.deepcopy(case.model), case.inputs, case.target, case.loss_fn)
         plan_json = None
         try:

@@ -8,9 +8,10 @@ small from configs): what it proposes is what the runtime runs.
 * Plans are executable: tensor parallelism only where the model has ``split()`` parts the
   rewrite can shard, degrees that divide the world, micro-batches no more than rows, stages no
   more than places to begin one.
-* The best plans ``Config(auto_parallel=True)`` picks on 2 and 4 CPU ranks run and equal the
-  local model after an AdamW step (tests/hf_plan_cases.py), with the tolerances of
-  tests/equivalence.py: fp32, only the order of additions differs.
+* The best plans ``Config(auto_parallel=True)`` picks on 2 and 4 CPU ranks (and on 4 with the
+  blocks of GPT-2 and Llama annotated ``split()``) run and equal the local model after an AdamW
+  step (tests/hf_plan_cases.py), with the tolerances of tests/equivalence.py: fp32, only the
+  order of additions differs.
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ def test_whale_plan_takes_keyword_inputs_and_proposes_no_tensor_parallel_without
     assert all(any(b == n for n in LAYERS[name]) for b in plan["stage_boundaries"])
 
 
-def _check_world(outs: list[dict]) -> str:
+def _check_world(outs: list[dict], names=NAMES) -> str:
     summary = []
-    for name in NAMES:
+    for name in names:
         placed = set()
         for rank, out in enumerate(outs):
             got = out[name]
@@ -212,3 +213,14 @@ def test_whale_plan_shards_grouped_query_attention_only_where_kv_heads_divide(ca
     assert json.loads(out.out)["tensor_parallel"] == 2
     code = main(["plan", str(target), "--cluster", "node0=4xA100-80GB", "--tensor-parallel", "4"])
     assert code == 2 and "only 2 heads" in capsys.readouterr().err
+
+
+def test_best_plans_with_split_parts_run_on_four_ranks(world4):
+    # With split() on the blocks the search may shard them; the plans it picks (tensor
+    # parallel 2 x data parallel 2: Llama's 2 kv heads allow no more) run and equal the local
+    # model (shards gathered by name).
+    split = {"llama": "model.layers", "gpt2": "transformer.h"}
+    outs = world4.run(f"{CASES}:auto_equivalence", tuple(split), "node0=4xCPU", split=split)
+    _check_world(outs, names=tuple(split))
+    for name in split:
+        assert json.loads(outs[0][name]["plan"])["tensor_parallel"] == 2
