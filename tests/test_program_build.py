@@ -107,3 +107,15 @@ def test_plan_from_json_refuses_what_is_not_a_plan():
     with pytest.raises(ValueError, match=r"plan field 'num_stages' is malformed: None is not an int"):
         Plan.from_json(json.dumps({**one, "replica_groups": [[0]], "num_stages": None}))
     assert Plan.from_json(json.dumps({**one, "replica_groups": [[0]]})).num_stages == 1
+
+
+def test_tensor_parallel_check_answers_with_the_rewrites_reason():
+    from tests.hf_models import llama
+    from whale.rewrite.build import tensor_parallel_check
+
+    case = llama()
+    assert tensor_parallel_check(case.model, capture(case.model, case.inputs)) is None  # no split()
+    wh.annotate(case.model, {"model.layers": wh.split()})
+    check = tensor_parallel_check(case.model, capture(case.model, case.inputs))
+    assert check(2) is None
+    assert "only 2" in check(4)  # 2 kv heads: whole kv groups per rank

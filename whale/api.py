@@ -20,7 +20,7 @@ from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
 from .planner.search.auto import auto_plan
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
-from .rewrite.build import ProgramRewrite
+from .rewrite.build import ProgramRewrite, tensor_parallel_check
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -121,6 +121,7 @@ def _plan(model, scopes, captured, capture_error, example_rows, world_size, rank
         plan, _ = auto_plan(
             captured, scopes, world_size, config, cluster=config.cluster,
             global_batch=example_rows, ranks_per_node=ranks_per_node,
+            tensor_parallel_check=tensor_parallel_check(model, captured),
         )
         return plan
     if count_stages(scopes, config):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .api import speed_sizes
+from .rewrite.build import tensor_parallel_check
 from .capture import capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.cluster_spec import load_cluster, parse_cluster
@@ -133,24 +134,6 @@ def _pins(args: argparse.Namespace) -> Pins:
     return Pins(**found, sources=sources)
 
 
-def _tensor_parallel_check(model: nn.Module, captured):
-    """``check(degree)``: None where the rewrite shards the model's split() parts over
-    ``degree`` ranks (even shards), else its reason; None for a model without split() parts."""
-    if not any(a.kind == "split" for a in captured.annotations_used()):
-        return None
-    from .rewrite.tensor_parallel.analysis import TensorParallelAnalysis
-    from .rewrite.tensor_parallel.shard import resolve_sizes
-
-    def check(degree: int) -> str | None:
-        try:
-            resolve_sizes(TensorParallelAnalysis(degree)(model, captured), None)
-        except ValueError as err:
-            return str(err)
-        return None
-
-    return check
-
-
 def _plan(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles) if args.profiles else None
     cluster = _cluster(args, profiles)
@@ -173,7 +156,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan, report = auto_plan(
         captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
-        extra_pins=_pins(args), tensor_parallel_check=_tensor_parallel_check(model, captured),
+        extra_pins=_pins(args), tensor_parallel_check=tensor_parallel_check(model, captured),
     )  # fmt: skip
     if report.executable:  # the sizes the runtime will use on tensor groups of mixed devices
         plan = speed_sizes(plan, cluster, model, captured)

@@ -33,7 +33,7 @@ from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
 
-__all__ = ["ProgramRewrite"]
+__all__ = ["ProgramRewrite", "tensor_parallel_check"]
 
 
 class ProgramRewrite:
@@ -237,3 +237,26 @@ def _region_params(root: nn.Module, paths) -> int:
             continue
         seen.update((id(p), p.numel()) for p in module.parameters())
     return sum(seen.values())
+
+
+def tensor_parallel_check(model: nn.Module, captured: CapturedModel | None) -> Callable[[int], str | None] | None:
+    """For the planner: ``check(degree)`` is None where the rewrite shards the model's
+    ``split()`` parts over ``degree`` ranks (even shards), else the rewrite's reason; None for
+    a model without ``split()`` parts (or no graph).
+
+    Example::
+
+        check = tensor_parallel_check(model, captured)
+        check(4)   # "split(4) at 'model.layers': 4 shards but only 2 heads ..."
+    """
+    if captured is None or not any(a.kind == "split" for a in captured.annotations_used()):
+        return None
+
+    def check(degree: int) -> str | None:
+        try:
+            resolve_sizes(TensorParallelAnalysis(degree)(model, captured), None)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    return check
