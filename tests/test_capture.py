@@ -575,15 +575,9 @@ def test_a_forward_that_updates_buffers_is_captured_by_export_and_the_model_is_u
 # ------------------------------------------------------------------ inputs and outputs of the graph
 
 
-class DictOut(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
+class DictOut(OptionalScale):
     def forward(self, x, scale=None):
-        y = self.fc(x)
-        if scale is not None:
-            y = y * scale
+        y = super().forward(x, scale)
         return {"y": y, "pair": (y, y.sum(-1))}
 
 
