@@ -126,7 +126,8 @@ def test_buffers_updated_in_forward(world2, config):
 
 @pytest.mark.parametrize(
     "name, split",
-    [("gpt2", ("transformer.h",)), ("llama", ("model.layers",))],
+    [("gpt2", ("transformer.h",)), ("llama", ("model.layers",)), ("bert", ("bert.encoder.layer",)),
+     ("t5", ("encoder.block", "decoder.block"))],
 )
 def test_split_state_dicts(world2, name, split):
     # Tensor parallel by module name (2 shards): equal to the local model, and the state dicts
@@ -146,8 +147,11 @@ def test_split_state_dicts(world2, name, split):
                   "form": "local"}),
         # pipeline x split: each stage sharded over 2 ranks; the tied head's shards by its name.
         ("gpt2", {"split": ("transformer.h",), "stage_boundaries": ["transformer.h.1"], "num_micro_batch": 2}),
+        # the encoder-decoder and the masked LM in combinations too.
+        ("t5", {"rows": 8, "stage_boundaries": ["decoder"], "num_micro_batch": 2, "schedule": "1f1b"}),
+        ("bert", {"split": ("bert.encoder.layer",), "stage_boundaries": ["bert.encoder.layer.1"], "num_micro_batch": 2}),
     ],
-    ids=["dp2-x-pp2", "pp2-x-split2"],
+    ids=["dp2-x-pp2", "pp2-x-split2", "t5-dp2-x-pp2", "bert-pp2-x-split2"],
 )
 def test_four_ranks(world4, name, kwargs):
     outs = world4.run(f"{CASES}:equivalence", name, **kwargs)
