@@ -33,6 +33,7 @@ __all__ = [
     "check_inputs",
     "export_graph_io",
     "forward_signature",
+    "input_mismatch",
     "fx_graph_io",
     "positional_names",
     "rows_of",
@@ -96,8 +97,19 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, object], wh
     sig = forward_signature(model)
     if sig is None:  # a builtin forward: let the tracers judge
         return
+    reason = input_mismatch(sig, type(model).__name__, args, kwargs, what="example inputs")
+    if reason is not None:
+        raise ValueError(f"{where}: {reason}")
+
+
+def input_mismatch(
+    sig: inspect.Signature, model_name: str, args: tuple, kwargs: Mapping[str, object], *, what: str = "inputs"
+) -> str | None:
+    """Why ``(args, kwargs)`` do not fit ``forward``'s ``sig`` (None when they do): a keyword it
+    does not take, named with forward's parameters (a ``**kwargs: Unpack[SomeTypedDict]``, as
+    transformers writes, takes only that dict's keys), or a call that does not bind."""
     params = sig.parameters
-    shown = f"{type(model).__name__}.forward{_short_signature(sig)}"
+    shown = f"{model_name}.forward{_short_signature(sig)}"
     named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
     var_kw = next((p for p in params.values() if p.kind == p.VAR_KEYWORD), None)
     allowed_extra = _typed_kwargs(var_kw)
@@ -107,14 +119,12 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, object], wh
         if var_kw is not None and (allowed_extra is None or key in allowed_extra):
             continue
         extra = f" (its **{var_kw.name} takes {sorted(allowed_extra)})" if var_kw is not None else ""
-        raise ValueError(
-            f"{where}: keyword input {key!r} is not a parameter of {shown}{extra}; "
-            "name the inputs as forward does"
-        )
+        return f"keyword input {key!r} is not a parameter of {shown}{extra}; name the inputs as forward does"
     try:
         sig.bind(*args, **kwargs)
     except TypeError as exc:
-        raise ValueError(f"{where}: example inputs do not fit {shown}: {exc}") from None
+        return f"{what} do not fit {shown}: {exc}"
+    return None
 
 
 def training_defaults(model: nn.Module, args: tuple, kwargs: Mapping[str, object]) -> dict[str, object]:

@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..capture import CapturedModel
+from ..capture.graph_io import forward_signature
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
@@ -94,7 +94,7 @@ class ProgramRewrite:
         local = set(plan.stages_at(plan.position_of(rank)))
         loss_fn = self.loss_fn
         state_keys = tuple(self.model.state_dict())
-        call = ModelCall(_forward_signature(self.model), model_name=type(self.model).__name__)
+        call = ModelCall(forward_signature(self.model), model_name=type(self.model).__name__)
         if self.stages is None:
             stages = (self._whole_model(rank, group, sizes.get(0, {})),)
             if group is not None:  # the sharded graph takes the inputs capture set, too
@@ -212,13 +212,6 @@ def _state_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     for name, t in state.items():
         groups.setdefault(id(t), []).append(name)
     return {name: tuple(groups[id(t)]) for name, t in state.items()}
-
-
-def _forward_signature(model: nn.Module) -> inspect.Signature | None:
-    try:
-        return inspect.signature(model.forward)
-    except (TypeError, ValueError):  # a builtin forward: inputs go unchecked
-        return None
 
 
 def _restorer(captured: CapturedModel) -> Callable[[Any], Any]:

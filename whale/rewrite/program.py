@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..capture.graph_io import input_mismatch
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .tensor_parallel.sharded_model import ShardedModel
@@ -94,28 +94,12 @@ class ModelCall:
 
     def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
         """Raise ``TypeError`` if ``args``/``kwargs`` do not fit ``forward`` (no collective: every
-        rank given the same inputs raises the same error). A ``**kwargs`` typed as
-        ``Unpack[SomeTypedDict]`` (transformers' forwards) takes only that dict's keys."""
+        rank given the same inputs raises the same error), as capture checks the example."""
         if self.signature is None:
             return
-        shown = f"{self.model_name}.forward({', '.join(_short(p) for p in self.signature.parameters.values())})"
-        try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(
-                f"the inputs do not fit {shown}: {exc}; got {len(args)} positional input(s) and "
-                f"keyword inputs {sorted(kwargs)}"
-            ) from None
-        params = self.signature.parameters
-        var_kw = next((p for p in params.values() if p.kind is p.VAR_KEYWORD), None)
-        takes = _typed_keys(var_kw.annotation) if var_kw is not None else None
-        named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
-        extra = sorted(k for k in kwargs if k not in named and takes is not None and k not in takes)
-        if extra:
-            raise TypeError(
-                f"keyword input(s) {extra} are not parameters of {shown} (its **{var_kw.name} takes "
-                f"{sorted(takes)}); name the inputs as forward does"
-            )
+        reason = input_mismatch(self.signature, self.model_name, args, kwargs)
+        if reason is not None:
+            raise TypeError(reason)
 
     def model_inputs(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` as the program's model takes them (checked first)."""
@@ -141,21 +125,6 @@ class TiedWeight:
 
     name: str
     groups: tuple[tuple[int, ...], ...]
-
-
-def _short(param: inspect.Parameter) -> str:
-    """A parameter as a call shows it, without annotations: ``attention_mask=None``, ``**kwargs``."""
-    prefix = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "")
-    default = "" if param.default is param.empty else f"={param.default!r}"
-    return f"{prefix}{param.name}{default}"
-
-
-def _typed_keys(annotation: Any) -> frozenset[str] | None:
-    """The keys ``**kwargs: Unpack[SomeTypedDict]`` takes; None where any key goes."""
-    if typing.get_origin(annotation) is not typing.Unpack:
-        return None
-    (td,) = typing.get_args(annotation)
-    return frozenset(td.__required_keys__ | td.__optional_keys__) if typing.is_typeddict(td) else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
