@@ -19,7 +19,7 @@ from ..rewrite.program import DistributedProgram
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
-from .program_base import ProgramBase, ReplicaBatch, materialize
+from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
 
 __all__ = ["DataParallelProgram"]
 
@@ -246,9 +246,7 @@ class DataParallelProgram(ProgramBase):
             self._bind_tensor_groups()
             if not on_meta:
                 # Every group shards the same weights: rank 0's (then replicas start equal too).
-                source = self._stage.source
-                broadcast_tensors([t.data for t in source.parameters()] + list(source.buffers()))
-                self._sharded.load_full_state_dict(source.state_dict())
+                shard_from_source(self._stage, src=0, group=None)
             else:
                 materialize(self.module, self._device, "the sharded model")
             self.module.to(self._device)

@@ -12,14 +12,14 @@ from torch import nn
 
 from ..config import Config
 from ..ir.plan import Plan
-from ..rewrite.program import DistributedProgram
+from ..rewrite.program import DistributedProgram, ProgramStage
 from ..ir.rows import row_offsets, split_rows
-from .batch import RankAgreement, batch_rows, call_inputs, narrow, signature, to_device
+from .batch import RankAgreement, batch_rows, broadcast_tensors, call_inputs, narrow, signature, to_device
 from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
 from .process_group import WorldInfo, require_initialized, world_info
 
-__all__ = ["ProgramBase", "ReplicaBatch", "materialize"]
+__all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
 
 
 @dataclasses.dataclass
@@ -205,6 +205,14 @@ class ProgramBase:
             extra_numel=extra_numel,
             host=self._host,
         )
+
+
+def shard_from_source(stage: ProgramStage, src: int, group: dist.ProcessGroup | None) -> None:
+    """Make a split stage's shards those of rank ``src``'s unsharded weights: the rewrite sliced
+    each rank's own copy, and the ranks of a group must shard the same weights."""
+    source = stage.source
+    broadcast_tensors([t.data for t in source.parameters()] + list(source.buffers()), src=src, group=group)
+    stage.sharded.load_full_state_dict(source.state_dict())
 
 
 def materialize(module: nn.Module, device: torch.device, what: str) -> None:

@@ -11,7 +11,7 @@ from ..batch import broadcast_tensors
 from ..grad_sync import GradientReducer
 from ..p2p import Transfers
 from ..process_group import require_initialized
-from ..program_base import materialize
+from ..program_base import materialize, shard_from_source
 
 __all__ = ["StageSetup"]
 
@@ -83,9 +83,7 @@ class StageSetup:
             elif stage.sharded is not None:
                 # Every rank of the group shards the same weights: those of its first rank.
                 ranks = self.program.tensor_group.ranks
-                source = stage.source.state_dict(keep_vars=True)
-                broadcast_tensors([t.data for t in source.values()], src=ranks[0], group=tensor_groups[ranks])
-                stage.sharded.load_full_state_dict(source)
+                shard_from_source(stage, ranks[0], tensor_groups[ranks])
             module.to(self._device)
         self._params = self._tie_local_parameters()
         self._tied = []
