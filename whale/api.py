@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .capture import CaptureError, CapturedModel, capture, module_annotation_map, split_example_inputs
+from .capture.graph_io import rows_of
 from .config import Config
 from .ir.plan import Plan
 from .ir.rows import split_rows
@@ -208,11 +209,10 @@ def _world() -> tuple[int, int | None]:
 
 
 def _rows_of(args: tuple, kwargs: Mapping[str, Any], dim: int) -> int:
-    """Rows of the example batch: dimension ``dim`` of the first tensor input, positional
-    inputs first, then keyword inputs in order (nested tuples and dicts included)."""
-    for value in torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs))):
-        if isinstance(value, torch.Tensor) and value.dim() > dim:
-            return value.shape[dim]
+    """Rows of the example batch (:func:`~whale.capture.graph_io.rows_of`), or an error."""
+    rows = rows_of(args, kwargs, dim)
+    if rows is not None:
+        return rows
     given = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
     raise ValueError(
         f"parallelize(example_inputs=...): no tensor with a batch dimension {dim} among {given}"
