@@ -25,7 +25,15 @@ The profile file (``version`` 1) is one JSON object::
                   "aliases": ["a100"]}]}
 
 ``intra_link_bandwidth`` and ``aliases`` may be left out; every other key is required and
-unknown keys are rejected.
+unknown keys are rejected. Three keys that ``whale profile`` measures may be left out too (files
+written before them still load; the defaults below stand in):
+
+* ``"efficiency": [[2.1e6, 0.08], [2.7e8, 0.6], [3.4e9, 1.0]]``: the share of the peak rate a
+  matrix multiply of that many FLOPs reaches, sizes increasing (interpolated in log size);
+* ``"op_overhead": 8e-6``: seconds every graph operation costs on top of its roofline (Python
+  dispatch, kernel launch), in the forward;
+* ``"optimizer_step": {"adamw": [3e-5, 2e-9], "sgd": [6e-6, 4e-10]}``: one optimizer step on
+  fp32 parameters, as seconds per parameter tensor and seconds per parameter.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ __all__ = [
     "DATASHEET_PROFILES",
     "DTYPES",
     "INTRA_LINKS",
+    "OPTIMIZERS",
     "DeviceProfile",
     "IntraLink",
     "get_profile",
@@ -53,6 +62,24 @@ __all__ = [
     "normalize_dtype",
     "save_profiles",
 ]
+
+# Kernel launch latency of a CUDA kernel is ~3-5 us (NVIDIA CUDA C++ Best Practices Guide,
+# "Asynchronous transfers and overlapping"; Lustig and Martonosi 2013 measure 3-7 us).
+_GPU_OP_OVERHEAD = 5e-6
+# PyTorch eager CPU dispatch of one aten op from Python, with autograd recording: ~5-15 us
+# (measured by whale profile on Xeon hosts; the nominal value for an unmeasured CPU).
+_CPU_OP_OVERHEAD = 10e-6
+# cuBLAS GEMM efficiency by size on A100/H100 (NVIDIA "Matrix multiplication background user's
+# guide", fig. "performance vs size": small GEMMs are latency bound, ~4096^3 reaches the plateau),
+# scaled to the 50% plateau of whole-model training (Narayanan et al. 2021: 52% on A100).
+_GPU_EFFICIENCY = ((1e6, 0.005), (1e7, 0.04), (1e8, 0.15), (1e9, 0.3), (1e10, 0.45), (1e11, 0.5))
+# oneDNN fp32 GEMM on one Xeon socket: ~64^3 runs at a few % of peak, ~1024^3 near the plateau.
+_CPU_EFFICIENCY = ((1e5, 0.02), (1e6, 0.08), (1e7, 0.25), (1e8, 0.4), (1e9, 0.5))
+OPTIMIZERS = ("adamw", "sgd", "sgd_momentum")
+"""Optimizers a profile may give a measured step cost for (``adam`` steps as ``adamw``)."""
+# Parameter bytes read and written by one fused step on fp32 parameters: AdamW reads p, g, m, v
+# and writes p, m, v (7 x 4); SGD reads p, g, writes p (3 x 4); with momentum also the buffer.
+_OPTIMIZER_BYTES = {"adamw": 28, "sgd": 12, "sgd_momentum": 20}
 
 _FORMAT_VERSION = 1
 DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8")
@@ -157,6 +184,17 @@ class DeviceProfile:
     """Where the numbers come from: the datasheet, or the measurement."""
     aliases: tuple[str, ...] = ()
     """Other names that find this profile (matched case- and punctuation-insensitively)."""
+    efficiency: tuple[tuple[float, float], ...] | None = None
+    """Matrix-multiply efficiency by size: ``(FLOPs of one operation, share of peak)`` points,
+    sizes increasing, shares non-decreasing in (0, 1]; None: the default (see
+    :meth:`efficiency_curve`)."""
+    op_overhead: float | None = None
+    """Seconds each graph operation costs beyond its roofline in the forward (dispatch, kernel
+    launch); None: the default for the device kind (see :meth:`overhead`)."""
+    optimizer_step: tuple[tuple[str, float, float], ...] | None = None
+    """Measured optimizer steps on fp32 parameters: ``(optimizer, seconds per parameter tensor,
+    seconds per parameter)``; a mapping ``{"adamw": [a, b]}`` is accepted. None: from the memory
+    bandwidth (see :meth:`optimizer_cost`)."""
 
     def __post_init__(self) -> None:
         owner = f"DeviceProfile({self.name!r})"
@@ -193,6 +231,59 @@ class DeviceProfile:
         if isinstance(self.aliases, str) or not all(isinstance(a, str) for a in self.aliases):
             raise ValueError(f"{owner}: aliases must be a list of strings, got {self.aliases!r}")
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        if self.efficiency is not None:
+            object.__setattr__(self, "efficiency", _curve(owner, self.efficiency))
+        if self.op_overhead is not None:
+            if isinstance(self.op_overhead, bool) or not isinstance(self.op_overhead, (int, float)) \
+                    or not 0 <= self.op_overhead < 1:  # fmt: skip
+                raise ValueError(
+                    f"{owner}: op_overhead must be seconds per operation in [0, 1), e.g. 8e-6, "
+                    f"got {self.op_overhead!r}"
+                )
+            object.__setattr__(self, "op_overhead", float(self.op_overhead))
+        if self.optimizer_step is not None:
+            object.__setattr__(self, "optimizer_step", _optimizer_steps(owner, self.optimizer_step))
+
+    @property
+    def measured(self) -> bool:
+        """The numbers come from ``whale profile`` (its ``source`` starts with ``measured``)."""
+        return self.source.startswith("measured")
+
+    def efficiency_curve(self) -> tuple[tuple[float, float], ...]:
+        """The efficiency points in use: this profile's, else a default.
+
+        Defaults: a measured profile written before curves were measured takes its rates at face
+        value (1.0 at every size); a GPU row, a typical cuBLAS curve up to 50%; a CPU, a oneDNN
+        curve up to 50%.
+        """
+        if self.efficiency is not None:
+            return self.efficiency
+        if self.measured:
+            return ((1.0, 1.0),)
+        return _CPU_EFFICIENCY if self.intra_link == "shm" else _GPU_EFFICIENCY
+
+    def overhead(self) -> float:
+        """Seconds per graph operation in the forward: measured, else the device kind's default."""
+        if self.op_overhead is not None:
+            return self.op_overhead
+        return _CPU_OP_OVERHEAD if self.intra_link == "shm" else _GPU_OP_OVERHEAD
+
+    def optimizer_cost(self, optimizer: str) -> tuple[float, float]:
+        """``(seconds per parameter tensor, seconds per fp32 parameter)`` of one step of
+        ``optimizer`` (``"adamw"``/``"adam"``, ``"sgd"``, ``"sgd_momentum"``).
+
+        Measured where the profile has it; otherwise memory bound: the bytes a fused step reads
+        and writes per parameter over the memory bandwidth, and one operation's overhead per
+        tensor on a CPU (torch steps CPU tensors one by one; CUDA ones in multi-tensor kernels).
+        """
+        name = "adamw" if optimizer == "adam" else optimizer
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {list(OPTIMIZERS)}")
+        for key, per_tensor, per_param in self.optimizer_step or ():
+            if key == name:
+                return per_tensor, per_param
+        per_tensor = self.overhead() * (4 if name == "adamw" else 1) if self.intra_link == "shm" else 0.0
+        return per_tensor, _OPTIMIZER_BYTES[name] / self.memory_bandwidth
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -215,6 +306,13 @@ class DeviceProfile:
         out = dataclasses.asdict(self)
         out["peak_flops"] = dict(self.peak_flops)
         out["aliases"] = list(self.aliases)
+        for key in ("efficiency", "op_overhead", "optimizer_step"):
+            if out[key] is None:
+                del out[key]  # the file stays readable as before: a missing key is the default
+        if self.efficiency is not None:
+            out["efficiency"] = [list(point) for point in self.efficiency]
+        if self.optimizer_step is not None:
+            out["optimizer_step"] = {name: [a, b] for name, a, b in self.optimizer_step}
         return out
 
     @classmethod
@@ -235,10 +333,68 @@ class DeviceProfile:
                 f'{where}: peak_flops must be an object such as {{"fp32": 1.95e13}}, '
                 f"got {data['peak_flops']!r}"
             )
+        if "efficiency" in data and not isinstance(data["efficiency"], list):
+            raise ValueError(
+                f"{where}: efficiency must be a list of [flops, share] pairs such as "
+                f"[[1e6, 0.1], [1e9, 0.9]], got {data['efficiency']!r}; leave it out for the default"
+            )
+        if "optimizer_step" in data and not isinstance(data["optimizer_step"], Mapping):
+            raise ValueError(
+                f'{where}: optimizer_step must be an object such as {{"adamw": [3e-5, 2e-9]}}, '
+                f"got {data['optimizer_step']!r}; leave it out for the default"
+            )
         try:
             return cls(**data)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
+
+
+def _curve(owner: str, points: object) -> tuple[tuple[float, float], ...]:
+    """Validated efficiency points: ``[flops, share]`` pairs, sizes increasing, shares rising."""
+    fix = "give [flops, share] pairs with flops > 0 increasing and shares in (0, 1] not decreasing"
+    if isinstance(points, (str, bytes)) or not isinstance(points, Iterable):
+        raise TypeError(f"{owner}: efficiency must be a list of [flops, share] pairs; {fix}")
+    out = []
+    for k, point in enumerate(points):
+        if isinstance(point, (str, bytes)) or not isinstance(point, Iterable) or len(tuple(point)) != 2:
+            raise ValueError(f"{owner}: efficiency[{k}] is {point!r}, not a [flops, share] pair; {fix}")
+        size, share = tuple(point)
+        for value in (size, share):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{owner}: efficiency[{k}] = {point!r} holds a non-number; {fix}")
+        if size <= 0 or not 0 < share <= 1:
+            raise ValueError(f"{owner}: efficiency[{k}] = {point!r} is out of range; {fix}")
+        if out and (size <= out[-1][0] or share < out[-1][1]):
+            raise ValueError(f"{owner}: efficiency[{k}] = {point!r} after {list(out[-1])}; {fix}")
+        out.append((float(size), float(share)))
+    if not out:
+        raise ValueError(f"{owner}: efficiency is empty; {fix}, or leave it out for the default")
+    return tuple(out)
+
+
+def _optimizer_steps(owner: str, steps: object) -> tuple[tuple[str, float, float], ...]:
+    """Validated optimizer costs as ``(name, per tensor, per parameter)``, names known."""
+    items = steps.items() if isinstance(steps, Mapping) else steps
+    fix = 'e.g. {"adamw": [3e-5, 2e-9]} (seconds per tensor, seconds per parameter)'
+    out = {}
+    try:
+        entries = [(name, *tuple(value)) for name, value in items] if isinstance(steps, Mapping) \
+            else [tuple(entry) for entry in items]  # fmt: skip
+    except TypeError:
+        raise ValueError(f"{owner}: optimizer_step must map optimizer names to two numbers, {fix}") from None
+    for entry in entries:
+        if len(entry) != 3:
+            raise ValueError(f"{owner}: optimizer_step entry {entry!r} needs two numbers, {fix}")
+        name, per_tensor, per_param = entry
+        if name not in OPTIMIZERS:
+            raise ValueError(
+                f"{owner}: optimizer_step names the unknown optimizer {name!r}; use {list(OPTIMIZERS)}"
+            )
+        for value in (per_tensor, per_param):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{owner}: optimizer_step[{name!r}] = {entry[1:]!r} must be numbers >= 0, {fix}")
+        out[name] = (name, float(per_tensor), float(per_param))
+    return tuple(out[name] for name in OPTIMIZERS if name in out)
 
 
 def _gpu(
@@ -314,6 +470,8 @@ CPU_PROFILE = DeviceProfile(
     source="nominal: one Intel Xeon Platinum 8380 socket (Intel ARK), 256 GiB of DDR4; "
     "measure with whale profile for real numbers",
     aliases=("cpu", "host"),
+    efficiency=_CPU_EFFICIENCY,
+    op_overhead=_CPU_OP_OVERHEAD,
 )
 
 
@@ -383,8 +541,13 @@ def get_profile(
     )
 
 
-def load_profiles(path: str | os.PathLike) -> dict[str, DeviceProfile]:
+def load_profiles(path: str | os.PathLike, *, require: Iterable[str] = ()) -> dict[str, DeviceProfile]:
     """Read custom or measured device profiles from a JSON file (format in the module docstring).
+
+    Args:
+        path: the file.
+        require: device names the file must describe (by name or alias, as :func:`get_profile`
+            matches them), e.g. the devices of the cluster the profiles are for.
 
     Returns:
         The profiles by canonical name, in file order; pass them as ``profiles=`` to
@@ -400,7 +563,12 @@ def load_profiles(path: str | os.PathLike) -> dict[str, DeviceProfile]:
         with open(path, encoding="utf-8") as file:
             data = json.load(file)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where} is not valid JSON: {error}") from None
+        raise ValueError(
+            f"{where} is not valid JSON: {error}; write it with `whale profile --out` or "
+            "whale.ir.devices.save_profiles"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"cannot read the profile file {where}: {error.strerror or error}") from None
     if not isinstance(data, dict) or set(data) != {"version", "devices"}:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(
@@ -417,6 +585,13 @@ def load_profiles(path: str | os.PathLike) -> dict[str, DeviceProfile]:
         if profile.name in profiles:
             raise ValueError(f"{where}: devices[{index}] repeats the name {profile.name!r}")
         profiles[profile.name] = profile
+    for name in require:
+        if not any(_key(name) in {_key(n) for n in (p.name, *p.aliases)} for p in profiles.values()):
+            described = [p.name for p in profiles.values()]
+            raise ValueError(
+                f"{where} has no profile for the device {name!r} (it describes {described}); "
+                f"measure that device with `whale profile --out {where}` or use one of those names"
+            )
     return profiles
 
 

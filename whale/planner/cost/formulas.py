@@ -1,8 +1,11 @@
 """The cost model: pure functions from FLOPs, bytes, devices and links to seconds and bytes.
 
 * compute: a roofline per graph node (Williams, Waterman, Patterson, "Roofline: an insightful
-  visual performance model for multicore architectures", CACM 2009), with an efficiency factor
-  on the compute roof;
+  visual performance model for multicore architectures", CACM 2009), with an efficiency on the
+  compute roof that grows with the operation's size (the device profile's measured curve) and a
+  fixed cost per operation (dispatch, kernel launch) on top;
+* the optimizer step: memory bound over the parameters and states of a rank's shard, plus a
+  cost per parameter tensor (measured by ``whale profile``, else from the memory bandwidth);
 * memory: parameters, gradients and optimizer states per parameter as counted by ZeRO
   (Rajbhandari et al., "ZeRO: Memory optimizations toward training trillion parameter models",
   SC 2020), plus the activations a pipeline schedule holds at its peak;
@@ -23,6 +26,8 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ...ir.cluster_spec import Cluster, Link
 from ...ir.devices import DeviceProfile, normalize_dtype
 from ..schedules.generate import make_schedule
@@ -42,7 +47,10 @@ __all__ = [
     "backward_flops",
     "collective_time",
     "compute_time",
+    "efficiency_at",
     "node_compute_times",
+    "op_time",
+    "optimizer_step_time",
     "pipeline_step_time",
     "point_to_point_time",
     "reduce_scatter_time",
@@ -95,6 +103,82 @@ def compute_time(
         raise ValueError(f"compute_time: efficiency must be in (0, 1], got {efficiency!r}")
     # Williams et al. 2009: attainable rate = min(peak, intensity * bandwidth), i.e. this max.
     return max(flops / (device.peak(dtype) * efficiency), bytes_accessed / device.memory_bandwidth)
+
+
+def efficiency_at(device: DeviceProfile, flops: float | np.ndarray) -> float | np.ndarray:
+    """Share of peak FLOP/s an operation of ``flops`` FLOPs reaches on ``device``.
+
+    Interpolates the device's efficiency curve (:meth:`DeviceProfile.efficiency_curve`) linearly
+    in ``log(flops)``, flat beyond its ends: small matmuls do not run at the peak rate.
+
+    Example::
+
+        >>> cpu = get_profile("cpu")
+        >>> efficiency_at(cpu, 1e5) < efficiency_at(cpu, 1e9)
+        True
+    """
+    curve = device.efficiency_curve()
+    sizes = np.log([x for x, _ in curve])
+    shares = np.array([e for _, e in curve])
+    out = np.interp(np.log(np.maximum(flops, 1.0)), sizes, shares)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def op_time(
+    flops: float,
+    bytes_accessed: float,
+    device: DeviceProfile,
+    dtype: object = "fp32",
+    efficiency: float | None = None,
+) -> float:
+    """Time of one graph operation: the device's per-operation overhead plus its roofline at the
+    efficiency its size reaches (:func:`efficiency_at`; ``efficiency`` fixes it instead).
+
+    Example::
+
+        >>> cpu = get_profile("cpu")
+        >>> op_time(0, 0, cpu) == cpu.overhead()   # an empty operation still costs its dispatch
+        True
+    """
+    share = efficiency_at(device, flops) if efficiency is None else efficiency
+    return device.overhead() + compute_time(flops, bytes_accessed, device, dtype, share)
+
+
+def optimizer_step_time(
+    num_params: float,
+    num_tensors: int,
+    device: DeviceProfile,
+    *,
+    optimizer: str = "adamw",
+    precision: str = "fp32",
+) -> float:
+    """One optimizer step over ``num_params`` parameters in ``num_tensors`` tensors on ``device``.
+
+    ``per tensor * num_tensors + per parameter * num_params`` (:meth:`DeviceProfile.optimizer_cost`,
+    measured for fp32), the per-parameter part scaled by the bytes the precision touches: the
+    step reads and writes weights and states and reads gradients (ZeRO's counts per parameter).
+
+    Example::
+
+        >>> a100 = get_profile("A100-80GB")
+        >>> round(optimizer_step_time(1e9, 0, a100) * 1e3, 2)   # 28 GB at 2.04 TB/s, in ms
+        13.73
+    """
+    num_params = _amount("optimizer_step_time", "num_params", num_params)
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer_step_time: unknown optimizer {optimizer!r}; use one of {list(_OPTIMIZERS)}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"optimizer_step_time: unknown precision {precision!r}; use one of {list(_PRECISIONS)}")
+    kind = _OPTIMIZERS[optimizer]
+    per_tensor, per_param = device.optimizer_cost("adamw" if kind == "adam" else kind)
+    scale = _touched(precision, kind) / _touched("fp32", kind)
+    return per_tensor * num_tensors + per_param * scale * num_params
+
+
+def _touched(precision: str, kind: str) -> int:
+    """Bytes a step reads and writes per parameter: weights and states both ways, gradients once."""
+    weights, grads, states = _BYTES_PER_PARAM[precision, kind]
+    return 2 * (weights + states) + grads
 
 
 def backward_flops(forward_flops: float) -> float:

@@ -7,16 +7,19 @@ the layers of a :class:`~.layers.ModelProfile`, the device profiles and links of
 :class:`~.cluster.Cluster`, and the formulas of :mod:`whale.planner.cost.formulas`:
 
 * a stage's forward on a tensor-parallel group is the per-node roofline of its layers on the
-  slowest member's share, plus Megatron-LM's all-reduces (Shoeybi et al. 2019, section 3: two
-  in the forward and two in the backward of a transformer layer); the backward is twice both;
+  slowest member's share, at the efficiency each node's size reaches on the device and with the
+  device's cost per operation added (both measured by ``whale profile``), plus Megatron-LM's
+  all-reduces (Shoeybi et al. 2019, section 3: two in the forward and two in the backward of a
+  transformer layer); the backward is twice both;
 * a replica runs its schedule (:mod:`~.flow_shop`, equal to the simulator), then synchronises
   gradients with a ring all-reduce per pipeline position that overlaps only the last backward
-  (the runtime starts gradient buckets at the final micro-batch);
+  (the runtime starts gradient buckets at the final micro-batch), and then steps the optimizer
+  over its shard (``optimizer_step_time``);
 * memory is ZeRO's count of weights, gradients and optimizer states (``training_memory``) plus
   the activations the schedule holds at its peak.
 
 Replicas only meet in the gradient all-reduce, so the step is the slowest replica's time:
-``max_d max_p (finish(d, p) + max(0, allreduce(p) - last_backward(d, p)))``. Rows per replica
+``max_d max_p (finish(d, p) + max(0, allreduce(p) - last_backward(d, p)) + optimizer(d, p))``. Rows per replica
 are thus a min-max over independent, monotone functions (see :mod:`~.balance`).
 """
 
@@ -29,18 +32,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...ir.cluster_spec import Cluster, Link
+from ...ir.devices import DeviceProfile, normalize_dtype
+from ...ir.topology import LOOPBACK
+from ...ir.trace import Timeline, TraceEvent
+from ..schedules.flow_shop import (
+    flow_shop,
+    peak_held,
+    peak_held_bound,
+    pipeline_estimate,
+)
+from ..schedules.generate import make_schedule
+from ..schedules.simulator import sim_timeline, simulate
 from .formulas import (
     BACKWARD_FLOPS_FACTOR,
-    DEFAULT_EFFICIENCY,
+    efficiency_at,
+    optimizer_step_time,
     point_to_point_time,
     training_memory,
 )
-from ...ir.devices import DeviceProfile, normalize_dtype
-from ..schedules.flow_shop import flow_shop, peak_held, peak_held_bound, pipeline_estimate
 from .layers import ModelProfile
-from ...ir.topology import LOOPBACK
 
-__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "achievable_peak"]
+__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "achievable_peak", "dtype_peak"]
 
 # A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
 _FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
@@ -65,7 +77,8 @@ class CostOptions:
     memory_fraction: float = 0.9
     """Share of device memory a plan may use (nominal: CUDA context, allocator fragmentation)."""
     efficiency: float | None = None
-    """Share of peak FLOP/s reached; None: 0.5 for datasheet rows, 1.0 for measured profiles."""
+    """Share of peak FLOP/s every operation reaches; None: each device's efficiency curve at the
+    operation's size (:func:`~.formulas.efficiency_at`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -136,6 +149,7 @@ class Prediction:
     rank_capacity: tuple[int, ...]
     stage_times: tuple[tuple[float, ...], ...]  # per replica, per stage (f + b of a micro-batch)
     sync_time: tuple[float, ...]  # gradient all-reduce per position
+    optimizer_time: tuple[float, ...] = ()  # optimizer step per position (slowest replica's)
 
     @property
     def fits(self) -> bool:
@@ -153,15 +167,20 @@ class Prediction:
 
 
 def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
-    """FLOP/s ``device`` reaches in ``options.dtype``: its peak times the efficiency.
+    """FLOP/s ``device`` reaches in ``options.dtype`` on large operations: its peak times the
+    efficiency (the top of its curve unless ``options`` fixes one).
 
     The speed the cost model splits sharded work by (:meth:`CostModel.shard_shares`).
     """
-    rate = next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
     eff = options.efficiency
     if eff is None:
-        eff = 1.0 if device.source.startswith("measured") else DEFAULT_EFFICIENCY
-    return rate * eff
+        eff = device.efficiency_curve()[-1][1]
+    return dtype_peak(device, options) * eff
+
+
+def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
+    """Peak FLOP/s of ``device`` in ``options.dtype``, or the next wider dtype it has."""
+    return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
 
 
 class CostModel:
@@ -203,7 +222,10 @@ class CostModel:
         self._fixed = np.array(fixed, dtype=float) * self.weight_scale
         self._sharded = np.array(sharded, dtype=bool)
         self._owner = np.array(owner)
+        # Operations that run a kernel (views and getitems cost nothing and are not counted).
+        self._is_op = ((self._flops > 0) | (self._row > 0) | (self._fixed > 0)).astype(float)
         self._times: dict = {}
+        self._optimizer: dict = {}
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -215,6 +237,7 @@ class CostModel:
         self.tp_count = prefix([x.tp_all_reduces for x in layers])
         self.tp_bytes = prefix([x.tp_all_reduces * x.hidden_bytes * self.act_scale for x in layers])
         self.cut_bytes = np.array(profile.cut_bytes, dtype=float) * self.act_scale
+        self.param_tensors = prefix([len(x.param_names) for x in layers])
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -235,8 +258,9 @@ class CostModel:
     def layer_times(self, device: DeviceProfile, rows: float, share: float = 1.0) -> np.ndarray:
         """Forward time per layer for a micro-batch of ``rows`` rows, ``share`` of it sharded.
 
-        Per node roofline (Williams et al. 2009) on ``device``; under tensor parallelism a
-        member computes ``share`` of the sharded nodes and all of the replicated ones.
+        Per node roofline (Williams et al. 2009) on ``device`` at the efficiency of the node's
+        size, plus the device's cost per operation; under tensor parallelism a member computes
+        ``share`` of the sharded nodes and all of the replicated ones.
         """
         return np.diff(self._prefix_time(device, rows, share))
 
@@ -246,10 +270,12 @@ class CostModel:
         cached = self._times.get(key)
         if cached is None:
             scale = np.where(self._sharded, share, 1.0)
+            flops = rows * self._flops * scale
+            eff = self.options.efficiency or efficiency_at(device, flops)
             node = np.maximum(
-                rows * self._flops / self.peak(device),
-                (rows * self._row + self._fixed) / device.memory_bandwidth,
-            ) * scale
+                flops / (dtype_peak(device, self.options) * eff),
+                (rows * self._row + self._fixed) * scale / device.memory_bandwidth,
+            ) + device.overhead() * self._is_op
             per_layer = np.bincount(self._owner, weights=node, minlength=self.num_layers)
             cached = np.concatenate([[0.0], np.cumsum(per_layer)])
             self._times[key] = cached
@@ -371,19 +397,11 @@ class CostModel:
         The time is ``inf`` when some member's memory exceeds its capacity.
         """
         p, m = len(pipeline), num_micro_batch
-        q, q_max = rows / m, -(-rows // m)
+        q_max = -(-rows // m)
         bounds = (0, *cuts, self.num_layers)
         shares = [self.shard_shares(g) for g in pipeline]
-        forward, backward, p2p = [], [], []
-        for s in range(num_stages):
-            pos = s % p
-            fwd = self.group_forward(pipeline[pos], shares[pos], q, bounds[s], bounds[s + 1])
-            forward.append(fwd)
-            backward.append(BACKWARD_FLOPS_FACTOR * fwd)
-            if s < num_stages - 1:
-                a, b = pipeline[pos][0], pipeline[(s + 1) % p][0]
-                size = self.cut_bytes[bounds[s + 1]] * q
-                p2p.append(0.0 if a == b else point_to_point_time(size, self.link(a, b)))
+        forward, backward, p2p = self.stage_lists(pipeline, num_stages, m, cuts, rows)
+        opt = self.optimizer_times(pipeline, num_stages, cuts)
         memory: list[list[int]] = [[] for _ in range(p)]
         fits, limit = True, math.inf
         # The exact peak needs the schedule's orders; screening bounds it when they are long.
@@ -414,12 +432,91 @@ class CostModel:
         stage_times = tuple(f + b for f, b in zip(forward, backward))
         if exact:
             run = flow_shop(schedule, p, m, forward, backward, p2p)
-            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) for k in range(p))
+            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) + opt[k] for k in range(p))
         else:
             # The final compute of position k is the backward of its first stage, k.
             finish = pipeline_estimate(p, m, forward, backward, p2p)
-            time = max(finish[k] + max(0.0, sync[k] - backward[k]) for k in range(p))
+            time = max(finish[k] + max(0.0, sync[k] - backward[k]) + opt[k] for k in range(p))
         return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
+
+    def stage_lists(
+        self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
+    ) -> tuple[list[float], list[float], list[float]]:
+        """One micro-batch's forward and backward time per stage, and the transfer time per
+        boundary, of a replica (``pipeline``: its groups by position) with ``rows`` rows."""
+        p, q = len(pipeline), rows / num_micro_batch
+        bounds = (0, *cuts, self.num_layers)
+        forward, backward, p2p = [], [], []
+        for s in range(num_stages):
+            pos = s % p
+            fwd = self.group_forward(pipeline[pos], self.shard_shares(pipeline[pos]), q, bounds[s], bounds[s + 1])
+            forward.append(fwd)
+            backward.append(BACKWARD_FLOPS_FACTOR * fwd)
+            if s < num_stages - 1:
+                a, b = pipeline[pos][0], pipeline[(s + 1) % p][0]
+                size = self.cut_bytes[bounds[s + 1]] * q
+                p2p.append(0.0 if a == b else point_to_point_time(size, self.link(a, b)))
+        return forward, backward, p2p
+
+    def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
+        """The optimizer step per position of a replica: its slowest member over its shard of
+        the position's stages (``formulas.optimizer_step_time``), memoised."""
+        p = len(pipeline)
+        key = (tuple(tuple(self.device_of[r].name for r in g) for g in pipeline), num_stages, tuple(cuts))
+        if key not in self._optimizer:
+            bounds = (0, *cuts, self.num_layers)
+            out = []
+            for pos, group in enumerate(pipeline):
+                blocks = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
+                tensors = int(sum(self.param_tensors[b] - self.param_tensors[a] for a, b in blocks))
+                repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
+                sharded = sum(self.block_param_bytes(a, b) for a, b in blocks) - repl
+                kinds = set(zip((self.device_of[r] for r in group), self.shard_shares(group)))
+                out.append(max(
+                    optimizer_step_time((sharded * share + repl) / self.profile.param_dtype_bytes, tensors, device,
+                                        optimizer=self.options.optimizer, precision=self.options.precision)
+                    for device, share in kinds
+                ))  # fmt: skip
+            self._optimizer[key] = tuple(out)
+        return self._optimizer[key]
+
+    def timeline(self, candidate: Candidate) -> Timeline:
+        """The simulated step of ``candidate`` on every rank (source ``"simulated"``).
+
+        Each replica's schedule is simulated with the times :meth:`predict` uses
+        (:func:`~.simulator.simulate`, :func:`~.simulator.sim_timeline`); every member of a
+        tensor-parallel group shows its group's intervals. After the computes each position
+        synchronises gradients (``"sync"``, from its last backward's start, as :meth:`predict`
+        counts it) and steps the optimizer (``"optimizer"``). Its ``step_time`` equals
+        ``predict(candidate).step_time``.
+
+        Example::
+
+            save_chrome_trace("plan.json", costs.timeline(result.best.candidate))
+        """
+        layout, m, s = candidate.layout, candidate.num_micro_batch, candidate.num_stages
+        sync = self.sync_time(layout, s, candidate.cuts)
+        events: list[TraceEvent] = []
+        for d, pipeline in enumerate(layout.pipelines):
+            p = len(pipeline)
+            forward, backward, p2p = self.stage_lists(pipeline, s, m, candidate.cuts, candidate.rows[d])
+            schedule = make_schedule(candidate.schedule, s, m, p if candidate.schedule == "interleaved_1f1b" else None)
+            result = simulate(schedule, forward, backward, p2p)
+            opt = self.optimizer_times(pipeline, s, candidate.cuts)
+            for member in range(max(len(g) for g in pipeline)):
+                ranks = [g[min(member, len(g) - 1)] for g in pipeline]
+                events += sim_timeline(result, ranks).events
+                for pos, rank in enumerate(ranks):
+                    computes = [t for t in result.timeline[pos] if t.action.is_compute]
+                    finish = computes[-1].end if computes else 0.0
+                    begin = computes[-1].start if computes else 0.0
+                    end = finish
+                    if sync[pos] > 0:
+                        events.append(TraceEvent(rank, "sync", "sync", begin, begin + sync[pos]))
+                        end = max(finish, begin + sync[pos])
+                    if opt[pos] > 0:
+                        events.append(TraceEvent(rank, "optimizer", "optimizer", end, end + opt[pos]))
+        return Timeline("simulated", events)
 
     def predict(self, candidate: Candidate) -> Prediction:
         """Score every replica exactly and assemble the per-rank view.
@@ -433,7 +530,7 @@ class CostModel:
         sync = self.sync_time(layout, candidate.num_stages, candidate.cuts)
         world = self.cluster.world_size
         busy, memory = [0.0] * world, [0] * world
-        times, stage_times = [], []
+        times, stage_times, opt = [], [], [0.0] * layout.pipeline_degree
         alike: dict = {}  # replicas on the same devices and links with the same rows cost the same
         for d, pipeline in enumerate(layout.pipelines):
             key = (
@@ -445,6 +542,7 @@ class CostModel:
                 alike[key] = self.replica_cost(pipeline, candidate.num_stages, candidate.schedule,
                                                candidate.num_micro_batch, candidate.cuts, candidate.rows[d], sync)  # fmt: skip
             cost = alike[key]
+            opt = [max(a, b) for a, b in zip(opt, self.optimizer_times(pipeline, candidate.num_stages, candidate.cuts))]
             times.append(cost.time)
             stage_times.append(cost.stage_times)
             for pos, group in enumerate(pipeline):
@@ -460,4 +558,5 @@ class CostModel:
             rank_capacity=tuple(self.capacity(r) for r in range(world)),
             stage_times=tuple(stage_times),
             sync_time=sync,
+            optimizer_time=tuple(opt),
         )

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from ...ir.schedule import _B, _F, _RA, _RG, _SA, _SG, Action, ActionKind, Schedule
 from ...ir.schedule_check import validate
+from ...ir.trace import Timeline, TraceEvent
 
 __all__ = [
     "Item",
@@ -31,6 +32,7 @@ __all__ = [
     "TimedAction",
     "render_table",
     "run_orders",
+    "sim_timeline",
     "simulate",
 ]
 
@@ -367,3 +369,55 @@ def render_table(schedule: Schedule, times: SimResult | None = None) -> str:
     for rank, row in enumerate(cells):
         lines.append(f"rank {rank}".ljust(8) + "".join(c.ljust(width) for c in row).rstrip())
     return "\n".join(lines)
+
+
+_TRACE_CATEGORY = {
+    ActionKind.FORWARD: "forward",
+    ActionKind.BACKWARD: "backward",
+    ActionKind.SEND_ACT: "send",
+    ActionKind.SEND_GRAD: "send",
+    ActionKind.RECV_ACT: "recv",
+    ActionKind.RECV_GRAD: "recv",
+}
+
+
+def sim_timeline(result: SimResult, ranks: Sequence[int] | None = None) -> Timeline:
+    """The simulated step as a :class:`~whale.ir.trace.Timeline` (source ``"simulated"``).
+
+    Every :class:`TimedAction` becomes one :class:`~whale.ir.trace.TraceEvent` with the same
+    interval, named ``<code><stage>.<micro-batch>`` (``"F1.3"``, ``"B1.3"``, ``"SA1.3"``) and
+    categorised ``forward``, ``backward``, ``send`` or ``recv``.
+
+    Args:
+        result: what :func:`simulate` returned.
+        ranks: the global rank of each schedule position (``ranks[k]`` runs
+            ``result.timeline[k]``); None: the positions themselves.
+
+    Example::
+
+        result = simulate(make_schedule("1f1b", 2, 4), 1.0, 2.0)
+        save_chrome_trace("sim.json", sim_timeline(result, ranks=[4, 5]))
+    """
+    positions = len(result.timeline)
+    ranks = tuple(range(positions)) if ranks is None else tuple(ranks)
+    if len(ranks) != positions or any(
+        isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks
+    ):
+        raise ValueError(
+            f"sim_timeline(ranks={list(ranks)!r}): give one global rank (an int >= 0) for each "
+            f"of the {positions} schedule positions"
+        )
+    events = [
+        TraceEvent(
+            rank=rank,
+            name=f"{timed.action.kind.value}{timed.action.stage}.{timed.action.micro_batch}",
+            category=_TRACE_CATEGORY[timed.action.kind],
+            start=timed.start,
+            end=timed.end,
+            stage=timed.action.stage,
+            micro_batch=timed.action.micro_batch,
+        )
+        for rank, row in zip(ranks, result.timeline)
+        for timed in row
+    ]
+    return Timeline("simulated", events)
