@@ -5,23 +5,91 @@ that do the same thing are folded into one line on large clusters), what it runs
 stages and layers, rows, tensor-parallel shard, memory and predicted busy time. ``explain()``
 adds why the plan won: its balance, what limits it, and the best rejected alternatives with
 their predicted step times (or, for shapes that do not fit, the memory they lack and where).
+``timeline`` is the plan's simulated step on every rank (``whale plan --trace`` writes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from ...ir.cluster_spec import Cluster
-from .explore import Scored, SearchResult, describe
-from ..cost.layers import ModelProfile
 from ...ir.plan import Plan
-from ..cost.predict import CostModel
+from ...ir.trace import Timeline
+from ..cost.layers import ModelProfile
+from ..cost.predict import CostModel, CostOptions
+from .explore import Scored, SearchResult, describe
 
-__all__ = ["Alternative", "DeviceRow", "PlanReport", "build_report"]
+__all__ = [
+    "Alternative",
+    "DeviceRow",
+    "PlanReport",
+    "build_report",
+    "format_rate",
+    "format_seconds",
+]
 
 _GiB = 2**30
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it: three significant digits in us, ms or s, then minutes.
+
+    Example::
+
+        >>> [format_seconds(t) for t in (0.00085, 0.073, 6.6, 123.4, 0.0)]
+        ['850 us', '73.0 ms', '6.60 s', '2 min 3 s', '0 s']
+    """
+    if not math.isfinite(seconds):
+        return f"{seconds} s"
+    if seconds < 0:
+        return "-" + format_seconds(-seconds)
+    if seconds == 0:
+        return "0 s"
+    if seconds >= 59.5:
+        whole = round(seconds)
+        if whole < 3600:
+            return f"{whole // 60} min {whole % 60} s"
+        return f"{whole // 3600} h {whole % 3600 // 60} min"
+    for scale, unit in ((1e-9, "ns"), (1e-6, "us"), (1e-3, "ms"), (1.0, "s")):
+        value = seconds / scale
+        text = _three_digits(value)
+        if float(text) < 1000 or unit == "s":
+            return f"{text} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _three_digits(value: float) -> str:
+    """``value`` to three significant digits, trailing zeros kept (``73.0``, ``6.60``, ``850``)."""
+    if value <= 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(value)))
+    text = f"{value:.{decimals}f}"
+    if decimals and float(text) >= 10 ** (
+        3 - decimals
+    ):  # 9.996 -> "10.00": one digit too many
+        text = f"{value:.{decimals - 1}f}"
+    return text
+
+
+def format_rate(per_second: float, what: str) -> str:
+    """A throughput: ``58,640 rows/s``, ``312 rows/s``, ``0.52 rows/s``."""
+    if per_second >= 100:
+        return f"{per_second:,.0f} {what}/s"
+    return f"{_three_digits(per_second)} {what}/s"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 micro-batch``, ``12 micro-batches``."""
+    return (
+        f"{n} {noun}"
+        if n == 1
+        else f"{n} {noun}es"
+        if noun.endswith(("ch", "sh", "s", "x"))
+        else f"{n} {noun}s"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,28 +143,45 @@ class PlanReport:
     alternatives: tuple[Alternative, ...]
     search_summary: str
     executable: bool
+    timeline: Timeline | None = None
+    """The plan's simulated step on every rank (:meth:`~.predict.CostModel.timeline`); None
+    when the report was built without the search's cost options (it would not be this plan's)."""
 
     def table(self) -> str:
         """Per device: replica, stages, layers, rows, shard, memory, predicted busy time."""
-        head = ("ranks", "device", "replica", "stages", "layers", "rows", "shard", "memory GiB", "busy s")
+        head = (
+            "ranks",
+            "device",
+            "replica",
+            "stages",
+            "layers",
+            "rows",
+            "shard",
+            "memory GiB",
+            "busy",
+        )
         lines = [head]
         for d in self.devices:
             lines.append((
                 _ranges(d.ranks), d.device, _ranges(d.replicas), ",".join(map(str, d.stages)),
                 f"{d.num_layers}: {d.layers}", str(d.rows), d.shard,
-                f"{d.memory_bytes / _GiB:.1f}/{d.capacity_bytes / _GiB:.1f}", f"{d.busy_seconds:.4g}",
+                f"{d.memory_bytes / _GiB:.1f}/{d.capacity_bytes / _GiB:.1f}", format_seconds(d.busy_seconds),
             ))  # fmt: skip
         widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
         text = [
             f"{self.description}",
             (
-                f"predicted step {self.step_time:.4g} s for {self.global_batch} rows "
-                f"({self.global_batch / self.step_time:.4g} rows/s), bubble {self.bubble:.1%}"
+                f"predicted step {format_seconds(self.step_time)} for {self.global_batch} rows "
+                f"({format_rate(self.global_batch / self.step_time, 'rows')}), bubble {self.bubble:.1%}"
             ),
         ]
-        text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+        text += [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines
+        ]
         for name, sizes in self.plan.shard_sizes:
-            text.append(f"shard sizes of {name or '<root>'!r} by tensor index: {list(sizes)}")
+            text.append(
+                f"shard sizes of {name or '<root>'!r} by tensor index: {list(sizes)}"
+            )
         if not self.executable:
             text.append(
                 f"note: tensor parallel {self.plan.tensor_parallel} shards only split() parts at run "
@@ -118,14 +203,20 @@ class PlanReport:
                     lines.append(f"  {k}. {a.description}: {a.note}")
                 else:
                     slower = a.step_time / self.step_time - 1
-                    lines.append(f"  {k}. {a.description}: {a.step_time:.4g} s ({slower:+.1%}){'; ' + a.note if a.note else ''}")
+                    note = f"; {a.note}" if a.note else ""
+                    lines.append(
+                        f"  {k}. {a.description}: {format_seconds(a.step_time)} ({slower:+.1%}){note}"
+                    )
         lines.append(f"search: {self.search_summary}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (the plan as its own JSON object)."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, timeline=None))
         out["plan"] = _plan_dict(self.plan)
+        del out[
+            "timeline"
+        ]  # thousands of intervals: the Chrome trace (--trace) holds them
         return out
 
 
@@ -148,8 +239,17 @@ def _ranges(values: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def build_report(result: SearchResult, profile: ModelProfile, cluster: Cluster, plan: Plan) -> PlanReport:
+def build_report(
+    result: SearchResult,
+    profile: ModelProfile,
+    cluster: Cluster,
+    plan: Plan,
+    options: CostOptions | None = None,
+) -> PlanReport:
     """Assemble the report of ``plan``, made from ``result.best``.
+
+    Args:
+        options: the cost options the search used (None: the defaults).
 
     Example::
 
@@ -157,7 +257,12 @@ def build_report(result: SearchResult, profile: ModelProfile, cluster: Cluster, 
     """
     best = result.best
     c, pred = best.candidate, best.prediction
-    costs = CostModel(profile, cluster)
+    costs = CostModel(profile, cluster, options or CostOptions())
+    timeline = costs.timeline(c)
+    if not math.isclose(
+        timeline.step_time, pred.step_time, rel_tol=1e-9, abs_tol=1e-15
+    ):
+        timeline = None  # other options than the search's: not the predicted step
     layout = c.layout
     bounds = (0, *c.cuts, profile.num_layers)
     names = [layer.name or "<root>" for layer in profile.layers]
@@ -167,7 +272,10 @@ def build_report(result: SearchResult, profile: ModelProfile, cluster: Cluster, 
         for pos, group in enumerate(pipe):
             stages = tuple(range(pos, c.num_stages, layout.pipeline_degree))
             spans = [(bounds[s], bounds[s + 1]) for s in stages]
-            text = ", ".join(names[a] if b - a == 1 else f"{names[a]}..{names[b - 1]}" for a, b in spans)
+            text = ", ".join(
+                names[a] if b - a == 1 else f"{names[a]}..{names[b - 1]}"
+                for a, b in spans
+            )
             count = sum(b - a for a, b in spans)
             shares = costs.shard_shares(group)
             for k, rank in enumerate(group):
@@ -192,9 +300,10 @@ def build_report(result: SearchResult, profile: ModelProfile, cluster: Cluster, 
         search_summary=(
             f"{result.num_structures} structures (degrees x layouts x schedules x micro-batches), "
             f"{result.num_screened} screened before the bound cut the rest, "
-            f"best ones re-scored exactly; {result.seconds:.2f} s"
+            f"best ones re-scored exactly; {format_seconds(result.seconds)}"
         ),
         executable=plan.tensor_parallel == 1 or profile.split_only,
+        timeline=timeline,
     )
 
 
@@ -202,7 +311,15 @@ def _fold(rows: list[DeviceRow]) -> list[DeviceRow]:
     """Merge ranks doing the same thing on the same device type (large clusters)."""
     groups: dict[tuple, list[DeviceRow]] = {}
     for r in rows:
-        key = (r.device, r.stages, r.layers, r.rows, r.shard, r.memory_bytes, round(r.busy_seconds, 9))
+        key = (
+            r.device,
+            r.stages,
+            r.layers,
+            r.rows,
+            r.shard,
+            r.memory_bytes,
+            round(r.busy_seconds, 9),
+        )
         groups.setdefault(key, []).append(r)
     out = []
     for members in groups.values():
@@ -226,7 +343,7 @@ def _stage_lines(best: Scored, names, bounds, devices) -> tuple[str, ...]:
         device = devices[pipe[s % p][0]].profile.name
         lines.append(
             f"stage {s} on {device} (replica 0 rank {pipe[s % p][0]}): layers {names[a]}..{names[b - 1]} "
-            f"({b - a}), {pred.stage_times[0][s]:.4g} s"
+            f"({b - a}), {format_seconds(pred.stage_times[0][s])}"
         )
     return tuple(lines)
 
@@ -235,8 +352,8 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
     c, pred = result.best.candidate, result.best.prediction
     out = [
         (
-            f"fastest predicted step among the plans that fit: {pred.step_time:.4g} s, "
-            f"{result.global_batch / pred.step_time:.4g} rows/s"
+            f"fastest predicted step among the plans that fit: {format_seconds(pred.step_time)}, "
+            f"{format_rate(result.global_batch / pred.step_time, 'rows')}"
         )
     ]
     devices = cluster.devices()
@@ -245,26 +362,34 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
         key = " > ".join(devices[g[0]].profile.name for g in pipe)
         kinds.setdefault(key, []).append(c.rows[d])
     if len(kinds) > 1:
-        shares = [
-            f"{k}: {v[0]} rows x {len(v)}" if min(v) == max(v) else f"{k}: {min(v)}-{max(v)} rows x {len(v)}"
-            for k, v in kinds.items()
-        ]
+        shares = []
+        for k, v in kinds.items():
+            rows = str(v[0]) if min(v) == max(v) else f"{min(v)}-{max(v)}"
+            each = " each" if len(v) > 1 else ""
+            shares.append(f"{_count(len(v), 'replica')} of {k}: {rows} rows{each}")
         out.append("rows follow replica speed: " + "; ".join(shares))
     if c.num_stages > 1:
         times = pred.stage_times[0]
         out.append(
             f"{c.num_stages} stages cut so the slowest is as fast as possible: stage times "
-            f"{min(times):.4g}-{max(times):.4g} s per micro-batch (spread {max(times) / min(times) - 1:.1%}); "
-            f"{c.num_micro_batch} micro-batches keep the bubble at {pred.bubble:.1%}"
+            f"{format_seconds(min(times))} to {format_seconds(max(times))} per micro-batch "
+            f"(spread {max(times) / min(times) - 1:.1%}); {_count(c.num_micro_batch, 'micro-batch')} "
+            f"keep{'s' if c.num_micro_batch == 1 else ''} the bubble at {pred.bubble:.1%}"
         )
-    top = max(range(len(pred.rank_memory)), key=lambda r: pred.rank_memory[r] / pred.rank_capacity[r])
+    top = max(
+        range(len(pred.rank_memory)),
+        key=lambda r: pred.rank_memory[r] / pred.rank_capacity[r],
+    )
     out.append(
         f"fullest device: rank {top} ({devices[top].profile.name}) uses "
         f"{pred.rank_memory[top] / _GiB:.1f} of {pred.rank_capacity[top] / _GiB:.1f} GiB usable"
     )
     if max(pred.sync_time) > 0:
-        out.append(f"gradient all-reduce per position up to {max(pred.sync_time):.4g} s (overlaps the last backward)")
-    for alt in result.overflows:
+        out.append(
+            f"gradient all-reduce per position up to {format_seconds(max(pred.sync_time))} "
+            "(overlaps the last backward)"
+        )
+    for alt in _overflows(result):
         missing, rank = alt.prediction.shortfall
         out.append(
             f"{describe(alt.candidate, cluster)} does not fit: it needs "
@@ -274,10 +399,29 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _overflows(result: SearchResult) -> list[Scored]:
+    """The shapes the search found no fitting plan of whose closest candidate overflows memory.
+
+    The search screens a shape with estimates; the candidate it reports as closest is scored
+    exactly, and may fit after all (a shortfall <= 0): that one is no overflow, and
+    :func:`_alternatives` lists it with its predicted time instead.
+    """
+    return [alt for alt in result.overflows if alt.prediction.shortfall[0] > 0]
+
+
 def _alternatives(result: SearchResult, cluster: Cluster) -> tuple[Alternative, ...]:
     devices = cluster.devices()
-    out = [Alternative(describe(a.candidate, cluster), a.prediction.step_time, "") for a in result.alternatives]
+    out = [
+        Alternative(describe(a.candidate, cluster), a.prediction.step_time, "")
+        for a in result.alternatives
+    ]
     for alt in result.overflows:
+        if alt.prediction.shortfall[0] <= 0 and math.isfinite(alt.prediction.step_time):
+            out.append(Alternative(
+                describe(alt.candidate, cluster), alt.prediction.step_time,
+                "fits with this many micro-batches, scored after the search had passed it over",
+            ))  # fmt: skip
+    for alt in _overflows(result):
         missing, rank = alt.prediction.shortfall
         out.append(Alternative(
             describe(alt.candidate, cluster), None,

@@ -82,7 +82,8 @@ def describe(candidate: Candidate, cluster: Cluster) -> str:
         where = ", ".join(f"{sum(n == k for n in names)}x{k}" for k in dict.fromkeys(names))
     return (
         f"dp {layout.dp_degree} x {stages} x tp {layout.tensor_parallel}, "
-        f"{candidate.schedule if s > 1 else 'no pipeline'}, {candidate.num_micro_batch} micro-batches; {where}"
+        f"{candidate.schedule if s > 1 else 'no pipeline'}, {candidate.num_micro_batch} "
+        f"micro-batch{'es' if candidate.num_micro_batch != 1 else ''}; {where}"
     )
 
 
