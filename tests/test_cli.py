@@ -3,12 +3,23 @@
 Each CLI case calls ``whale.cli.main`` directly (a subprocess per case would cost seconds of
 imports); one case runs the installed entry point through ``python -m whale.cli`` to check the
 command line itself.
+
+The plan table and ``--explain`` of a fixed model on a fixed cluster are compared with golden
+files (``tests/golden/plan_table.txt``, ``tests/golden/plan_explain.txt``), exactly but for the
+search's own run time. When the cost model or the search changes the plan on purpose, regenerate
+them and read the diff::
+
+    WHALE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_cli.py -k golden
+    git diff tests/golden
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +34,7 @@ from whale.ir.devices import load_profiles
 from whale.ir.plan import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
 GPT = os.path.join(ROOT, "examples", "gpt.py")
 CNN = os.path.join(ROOT, "examples", "cnn.py")
 BENCH = os.path.join(ROOT, "benchmarks", "bench_planner.py")
@@ -39,7 +51,7 @@ def test_plan_prints_the_per_device_table_and_explains(capsys):
                           "--global-batch", "64", "--explain")  # fmt: skip
     assert code == 0, err
     assert "ranks  device" in out and "A100-80GB" in out and "V100-32GB" in out
-    assert "predicted step" in out and "memory GiB" in out and "busy s" in out
+    assert "predicted step" in out and "memory GiB" in out and "busy" in out
     assert "why:" in out and "best rejected alternatives:" in out and "search:" in out
 
 
@@ -48,8 +60,12 @@ def test_plan_json_round_trips_and_keeps_pins(capsys):
                           "--pipeline-degree", "2", "--micro-batches", "4", "--json")  # fmt: skip
     assert code == 0, err
     plan = Plan.from_json(out)
-    assert plan.world_size == 4 and plan.pipeline_degree == 2 and plan.num_micro_batch == 4
-    assert sum(plan.rows(32)) == 32 and len(plan.stage_boundaries) == plan.num_stages - 1
+    assert (
+        plan.world_size == 4 and plan.pipeline_degree == 2 and plan.num_micro_batch == 4
+    )
+    assert (
+        sum(plan.rows(32)) == 32 and len(plan.stage_boundaries) == plan.num_stages - 1
+    )
     _, out, _ = _run(capsys, "plan", GPT, "--cluster", "4xT4", "--json", "--explain")
     data = json.loads(out)
     assert set(data) == {"plan", "report"} and data["report"]["step_time"] > 0
@@ -101,8 +117,14 @@ def _returns_no_batch():
         ("missing_file.py", r"no file missing_file.py"),
         ("no_such_package.mod:fn", r"cannot import 'no_such_package.mod'"),
         ("tests.test_cli:nothing_here", r"has no function nothing_here\(\)"),
-        ("tests.test_cli:_returns_a_module_only", r"must return \(model, example_inputs\).*got Linear"),
-        ("tests.test_cli:_raises", r"_raises\(\) raised RuntimeError\('no data here'\)"),
+        (
+            "tests.test_cli:_returns_a_module_only",
+            r"must return \(model, example_inputs\).*got Linear",
+        ),
+        (
+            "tests.test_cli:_raises",
+            r"_raises\(\) raised RuntimeError\('no data here'\)",
+        ),
         ("tests.test_cli:_returns_no_batch", r"no tensor input with a batch dimension"),
     ],
 )
@@ -113,9 +135,26 @@ def test_bad_targets_are_named(capsys, target, message):
 
 
 def test_contradicting_pins_are_rejected(capsys):
-    code, _, err = _run(capsys, "plan", GPT, "--cluster", "4xT4", "--stages", "3", "--pipeline-degree", "2")
-    assert code == 2 and "--stages 3" in err and "--pipeline-degree 2" in err and "contradict" in err
-    code, _, err = _run(capsys, "plan", GPT, "--cluster", "4xT4", "--tensor-parallel", "3")
+    code, _, err = _run(
+        capsys,
+        "plan",
+        GPT,
+        "--cluster",
+        "4xT4",
+        "--stages",
+        "3",
+        "--pipeline-degree",
+        "2",
+    )
+    assert (
+        code == 2
+        and "--stages 3" in err
+        and "--pipeline-degree 2" in err
+        and "contradict" in err
+    )
+    code, _, err = _run(
+        capsys, "plan", GPT, "--cluster", "4xT4", "--tensor-parallel", "3"
+    )
     assert code == 2 and "--tensor-parallel 3" in err and "admit no plan" in err
 
 
@@ -128,7 +167,15 @@ def test_profile_writes_a_profile_the_planner_reads(capsys, tmp_path):
     assert profile.source.startswith("measured") and profile.peak("fp32") > 0
     cluster = parse_cluster(f"2x{profile.name}", profiles=profiles)
     assert cluster.nodes[0].device == profile
-    code, _, err = _run(capsys, "plan", GPT, "--cluster", f"2x{profile.name}", "--profiles", str(out_file))
+    code, _, err = _run(
+        capsys,
+        "plan",
+        GPT,
+        "--cluster",
+        f"2x{profile.name}",
+        "--profiles",
+        str(out_file),
+    )
     assert code == 0, err
 
 
@@ -136,14 +183,21 @@ def links_case():
     from whale.planner.measure import profile_here
 
     _, cluster, links = profile_here(quick=True)
-    return cluster.world_size, sorted(links), links["all_reduce"].bandwidth > 0, cluster.nodes[0].intra_link
+    return (
+        cluster.world_size,
+        sorted(links),
+        links["all_reduce"].bandwidth > 0,
+        cluster.nodes[0].intra_link,
+    )
 
 
 def test_profile_measures_links_between_ranks(world2, tmp_path):
     results = world2.run("tests.test_cli:links_case")
     world, names, positive, intra = results[0]
     assert world == 2 and names == ["all_reduce", "p2p"] and positive
-    assert intra is not None and intra.bandwidth > 0  # the measured ring, as the node's link
+    assert (
+        intra is not None and intra.bandwidth > 0
+    )  # the measured ring, as the node's link
 
 
 def test_link_fit_doctest():
@@ -157,15 +211,36 @@ def test_link_fit_doctest():
 def test_the_console_script_is_declared_and_runs():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
         assert tomllib.load(file)["project"]["scripts"]["whale"] == "whale.cli:main"
-    done = subprocess.run([sys.executable, "-m", "whale.cli", "plan", "--help"], capture_output=True, text=True, cwd=ROOT, check=False)
-    assert done.returncode == 0 and "--cluster" in done.stdout and "--explain" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "whale.cli", "plan", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert (
+        done.returncode == 0
+        and "--cluster" in done.stdout
+        and "--explain" in done.stdout
+    )
 
 
 def test_cluster_files_work_too(capsys, tmp_path):
     path = tmp_path / "cluster.json"
-    path.write_text(json.dumps({"nodes": [{"device": "A100-80GB", "count": 2}, {"device": "T4", "count": 2}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "nodes": [
+                    {"device": "A100-80GB", "count": 2},
+                    {"device": "T4", "count": 2},
+                ]
+            }
+        )
+    )
     assert load_cluster(path).world_size == 4
-    code, _, err = _run(capsys, "plan", GPT, "--cluster", f"@{path}", "--global-batch", "16")
+    code, _, err = _run(
+        capsys, "plan", GPT, "--cluster", f"@{path}", "--global-batch", "16"
+    )
     assert code == 0, err
 
 
@@ -184,14 +259,286 @@ def whale_target():
 
 def test_plan_on_a_mixed_workstation_shows_uneven_shards(capsys, tmp_path):
     spec = "node0=1xA100-80GB+1xT4"
-    code, out, err = _run(capsys, "plan", GPT, "--cluster", spec, "--global-batch", "32", "--tensor-parallel", "2")
+    code, out, err = _run(
+        capsys,
+        "plan",
+        GPT,
+        "--cluster",
+        spec,
+        "--global-batch",
+        "32",
+        "--tensor-parallel",
+        "2",
+    )
     assert code == 0, err
     assert "0.707 of tp 2" in out and "0.293 of tp 2" in out  # the A100 takes more
     target = tmp_path / "split_gpt.py"
     target.write_text(_SPLIT_GPT)
-    code, out, err = _run(capsys, "plan", str(target), "--cluster", spec, "--tensor-parallel", "2", "--json")
+    code, out, err = _run(
+        capsys,
+        "plan",
+        str(target),
+        "--cluster",
+        spec,
+        "--tensor-parallel",
+        "2",
+        "--json",
+    )
     assert code == 0, err
     plan = Plan.from_json(out)
     assert dict(plan.shard_sizes)["lm_head"] == (45, 19)
-    _, out, _ = _run(capsys, "plan", str(target), "--cluster", spec, "--tensor-parallel", "2")
+    _, out, _ = _run(
+        capsys, "plan", str(target), "--cluster", spec, "--tensor-parallel", "2"
+    )
     assert "shard sizes of 'lm_head' by tensor index: [45, 19]" in out
+
+
+# --- golden output: the plan table and --explain of a fixed model on a fixed cluster ----------
+
+GOLDEN_CLUSTER = "node0=2xA100-80GB,node1=2xT4"
+
+
+def golden_gpt():
+    """A GPT of 6 blocks (d_model 512, 8,192 tokens, 256 positions) on the meta device, 8 rows."""
+    from examples.gpt import GPT as Model
+    from examples.gpt import GPTConfig
+
+    with torch.device("meta"):
+        model = Model(
+            GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=8, n_embd=512)
+        )
+    return model, (torch.zeros(8, 256, dtype=torch.long, device="meta"),)
+
+
+def _golden(name: str, text: str) -> None:
+    """``text`` equals ``tests/golden/<name>`` (or, under WHALE_UPDATE_GOLDEN=1, becomes it)."""
+    # The search's wall time is the one part that changes from run to run.
+    text = re.sub(r"(best ones re-scored exactly; )[^\n]+", r"\1<search time>", text)
+    path = os.path.join(GOLDEN, name)
+    if os.environ.get("WHALE_UPDATE_GOLDEN") == "1":
+        os.makedirs(GOLDEN, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
+        return
+    if not os.path.exists(path):
+        pytest.fail(
+            f"no tests/golden/{name}; write it with WHALE_UPDATE_GOLDEN=1",
+            pytrace=False,
+        )
+    with open(path, encoding="utf-8") as file:
+        expected = file.read()
+    if text != expected:
+        diff = "".join(difflib.unified_diff(
+            expected.splitlines(keepends=True), text.splitlines(keepends=True),
+            fromfile=f"tests/golden/{name}", tofile="whale plan now",
+        ))  # fmt: skip
+        pytest.fail(
+            f"whale plan's output differs from tests/golden/{name}; if the change is meant, "
+            f"regenerate with WHALE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_cli.py -k golden\n{diff}",
+            pytrace=False,
+        )
+
+
+def test_golden_plan_table(capsys):
+    code, out, err = _run(capsys, "plan", "tests.test_cli:golden_gpt", "--cluster", GOLDEN_CLUSTER,
+                          "--global-batch", "32")  # fmt: skip
+    assert code == 0, err
+    _golden("plan_table.txt", out)
+
+
+def test_golden_plan_explain(capsys):
+    # A pinned pipeline, so the explanation has stages to show.
+    code, out, err = _run(capsys, "plan", "tests.test_cli:golden_gpt", "--cluster", GOLDEN_CLUSTER,
+                          "--global-batch", "32", "--pipeline-degree", "2", "--explain")  # fmt: skip
+    assert code == 0, err
+    _golden("plan_explain.txt", out)
+    assert "-0." not in out and " -1" not in out  # never a negative shortfall or time
+
+
+# --- whale --version, plan --help, pictures and traces, the local cluster ---------------------
+
+
+def test_version_and_plan_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert (
+        capsys.readouterr().out.strip()
+        == f"whale {importlib.metadata.version('whale')}"
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert (
+        "Dry run: capture the model TARGET returns" in out
+        and "examples:\n  whale plan examples/gpt.py" in out
+    )
+    from whale.ir.devices import DATASHEET_PROFILES
+
+    devices = " ".join(out.split("known devices")[1].split())
+    assert all(p.name in devices for p in DATASHEET_PROFILES) and "CPU" in devices
+    assert "--picture FILE.png" in out and "--trace FILE.json" in out
+
+
+def test_picture_draws_the_plan(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plan.png"
+    code, out, err = _run(capsys, "plan", "tests.test_cli:golden_gpt", "--cluster", GOLDEN_CLUSTER,
+                          "--global-batch", "32", "--picture", str(path), "--json")  # fmt: skip
+    assert code == 0, err
+    Plan.from_json(out)  # the picture's note goes to stderr: stdout stays JSON
+    assert f"plan picture -> {path}" in err
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "flag, name, message",
+    [
+        (
+            "--picture",
+            "no_such_folder/plan.png",
+            r"the folder '.*no_such_folder' does not exist",
+        ),
+        ("--picture", "", r"it is a folder; name a file in it"),
+        ("--picture", "plan.jpeg", r"end the name with \.png or \.svg or \.pdf"),
+        (
+            "--trace",
+            "no_such_folder/step.json",
+            r"the folder '.*no_such_folder' does not exist",
+        ),
+        ("--trace", "step.png", r"end the name with \.json"),
+        ("--trace-picture", "", r"it is a folder"),
+    ],
+)
+def test_unwritable_outputs_fail_before_the_search(
+    capsys, tmp_path, flag, name, message
+):
+    path = os.path.join(tmp_path, name) if name else str(tmp_path)
+    # A target that fails when loaded: the check must come first.
+    code, out, err = _run(
+        capsys, "plan", "tests.test_cli:_raises", "--cluster", "2xT4", flag, path
+    )
+    assert code == 2 and not out
+    assert err.startswith(f"whale plan: error: cannot write {flag} to '{path}': ")
+    assert re.search(message, err) and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_without_matplotlib_picture_says_how_to_install_it(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = _run(
+        capsys, "plan", GPT, "--cluster", "2xT4", "--picture", str(tmp_path / "p.png")
+    )
+    assert (
+        code == 2
+        and err
+        == "whale plan: error: pictures need matplotlib: pip install 'whale[plot]'\n"
+    )
+
+
+def test_the_local_cluster_has_this_hosts_memory(capsys):
+    from whale.planner.search.auto import local_cluster
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cluster = local_cluster(4)
+    memory = [d.profile.memory_bytes for d in cluster.devices()]
+    assert (
+        len(set(memory)) == 1 and host - 4 < sum(memory) <= host
+    )  # the ranks share the RAM
+    assert "this host's RAM / 4 ranks" in cluster.devices()[0].profile.source
+    code, out, err = _run(capsys, "plan", CNN, "--world-size", "4")
+    assert code == 0, err
+    usable = 0.9 * memory[0] / 2**30  # --memory-fraction 0.9
+    assert f"/{usable:.1f}" in out
+
+
+def test_explain_never_shows_a_negative_shortfall():
+    # The search may report a shape as not fitting while the candidate it scores exactly for
+    # that shape fits (its screen had tried other micro-batch counts): that is no overflow.
+    from whale.planner.cost.predict import Candidate, Prediction, RankLayout
+    from whale.planner.search.explore import Scored, SearchResult
+    from whale.planner.search.report import _alternatives, _reasons
+
+    cluster = parse_cluster("4xT4")
+    gib = 2**30
+
+    def scored(pipelines, stages, m, memory, step):
+        layout = RankLayout(1, tuple(tuple((r,) for r in p) for p in pipelines))
+        candidate = Candidate(
+            layout,
+            stages,
+            "gpipe",
+            m,
+            (4,) if stages > 1 else (),
+            (32,) * len(pipelines),
+        )
+        prediction = Prediction(step, (step,) * len(pipelines), (step,) * 4, memory, (15 * gib,) * 4,
+                                ((step,) * stages,) * len(pipelines), (0.01,) * len(pipelines[0]))  # fmt: skip
+        return Scored(candidate, prediction)
+
+    best = scored(((0,), (1,), (2,), (3,)), 1, 1, (9 * gib,) * 4, 1.5)
+    fits = scored(((0, 1), (2, 3)), 2, 32, (8 * gib, 9 * gib, 8 * gib, 9 * gib), 1.7278)
+    over = scored(((0, 1, 2, 3),), 4, 64, (16 * gib, 9 * gib, 9 * gib, 9 * gib), 2.5)
+    result = SearchResult(best, (), (fits, over), 10, 5, 0.1, 128)
+    alternatives = _alternatives(result, cluster)
+    assert [(a.step_time, a.note) for a in alternatives] == [
+        (
+            1.7278,
+            "fits with this many micro-batches, scored after the search had passed it over",
+        ),
+        (None, "does not fit: needs 1.0 GiB more on rank 0 (T4)"),
+    ]
+    reasons = [r for r in _reasons(result, cluster) if "does not fit" in r]
+    expected = (
+        "dp 1 x pp 4 x tp 1, gpipe, 64 micro-batches; every pipeline T4x4 does not fit: it needs "
+        "16.0 GiB on rank 0 (T4), 1.0 GiB more than it has"
+    )
+    assert reasons == [expected]
+
+
+def test_trace_writes_the_simulated_step_as_a_chrome_trace(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    trace, picture = tmp_path / "step.json", tmp_path / "step.png"
+    code, out, err = _run(capsys, "plan", "tests.test_cli:golden_gpt", "--cluster", GOLDEN_CLUSTER,
+                          "--global-batch", "32", "--pipeline-degree", "2", "--micro-batches", "4",
+                          "--schedule", "1f1b", "--trace", str(trace), "--trace-picture", str(picture))  # fmt: skip
+    assert code == 0, err
+    data = json.loads(trace.read_text())
+    assert data["displayTimeUnit"] == "ms"
+    meta = [e for e in data["traceEvents"] if e["ph"] == "M"]
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {e["args"]["name"] for e in meta if e["name"] == "process_name"} == {
+        "simulated"
+    }
+    assert {e["tid"] for e in meta if e["name"] == "thread_name"} == {0, 1, 2, 3}
+    assert all(
+        isinstance(e["ts"], float) and e["ts"] >= 0 and e["dur"] >= 0 for e in spans
+    )
+    # Every rank runs 4 forwards and 4 backwards of its stage; the step ends when the table says.
+    for rank in range(4):
+        names = sorted(
+            e["name"][0]
+            for e in spans
+            if e["tid"] == rank and e["cat"] in ("forward", "backward")
+        )
+        assert names == ["B"] * 4 + ["F"] * 4
+    from whale.planner.search.report import format_seconds
+
+    end = max(e["ts"] + e["dur"] for e in spans) / 1e6
+    assert f"predicted step {format_seconds(end)} for 32 rows" in out
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_version_of_a_source_tree_that_is_not_installed(capsys, monkeypatch):
+    import whale
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"whale {whale.__version__}"

@@ -3,11 +3,12 @@
 The data flow runs one way (DESIGN.md, STYLE.md)::
 
     ir/csrc_build -> config -> primitives -> capture -> planner -> rewrite -> runtime
-        -> api -> cli -> __init__
+        -> api/plot -> cli -> __init__
 
 An import of a later unit is a violation. ``whale/ir`` is a leaf of frozen objects that imports
 nothing else of whale, ``config.py`` imports only ``ir``, ``csrc_build.py`` nothing of whale; only
-``api.py`` and ``cli.py`` wire the stages together. The runtime executes a program built by
+``api.py`` and ``cli.py`` wire the stages together; ``whale/plot`` draws their frozen results
+(plans, reports, timelines) beside ``api.py``. The runtime executes a program built by
 rewrite: it never captures, plans, runs a rewrite pass or makes a schedule. Every import counts,
 wherever it sits in a file (module level, inside a function, under ``TYPE_CHECKING``), relative
 or absolute. Besides: no module over 600 lines, no folder over 12 modules, no import cycle between
@@ -43,6 +44,7 @@ RANK = {
     "rewrite": 5,
     "runtime": 6,
     "api": 7,
+    "plot": 7,
     "cli": 8,
     "__init__": 9,
 }

@@ -4,7 +4,9 @@
 TARGET returns (on fake tensors: a model built on ``torch.device("meta")`` allocates nothing),
 searches data, tensor and pipeline degrees, stages, micro-batches, schedule and rows for the
 cluster, and prints the plan. Without ``--cluster`` the cluster is ``--world-size`` devices of
-this host's type. Annotations and the pin flags fix choices; the search makes the rest.
+this host's type with this host's memory. Annotations and the pin flags fix choices; the search
+makes the rest. ``--picture plan.png`` draws the plan on the cluster; ``--trace step.json``
+writes its simulated pipeline step as a Chrome trace (``--trace-picture`` draws it).
 
 ``whale profile [--out FILE] [--cluster-out FILE]`` measures the devices (and, under torchrun,
 the links) into a profile file for ``--profiles``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -26,14 +29,14 @@ import torch
 from torch import nn
 
 from .api import speed_sizes
-from .rewrite.build import tensor_parallel_check
 from .capture import capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.cluster_spec import load_cluster, parse_cluster
-from .ir.devices import load_profiles, save_profiles
-from .planner.search.pins import Pins
+from .ir.devices import known_device_names, load_profiles, save_profiles
 from .planner.cost.predict import CostOptions
 from .planner.search.auto import SearchSettings, auto_plan, local_cluster
+from .planner.search.pins import Pins
+from .rewrite.build import tensor_parallel_check
 
 __all__ = ["load_target", "main"]
 
@@ -68,7 +71,9 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
         try:
             spec.loader.exec_module(module)
         except Exception as err:
-            raise ValueError(f"TARGET {target!r}: importing {path} failed: {err!r}") from err
+            raise ValueError(
+                f"TARGET {target!r}: importing {path} failed: {err!r}"
+            ) from err
         finally:
             sys.path.pop(0)
     else:
@@ -80,16 +85,24 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
                 "package.module:function"
             ) from err
     fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(
+    if not callable(fn):  # a TARGET naming no function is a bad value, not a bad type
+        raise ValueError(  # noqa: TRY004
             f"TARGET {target!r}: {where} has no function {fn_name}() returning (model, example_inputs)"
         )
     try:
         result = fn()
     except Exception as err:
         raise ValueError(f"TARGET {target!r}: {fn_name}() raised {err!r}") from err
-    if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], nn.Module):
-        got = type(result).__name__ if not isinstance(result, tuple) else f"a tuple of {len(result)}"
+    if (
+        not isinstance(result, tuple)
+        or len(result) != 2
+        or not isinstance(result[0], nn.Module)
+    ):
+        got = (
+            type(result).__name__
+            if not isinstance(result, tuple)
+            else f"a tuple of {len(result)}"
+        )
         if isinstance(result, tuple) and len(result) == 2:
             got = f"({type(result[0]).__name__}, {type(result[1]).__name__})"
         raise TypeError(
@@ -111,7 +124,9 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
 def _cluster(args: argparse.Namespace, profiles):
     if args.cluster is None:
         return local_cluster(args.world_size)
-    if args.cluster.startswith("@") or args.cluster.endswith((".json", ".yaml", ".yml")):
+    if args.cluster.startswith("@") or args.cluster.endswith(
+        (".json", ".yaml", ".yml")
+    ):
         return load_cluster(args.cluster.removeprefix("@"), profiles=profiles)
     return parse_cluster(args.cluster, profiles=profiles)
 
@@ -134,17 +149,38 @@ def _pins(args: argparse.Namespace) -> Pins:
     return Pins(**found, sources=sources)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the search when an output file cannot be written or cannot be drawn."""
+    from .plot.canvas import check_target, require_matplotlib
+
+    if args.picture or args.trace_picture:
+        require_matplotlib()
+    if args.picture:
+        check_target(args.picture, what="--picture")
+    if args.trace:
+        check_target(args.trace, formats=("json",), what="--trace")
+    if args.trace_picture:
+        check_target(args.trace_picture, what="--trace-picture")
+
+
 def _plan(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     profiles = load_profiles(args.profiles) if args.profiles else None
     cluster = _cluster(args, profiles)
     model, inputs = load_target(args.target)
-    positional, keywords = split_example_inputs(model, inputs, f"TARGET {args.target!r}")
+    positional, keywords = split_example_inputs(
+        model, inputs, f"TARGET {args.target!r}"
+    )
     captured = capture(model, positional, example_kwargs=keywords)
     scopes = dict(module_annotation_map(model))
     for node in captured.nodes:
         if len(node.annotations) > len(scopes.get(node.module_path, ())):
             scopes[f"{node.module_path}:{node.name}"] = node.annotations
-    rows0 = next(t.shape[0] for t in (*positional, *keywords.values()) if isinstance(t, torch.Tensor) and t.dim())
+    rows0 = next(
+        t.shape[0]
+        for t in (*positional, *keywords.values())
+        if isinstance(t, torch.Tensor) and t.dim()
+    )
     global_batch = args.global_batch or rows0
     options = CostOptions(
         dtype=args.dtype, precision=args.precision, optimizer=args.optimizer,
@@ -152,18 +188,28 @@ def _plan(args: argparse.Namespace) -> int:
     )  # fmt: skip
     # As parallelize: tensor parallel only where the model has split() parts (the runtime shards
     # nothing else), unless --tensor-parallel asks for a what-if (the report then says so).
-    settings = SearchSettings(allow_tensor_parallel=False) if args.no_tensor_parallel else None
+    settings = (
+        SearchSettings(allow_tensor_parallel=False) if args.no_tensor_parallel else None
+    )
     plan, report = auto_plan(
         captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
         extra_pins=_pins(args), tensor_parallel_check=tensor_parallel_check(model, captured),
     )  # fmt: skip
-    if report.executable:  # the sizes the runtime will use on tensor groups of mixed devices
+    if (
+        report.executable
+    ):  # the sizes the runtime will use on tensor groups of mixed devices
         plan = speed_sizes(plan, cluster, model, captured)
         report = dataclasses.replace(report, plan=plan)
+    _write_outputs(args, plan, cluster, report)
     if args.json:
         if args.explain:
-            print(json.dumps({"plan": json.loads(plan.to_json()), "report": report.to_dict()}, indent=2))
+            print(
+                json.dumps(
+                    {"plan": json.loads(plan.to_json()), "report": report.to_dict()},
+                    indent=2,
+                )
+            )
         else:
             print(plan.to_json())
         return 0
@@ -177,6 +223,34 @@ def _plan(args: argparse.Namespace) -> int:
         print()
         print(report.explain())
     return 0
+
+
+def _write_outputs(args: argparse.Namespace, plan, cluster, report) -> None:
+    """The picture, the Chrome trace and its picture that the flags ask for."""
+    if args.picture:
+        from .plot import draw_plan
+
+        draw_plan(args.picture, plan, cluster, report)
+        print(f"plan picture -> {args.picture}", file=sys.stderr)
+    if args.trace or args.trace_picture:
+        from .ir.trace import save_chrome_trace
+        from .plot import draw_timelines
+
+        timeline = report.timeline
+        if timeline is None:
+            raise ValueError(
+                "the simulated step of this plan is not available: its report was built with "
+                "other cost options than the search's"
+            )
+        if args.trace:
+            save_chrome_trace(args.trace, timeline)
+            print(
+                f"simulated step as a Chrome trace -> {args.trace} (open in ui.perfetto.dev)",
+                file=sys.stderr,
+            )
+        if args.trace_picture:
+            draw_timelines(args.trace_picture, timeline)
+            print(f"simulated step picture -> {args.trace_picture}", file=sys.stderr)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -215,45 +289,156 @@ def _build_ext(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("whale")
+    except (
+        importlib.metadata.PackageNotFoundError
+    ):  # a source tree on sys.path, not installed
+        # The package is loaded already (this module is in it); cli may not import __init__.
+        return getattr(sys.modules[__package__], "__version__", "unknown")
+
+
+_PLAN_DESCRIPTION = """\
+Dry run: capture the model TARGET returns, search data, tensor and pipeline parallel degrees,
+stages, micro-batches, schedule and rows per replica for a cluster, and print the plan with
+each device's work, memory and predicted time. No GPU is needed: the model may be built on
+torch.device("meta"). Annotations in the model and the pin flags below fix choices; the
+search makes the rest."""
+
+_PLAN_EXAMPLES = """\
+examples:
+  whale plan examples/gpt.py --cluster "node0=2xA100-80GB,node1=2xT4" --global-batch 32 --explain
+  whale plan examples/gpt.py --cluster "8xA100-80GB;net=100Gbps" --stages 4 --micro-batches 8
+  whale plan my_model.py:build --cluster @cluster.json --json > plan.json
+  whale plan examples/gpt.py --cluster 4xT4 --picture plan.png --trace step.json
+  whale plan examples/cnn.py --world-size 4        # 4 devices of this host, its real memory
+
+cluster spec: [name=]<count>x<device>[+<count>x<device>...][(options)] per node, comma-separated,
+  then optional ';net=<bandwidth>,lat=<time>' for the network between nodes.
+known devices (datasheet figures; add others with --profiles, measured by `whale profile`):
+  {devices}"""
+
+
+def _plan_parser(sub) -> argparse.ArgumentParser:
+    import textwrap
+
+    devices = textwrap.fill(
+        ", ".join(known_device_names()), width=92, subsequent_indent="  "
+    )
+    return sub.add_parser(
+        "plan",
+        help="dry run: search and print the plan for a model, no GPU needed",
+        description=_PLAN_DESCRIPTION,
+        epilog=_PLAN_EXAMPLES.format(devices=devices),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="whale", description="annotation-driven parallel training")
+    parser = argparse.ArgumentParser(
+        prog="whale", description="annotation-driven parallel training"
+    )
+    parser.add_argument("--version", action="version", version=f"whale {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="dry run: search and print the plan for a model, no GPU needed")
-    plan.add_argument("target", help="file.py (defining whale_target()), file.py:fn or module:function")
+    plan = _plan_parser(sub)
+    plan.add_argument(
+        "target",
+        help="file.py (defining whale_target()), file.py:fn or module:function",
+    )
     plan.add_argument("--cluster", default=None,
                       help="e.g. 'node0=8xA100-80GB,node1=8xV100-32GB;net=100Gbps', or @cluster.json")  # fmt: skip
     plan.add_argument("--world-size", type=int, default=2,
-                      help="without --cluster: this many devices of this host's type")  # fmt: skip
-    plan.add_argument("--global-batch", type=int, default=None, help="rows per step (default: example's)")
-    plan.add_argument("--profiles", default=None, help="device profile file (whale profile) over datasheets")
-    plan.add_argument("--dtype", default="fp32", help="compute dtype: fp32, tf32, bf16, fp16, fp8")
-    plan.add_argument("--precision", default=None, help="fp32, mixed or half (default: from --dtype)")
+                      help="without --cluster: this many devices of this host's type, with its memory")  # fmt: skip
+    plan.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="rows per step (default: example's)",
+    )
+    plan.add_argument(
+        "--profiles",
+        default=None,
+        help="device profile file (whale profile) over datasheets",
+    )
+    plan.add_argument(
+        "--dtype", default="fp32", help="compute dtype: fp32, tf32, bf16, fp16, fp8"
+    )
+    plan.add_argument(
+        "--precision", default=None, help="fp32, mixed or half (default: from --dtype)"
+    )
     plan.add_argument("--optimizer", default="adamw", help="adamw, sgd or sgd_momentum")
-    plan.add_argument("--memory-fraction", type=float, default=0.9, help="usable share of device memory")
-    plan.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
-    plan.add_argument("--row-weights", default=None, help="pin rows per replica by weight, e.g. 3,1")
-    plan.add_argument("--pipeline-degree", type=int, default=None, help="pin ranks per pipeline")
-    plan.add_argument("--stages", type=int, default=None, help="pin the number of pipeline stages")
-    plan.add_argument("--schedule", default=None, help="pin gpipe, 1f1b or interleaved_1f1b")
-    plan.add_argument("--tensor-parallel", type=int, default=None, help="pin ranks per tensor-parallel group")
+    plan.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="usable share of device memory",
+    )
+    plan.add_argument(
+        "--micro-batches", type=int, default=None, help="pin the micro-batch count"
+    )
+    plan.add_argument(
+        "--row-weights", default=None, help="pin rows per replica by weight, e.g. 3,1"
+    )
+    plan.add_argument(
+        "--pipeline-degree", type=int, default=None, help="pin ranks per pipeline"
+    )
+    plan.add_argument(
+        "--stages", type=int, default=None, help="pin the number of pipeline stages"
+    )
+    plan.add_argument(
+        "--schedule", default=None, help="pin gpipe, 1f1b or interleaved_1f1b"
+    )
+    plan.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=None,
+        help="pin ranks per tensor-parallel group",
+    )
     plan.add_argument("--no-tensor-parallel", action="store_true",
                       help="search data x pipeline plans only (tensor parallel is searched only where "
                            "the model has split() parts)")  # fmt: skip
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.from_json reads it)")
-    plan.add_argument("--explain", action="store_true", help="why this plan, and the best rejected ones")
+    plan.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as JSON (Plan.from_json reads it)",
+    )
+    plan.add_argument(
+        "--explain",
+        action="store_true",
+        help="why this plan, and the best rejected ones",
+    )
+    plan.add_argument("--picture", default=None, metavar="FILE.png",
+                      help="draw the plan: each device, what it runs, its memory (.png, .svg, .pdf)")  # fmt: skip
+    plan.add_argument("--trace", default=None, metavar="FILE.json",
+                      help="write the simulated pipeline step as a Chrome trace (ui.perfetto.dev)")  # fmt: skip
+    plan.add_argument("--trace-picture", default=None, metavar="FILE.png",
+                      help="draw the simulated pipeline step as a timeline per rank")  # fmt: skip
     plan.set_defaults(run=_plan)
-    prof = sub.add_parser("profile", help="measure this host's devices (and links under torchrun)")
-    prof.add_argument("--out", default="whale_profile.json", help="profile file to write")
-    prof.add_argument("--cluster-out", default=None, help="also write the job's cluster with measured links")
-    prof.add_argument("--quick", action="store_true", help="small sizes: a first look in seconds")
+    prof = sub.add_parser(
+        "profile", help="measure this host's devices (and links under torchrun)"
+    )
+    prof.add_argument(
+        "--out", default="whale_profile.json", help="profile file to write"
+    )
+    prof.add_argument(
+        "--cluster-out",
+        default=None,
+        help="also write the job's cluster with measured links",
+    )
+    prof.add_argument(
+        "--quick", action="store_true", help="small sizes: a first look in seconds"
+    )
     prof.set_defaults(run=_profile)
-    ext = sub.add_parser("build-ext", help="compile the C++/CUDA extension into torch's cache")
+    ext = sub.add_parser(
+        "build-ext", help="compile the C++/CUDA extension into torch's cache"
+    )
     ext.add_argument("--verbose", action="store_true")
     ext.set_defaults(run=_build_ext)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, NotImplementedError) as err:
+    except (ValueError, TypeError, NotImplementedError, ImportError) as err:
         print(f"whale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

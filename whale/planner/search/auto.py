@@ -121,22 +121,41 @@ def plan_of(
 
 
 def local_cluster(world_size: int, ranks_per_node: int | None = None) -> Cluster:
-    """The cluster a job runs on when none is described: this host's device type on every rank.
+    """The cluster a job runs on when none is described: this host's devices and their memory.
+
+    Every rank gets this host's device type (its datasheet profile) with the memory
+    it really has: under CUDA the GPU's own memory; on CPU the host's RAM, shared evenly by the
+    ranks of a node (gloo ranks on one host are processes sharing its memory).
 
     Example::
 
-        local_cluster(4)   # 4xCPU on a CPU host, 4x<this GPU> under CUDA
+        local_cluster(4)   # 4xCPU on a CPU host (RAM / 4 each), 4x<this GPU> under CUDA
     """
+    import os
+
     import torch
 
-    name = "CPU"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
+    from ...ir.devices import get_profile
+
     per_node = ranks_per_node or world_size
     if world_size % per_node:
         raise ValueError(f"{world_size} ranks are not whole nodes of {per_node} ranks")
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        where = f"{name}'s memory"
+    else:
+        name = "CPU"
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_node
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the nominal figure
+            memory = None
+        where = f"this host's RAM / {per_node} ranks"
     try:
-        return parse_cluster(",".join(f"{per_node}x{name}" for _ in range(world_size // per_node)))
+        profile = get_profile(name)
+        if memory:
+            profile = dataclasses.replace(profile, memory_bytes=memory, source=f"{profile.source}; memory: {where}")
+        return parse_cluster(",".join(f"{per_node}x{name}" for _ in range(world_size // per_node)), profiles=[profile])
     except ValueError as error:
         raise ValueError(
             f"the local device {name!r} has no profile: describe the cluster (Config(cluster=...) "
