@@ -542,3 +542,29 @@ def test_version_of_a_source_tree_that_is_not_installed(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"whale {whale.__version__}"
+
+
+def test_the_local_cluster_under_cuda_has_the_gpus_memory(monkeypatch):
+    # No GPU here: torch.cuda answers as on a host with an 80 GB A100 that reports 79.2 GiB.
+    from types import SimpleNamespace
+
+    from whale.planner.search.auto import local_cluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB"
+    )
+    memory = int(79.2 * 2**30)
+    props = SimpleNamespace(total_memory=memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+    cluster = local_cluster(4, ranks_per_node=2)
+    assert str(cluster) == "node0=2xA100-80GB,node1=2xA100-80GB"
+    assert {d.profile.memory_bytes for d in cluster.devices()} == {
+        memory
+    }  # each GPU its own
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Radeon 9000")
+    with pytest.raises(
+        ValueError, match="the local device 'Radeon 9000' has no profile"
+    ):
+        local_cluster(2)

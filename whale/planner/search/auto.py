@@ -155,7 +155,9 @@ def local_cluster(world_size: int, ranks_per_node: int | None = None) -> Cluster
         profile = get_profile(name)
         if memory:
             profile = dataclasses.replace(profile, memory_bytes=memory, source=f"{profile.source}; memory: {where}")
-        return parse_cluster(",".join(f"{per_node}x{name}" for _ in range(world_size // per_node)), profiles=[profile])
+        # The canonical name: CUDA's ("NVIDIA A100-SXM4-80GB") holds spaces a cluster string splits at.
+        spec = ",".join(f"{per_node}x{profile.name}" for _ in range(world_size // per_node))
+        return parse_cluster(spec, profiles=[profile])
     except ValueError as error:
         raise ValueError(
             f"the local device {name!r} has no profile: describe the cluster (Config(cluster=...) "
