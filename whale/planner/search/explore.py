@@ -361,6 +361,14 @@ class Explorer(SearchSpace):
         missing, rank = close.prediction.shortfall
         device = self.device_of[rank]
         need, cap = close.prediction.rank_memory[rank], close.prediction.rank_capacity[rank]
+        if missing <= 0:  # nothing is missing: the screen's estimates rejected a plan that fits
+            return (
+                f"the search found no plan that fits, yet {describe(close.candidate, self.cluster)} "
+                f"fits when scored exactly ({need / _GiB:.1f} of {cap / _GiB:.1f} GiB usable on rank "
+                f"{rank}, {device.name}): the search's estimates rejected it. Pin that shape (whale "
+                "plan --pipeline-degree, --stages, --micro-batches, --schedule) to plan it, and "
+                "report this model and cluster"
+            )
         return (
             f"the model fits on no plan of this cluster: the closest ({describe(close.candidate, self.cluster)}) "
             f"needs {need / _GiB:.1f} GiB on rank {rank} ({device.name}), which has {cap / _GiB:.1f} GiB "
