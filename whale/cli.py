@@ -215,7 +215,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     params = captured.total_param_bytes
     print(
-        f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {params / 2**30:.2f} GiB of "
+        f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {_bytes(params)} of "
         f"parameters as captured, global batch {global_batch} rows, {cluster.world_size} devices"
     )
     print(report.table())
@@ -223,6 +223,11 @@ def _plan(args: argparse.Namespace) -> int:
         print()
         print(report.explain())
     return 0
+
+
+def _bytes(n: int) -> str:
+    """``1.25 GiB``, ``46.2 MiB``: a small model's size reads as more than zero."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _write_outputs(args: argparse.Namespace, plan, cluster, report) -> None:
