@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ MAX_DEVICES = 256
 """Past this a picture is unreadable; the table (``whale plan``) lists every rank instead."""
 
 _PER_ROW = 8  # device boxes per row of a node band; a larger node wraps
-_BOX_W, _BOX_H = 2.8, 1.45  # inches, at the figure's scale of one data unit per inch
+_BOX_W = 2.8  # inches, at the figure's scale of one data unit per inch
+_LINE = 0.22  # height of a line of text in a box
 _GAP = 0.2
 _BAND_HEAD = 0.35  # room for the node's label above its boxes
 _TEXT_CHARS = 50  # characters that fit on one line of a box at the font size used
@@ -96,12 +98,18 @@ def plan_figure(
             "`whale plan` prints every rank in its table"
         )
     rows_of = _report_rows(report)
+    devices = cluster.devices()
+    lines = [
+        _box_lines(plan, d.rank, d.profile, rows_of.get(d.rank), report)
+        for d in devices
+    ]
+    box_h = 0.16 + 0.12 + _LINE * max(map(len, lines)) + 0.42  # strip, text, memory bar
     bands = [_band_rows(node.num_devices) for node in cluster.nodes]
     width = (
         min(_PER_ROW, max(n.num_devices for n in cluster.nodes)) * (_BOX_W + _GAP)
         + _GAP
     )
-    height = sum(rows * (_BOX_H + _GAP) + _BAND_HEAD + _GAP for rows in bands)
+    height = sum(rows * (box_h + _GAP) + _BAND_HEAD + _GAP for rows in bands)
     title_room, legend_room = 0.75, 0.25 + 0.22 * ((plan.num_stages + 1) // 2)
     figure = new_figure(max(width, 6.0), height + title_room + legend_room)
     total_h = height + title_room + legend_room
@@ -110,7 +118,10 @@ def plan_figure(
     ax.set_ylim(total_h, 0)  # y grows downwards, as the nodes are listed
     ax.axis("off")
     colors = _stage_colors(plan.num_stages)
-    ax.text(0.15, 0.3, _title(plan, report), fontsize=10, weight="bold", va="center")
+    title = _fit(
+        _title(plan, report), int(max(width, 6.0) * 12)
+    )  # ~12 bold characters an inch
+    ax.text(0.15, 0.3, title, fontsize=10, weight="bold", va="center")
     ax.text(
         0.15,
         0.58,
@@ -120,17 +131,17 @@ def plan_figure(
         color="0.3",
     )
     y = title_room
-    ranks = iter(cluster.devices())
+    ranks = iter(devices)
     for node, rows in zip(cluster.nodes, bands):
-        band_h = rows * (_BOX_H + _GAP) + _BAND_HEAD
+        band_h = rows * (box_h + _GAP) + _BAND_HEAD
         _node_band(ax, node, y, band_h, width)
         for k in range(node.num_devices):
             rank, _, profile = next(ranks)
             x = _GAP + (k % _PER_ROW) * (_BOX_W + _GAP)
-            top = y + _BAND_HEAD + (k // _PER_ROW) * (_BOX_H + _GAP)
-            _device_box(
-                ax, plan, rank, profile, rows_of.get(rank), report, x, top, colors
-            )
+            top = y + _BAND_HEAD + (k // _PER_ROW) * (box_h + _GAP)
+            box = (x, top, box_h)
+            _device_box(ax, plan, rank, lines[rank], box, colors)
+            _memory_bar(ax, profile, rows_of.get(rank), box)
         y += band_h + _GAP
     _legend(ax, plan, rows_of, colors, y)
     info = PictureInfo(None, len(cluster.nodes), cluster.world_size, plan.num_stages)
@@ -157,7 +168,7 @@ def _stage_colors(num_stages: int) -> list[tuple]:
 
 def _title(plan: Plan, report: PlanReport | None) -> str:
     if report is not None:
-        return _fit(report.description, 110)
+        return report.description
     m = plan.num_micro_batch
     shape = (
         f"dp {plan.dp_degree} x pp {plan.pipeline_degree} x tp {plan.tensor_parallel}, "
@@ -197,34 +208,26 @@ def _node_band(ax: Any, node: Any, y: float, height: float, width: float) -> Non
     )  # fmt: skip
 
 
-def _device_box(
-    ax: Any,
+def _box_lines(
     plan: Plan,
     rank: int,
     profile: Any,
     row: DeviceRow | None,
     report: PlanReport | None,
-    x: float,
-    top: float,
-    colors: Sequence[tuple],
-) -> None:
-    from matplotlib.patches import Rectangle
-
-    box = Rectangle(
-        (x, top), _BOX_W, _BOX_H, facecolor="white", edgecolor="0.3", linewidth=0.9
-    )
-    box.set_gid(f"device:{rank}")
-    ax.add_patch(box)
+) -> list[str]:
+    """What a device box says: rank and type, stages and layers (up to two lines), rows,
+    pipeline, tensor shard."""
     stages = plan.stages_at(plan.position_of(rank))
-    strip_h, strip_w = 0.16, _BOX_W / len(stages)
-    for k, s in enumerate(stages):
-        strip = Rectangle(
-            (x + k * strip_w, top), strip_w, strip_h, facecolor=colors[s], linewidth=0
-        )
-        strip.set_gid(f"stage:{s}:{rank}")
-        ax.add_patch(strip)
-    lines = [f"rank {rank}  {profile.name}", _runs(plan, rank, stages, row)]
-    lines.append(_rows_line(plan, rank, row, report))
+    runs = textwrap.wrap(
+        _runs(plan, stages, row), _TEXT_CHARS, subsequent_indent="  ", max_lines=2, placeholder="..."
+    )  # fmt: skip
+    lines = [f"rank {rank}  {profile.name}", *runs, _rows_line(plan, rank, row, report)]
+    replica, k = plan.pipelines[plan.replica_of(rank)], plan.tensor_parallel
+    if len(replica) > k:
+        groups = [
+            "+".join(map(str, replica[i : i + k])) for i in range(0, len(replica), k)
+        ]
+        lines.append(_fit(f"pipeline of ranks {' > '.join(groups)}"))
     group = plan.tensor_group_of(rank)
     if len(group) > 1:
         share = (
@@ -234,15 +237,41 @@ def _device_box(
             f"tensor shard {group.index(rank) + 1} of {len(group)}"
             + (f", {share} of the width" if share else "")
         )
+    return lines
+
+
+def _device_box(
+    ax: Any,
+    plan: Plan,
+    rank: int,
+    lines: Sequence[str],
+    box: tuple[float, float, float],
+    colors: Sequence[tuple],
+) -> None:
+    from matplotlib.patches import Rectangle
+
+    x, top, height = box
+    frame = Rectangle(
+        (x, top), _BOX_W, height, facecolor="white", edgecolor="0.3", linewidth=0.9
+    )
+    frame.set_gid(f"device:{rank}")
+    ax.add_patch(frame)
+    stages = plan.stages_at(plan.position_of(rank))
+    strip_h, strip_w = 0.16, _BOX_W / len(stages)
+    for k, s in enumerate(stages):
+        strip = Rectangle(
+            (x + k * strip_w, top), strip_w, strip_h, facecolor=colors[s], linewidth=0
+        )
+        strip.set_gid(f"stage:{s}:{rank}")
+        ax.add_patch(strip)
     for k, line in enumerate(lines):
         ax.text(
-            x + 0.1, top + strip_h + 0.2 + k * 0.23, _fit(line),
+            x + 0.1, top + strip_h + 0.12 + (k + 0.5) * _LINE, _fit(line),
             fontsize=7, weight="bold" if k == 0 else "normal", va="center",
         )  # fmt: skip
-    _memory_bar(ax, profile, row, x, top)
 
 
-def _runs(plan: Plan, rank: int, stages: Sequence[int], row: DeviceRow | None) -> str:
+def _runs(plan: Plan, stages: Sequence[int], row: DeviceRow | None) -> str:
     """``stage 0: wte..blocks.2 (5 layers)``; without a report, where the stages begin."""
     what = f"stage{'s' if len(stages) > 1 else ''} {','.join(map(str, stages))}"
     if plan.num_stages == 1:
@@ -260,27 +289,23 @@ def _runs(plan: Plan, rank: int, stages: Sequence[int], row: DeviceRow | None) -
 def _rows_line(
     plan: Plan, rank: int, row: DeviceRow | None, report: PlanReport | None
 ) -> str:
-    """``replica 0 (0 > 2): 16 rows in 4 micro-batches``: the replica's pipeline and rows."""
+    """``replica 0: 16 rows in 4 micro-batches`` (without a report, its share of the rows)."""
     replica = plan.replica_of(rank)
     m = plan.num_micro_batch
     batches = f"{m} micro-batch{'es' if m != 1 else ''}"
-    ranks, k = plan.pipelines[replica], plan.tensor_parallel
-    where = " > ".join(
-        "+".join(map(str, ranks[i : i + k])) for i in range(0, len(ranks), k)
-    )
-    name = f"replica {replica}" + (f" ({where})" if len(ranks) > 1 else "")
     if row is not None and report is not None:
-        return f"{name}: {row.rows} rows in {batches}"
+        return f"replica {replica}: {row.rows} rows in {batches}"
     share = plan.row_weights[replica] / sum(plan.row_weights)
-    return f"{name}: {share:.0%} of the rows, {batches}"
+    return f"replica {replica}: {share:.0%} of the rows, {batches}"
 
 
 def _memory_bar(
-    ax: Any, profile: Any, row: DeviceRow | None, x: float, top: float
+    ax: Any, profile: Any, row: DeviceRow | None, box: tuple[float, float, float]
 ) -> None:
     from matplotlib.patches import Rectangle
 
-    left, bottom, width, height = x + 0.1, top + _BOX_H - 0.33, _BOX_W - 0.2, 0.2
+    x, top, box_h = box
+    left, bottom, width, height = x + 0.1, top + box_h - 0.31, _BOX_W - 0.2, 0.2
     ax.add_patch(
         Rectangle(
             (left, bottom),
