@@ -201,7 +201,6 @@ def _plan(args: argparse.Namespace) -> int:
     ):  # the sizes the runtime will use on tensor groups of mixed devices
         plan = speed_sizes(plan, cluster, model, captured)
         report = dataclasses.replace(report, plan=plan)
-    _write_outputs(args, plan, cluster, report)
     if args.json:
         if args.explain:
             print(
@@ -212,16 +211,19 @@ def _plan(args: argparse.Namespace) -> int:
             )
         else:
             print(plan.to_json())
-        return 0
-    params = captured.total_param_bytes
-    print(
-        f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {_bytes(params)} of "
-        f"parameters as captured, global batch {global_batch} rows, {cluster.world_size} devices"
-    )
-    print(report.table())
-    if args.explain:
-        print()
-        print(report.explain())
+    else:
+        params = captured.total_param_bytes
+        print(
+            f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {_bytes(params)} of "
+            f"parameters as captured, global batch {global_batch} rows, {cluster.world_size} devices"
+        )
+        print(report.table())
+        if args.explain:
+            print()
+            print(report.explain())
+    # After the plan is out: a picture that fails to draw does not hide the plan.
+    sys.stdout.flush()
+    _write_outputs(args, plan, cluster, report)
     return 0
 
 
