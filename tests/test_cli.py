@@ -584,3 +584,24 @@ def test_no_plan_error_never_shows_a_negative_shortfall(capsys, monkeypatch):
     assert "fits when scored exactly" in err and "Pin that shape" in err
     assert "missing" not in err
     assert not re.search(r"[\s(]-\d", err)  # no negative number
+
+
+def test_times_read_in_units():
+    import doctest
+
+    from whale.planner.search import report
+    from whale.planner.search.report import format_rate, format_seconds
+
+    assert doctest.testmod(report).failed == 0  # format_seconds's examples
+    cases = {
+        1.2e-7: "120 ns",
+        9.9996e-4: "1.00 ms",
+        0.09996: "100 ms",
+        59.7: "1 min 0 s",
+    }
+    assert {t: format_seconds(t) for t in cases} == cases
+    assert format_seconds(3725) == "1 h 2 min" and format_seconds(-0.002) == "-2.00 ms"
+    assert (
+        format_rate(58640.3, "rows") == "58,640 rows/s"
+        and format_rate(0.523, "rows") == "0.523 rows/s"
+    )
