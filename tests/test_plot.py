@@ -210,6 +210,14 @@ def test_a_timeline_without_intervals_is_refused(tmp_path):
         draw_timelines(tmp_path / "step.png", Timeline("measured", ()))
     with pytest.raises(ValueError, match="at least one Timeline"):
         draw_timelines(tmp_path / "step.png")
+    crowd = Timeline(
+        "simulated", [TraceEvent(r, "F0.0", "forward", 0, 1) for r in range(257)]
+    )
+    with pytest.raises(
+        ValueError,
+        match="up to 256 rank rows, these timelines have 257; .* Chrome trace",
+    ):
+        draw_timelines(tmp_path / "step.png", crowd)
     assert not os.listdir(tmp_path)
 
 

@@ -40,6 +40,9 @@ _LANES = {"send": (0.28, 0.14), "recv": (0.28, 0.14), "sync": (-0.52, 0.12)}
 _BAR = (-0.38, 0.62)
 _MAX_LABELS = 300  # event names written on their bars, per panel, at most
 
+MAX_ROWS = 256
+"""Rank rows over all panels past which a picture is unreadable (the Chrome trace is not)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TimelinePicture:
@@ -83,8 +86,15 @@ def timeline_figure(*timelines: Timeline) -> tuple[Any, TimelinePicture]:
                 f"the {timeline.source!r} timeline has no intervals; run a step (or simulate "
                 "one) before drawing it"
             )
+    rows = sum(len(t.ranks) for t in timelines)
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"draw_timelines draws up to {MAX_ROWS} rank rows, these timelines have {rows}; "
+            "write them as a Chrome trace (save_chrome_trace) and open it in ui.perfetto.dev"
+        )
     heights = [0.9 + 0.32 * len(t.ranks) for t in timelines]
-    figure = new_figure(9.0, sum(heights) + 0.9)
+    legend = 0.35  # inches under the panels for the legend
+    figure = new_figure(9.0, sum(heights) + legend)
     axes = figure.subplots(
         len(timelines),
         1,
@@ -109,7 +119,7 @@ def timeline_figure(*timelines: Timeline) -> tuple[Any, TimelinePicture]:
         fontsize=7,
         frameon=False,
     )
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.tight_layout(rect=(0, legend / (sum(heights) + legend), 1, 1))
     return figure, TimelinePicture(None, tuple(panels))
 
 
