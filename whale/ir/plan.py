@@ -84,26 +84,51 @@ class Plan:
             return ValueError(f"Plan({field}=...): {why}")
 
         if not self.pipelines or len({len(p) for p in self.pipelines}) != 1:
-            raise bad("pipelines", f"{self.pipelines!r} must be one or more pipelines of one length")
+            raise bad(
+                "pipelines",
+                f"{self.pipelines!r} must be one or more pipelines of one length",
+            )
         if sorted(r for p in self.pipelines for r in p) != list(range(self.world_size)):
-            raise bad("pipelines", f"{self.pipelines!r} must hold every rank 0..{self.world_size - 1} once")
+            raise bad(
+                "pipelines",
+                f"{self.pipelines!r} must hold every rank 0..{self.world_size - 1} once",
+            )
         if len(self.row_weights) != len(self.pipelines):
-            raise bad("row_weights", f"{len(self.row_weights)} weights for {len(self.pipelines)} replicas")
+            raise bad(
+                "row_weights",
+                f"{len(self.row_weights)} weights for {len(self.pipelines)} replicas",
+            )
         if self.tensor_parallel < 1 or len(self.pipelines[0]) % self.tensor_parallel:
-            raise bad("tensor_parallel", f"{self.tensor_parallel} does not divide a pipeline of {len(self.pipelines[0])} ranks")
-        if sorted(i for g in self.replica_groups for i in g) != list(range(len(self.pipelines))):
-            raise bad("replica_groups", f"{self.replica_groups!r} must hold every replica index once")
+            raise bad(
+                "tensor_parallel",
+                f"{self.tensor_parallel} does not divide a pipeline of {len(self.pipelines[0])} ranks",
+            )
+        if sorted(i for g in self.replica_groups for i in g) != list(
+            range(len(self.pipelines))
+        ):
+            raise bad(
+                "replica_groups",
+                f"{self.replica_groups!r} must hold every replica index once",
+            )
         if self.num_stages < 1 or self.num_stages % self.pipeline_degree:
-            raise bad("num_stages", f"{self.num_stages} is not a multiple of the pipeline degree {self.pipeline_degree}")
+            raise bad(
+                "num_stages",
+                f"{self.num_stages} is not a multiple of the pipeline degree {self.pipeline_degree}",
+            )
         if self.num_stages == 1:
             if self.schedule is not None:
                 raise bad("schedule", "a plan without stages has no schedule")
             return
         if not isinstance(self.schedule, Schedule):
-            raise bad("schedule", f"a plan of {self.num_stages} stages needs its Schedule, got {self.schedule!r}")
+            raise bad(
+                "schedule",
+                f"a plan of {self.num_stages} stages needs its Schedule, got {self.schedule!r}",
+            )
         sched = self.schedule
         if (sched.num_stages, sched.num_micro_batch, sched.num_ranks) != (
-            self.num_stages, self.num_micro_batch, self.pipeline_degree
+            self.num_stages,
+            self.num_micro_batch,
+            self.pipeline_degree,
         ):
             raise bad(
                 "schedule",
@@ -111,8 +136,13 @@ class Plan:
                 f"on {sched.num_ranks} ranks; the plan has {self.num_stages}, {self.num_micro_batch} "
                 f"and {self.pipeline_degree}",
             )
-        if tuple(sched.stage_to_rank) != tuple(s % self.pipeline_degree for s in range(self.num_stages)):
-            raise bad("schedule", f"places stages on ranks {list(sched.stage_to_rank)}; stage s runs at position s % {self.pipeline_degree}")
+        if tuple(sched.stage_to_rank) != tuple(
+            s % self.pipeline_degree for s in range(self.num_stages)
+        ):
+            raise bad(
+                "schedule",
+                f"places stages on ranks {list(sched.stage_to_rank)}; stage s runs at position s % {self.pipeline_degree}",
+            )
 
     @property
     def dp_degree(self) -> int:
@@ -148,7 +178,9 @@ class Plan:
     def position_ranks(self, position: int) -> tuple[int, ...]:
         """The ranks at ``position`` across replicas: they hold the same stages."""
         k = self.tensor_parallel
-        return tuple(r for p in self.pipelines for r in p[position * k : (position + 1) * k])
+        return tuple(
+            r for p in self.pipelines for r in p[position * k : (position + 1) * k]
+        )
 
     def rows(self, total: int) -> tuple[int, ...]:
         """Rows each replica takes from a global batch of ``total`` rows."""
@@ -166,7 +198,11 @@ class Plan:
         """The plan as JSON; :meth:`from_json` reads it back equal, schedule included."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["parts"] = [dataclasses.asdict(part) for part in self.parts]
-        data["schedule"] = None if self.schedule is None else format_schedule(self.schedule).splitlines()
+        data["schedule"] = (
+            None
+            if self.schedule is None
+            else format_schedule(self.schedule).splitlines()
+        )
         return json.dumps({"version": _FORMAT_VERSION, **data}, indent=2)
 
     @classmethod
@@ -180,12 +216,20 @@ class Plan:
         if not isinstance(data, dict):
             raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
         if data.pop("version", None) != _FORMAT_VERSION:
-            raise ValueError(f"plan format version must be {_FORMAT_VERSION}; re-plan with this whale")
+            raise ValueError(
+                f"plan format version must be {_FORMAT_VERSION}; re-plan with this whale"
+            )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"plan field(s) {unknown} are unknown; known fields: {sorted(fields)}")
-        missing = sorted(n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING)
+            raise ValueError(
+                f"plan field(s) {unknown} are unknown; known fields: {sorted(fields)}"
+            )
+        missing = sorted(
+            n
+            for n, f in fields.items()
+            if n not in data and f.default is dataclasses.MISSING
+        )
         if missing:
             raise ValueError(f"plan field(s) {missing} are missing")
         values: dict[str, Any] = {}
@@ -206,16 +250,23 @@ class Plan:
             f"micro-batches={self.num_micro_batch}"
             + (f"  schedule={self.schedule.name}" if self.schedule is not None else "")
         ]
-        lines.append(f"{'rank':>4}  {'replica':>7}  {'stages':>8}  {'weight':>7}  {'rows':>6}")
+        lines.append(
+            f"{'rank':>4}  {'replica':>7}  {'stages':>8}  {'weight':>7}  {'rows':>6}"
+        )
         for rank in range(self.world_size):
             d = self.replica_of(rank)
             stages = ",".join(map(str, self.stages_at(self.position_of(rank))))
             shown = "-" if rows is None else str(rows[d])
-            lines.append(f"{rank:>4}  {d:>7}  {stages:>8}  {self.row_weights[d]:>7.3g}  {shown:>6}")
-        for part in self.parts:
             lines.append(
-                f"{part.name}: {part.strategy} {part.inner_degree} x {part.outer_degree} "
-                f"over {', '.join(m or '<root>' for m in part.modules)}"
+                f"{rank:>4}  {d:>7}  {stages:>8}  {self.row_weights[d]:>7.3g}  {shown:>6}"
+            )
+        for part in self.parts:
+            copies = part.inner_degree * part.outer_degree
+            groups = f"{part.outer_degree} group{'s' * (part.outer_degree != 1)}"
+            devices = f"{part.inner_degree} device{'s' * (part.inner_degree != 1)}"
+            lines.append(
+                f"{part.name}: {part.strategy} over {', '.join(m or '<root>' for m in part.modules)}: "
+                f"{copies} cop{'ies' if copies != 1 else 'y'} ({groups} of {devices}, one copy per device)"
             )
         return "\n".join(lines)
 
