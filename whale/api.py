@@ -19,7 +19,9 @@ from .ir.rows import split_rows
 from .ir.topology import Cluster
 from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
-from .planner.search.auto import auto_plan
+from .planner.cost.model_profile import profile_model
+from .planner.cost.plan_cost import predict_plan
+from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
 from .runtime.data_parallel import DataParallelProgram
@@ -83,10 +85,28 @@ def parallelize(
     _check_fixed_rows(plan, captured, example_rows)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
-    program = rewrite.build(plan, _rank())
-    if plan.num_stages > 1:
-        return PipelineProgram(program, config)
-    return DataParallelProgram(program, config)
+    built = rewrite.build(plan, _rank())
+    program = PipelineProgram(built, config) if plan.num_stages > 1 else DataParallelProgram(built, config)
+    program.predicted_step_time, program.predicted_timeline = _predict(
+        plan, captured, example_rows, config, world_size, ranks_per_node
+    )
+    return program
+
+
+def _predict(plan, captured, example_rows, config, world_size, ranks_per_node):
+    """The cost model's step time (seconds) and simulated timeline of ``plan`` on the cluster
+    of ``config`` (else this host's device type), or ``(None, None)`` without a graph or a
+    device profile; the optimizer step counted is AdamW's."""
+    if captured is None or example_rows is None:
+        return None, None
+    try:
+        cluster = config.cluster or local_cluster(world_size, ranks_per_node)
+        profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
+        estimate = predict_plan(plan, profile, cluster, example_rows)
+    except ValueError as err:  # the plan runs all the same; say why it has no prediction
+        warnings.warn(f"whale has no step-time prediction for this plan: {err}", stacklevel=3)
+        return None, None
+    return estimate.prediction.step_time, estimate.timeline
 
 
 def _capture(model: nn.Module, example_inputs: Any, config: Config):

@@ -234,12 +234,9 @@ class DeviceProfile:
         if self.efficiency is not None:
             object.__setattr__(self, "efficiency", _curve(owner, self.efficiency))
         if self.op_overhead is not None:
-            if isinstance(self.op_overhead, bool) or not isinstance(self.op_overhead, (int, float)) \
-                    or not 0 <= self.op_overhead < 1:  # fmt: skip
-                raise ValueError(
-                    f"{owner}: op_overhead must be seconds per operation in [0, 1), e.g. 8e-6, "
-                    f"got {self.op_overhead!r}"
-                )
+            value = self.op_overhead
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{owner}: op_overhead must be seconds per operation in [0, 1), e.g. 8e-6, got {value!r}")
             object.__setattr__(self, "op_overhead", float(self.op_overhead))
         if self.optimizer_step is not None:
             object.__setattr__(self, "optimizer_step", _optimizer_steps(owner, self.optimizer_step))
@@ -306,9 +303,8 @@ class DeviceProfile:
         out = dataclasses.asdict(self)
         out["peak_flops"] = dict(self.peak_flops)
         out["aliases"] = list(self.aliases)
-        for key in ("efficiency", "op_overhead", "optimizer_step"):
-            if out[key] is None:
-                del out[key]  # the file stays readable as before: a missing key is the default
+        for key in [k for k in ("efficiency", "op_overhead", "optimizer_step") if out[k] is None]:
+            del out[key]  # the file stays readable as before: a missing key is the default
         if self.efficiency is not None:
             out["efficiency"] = [list(point) for point in self.efficiency]
         if self.optimizer_step is not None:

@@ -1,14 +1,16 @@
 """``whale profile``: measure the devices at hand into a profile the planner uses instead of datasheets.
 
 On every rank: the dense matrix-multiply rate per dtype (``2 n^3`` FLOPs per ``n x n`` product)
-and the memory bandwidth (a large copy reads and writes every byte). Under ``torchrun`` with more
+over a range of sizes, which gives the efficiency curve by operation size; the cost of one graph
+operation (dispatch, launch); the memory bandwidth (a copy of a buffer several times the
+last-level cache reads and writes every byte); one optimizer step per tensor and per parameter. Under ``torchrun`` with more
 than one rank, also the all-reduce and point-to-point links: times over a range of message
 sizes are fitted to the alpha-beta model the cost model uses (``t = a + b n``; a ring
 all-reduce over ``p`` ranks is ``a = 2 (p - 1) alpha``, ``b = 2 (p - 1) / (p bandwidth)``,
 Thakur et al. 2005). Rank 0 writes:
 
 * a profile file (:func:`~.devices.load_profiles` format); its ``source`` starts with
-  ``measured``, so the cost model takes the rates at face value (efficiency 1);
+  ``measured``, and the cost model uses its curve, overhead and optimizer costs;
 * with ``--cluster-out``, a cluster file (:func:`~.cluster.load_cluster`) with the measured
   intra-node link and network, for ``whale plan --cluster @cluster.json``.
 
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import os
 import socket
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -66,21 +70,137 @@ def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
-def _timed(fn: Callable[[], object], sync: Callable[[], None], repeat: int) -> float:
-    """Best time of ``repeat`` runs after one warm-up (the device's rate, not its noise)."""
+def _timed(
+    fn: Callable[[], object], sync: Callable[[], None], repeat: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
+    thread's CPU time where other processes share the cores; see :func:`measure_device`)."""
     fn()
     sync()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def _cache_bytes() -> int:
+    """The largest CPU cache (the last level) from sysfs; 0 where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path, encoding="ascii") as file:
+                text = file.read().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=0)
+
+
+def _copy_bytes(cuda: bool, quick: bool, cache: int) -> int:
+    """Bytes of the buffer the bandwidth copy moves: well over the last-level cache, so the rate
+    is the memory's (a copy inside the cache measures the cache)."""
+    floor = (256 if quick else 1024) << 20 if cuda else (128 if quick else 256) << 20
+    return max(floor, (2 if quick else 4) * cache)
+
+
+def _bandwidth(numel: int, device, sync, repeat: int, clock) -> float:
+    """Bytes/s of a copy of ``numel`` fp32 values: it reads and writes each byte once."""
+    import torch
+
+    src = torch.ones(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * numel * 4 / _timed(lambda: dst.copy_(src), sync, repeat, clock)
+
+
+def _matmul_curve(sizes, dtype, device, sync, repeat, overhead, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
+    """Peak FLOP/s and efficiency by size from square matmuls: the rate of each size with the
+    per-operation overhead taken out, over the best of them; shares made non-decreasing."""
+    import torch
+
+    rates = []
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = _timed(lambda a=a, b=b: a @ b, sync, repeat, clock)
+        rates.append((2.0 * n**3, 2.0 * n**3 / max(seconds - overhead, seconds / 2)))
+    peak = max(rate for _, rate in rates)
+    curve, best = [], 0.0
+    for flops, rate in rates:
+        best = max(best, rate / peak)  # noise must not make a larger matmul look slower
+        curve.append((flops, round(best, 4)))
+    return peak, tuple(curve)
+
+
+def _op_overhead(device, sync, repeat: int, clock) -> float:
+    """Seconds per operation of a forward and its backward on tiny tensors, per forward-op
+    third: the cost model charges a node ``overhead`` forward and twice that backward. The ops
+    are a transformer block's mix (linear, gelu, layer norm, residual add)."""
+    import torch
+    import torch.nn.functional as F
+
+    width, blocks = 8, 16
+    x = torch.ones(1, width, device=device, requires_grad=True)
+    w = torch.randn(width, width, device=device, requires_grad=True)
+    b = torch.zeros(width, device=device, requires_grad=True)
+    g = torch.ones(width, device=device, requires_grad=True)
+
+    def chain() -> None:
+        y = x
+        for _ in range(blocks):
+            h = F.layer_norm(F.gelu(F.linear(y, w, b)), (width,), g, b)
+            y = y + h
+        y.sum().backward()
+
+    return _timed(chain, sync, repeat, clock) / (3 * 4 * blocks)
+
+
+def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str, tuple[float, float]]:
+    """Per optimizer: seconds per parameter tensor and per parameter of one ``torch.optim`` step
+    on fp32 parameters (defaults: what a user gets), from one large tensor and many small ones."""
+    import torch
+
+    big = 1 << (22 if quick else 24)
+    count, small = (64, 256) if quick else (256, 256)
+    makers = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
+        "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    }
+    out = {}
+    for name, make in makers.items():
+        times = []
+        for tensors, numel in ((1, big), (count, small)):
+            params = [torch.nn.Parameter(torch.zeros(numel, device=device)) for _ in range(tensors)]
+            for p in params:
+                p.grad = torch.full_like(p, 1e-3)
+            opt = make(params)
+            times.append(_timed(opt.step, sync, repeat, clock))
+            del opt, params
+        # t = a * tensors + b * params through (1, big) and (count, count * small).
+        (t1, t2), n1, n2 = times, big, count * small
+        per_param = max(0.0, (t1 - t2 / count) / (n1 - n2 / count))
+        per_tensor = max(0.0, (t2 - per_param * n2) / count)
+        out[name] = (per_tensor, per_param)
+    return out
 
 
 def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceProfile:
-    """Measure this process's device: matmul FLOP/s per dtype, memory bandwidth, memory size.
+    """Measure this process's device into a profile.
+
+    * matmul FLOP/s per dtype (the best rate over a range of square sizes) and, in the widest
+      compute dtype, the efficiency curve: each size's rate over the best;
+    * the cost of one operation (forward and backward of tiny tensors, per forward op);
+    * memory bandwidth: a copy of a buffer several times the last-level cache;
+    * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter.
+
+    The run uses this process's torch threads: measure under the same settings (``torchrun``
+    ranks on one host share its cores) as the training job.
 
     Args:
         quick: small sizes (seconds on a CPU), for tests and a first look.
@@ -89,32 +209,49 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
     Example::
 
         profile = measure_device(quick=True)
-        profile.peak("fp32"), profile.memory_bandwidth
+        profile.peak("fp32"), profile.memory_bandwidth, profile.overhead()
     """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    n = (1024 if quick else 8192) if cuda else (256 if quick else 1536)
-    rates = {}
+    repeat = 3 if quick else 10
+    # A CPU shared with other processes: time this thread's CPU (what the device does while it
+    # runs), then scale by the share of wall time the process got over the whole measurement.
+    shared = not cuda and torch.get_num_threads() == 1
+    clock = time.thread_time if shared else time.perf_counter
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    if cuda:
+        sizes = (256, 512, 1024, 2048) if quick else (256, 512, 1024, 2048, 4096, 8192)
+    else:
+        sizes = (32, 64, 128, 256, 512) if quick else (32, 64, 128, 256, 512, 1024, 1536)
+    overhead = _op_overhead(device, sync, repeat * 3, clock)
+    rates, curve = {}, ()
     for name, dtype_name in _TORCH_DTYPES.items():
-        dtype = getattr(torch, dtype_name)
         if not cuda and name != "fp32":
             continue  # CPU half matmuls are emulated; the planner falls back to fp32 there
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        rates[name] = 2 * n**3 / _timed(lambda a=a, b=b: a @ b, sync, 3 if quick else 10)
+        dtype = getattr(torch, dtype_name)
+        rates[name], points = _matmul_curve(sizes, dtype, device, sync, repeat, overhead, clock)
+        if name == "fp32" or (cuda and name == "bf16"):
+            curve = points  # the curve of the dtype large models train in
     if cuda and hasattr(torch.backends.cuda.matmul, "allow_tf32"):
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
-        a = torch.randn(n, n, device=device)
-        rates["tf32"] = 2 * n**3 / _timed(lambda: a @ a, sync, 3 if quick else 10)
+        rates["tf32"], _ = _matmul_curve(sizes[-1:], torch.float32, device, sync, repeat, overhead, clock)
         torch.backends.cuda.matmul.allow_tf32 = previous
-    numel = (1 << 22 if quick else 1 << 26) if cuda else (1 << 21 if quick else 1 << 24)
-    src = torch.empty(numel, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), sync, 3 if quick else 10)
+    cache = 0 if cuda else _cache_bytes()
+    if cuda:
+        cache = int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
+    numel = _copy_bytes(cuda, quick, cache) // 4
+    bandwidth = _bandwidth(numel, device, sync, 3 if quick else 5, clock)
+    steps = _optimizer_steps(device, sync, quick, repeat, clock)
+    share = 1.0
+    if shared:
+        share = min(1.0, max(0.05, (time.process_time() - cpu0) / (time.perf_counter() - wall0)))
+        rates = {k: r * share for k, r in rates.items()}
+        bandwidth, overhead = bandwidth * share, overhead / share
+        steps = {k: (a / share, b / share) for k, (a, b) in steps.items()}
     if cuda:
         props = torch.cuda.get_device_properties(torch.device(device))
         hardware, memory = props.name, int(props.total_memory)
@@ -127,15 +264,19 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
         name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in hardware).strip("-") or "device"
         link, aliases = ("pcie4" if cuda else "shm"), ()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    threads = "" if cuda else f", {torch.get_num_threads()} thread(s), {share:.0%} of a core"
     return DeviceProfile(
         name=name,
         memory_bytes=memory,
         peak_flops=rates,
         memory_bandwidth=bandwidth,
         intra_link=link,
-        source=f"measured by whale profile on {socket.gethostname()} ({hardware}, {stamp}); "
-        f"matmul {n}x{n}, copy of {numel * 4 >> 20} MiB",
+        source=f"measured by whale profile on {socket.gethostname()} ({hardware}{threads}, {stamp}); "
+        f"matmul {sizes[0]}..{sizes[-1]}, copy of {numel * 4 >> 20} MiB (last cache {cache >> 20} MiB)",
         aliases=aliases,
+        efficiency=curve,
+        op_overhead=overhead,
+        optimizer_step=steps,
     )
 
 

@@ -1,0 +1,264 @@
+"""Calibrated predictions: profile fields and files, simulated timelines, and recorded steps.
+
+``tests/data/predict_host.json`` was recorded on a 2-core CPU host shared with other work by::
+
+    python benchmarks/bench_predict.py --record tests/data/predict_host.json
+
+It holds the measured host profile, the all-reduce link, every plan that ran and its measured
+median step time (2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+
+import pytest
+import torch
+
+from examples.gpt import GPT, GPTConfig
+from whale.capture import capture
+from whale.ir.cluster_spec import parse_cluster
+from whale.ir.devices import DeviceProfile, get_profile, load_profiles, save_profiles
+from whale.ir.plan import Plan
+from whale.planner.cost.formulas import efficiency_at, op_time, optimizer_step_time
+from whale.planner.cost.layers import Layer, ModelProfile
+from whale.planner.cost.model_profile import profile_model
+from whale.planner.cost.plan_cost import predict_plan
+from whale.planner.cost.predict import Candidate, CostModel, RankLayout
+from whale.planner.schedules.generate import make_schedule
+from whale.planner.schedules.simulator import sim_timeline, simulate
+from whale.planner.search.auto import search
+
+RECORD = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "predict_host.json").read_text()
+)
+HOSTS = [
+    DeviceProfile.from_dict(p, where="predict_host.json") for p in RECORD["profiles"]
+]
+HOST = HOSTS[-1]
+
+
+def _gpt(batch: int):
+    cfg = GPTConfig(**RECORD["model"])
+    torch.manual_seed(0)
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    return GPT(cfg), x
+
+
+def _cluster(case: str, host: DeviceProfile = HOST):
+    bandwidth, latency = RECORD["link"]
+    link = f"intra={bandwidth / 1e9:.6g}GB/s,intra_lat={latency * 1e6:.6g}us"
+    if case != "emulated-slow":
+        return parse_cluster(f"node0=2x{host.name}({link})", profiles=[host])
+    # Rank 1 ran with WHALE_EMULATE_SLOWDOWN=1:2: the host at half its rates.
+    slow = dataclasses.replace(
+        host, name="CPU-half", aliases=(), peak_flops={d: r / 2 for d, r in host.peak_flops},
+        memory_bandwidth=host.memory_bandwidth / 2, op_overhead=host.overhead() * 2,
+        optimizer_step=tuple((n, a * 2, b * 2) for n, a, b in host.optimizer_step),
+    )  # fmt: skip
+    return parse_cluster(
+        f"node0=1x{host.name}+1xCPU-half({link})", profiles=[host, slow]
+    )
+
+
+def test_recorded_steps_are_predicted_within_the_bound() -> None:
+    # As the benchmark: the median prediction over the profiles measured round by round.
+    # Bound: the median |error| over the plans <= 25% and each plan within 60%. The recording
+    # host shared its 2 cores with other jobs whose load drifted during the run (its steps vary
+    # by 1.5x between rounds), so a single plan can be off by more than the median.
+    model, x = _gpt(RECORD["batch"])
+    captured = capture(model, (x,))
+    errors = {}
+    for case, entry in RECORD["cases"].items():
+        plan = Plan.from_json(json.dumps(entry["plan"]))
+        profile = profile_model(
+            captured, RECORD["batch"], boundaries=plan.stage_boundaries
+        )
+        predicted = statistics.median(
+            predict_plan(
+                plan, profile, _cluster(case, h), RECORD["batch"]
+            ).prediction.step_time
+            for h in HOSTS
+        )
+        errors[case] = predicted / entry["measured"] - 1
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.25, errors
+    assert all(abs(e) <= 0.6 for e in errors.values()), errors
+
+
+def test_a_small_model_is_not_cut_into_tiny_micro_batches() -> None:
+    # Each micro-batch pays every operation's dispatch: on the measured host a 16-row batch of
+    # a small GPT is not cut into micro-batches of 1-2 rows.
+    model, x = _gpt(16)
+    profile = profile_model(capture(model, (x,)), 16)
+    best = search(profile, _cluster("data"), 16).best.candidate
+    rows_per_micro_batch = min(best.rows) / best.num_micro_batch
+    assert rows_per_micro_batch >= 4, best
+
+
+def test_the_efficiency_curve_rises_and_small_ops_are_not_at_peak() -> None:
+    for device in (HOST, get_profile("A100-80GB"), get_profile("cpu")):
+        sizes = [10.0**k for k in range(3, 13)]
+        shares = [efficiency_at(device, s) for s in sizes]
+        assert shares == sorted(shares) and 0 < shares[0] < shares[-1] <= 1, device.name
+    a100 = get_profile("A100-80GB")
+    assert efficiency_at(a100, 1e6) < 0.05 and efficiency_at(
+        a100, 1e12
+    ) == pytest.approx(0.5)
+    # A 64 x 64 x 64 matmul costs more than its FLOPs at the peak: efficiency and dispatch.
+    flops = 2 * 64**3
+    assert op_time(flops, 0, HOST) > HOST.overhead() + flops / HOST.peak("fp32")
+
+
+def test_the_optimizer_step_is_memory_bound_per_parameter_plus_per_tensor() -> None:
+    a100 = get_profile("A100-80GB")
+    assert optimizer_step_time(1e9, 0, a100) == pytest.approx(
+        28e9 / a100.memory_bandwidth
+    )
+    per_tensor, per_param = HOST.optimizer_cost("adamw")
+    assert optimizer_step_time(1e6, 10, HOST) == pytest.approx(
+        10 * per_tensor + 1e6 * per_param
+    )
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        optimizer_step_time(1e6, 1, HOST, optimizer="lamb")
+
+
+def test_sim_timeline_has_the_simulated_intervals() -> None:
+    result = simulate(make_schedule("1f1b", 2, 3), [1.0, 1.5], [2.0, 3.0], 0.25)
+    timeline = sim_timeline(result, ranks=[4, 5])
+    assert timeline.source == "simulated" and timeline.ranks == (4, 5)
+    expected = [
+        (r, t.start, t.end) for r, row in zip((4, 5), result.timeline) for t in row
+    ]
+    assert [(e.rank, e.start, e.end) for e in timeline.events] == expected
+    first = next(e for e in timeline.events if e.rank == 5)
+    assert (first.name, first.category, first.stage, first.micro_batch) == (
+        "RA1.0",
+        "recv",
+        1,
+        0,
+    )
+    assert {e.category for e in timeline.events} == {
+        "forward",
+        "backward",
+        "send",
+        "recv",
+    }
+    assert timeline.step_time == result.step_time
+    with pytest.raises(ValueError, match="one global rank"):
+        sim_timeline(result, ranks=[0])
+
+
+@pytest.mark.parametrize(
+    ("layout", "stages", "schedule", "micro", "cuts", "rows"),
+    [
+        (RankLayout(1, (((0,), (1,)), ((2,), (3,)))), 2, "1f1b", 4, (4,), (8, 8)),
+        (RankLayout(2, (((0, 1), (2, 3)),)), 2, "gpipe", 4, (3,), (16,)),
+        (RankLayout(1, (((0,), (1,)),)), 4, "interleaved_1f1b", 4, (2, 4, 6), (16,)),
+        (
+            RankLayout(1, (((0,),), ((1,),), ((2,),), ((3,),))),
+            1,
+            "1f1b",
+            2,
+            (),
+            (4, 4, 4, 4),
+        ),
+    ],
+)
+def test_the_cost_models_timeline_has_its_predicted_step(
+    layout, stages, schedule, micro, cuts, rows
+) -> None:
+    layers = [
+        Layer.simple(
+            f"l{i}", flops=1e9, param_bytes=4 << 20, act_bytes=1e5, hidden_bytes=1e4
+        )
+        for i in range(8)
+    ]
+    costs = CostModel(ModelProfile.from_layers(layers), parse_cluster("4xA100-80GB"))
+    candidate = Candidate(layout, stages, schedule, micro, cuts, rows)
+    prediction, timeline = costs.predict(candidate), costs.timeline(candidate)
+    assert timeline.step_time == pytest.approx(prediction.step_time, rel=1e-12)
+    assert timeline.ranks == tuple(
+        sorted(r for pipe in layout.pipelines for g in pipe for r in g)
+    )
+    assert "optimizer" in {e.category for e in timeline.events}
+    assert ("sync" in {e.category for e in timeline.events}) == (layout.dp_degree > 1)
+
+
+# --- profile files ----------------------------------------------------------------------------
+
+_BASE = {
+    "name": "Gadget", "memory_bytes": 1 << 30, "peak_flops": {"fp32": 1e12}, "memory_bandwidth": 1e11,
+    "intra_link": "pcie4", "source": "measured by hand",
+}  # fmt: skip
+
+
+def _write(tmp_path, **fields) -> pathlib.Path:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"version": 1, "devices": [{**_BASE, **fields}]}))
+    return path
+
+
+def test_a_profile_file_without_the_new_fields_loads_with_defaults(tmp_path) -> None:
+    (old,) = load_profiles(_write(tmp_path)).values()
+    assert old.efficiency is None and old.efficiency_curve() == (
+        (1.0, 1.0),
+    )  # measured: as is
+    assert old.overhead() > 0 and old.optimizer_cost("adamw") == (0.0, 28 / 1e11)
+    path = tmp_path / "again.json"
+    save_profiles([HOST, old], path)
+    assert list(load_profiles(path).values()) == [HOST, old]
+    assert "efficiency" not in json.loads(path.read_text())["devices"][1]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"efficiency": "fast"},
+            r"devices\[0\]: efficiency must be a list of \[flops, share\] pairs",
+        ),
+        (
+            {"efficiency": [[1e6, 0.5], [1e5, 0.9]]},
+            r"efficiency\[1\] = \[100000.0, 0.9\] after",
+        ),
+        (
+            {"efficiency": [[1e6, 1.5]]},
+            r"efficiency\[0\] = \[1000000.0, 1.5\] is out of range",
+        ),
+        ({"op_overhead": "8us"}, "op_overhead must be seconds per operation"),
+        ({"optimizer_step": {"lamb": [1e-5, 1e-9]}}, "unknown optimizer 'lamb'"),
+        ({"optimizer_step": [1e-5, 1e-9]}, "optimizer_step must be an object"),
+        (
+            {"optimizer_step": {"adamw": [-1, 1e-9]}},
+            r"optimizer_step\['adamw'\] .* must be numbers >= 0",
+        ),
+    ],
+)
+def test_bad_profile_fields_name_the_file_and_the_field(
+    tmp_path, fields, message
+) -> None:
+    path = _write(tmp_path, **fields)
+    with pytest.raises(ValueError, match=message) as error:
+        load_profiles(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_profile_file_that_does_not_parse_or_lacks_the_device(tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "devices": [')
+    with pytest.raises(
+        ValueError, match=r"bad.json is not valid JSON.*whale profile --out"
+    ):
+        load_profiles(bad)
+    with pytest.raises(ValueError, match="cannot read the profile file"):
+        load_profiles(tmp_path / "missing.json")
+    path = _write(tmp_path)
+    assert load_profiles(path, require=["gadget"])
+    with pytest.raises(
+        ValueError,
+        match=r"no profile for the device 'H100' \(it describes \['Gadget'\]\)",
+    ):
+        load_profiles(path, require=["H100"])
