@@ -9,9 +9,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import whale as wh
-from tests.equivalence import train_distributed, train_reference
 from examples.cnn import CNN, SyntheticImages
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from tests.equivalence import train_distributed, train_reference
 
 _STEPS = 2
 
@@ -149,3 +149,33 @@ def collectives_per_step(**config) -> dict:
         dist.all_reduce = real
     grads = {n: p.grad.clone() for n, p in program.named_parameters()}
     return {"calls": calls, "buckets": len(program._reducer.buckets), "loss": loss.item(), "grads": grads}
+
+
+def timeline_case(spec: str = "", steps: int = 3, n_embd: int = 32) -> dict:
+    """Data parallel with two micro-batches (optionally under WHALE_EMULATE_SLOWDOWN=spec): the
+    measured timeline of the last of ``steps`` steps and each step's backward seconds."""
+    import os
+
+    from whale.ir.emulation import ENV_VAR
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=n_embd)
+    corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
+    model, batches, loss_fn = GPT(cfg), [corpus.batch(8, 64, s) for s in range(2)], lm_loss
+    os.environ[ENV_VAR] = spec
+    try:
+        config = wh.Config(num_micro_batch=2)
+        program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
+    finally:
+        del os.environ[ENV_VAR]
+    backward = []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        program.step(x, y)
+        backward.append(sum(e - b for code, b, e in program.last_timeline if "B" in code))
+    timeline = program.timeline()
+    return {
+        "names": [(e.rank, e.name, e.category) for e in timeline.events],
+        "backward": backward,
+        "report": program.timing_report(),
+    }

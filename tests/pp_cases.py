@@ -14,9 +14,9 @@ from tests.equivalence import train_distributed, train_reference
 _STEPS = 2
 
 
-def _gpt(n_layer: int, global_batch: int, seq_lens=None):
+def _gpt(n_layer: int, global_batch: int, seq_lens=None, n_embd: int = 32, block_size: int = 16):
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    cfg = GPTConfig(vocab_size=64, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd)
     corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
     seq_lens = seq_lens or [cfg.block_size] * _STEPS
     return GPT(cfg), [corpus.batch(global_batch, t, s) for s, t in enumerate(seq_lens)]
@@ -206,3 +206,70 @@ def gpt_example(argv: list[str]) -> dict:
     from examples.gpt import main
 
     return main(argv)
+
+
+def timeline_case(trace_path: str, bad_path: str) -> dict:
+    """program.timeline() refused before a step, then two steps: the measured timeline, the
+    report, the trace written by rank 0 and refused on every rank for an unwritable path."""
+    model, batches = _gpt(4, 8)
+    config = wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=4)
+    program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    out = {"report_before": program.timing_report()}
+    try:
+        program.timeline()  # no collective before the error: no rank waits for another
+    except ValueError as err:
+        out["before"] = str(err)
+    for x, y in batches:
+        program.step(x, y)
+    timeline = program.timeline()
+    position = program.plan.position_of(dist.get_rank())
+    out["actions"] = [str(a) for a in program.schedule.actions[position]]
+    out["events"] = [(e.rank, e.name, e.category, e.start, e.end) for e in timeline.events]
+    out["last_timeline"] = program.last_timeline
+    out["report"] = program.timing_report()
+    out["step_times"] = list(program.step_times)
+    out["predicted"] = program.predicted_timeline is not None
+    program.save_trace(trace_path)
+    try:
+        program.save_trace(bad_path)
+    except ValueError as err:
+        out["bad_path"] = str(err)
+    return out
+
+
+def emulated_slowdown(spec: str, steps: int = 4) -> dict:
+    """A 2-stage pipeline under ``WHALE_EMULATE_SLOWDOWN=spec``, trained ``steps`` steps against
+    the local model; per step, this rank's compute seconds (from its timeline) and CPU seconds."""
+    import os
+    import time
+
+    from whale.ir.emulation import ENV_VAR
+
+    # Wide enough that a compute lasts milliseconds, well above a busy machine's jitter.
+    model, batches = _gpt(4, 8, seq_lens=[64] * steps, n_embd=128, block_size=64)
+    reference = copy.deepcopy(model)
+    os.environ[ENV_VAR] = spec
+    try:
+        config = wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=2)
+        program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    finally:
+        del os.environ[ENV_VAR]  # read once, when the program is made
+    out = train_reference(reference, batches, lm_loss)
+    compute, cpu = [], []
+    step = program.step
+
+    def timed_step(*args, **kwargs):
+        began = time.thread_time()
+        loss = step(*args, **kwargs)
+        cpu.append(time.thread_time() - began)
+        compute.append(sum(e - b for code, b, e in program.last_timeline if code.strip("0123456789") in "FB"))
+        return loss
+
+    program.step = timed_step
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["compute"], out["cpu"] = compute, cpu
+    timeline = program.timeline()
+    out["timeline_compute"] = {
+        r: sum(e.duration for e in timeline.events if e.rank == r and e.is_compute) for r in timeline.ranks
+    }
+    return out

@@ -7,6 +7,7 @@ summed over the ranks holding the same shard in the other replicas.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from ..config import Config
 from ..rewrite.program import DistributedProgram
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
+from .emulate import Stretch
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
@@ -59,6 +61,7 @@ class DataParallelProgram(ProgramBase):
         self._reducer: GradientReducer | None = None
         self._bound = False
         self._agreed = False
+        self._init_record()
         if dist.is_available() and dist.is_initialized():
             self._bind()
 
@@ -148,23 +151,34 @@ class DataParallelProgram(ProgramBase):
             self._bind()
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
+        start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
-        loss = self._forward_backward(cut)
+        timeline: list[tuple[str, float, float]] = []
+        loss = self._forward_backward(cut, start, stretch, timeline)
         self._agreed = True
         if self.config.broadcast_buffers:
             # Buffers forward updated (counters, statistics) leave every step as the first
             # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
             self._broadcast_buffers()
+        code, began, _ = timeline.pop()  # the sync, which lasts until the buffers are shared
+        self._step_end(start, tuple(timeline), ((code, began, time.perf_counter() - start),))
         return loss
 
-    def _forward_backward(self, cut: ReplicaBatch) -> torch.Tensor:
+    def _forward_backward(self, cut: ReplicaBatch, start: float, stretch: Stretch, timeline: list) -> torch.Tensor:
+        """Forward and backward of every micro-batch; each one's interval goes to ``timeline``
+        (``"0F3"``, ``"0B3"``), then the wait for the gradients and the loss (``"sync"``)."""
         micro, mb_rows = self._micro_batches(((cut.args, cut.kwargs), cut.target), cut.rows)
         m = len(mb_rows)
         mean = self.config.loss_reduction == "mean"
         device = self._device
         weighted = torch.zeros((), dtype=torch.float64, device=device)
         total = None
+        clock, record = time.perf_counter, timeline.append
+        if self._reducer is not None:
+            self._reducer.pace = stretch.catch_up
         for i, (((mb_args, mb_kwargs), mb_target), n) in enumerate(zip(micro, mb_rows)):
+            began = clock()
+            stretch.begin()
             out = self.module(*mb_args, **mb_kwargs)
             loss = self.loss_fn(out) if mb_target is None else self.loss_fn(out, mb_target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -172,6 +186,7 @@ class DataParallelProgram(ProgramBase):
                     f"loss_fn must return a scalar tensor, got "
                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
                 )
+            stretch.end()
             if total is None:
                 # The agreement check ran behind the first forward; it must pass before any
                 # backward starts exchanging gradients.
@@ -179,17 +194,24 @@ class DataParallelProgram(ProgramBase):
             weight = n / total if mean else 1.0
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
+            record((f"0F{i}", began - start, clock() - start))
             if last:
                 # The global loss is summed with the gradients, and with it the batch
                 # fingerprint's digits: every rank passed the same batch iff they agree.
                 digits = torch.tensor(fingerprint_digits(cut.fingerprint), dtype=torch.float64)
                 started = self._start_summary(torch.cat([weighted.reshape(1), digits.to(device)]))
+            began = clock()
+            stretch.begin()
             try:
                 (loss * weight).backward()
+                stretch.end()
+                record((f"0B{i}", began - start, clock() - start))
+                began = clock()
             finally:
                 if last and self._reducer is not None:
                     self._reducer.finish()
         summed = self._finish_summary(started)
+        record(("sync", began - start, clock() - start))
         if not digits_agree(summed[1:], dist.get_world_size()):
             raise ValueError(
                 f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ in "

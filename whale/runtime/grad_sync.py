@@ -15,7 +15,7 @@ its own (the data-parallel program sends the step's loss that way).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,10 @@ class GradientReducer:
         self._next = 0
         self._works: list[tuple[_Bucket, dist.Work]] = []
         self._handles = []
+        # Called before each bucket leaves; an emulated slow rank idles there
+        # (:meth:`whale.runtime.emulate.Stretch.catch_up`), so its gradients leave when a slow
+        # device's would.
+        self.pace: Callable[[], None] | None = None
         # As DDP's: a bucket closes once it holds its cap (the first bucket's is small).
         parts: list[list[nn.Parameter]] = []  # each bucket's parameters
         size, full = 0, True
@@ -179,6 +183,8 @@ class GradientReducer:
             self._next += 1
 
     def _launch(self, b: int) -> None:
+        if self.pace is not None:
+            self.pace()
         bucket = self.buckets[b]
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):

@@ -65,6 +65,9 @@ class Transfers:
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._specs: dict[tuple[int, tuple], list[Spec]] = {}
+        # The default group's own send and recv: ``dist.isend``'s checks cost more than the
+        # post itself, once per tensor and micro-batch.
+        self._group = dist.group.WORLD
 
     def knows(self, stage: int, key: tuple) -> bool:
         """Whether a receive over boundary ``stage`` can be posted without a header."""
@@ -77,11 +80,11 @@ class Transfers:
             header = _header(tensors)
             self._specs[(stage, key)] = _specs(header)
             works.append((dist.isend(header, peer, tag=_tag(_ACT, stage, mb, 63, True)), header))
-        return works + _isend(tensors, peer, _ACT, stage, mb)
+        return works + self._isend(tensors, peer, _ACT, stage, mb)
 
     def send_grads(self, tensors: list[torch.Tensor], peer: int, stage: int, mb: int) -> list:
         """Post the sends of the gradients of boundary ``stage``'s activations that require grad."""
-        return _isend(tensors, peer, _GRAD, stage, mb)
+        return self._isend(tensors, peer, _GRAD, stage, mb)
 
     def recv_activations(self, peer: int, stage: int, mb: int, key: tuple, count: int) -> Incoming:
         """Post the receives of ``count`` activations; the first time, wait for the header."""
@@ -100,18 +103,17 @@ class Transfers:
         tensors, works = [], []
         for j, (shape, dtype, requires_grad) in enumerate(specs):
             t = torch.empty(shape, dtype=dtype, device=self._device)
-            works.append(dist.irecv(t, peer, tag=_tag(kind, stage, mb, j, False)))
+            works.append(self._group.recv([t], peer, _tag(kind, stage, mb, j, False)))
             # A leaf, so the gradient of a received activation can be sent back.
             tensors.append(t.requires_grad_(requires_grad))
         return Incoming(tensors, works)
 
-
-def _isend(tensors: list[torch.Tensor], peer: int, kind: int, stage: int, mb: int) -> list:
-    works = []
-    for j, t in enumerate(tensors):
-        t = t.detach().contiguous()
-        works.append((dist.isend(t, peer, tag=_tag(kind, stage, mb, j, False)), t))
-    return works
+    def _isend(self, tensors: list[torch.Tensor], peer: int, kind: int, stage: int, mb: int) -> list:
+        works = []
+        for j, t in enumerate(tensors):
+            t = t.detach().contiguous()
+            works.append((self._group.send([t], peer, _tag(kind, stage, mb, j, False)), t))
+        return works
 
 
 def _tag(kind: int, stage: int, mb: int, index: int, header: bool) -> int:

@@ -9,7 +9,10 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["WorldInfo", "init", "world_info", "require_initialized"]
+from ..ir.emulation import slowdown_from_env
+from .emulate import check_ranks
+
+__all__ = ["WorldInfo", "init", "require_initialized", "world_info"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +41,17 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> WorldInfo:
     """
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; install a build with it")
+    # A bad WHALE_EMULATE_SLOWDOWN fails here, before any process group is made.
+    spec = slowdown_from_env()
+    if spec and "WORLD_SIZE" in os.environ:
+        check_ranks(spec, int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         backend = backend or ("nccl" if use_cuda else "gloo")
         if backend not in ("nccl", "gloo", "mpi", "xccl", "ucc"):
             raise ValueError(f"wh.init(backend={backend!r}): use 'nccl' (GPUs) or 'gloo' (CPUs)")
         if use_cuda and backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)

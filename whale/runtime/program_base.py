@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,11 +13,22 @@ from torch import nn
 
 from ..config import Config
 from ..ir.plan import Plan
-from ..rewrite.program import DistributedProgram, ProgramStage
 from ..ir.rows import row_offsets, split_rows
-from .batch import RankAgreement, batch_rows, broadcast_tensors, call_inputs, narrow, signature, to_device
+from ..ir.trace import Timeline, save_chrome_trace
+from ..rewrite.program import DistributedProgram, ProgramStage
+from .batch import (
+    RankAgreement,
+    batch_rows,
+    broadcast_tensors,
+    call_inputs,
+    narrow,
+    signature,
+    to_device,
+)
+from .emulate import Stretch, from_env_checked, rank_slowdown
 from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
+from .measured import measured_timeline, timing_report
 from .process_group import WorldInfo, require_initialized, world_info
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
@@ -36,13 +48,112 @@ class ReplicaBatch:
     kwargs: dict = dataclasses.field(default_factory=dict)  # keyword inputs, cut like args
 
 
+_KEPT_STEP_TIMES = 1000
+
+
 class ProgramBase:
-    """Base of the data-parallel and pipeline programs."""
+    """Base of the data-parallel and pipeline programs: what every step records.
+
+    ``step_times`` holds the measured wall seconds of the last (up to 1000) steps on this rank;
+    ``last_timeline`` this rank's intervals of the last step, ``(code, begin, end)`` in seconds
+    from its entry (``last_step_entry``, ``time.time()``), codes as the schedule writes actions
+    (``"1F3"``); :meth:`timeline` gathers them from every rank. ``predicted_step_time`` (seconds)
+    and ``predicted_timeline`` are the planner's prediction, where :func:`whale.parallelize` made
+    one, else None.
+    """
 
     program: DistributedProgram
     plan: Plan
     config: Config
     loss_fn: Callable[..., torch.Tensor]
+    predicted_step_time: float | None = None
+    predicted_timeline: Timeline | None = None
+    last_timeline: tuple = ()
+    last_step_entry: float | None = None
+
+    def _init_record(self) -> None:
+        """Per-program step records; the emulated slowdown is read (and checked) here, so a
+        bad ``WHALE_EMULATE_SLOWDOWN`` fails before any step."""
+        self.step_times: list[float] = []
+        self._last_extra: tuple = ()  # intervals after the action list ("sync")
+        self._slowdowns = from_env_checked()
+        self._steps_begun = 0
+
+    def _step_begin(self) -> tuple[float, Stretch]:
+        """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        stretch = rank_slowdown(self._slowdowns, rank, self._steps_begun)
+        self._steps_begun += 1
+        start = time.perf_counter()
+        self.last_step_entry = time.time()
+        return start, stretch
+
+    def _step_end(self, start: float, timeline: tuple, extra: tuple = ()) -> None:
+        self.step_times.append(time.perf_counter() - start)
+        if len(self.step_times) > 2 * _KEPT_STEP_TIMES:
+            del self.step_times[:-_KEPT_STEP_TIMES]
+        self.last_timeline = timeline
+        self._last_extra = extra
+
+    def timeline(self) -> Timeline:
+        """The last step as it ran on every rank (source ``"measured"``), for
+        :func:`~whale.ir.trace.save_chrome_trace` or :func:`whale.plot.draw_timelines`.
+
+        Collective: call it on every rank; every rank gets the same timeline. Events carry
+        global ranks and seconds from the first rank's entry into the step (hosts' clocks are
+        assumed to agree, as they do on one host). A pipeline shows each action of the schedule
+        as its rank ran it: forwards, backwards, and the posting of sends and receives (the
+        transfers run behind; waiting for a receive's data is the gap before the compute that
+        reads it), then ``sync`` where gradients are synchronized after the actions. A
+        data-parallel program shows each micro-batch's forward and backward, then ``sync``.
+
+        Raises:
+            ValueError: on every rank, before any collective, if this program has not run a step.
+
+        Example::
+
+            program.step(x, y)
+            measured = program.timeline()  # on every rank
+            if rank == 0:
+                save_chrome_trace("step.json", program.predicted_timeline, measured)
+        """
+        if not self.last_timeline:
+            raise ValueError(
+                f"{type(self).__name__}.timeline(): the program has not run a step; call "
+                "program.step(...) first"
+            )
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (dist.get_rank(), self.last_step_entry, self.last_timeline, self._last_extra))
+        return measured_timeline(parts)
+
+    def timing_report(self) -> str:
+        """One line: the predicted step time against the median measured one on this rank.
+
+        Example::
+
+            >>> print(program.timing_report())
+            step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), +76%
+        """
+        return timing_report(self.predicted_step_time, self.step_times)
+
+    def save_trace(self, path: str) -> None:
+        """Write the predicted (where there is one) and the measured last step side by side as
+        one Chrome trace (open it in ui.perfetto.dev or chrome://tracing); rank 0 writes.
+
+        Collective: call it on every rank; every rank raises ValueError alike if the program
+        has not run a step or rank 0 cannot write ``path``.
+        """
+        measured = self.timeline()
+        timelines = [t for t in (self.predicted_timeline, measured) if t is not None]
+        box: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                save_chrome_trace(path, *timelines)
+            except ValueError as err:
+                box[0] = str(err)
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise ValueError(box[0])
 
     def local_slice(self, global_rows: int) -> slice:
         """The rows of a global batch of ``global_rows`` rows that this rank's replica takes.

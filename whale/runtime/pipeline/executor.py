@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ...ir.schedule import Action, ActionKind
+from ..emulate import Stretch
 from ..p2p import Incoming, shape_key
 from ..program_base import ReplicaBatch
 
@@ -32,66 +33,89 @@ class StepExecutor:
     """Runs one step of this rank's action list (a part of :class:`PipelineProgram`, which
     binds the stages, transfers and reducers it uses)."""
 
-    def _run(self, micro: list, weights: list[float], cut: ReplicaBatch, start: float) -> tuple[torch.Tensor, dist.Work]:
-        """Execute this rank's action list; the loss sum and its (started) all-reduce."""
-        st = _StepState(micro, weights, [shape_key(args) for args, _ in micro], self._device)
-        actions = self.schedule.actions[self.plan.position_of(dist.get_rank())]
-        last = self.plan.num_stages - 1
+    def _compile_actions(self, actions: tuple[Action, ...]) -> None:
+        """Work out once what each action of this rank's list needs at run time."""
+        schedule, last = self.schedule, self.plan.num_stages - 1
+        ahead = _lookahead(actions)
+        ops = []
+        for at, a in enumerate(actions):
+            peer = -1
+            if not a.is_compute:
+                peer = self._peer(a.stage + 1 if a.kind in (ActionKind.SEND_ACT, ActionKind.RECV_GRAD) else a.stage - 1)
+            later = tuple(r for r in actions[at + 1 : ahead[at]] if r.kind in _RECEIVES) if a.is_compute else ()
+            ops.append(_Op(a, str(a), a.kind, a.stage, a.micro_batch, a.is_compute, peer,
+                           schedule.input_receive(a) if a.is_compute else None, later))  # fmt: skip
+        self._ops = tuple(ops)
         # This rank's part of the loss is final after its last forward of the last stage (or
         # at once if it holds none); its all-reduce starts then and is waited at the very end.
-        final_forward = max((at for at, a in enumerate(actions) if a.kind is ActionKind.FORWARD and a.stage == last), default=-1)
-        ahead = _lookahead(actions)
+        self._final_forward = max((at for at, a in enumerate(actions) if a.kind is ActionKind.FORWARD and a.stage == last), default=-1)
+
+    def _run(self, micro: list, weights: list[float], cut: ReplicaBatch, start: float, stretch: Stretch) -> tuple[torch.Tensor, dist.Work, tuple]:
+        """Execute this rank's action list; the loss sum, its (started) all-reduce and what
+        each action took (``(code, begin, end)`` from ``start``)."""
+        st = _StepState(micro, weights, [shape_key(args) for args, _ in micro], self._device)
+        final_forward = self._final_forward
         checked = False
+        incoming = st.incoming
         timeline: list[tuple[str, float, float]] = []
-        for at, action in enumerate(actions):
-            if not checked and not action.is_compute:
-                # Nothing is posted before every rank is known to cut the same batch: a stray
-                # receive would take a later step's message.
-                self._global_rows(cut)
-                checked = True
-                if final_forward < 0:
-                    st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+        record = timeline.append
+        clock = time.perf_counter
+        for at, op in enumerate(self._ops):
             got = None
-            if action.is_compute:
+            if op.is_compute:
                 # Receives are posted ahead of their place once their shapes are known, and
                 # waited only here, by the compute that reads them.
-                for later in actions[at + 1 : ahead[at]] if checked else ():
-                    if later.kind in _RECEIVES and later not in st.incoming and self._can_post(later, st.keys):
-                        st.incoming[later] = self._post(later, st.keys)
-                needed = self.schedule.input_receive(action)
-                got = None if needed is None else st.incoming.pop(needed).wait()
-            began = time.perf_counter()  # waiting for data is idle time, not compute
-            self._execute(action, st, got)
-            if at == final_forward:
-                self._global_rows(cut)  # (a single rank has no transfer that waited for it)
-                st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
-            timeline.append((str(action), began - start, time.perf_counter() - start))
+                if checked:
+                    for later in op.ahead:
+                        if later not in incoming and self._can_post(later, st.keys):
+                            incoming[later] = self._post(later, st.keys)
+                if op.needs is not None:
+                    got = incoming.pop(op.needs).wait()
+                began = clock()  # waiting for data is idle time, not compute
+                stretch.begin()
+                if op.kind is ActionKind.FORWARD:
+                    self._forward(op.stage, op.micro_batch, st, got)
+                else:
+                    self._backward_action(op, st, got)
+                stretch.end()
+                if at == final_forward:
+                    self._global_rows(cut)  # (a single rank has no transfer that waited for it)
+                    st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+            else:
+                if not checked:
+                    # Nothing is posted before every rank is known to cut the same batch: a stray
+                    # receive would take a later step's message.
+                    self._global_rows(cut)
+                    checked = True
+                    if final_forward < 0:
+                        st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
+                began = clock()
+                self._transfer(op, st)
+            record((op.code, began - start, clock() - start))
         if st.loss_work is None:  # a rank with neither a transfer nor the last stage
             self._global_rows(cut)
             st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
         for work, _ in st.sends:
             work.wait()
-        self.last_timeline = tuple(timeline)
-        return st.loss_sum, st.loss_work
+        return st.loss_sum, st.loss_work, tuple(timeline)
 
-    def _execute(self, action: Action, st: _StepState, got: list[torch.Tensor] | None) -> None:
-        """Run one action; ``got`` holds the received tensors a compute reads, if any."""
-        s, i = key = (action.stage, action.micro_batch)
-        kind = action.kind
-        if kind is ActionKind.FORWARD:
-            self._forward(s, i, st, got)
-        elif kind is ActionKind.BACKWARD:
-            if key == self._final_backward.get(s) and s in self._reducers:
-                self._reducers[s].begin()
-            if got is not None:
-                st.grads[key] = _fill_grads(st.outputs[key], got)
-            self._backward(s, i, st)
-        elif kind is ActionKind.SEND_ACT:
-            st.sends += self._transfers.send_activations(list(st.outputs[key]), self._peer(s + 1), s, i, st.keys[i])
+    def _backward_action(self, op: _Op, st: _StepState, got: list[torch.Tensor] | None) -> None:
+        s, i = key = (op.stage, op.micro_batch)
+        if key == self._final_backward.get(s) and s in self._reducers:
+            self._reducers[s].begin()
+        if got is not None:
+            st.grads[key] = _fill_grads(st.outputs[key], got)
+        self._backward(s, i, st)
+
+    def _transfer(self, op: _Op, st: _StepState) -> None:
+        """Post a send, or a receive not posted ahead (its header comes first)."""
+        s, i, kind = op.stage, op.micro_batch, op.kind
+        if kind is ActionKind.SEND_ACT:
+            st.sends += self._transfers.send_activations(list(st.outputs[(s, i)]), op.peer, s, i, st.keys[i])
         elif kind is ActionKind.SEND_GRAD:
-            st.sends += self._transfers.send_grads(st.outputs.pop(("in_grads", s, i)), self._peer(s - 1), s - 1, i)
-        elif action not in st.incoming:  # a receive not posted ahead: its header comes first
-            st.incoming[action] = self._post(action, st.keys)
+            st.sends += self._transfers.send_grads(st.outputs.pop(("in_grads", s, i)), op.peer, s - 1, i)
+        elif op.action not in st.incoming:
+            st.incoming[op.action] = self._post(op.action, st.keys)
 
     def _forward(self, s: int, i: int, st: _StepState, got: list[torch.Tensor] | None) -> None:
         last = self.plan.num_stages - 1
@@ -136,6 +160,21 @@ class StepExecutor:
             count = len(self.stages[s].received)
             return self._transfers.recv_activations(self._peer(s - 1), s - 1, i, keys[i], count)
         return self._transfers.recv_grads(self._peer(s + 1), s, i, keys[i])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Op:
+    """One action of this rank's list with what running it needs, worked out at bind."""
+
+    action: Action
+    code: str  # its label in ``last_timeline`` ("1F3")
+    kind: ActionKind
+    stage: int
+    micro_batch: int
+    is_compute: bool
+    peer: int  # the rank at the other end of a send or receive; -1 for a compute
+    needs: Action | None  # the receive whose tensors a compute reads
+    ahead: tuple[Action, ...]  # the receives a compute posts before it runs, if it can
 
 
 @dataclasses.dataclass

@@ -57,6 +57,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         # Each stage's parameters by attribute path -> local-model name, fixed before any stage
         # is materialized (materializing makes new tensors, and ties must survive it).
         self._param_paths = [dict(st.param_names) for st in program.stages]
+        self._init_record()
         self._bound = False
         if dist.is_available() and dist.is_initialized():
             self._bind()
@@ -237,21 +238,25 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
-        start = time.perf_counter()
-        self.last_step_entry = time.time()
+        start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, kwargs=kwargs)
         # A global batch's rows are known here; the check that every rank passed the same one
         # then runs behind the first compute and is waited before the first transfer.
         total = cut.total if cut.total is not None else self._global_rows(cut)
         micro, mb_rows = self._micro_batches((cut.args, cut.target), cut.rows)
         weights = [n / total if self.config.loss_reduction == "mean" else 1.0 for n in mb_rows]
-        loss_sum, loss_work = self._run(micro, weights, cut, start)
+        for reducer in self._reducers.values():
+            reducer.pace = stretch.catch_up
+        loss_sum, loss_work, timeline = self._run(micro, weights, cut, start, stretch)
+        synced = time.perf_counter()
         for reducer in self._reducers.values():
             reducer.finish()
         for param, group in self._tied:
             dist.all_reduce(param.grad, group=group)
         self._share_updated_buffers()
         loss_work.wait()
+        extra = (("sync", synced - start, time.perf_counter() - start),) if self._reducers or self._tied else ()
+        self._step_end(start, timeline, extra)
         # Every rank of the last stage's tensor-parallel group holds the loss once.
         return (loss_sum / self.plan.tensor_parallel).to(torch.float32)
 

@@ -46,10 +46,13 @@ class StageSetup:
 
     def _peer(self, stage: int) -> int:
         """The rank running ``stage`` in this rank's pipeline, at this rank's tensor-parallel index."""
-        rank = dist.get_rank()
-        ranks = self.plan.pipelines[self.plan.replica_of(rank)]
-        k = self.plan.tensor_parallel
-        return ranks[(stage % self.plan.pipeline_degree) * k + ranks.index(rank) % k]
+        peer = self._peers.get(stage)
+        if peer is None:
+            rank = dist.get_rank()
+            ranks = self.plan.pipelines[self.plan.replica_of(rank)]
+            k = self.plan.tensor_parallel
+            peer = self._peers[stage] = ranks[(stage % self.plan.pipeline_degree) * k + ranks.index(rank) % k]
+        return peer
 
     def _tie_local_parameters(self) -> dict[str, nn.Parameter]:
         """This rank's parameters by name; a weight several local stages use is one tensor."""
@@ -122,4 +125,6 @@ class StageSetup:
         # Buffers forward updates, by stage and path (the same on every replica of a position).
         self._updated_buffers = [(s, path) for s in sorted(self._local) for path in self.stages[s].updated_buffers]
         self._transfers = Transfers(self._device)
+        self._peers: dict[int, int] = {}
+        self._compile_actions(actions)
         self._bound = True
