@@ -501,12 +501,15 @@ def test_explain_never_shows_a_negative_shortfall():
     assert reasons == [expected]
 
 
-def test_trace_writes_the_simulated_step_as_a_chrome_trace(capsys, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_trace_writes_the_simulated_step_as_a_chrome_trace(capsys, tmp_path, dtype):
+    # bf16 also checks a plan scored under other cost options than the defaults.
     pytest.importorskip("matplotlib")
     trace, picture = tmp_path / "step.json", tmp_path / "step.png"
     code, out, err = _run(capsys, "plan", "tests.test_cli:golden_gpt", "--cluster", GOLDEN_CLUSTER,
                           "--global-batch", "32", "--pipeline-degree", "2", "--micro-batches", "4",
-                          "--schedule", "1f1b", "--trace", str(trace), "--trace-picture", str(picture))  # fmt: skip
+                          "--schedule", "1f1b", "--dtype", dtype,
+                          "--trace", str(trace), "--trace-picture", str(picture))  # fmt: skip
     assert code == 0, err
     data = json.loads(trace.read_text())
     assert data["displayTimeUnit"] == "ms"

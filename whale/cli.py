@@ -223,7 +223,12 @@ def _plan(args: argparse.Namespace) -> int:
             print(report.explain())
     # After the plan is out: a picture that fails to draw does not hide the plan.
     sys.stdout.flush()
-    _write_outputs(args, plan, cluster, report)
+    timeline = None
+    if args.trace or args.trace_picture:
+        timeline = _simulated_step(
+            plan, report, captured, rows0, cluster, global_batch, options
+        )
+    _write_outputs(args, plan, cluster, report, timeline)
     return 0
 
 
@@ -232,7 +237,19 @@ def _bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def _write_outputs(args: argparse.Namespace, plan, cluster, report) -> None:
+def _simulated_step(plan, report, captured, rows0, cluster, global_batch, options):
+    """The plan's simulated step on every rank: the report's, or (when the report was scored
+    with other cost options than ``options``) the plan predicted again under ``options``."""
+    if report.timeline is not None:
+        return report.timeline
+    from .planner.cost.model_profile import profile_model
+    from .planner.cost.plan_cost import predict_plan
+
+    profile = profile_model(captured, rows0, boundaries=plan.stage_boundaries)
+    return predict_plan(plan, profile, cluster, global_batch, options).timeline
+
+
+def _write_outputs(args: argparse.Namespace, plan, cluster, report, timeline) -> None:
     """The picture, the Chrome trace and its picture that the flags ask for."""
     if args.picture:
         from .plot import draw_plan
@@ -243,12 +260,6 @@ def _write_outputs(args: argparse.Namespace, plan, cluster, report) -> None:
         from .ir.trace import save_chrome_trace
         from .plot import draw_timelines
 
-        timeline = report.timeline
-        if timeline is None:
-            raise ValueError(
-                "the simulated step of this plan is not available: its report was built with "
-                "other cost options than the search's"
-            )
         if args.trace:
             save_chrome_trace(args.trace, timeline)
             print(
