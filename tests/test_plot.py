@@ -201,6 +201,7 @@ def test_draw_timelines_stacks_one_gantt_chart_per_timeline(tmp_path):
     )
     assert panels[0].get_shared_x_axes().joined(panels[0], panels[1])
     assert panels[0].get_xlim()[1] >= 9.2  # milliseconds
+    assert set(COLORS) == set(CATEGORIES)  # every kind of interval has its colour
 
 
 def test_a_timeline_without_intervals_is_refused(tmp_path):
