@@ -18,13 +18,13 @@ from matplotlib.colors import to_hex
 
 from whale.ir.cluster_spec import parse_cluster
 from whale.ir.plan import Plan
-from whale.ir.trace import Timeline, TraceEvent
+from whale.ir.trace import CATEGORIES, Timeline, TraceEvent
 from whale.planner.schedules.generate import make_schedule
 from whale.planner.search.report import DeviceRow, PlanReport
 from whale.plot import PictureInfo, draw_plan, draw_timelines
 from whale.plot.canvas import MISSING_MATPLOTLIB
 from whale.plot.plan_picture import plan_figure
-from whale.plot.timeline_picture import timeline_figure
+from whale.plot.timeline_picture import COLORS, timeline_figure
 
 _GiB = 2**30
 CLUSTER = parse_cluster("node0=2xA100-80GB,node1=2xT4")
