@@ -284,3 +284,10 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path, monkeyp
     with pytest.raises(ImportError) as err:
         draw_timelines(tmp_path / "step.png", *step_timelines())
     assert str(err.value) == MISSING_MATPLOTLIB and not os.listdir(tmp_path)
+
+
+def test_every_stage_has_its_own_colour():
+    from whale.plot.plan_picture import _stage_colors
+
+    for n in (1, 10, 12, 20, 24, 64):
+        assert len({to_hex(c) for c in _stage_colors(n)}) == n

@@ -125,7 +125,7 @@ def plan_figure(
     ax.text(
         0.15,
         0.58,
-        _subtitle(plan, cluster, report),
+        _fit(_subtitle(plan, cluster, report), int(max(width, 6.0) * 15)),
         fontsize=8,
         va="center",
         color="0.3",
@@ -162,8 +162,13 @@ def _report_rows(report: PlanReport | None) -> dict[int, DeviceRow]:
 def _stage_colors(num_stages: int) -> list[tuple]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if num_stages <= 10 else "tab20"]
-    return [cmap(s % cmap.N) for s in range(num_stages)]
+    if num_stages <= 20:  # qualitative maps: neighbours differ most
+        cmap = colormaps["tab10" if num_stages <= 10 else "tab20"]
+        return [cmap(s) for s in range(num_stages)]
+    cmap = colormaps[
+        "turbo"
+    ]  # more stages: one distinct colour each along a smooth map
+    return [cmap(s / (num_stages - 1)) for s in range(num_stages)]
 
 
 def _title(plan: Plan, report: PlanReport | None) -> str:
