@@ -608,3 +608,34 @@ def test_times_read_in_units():
         format_rate(58640.3, "rows") == "58,640 rows/s"
         and format_rate(0.523, "rows") == "0.523 rows/s"
     )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["plan", GPT, "--cluster", "2xT4", "--global-batch", "0"],
+            "argument --global-batch: 0 must be 1 or more",
+        ),
+        (
+            ["plan", GPT, "--stages", "two"],
+            "argument --stages: 'two' is not a whole number",
+        ),
+        (
+            ["plan", GPT, "--cluster", "@no_such_cluster.json"],
+            "error: no_such_cluster.json: No such file or directory",
+        ),
+        (["plan", GPT, "--profiles", "no_such_profile.json"], "no_such_profile.json"),
+        (
+            ["profile", "--out", "no_such_folder/p.json"],
+            "cannot write --out to 'no_such_folder/p.json': the folder",
+        ),
+    ],
+)
+def test_bad_command_lines_exit_2_with_a_message(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as done:  # argparse's own errors
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

@@ -181,7 +181,7 @@ def _plan(args: argparse.Namespace) -> int:
         for t in (*positional, *keywords.values())
         if isinstance(t, torch.Tensor) and t.dim()
     )
-    global_batch = args.global_batch or rows0
+    global_batch = args.global_batch if args.global_batch is not None else rows0
     options = CostOptions(
         dtype=args.dtype, precision=args.precision, optimizer=args.optimizer,
         memory_fraction=args.memory_fraction,
@@ -276,6 +276,12 @@ def _profile(args: argparse.Namespace) -> int:
 
     from .ir.cluster_spec import cluster_to_dict
     from .planner.measure import profile_here
+    from .plot.canvas import check_target
+
+    # Before measuring (seconds to minutes): a file that cannot be written fails now.
+    check_target(args.out, formats=(), what="--out")
+    if args.cluster_out:
+        check_target(args.cluster_out, formats=(), what="--cluster-out")
 
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -305,6 +311,17 @@ def _build_ext(args: argparse.Namespace) -> int:
     path = comm_ops.build_extension(verbose=args.verbose)
     print(f"built {path}; backend now {comm_ops.backend()}")
     return 0
+
+
+def _count_arg(text: str) -> int:
+    """An argparse type: a whole number >= 1 (devices, rows, micro-batches, stages)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
 
 
 def _version() -> str:
@@ -366,11 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plan.add_argument("--cluster", default=None,
                       help="e.g. 'node0=8xA100-80GB,node1=8xV100-32GB;net=100Gbps', or @cluster.json")  # fmt: skip
-    plan.add_argument("--world-size", type=int, default=2,
+    plan.add_argument("--world-size", type=_count_arg, default=2,
                       help="without --cluster: this many devices of this host's type, with its memory")  # fmt: skip
     plan.add_argument(
         "--global-batch",
-        type=int,
+        type=_count_arg,
         default=None,
         help="rows per step (default: example's)",
     )
@@ -393,23 +410,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="usable share of device memory",
     )
     plan.add_argument(
-        "--micro-batches", type=int, default=None, help="pin the micro-batch count"
+        "--micro-batches",
+        type=_count_arg,
+        default=None,
+        help="pin the micro-batch count",
     )
     plan.add_argument(
         "--row-weights", default=None, help="pin rows per replica by weight, e.g. 3,1"
     )
     plan.add_argument(
-        "--pipeline-degree", type=int, default=None, help="pin ranks per pipeline"
+        "--pipeline-degree",
+        type=_count_arg,
+        default=None,
+        help="pin ranks per pipeline",
     )
     plan.add_argument(
-        "--stages", type=int, default=None, help="pin the number of pipeline stages"
+        "--stages",
+        type=_count_arg,
+        default=None,
+        help="pin the number of pipeline stages",
     )
     plan.add_argument(
         "--schedule", default=None, help="pin gpipe, 1f1b or interleaved_1f1b"
     )
     plan.add_argument(
         "--tensor-parallel",
-        type=int,
+        type=_count_arg,
         default=None,
         help="pin ranks per tensor-parallel group",
     )
@@ -458,6 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, TypeError, NotImplementedError, ImportError) as err:
         print(f"whale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (
+        OSError
+    ) as err:  # a file named on the command line that cannot be read or written
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"whale {args.command}: error: {where}{err.strerror or err}",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -63,7 +63,7 @@ def check_target(
 
     Args:
         path: the file to write.
-        formats: the suffixes allowed (the suffix picks the format).
+        formats: the suffixes allowed (the suffix picks the format); empty: any name.
         what: what is written, for the messages.
 
     Raises:
@@ -74,7 +74,7 @@ def check_target(
     where = f"cannot write {what} to {os.fspath(path)!r}"
     if target.is_dir():
         raise ValueError(f"{where}: it is a folder; name a file in it")
-    if target.suffix.lower().lstrip(".") not in formats:
+    if formats and target.suffix.lower().lstrip(".") not in formats:
         raise ValueError(
             f"{where}: end the name with {' or '.join('.' + f for f in formats)}"
         )
