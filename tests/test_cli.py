@@ -69,6 +69,7 @@ def test_plan_json_round_trips_and_keeps_pins(capsys):
     _, out, _ = _run(capsys, "plan", GPT, "--cluster", "4xT4", "--json", "--explain")
     data = json.loads(out)
     assert set(data) == {"plan", "report"} and data["report"]["step_time"] > 0
+    assert "timeline" not in data["report"]  # --trace writes the intervals
 
 
 def test_world_size_without_cluster_is_the_homogeneous_default(capsys):
