@@ -94,9 +94,11 @@ def parallelize(
 
 
 def _predict(plan, captured, example_rows, config, world_size, ranks_per_node):
-    """The cost model's step time (seconds) and simulated timeline of ``plan`` on the cluster
-    of ``config`` (else this host's device type), or ``(None, None)`` without a graph or a
-    device profile; the optimizer step counted is AdamW's."""
+    """The cost model's time of ``program.step`` (seconds: forward, backward, gradient sync) and
+    simulated timeline of ``plan`` on the cluster of ``config`` (else this host's device type),
+    or ``(None, None)`` without a graph or a device profile. The timeline ends with the
+    optimizer step the user runs after ``step`` (AdamW's, ``"optimizer"`` intervals); its
+    ``step_time`` is the whole training step."""
     if captured is None or example_rows is None:
         return None, None
     try:
@@ -106,7 +108,10 @@ def _predict(plan, captured, example_rows, config, world_size, ranks_per_node):
     except ValueError as err:  # the plan runs all the same; say why it has no prediction
         warnings.warn(f"whale has no step-time prediction for this plan: {err}", stacklevel=3)
         return None, None
-    return estimate.prediction.step_time, estimate.timeline
+    timeline = estimate.timeline
+    stepped = [e for e in timeline.events if e.category != "optimizer"]
+    step = max(e.end for e in stepped) - min(e.start for e in stepped) if stepped else 0.0
+    return step, timeline
 
 
 def _capture(model: nn.Module, example_inputs: Any, config: Config):

@@ -1,7 +1,7 @@
 """``whale profile``: measure the devices at hand into a profile the planner uses instead of datasheets.
 
-On every rank: the dense matrix-multiply rate per dtype (``2 n^3`` FLOPs per ``n x n`` product)
-over a range of sizes, which gives the efficiency curve by operation size; the cost of one graph
+On every rank: the dense matrix-multiply rate per dtype (``32 n^3`` FLOPs per ``4n x n`` by
+``n x 4n`` product, a transformer's linear layer) over a range of sizes, which gives the efficiency curve by operation size; the cost of one graph
 operation (dispatch, launch); the memory bandwidth (a copy of a buffer several times the
 last-level cache reads and writes every byte); one optimizer step per tensor and per parameter. Under ``torchrun`` with more
 than one rank, also the all-reduce and point-to-point links: times over a range of message
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node, format_bandwidth, format_duration
 from ..ir.devices import DeviceProfile, get_profile
 
-__all__ = ["LinkFit", "fit_alpha_beta", "measure_device", "measure_links", "profile_here"]
+__all__ = ["LinkFit", "cpu_share", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -119,16 +119,19 @@ def _bandwidth(numel: int, device, sync, repeat: int, clock) -> float:
 
 
 def _matmul_curve(sizes, dtype, device, sync, repeat, overhead, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
-    """Peak FLOP/s and efficiency by size from square matmuls: the rate of each size with the
+    """Peak FLOP/s and efficiency by size from matmuls as a transformer's linear layers run them
+    (``F.linear`` of ``4n`` tokens of width ``n`` by a ``(4n, n)`` weight: ``32 n^3`` FLOPs; the
+    transposed weight and the narrow inner dimension run below a square ``a @ b`` of the same
+    FLOPs, on CPUs by half): each size's rate with the
     per-operation overhead taken out, over the best of them; shares made non-decreasing."""
     import torch
 
     rates = []
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        seconds = _timed(lambda a=a, b=b: a @ b, sync, repeat, clock)
-        rates.append((2.0 * n**3, 2.0 * n**3 / max(seconds - overhead, seconds / 2)))
+        a = torch.randn(4 * n, n, device=device, dtype=dtype)
+        w = torch.randn(4 * n, n, device=device, dtype=dtype)  # nn.Linear's (out, in) layout
+        seconds = _timed(lambda a=a, w=w: torch.nn.functional.linear(a, w), sync, repeat, clock)
+        rates.append((32.0 * n**3, 32.0 * n**3 / max(seconds - overhead, seconds / 2)))
     peak = max(rate for _, rate in rates)
     curve, best = [], 0.0
     for flops, rate in rates:
@@ -190,10 +193,52 @@ def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str,
     return out
 
 
-def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceProfile:
+def slowed(profile: DeviceProfile, factor: float, name: str | None = None) -> DeviceProfile:
+    """``profile`` as a device ``factor`` times slower: rates and bandwidth divided by ``factor``,
+    per-operation and optimizer costs multiplied (an emulated slow rank, or a shared core).
+
+    Example::
+
+        half = slowed(get_profile("cpu"), 2.0, name="CPU-half")
+    """
+    if not factor > 0:
+        raise ValueError(f"slowed(factor={factor!r}) must be > 0")
+    steps = profile.optimizer_step and tuple((n, a * factor, b * factor) for n, a, b in profile.optimizer_step)
+    return dataclasses.replace(
+        profile, name=name or profile.name, aliases=() if name else profile.aliases,
+        peak_flops={d: r / factor for d, r in profile.peak_flops},
+        memory_bandwidth=profile.memory_bandwidth / factor, op_overhead=profile.overhead() * factor,
+        optimizer_step=steps, source=profile.source if factor == 1 else f"{profile.source}; slowed {factor:.3g}x",
+    )  # fmt: skip
+
+
+def cpu_share(seconds: float = 1.0) -> float:
+    """The share of one core this process gets now: CPU time over wall time of ``seconds`` of
+    single-threaded work (small matmuls), after a quarter of that to settle (a process that
+    just woke up is first given more than its share). 1.0 on an idle core.
+
+    Example::
+
+        profile = measure_device(quick=True, share=1.0)   # the core's own rates
+        loaded = slowed(profile, 1 / cpu_share())         # as the job sees them now
+    """
+    import torch
+
+    a = torch.randn(128, 128)
+    settle = time.perf_counter() + seconds / 4
+    while time.perf_counter() < settle:
+        a = torch.tanh(a @ a)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall0 < seconds:
+        for _ in range(20):
+            a = torch.tanh(a @ a)
+    return min(1.0, max(0.05, (time.process_time() - cpu0) / (time.perf_counter() - wall0)))
+
+
+def measure_device(*, quick: bool = False, device: str | None = None, share: float | None = None) -> DeviceProfile:
     """Measure this process's device into a profile.
 
-    * matmul FLOP/s per dtype (the best rate over a range of square sizes) and, in the widest
+    * matmul FLOP/s per dtype (the best rate over a range of sizes) and, in the widest
       compute dtype, the efficiency curve: each size's rate over the best;
     * the cost of one operation (forward and backward of tiny tensors, per forward op);
     * memory bandwidth: a copy of a buffer several times the last-level cache;
@@ -205,6 +250,8 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
     Args:
         quick: small sizes (seconds on a CPU), for tests and a first look.
         device: ``"cuda"`` or ``"cpu"``; None: CUDA if available.
+        share: on a single-threaded CPU process, the share of a core to scale the CPU-time rates
+            by (1.0: the core alone); None: the share measured over the measurement.
 
     Example::
 
@@ -223,9 +270,9 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
     clock = time.thread_time if shared else time.perf_counter
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if cuda:
-        sizes = (256, 512, 1024, 2048) if quick else (256, 512, 1024, 2048, 4096, 8192)
+        sizes = (128, 256, 512, 1024) if quick else (128, 256, 512, 1024, 2048, 4096)
     else:
-        sizes = (32, 64, 128, 256, 512) if quick else (32, 64, 128, 256, 512, 1024, 1536)
+        sizes = (16, 32, 64, 128, 256) if quick else (16, 32, 64, 128, 256, 512, 768)
     overhead = _op_overhead(device, sync, repeat * 3, clock)
     rates, curve = {}, ()
     for name, dtype_name in _TORCH_DTYPES.items():
@@ -246,9 +293,11 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
     numel = _copy_bytes(cuda, quick, cache) // 4
     bandwidth = _bandwidth(numel, device, sync, 3 if quick else 5, clock)
     steps = _optimizer_steps(device, sync, quick, repeat, clock)
-    share = 1.0
-    if shared:
+    if not shared:
+        share = 1.0
+    elif share is None:
         share = min(1.0, max(0.05, (time.process_time() - cpu0) / (time.perf_counter() - wall0)))
+    if shared:
         rates = {k: r * share for k, r in rates.items()}
         bandwidth, overhead = bandwidth * share, overhead / share
         steps = {k: (a / share, b / share) for k, (a, b) in steps.items()}
@@ -272,7 +321,7 @@ def measure_device(*, quick: bool = False, device: str | None = None) -> DeviceP
         memory_bandwidth=bandwidth,
         intra_link=link,
         source=f"measured by whale profile on {socket.gethostname()} ({hardware}{threads}, {stamp}); "
-        f"matmul {sizes[0]}..{sizes[-1]}, copy of {numel * 4 >> 20} MiB (last cache {cache >> 20} MiB)",
+        f"matmul 4n x n x 4n, n = {sizes[0]}..{sizes[-1]}, copy of {numel * 4 >> 20} MiB (last cache {cache >> 20} MiB)",
         aliases=aliases,
         efficiency=curve,
         op_overhead=overhead,
