@@ -170,6 +170,37 @@ def _replay(sched: Schedule, timelines: list[tuple], p2p: float) -> tuple[float,
     return 1.0 - sum(busy) / (len(clock) * span), span
 
 
+class _ComputeClock:
+    """Thread CPU seconds this rank spends computing: in the stage modules' forwards, the loss
+    and autograd's backward (whichever library calls them). A step's CPU time minus these is
+    what the library spends around the computes; CPU time leaves out waiting for a busy
+    machine's cores, so it stays steady where wall times do not."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+
+    def attach(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *_) -> None:
+        self._began = time.thread_time()
+
+    def _post(self, *_) -> None:
+        self.seconds += time.thread_time() - self._began
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            began = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - began
+
+        return timed
+
+
 def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
     split = args.split if args.split is not None else args.layers // 2
@@ -179,13 +210,18 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     gpt = _untied_gpt(cfg)
     m = args.micro_batches
 
+    clock = _ComputeClock()
+    loss_fn = clock.wrap(lm_loss)
+    torch.autograd.backward = clock.wrap(torch.autograd.backward)  # this process's, both libraries'
     config = wh.Config(stage_boundaries=[f"blocks.{split}"], schedule=args.schedule, num_micro_batch=m)
-    program = wh.parallelize(copy.deepcopy(gpt), loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
+    program = wh.parallelize(copy.deepcopy(gpt), loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
+    clock.attach(program.stages[rank].module)  # rank r runs stage r (2 stages, not interleaved)
     whale_opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
 
     stage_cls = _FirstStage if rank == 0 else _LastStage
     stage = PipelineStage(stage_cls(copy.deepcopy(gpt), split), rank, world, torch.device("cpu"))
-    schedule = _TORCH_SCHEDULES[args.schedule](stage, n_microbatches=m, loss_fn=lm_loss)
+    clock.attach(stage.submod)
+    schedule = _TORCH_SCHEDULES[args.schedule](stage, n_microbatches=m, loss_fn=loss_fn)
     torch_opt = torch.optim.AdamW(stage.submod.parameters(), lr=1e-3)
 
     def torch_step(x, y):
@@ -212,6 +248,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     def record_whale():
         timelines.append((program.last_step_entry, program.last_timeline))  # parsed after the rounds
 
+    # Per timed step, the thread CPU seconds spent outside the computes.
+    cpu: dict[str, list[float]] = {"whale": [], "torch": []}
+
     def train(step_fn, opt, after=None) -> tuple[float, list[float]]:
         """Seconds per step over ``batches[warmup:]``, and this rank's time of each of those steps."""
         stamps = []
@@ -220,7 +259,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
                 dist.barrier()
                 start = time.perf_counter()
                 stamps.append(start)
+            began, computed = time.thread_time(), clock.seconds
             step_fn(x, y)
+            if i >= args.warmup:
+                spent = time.thread_time() - began - (clock.seconds - computed)
+                cpu["whale" if step_fn is whale_step else "torch"].append(spent)
             opt.step()
             opt.zero_grad()
             if i >= args.warmup:
@@ -254,6 +297,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
         "compute": {key: (statistics.mean(v), statistics.pstdev(v)) for key, v in compute.items()},
         "torch_loss0": None if torch_loss0 is None else torch_loss0.item(),
         "p2p": p2p,
+        "cpu": {k: statistics.median(v) for k, v in cpu.items()},
     }
     measured = program.timeline()  # the last timed step, every rank's (collective)
     gathered: list[dict] = [None] * world
@@ -353,6 +397,12 @@ def main() -> None:
           f"bubble measured - replayed {gap_replay:+.1f} points ({verdict(abs(gap_replay) <= _GOAL_BUBBLE_POINTS)})")
     jitter = med(sp for _, sp in replays) - costed.step_time
     print(f"  (compute jitter alone: replayed span - simulated span = {jitter * ms:+.1f} ms per step)")
+    # CPU time does not count waiting for a busy machine's cores: a steadier view of the same cost.
+    print("CPU off the compute path per micro-batch (a step's thread CPU outside forward, loss and "
+          "backward; medians over steps):")
+    for name, label in (("whale", "whale"), ("torch", "torch.distributed.pipelining")):
+        per = [r["cpu"][name] / m for r in per_rank]
+        print(f"  {label:<29}" + "  ".join(f"rank {k} {v * ms:5.3f} ms" for k, v in enumerate(per)))
 
     if args.trace:
         simulated = sim_timeline(costed)

@@ -62,6 +62,8 @@ class DataParallelProgram(ProgramBase):
         self._bound = False
         self._agreed = False
         self._init_record()
+        # The timeline's labels, one pair per micro-batch, made once.
+        self._codes = [(f"0F{i}", f"0B{i}") for i in range(self.plan.num_micro_batch)]
         if dist.is_available() and dist.is_initialized():
             self._bind()
 
@@ -174,6 +176,7 @@ class DataParallelProgram(ProgramBase):
         weighted = torch.zeros((), dtype=torch.float64, device=device)
         total = None
         clock, record = time.perf_counter, timeline.append
+        codes = self._codes
         if self._reducer is not None:
             self._reducer.pace = stretch.catch_up
         for i, (((mb_args, mb_kwargs), mb_target), n) in enumerate(zip(micro, mb_rows)):
@@ -194,7 +197,7 @@ class DataParallelProgram(ProgramBase):
             weight = n / total if mean else 1.0
             weighted = weighted + loss.detach().double() * weight
             last = i == m - 1
-            record((f"0F{i}", began - start, clock() - start))
+            record((codes[i][0], began - start, clock() - start))
             if last:
                 # The global loss is summed with the gradients, and with it the batch
                 # fingerprint's digits: every rank passed the same batch iff they agree.
@@ -205,7 +208,7 @@ class DataParallelProgram(ProgramBase):
             try:
                 (loss * weight).backward()
                 stretch.end()
-                record((f"0B{i}", began - start, clock() - start))
+                record((codes[i][1], began - start, clock() - start))
                 began = clock()
             finally:
                 if last and self._reducer is not None:

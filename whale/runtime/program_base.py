@@ -90,8 +90,8 @@ class ProgramBase:
 
     def _step_end(self, start: float, timeline: tuple, extra: tuple = ()) -> None:
         self.step_times.append(time.perf_counter() - start)
-        if len(self.step_times) > 2 * _KEPT_STEP_TIMES:
-            del self.step_times[:-_KEPT_STEP_TIMES]
+        if len(self.step_times) > _KEPT_STEP_TIMES:
+            del self.step_times[0]
         self.last_timeline = timeline
         self._last_extra = extra
 
