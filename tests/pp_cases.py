@@ -219,6 +219,10 @@ def timeline_case(trace_path: str, bad_path: str) -> dict:
         program.timeline()  # no collective before the error: no rank waits for another
     except ValueError as err:
         out["before"] = str(err)
+    try:
+        program.save_trace(trace_path)
+    except ValueError as err:
+        out["trace_before"] = str(err)
     for x, y in batches:
         program.step(x, y)
     timeline = program.timeline()

@@ -162,6 +162,7 @@ def test_pipeline_timeline_is_the_schedule_as_it_ran(world2, tmp_path):
     for out in outs:
         # Asked before any step: a clear error on every rank, and no collective was started.
         assert "has not run a step; call program.step(...) first" in out["before"]
+        assert "has not run a step" in out["trace_before"]
         assert (
             out["report_before"].startswith("step time:")
             and "not measured yet" in out["report_before"]

@@ -1,4 +1,5 @@
-"""What every parallelized program shares: cutting the batch for a replica, reducers."""
+"""What every parallelized program shares: cutting the batch for a replica, reducers, and the
+record of its steps (wall times, the last step's intervals, the measured timeline)."""
 
 from __future__ import annotations
 
