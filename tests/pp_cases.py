@@ -58,6 +58,10 @@ def equivalence(
     out["final"] = {n: p.detach().clone() for n, p in program.named_parameters()}
     full = program.full_state_dict()  # collective: every rank calls it
     out["full_state"] = full if dist.get_rank() == 0 else None
+    timeline = program.timeline()  # collective too
+    out["timeline"] = (timeline.ranks, sum(e.is_compute for e in timeline.events))
+    position = program.plan.position_of(dist.get_rank())
+    out["num_computes"] = sum(a.is_compute for a in program.schedule.actions[position])
     return out
 
 

@@ -38,6 +38,11 @@ def _check(outs: list[dict]) -> None:
         for name, p in out["final"].items():
             assert torch.equal(full[name], p), name
     assert set(full) >= all_names
+    # The measured timeline covers every rank, each compute of each rank's list once.
+    if "timeline" in outs[0]:
+        ranks, computes = outs[0]["timeline"]
+        assert ranks == tuple(range(len(outs)))
+        assert computes == sum(o["num_computes"] for o in outs)
 
 
 @pytest.mark.parametrize(
