@@ -454,6 +454,10 @@ def test_the_local_cluster_has_this_hosts_memory(capsys):
     assert "this host's RAM / 4 ranks" in cluster.devices()[0].profile.source
     code, out, err = _run(capsys, "plan", CNN, "--world-size", "4")
     assert code == 0, err
+    assert (
+        f"no --cluster: this host's devices, node0=4xCPU, {memory[0] / 2**30:.2f} GiB"
+        in out
+    )
     usable = 0.9 * memory[0] / 2**30  # --memory-fraction 0.9
     assert f"/{usable:.1f}" in out
 

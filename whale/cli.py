@@ -217,6 +217,11 @@ def _plan(args: argparse.Namespace) -> int:
             f"{type(model).__name__}: {len(captured.nodes)} graph nodes, {_bytes(params)} of "
             f"parameters as captured, global batch {global_batch} rows, {cluster.world_size} devices"
         )
+        if args.cluster is None:
+            memory = cluster.devices()[0].profile.memory_bytes
+            print(
+                f"no --cluster: this host's devices, {cluster}, {_bytes(memory)} of memory each"
+            )
         print(report.table())
         if args.explain:
             print()
@@ -233,8 +238,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _bytes(n: int) -> str:
-    """``1.25 GiB``, ``46.2 MiB``: a small model's size reads as more than zero."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+    """``1.25 GiB``, ``46.2 MiB``, ``38.0 KiB``: a small model's size reads as more than zero."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale / 10:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _simulated_step(plan, report, captured, rows0, cluster, global_batch, options):
