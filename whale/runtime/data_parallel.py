@@ -151,9 +151,9 @@ class DataParallelProgram(ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
+        start, stretch = self._step_begin()
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
-        start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
         timeline: list[tuple[str, float, float]] = []
         loss = self._forward_backward(cut, start, stretch, timeline)
