@@ -161,7 +161,12 @@ def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks, state
         for depth in range(len(parts) + 1):
             marks_by_path.setdefault(".".join(parts[:depth]), set()).add(stage_marks[i])
 
-    blocks_below = {p for p in shares if any(_is_block(q) and q != p and _under(q, p) for q in shares)}
+    # Every proper ancestor of a block (the root "" included) has blocks below it.
+    blocks_below = set()
+    for q in shares:
+        if q and _is_block(q):
+            parts = q.split(".")
+            blocks_below.update(".".join(parts[:depth]) for depth in range(len(parts)))
 
     def expand(path: str) -> bool:
         kids = children.get(path, [])
@@ -182,9 +187,13 @@ def _layer_starts(nodes, compute, owner, granularity, forced, stage_marks, state
         else:
             groups.append(path)
     group_of = {}
+    listed = set(groups)
     for i in compute:
-        for g in groups:
-            if _under(owner[i], g):
+        # Groups are disjoint subtrees: the one a node is in is the one among its path's prefixes.
+        parts = owner[i].split(".") if owner[i] else []
+        for depth in range(len(parts), -1, -1):
+            g = ".".join(parts[:depth])
+            if g in listed:
                 group_of[i] = g
                 break
     first: dict[str, int] = {}
@@ -276,13 +285,23 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
         cut_bytes.append(max(0.0, running))
     cut_bytes[0] = 0.0
 
+    attrs_of: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.op == "get_attr":
+            attrs_of.setdefault(layer_of[i], []).append(i)
+    # The first computing node under every module path.
+    first_under: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op in _COMPUTE_OPS and owner[i]:
+            parts = owner[i].split(".")
+            for depth in range(1, len(parts) + 1):
+                first_under.setdefault(".".join(parts[:depth]), i)
     layers, name_layers = [], {}
     for k, (start, name) in enumerate(starts):
         members = [i for i in range(begin[k], begin[k + 1]) if nodes[i].op != "get_attr"]
-        members += [i for i, n in enumerate(nodes) if n.op == "get_attr" and layer_of[i] == k]
+        members += attrs_of.get(k, [])
         layer = _layer(nodes, members, name, rows, state_bytes, inputs, captured.param_bytes_by_name, splittable)
-        first_of_name = min((i for i in range(len(nodes)) if name and _under(owner[i], name)
-                             and nodes[i].op in _COMPUTE_OPS), default=start)  # fmt: skip
+        first_of_name = first_under.get(name, start) if name else start
         cuttable = bool(name) and ":" not in name and first_of_name >= start and not crossed_by_other[k]
         layers.append(dataclasses.replace(layer, cuttable=cuttable))
         for pname in layer.param_names:

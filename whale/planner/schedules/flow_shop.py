@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...ir.schedule import ActionKind
 from .generate import _GENERATORS
 from .simulator import run_orders
 
@@ -53,13 +52,7 @@ def compute_orders(
     The orders come from the same generators as :func:`~.schedules.make_schedule`, so the
     planner scores exactly the lists the runtime executes.
     """
-    return tuple(
-        tuple(
-            (a.kind is ActionKind.FORWARD, a.stage, a.micro_batch)
-            for a in _GENERATORS[schedule](r, num_stages, num_micro_batch, num_ranks)
-        )
-        for r in range(num_ranks)
-    )
+    return tuple(tuple(_GENERATORS[schedule](r, num_stages, num_micro_batch, num_ranks)) for r in range(num_ranks))
 
 
 def flow_shop(
@@ -120,6 +113,8 @@ def peak_held(
         peak_held("1f1b", 4, 8, [1.0] * 4)   # (4.0, 3.0, 2.0, 1.0)
     """
     stages = len(stage_bytes)
+    if stages == num_ranks and schedule in ("gpipe", "1f1b"):
+        return peak_held_bound(schedule, num_ranks, num_micro_batch, stage_bytes)  # exact for these
     profile = _held_profile(schedule, stages, num_micro_batch, num_ranks)
     return tuple(
         float((profile[r] @ np.asarray(stage_bytes[r::num_ranks], dtype=float)).max())

@@ -15,7 +15,6 @@ from ...ir.schedule import (
     _SG,
     SCHEDULE_NAMES,
     Action,
-    ActionKind,
     Schedule,
     _check_int,
 )
@@ -24,23 +23,23 @@ from .simulator import run_orders
 __all__ = ["make_schedule"]
 
 
-_Order = list[Action]
+# A rank's computes in order, as (is_forward, stage, micro_batch): plain tuples, so that the
+# planner can score long schedules without building an Action per compute.
+_Order = list[tuple[bool, int, int]]
 
 
 def _gpipe(rank: int, num_stages: int, num_micro_batch: int, num_ranks: int) -> _Order:
     # All forwards, then all backwards (torch's ScheduleGPipe order).
-    return [Action(_F, rank, i) for i in range(num_micro_batch)] + [
-        Action(_B, rank, i) for i in range(num_micro_batch)
-    ]
+    return [(True, rank, i) for i in range(num_micro_batch)] + [(False, rank, i) for i in range(num_micro_batch)]
 
 
 def _one_f_one_b(rank: int, num_stages: int, num_micro_batch: int, num_ranks: int) -> _Order:
     # Warm-up forwards fill the pipe below this stage; then one forward, one backward.
     warmup = min(num_stages - rank - 1, num_micro_batch)
-    order = [Action(_F, rank, i) for i in range(warmup)]
+    order = [(True, rank, i) for i in range(warmup)]
     for i in range(num_micro_batch - warmup):
-        order += [Action(_F, rank, warmup + i), Action(_B, rank, i)]
-    return order + [Action(_B, rank, i) for i in range(num_micro_batch - warmup, num_micro_batch)]
+        order += [(True, rank, warmup + i), (False, rank, i)]
+    return order + [(False, rank, i) for i in range(num_micro_batch - warmup, num_micro_batch)]
 
 
 def _interleaved_one_f_one_b(
@@ -51,18 +50,18 @@ def _interleaved_one_f_one_b(
     chunks = num_stages // num_ranks
     total = num_micro_batch * chunks
 
-    def action(kind: ActionKind, k: int) -> Action:
+    def action(forward: bool, k: int) -> tuple[bool, int, int]:
         chunk = (k // num_ranks) % chunks
-        if kind is _B:
+        if not forward:
             chunk = chunks - 1 - chunk
         micro_batch = (k // (num_ranks * chunks)) * num_ranks + k % num_ranks
-        return Action(kind, chunk * num_ranks + rank, micro_batch)
+        return (forward, chunk * num_ranks + rank, micro_batch)
 
     warmup = min((num_ranks - rank - 1) * 2 + (chunks - 1) * num_ranks, total)
-    order = [action(_F, k) for k in range(warmup)]
+    order = [action(True, k) for k in range(warmup)]
     for k in range(total - warmup):
-        order += [action(_F, warmup + k), action(_B, k)]
-    return order + [action(_B, k) for k in range(total - warmup, total)]
+        order += [action(True, warmup + k), action(False, k)]
+    return order + [action(False, k) for k in range(total - warmup, total)]
 
 
 _GENERATORS: dict[str, Callable[[int, int, int, int], _Order]] = {
@@ -145,7 +144,7 @@ def _place_p2p(
     """
     num_stages = len(stage_to_rank)
     run = run_orders(
-        [[(action.kind is _F, action.stage, action.micro_batch) for action in o] for o in orders],
+        orders,
         stage_to_rank,
         num_micro_batch,
         [_PLACEMENT_FORWARD] * num_stages,
@@ -154,10 +153,10 @@ def _place_p2p(
     )
     events: list[tuple[tuple[float, int, int, int, int], list[tuple[int, Action]]]] = []
     for rank, (order, starts) in enumerate(zip(orders, run.start)):
-        for action, start in zip(order, starts):
+        for (forward, stage, micro_batch), start in zip(order, starts):
+            action = Action(_F if forward else _B, stage, micro_batch)
             # At equal times a send/receive pair (0) goes before a compute (1).
             events.append(((start, 1, rank, 0, 0), [(rank, action)]))
-            forward, stage = action.kind is _F, action.stage
             peer = stage + 1 if forward else stage - 1
             if 0 <= peer < num_stages and stage_to_rank[peer] != rank:
                 end = start + (_PLACEMENT_FORWARD if forward else _PLACEMENT_BACKWARD)

@@ -5,8 +5,11 @@ The structures (degrees, layout, schedule, micro-batches) and their lower bounds
 
 1. with few ways to cut, every cut is screened; otherwise layers are partitioned over the
    stages (:func:`~.balance.partition_layers`) per kind of pipeline, for all kinds pooled as
-   Whale's virtual devices, and with the least memory; pipelines of few stages then move cuts
-   one layer at a time while the estimate improves;
+   Whale's virtual devices, and with the least memory, and interleaved ranks are balanced as
+   wholes (:func:`~.balance.partition_ranks`: a rank's chunks share its time and memory);
+   near the memory wall, cuts that all overflow are moved until one fits (the exact memory
+   count); pipelines of few stages then move cuts while the estimate improves, by 1, 2, 4, ...
+   layers (:meth:`Explorer.descend`);
 2. rows go to replicas by a line through two evaluations of each kind's time, capped by memory
    (:func:`~.balance.balance_rows`);
 3. the pipeline time (the schedule itself when it is short, else a closed form) scores it.
@@ -14,7 +17,8 @@ The structures (degrees, layout, schedule, micro-batches) and their lower bounds
 Screening stops when the next bound exceeds the best score. Structures are then re-scored
 exactly, best estimates first, while an estimate is within ``refine_margin`` of the best exact
 time (and the best of every other shape, for ``explain``): rows rebalanced against the
-simulated schedule, cuts tried exhaustively when there are few or moved in runs otherwise, and
+simulated schedule, cuts tried exhaustively when there are few, else climbed (moves in runs
+too) from the screened cuts and from every balanced partition, and
 the whole plan predicted by :meth:`~.predict.CostModel.predict`. Pins (:mod:`~.pins`) restrict
 every step.
 """
@@ -29,14 +33,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .balance import balance_rows, partition_layers
+from .balance import balance_rows, partition_layers, partition_ranks
 from ..cost.predict import Candidate, Prediction, RankLayout
 from ...ir.rows import split_rows
+from ..schedules.flow_shop import peak_held
 from .space import SearchSettings, SearchSpace, Structure, describe, no_structure_error
 
 __all__ = ["Explorer", "NoPlanError", "Scored", "SearchResult", "SearchSettings", "describe"]
 
 _GiB = 2**30
+# The stage arrays' memory can be far from the exact count (kinds of replicas pooled, a rank's
+# peak spread evenly over its chunks): balanced cuts are repaired unless some rank needs more
+# than twice its capacity, which no move of a few layers mends.
+_NEAR_WALL = 1.0
 
 
 class NoPlanError(ValueError):
@@ -91,6 +100,11 @@ class Explorer(SearchSpace):
             found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=False)
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], cuts, found[1])
+        if best is None and balanced and options and s <= self.settings.climb_stages:
+            # Near the memory wall every balanced cut may overflow: move cuts until one fits.
+            cuts = self.repair(st, classes, options)
+            found = None if cuts is None else self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=False)
+            best = None if found is None else (found[0], cuts, found[1])
         if best is not None and balanced and s <= self.settings.climb_stages:
             # Few stages: the bottleneck is not the whole objective (fill, drain, transfers and
             # the gradient all-reduce count too), so move cuts while the estimate improves. Every
@@ -127,7 +141,38 @@ class Explorer(SearchSpace):
                 cuts = self._partitions[key]
                 if cuts is not None and cuts not in options:
                     options.append(cuts)
+            # A rank's chunks share its time and memory: balance ranks, not chunks (few stages;
+            # in long pipelines chunks are short and balancing them balances ranks).
+            if v > 1 and s <= self.settings.climb_stages:
+                key = (id(times), "ranks")
+                if key not in self._partitions:
+                    ranks = [j % layout.pipeline_degree for j in range(s)]
+                    chunk_mems = self.chunk_memory(pipes, s, st.schedule, m, rows) or mems
+                    self._partitions[key] = partition_ranks(times, ranks, chunk_mems, caps, self.cuttable, end_cost=ends)
+                cuts = self._partitions[key]
+                if cuts is not None and cuts not in options:
+                    options.append(cuts)
         return options
+
+    def chunk_memory(self, pipes, s: int, schedule: str, m: int, q: float) -> list[np.ndarray] | None:
+        """Per stage, memory prefix sums that add up to at least each rank's exact peak.
+
+        An interleaved rank holds different counts of its chunks' micro-batches at its peak;
+        weighting each chunk's activations by its own most-held count bounds the peak from
+        above, sum by sum. Short schedules only (their orders are cheap to generate, as in
+        :meth:`~.predict.CostModel.replica_cost`); None otherwise.
+        """
+        p = len(pipes[0][0])
+        if s * m > 512:
+            return None
+        q = 2 ** (math.ceil(math.log2(q) * 4) / 4)  # as stage_prefixes rounds it
+        held = [peak_held(schedule, p, m, [float(j // p == c) for j in range(s)]) for c in range(s // p)]
+        out = []
+        for j in range(s):
+            pos = j % p
+            arrays = [self._group_arrays(pipe[pos], q) for pipe, _ in pipes]
+            out.append(np.max([state + act * math.ceil(q) * held[j // p][pos] for _, state, act, _ in arrays], axis=0))
+        return out
 
     def _group_fits(self, st: Structure, least: Structure) -> bool:
         """Whether the least-memory structure of ``st``'s group fits (screened once per group).
@@ -148,43 +193,106 @@ class Explorer(SearchSpace):
         return not self._unfit[key]
 
     def climb(self, layout, classes, st: Structure, cuts, step, rows, *, exact: bool, guess=None):
-        """Move a cut (screening), or a run of neighbouring cuts (exact), by one layer while that helps.
+        """Move cuts while the step time improves (:meth:`descend`'s moves).
 
-        Moves are scored with the rows held fixed (one evaluation per kind of replica); the
-        rows are rebalanced once for the cuts the climb ends on.
+        Moves are scored with the rows held fixed (one evaluation per kind of replica), except
+        exact climbs over several kinds, whose rows are rebalanced per move; the rows are
+        rebalanced once for the cuts the climb ends on.
         """
         s, m = st.num_stages, st.num_micro_batch
-        widths = range(1, len(cuts) + 1) if exact else (1,)
-        moves = [(k, w) for w in widths for k in range(len(cuts) - w + 1)]
         class_of = self._classes[id(layout)][1]
         held_rows = [max(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
         run = exact or s * m <= self.settings.simulate_below
 
         def time_at(trial: tuple[int, ...]) -> float:
+            if exact and len(classes) > 1:
+                # Kinds of replicas trade rows: a cut may pay off only with its own rows.
+                found = self.rows_and_time(layout, classes, s, st.schedule, m, trial, exact=True, guess=held_rows)
+                return math.inf if found is None else found[0]
             sync = self.costs.sync_time(layout, s, trial)
             return max(self.costs.replica_cost(pipe, s, st.schedule, m, trial, r, sync, exact=run).time
                        for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
 
-        start, current = tuple(cuts), time_at(tuple(cuts))
-        improved = True
-        while improved:
-            improved = False
-            for (k, width), delta in itertools.product(moves, (-1, 1)):
+        start = tuple(cuts)
+        cuts = self.descend(start, time_at, runs=exact)
+        if cuts == start:
+            return step, rows, start
+        found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=exact, guess=guess or held_rows)
+        if found is None or found[0] >= step:
+            return step, rows, start
+        return found[0], found[1], cuts
+
+    def descend(self, cuts: tuple[int, ...], score, *, runs: bool, stop=None) -> tuple[int, ...]:
+        """Steepest descent on cuts: each cut moves 1, 2, 4, ... layers either way, and (``runs``)
+        so does each run of neighbouring cuts, together, and each pair of cuts by 1 or 2 layers
+        each; the best move is taken while ``score`` falls. Without ``runs`` (screening, where
+        moves are many and cheap estimates suffice) the first, shortest move that helps is.
+
+        Fill, drain, transfers and the gradient all-reduce make the step time of a cut
+        non-convex in it, and memory walls cut the feasible set into islands: one-layer moves
+        stop at the first ridge, longer ones step over it. ``stop(value)`` ends the search early.
+        """
+        steps = [1 << k for k in range(max(1, self.n.bit_length()))]
+        moves = [((k,), d) for k in range(len(cuts)) for d in steps]
+        if runs:
+            moves += [(tuple(range(k, k + w)), d) for w in range(2, len(cuts) + 1) for k in range(len(cuts) - w + 1) for d in steps]
+            # Two cuts by different amounts: islands a uniform move cannot reach.
+            moves += [((i, j), (di, dj)) for i, j in itertools.combinations(range(len(cuts)), 2)
+                      for di in (1, 2) for dj in (-2, -1, 1, 2) if di != dj]  # fmt: skip
+        moves.sort(key=lambda move: max(move[1]) if isinstance(move[1], tuple) else move[1])
+        current = score(cuts)
+        while not (stop is not None and stop(current)):
+            best, where = current, cuts
+            for (which, dist), sign in itertools.product(moves, (-1, 1)):
+                if not runs and where != cuts:
+                    break  # screening: the first (shortest) move that helps
                 moved = list(cuts)
-                for i in range(k, k + width):
-                    moved[i] += delta
+                for i, d in zip(which, dist if isinstance(dist, tuple) else [dist] * len(which)):
+                    moved[i] += sign * d
                 bounds = [0, *moved, self.n]
                 if any(a >= b for a, b in itertools.pairwise(bounds)) or not all(self.cuttable[c] for c in moved):
                     continue
-                trial = time_at(tuple(moved))
-                if trial < current * (1 - 1e-9):
-                    current, cuts, improved = trial, tuple(moved), True
-        if tuple(cuts) == start:
-            return step, rows, start
-        found = self.rows_and_time(layout, classes, s, st.schedule, m, tuple(cuts), exact=exact, guess=guess or held_rows)
-        if found is None or found[0] >= step:
-            return step, rows, start
-        return found[0], found[1], tuple(cuts)
+                trial = score(tuple(moved))
+                if trial < best and not _close(trial, current):
+                    best, where = trial, tuple(moved)
+            if where == cuts:
+                break
+            current, cuts = best, where
+        return cuts
+
+    def repair(self, st: Structure, classes, options: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+        """Cuts that fit in memory, moved from the balanced ones that do not.
+
+        The stage arrays approximate a rank's held activations (an interleaved rank's peak is
+        spread evenly over its chunks), so near the memory wall every balanced cut may
+        overflow while a few nearby ones fit: move cuts to shrink the worst overflow (bytes
+        over capacity, relative, on the fullest member of any replica kind) until it is gone.
+        Cuts further over than ``_NEAR_WALL`` are not near the wall: nothing is tried. With
+        few ways to cut, the islands are found by trying every cut's memory instead.
+        """
+        layout, s, m = st.layout, st.num_stages, st.num_micro_batch
+        rows = max(m, self.batch // layout.dp_degree)
+        sync = (0.0,) * layout.pipeline_degree
+
+        def overflow(trial: tuple[int, ...]) -> float:
+            worst = -math.inf
+            for pipe, _ in classes:
+                cost = self.costs.replica_cost(pipe, s, st.schedule, m, trial, rows, sync, exact=False)
+                for group, need in zip(pipe, cost.memory):
+                    worst = max(worst, *(b / self.costs.capacity(r) - 1 for r, b in zip(group, need)))
+            return worst
+
+        start = min(options, key=overflow)
+        if overflow(start) > _NEAR_WALL:
+            return None
+        allowed = [k for k in range(1, self.n) if self.cuttable[k]]
+        if math.comb(len(allowed), s - 1) <= self.settings.exhaustive_cuts:
+            # Few ways to cut (as refinement tries them all): every one that fits, the fastest.
+            fits = [c for c in itertools.combinations(allowed, s - 1) if overflow(c) <= 0]
+            timed = [(found[0], c) for c in fits if (found := self.rows_and_time(layout, classes, s, st.schedule, m, c, exact=False))]
+            return min(timed)[1] if timed else None
+        cuts = self.descend(start, overflow, runs=True, stop=lambda v: v <= 0)
+        return cuts if overflow(cuts) <= 0 else None
 
     def rows_and_time(self, layout, classes, s, schedule, m, cuts, *, exact: bool, guess=None):
         """Rows per replica (min-max over classes of replicas) and the resulting step time.
@@ -246,7 +354,8 @@ class Explorer(SearchSpace):
         return step, tuple(queues[class_of[d]].pop() for d in range(len(layout.pipelines)))
 
     def refine(self, st: Structure, cuts: tuple[int, ...], rows: tuple[int, ...]) -> Scored | None:
-        """Exact rows for the structure, and cuts moved one layer at a time while that helps."""
+        """Exact rows for the structure, and (few stages) the best cuts: all of them when there are
+        few, else climbs from the screened cuts and from each balanced partition."""
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         classes = self.classes(layout)
         class_of = self._classes[id(layout)][1]
@@ -265,13 +374,26 @@ class Explorer(SearchSpace):
                 if trial is not None and trial[0] < step * (1 - 1e-9):
                     step, rows, cuts = trial[0], trial[1], trial_cuts
         elif small:
-            step, rows, cuts = self.climb(layout, classes, st, cuts, step, rows, exact=True, guess=guess)
+            # Memory walls and fill/drain make the landscape rugged: climb from the screened cuts
+            # and from every balanced partition of the structure, and keep the best summit.
+            starts = [cuts] + [c for c in self.partitions(st, classes, self.batch / (layout.dp_degree * m)) if c != cuts]
+            best = (step, rows, cuts)
+            for start in starts:
+                at = (step, rows) if start == cuts else self.rows_and_time(layout, classes, s, st.schedule, m, start, exact=True, guess=guess)
+                if at is None:
+                    continue
+                found = self.climb(layout, classes, st, start, at[0], at[1], exact=True, guess=guess)
+                if found[0] < best[0]:
+                    best = found
+            step, rows, cuts = best
         candidate = Candidate(layout, s, st.schedule, m, tuple(cuts), rows)
         return Scored(candidate, self.costs.predict(candidate))
 
     def run(self) -> SearchResult:
         started = time.perf_counter()
         structures = self.structures()
+        if not structures and self.pruned:
+            raise NoPlanError(self.shortfall_message(self.pruned))
         if not structures:
             raise no_structure_error(self.pins, self.cluster, self.batch, self.n)
         screened: list[tuple] = []
@@ -295,7 +417,7 @@ class Explorer(SearchSpace):
                 screened.append((found[0], k, st, found[1], found[2]))
                 best = min(best, found[0])
         if not screened:
-            raise NoPlanError(self.shortfall_message(structures))
+            raise NoPlanError(self.shortfall_message(sorted(structures + self.pruned, key=lambda x: x.bound)))
         # For explain: screen the most promising structures of shapes the bound cut off.
         fitted = {_shape_of(x[2]) for x in screened}
         for k, st in enumerate(structures[count:], count):
@@ -332,24 +454,57 @@ class Explorer(SearchSpace):
             if _shape(x.candidate) not in seen and len(others) < self.settings.alternatives:
                 seen.add(_shape(x.candidate))
                 others.append(x)
+        # Shapes tried, and those the memory floor dropped within the bound, that never fitted.
+        cut_off = [st for st in self.pruned if st.bound <= best and _shape_of(st) not in fitted]
         unfit = [st for st in structures if _shape_of(st) in tried and _shape_of(st) not in fitted]
+        unfit = sorted(unfit + cut_off, key=lambda x: x.bound)
         overflows = tuple(self.closest(unfit, limit=2))
         seconds = time.perf_counter() - started
         return SearchResult(winner, tuple(others), overflows, len(structures), count, seconds, self.batch)
 
-    def closest(self, structures: Sequence[Structure], limit: int, *, every_layout: bool = False) -> list[Scored]:
-        """Per shape (or layout), the candidate that comes closest to fitting, in bound order."""
-        out, seen = [], set()
+    def closest(
+        self, structures: Sequence[Structure], limit: int, *, every_layout: bool = False, nearest: bool = False
+    ) -> list[Scored]:
+        """Per shape (or layout), the candidate that comes closest to fitting, in bound order.
+
+        ``nearest``: only the candidates that may come closest of all. One whose memory floor
+        (:class:`~.memory_floor.MemoryFloor`, a lower bound on the bytes any plan of it lacks)
+        exceeds the least shortfall already scored is skipped, so the closest is always kept.
+        """
+        most: dict[tuple, int] = {}
         for st in structures:
-            key = (id(st.layout), st.num_stages, st.schedule)
-            mark = key if every_layout else _shape_of(st)
-            if mark in seen or len(out) >= limit:
+            most[_group(st)] = max(most.get(_group(st), 0), st.num_micro_batch)
+        picks, seen = [], set()
+        for st in structures:
+            mark = _group(st) if every_layout else _shape_of(st)
+            if mark in seen or len(picks) >= limit:
                 continue
             seen.add(mark)
-            m = max(x.num_micro_batch for x in structures if (id(x.layout), x.num_stages, x.schedule) == key)
+            picks.append((st, most[_group(st)]))
+
+        def score(st: Structure, m: int) -> Scored:
             cuts = self.least_overflow_cuts(st.layout, st.num_stages, st.schedule, m)
             candidate = Candidate(st.layout, st.num_stages, st.schedule, m, cuts, _even_rows(self.batch, st.layout.dp_degree))
-            out.append(Scored(candidate, self.costs.predict(candidate)))
+            return Scored(candidate, self.costs.predict(candidate))
+
+        if not nearest or len(picks) <= 1:
+            return [score(st, m) for st, m in picks]
+        floors = [
+            self.floor.excess(self.classes(st.layout), st.num_stages, st.schedule, m, self.batch, cuts=self.pins.cuts)
+            for st, m in picks
+        ]
+        # Score the lowest floor first: its shortfall is usually the least, and skips the rest.
+        first = min(range(len(picks)), key=floors.__getitem__)
+        done = {first: score(*picks[first])}
+        least = done[first].prediction.shortfall[0]
+        out = []
+        for k, (st, m) in enumerate(picks):
+            if k not in done:
+                if floors[k] > least:
+                    continue
+                done[k] = score(st, m)
+                least = min(least, done[k].prediction.shortfall[0])
+            out.append(done[k])
         return out
 
     # --- when nothing fits -------------------------------------------------------------------------
@@ -357,7 +512,7 @@ class Explorer(SearchSpace):
     def shortfall_message(self, structures: Sequence[Structure]) -> str:
         """Name the structure that comes closest to fitting, and what it lacks where."""
         every = len({(id(st.layout), st.num_stages, st.schedule) for st in structures}) <= 64
-        close = min(self.closest(structures, len(structures), every_layout=every), key=lambda x: x.prediction.shortfall[0])
+        close = min(self.closest(structures, len(structures), every_layout=every, nearest=True), key=lambda x: x.prediction.shortfall[0])
         missing, rank = close.prediction.shortfall
         device = self.device_of[rank]
         need, cap = close.prediction.rank_memory[rank], close.prediction.rank_capacity[rank]
@@ -400,6 +555,11 @@ class Explorer(SearchSpace):
         return tuple(cuts)
 
 
+
+
+def _close(a, b) -> bool:
+    """Equal up to float noise: a move must gain more than that to count."""
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
 def _shape(c: Candidate) -> tuple:

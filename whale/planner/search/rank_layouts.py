@@ -78,19 +78,47 @@ def count_arrangements(label_counts: tuple[int, ...], p: int, dp: int, cap: int)
 
 
 def _arrangements(left: list[int], p: int, dp: int, previous: tuple[int, ...] | None) -> Iterator[tuple]:
-    """Multisets of ``dp`` label sequences of length ``p`` using exactly ``left`` labels."""
+    """Multisets of ``dp`` label sequences of length ``p`` using exactly ``left`` labels.
+
+    Each multiset once, its sequences in nonincreasing order, multisets in increasing order of
+    their first sequence. Sequences are built label by label, so a prefix that no label count
+    or the order allows is dropped at once (not after enumerating every completion of it).
+    """
     if dp == 0:
         yield ()
         return
-    for seq in itertools.product(range(len(left)), repeat=p):
-        if previous is not None and seq > previous:
-            continue  # replicas in nonincreasing order: each multiset once
-        use = [seq.count(label) for label in range(len(left))]
-        if any(u > c for u, c in zip(use, left)):
+    for seq in _sequences(left, p, previous):
+        rest = list(left)
+        for label in seq:
+            rest[label] -= 1
+        # Every later sequence begins with a label no larger than this one's first.
+        if sum(rest[: seq[0] + 1]) < dp - 1:
             continue
-        rest = [c - u for c, u in zip(left, use)]
         for tail in _arrangements(rest, p, dp - 1, seq):
             yield (seq, *tail)
+
+
+def _sequences(left: list[int], p: int, upper: tuple[int, ...] | None) -> Iterator[tuple[int, ...]]:
+    """Label sequences of length ``p`` within the counts ``left``, lexicographically at most
+    ``upper`` (None: any), in increasing order."""
+    counts = list(left)
+    prefix: list[int] = []
+
+    def extend(tight: bool) -> Iterator[tuple[int, ...]]:
+        if len(prefix) == p:
+            yield tuple(prefix)
+            return
+        top = upper[len(prefix)] if tight else len(counts) - 1
+        for label in range(top + 1):
+            if counts[label] == 0:
+                continue
+            counts[label] -= 1
+            prefix.append(label)
+            yield from extend(tight and label == top)
+            prefix.pop()
+            counts[label] += 1
+
+    yield from extend(upper is not None)
 
 
 def layouts(

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...ir.cluster_spec import Cluster
 from ..schedules.flow_shop import peak_held_bound
+from .memory_floor import MemoryFloor
 from .rank_layouts import layouts, tensor_groups
 from .pins import Pins
 from ..cost.predict import Candidate, CostModel, RankLayout
@@ -147,11 +148,15 @@ class SearchSpace:
         self._partitions: dict = {}
         self._arrays: dict = {}
         self._classes: dict = {}
+        self.floor = MemoryFloor(self.costs, self.cuttable)
+        self.pruned: list[Structure] = []
+        """Structures the memory floor dropped: no plan of theirs fits (bound order)."""
 
     # --- structures ---------------------------------------------------------------------------
 
     def structures(self) -> list[Structure]:
-        pins, out = self.pins, []
+        """Every structure that may fit, by lower bound; those that cannot go to ``pruned``."""
+        pins, out, pruned = self.pins, [], []
         degrees = [pins.tensor_parallel] if pins.tensor_parallel else [
             t for t in (1, 2, 4, 8, 16) if t <= self.settings.max_tensor_parallel
         ]
@@ -197,9 +202,15 @@ class SearchSpace:
                     if not ms:
                         continue
                     for layout in layouts(self.cluster, t, p):
+                        classes = self.classes(layout)
+                        key = (tuple((self._class_key(pipe), count) for pipe, count in classes), layout.dp_degree)
                         for sched in scheds:
                             for m in ms:
-                                out.append(Structure(self.bound(layout, s, m), layout, s, sched, m))
+                                st = Structure(self.bound(layout, s, m), layout, s, sched, m)
+                                # No cuts and rows fit: drop it before screening (kept to explain).
+                                fits = self.floor.may_fit(classes, s, sched, m, self.batch, cuts=pins.cuts, key=key)
+                                (out if fits else pruned).append(st)
+        self.pruned = sorted(pruned, key=lambda x: x.bound)
         return sorted(out, key=lambda x: x.bound)
 
     def bound(self, layout: RankLayout, s: int, m: int) -> float:
