@@ -4,6 +4,7 @@ Run::
 
     python benchmarks/bench_planner.py            # all cases, 3 runs each (median)
     python benchmarks/bench_planner.py --runs 1 --case gpt3-1024
+    python benchmarks/bench_planner.py --oracle 200 --deep   # plan quality against brute force
 
 Each case captures the model on the meta device (no weights are allocated; a 175B model needs
 ~0.3 GB of host memory), groups its graph into layers, and searches data, tensor and pipeline
@@ -99,36 +100,41 @@ def run_case(name: str, runs: int) -> dict:
     }  # fmt: skip
 
 
-def oracle(count: int, seed: int) -> None:
-    """Plan quality against brute force on random small instances (the tests' oracle and space).
+def _draw_instance(rnd, layers: tuple[int, int], max_devices: int, max_batch: int):
+    """(cluster spec, batch, per-layer values) as ``tests/test_search.py``'s strategy draws them."""
+    from tests.test_search import DEVICES
 
-    Instances: 2 device types, 2-8 devices, 2-5 layers, batch 1-10, drawn as the hypothesis
-    strategy of ``tests/test_search.py`` draws them.
+    a_type, b_type = rnd.sample(DEVICES, 2)
+    a = rnd.randint(1, max_devices - 1)
+    b = rnd.randint(1, max_devices - a)
+    values = [
+        (rnd.uniform(1e9, 2e12), rnd.randint(1, 6) * 2**30 // rnd.choice([2, 8, 32]),
+         rnd.uniform(1e6, 4e9), rnd.uniform(0, 1e9), rnd.uniform(1e5, 1e8))
+        for _ in range(rnd.randint(*layers))
+    ]  # fmt: skip
+    return f"{a}x{a_type},{b}x{b_type}", rnd.randint(1, max_batch), values
+
+
+def oracle(count: int, seed: int, layers=(2, 5), max_devices: int = 8, max_batch: int = 10) -> None:
+    """Plan quality against brute force on random instances (the tests' oracle and space).
+
+    Instances: 2 device types, 2 to ``max_devices`` devices, ``layers`` layers (a range), batch
+    1 to ``max_batch``, drawn as the hypothesis strategy of ``tests/test_search.py`` draws them
+    (the defaults); ``--deep`` draws 8-12 layers on up to 4 devices with batches up to 16, the
+    depths where the search cuts layers by balancing instead of trying every cut. Instances
+    more than 2% off print in the form ``tests/test_search_deep.py`` lists them.
     """
     import math
     import random
 
-    from tests.test_search import DEVICES, brute_force
-    from whale.planner.cost.layers import Layer, ModelProfile
+    from tests.plan_oracle import brute_force
+    from tests.test_search import _instance
 
     rnd = random.Random(seed)
     ratios, oracle_s, search_s, infeasible = [], 0.0, 0.0, 0
-    for _ in range(count):
-        a_type, b_type = rnd.sample(DEVICES, 2)
-        a = rnd.randint(1, 7)
-        b = rnd.randint(1, 8 - a)
-        layers = [
-            Layer.simple(
-                f"l{k}",
-                flops=rnd.uniform(1e9, 2e12),
-                param_bytes=rnd.randint(1, 6) * 2**30 // rnd.choice([2, 8, 32]),
-                act_bytes=rnd.uniform(1e6, 4e9),
-                row_bytes=rnd.uniform(0, 1e9),
-                hidden_bytes=rnd.uniform(1e5, 1e8),
-            )
-            for k in range(rnd.randint(2, 5))
-        ]
-        cluster, profile, batch = parse_cluster(f"{a}x{a_type},{b}x{b_type}"), ModelProfile.from_layers(layers), rnd.randint(1, 10)
+    for k in range(count):
+        spec, batch, values = _draw_instance(rnd, layers, max_devices, max_batch)
+        cluster, profile, batch = _instance(spec, batch, values)
         start = time.perf_counter()
         best, _ = brute_force(profile, cluster, batch)
         mid = time.perf_counter()
@@ -144,10 +150,11 @@ def oracle(count: int, seed: int) -> None:
         else:
             ratios.append(found / best)
             if found > best * 1.02:
-                print(f"  above 2%: {cluster} batch {batch}: {found:.4g} s vs {best:.4g} s; {layers}")
+                print(f"  #{k} above 2%: {found:.4g} s vs {best:.4g} s: _instance({spec!r}, {batch}, {values})")
     within = sum(r <= 1.02 for r in ratios)
-    print(f"oracle: {count} random instances (seed {seed}), {len(ratios)} with a plan that fits, "
-          f"{infeasible} where nothing fits (the search agreed on all of those)")  # fmt: skip
+    print(f"oracle: {count} random instances (seed {seed}, {layers[0]}-{layers[1]} layers, up to {max_devices} "
+          f"devices, batch up to {max_batch}), {len(ratios)} with a plan that fits, {infeasible} where nothing "
+          "fits (the search agreed on all of those)")  # fmt: skip
     print(f"planner / brute-force optimum: worst {max(ratios):.4f}, mean {statistics.mean(ratios):.5f}, "
           f"exact on {sum(r <= 1 + 1e-9 for r in ratios)}, within 2% on {within} of {len(ratios)}")  # fmt: skip
     print(f"time: brute force {oracle_s:.1f} s, planner {search_s:.1f} s in all")
@@ -160,12 +167,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--print-cluster", choices=sorted(CLUSTERS))
     parser.add_argument("--oracle", type=int, default=0, metavar="N", help="N random instances vs brute force")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deep", action="store_true", help="oracle instances of 8-12 layers, <= 4 devices, batch <= 16")
+    parser.add_argument("--layers", default=None, metavar="LO-HI", help="oracle: layers per instance (default 2-5)")
+    parser.add_argument("--max-devices", type=int, default=None, help="oracle: most devices (default 8)")
+    parser.add_argument("--max-batch", type=int, default=None, help="oracle: largest batch (default 10)")
     args = parser.parse_args(argv)
     if args.print_cluster:
         print(CLUSTERS[args.print_cluster])
         return
     if args.oracle:
-        oracle(args.oracle, args.seed)
+        layers = args.layers or ("8-12" if args.deep else "2-5")
+        lo, _, hi = layers.partition("-")
+        if not (lo.isdigit() and (hi or lo).isdigit() and 2 <= int(lo) <= int(hi or lo)):
+            parser.error(f"--layers {layers!r}: give a range of at least 2 layers, e.g. 8-12")
+        devices = args.max_devices or (4 if args.deep else 8)
+        if devices < 2:
+            parser.error(f"--max-devices {devices}: instances have two device types, so at least 2")
+        oracle(args.oracle, args.seed, (int(lo), int(hi or lo)), devices, args.max_batch or (16 if args.deep else 10))
         return
     torch.set_num_threads(1)
     print(f"planner benchmark on {os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.runs} run(s)")

@@ -20,6 +20,7 @@ from whale.planner.search import balance as balance_module
 from whale.planner.search.balance import (
     balance_rows,
     partition_layers,
+    partition_ranks,
     rows_by_speed,
     shard_sizes_by_speed,
 )
@@ -144,3 +145,42 @@ def test_slow_stages_get_fewer_layers_and_memory_moves_layers():
     # The fast stage may hold 3 layers only: the rest go to the slow one.
     assert partition_layers([even, [2 * x for x in even]], [even, even], [3, 10]) == (3,)
     assert partition_layers([even, even], [even, even], [4, 4]) is None  # 9 layers, room for 8
+
+
+def test_partition_ranks_shares_a_rank_memory_among_its_chunks():
+    # Ranks 0 and 1 each run two chunks (stages 0, 2 and 1, 3) of 6 equal layers; layer 0 holds
+    # 4 of the 5 bytes rank 0 has. Split evenly per chunk (2.5 each) nothing fits; shared, the
+    # first chunk takes layer 0 alone and the rank's other chunk takes the rest of its share.
+    even, mem = [0, 1, 2, 3, 4, 5, 6], [0, 4, 4.5, 5, 5.5, 6, 6.5]
+    assert partition_layers([even] * 4, [mem] * 4, [2.5] * 4) is None
+    cuts = partition_ranks([even] * 4, [0, 1, 0, 1], [mem] * 4, [2.5] * 4)
+    bounds = [0, *cuts, 6]
+    held = [sum(mem[bounds[j + 1]] - mem[bounds[j]] for j in (k, k + 2)) for k in (0, 1)]
+    assert cuts[0] == 1 and max(held) <= 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_partition_ranks_places_every_layer_within_each_rank_memory(data):
+    n = data.draw(st.integers(2, 10))
+    ranks = data.draw(st.integers(1, 3))
+    v = data.draw(st.integers(1, max(1, min(3, n // ranks))))
+    stages = ranks * v
+    if stages > n:
+        return
+    speed = data.draw(st.lists(st.sampled_from([1.0, 2.0, 3.0]), min_size=ranks, max_size=ranks))
+    layer = data.draw(st.lists(st.floats(0.1, 2.0), min_size=n, max_size=n))
+    bytes_ = data.draw(st.lists(st.floats(0.0, 3.0), min_size=n, max_size=n))
+    caps = data.draw(st.lists(st.floats(0.5, 8.0), min_size=stages, max_size=stages))
+    times = [[0.0, *itertools.accumulate(x / speed[j % ranks] for x in layer)] for j in range(stages)]
+    mems = [[0.0, *itertools.accumulate(bytes_)]] * stages
+    rank_of = [j % ranks for j in range(stages)]
+    got = partition_ranks(times, rank_of, mems, caps)
+    if got is None:
+        return
+    bounds = [0, *got, n]
+    assert len(got) == stages - 1 and all(a < b for a, b in itertools.pairwise(bounds))
+    for k in range(ranks):
+        mine = [j for j in range(stages) if rank_of[j] == k]
+        held = sum(mems[j][bounds[j + 1]] - mems[j][bounds[j]] for j in mine)
+        assert held <= sum(caps[j] for j in mine) * (1 + 1e-9)

@@ -22,120 +22,24 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.plan_oracle import brute_force, structure_key, structure_optima
 from whale.capture import capture, module_annotation_map
 from whale.config import Config
 from whale.ir.cluster_spec import parse_cluster
-from whale.planner.search.explore import NoPlanError
-from whale.planner.schedules.flow_shop import flow_shop, peak_held, peak_held_bound
-from whale.planner.cost.model_profile import profile_model
-from whale.planner.cost.layers import Layer, ModelProfile
-from whale.planner.search.rank_layouts import tensor_groups
-from whale.planner.search.pins import Pins, pins_from
 from whale.ir.plan import Plan
-from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
+from whale.planner.cost.layers import Layer, ModelProfile
+from whale.planner.cost.model_profile import profile_model
+from whale.planner.cost.predict import CostModel, CostOptions
+from whale.planner.schedules.flow_shop import flow_shop, peak_held, peak_held_bound
 from whale.planner.schedules.generate import make_schedule
-from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
 from whale.planner.schedules.simulator import simulate
+from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
+from whale.planner.search.explore import NoPlanError
+from whale.planner.search.pins import Pins, pins_from
 from whale.planner.search.space import SearchSpace
 from whale.primitives import pipeline, replicate, stage
 
 DEVICES = ["A100-80GB", "V100-32GB", "T4", "A10", "H100-80GB", "P100-16GB"]
-
-
-# --- the oracle --------------------------------------------------------------------------------
-
-
-def _arrangements(groups, node_of, p):
-    """Every assignment of groups to (replica, position), up to replica order and node twins."""
-    by_node = {}
-    for g in groups:
-        by_node.setdefault(node_of[g[0]], []).append(g)
-
-    def sequences(left):  # every distinct ordering of the multiset of node labels
-        if not any(left.values()):
-            yield ()
-            return
-        for label in sorted(k for k, c in left.items() if c):
-            left[label] -= 1
-            for rest in sequences(left):
-                yield (label, *rest)
-            left[label] += 1
-
-    seen = set()
-    for seq in sequences({k: len(v) for k, v in by_node.items()}):
-        replicas = tuple(sorted(seq[d * p : (d + 1) * p] for d in range(len(seq) // p)))
-        if replicas in seen:
-            continue
-        seen.add(replicas)
-        pools = {k: list(v) for k, v in by_node.items()}
-        yield RankLayout(len(groups[0]), tuple(tuple(pools[label].pop() for label in r) for r in replicas))
-
-
-def brute_force(profile, cluster, batch, options=CostOptions(), max_interleave=2):
-    """The best step time over the whole plan space, and the candidate reaching it."""
-    optima = structure_optima(profile, cluster, batch, options, max_interleave)
-    return min(optima.values(), key=lambda found: found[0], default=(math.inf, None))
-
-
-def structure_optima(profile, cluster, batch, options=CostOptions(), max_interleave=2):
-    """Per structure (:func:`structure_key`), the best step time over its cuts and rows, and the
-    candidate reaching it (``(inf, None)`` when none fits)."""
-    costs = CostModel(profile, cluster, options)
-    n = profile.num_layers
-    node_of = [k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices)]
-    cuttable = [k for k in range(1, n) if profile.layers[k].cuttable]
-    optima = {}
-    for t in (1, 2, 4, 8):
-        groups = tensor_groups(cluster, t)
-        if groups is None:
-            continue
-        for p in (p for p in range(1, len(groups) + 1) if len(groups) % p == 0):
-            dp = len(groups) // p
-            if dp > batch:
-                continue
-            for layout in _arrangements(groups, node_of, p):
-                for v in range(1, (max_interleave if p > 1 else 1) + 1):
-                    s = p * v
-                    if s > n:
-                        continue
-                    schedules = ["1f1b"] if s == 1 else ["gpipe", "1f1b"] if v == 1 else ["interleaved_1f1b"]
-                    for schedule, m in itertools.product(schedules, range(1, batch // dp + 1)):
-                        if v > 1 and m % p:
-                            continue
-                        best = (math.inf, None)
-                        for cuts in itertools.combinations(cuttable, s - 1):
-                            found = _best_rows(costs, layout, s, schedule, m, cuts, batch)
-                            if found[0] < best[0]:
-                                best = (found[0], Candidate(layout, s, schedule, m, cuts, found[1]))
-                        optima[structure_key(layout, node_of, s, schedule, m)] = best
-    return optima
-
-
-def structure_key(layout, node_of, num_stages, schedule, num_micro_batch):
-    """A structure up to replica order and devices of one node (interchangeable)."""
-    pipelines = tuple(sorted(tuple(node_of[g[0]] for g in pipe) for pipe in layout.pipelines))
-    return (layout.tensor_parallel, pipelines, num_stages, schedule, num_micro_batch)
-
-
-def _best_rows(costs, layout, s, schedule, m, cuts, batch):
-    """Min over rows of the slowest replica: a DP over replicas, rows from m up."""
-    sync = costs.sync_time(layout, s, cuts)
-    dp = layout.dp_degree
-    times = [
-        {r: costs.replica_cost(pipe, s, schedule, m, cuts, r, sync).time for r in range(m, batch - m * (dp - 1) + 1)}
-        for pipe in layout.pipelines
-    ]
-    table = {0: (0.0, ())}
-    for d in range(dp):
-        nxt = {}
-        for used, (worst, rows) in table.items():
-            for r, t in times[d].items():
-                if used + r <= batch:
-                    cand = (max(worst, t), rows + (r,))
-                    if used + r not in nxt or cand[0] < nxt[used + r][0]:
-                        nxt[used + r] = cand
-        table = nxt
-    return table.get(batch, (math.inf, ()))
 
 
 @st.composite

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["balance_rows", "partition_layers", "rows_by_speed", "shard_sizes_by_speed"]
+__all__ = ["balance_rows", "partition_layers", "partition_ranks", "rows_by_speed", "shard_sizes_by_speed"]
 
 
 def _apportion(total: int, weights: Sequence[float], lows: Sequence[int], caps: Sequence[float]) -> list[int]:
@@ -336,3 +336,123 @@ def partition_layers(
         else:
             hi, found = bottleneck(cuts), cuts
     return tuple(found)
+
+
+def partition_ranks(
+    time_prefix: Sequence[Sequence[float]],
+    rank_of: Sequence[int],
+    memory_prefix: Sequence[Sequence[float]] | None = None,
+    capacity: Sequence[float] | None = None,
+    cuttable: Sequence[bool] | None = None,
+    *,
+    end_cost: Sequence[Sequence[float]] | None = None,
+    rounds: int = 48,
+    patience: int = 8,
+) -> tuple[int, ...] | None:
+    """Cut layers into contiguous stages when a rank runs several of them (interleaved chunks).
+
+    Stage ``j`` runs on rank ``rank_of[j]``; a rank's load is the sum of its stages' times and
+    its memory the sum of their bytes, within the sum of their ``capacity``. The slowest rank
+    is what counts, not the slowest stage: a fast rank may take one long chunk and one short
+    one. Loads and memory are coupled across a rank's stages, so :func:`partition_layers`'
+    reachability does not apply; instead prices make the objective additive (Lagrangian
+    relaxation): with a weight ``w_k`` on rank ``k``'s load and a price ``u_k`` on its bytes,
+    the partition minimising ``sum_k w_k load_k + u_k bytes_k`` is a shortest path over
+    (stage, end layer), O(stages x layers) with prefix minima. Weights grow on the most loaded
+    ranks and prices on the overflowing ones (multiplicative weights), and the best partition
+    that fits is kept. A heuristic (the coupled problem is a knapsack): the search checks
+    its cuts with the exact memory count and moves them further (``Explorer.descend``).
+
+    Args:
+        time_prefix: per stage, cumulative time of layers (``n + 1`` nondecreasing entries).
+        rank_of: per stage, the rank running it.
+        memory_prefix: per stage, cumulative bytes of layers; None: memory is not limited.
+        capacity: per stage, bytes; a rank holds the sum of its stages'.
+        cuttable: per layer, whether a stage may begin there (entry 0 is ignored).
+        end_cost: per stage, a time added when it ends before layer ``b``.
+        rounds: most price updates.
+        patience: rounds without a better partition that fits before stopping.
+
+    Returns:
+        The first layer of stages ``1..``, or None if no partition found fits in memory.
+
+    Example::
+
+        >>> fast, slow = [0, 1, 2, 3, 4, 5, 6], [0, 3, 6, 9, 12, 15, 18]   # speeds 3:1
+        >>> partition_ranks([fast, slow, fast, slow], [0, 1, 0, 1])   # loads 3 + 1 and 3 x (1 + 1)
+        (3, 4, 5)
+    """
+    stages = len(time_prefix)
+    n = len(time_prefix[0]) - 1
+    if stages < 1 or n < stages:
+        return None
+    times = np.asarray(time_prefix, dtype=float)
+    ends = np.asarray(end_cost, dtype=float) if end_cost is not None else np.zeros((stages, n + 1))
+    mems = np.asarray(memory_prefix, dtype=float) if memory_prefix is not None else np.zeros((stages, n + 1))
+    ranks = np.asarray(rank_of)
+    num_ranks = int(ranks.max()) + 1
+    caps = np.full(num_ranks, math.inf)
+    if capacity is not None:
+        caps = np.bincount(ranks, weights=np.asarray(capacity, dtype=float), minlength=num_ranks)
+    index = np.arange(n + 1)
+    allowed = np.ones(n + 1, dtype=bool)
+    if cuttable is not None:
+        allowed[1:n] = np.asarray(cuttable, dtype=bool)[1:n]
+
+    def shortest(weight: np.ndarray, price: np.ndarray) -> list[int] | None:
+        cost = np.where(index == 0, 0.0, math.inf)
+        parents = []
+        for j in range(stages):
+            k = ranks[j]
+            prefix = weight[k] * times[j] + price[k] * mems[j]
+            start = np.where(allowed if j > 0 else index == 0, cost - prefix, math.inf)
+            best = np.minimum.accumulate(start)
+            arg = np.maximum.accumulate(np.where(start <= best, index, -1))
+            # A stage ends at b > a: the best start strictly before b.
+            best, arg = (
+                np.concatenate([[math.inf], best[:-1]]),
+                np.concatenate([[-1], arg[:-1]]),
+            )
+            cost = best + prefix + weight[k] * ends[j]
+            parents.append(arg)
+        if not math.isfinite(cost[n]):
+            return None
+        cuts, end = [], n
+        for j in range(stages - 1, 0, -1):
+            end = int(parents[j][end])
+            cuts.append(end)
+        return cuts[::-1]
+
+    def loads(cuts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        bounds = [0, *cuts, n]
+        a, b = np.array(bounds[:-1]), np.array(bounds[1:])
+        rows = np.arange(stages)
+        work = times[rows, b] - times[rows, a] + ends[rows, b]
+        held = mems[rows, b] - mems[rows, a]
+        return np.bincount(ranks, weights=work, minlength=num_ranks), np.bincount(ranks, weights=held, minlength=num_ranks)
+
+    # Weights start where a layer costs every rank alike (w_k in proportion to its speed), so
+    # the first path already balances loads; prices are per byte, in units of a rank's time.
+    total = np.bincount(ranks, weights=times[:, n], minlength=num_ranks) / np.bincount(ranks, minlength=num_ranks)
+    weight = (1 / total) / (1 / total).sum()
+    price = np.zeros(num_ranks)
+    scale = float(total.min()) / num_ranks
+    best, found, stale = math.inf, None, 0
+    for step in range(rounds):
+        cuts = shortest(weight, price)
+        if cuts is None:
+            return None
+        work, held = loads(cuts)
+        over = held > caps * (1 + 1e-12)
+        stale += 1
+        if not over.any() and work.max() < best:
+            best, found, stale = float(work.max()), tuple(cuts), 0
+        if stale > patience:
+            break
+        rate = 1.0 / math.sqrt(step + 1)
+        weight = weight * np.exp(rate * (work / work.max() - 1))
+        weight = weight / weight.sum()
+        finite = np.isfinite(caps) & (caps > 0)
+        excess = np.where(finite, (held - np.where(finite, caps, 0)) / np.where(finite, caps, 1), 0.0)
+        price = np.maximum(0.0, price + rate * scale * excess / np.where(finite, caps, 1))
+    return found
