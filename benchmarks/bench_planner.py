@@ -4,6 +4,7 @@ Run::
 
     python benchmarks/bench_planner.py            # all cases, 3 runs each (median)
     python benchmarks/bench_planner.py --runs 1 --case gpt3-1024
+    python benchmarks/bench_planner.py --scaling --runs 3   # 16 to 4,096 GPUs, whole process too
     python benchmarks/bench_planner.py --oracle 200 --deep   # plan quality against brute force
 
 Each case captures the model on the meta device (no weights are allocated; a 175B model needs
@@ -34,10 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.gpt import GPT, GPTConfig
 from whale.capture import capture
 from whale.ir.cluster_spec import parse_cluster
-from whale.planner.search.explore import NoPlanError, describe
 from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.predict import CostOptions
 from whale.planner.search.auto import search
+from whale.planner.search.explore import Explorer, NoPlanError, SearchSettings, describe
+from whale.planner.search.pins import Pins
 
 
 def _gpt_on_meta(layers: int, hidden: int, heads: int, seq: int, vocab: int = 50257):
@@ -61,16 +63,82 @@ def _nodes(prefix: str, count: int, device: str, per_node: int = 8) -> list[str]
     return [f"{prefix}{k}={per_node}x{device}" for k in range(count // per_node)]
 
 
+def three_types(devices: int) -> str:
+    """``devices`` GPUs of three types: half A100-80GB, a quarter V100-32GB, a quarter A10 (24 GB,
+    PCIe), in nodes of 8 (smaller when a type has fewer)."""
+    parts = []
+    for prefix, count, device in (("a", devices // 2, "A100-80GB"), ("v", devices // 4, "V100-32GB"),
+                                  ("g", devices // 4, "A10")):  # fmt: skip
+        parts += _nodes(prefix, count, device, min(8, count))
+    return ",".join(parts)
+
+
+SCALING = (16, 64, 256, 1024, 4096)
 CLUSTERS = {
     # 1,024 GPUs of three types: 512 A100-80GB, 256 V100-32GB, 256 A10 (24 GB, PCIe).
-    "gpt3-1024": ",".join(_nodes("a", 512, "A100-80GB") + _nodes("v", 256, "V100-32GB") + _nodes("g", 256, "A10")),
+    "gpt3-1024": three_types(1024),
     "16": "a0=8xA100-80GB,v0=8xV100-32GB",
+    **{f"mixed-{n}": three_types(n) for n in SCALING},
 }
 CASES = {
     "gpt3-1024": (gpt3_175b, "gpt3-1024", 1536),
     "gpt3-16": (gpt3_175b, "16", 1536),
     "gpt2xl-16": (gpt2_xl, "16", 512),
+    **{f"gpt3-mixed-{n}": (gpt3_175b, f"mixed-{n}", 1536) for n in SCALING},
 }
+
+
+def scaling(runs: int, sizes=SCALING) -> None:
+    """How planning time grows with the cluster: GPT-3 175B, batch 1536, three GPU types.
+
+    Per size: the whole ``whale plan`` process (median of ``runs``; Python and torch start-up,
+    building the model on meta, capture, layer grouping, search and report; tensor parallelism
+    only as a pinned what-if, as the CLI does for a model without ``split()``), and in this
+    process the search alone with tensor parallelism allowed (the model captured once): its
+    time, the structures enumerated, those the memory floor dropped and those screened.
+    """
+    import subprocess
+
+    options = CostOptions(dtype="bf16", precision="mixed", optimizer="adamw")
+    model, inputs = gpt3_175b()
+    profile = profile_model(capture(model, inputs), 1)
+    del model
+    target = f"{os.path.abspath(__file__)}:gpt3_175b"
+    print(f"planner scaling on {os.cpu_count()} CPUs, torch {torch.__version__}: GPT-3 175B, batch 1536, "
+          f"half A100-80GB, a quarter V100-32GB, a quarter A10; median of {runs} run(s)")  # fmt: skip
+    print(f"{'GPUs':>5} {'whale plan s':>12}  {'answer (CLI, no TP)':<34} {'search s':>8} {'structs':>7} "
+          f"{'dropped':>7} {'screened':>8}  answer (search, TP allowed)")  # fmt: skip
+    for n in sizes:
+        spec = three_types(n)
+        walls, said = [], ""
+        for _ in range(runs):
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "whale.cli", "plan", target, "--global-batch", "1536", "--dtype", "bf16",
+                 "--cluster", spec], capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            walls.append(time.perf_counter() - start)
+            said = "does not fit" if "fits on no plan" in done.stderr else "a plan" if done.returncode == 0 else (
+                f"error {done.returncode}: {done.stderr.strip().splitlines()[-1][:60] if done.stderr.strip() else ''}")
+        cluster = parse_cluster(spec)
+        times, result, error = [], None, None
+        for _ in range(runs):
+            start = time.perf_counter()
+            explorer = Explorer(profile, cluster, 1536, options, Pins(), SearchSettings())
+            try:
+                result = explorer.run()
+            except NoPlanError as err:
+                result, error = None, str(err)
+            times.append(time.perf_counter() - start)
+        dropped = len(explorer.pruned)
+        if result is not None:
+            answer = f"{describe(result.best.candidate, cluster)} -> {result.best.prediction.step_time:.3g} s"
+            counts = f"{result.num_structures + dropped:>7} {dropped:>7} {result.num_screened:>8}"
+        else:
+            answer = "does not fit: " + error.split("which has")[0].split("the closest (")[-1][:90]
+            counts = f"{dropped:>7} {dropped:>7} {'0':>8}"
+        print(f"{n:>5} {statistics.median(walls):>12.2f}  {said:<34} {statistics.median(times):>8.2f} "
+              f"{counts}  {answer}")  # fmt: skip
 
 
 def run_case(name: str, runs: int) -> dict:
@@ -166,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--print-cluster", choices=sorted(CLUSTERS))
     parser.add_argument("--oracle", type=int, default=0, metavar="N", help="N random instances vs brute force")
+    parser.add_argument("--scaling", action="store_true", help="planning time of GPT-3 175B on 16 to 4,096 GPUs")
+    parser.add_argument("--sizes", default=None, help="--scaling: GPU counts, e.g. 16,64 (default 16,64,256,1024,4096)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deep", action="store_true", help="oracle instances of 8-12 layers, <= 4 devices, batch <= 16")
     parser.add_argument("--layers", default=None, metavar="LO-HI", help="oracle: layers per instance (default 2-5)")
@@ -186,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         oracle(args.oracle, args.seed, (int(lo), int(hi or lo)), devices, args.max_batch or (16 if args.deep else 10))
         return
     torch.set_num_threads(1)
+    if args.scaling:
+        sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else SCALING
+        if any(x < 8 or x % 8 for x in sizes):
+            parser.error(f"--sizes {args.sizes!r}: give multiples of 8 GPUs (a quarter of them are A10)")
+        scaling(args.runs, sizes)
+        return
     print(f"planner benchmark on {os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.runs} run(s)")
     print(f"{'case':<10} {'devices':>7} {'layers':>6} {'total s':>8} {'capture':>8} {'layers s':>8} "
           f"{'search':>7} {'structs':>8} {'screened':>8}  plan -> predicted step")  # fmt: skip
