@@ -13,9 +13,10 @@ median wall time of a whole step (``step``, AdamW ``step``, ``zero_grad``) after
 Plans: data parallel, a 2-stage pipeline (1F1B), tensor parallel (the blocks ``split``), data
 parallel with 4 micro-batches (gradient accumulation), a GPipe pipeline of 4 micro-batches, and
 data parallel with rank 1 emulated at half speed (``WHALE_EMULATE_SLOWDOWN=1:2``; its cluster
-gives rank 1 the host profile at half the rates) where the runtime supports the variable.
+gives rank 1 the host profile at half the rates), and on 4 ranks the mixed plan: 2 data-parallel
+replicas of a 2-stage 1F1B pipeline (4 processes share the 2 cores; they profile the host again).
 
-Run (spawns its own 2 processes; about 2 minutes)::
+Run (spawns 2, then 4 processes; about 3 minutes)::
 
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --rounds 5 --steps 6 --case data --case pipeline
@@ -48,7 +49,9 @@ from whale.planner.cost.plan_cost import predict_plan
 from whale.planner.measure import cpu_share, measure_device, measure_links, slowed
 
 _SLOWDOWN = "WHALE_EMULATE_SLOWDOWN"
-CASES = ("data", "pipeline", "tensor", "data-accum", "pipeline-gpipe", "emulated-slow")
+CASES = ("data", "pipeline", "tensor", "data-accum", "pipeline-gpipe", "emulated-slow", "mixed")
+# Plans on 4 ranks (2 data-parallel replicas of a 2-stage pipeline); the rest run on 2.
+FOUR_RANKS = ("mixed",)
 
 
 def emulation_supported() -> bool:
@@ -77,7 +80,7 @@ def _case(name: str, args, host, link: str, world: int):
     boundary = [f"blocks.{args.layers // 2}"]
     if name == "data-accum":
         config.update(num_micro_batch=4)
-    elif name == "pipeline":
+    elif name == "pipeline" or name == "mixed":
         config.update(stage_boundaries=boundary, num_micro_batch=4)
     elif name == "pipeline-gpipe":
         config.update(stage_boundaries=boundary, num_micro_batch=4, schedule="gpipe")
@@ -108,6 +111,8 @@ def _worker(rank: int, world: int, args, results) -> None:
     x, y = SyntheticCorpus(cfg.vocab_size).batch(args.batch, cfg.block_size, 0)
     runs = {}
     for name in args.case or CASES:
+        if (name in FOUR_RANKS) != (world == 4):
+            continue
         if name == "emulated-slow" and not emulation_supported():
             continue
         model, config = _case(name, args, host, link, world)
@@ -157,7 +162,7 @@ def _worker(rank: int, world: int, args, results) -> None:
             for n, (_, _, _, t, p) in runs.items()
         ]
         record = {
-            n: (r[0].plan.to_json(), [share for share, _ in r[4]])
+            n: (r[0].plan.to_json(), [share for share, _ in r[4]], host, ring)
             for n, r in runs.items()
         }
         results.put((host, ring, rows, record))
@@ -183,9 +188,19 @@ def main() -> None:
     )
     args = p.parse_args()
     start = time.perf_counter()
-    host, ring, rows, record = run_on_ranks(_worker, args, world=2, threads=1)
+    chosen = args.case or CASES
+    rows, record = [], {}
+    for world in (2, 4):
+        if not any((name in FOUR_RANKS) == (world == 4) for name in chosen):
+            continue
+        # Each world profiles the host again: the rates a rank gets depend on how many run.
+        got_host, got_ring, got_rows, got_record = run_on_ranks(_worker, args, world=world, threads=1)
+        if world == 2 or not rows:
+            host, ring = got_host, got_ring
+        rows += got_rows
+        record.update(got_record)
     print(
-        f"predicted vs measured step time, 2 gloo ranks x 1 thread, torch {torch.__version__}"
+        f"predicted vs measured step time, gloo ranks x 1 thread (2; mixed: 4), torch {torch.__version__}"
     )
     print(f"GPT {args.layers} layers x {args.embd} wide, {args.heads} heads, {args.block} tokens, "
           f"global batch {args.batch}; median of {args.rounds} rounds x {args.steps} steps")  # fmt: skip
@@ -213,7 +228,10 @@ def main() -> None:
             "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:]),
             "model": {"n_layer": args.layers, "n_embd": args.embd, "n_head": args.heads, "block_size": args.block},
             "batch": args.batch, "profile": host.to_dict(), "link": [ring.bandwidth, ring.latency],
-            "cases": {n: {"plan": json.loads(record[n][0]), "shares": record[n][1], "measured": m, "predicted": pr}
+            "cases": {n: {"plan": json.loads(record[n][0]), "shares": record[n][1], "measured": m, "predicted": pr,
+                          # the profile and link its own world measured, where that is not the 2 ranks'
+                          **({"profile": record[n][2].to_dict(), "link": [record[n][3].bandwidth, record[n][3].latency]}
+                             if n in FOUR_RANKS else {})}
                       for n, pr, m, _ in rows},
         }  # fmt: skip
         with open(args.record, "w", encoding="utf-8") as file:

@@ -49,11 +49,11 @@ def _gpt(batch: int):
     return GPT(cfg), x
 
 
-def _cluster(case: str, host: DeviceProfile = HOST):
-    bandwidth, latency = RECORD["link"]
+def _cluster(case: str, host: DeviceProfile = HOST, world: int = 2):
+    bandwidth, latency = RECORD["cases"].get(case, {}).get("link", RECORD["link"])
     link = f"intra={bandwidth / 1e9:.4g}GB/s,intra_lat={latency * 1e6:.4g}us"  # as the benchmark
     if case != "emulated-slow":
-        return parse_cluster(f"node0=2x{host.name}({link})", profiles=[host])
+        return parse_cluster(f"node0={world}x{host.name}({link})", profiles=[host])
     # Rank 1 ran with WHALE_EMULATE_SLOWDOWN=1:2: the host at half its rates.
     return parse_cluster(
         f"node0=1x{host.name}+1xCPU-half({link})",
@@ -80,9 +80,11 @@ def test_recorded_steps_are_predicted_within_the_bound() -> None:
         profile = profile_model(
             capture(model, (x,)), RECORD["batch"], boundaries=plan.stage_boundaries
         )
+        # A case run on another world size (the 4-rank mixed plan) has the profile it measured.
+        host = DeviceProfile.from_dict(entry.get("profile", RECORD["profile"]), where="predict_host.json")
         predicted = statistics.median(
             predict_plan(
-                plan, profile, _cluster(case, slowed(HOST, 1 / share)), RECORD["batch"]
+                plan, profile, _cluster(case, slowed(host, 1 / share), plan.world_size), RECORD["batch"]
             ).prediction.step_time
             for share in entry["shares"]
         )

@@ -30,7 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from ..ir.cluster_spec import Cluster, Link, Node, format_bandwidth, format_duration
+from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 
 __all__ = ["LinkFit", "cpu_share", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
@@ -47,7 +47,8 @@ class LinkFit:
     samples: tuple[tuple[int, float], ...]
 
     def describe(self) -> str:
-        return f"{format_bandwidth(self.bandwidth)}, {format_duration(self.latency)}"
+        # Rounded for a reader: the exact forms of a measured value are long raw numbers.
+        return f"{self.bandwidth / 1e9:.3g} GB/s, {self.latency * 1e6:.3g} us"
 
 
 def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
