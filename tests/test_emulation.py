@@ -7,6 +7,7 @@ a shared machine) while its CPU time does not grow alike: it sleeps rather than 
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -116,7 +117,9 @@ def test_pipeline_rank_slowed_from_a_step_still_equals_the_local_model(world2):
 
 
 def test_data_parallel_backward_stretched(world2):
-    # Rank 1 slowed from step 2: its backwards (gradient buckets paced alike) last ~3x.
-    outs = world2.run("tests.dp_cases:timeline_case", "1:3@2", 4, 128)
+    # Rank 1 slowed from step 3: its backwards (gradient buckets paced alike) last ~3x. Medians
+    # of 3 steps on each side (step 0 warms up), and 1.7x, not 3x: other processes on a shared
+    # host stretch single steps of either side by up to ~1.7x.
+    outs = world2.run("tests.dp_cases:timeline_case", "1:3@3", 6, 128)
     backward = outs[1]["backward"]
-    assert min(backward[2:]) >= 2.0 * min(backward[:2]), backward
+    assert statistics.median(backward[3:]) >= 1.7 * statistics.median(backward[:3]), backward

@@ -30,7 +30,7 @@ from whale.planner.cost.layers import Layer, ModelProfile
 from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.plan_cost import predict_plan
 from whale.planner.cost.predict import Candidate, CostModel, RankLayout
-from whale.planner.measure import slowed
+from whale.planner.measure import emulated, slowed
 from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import sim_timeline, simulate
 from whale.planner.search.auto import search
@@ -278,3 +278,19 @@ def test_a_profile_file_that_does_not_parse_or_lacks_the_device(tmp_path) -> Non
         match=r"no profile for the device 'H100' \(it describes \['Gadget'\]\)",
     ):
         load_profiles(path, require=["H100"])
+
+
+def test_an_emulated_slow_rank_profiles_as_a_slower_device() -> None:
+    # The profiler sees WHALE_EMULATE_SLOWDOWN as the planner would see a slower device: rank 1
+    # at factor 2 has half the rates and bandwidth and twice the per-operation cost, under a name
+    # of its own; rank 0, and a factor that starts at a later step, leave the profile as measured.
+    env = {"WHALE_EMULATE_SLOWDOWN": "1:2,2:3@10"}
+    slow = emulated(HOST, rank=1, environ=env)
+    assert slow.name == f"{HOST.name}-slow2"
+    assert slow.peak("fp32") == pytest.approx(HOST.peak("fp32") / 2)
+    assert slow.memory_bandwidth == pytest.approx(HOST.memory_bandwidth / 2)
+    assert slow.overhead() == pytest.approx(HOST.overhead() * 2)
+    assert emulated(HOST, rank=0, environ=env) is HOST
+    assert emulated(HOST, rank=2, environ=env) is HOST
+    with pytest.raises(ValueError, match="WHALE_EMULATE_SLOWDOWN"):
+        emulated(HOST, rank=1, environ={"WHALE_EMULATE_SLOWDOWN": "1:fast"})

@@ -32,8 +32,9 @@ from collections.abc import Callable, Sequence
 
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
+from ..ir.emulation import slowdown_factor, slowdown_from_env
 
-__all__ = ["LinkFit", "cpu_share", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
+__all__ = ["LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -315,7 +316,7 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         link, aliases = ("pcie4" if cuda else "shm"), ()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     threads = "" if cuda else f", {torch.get_num_threads()} thread(s), {share:.0%} of a core"
-    return DeviceProfile(
+    measured = DeviceProfile(
         name=name,
         memory_bytes=memory,
         peak_flops=rates,
@@ -328,6 +329,25 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         op_overhead=overhead,
         optimizer_step=steps,
     )
+    return emulated(measured)
+
+
+def emulated(profile: DeviceProfile, rank: int | None = None, environ=None) -> DeviceProfile:
+    """``profile`` as this rank runs under ``WHALE_EMULATE_SLOWDOWN`` at its first step: the
+    measured device :func:`slowed` by the rank's factor and named for it (``CPU-slow2``), so
+    the planner sees an emulated slow rank as it would see a slower device. Unchanged where the
+    variable names no factor for the rank.
+
+    Raises:
+        ValueError: the variable does not parse (the message shows its grammar).
+    """
+    if rank is None:
+        import torch.distributed as dist
+
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialized else int(os.environ.get("RANK", "0"))
+    factor = slowdown_factor(slowdown_from_env(environ), rank, 0)
+    return profile if factor == 1 else slowed(profile, factor, f"{profile.name}-slow{factor:g}")
 
 
 def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
