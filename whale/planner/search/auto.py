@@ -253,7 +253,7 @@ def auto_plan(
         stage_boundaries=() if annotated_stages else None,
         shard_sizes=config.shard_sizes,
     )  # fmt: skip
-    return plan, build_report(result, profile, cluster, plan)
+    return plan, build_report(result, profile, cluster, plan, options=options)
 
 
 def _unpinned_structure(pins: Pins, config: Config) -> bool:
