@@ -145,7 +145,7 @@ def test_measured_timeline_names_actions_as_the_simulator_and_shares_one_clock()
 
 def test_timing_report():
     assert timing_report(0.073, [0.1, 0.1284, 0.2]) == (
-        "step time: predicted 73.0 ms, measured 128.4 ms (median of 3 steps), +76%"
+        "step time: predicted 73.0 ms, measured 128.4 ms (median of 3 steps), prediction error -43%"
     )
     assert timing_report(None, [0.05]) == (
         "step time: measured 50.0 ms (median of 1 step), no prediction (the planner made none "

@@ -60,13 +60,13 @@ def measured_timeline(parts: Sequence[tuple]) -> Timeline:
 
 
 def timing_report(predicted: float | None, step_times: Sequence[float]) -> str:
-    """``"step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), +76%"``; says
+    """``"step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), prediction error -43%"``; says
     so where there is no prediction or no measured step.
 
     Example::
 
         >>> timing_report(0.073, [0.1284])
-        'step time: predicted 73.0 ms, measured 128.4 ms (median of 1 step), +76%'
+        'step time: predicted 73.0 ms, measured 128.4 ms (median of 1 step), prediction error -43%'
     """
     parts = []
     if predicted is not None:
@@ -78,7 +78,8 @@ def timing_report(predicted: float | None, step_times: Sequence[float]) -> str:
             f"measured {measured * 1e3:.1f} ms (median of {n} step{'s' if n != 1 else ''})"
         )
         if predicted is not None and predicted > 0:
-            parts.append(f"{(measured / predicted - 1) * 100:+.0f}%")
+            # As benchmarks/bench_predict.py: predicted over measured, minus one.
+            parts.append(f"prediction error {(predicted / measured - 1) * 100:+.0f}%")
     else:
         parts.append("not measured yet (run program.step first)")
     if predicted is None:

@@ -133,7 +133,7 @@ class ProgramBase:
         Example::
 
             >>> print(program.timing_report())
-            step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), +76%
+            step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), prediction error -43%
         """
         return timing_report(self.predicted_step_time, self.step_times)
 
