@@ -25,7 +25,13 @@ from torch.utils.flop_counter import (
     shape_wrapper,
 )
 
+from .node_memo import NodeMemo, input_state
+
 __all__ = ["NodeCost", "StateIndex", "measure_costs"]
+
+# Rebuild the outputs of a node whose signature was already measured (see node_memo); False
+# runs every node, which gives the same costs and shapes, slower.
+MEMOISE = True
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -156,6 +162,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.counter: FlopCounterMode | _FlopCount | None = None
         self.costs: dict[str, NodeCost] = {}
         self._node: Node | None = None
+        self.memo = NodeMemo(fake_mode, self.fetch_attr) if MEMOISE else None
 
     def _fake(self, value: object) -> object:
         def convert(v: object) -> object:
@@ -170,9 +177,14 @@ class _CostInterpreter(torch.fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         inputs = _distinct_tensors(tree_leaves((args, kwargs)))
         versions = [t._version for t in inputs]
-        before = self.counter.get_total_flops()
-        out = super().run_node(n)
-        flops = self.counter.get_total_flops() - before
+        key, out, flops = self.memo.lookup(n, args, kwargs) if self.memo else (None, None, 0)
+        if out is None:
+            state = input_state(inputs) if key is not None else None
+            before = self.counter.get_total_flops()
+            out = super().run_node(n)
+            flops = self.counter.get_total_flops() - before
+            if key is not None:
+                self.memo.record(key, args, kwargs, out, flops, input_state(inputs) != state)
         mutated = [t for t, v in zip(inputs, versions) if t._version != v]
         self.costs[n.name] = self._cost(n, inputs, mutated, out, flops)
         if out is not None:

@@ -7,17 +7,22 @@ Nothing here merges annotations or decides between front ends; ``graph.capture``
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import dis
+import inspect
 import re
+import sys
+import types
 import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..primitives.annotations import EXPORT_META_KEY, Annotation, current_scope
 from .costs import NodeCost, StateIndex, measure_costs
@@ -67,10 +72,42 @@ class _WhaleTracer(torch.fx.Tracer):
     # causal mask by a traced length fails).
     proxy_buffer_attributes = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.instructions: dict[types.CodeType, tuple[list[int], list[dis.Instruction]]] = {}
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta[_FX_SCOPE_KEY] = current_scope()
         return node
+
+    def proxy(self, node: Node) -> torch.fx.Proxy:
+        return _WhaleProxy(node, self)
+
+
+class _WhaleProxy(torch.fx.Proxy):
+    """fx's Proxy, reading the bytecode of each calling function once per trace.
+
+    ``q, k, v = x.split(n, 2)`` iterates a proxy; fx's ``__iter__`` disassembles the whole
+    calling function each time to see how many values are unpacked (a 96-block GPT: 192
+    disassemblies of the same forward). This does the same lookup on a per-trace cache.
+    """
+
+    def __iter__(self):
+        calling_frame = inspect.currentframe().f_back
+        code = calling_frame.f_code
+        cache = self.tracer.instructions
+        if code not in cache:
+            insts = list(dis.get_instructions(code))
+            cache[code] = ([i.offset for i in insts], insts)
+        offsets, insts = cache[code]
+        if sys.version_info >= (3, 11):
+            inst = insts[bisect.bisect_left(offsets, calling_frame.f_lasti)]
+        else:
+            inst = insts[calling_frame.f_lasti // 2]
+        if inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))
+        return self.tracer.iter(self)
 
 
 def trace_fx(
