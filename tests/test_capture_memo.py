@@ -13,7 +13,7 @@ from torch import nn
 
 from examples.gpt import GPT, GPTConfig
 from tests import hf_models
-from whale.capture import capture, costs, node_memo
+from whale.capture import CaptureError, capture, costs, node_memo
 
 
 def _captured(monkeypatch, memoise: bool, model, inputs, **kwargs):
@@ -150,3 +150,26 @@ class _InPlace(nn.Module):
 def test_in_place_views_and_detach_after_memoised_nodes(monkeypatch):
     hits = _same_with_and_without_memo(monkeypatch, _InPlace(), (torch.randn(4, 8),), frontend="fx")
     assert hits > 0
+
+
+class _SplitInPlace(nn.Module):
+    """In place on one of several views a split returns: autograd refuses it, fx capture fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            a, b = block(x).split(4, dim=1)  # the second split has the first one's signature
+            if i == 1:
+                a.mul_(2)
+            x = torch.cat([a, b], dim=1)
+        return x
+
+
+@pytest.mark.parametrize("memoise", [True, False])
+def test_what_autograd_refuses_is_refused_with_the_memo_too(monkeypatch, memoise):
+    # The second block's split comes from the memo; its views must still refuse the mul_.
+    with pytest.raises(CaptureError, match="fx: RuntimeError: Output 0 of Split is a view"):
+        _captured(monkeypatch, memoise, _SplitInPlace(), (torch.randn(4, 8),), frontend="fx")

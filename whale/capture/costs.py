@@ -162,7 +162,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.counter: FlopCounterMode | _FlopCount | None = None
         self.costs: dict[str, NodeCost] = {}
         self._node: Node | None = None
-        self.memo = NodeMemo(fake_mode, self.fetch_attr) if MEMOISE else None
+        self.memo = NodeMemo(fake_mode, self.fetch_attr, gm.graph) if MEMOISE else None
 
     def _fake(self, value: object) -> object:
         def convert(v: object) -> object:

@@ -55,6 +55,9 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.me
 _TORCH_FUNCTION_MODULES = ("torch", "torch.nn.functional", "torch.functional", "torch._C._nn",
                            "torch._C._VariableFunctions", "torch._C._special", "torch._C._linalg",
                            "torch._C._fft", "_operator", "operator")  # fmt: skip
+_OPERATOR_IN_PLACE = frozenset(("iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod",
+                                 "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor",
+                                 "setitem", "delitem"))  # fmt: skip
 _BARE_MODULE_ATTRS = frozenset(vars(nn.Module()))
 _RUN = object()  # memo value of a signature that must always run for real
 
@@ -79,9 +82,15 @@ class NodeMemo:
     ``None`` means the node is not memoisable at all.
     """
 
-    def __init__(self, fake_mode: FakeTensorMode, fetch_module: Callable[[str], nn.Module]) -> None:
+    def __init__(
+        self, fake_mode: FakeTensorMode, fetch_module: Callable[[str], nn.Module], graph: torch.fx.Graph
+    ) -> None:
         self._fake_mode = fake_mode
         self._fetch_module = fetch_module
+        # A rebuilt view is no autograd view; where the graph changes anything in place, views
+        # that require grad run for real so autograd refuses exactly what it refused before
+        # (in-place on a view of a leaf, or on one of several views a split returns).
+        self._real_views = any(_in_place(n, fetch_module) for n in graph.nodes)
         self._seed: torch.Tensor | None = None
         self._memo: dict[tuple, object] = {}
         self._module_keys: dict[str, tuple | None] = {}
@@ -116,6 +125,8 @@ class NodeMemo:
             self._memo[key] = _RUN
 
     def _make(self, meta: tuple, base: torch.Tensor | None) -> torch.Tensor:
+        if base is not None and meta[-1] and self._real_views:
+            raise _NotMemoisable
         if meta[-1] and self._seed is None:
             self._seed = _build(self._fake_mode, (None, (), (), 0, torch.float32, torch.device("cpu"), False), None)
             self._seed.requires_grad_()
@@ -155,6 +166,25 @@ class NodeMemo:
                 raise _NotMemoisable
             return key
         raise _NotMemoisable
+
+
+def _in_place(node: Node, fetch_module: Callable[[str], nn.Module]) -> bool:
+    """Whether a node may change a tensor in place (``add_``, ``+=``, ``inplace=True``, ``out=``)."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.is_mutable
+        name = getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.startswith("_")) or (
+            getattr(node.target, "__module__", None) in ("_operator", "operator")
+            and name in _OPERATOR_IN_PLACE
+        )
+    if node.op == "call_module":
+        return getattr(fetch_module(node.target), "inplace", False) is True
+    return False
 
 
 def input_state(tensors: list[torch.Tensor]) -> list:
