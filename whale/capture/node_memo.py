@@ -26,7 +26,7 @@ Only what provably depends on nothing else is memoised; everything else runs as 
   anywhere (data-dependent shapes, dynamic batch dimensions), strided layout, no fake constant;
 - effects: a node that changed an input (version counter or metadata: ``add_``,
   ``requires_grad_``) or whose output aliases something other than its inputs is recorded as
-  "run for real" for its signature; autocast on disables the memo.
+  "run for real" for its signature; autocast or inference mode on disables the memo.
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class NodeMemo:
         return _make(self._fake_mode, self._seed, meta, base)
 
     def _key(self, node: Node, args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor]]:
-        if torch._C._is_any_autocast_enabled():
-            raise _NotMemoisable
+        if torch._C._is_any_autocast_enabled() or torch.is_inference_mode_enabled():
+            raise _NotMemoisable  # results would differ from a rebuilt one (dtype, inference tensor)
         tensors: list[torch.Tensor] = []
         structure = (_value_key(args, tensors), _value_key(kwargs, tensors))
         if not tensors:
