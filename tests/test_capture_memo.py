@@ -173,3 +173,23 @@ def test_what_autograd_refuses_is_refused_with_the_memo_too(monkeypatch, memoise
     # The second block's split comes from the memo; its views must still refuse the mul_.
     with pytest.raises(CaptureError, match="fx: RuntimeError: Output 0 of Split is a view"):
         _captured(monkeypatch, memoise, _SplitInPlace(), (torch.randn(4, 8),), frontend="fx")
+
+
+class _GradientPenalty(nn.Module):
+    """A forward that differentiates its own blocks: every node must hang off the real graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            y = block(x)
+            (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+            x = y + g
+        return x
+
+
+def test_a_forward_that_differentiates_is_measured_node_by_node(monkeypatch):
+    x = torch.randn(4, 8, requires_grad=True)
+    assert _same_with_and_without_memo(monkeypatch, _GradientPenalty(), (x,), frontend="fx") == 0

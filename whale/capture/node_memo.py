@@ -26,7 +26,10 @@ Only what provably depends on nothing else is memoised; everything else runs as 
   anywhere (data-dependent shapes, dynamic batch dimensions), strided layout, no fake constant;
 - effects: a node that changed an input (version counter or metadata: ``add_``,
   ``requires_grad_``) or whose output aliases something other than its inputs is recorded as
-  "run for real" for its signature; autocast or inference mode on disables the memo.
+  "run for real" for its signature; autocast or inference mode on disables the memo, and so
+  does a forward that differentiates (``torch.autograd.grad``): rebuilt results hang off no
+  autograd graph. Where the graph changes anything in place, rebuilt results that require grad
+  are no leaves and views that require grad run for real, so autograd refuses what it refused.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class NodeMemo:
         # that require grad run for real so autograd refuses exactly what it refused before
         # (in-place on a view of a leaf, or on one of several views a split returns).
         self._real_views = any(_in_place(n, fetch_module) for n in graph.nodes)
+        # Rebuilt results hang off no autograd graph: a forward that differentiates (a gradient
+        # penalty calling torch.autograd.grad) runs every node for real.
+        self._off = any(_differentiates(n) for n in graph.nodes)
         self._seed: torch.Tensor | None = None
         self._memo: dict[tuple, object] = {}
         self._module_keys: dict[str, tuple | None] = {}
@@ -98,6 +104,8 @@ class NodeMemo:
         self.misses = 0
 
     def lookup(self, node: Node, args: tuple, kwargs: dict) -> tuple[tuple | None, object, int]:
+        if self._off:
+            return None, None, 0
         try:
             key, tensors = self._key(node, args, kwargs)
         except _NotMemoisable:
@@ -127,6 +135,11 @@ class NodeMemo:
     def _make(self, meta: tuple, base: torch.Tensor | None) -> torch.Tensor:
         if base is not None and meta[-1] and self._real_views:
             raise _NotMemoisable
+        if meta[-1] and not self._real_views:
+            # Nothing in the graph changes a tensor in place or sets requires_grad, the only
+            # places where a result that requires grad behaves otherwise as a leaf.
+            out = _build(self._fake_mode, meta, base)
+            return out.requires_grad_()
         if meta[-1] and self._seed is None:
             self._seed = _build(self._fake_mode, (None, (), (), 0, torch.float32, torch.device("cpu"), False), None)
             self._seed.requires_grad_()
@@ -185,6 +198,13 @@ def _in_place(node: Node, fetch_module: Callable[[str], nn.Module]) -> bool:
     if node.op == "call_module":
         return getattr(fetch_module(node.target), "inplace", False) is True
     return False
+
+
+def _differentiates(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("backward", "grad", "retain_grad", "register_hook")
+    module = getattr(node.target, "__module__", None) or ""
+    return node.op == "call_function" and module.startswith(("torch.autograd", "torch._functorch", "torch.func"))
 
 
 def input_state(tensors: list[torch.Tensor]) -> list:
