@@ -227,6 +227,11 @@ class CostModel:
         self._is_op = np.where((self._flops > 0) | (self._row > 0) | (self._fixed > 0), 1.0, 0.5)
         self._times: dict = {}
         self._optimizer: dict = {}
+        # Memos keyed by ranks and layer indices (cheap keys for the search's many calls).
+        self._rank_shares: dict[tuple[int, ...], tuple[float, ...]] = {}
+        self._block_params: dict[tuple[int, int], float] = {}
+        self._rank_optimizer: dict = {}
+        self._p2p: dict = {}
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -284,12 +289,15 @@ class CostModel:
 
     def block_param_bytes(self, start: int, stop: int) -> float:
         """Captured bytes of the parameters layers ``start..stop-1`` read (tied ones once)."""
-        total = self.params[stop] - self.params[start]
-        for _, size, users in self.profile.shared_params:
-            inside = sum(start <= u < stop for u in users)
-            if inside > 1:
-                total -= (inside - 1) * size
-        return float(total)
+        cached = self._block_params.get((start, stop))
+        if cached is None:
+            total = self.params[stop] - self.params[start]
+            for _, size, users in self.profile.shared_params:
+                inside = sum(start <= u < stop for u in users)
+                if inside > 1:
+                    total -= (inside - 1) * size
+            cached = self._block_params[(start, stop)] = float(total)
+        return cached
 
     def group_forward(self, group: Sequence[int], shares: Sequence[float], rows: float, start: int, stop: int) -> float:
         """Forward time of layers ``start..stop-1`` on a tensor-parallel group, comm included."""
@@ -371,10 +379,14 @@ class CostModel:
 
     def shard_shares(self, group: Sequence[int]) -> tuple[float, ...]:
         """Each member's share of sharded widths: in proportion to its device's speed."""
+        cached = self._rank_shares.get(tuple(group))
+        if cached is not None:
+            return cached
         key = tuple(self.device_of[r].name for r in group)
         if key not in self._shares:
             speeds = [self.peak(self.device_of[r]) for r in group]
             self._shares[key] = tuple(s / sum(speeds) for s in speeds)
+        self._rank_shares[tuple(group)] = self._shares[key]
         return self._shares[key]
 
     # --- replicas ---------------------------------------------------------------------------
@@ -398,11 +410,37 @@ class CostModel:
         The time is ``inf`` when some member's memory exceeds its capacity.
         """
         p, m = len(pipeline), num_micro_batch
+        memory, fits, limit = self.replica_memory(pipeline, num_stages, schedule, m, cuts, rows, exact=exact)
+        forward, backward, p2p = self.stage_lists(pipeline, num_stages, m, cuts, rows)
+        opt = self.optimizer_times(pipeline, num_stages, cuts)
+        busy = tuple(m * sum(forward[s] + backward[s] for s in range(pos, num_stages, p)) for pos in range(p))
+        stage_times = tuple(f + b for f, b in zip(forward, backward))
+        if exact:
+            run = flow_shop(schedule, p, m, forward, backward, p2p)
+            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) + opt[k] for k in range(p))
+        else:
+            # The final compute of position k is the backward of its first stage, k.
+            finish = pipeline_estimate(p, m, forward, backward, p2p)
+            time = max(finish[k] + max(0.0, sync[k] - backward[k]) + opt[k] for k in range(p))
+        return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
+
+    def replica_memory(
+        self,
+        pipeline: Sequence[Sequence[int]],
+        num_stages: int,
+        schedule: str,
+        num_micro_batch: int,
+        cuts: Sequence[int],
+        rows: int,
+        *,
+        exact: bool = True,
+    ) -> tuple[tuple[tuple[int, ...], ...], bool, float]:
+        """The memory half of :meth:`replica_cost`: bytes per position and member, whether every
+        member fits, and the most rows whose micro-batches fit (no times computed)."""
+        p, m = len(pipeline), num_micro_batch
         q_max = -(-rows // m)
         bounds = (0, *cuts, self.num_layers)
         shares = [self.shard_shares(g) for g in pipeline]
-        forward, backward, p2p = self.stage_lists(pipeline, num_stages, m, cuts, rows)
-        opt = self.optimizer_times(pipeline, num_stages, cuts)
         memory: list[list[int]] = [[] for _ in range(p)]
         fits, limit = True, math.inf
         # The exact peak needs the schedule's orders; screening bounds it when they are long.
@@ -428,17 +466,7 @@ class CostModel:
                 fits &= memory[pos][-1] <= cap
                 room = cap - states[pos]
                 limit = min(limit, -1 if room < 0 else m * (room // held[pos]) if held[pos] > 0 else math.inf)
-        memory = [tuple(x) for x in memory]
-        busy = tuple(m * sum(forward[s] + backward[s] for s in range(pos, num_stages, p)) for pos in range(p))
-        stage_times = tuple(f + b for f, b in zip(forward, backward))
-        if exact:
-            run = flow_shop(schedule, p, m, forward, backward, p2p)
-            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) + opt[k] for k in range(p))
-        else:
-            # The final compute of position k is the backward of its first stage, k.
-            finish = pipeline_estimate(p, m, forward, backward, p2p)
-            time = max(finish[k] + max(0.0, sync[k] - backward[k]) + opt[k] for k in range(p))
-        return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
+        return tuple(tuple(x) for x in memory), fits, limit
 
     def stage_lists(
         self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
@@ -455,14 +483,22 @@ class CostModel:
             backward.append(BACKWARD_FLOPS_FACTOR * fwd)
             if s < num_stages - 1:
                 a, b = pipeline[pos][0], pipeline[(s + 1) % p][0]
-                size = self.cut_bytes[bounds[s + 1]] * q
-                p2p.append(0.0 if a == b else point_to_point_time(size, self.link(a, b)))
+                key = (a, b, bounds[s + 1], q)
+                cached = self._p2p.get(key)
+                if cached is None:
+                    size = self.cut_bytes[bounds[s + 1]] * q
+                    cached = self._p2p[key] = 0.0 if a == b else point_to_point_time(size, self.link(a, b))
+                p2p.append(cached)
         return forward, backward, p2p
 
     def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
         """The optimizer step per position of a replica: its slowest member over its shard of
         the position's stages (``formulas.optimizer_step_time``), memoised."""
         p = len(pipeline)
+        by_ranks = (tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
+        cached = self._rank_optimizer.get(by_ranks)
+        if cached is not None:
+            return cached
         key = (tuple(tuple(self.device_of[r].name for r in g) for g in pipeline), num_stages, tuple(cuts))
         if key not in self._optimizer:
             bounds = (0, *cuts, self.num_layers)
@@ -479,6 +515,7 @@ class CostModel:
                     for device, share in kinds
                 ))  # fmt: skip
             self._optimizer[key] = tuple(out)
+        self._rank_optimizer[by_ranks] = self._optimizer[key]
         return self._optimizer[key]
 
     def timeline(self, candidate: Candidate) -> Timeline:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .balance import balance_rows, partition_layers, partition_ranks
-from ..cost.predict import Candidate, Prediction, RankLayout
+from ..cost.predict import Candidate, Prediction
 from ...ir.rows import split_rows
 from ..schedules.flow_shop import peak_held
 from .space import SearchSettings, SearchSpace, Structure, describe, no_structure_error
@@ -77,6 +77,16 @@ class SearchResult:
 
 class Explorer(SearchSpace):
     """One search: screen structures in order of their bound, refine the best, explain the rest."""
+
+    def replica(self, pipe, s: int, schedule: str, m: int, cuts, rows: int, sync, *, exact: bool):
+        """:meth:`~.predict.CostModel.replica_cost`, memoised: climbs and repairs revisit cuts."""
+        key = (pipe, s, schedule, m, tuple(cuts), rows, tuple(sync), exact)
+        found = self._replica_memo.get(key)
+        if found is None:
+            if len(self._replica_memo) > 200_000:
+                self._replica_memo.clear()
+            found = self._replica_memo[key] = self.costs.replica_cost(pipe, s, schedule, m, cuts, rows, sync, exact=exact)
+        return found
 
     def screen(self, st: Structure) -> tuple[float, tuple[int, ...], tuple[int, ...]] | None:
         """(estimated step time, cuts, rows) of a structure, or None if it does not fit."""
@@ -202,19 +212,39 @@ class Explorer(SearchSpace):
         s, m = st.num_stages, st.num_micro_batch
         class_of = self._classes[id(layout)][1]
         held_rows = [max(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
+        least_rows = [min(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
         run = exact or s * m <= self.settings.simulate_below
 
-        def time_at(trial: tuple[int, ...]) -> float:
+        def time_at(trial: tuple[int, ...], bar: float = math.inf) -> float:
             if exact and len(classes) > 1:
+                # Rows rebalanced for ``trial`` reach T only if some kind k runs its least rows
+                # now within T (else every kind gets fewer and the batch is not covered): the
+                # least such time bounds the step from below, and a move it rules out
+                # (bound >= bar) is not rebalanced.
+                sync = self.costs.sync_time(layout, s, trial)
+                bound = min(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=True).time
+                            for (pipe, _), r in zip(classes, least_rows))  # fmt: skip
+                if bound >= bar:
+                    return bound
                 # Kinds of replicas trade rows: a cut may pay off only with its own rows.
                 found = self.rows_and_time(layout, classes, s, st.schedule, m, trial, exact=True, guess=held_rows)
                 return math.inf if found is None else found[0]
             sync = self.costs.sync_time(layout, s, trial)
-            return max(self.costs.replica_cost(pipe, s, st.schedule, m, trial, r, sync, exact=run).time
+            return max(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=run).time
                        for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
 
         start = tuple(cuts)
-        cuts = self.descend(start, time_at, runs=exact)
+        if exact and len(classes) > 1:
+            # Rebalancing rows per move is dear: climb with the rows held first (one schedule
+            # per kind a move), then rebalance from the better of the two summits.
+            def held_time(trial: tuple[int, ...]) -> float:
+                sync = self.costs.sync_time(layout, s, trial)
+                return max(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=True).time
+                           for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
+
+            near = self.descend(start, held_time, runs=True)
+            cuts = near if near != start and time_at(near) < time_at(start) else start
+        cuts = self.descend(cuts, time_at, runs=exact, bounded=True)
         if cuts == start:
             return step, rows, start
         found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=exact, guess=guess or held_rows)
@@ -222,7 +252,7 @@ class Explorer(SearchSpace):
             return step, rows, start
         return found[0], found[1], cuts
 
-    def descend(self, cuts: tuple[int, ...], score, *, runs: bool, stop=None) -> tuple[int, ...]:
+    def descend(self, cuts: tuple[int, ...], score, *, runs: bool, stop=None, bounded: bool = False) -> tuple[int, ...]:
         """Steepest descent on cuts: each cut moves 1, 2, 4, ... layers either way, and (``runs``)
         so does each run of neighbouring cuts, together, and each pair of cuts by 1 or 2 layers
         each; the best move is taken while ``score`` falls. Without ``runs`` (screening, where
@@ -231,6 +261,8 @@ class Explorer(SearchSpace):
         Fill, drain, transfers and the gradient all-reduce make the step time of a cut
         non-convex in it, and memory walls cut the feasible set into islands: one-layer moves
         stop at the first ridge, longer ones step over it. ``stop(value)`` ends the search early.
+        ``bounded``: ``score(cuts, bar)`` may return any value >= ``bar`` for cuts that cannot
+        beat it (a lower bound that rules the move out).
         """
         steps = [1 << k for k in range(max(1, self.n.bit_length()))]
         moves = [((k,), d) for k in range(len(cuts)) for d in steps]
@@ -252,7 +284,7 @@ class Explorer(SearchSpace):
                 bounds = [0, *moved, self.n]
                 if any(a >= b for a, b in itertools.pairwise(bounds)) or not all(self.cuttable[c] for c in moved):
                     continue
-                trial = score(tuple(moved))
+                trial = score(tuple(moved), best) if bounded else score(tuple(moved))
                 if trial < best and not _close(trial, current):
                     best, where = trial, tuple(moved)
             if where == cuts:
@@ -272,14 +304,19 @@ class Explorer(SearchSpace):
         """
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         rows = max(m, self.batch // layout.dp_degree)
-        sync = (0.0,) * layout.pipeline_degree
+        capacity = self.costs.capacity
 
         def overflow(trial: tuple[int, ...]) -> float:
-            worst = -math.inf
-            for pipe, _ in classes:
-                cost = self.costs.replica_cost(pipe, s, st.schedule, m, trial, rows, sync, exact=False)
-                for group, need in zip(pipe, cost.memory):
-                    worst = max(worst, *(b / self.costs.capacity(r) - 1 for r, b in zip(group, need)))
+            # Memory only (no times): replica_cost's memory half.
+            key = (trial, s, st.schedule, m, rows, id(layout))
+            worst = self._memory_memo.get(key)
+            if worst is None:
+                worst = -math.inf
+                for pipe, _ in classes:
+                    memory = self.costs.replica_memory(pipe, s, st.schedule, m, trial, rows, exact=False)[0]
+                    for group, need in zip(pipe, memory):
+                        worst = max(worst, *(b / capacity(r) - 1 for r, b in zip(group, need)))
+                self._memory_memo[key] = worst
             return worst
 
         start = min(options, key=overflow)
@@ -308,7 +345,7 @@ class Explorer(SearchSpace):
         run = exact or s * m <= self.settings.simulate_below
 
         def cost(k: int, rows: int):
-            return costs.replica_cost(classes[k][0], s, schedule, m, cuts, rows, sync, exact=run)
+            return self.replica(classes[k][0], s, schedule, m, cuts, rows, sync, exact=run)
 
         if self.pins.row_weights is not None:
             rows = split_rows(self.batch, self.pins.row_weights)
@@ -531,28 +568,6 @@ class Explorer(SearchSpace):
             f"{missing / _GiB:.1f} GiB missing there. Add devices or devices with more memory, train "
             "in lower precision or with a lighter optimizer, or use a smaller global batch"
         )
-
-    def least_overflow_cuts(self, layout: RankLayout, s: int, schedule: str, m: int) -> tuple[int, ...]:
-        if s == 1:
-            return ()
-        if self.pins.cuts is not None:
-            return self.pins.cuts
-        classes = self.classes(layout)
-        q = self.batch / (layout.dp_degree * m)
-        _, mems, caps, _ = self.stage_prefixes(classes, s, schedule, m, q)
-        zeros = [np.zeros(self.n + 1)] * s
-        lo, hi = -max(caps), max(float(x[-1]) for x in mems)
-        cuts = None
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            found = partition_layers(zeros, mems, [c + mid for c in caps], self.cuttable)
-            if found is None:
-                lo = mid
-            else:
-                hi, cuts = mid, found
-        if cuts is None:
-            cuts = partition_layers(zeros, None, None, self.cuttable)
-        return tuple(cuts)
 
 
 

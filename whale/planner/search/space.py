@@ -17,6 +17,7 @@ import numpy as np
 
 from ...ir.cluster_spec import Cluster
 from ..schedules.flow_shop import peak_held_bound
+from .balance import partition_layers
 from .memory_floor import MemoryFloor
 from .rank_layouts import layouts, tensor_groups
 from .pins import Pins
@@ -146,6 +147,8 @@ class SearchSpace:
         self._best_exact = math.inf
         self._prefixes: dict = {}
         self._partitions: dict = {}
+        self._replica_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows, sync, exact) -> ReplicaCost
+        self._memory_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows) -> replica memory
         self._arrays: dict = {}
         self._classes: dict = {}
         self.floor = MemoryFloor(self.costs, self.cuttable)
@@ -344,6 +347,27 @@ class SearchSpace:
 
     # --- finals ----------------------------------------------------------------------------------
 
+    def least_overflow_cuts(self, layout: RankLayout, s: int, schedule: str, m: int) -> tuple[int, ...]:
+        if s == 1:
+            return ()
+        if self.pins.cuts is not None:
+            return self.pins.cuts
+        classes = self.classes(layout)
+        q = self.batch / (layout.dp_degree * m)
+        _, mems, caps, _ = self.stage_prefixes(classes, s, schedule, m, q)
+        zeros = [np.zeros(self.n + 1)] * s
+        lo, hi = -max(caps), max(float(x[-1]) for x in mems)
+        cuts = None
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            found = partition_layers(zeros, mems, [c + mid for c in caps], self.cuttable)
+            if found is None:
+                lo = mid
+            else:
+                hi, cuts = mid, found
+        if cuts is None:
+            cuts = partition_layers(zeros, None, None, self.cuttable)
+        return tuple(cuts)
 
 def no_structure_error(pins: Pins, cluster: Cluster, batch: int, num_layers: int) -> ValueError:
     pinned = pins.pinned()
