@@ -135,7 +135,9 @@ def test_a_graph_export_fixed_to_its_rows_gets_data_parallel_only(captured):
     case, cap = captured["bert"]
     fixed = dataclasses.replace(cap, fixed_rows=8)
     for cluster in ("node0=2xCPU", "node0=4xCPU"):
-        assert _plan(case, cap, cluster)[0].num_stages == 2  # what the batch-dynamic graph gets
+        # The batch-dynamic graph gets a pipeline (its stage count is the cost model's call),
+        # so keeping the fixed-rows graph whole is the planner's doing, not the cost model's.
+        assert _plan(case, cap, cluster)[0].num_stages >= 2
         plan, _ = _plan(case, fixed, cluster)
         assert (plan.num_stages, plan.tensor_parallel) == (1, 1)
 
