@@ -244,7 +244,10 @@ class Explorer(SearchSpace):
 
             near = self.descend(start, held_time, runs=True)
             cuts = near if near != start and time_at(near) < time_at(start) else start
-        cuts = self.descend(cuts, time_at, runs=exact, bounded=True)
+            # Runs of cuts were tried with the rows held: rebalanced moves are single cuts.
+            cuts = self.descend(cuts, time_at, runs=True, bounded=True, singles=True)
+        else:
+            cuts = self.descend(cuts, time_at, runs=exact, bounded=True)
         if cuts == start:
             return step, rows, start
         found = self.rows_and_time(layout, classes, s, st.schedule, m, cuts, exact=exact, guess=guess or held_rows)
@@ -252,7 +255,7 @@ class Explorer(SearchSpace):
             return step, rows, start
         return found[0], found[1], cuts
 
-    def descend(self, cuts: tuple[int, ...], score, *, runs: bool, stop=None, bounded: bool = False) -> tuple[int, ...]:
+    def descend(self, cuts: tuple[int, ...], score, *, runs: bool, stop=None, bounded: bool = False, singles: bool = False) -> tuple[int, ...]:
         """Steepest descent on cuts: each cut moves 1, 2, 4, ... layers either way, and (``runs``)
         so does each run of neighbouring cuts, together, and each pair of cuts by 1 or 2 layers
         each; the best move is taken while ``score`` falls. Without ``runs`` (screening, where
@@ -262,11 +265,11 @@ class Explorer(SearchSpace):
         non-convex in it, and memory walls cut the feasible set into islands: one-layer moves
         stop at the first ridge, longer ones step over it. ``stop(value)`` ends the search early.
         ``bounded``: ``score(cuts, bar)`` may return any value >= ``bar`` for cuts that cannot
-        beat it (a lower bound that rules the move out).
+        beat it (a lower bound that rules the move out). ``singles``: single-cut moves only.
         """
         steps = [1 << k for k in range(max(1, self.n.bit_length()))]
         moves = [((k,), d) for k in range(len(cuts)) for d in steps]
-        if runs:
+        if runs and not singles:
             moves += [(tuple(range(k, k + w)), d) for w in range(2, len(cuts) + 1) for k in range(len(cuts) - w + 1) for d in steps]
             # Two cuts by different amounts: islands a uniform move cannot reach.
             moves += [((i, j), (di, dj)) for i, j in itertools.combinations(range(len(cuts)), 2)
