@@ -313,11 +313,7 @@ def partition_layers(
             parents.append(a)
         if not reach[n]:
             return None
-        cuts, end = [], n
-        for j in range(stages - 1, 0, -1):
-            end = int(parents[j][end])
-            cuts.append(end)
-        return cuts[::-1]
+        return _backtrack(parents, n, stages)
 
     found = solve(math.inf)
     if found is None:
@@ -417,11 +413,7 @@ def partition_ranks(
             parents.append(arg)
         if not math.isfinite(cost[n]):
             return None
-        cuts, end = [], n
-        for j in range(stages - 1, 0, -1):
-            end = int(parents[j][end])
-            cuts.append(end)
-        return cuts[::-1]
+        return _backtrack(parents, n, stages)
 
     def loads(cuts: list[int]) -> tuple[np.ndarray, np.ndarray]:
         bounds = [0, *cuts, n]
@@ -456,3 +448,13 @@ def partition_ranks(
         excess = np.where(finite, (held - np.where(finite, caps, 0)) / np.where(finite, caps, 1), 0.0)
         price = np.maximum(0.0, price + rate * scale * excess / np.where(finite, caps, 1))
     return found
+
+
+def _backtrack(parents: Sequence, n: int, stages: int) -> list[int]:
+    """The cuts of a layers x stages shortest path: ``parents[j][end]`` is where stage ``j``,
+    ending at layer ``end``, began."""
+    cuts, end = [], n
+    for j in range(stages - 1, 0, -1):
+        end = int(parents[j][end])
+        cuts.append(end)
+    return cuts[::-1]
