@@ -51,7 +51,7 @@ def test_plan_prints_the_per_device_table_and_explains(capsys):
                           "--global-batch", "64", "--explain")  # fmt: skip
     assert code == 0, err
     assert "ranks  device" in out and "A100-80GB" in out and "V100-32GB" in out
-    assert "predicted step" in out and "memory GiB" in out and "busy" in out
+    assert "predicted step" in out and "memory" in out and " of " in out and "busy" in out
     assert "why:" in out and "best rejected alternatives:" in out and "search:" in out
 
 
@@ -459,7 +459,7 @@ def test_the_local_cluster_has_this_hosts_memory(capsys):
         in out
     )
     usable = 0.9 * memory[0] / 2**30  # --memory-fraction 0.9
-    assert f"/{usable:.1f}" in out
+    assert f"of {usable:.1f} GiB" in out
 
 
 def test_explain_never_shows_a_negative_shortfall():

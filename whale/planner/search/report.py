@@ -27,11 +27,27 @@ __all__ = [
     "DeviceRow",
     "PlanReport",
     "build_report",
+    "format_bytes",
     "format_rate",
     "format_seconds",
 ]
 
 _GiB = 2**30
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Bytes in the unit a person reads: ``"512 KiB"``, ``"46 MiB"``, ``"14.4 GiB"``, ``"1.2 TiB"``.
+
+    Example::
+
+        >>> format_bytes(46 * 2**20), format_bytes(14.4 * 2**30), format_bytes(0)
+        ('46 MiB', '14.4 GiB', '0 B')
+    """
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= scale:
+            value = num_bytes / scale
+            return f"{value:.1f} {unit}" if value < 100 and unit in ("GiB", "TiB") else f"{value:.0f} {unit}"
+    return f"{num_bytes:.0f} B"
 
 
 def format_seconds(seconds: float) -> str:
@@ -157,7 +173,7 @@ class PlanReport:
             "layers",
             "rows",
             "shard",
-            "memory GiB",
+            "memory",
             "busy",
         )
         lines = [head]
@@ -165,7 +181,7 @@ class PlanReport:
             lines.append((
                 _ranges(d.ranks), d.device, _ranges(d.replicas), ",".join(map(str, d.stages)),
                 f"{d.num_layers}: {d.layers}", str(d.rows), d.shard,
-                f"{d.memory_bytes / _GiB:.1f}/{d.capacity_bytes / _GiB:.1f}", format_seconds(d.busy_seconds),
+                f"{format_bytes(d.memory_bytes)} of {format_bytes(d.capacity_bytes)}", format_seconds(d.busy_seconds),
             ))  # fmt: skip
         widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
         text = [
@@ -382,7 +398,7 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
     )
     out.append(
         f"fullest device: rank {top} ({devices[top].profile.name}) uses "
-        f"{pred.rank_memory[top] / _GiB:.1f} of {pred.rank_capacity[top] / _GiB:.1f} GiB usable"
+        f"{format_bytes(pred.rank_memory[top])} of {format_bytes(pred.rank_capacity[top])} usable"
     )
     if max(pred.sync_time) > 0:
         out.append(
