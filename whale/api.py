@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -14,15 +15,19 @@ from torch import nn
 from .capture import CaptureError, CapturedModel, capture, module_annotation_map, split_example_inputs
 from .capture.graph_io import rows_of
 from .config import Config
+from .ir.devices import load_profiles
 from .ir.plan import Plan
 from .ir.rows import split_rows
 from .ir.topology import Cluster
+from .planner.annotated.cluster_rows import rows_on_cluster
 from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
 from .planner.cost.model_profile import profile_model
 from .planner.cost.plan_cost import predict_plan
+from .planner.saved_plan import check_saved_plan, load_plan
 from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
+from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
@@ -80,17 +85,88 @@ def parallelize(
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
     world_size, ranks_per_node = _world()
+    saved = load_plan(config.plan) if config.plan is not None else None
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
-    plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
+    measured = None
+    if saved is not None:
+        plan = check_saved_plan(saved, model, world_size, _hardware(world_size))
+    else:
+        if config.cluster == "auto":
+            measured = _measure_cluster(config, world_size)
+            config = dataclasses.replace(config, cluster=measured, profiles=None)
+        plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
+        if measured is not None and not config.auto_parallel and config.row_weights is None:
+            plan = _rows_on(plan, measured, captured, example_rows)
     _check_fixed_rows(plan, captured, example_rows)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
-    plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
+    if saved is None:  # a saved plan runs as written, its shard sizes too
+        plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
     built = rewrite.build(plan, _rank())
     program = PipelineProgram(built, config) if plan.num_stages > 1 else DataParallelProgram(built, config)
     program.predicted_step_time, program.predicted_timeline = _predict(
         plan, captured, example_rows, config, world_size, ranks_per_node
     )
+    if not config.quiet and _rank() == 0 and (saved is not None or measured is not None or config.auto_parallel):
+        print(_plan_summary(program.plan, example_rows, measured, saved), flush=True)
     return program
+
+
+def _measure_cluster(config: Config, world_size: int) -> Cluster:
+    """``Config(cluster="auto")``: every rank measures itself (or reads ``config.profiles``) at
+    once, the reports are exchanged over the default process group, and every rank builds the
+    same cluster from them. A rank that cannot report fails every rank, after the exchange."""
+    if config.profiles is not None:
+        load_profiles(config.profiles)  # an unreadable file fails here, on every rank, before any exchange
+    initialized = dist.is_available() and dist.is_initialized()
+    if world_size > 1 and not initialized:
+        raise ValueError(
+            "Config(cluster='auto') measures the ranks and exchanges what they found when "
+            "parallelize runs: call wh.init() before wh.parallelize"
+        )
+    if not initialized or world_size == 1:
+        return cluster_from_reports([rank_report(0, profiles=config.profiles)])
+    dist.barrier()  # every rank measures at once: ranks that share cores measure their share
+    report = rank_report(dist.get_rank(), profiles=config.profiles)
+    reports: list = [None] * world_size
+    dist.all_gather_object(reports, report)
+    return cluster_from_reports(reports)
+
+
+def _rows_on(plan: Plan, cluster: Cluster, captured, example_rows) -> Plan:
+    """An annotated plan's rows by measured speed, under memory where the graph tells it."""
+    profile = None
+    if captured is not None and example_rows is not None and plan.num_stages == 1:
+        profile = profile_model(captured, example_rows)
+    return rows_on_cluster(plan, cluster, example_rows=example_rows, profile=profile)
+
+
+def _hardware(world_size: int) -> list[str | None]:
+    """Each rank's device name (``"CPU"``, the CUDA device's), gathered where the process group
+    is up; else this rank's only (None for the others)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size > 1:
+        names: list = [None] * world_size
+        dist.all_gather_object(names, name)
+        return names
+    names = [None] * world_size
+    if 0 <= _rank() < world_size:
+        names[_rank()] = name
+    return names
+
+
+def _plan_summary(plan: Plan, example_rows: int | None, measured: Cluster | None, saved) -> str:
+    """What rank 0 prints of the plan it runs: where it came from, then its table."""
+    if saved is not None:
+        origin = f"the saved plan from {saved.source}" + (f" (made for {saved.cluster})" if saved.cluster else "")
+    elif measured is not None:
+        origin = f"the plan for the measured cluster {measured}"
+    else:
+        origin = "the searched plan (auto_parallel)"
+    lines = plan.table(example_rows).splitlines()
+    if plan.world_size > 16:  # concise on a large world: the first and last ranks
+        ranks = lines[2 : 2 + plan.world_size]
+        lines[2 : 2 + plan.world_size] = [*ranks[:8], f"  ... {plan.world_size - 12} ranks more ...", *ranks[-4:]]
+    return "\n".join([f"whale: running {origin}", *lines])
 
 
 def _predict(plan, captured, example_rows, config, world_size, ranks_per_node):

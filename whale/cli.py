@@ -6,7 +6,9 @@ searches data, tensor and pipeline degrees, stages, micro-batches, schedule and 
 cluster, and prints the plan. Without ``--cluster`` the cluster is ``--world-size`` devices of
 this host's type with this host's memory. Annotations and the pin flags fix choices; the search
 makes the rest. ``--picture plan.png`` draws the plan on the cluster; ``--trace step.json``
-writes its simulated pipeline step as a Chrome trace (``--trace-picture`` draws it).
+writes its simulated pipeline step as a Chrome trace (``--trace-picture`` draws it);
+``--out plan.json`` writes the plan with the model and devices it is for, which
+``Config(plan="plan.json")`` executes as written.
 
 ``whale profile [--out FILE] [--cluster-out FILE]`` measures the devices (and, under torchrun,
 the links) into a profile file for ``--profiles``.
@@ -161,6 +163,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         check_target(args.trace, formats=("json",), what="--trace")
     if args.trace_picture:
         check_target(args.trace_picture, what="--trace-picture")
+    if args.out:
+        check_target(args.out, formats=("json",), what="--out")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -201,6 +205,8 @@ def _plan(args: argparse.Namespace) -> int:
     ):  # the sizes the runtime will use on tensor groups of mixed devices
         plan = speed_sizes(plan, cluster, model, captured)
         report = dataclasses.replace(report, plan=plan)
+    if args.out:
+        _save_plan(args, plan, report, model, cluster, global_batch)
     if args.json:
         if args.explain:
             print(
@@ -235,6 +241,21 @@ def _plan(args: argparse.Namespace) -> int:
         )
     _write_outputs(args, plan, cluster, report, timeline)
     return 0
+
+
+def _save_plan(args: argparse.Namespace, plan, report, model, cluster, global_batch) -> None:
+    """``--out``: the plan, with what it was made for, for ``Config(plan=FILE)`` (written
+    atomically: a temporary file renamed into place)."""
+    from .planner.saved_plan import save_plan
+
+    if not report.executable:
+        raise ValueError(
+            f"--out {args.out}: this plan shards layers outside the model's split() parts, which "
+            "parallelize does not run (a what-if of --tensor-parallel); annotate them with split() "
+            "or drop --tensor-parallel"
+        )
+    save_plan(args.out, plan, model, cluster=cluster, global_batch=global_batch)
+    print(f"plan -> {args.out} (run it with Config(plan={args.out!r}))", file=sys.stderr)
 
 
 def _bytes(n: int) -> str:
@@ -353,7 +374,7 @@ _PLAN_EXAMPLES = """\
 examples:
   whale plan examples/gpt.py --cluster "node0=2xA100-80GB,node1=2xT4" --global-batch 32 --explain
   whale plan examples/gpt.py --cluster "8xA100-80GB;net=100Gbps" --stages 4 --micro-batches 8
-  whale plan my_model.py:build --cluster @cluster.json --json > plan.json
+  whale plan my_model.py:build --cluster @cluster.json --out plan.json   # Config(plan="plan.json") runs it
   whale plan examples/gpt.py --cluster 4xT4 --picture plan.png --trace step.json
   whale plan examples/cnn.py --world-size 4        # 4 devices of this host, its real memory
 
@@ -455,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="print the plan as JSON (Plan.from_json reads it)",
     )
+    plan.add_argument("--out", default=None, metavar="FILE.json",
+                      help="write the plan (with the model and devices it is for) for Config(plan=FILE)")  # fmt: skip
     plan.add_argument(
         "--explain",
         action="store_true",

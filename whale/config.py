@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -116,12 +117,34 @@ class Config:
     cluster: Any = None
     """The devices, as a spec string (``"node0=8xA100-80GB,node1=8xV100-32GB"``, a mixed node
     ``"node0=1xA100-80GB+1xT4"``) or a parsed ``whale.ir.cluster_spec.Cluster``; None is this
-    host's device type. ``auto_parallel`` plans on it; ``split`` shards by its device speeds."""
+    host's device type. ``auto_parallel`` plans on it; ``split`` shards by its device speeds.
+    ``"auto"``: the ranks measure themselves at ``parallelize`` (a short matrix-multiply profile
+    and their memory, or ``profiles``), exchange it with which ranks share a host, and plan for
+    that cluster: rows per replica by measured speed under memory (also without
+    ``auto_parallel``), layers per stage and shard widths by the search (needs ``wh.init()``
+    before ``parallelize``)."""
 
     shard_sizes: Mapping[str, Sequence[int]] | None = None
     """Per split region (a module path in it), the heads/columns/classes/experts of each rank.
     None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types.
     Stored as a read-only, hashable mapping of tuples (``dict(config.shard_sizes)`` copies it)."""
+
+    profiles: str | os.PathLike | None = None
+    """With ``cluster="auto"``: a ``whale profile`` file; each rank takes its device's profile
+    from it (its memory as measured, an emulated slowdown applied) instead of measuring. A file
+    that describes no device of some rank is refused on every rank."""
+
+    plan: Any = None
+    """A saved plan to execute as written: the path of a file ``whale plan --out`` (or
+    :func:`whale.planner.saved_plan.save_plan`) wrote, or a ``Plan``. ``parallelize`` checks it
+    against the model (parameter names and shapes), the world size and each rank's device kind,
+    and refuses a mismatch by name. Not with ``auto_parallel``, ``cluster="auto"`` or the fields
+    a plan fixes (``row_weights``, ``stage_boundaries``, ``pipeline_degree``, ``shard_sizes``,
+    ``num_micro_batch``, ``schedule``)."""
+
+    quiet: bool = False
+    """Rank 0 does not print the plan it runs (printed for ``cluster="auto"``, ``auto_parallel``
+    and saved plans)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -183,8 +206,10 @@ class Config:
             from .ir.cluster_spec import parse_cluster
             from .ir.topology import Cluster
 
-            if isinstance(self.cluster, str):
+            if isinstance(self.cluster, str) and self.cluster != "auto":
                 object.__setattr__(self, "cluster", parse_cluster(self.cluster))
+            elif self.cluster == "auto":
+                pass  # measured at parallelize (whale.planner.self_profile)
             elif not isinstance(self.cluster, Cluster):
                 raise TypeError(
                     f"Config(cluster=...) is a cluster spec such as 'node0=8xA100-80GB' or a "
@@ -203,6 +228,42 @@ class Config:
         for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
+        self._check_auto_and_plan()
+
+    def _check_auto_and_plan(self) -> None:
+        """``profiles``, ``plan`` and ``quiet`` (cluster="auto" and saved plans)."""
+        from .ir.plan import Plan
+
+        if not isinstance(self.quiet, bool):
+            raise TypeError(f"Config(quiet=...) is a bool, got {self.quiet!r}")
+        if self.profiles is not None:
+            if not isinstance(self.profiles, (str, os.PathLike)):
+                raise TypeError(f"Config(profiles=...) is the path of a whale profile file, got {self.profiles!r}")
+            if self.cluster != "auto":
+                raise ValueError(
+                    f"Config(profiles={os.fspath(self.profiles)!r}) gives the device profiles of "
+                    "cluster='auto'; add cluster='auto' (or describe the cluster without profiles)"
+                )
+        if self.plan is None:
+            return
+        if not isinstance(self.plan, (str, os.PathLike, Plan)):
+            raise TypeError(
+                f"Config(plan=...) is the path of a plan file (whale plan --out) or a Plan, "
+                f"got {type(self.plan).__name__}"
+            )
+        fixed = [
+            f"{name}={getattr(self, name)!r}" for name, default in (
+                ("auto_parallel", False), ("row_weights", None), ("stage_boundaries", None),
+                ("pipeline_degree", None), ("shard_sizes", None), ("num_micro_batch", 1), ("schedule", "1f1b"),
+            ) if getattr(self, name) != default
+        ]  # fmt: skip
+        if self.cluster == "auto":
+            fixed.insert(0, "cluster='auto'")
+        if fixed:
+            raise ValueError(
+                f"Config(plan=...) executes the saved plan as written, which fixes what "
+                f"Config({', '.join(fixed)}) asks for; drop those fields, or re-plan without plan="
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

@@ -1,0 +1,125 @@
+"""Cases run on every rank of a gloo pool (tests/world.py) for ``Config(cluster="auto")`` and
+saved plans (``Config(plan=...)``): each trains distributed and, on every rank, the local model on
+the same batches, and returns what ``tests.equivalence.assert_equivalent`` compares plus the
+rows, the measured cluster and the plan."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+
+import whale as wh
+from tests.dp_cases import _model_and_batches
+from tests.equivalence import train_distributed, train_reference
+from tests.hf_cases import _batches, _train_distributed, _train_reference
+from tests.hf_models import BUILDERS
+from whale.ir.emulation import ENV_VAR
+
+
+@contextlib.contextmanager
+def _emulated(spec: str | None):
+    """``WHALE_EMULATE_SLOWDOWN=spec`` on this rank for the block (the pool's ranks live on)."""
+    before = os.environ.get(ENV_VAR)
+    if spec is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = spec
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
+
+
+def _facts(program, printed: str, total: int) -> dict:
+    cluster = program.config.cluster
+    return {
+        "rows": list(program.plan.rows(total)),
+        "devices": None if cluster is None or isinstance(cluster, str) else [d.profile.name for d in cluster.devices()],
+        "speeds": None if cluster is None or isinstance(cluster, str)
+        else [d.profile.peak("fp32") for d in cluster.devices()],
+        "plan_json": program.plan.to_json(),
+        "printed": printed,
+    }  # fmt: skip
+
+
+def gpt_auto(spec: str | None, rows: int, **config) -> dict:
+    """The examples' GPT, data parallel, under ``Config(cluster="auto", **config)`` with
+    ``WHALE_EMULATE_SLOWDOWN=spec``."""
+    model, batches, loss_fn = _model_and_batches("gpt", rows)
+    reference = copy.deepcopy(model)
+    out = train_reference(reference, batches, loss_fn)
+    printed = io.StringIO()
+    with _emulated(spec), contextlib.redirect_stdout(printed):
+        program = wh.parallelize(
+            model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(cluster="auto", **config)
+        )
+        out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out.update(_facts(program, printed.getvalue(), rows))
+    return out
+
+
+def hf_auto(name: str, spec: str | None, rows: int, **config) -> dict:
+    """A transformers model (tests/hf_models.py) under ``Config(**config)`` (``cluster="auto"``
+    or a saved ``plan=``) with ``WHALE_EMULATE_SLOWDOWN=spec``."""
+    case = BUILDERS[name](rows=rows)
+    batches = _batches(case)
+    reference = copy.deepcopy(case.model)
+    out = _train_reference(reference, batches, case.loss_fn)
+    printed = io.StringIO()
+    with _emulated(spec), contextlib.redirect_stdout(printed):
+        program = wh.parallelize(case.model, loss_fn=case.loss_fn, example_inputs=case.inputs, config=wh.Config(**config))
+        out.update(_train_distributed(program, batches, out.pop("ref_states"), "dict"))
+    out.update(_facts(program, printed.getvalue(), rows))
+    out["stages"] = program.plan.num_stages
+    return out
+
+
+def gpt_error(**config) -> str:
+    """The ValueError ``parallelize`` raises on this rank under ``Config(**config)`` (every rank
+    must raise; none may wait for another)."""
+    model, batches, loss_fn = _model_and_batches("gpt", 8)
+    try:
+        wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(quiet=True, **config))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def hf_error(name: str, **config) -> str:
+    """As :func:`gpt_error`, on a transformers model."""
+    case = BUILDERS[name](rows=8)
+    try:
+        wh.parallelize(case.model, loss_fn=case.loss_fn, example_inputs=case.inputs, config=wh.Config(quiet=True, **config))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def gpt2_target():
+    """``whale plan tests/auto_cases.py:gpt2_target``: the GPT-2 of tests/hf_models.py."""
+    case = BUILDERS["gpt2"](rows=8)
+    return case.model, case.inputs
+
+
+def gpt_target():
+    """``whale plan tests/auto_cases.py:gpt_target``: the examples' GPT."""
+    model, batches, _ = _model_and_batches("gpt", 8)
+    return model, (batches[0][0],)
+
+
+def emulated_rank_reports(spec: str) -> dict:
+    """This rank's self-profile under ``WHALE_EMULATE_SLOWDOWN=spec``, measured at once with the
+    other ranks (as ``parallelize`` does)."""
+    import torch.distributed as dist
+
+    from whale.planner.self_profile import rank_report
+
+    with _emulated(spec):
+        dist.barrier()
+        report = rank_report(dist.get_rank())
+    return {"speed": report.speed, "seconds": report.seconds, "error": report.error}

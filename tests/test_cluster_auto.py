@@ -1,0 +1,198 @@
+"""``Config(cluster="auto")``: the ranks measure themselves at ``parallelize``, exchange what they
+found, and run the plan for that cluster.
+
+Equivalence (tests/equivalence.py tolerances): uneven rows change only the order of the fp32
+additions, as for ``row_weights`` (loss rtol 1e-6; gradients rtol 1e-4, atol 1e-6; parameters
+after one AdamW step 2e-6 on entries with ordinary gradients).
+
+Rows: rank 1 is emulated 2x slower, so rank 0 should take 2/3 of the rows. Both ranks measure at
+once on a shared host whose other processes stretch single timings by up to ~20-30% (median of 7
+timings per rank), so the test accepts rank 0 taking between 55% and 80% of the rows (2/3 is
+66.7%; even rows, what a measurement that missed the emulation gives, are 50%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+import whale as wh
+from tests.equivalence import assert_equivalent
+from whale.ir.cluster_spec import parse_cluster
+from whale.ir.devices import CPU_PROFILE, get_profile, save_profiles
+from whale.ir.plan import Plan
+from whale.planner.annotated.cluster_rows import replica_speeds, rows_on_cluster
+from whale.planner.measure import slowed
+from whale.planner.self_profile import (
+    SAME_CLASS,
+    RankReport,
+    cluster_from_reports,
+    rank_report,
+)
+
+CASES = "tests.auto_cases"
+
+
+def _share(rows) -> float:
+    return rows[0] / sum(rows)
+
+
+def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(world2):
+    outs = world2.run(f"{CASES}:gpt_auto", "1:2", 24)
+    for out in outs:
+        assert_equivalent(out)
+        assert out["rows"] == outs[0]["rows"], "every rank plans for the same cluster"
+        assert out["devices"] == outs[0]["devices"]
+    assert 0.55 <= _share(outs[0]["rows"]) <= 0.8, outs[0]["rows"]
+    assert outs[0]["devices"][0] == "CPU" and outs[0]["devices"][1].startswith("CPU-slow"), outs[0]["devices"]
+    # Rank 0 prints the plan it runs, once; rank 1 prints nothing.
+    assert "whale: running the plan for the measured cluster" in outs[0]["printed"]
+    assert outs[0]["printed"].count("whale: running") == 1 and outs[1]["printed"] == ""
+
+
+def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
+    # GPT-2 searched (auto_parallel) on the measured cluster; quiet: nothing printed.
+    outs = world2.run(f"{CASES}:hf_auto", "gpt2", "1:2", 12, cluster="auto", auto_parallel=True, quiet=True)
+    for out in outs:
+        assert_equivalent(out, names=out["params"].keys())
+        assert out["printed"] == ""
+        assert out["plan_json"] == outs[0]["plan_json"]
+    if outs[0]["stages"] == 1:  # data parallel: the fast rank takes more rows
+        assert 0.55 <= _share(outs[0]["rows"]) <= 0.85, outs[0]["rows"]
+    assert outs[0]["devices"][1].startswith("CPU-slow")
+
+
+def test_profile_file_is_used_and_a_file_for_other_devices_is_refused_on_every_rank(world2, tmp_path):
+    good, bad = tmp_path / "cpu.json", tmp_path / "a100.json"
+    measured = dataclasses.replace(CPU_PROFILE, peak_flops={"fp32": 1e11}, source="measured for the test")
+    save_profiles([measured], good)
+    save_profiles([get_profile("A100-80GB")], bad)
+    outs = world2.run(f"{CASES}:gpt_auto", "1:2", 12, profiles=str(good))
+    for out in outs:
+        assert_equivalent(out)
+    # The file's rate, the emulated factor applied; rows follow it exactly (2:1).
+    assert outs[0]["speeds"] == pytest.approx([1e11, 5e10])
+    assert outs[0]["rows"] == [8, 4]
+    errors = world2.run(f"{CASES}:gpt_error", cluster="auto", profiles=str(bad))
+    for message in errors:
+        assert "describes ['A100-80GB'] but rank 0 runs on 'CPU'" in message, message
+        assert "rank 1" in message and "whale profile --out" in message
+
+
+def test_unreadable_profile_file_fails_before_any_exchange(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        wh.parallelize(model, loss_fn=torch.nn.functional.mse_loss, example_inputs=(torch.randn(4, 4),),
+                       config=wh.Config(cluster="auto", profiles=str(path)))  # fmt: skip
+
+
+def test_profiles_without_auto_and_auto_without_init_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="gives the device profiles of cluster='auto'"):
+        wh.Config(profiles="p.json")
+    with pytest.raises(TypeError, match="Config\\(profiles=...\\) is the path"):
+        wh.Config(cluster="auto", profiles=3)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("this process already holds a process group")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="call wh.init\\(\\) before wh.parallelize"):
+        wh.parallelize(torch.nn.Linear(4, 2), loss_fn=torch.nn.functional.mse_loss,
+                       example_inputs=(torch.randn(4, 4),), config=wh.Config(cluster="auto"))  # fmt: skip
+
+
+def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
+    # One process measures rank 0 and an emulated 2x-slow rank 1 alternately (5 rounds, medians):
+    # the ratio is the factor within the noise of a shared host.
+    # Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
+    fast, slow, threads = [], [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):
+            fast.append(rank_report(0, environ={}))
+            slow.append(rank_report(1, environ={"WHALE_EMULATE_SLOWDOWN": "1:2"}))
+    finally:
+        torch.set_num_threads(threads)
+    ratio = statistics.median(r.speed for r in fast) / statistics.median(r.speed for r in slow)
+    assert 1.7 <= ratio <= 2.4, ratio
+    assert max(r.seconds for r in fast) < 1.0 and max(r.seconds for r in slow) < 2.0
+    assert all(r.error is None and r.measured for r in fast + slow)
+
+
+def _report(rank, host="a", speed=1.0, cpu=True, error=None, memory=64 << 30):
+    profile = dataclasses.replace(slowed(CPU_PROFILE, 1 / speed, "CPU"), memory_bytes=memory)
+    return RankReport(rank, host, "CPU", profile.to_dict(), speed, cpu, True, 0.01, error)
+
+
+def test_cluster_from_reports_groups_hosts_shares_ram_and_classes_speeds():
+    reports = [_report(0, "a", 1.0), _report(1, "a", 0.9), _report(2, "b", 0.5), _report(3, "b", 1.05)]
+    cluster = cluster_from_reports(reports)
+    assert [n.name for n in cluster.nodes] == ["a", "b"] and cluster.world_size == 4
+    names = [d.profile.name for d in cluster.devices()]
+    assert names == ["CPU", "CPU", "CPU-slow2", "CPU"], names
+    peaks = [d.profile.peak("fp32") for d in cluster.devices()]
+    # 1.0, 0.9 and 1.05 are one class (within SAME_CLASS of 1.05): its median speed, 1.0.
+    assert peaks[0] == peaks[1] == peaks[3] == pytest.approx(CPU_PROFILE.peak("fp32"))
+    assert peaks[2] == pytest.approx(CPU_PROFILE.peak("fp32") / 2)
+    assert 1.05 / 0.9 < SAME_CLASS
+    # The CPU ranks of a host share its RAM.
+    assert {d.profile.memory_bytes for d in cluster.devices()} == {32 << 30}
+    assert cluster_from_reports(reports) == cluster, "a pure function: every rank builds the same"
+
+
+def test_cluster_from_reports_splits_hosts_that_are_not_consecutive_and_names_errors():
+    cluster = cluster_from_reports([_report(0, "x.y"), _report(1, "9z"), _report(2, "x.y")])
+    assert [n.name for n in cluster.nodes] == ["x.y", "host-9z", "x.y-2"]
+    with pytest.raises(ValueError, match=r"rank 1 \(h, CPU\): no such device"):
+        cluster_from_reports([_report(0, "h"), RankReport(1, "h", "CPU", None, error="no such device")])
+
+
+def test_rows_on_cluster_follow_speed_under_memory():
+    cluster = parse_cluster("node0=1xA100-80GB+1xT4")
+    plan = Plan(world_size=2, pipelines=((0,), (1,)), row_weights=(1.0, 1.0), replica_groups=((0, 1),))
+    a100, t4 = (get_profile(n).peak("fp32") for n in ("A100-80GB", "T4"))
+    assert replica_speeds(plan, cluster) == (a100, t4)
+    rows = rows_on_cluster(plan, cluster, example_rows=100).rows(100)
+    assert rows[0] == pytest.approx(100 * a100 / (a100 + t4), abs=1)
+    assert rows_on_cluster(plan, cluster).row_weights == (1.0, t4 / a100)
+    pinned = dataclasses.replace(plan, pinned_rows=(50, 50))
+    assert rows_on_cluster(pinned, cluster, example_rows=100) is pinned
+
+
+def test_rows_on_cluster_cap_rows_by_memory():
+    # 2 ranks, rank 0 four times as fast but with room for only 10 rows of activations.
+    from whale.planner.cost.formulas import training_memory
+    from whale.planner.cost.layers import Layer, ModelProfile
+
+    layer = Layer("l", (1e9,), (0.0,), (0.0,), 0, 4_000, 0, 1e6, 0.0, 0.0, 0)
+    profile = ModelProfile.from_layers([layer])
+    static = training_memory(param_bytes=4_000, precision="fp32", optimizer="adamw").total
+    fast = dataclasses.replace(slowed(CPU_PROFILE, 0.25, "fast"), memory_bytes=int((static + 10e6) / 0.9) + 1)
+    slow = dataclasses.replace(CPU_PROFILE, memory_bytes=1 << 40)
+    from whale.ir.topology import Cluster, Node
+
+    cluster = Cluster(nodes=(Node(name="n", devices=(fast, slow)),))
+    plan = Plan(world_size=2, pipelines=((0,), (1,)), row_weights=(1.0, 1.0), replica_groups=((0, 1),))
+    assert rows_on_cluster(plan, cluster, example_rows=20).rows(20) == (16, 4)
+    assert rows_on_cluster(plan, cluster, example_rows=20, profile=profile).rows(20) == (10, 10)
+    tiny = dataclasses.replace(fast, memory_bytes=1000)
+    with pytest.raises(ValueError, match="measured cluster .*hold \\[0\\] rows"):
+        rows_on_cluster(plan, Cluster(nodes=(Node(name="n", devices=(tiny, slow)),)), example_rows=20, profile=profile)
+
+
+def test_auto_single_process_measures_in_well_under_a_second():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    began = time.perf_counter()
+    program = wh.parallelize(model, loss_fn=torch.nn.functional.mse_loss, example_inputs=(torch.randn(8, 16),),
+                             config=wh.Config(cluster="auto", quiet=True))  # fmt: skip
+    assert time.perf_counter() - began < 5.0  # capture included; the profile itself is ~0.1 s
+    assert program.config.cluster.world_size == 1 and program.config.cluster.devices()[0].profile.name == "CPU"
+    assert os.environ.get("WHALE_EMULATE_SLOWDOWN") is None

@@ -1,0 +1,326 @@
+"""``Config(cluster="auto")``: every rank measures its device in a short profile, and the ranks'
+reports become one :class:`~whale.ir.topology.Cluster` to plan for.
+
+Two steps, joined by one exchange over the default process group (``whale.api`` does it):
+
+1. :func:`rank_report` on every rank: which host it is on (its name), what its device is, how
+   much memory it can use, and how fast it runs. Fast: one matrix multiply of a transformer's
+   linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
+   timed :data:`REPEATS` times while every rank measures at once, median taken (one sample
+   slowed by another process does not count); about 0.05 s on a CPU core (twice that on a rank
+   emulated 2x slower). The rate, over the device's efficiency at that size, gives its peak,
+   and the device's datasheet profile is scaled to it. On a single-threaded CPU rank the multiplies are timed in
+   CPU time (the core's speed while the rank runs) and the rank also reports the share of wall
+   time it ran: ranks that share cores get what the host's median share gives them. A rank that
+   ``WHALE_EMULATE_SLOWDOWN`` slows idles after each timed multiply as its steps will (its
+   time is ``FACTOR`` times the multiply's), so the profile sees the emulated speed as it
+   would see a real slow device. Or, given a
+   ``whale profile`` file (``Config(profiles=...)``), the rank takes its device's profile from
+   the file (emulated slowdowns applied) and measures nothing.
+2. :func:`cluster_from_reports` on every rank, on the same list: a pure function, so every rank
+   plans for the same cluster. Ranks on one host (same host name, consecutive ranks) form a
+   node; CPU ranks of a host share its RAM. Measured speeds within :data:`SAME_CLASS` of each
+   other are one device class with their median speed (noise of a loaded host does not make
+   every rank a device type of its own); slower classes are named ``CPU-slow2`` (2x slower than
+   the fastest of that device).
+
+Example::
+
+    reports = [None] * world; dist.all_gather_object(reports, rank_report(rank))
+    cluster = cluster_from_reports(reports)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
+from ..ir.emulation import slowdown_factor, slowdown_from_env
+from ..ir.topology import Cluster, Node
+from .cost.formulas import efficiency_at
+from .measure import emulated, slowed
+
+__all__ = ["REPEATS", "SAME_CLASS", "RankReport", "cluster_from_reports", "rank_report"]
+
+REPEATS = 7
+"""Timed multiplies per rank; the median is the rank's time."""
+
+SAME_CLASS = 1.2
+"""Ranks of one device whose measured speeds are within this factor of the class's fastest are
+one device class (a loaded host varies a single rank's rate by up to ~20%)."""
+
+# n of the 4n x n x 4n multiply: ~67 MFLOP on a CPU (a few ms), ~275 GFLOP on a GPU (ms).
+_CPU_N, _GPU_N = 128, 2048
+# Each timed sample runs the multiply this many times: samples of ~5 ms on a CPU core (~30
+# ms on a GPU), well above the timer's granularity; 7 of them take ~0.05 s.
+_CPU_INNER, _GPU_INNER = 5, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RankReport:
+    """What one rank tells the others about itself (picklable, small).
+
+    Attributes:
+        rank: the rank.
+        host: the host name: ranks of one host share a node (and, on CPUs, its RAM).
+        hardware: the device, as :func:`~whale.ir.devices.get_profile` finds it (``"CPU"``,
+            ``"NVIDIA A100-SXM4-80GB"``).
+        profile: the device's profile as this rank measured it (or read it from a file), as
+            :meth:`DeviceProfile.to_dict` writes it; its memory is the device's or the host's.
+        speed: measured peak over the datasheet profile's (1.0: as the datasheet says); 1.0
+            for a profile read from a file (no measurement; the file's rates hold).
+        cpu: the device is the host's CPU, whose RAM the host's ranks share.
+        measured: the speed was measured (not read from a file): ranks of one device are
+            grouped into classes by it.
+        seconds: how long the measurement took on this rank.
+        error: why this rank could not report (raised on every rank after the exchange).
+        share: on a CPU, the share of wall time the rank ran while it measured (CPU time over
+            wall time: 0.5 when two busy ranks share a core); 1.0 on a GPU or from a file.
+    """
+
+    rank: int
+    host: str
+    hardware: str
+    profile: Mapping[str, Any] | None
+    speed: float = 1.0
+    cpu: bool = True
+    measured: bool = False
+    seconds: float = 0.0
+    error: str | None = None
+    share: float = 1.0
+
+
+def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ=None) -> RankReport:
+    """Measure this rank's device (or read it from ``profiles``) into a :class:`RankReport`.
+
+    Never raises for a problem with the device or the file: the report carries the error, so
+    that every rank learns it after the exchange and none waits for a rank that gave up.
+
+    Args:
+        rank: this process's rank (its ``WHALE_EMULATE_SLOWDOWN`` factor at step 0 applies).
+        profiles: a ``whale profile`` file; None measures.
+        environ: the environment to read ``WHALE_EMULATE_SLOWDOWN`` from (default: os.environ).
+
+    Example::
+
+        report = rank_report(dist.get_rank())
+        report.speed, report.seconds      # e.g. 0.013, 0.09
+    """
+    import torch
+
+    began = time.perf_counter()
+    host = socket.gethostname() or "localhost"
+    cuda = torch.cuda.is_available()
+    hardware = torch.cuda.get_device_name() if cuda else "CPU"
+    try:
+        factor = slowdown_factor(slowdown_from_env(environ), rank, 0)
+        memory = _usable_memory(cuda)
+        if profiles is not None:
+            profile, speed, share = _from_file(profiles, hardware, rank, environ), 1.0, 1.0
+        else:
+            base = _datasheet(hardware)
+            peak, share = _measured_peak(base, cuda, factor)
+            speed = peak / base.peak("fp32")
+            profile = slowed(base, 1.0 / speed, base.name)  # classes name it (cluster_from_reports)
+            profile = dataclasses.replace(profile, source=f"{base.name} measured by whale (cluster='auto') on {host}: "
+                                          f"{speed:.3g}x its datasheet rates ({base.source})")  # fmt: skip
+        profile = dataclasses.replace(profile, memory_bytes=memory)
+    except (ValueError, OSError) as err:
+        return RankReport(rank, host, hardware, None, cpu=not cuda, error=str(err))
+    return RankReport(rank, host, hardware, profile.to_dict(), speed, not cuda, profiles is None,
+                      time.perf_counter() - began, share=share)  # fmt: skip
+
+
+def _datasheet(hardware: str) -> DeviceProfile:
+    try:
+        return get_profile(hardware)
+    except ValueError:
+        raise ValueError(
+            f"the device {hardware!r} has no datasheet profile to scale by its measured speed; "
+            "measure it with `whale profile --out FILE` and pass Config(cluster='auto', profiles=FILE)"
+        ) from None
+
+
+def _from_file(path: str | os.PathLike, hardware: str, rank: int, environ) -> DeviceProfile:
+    """This device's profile from a ``whale profile`` file, as the emulation makes it run."""
+    table = load_profiles(path)
+    try:
+        found = get_profile(hardware, profiles=list(table.values()))
+    except ValueError:
+        found = None
+    if found is None or found.name not in table:
+        raise ValueError(
+            f"the profile file {os.fspath(path)} describes {sorted(table)} but rank {rank} runs on "
+            f"{hardware!r}; measure this device with `whale profile --out {os.fspath(path)}` on "
+            "it, or leave Config(profiles=...) out to measure at start"
+        )
+    return emulated(found, rank, environ)
+
+
+def _usable_memory(cuda: bool) -> int:
+    """Bytes this process can use: on a GPU, what is free plus what torch already holds; on a
+    CPU, the host's RAM (shared by the host's ranks in :func:`cluster_from_reports`)."""
+    import torch
+
+    if cuda:
+        free, _ = torch.cuda.mem_get_info()
+        return int(free + torch.cuda.memory_reserved())
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return CPU_PROFILE.memory_bytes
+
+
+def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[float, float]:
+    """``(peak, share)``: the peak fp32 FLOP/s of this rank's device when it runs, from the
+    median time of :data:`REPEATS` timed multiplies over the device's efficiency at their size,
+    and the share of wall time it ran while it measured (1.0 on a GPU or a multi-threaded CPU
+    rank, timed by the wall clock).
+
+    On a single-threaded CPU rank the multiplies are timed by the process's CPU time: what the core does while this
+    rank runs, whatever other processes take from it (their share of the core is the ``share``,
+    taken host-wide in :func:`cluster_from_reports`, where one rank's scheduling luck averages
+    out). An emulated slow rank idles after each multiply for ``factor - 1`` times what it took,
+    as its training steps will, and counts ``factor`` times the multiply."""
+    import torch
+
+    n, inner = (_GPU_N, _GPU_INNER) if cuda else (_CPU_N, _CPU_INNER)
+    device = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # CPU time on a single-threaded CPU rank (torchrun's default); a multi-threaded one's CPU
+    # time counts its threads' spinning, so it is timed, and shared, by the wall clock.
+    shared = not cuda and torch.get_num_threads() == 1
+    clock = time.process_time if shared else time.perf_counter
+    gen = torch.Generator(device=device).manual_seed(0)  # no draw from the user's random stream
+    a = torch.randn(4 * n, n, device=device, generator=gen)
+    w = torch.randn(4 * n, n, device=device, generator=gen)
+    times, ran, walls = [], 0.0, 0.0
+    with torch.no_grad():
+        torch.nn.functional.linear(a, w)  # warm-up: allocation, kernel selection
+        sync()
+        for _ in range(REPEATS):
+            wall, start = time.perf_counter(), clock()
+            for _ in range(inner):
+                torch.nn.functional.linear(a, w)
+            sync()
+            took, wall = clock() - start, time.perf_counter() - wall
+            ran, walls = ran + took, walls + wall
+            if factor > 1:  # idle as the runtime does, freeing the core for the other ranks
+                time.sleep((factor - 1) * took)
+            times.append(factor * took)
+    flops = 32.0 * n**3
+    rate = inner * flops / max(statistics.median(times), 1e-9)
+    share = min(1.0, max(0.01, ran / max(walls, 1e-9))) if shared else 1.0
+    return rate / float(efficiency_at(base, flops)), share
+
+
+def cluster_from_reports(reports: Sequence[RankReport]) -> Cluster:
+    """The cluster of the ranks' reports, in rank order (the same on every rank).
+
+    Consecutive ranks of one host form a node named after the host (a host whose ranks are not
+    consecutive gets one node per run, ``host``, ``host-2``: the cluster numbers ranks node by
+    node). CPU ranks of a host share its RAM evenly. Measured devices of one kind whose speeds
+    are within :data:`SAME_CLASS` of their class's fastest take the class's median speed.
+
+    Raises:
+        ValueError: a rank reported an error (naming the rank and the error), or the reports
+            are not ranks 0..n-1.
+
+    Example::
+
+        cluster = cluster_from_reports(reports)
+        [d.profile.name for d in cluster.devices()]   # ['CPU', 'CPU-slow2']
+    """
+    if [r.rank for r in reports] != list(range(len(reports))):
+        raise ValueError(f"cluster_from_reports: reports of ranks {[r.rank for r in reports]}, expected 0..{len(reports) - 1}")
+    failed = [r for r in reports if r.error is not None]
+    if failed:
+        raise ValueError(
+            "Config(cluster='auto'): "
+            + "; ".join(f"rank {r.rank} ({r.host}, {r.hardware}): {r.error}" for r in failed)
+        )
+    per_host: dict[str, int] = {}
+    for r in reports:
+        per_host[r.host] = per_host.get(r.host, 0) + 1
+    profiles = []
+    for r in reports:
+        profile = DeviceProfile.from_dict(r.profile, where=f"rank {r.rank}'s profile")
+        if r.cpu:
+            profile = dataclasses.replace(profile, memory_bytes=max(1, profile.memory_bytes // per_host[r.host]))
+        profiles.append(profile)
+    profiles = _speed_classes(reports, profiles)
+    nodes: list[tuple[str, list[DeviceProfile]]] = []
+    for r, profile in zip(reports, profiles, strict=True):
+        if nodes and nodes[-1][0] == r.host:
+            nodes[-1][1].append(profile)
+        else:
+            nodes.append((r.host, [profile]))
+    names = _node_names([host for host, _ in nodes])
+    return Cluster(nodes=tuple(Node(name=name, devices=tuple(devs)) for name, (_, devs) in zip(names, nodes, strict=True)))
+
+
+def _speed_classes(reports: Sequence[RankReport], profiles: list[DeviceProfile]) -> list[DeviceProfile]:
+    """Measured ranks of one device and memory grouped by speed (fastest first, a class takes
+    every rank within :data:`SAME_CLASS` of its fastest); each class gets one profile at its
+    median speed, named for its slowdown against the fastest class. A CPU rank's speed is its
+    core's times its host's median share (the ranks of a host share its cores alike)."""
+    out = list(profiles)
+    shares: dict[str, list[float]] = {}
+    for r in reports:
+        if r.measured and r.cpu:
+            shares.setdefault(r.host, []).append(r.share)
+    speed = {
+        r.rank: r.speed * (statistics.median(shares[r.host]) if r.measured and r.cpu else 1.0)
+        for r in reports
+    }  # fmt: skip
+    kinds: dict[tuple[str, int], list[int]] = {}
+    for r, p in zip(reports, profiles, strict=True):
+        if r.measured:
+            kinds.setdefault((p.name, p.memory_bytes), []).append(r.rank)
+    for (base, _), ranks in kinds.items():
+        left = sorted(ranks, key=lambda k: (-speed[k], k))
+        fastest = None
+        while left:
+            members = [k for k in left if speed[k] * SAME_CLASS >= speed[left[0]]]
+            left = [k for k in left if k not in members]
+            median = statistics.median(speed[k] for k in members)
+            fastest = fastest or median
+            name = base if median == fastest else f"{base}-slow{fastest / median:.2g}"
+            # From the first member's profile (at its core's speed) to the class's speed.
+            scale = reports[members[0]].speed / median
+            for k in members:
+                out[k] = slowed(profiles[members[0]], scale, name)
+    return _unique_names(out)
+
+
+def _unique_names(profiles: list[DeviceProfile]) -> list[DeviceProfile]:
+    """Distinct profiles get distinct names (the planner groups devices by name)."""
+    seen: dict[str, list[DeviceProfile]] = {}
+    out = []
+    for p in profiles:
+        variants = seen.setdefault(p.name, [])
+        if p not in variants:
+            variants.append(p)
+        index = variants.index(p)
+        out.append(p if index == 0 else dataclasses.replace(p, name=f"{p.name}-{index + 1}", aliases=()))
+    return out
+
+
+def _node_names(hosts: Sequence[str]) -> list[str]:
+    names, used = [], set()
+    for host in hosts:
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "-", host)
+        name = name if re.match(r"[A-Za-z_]", name) else f"host-{name}"
+        candidate, k = name, 2
+        while candidate in used:
+            candidate, k = f"{name}-{k}", k + 1
+        used.add(candidate)
+        names.append(candidate)
+    return names
