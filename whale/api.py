@@ -86,11 +86,11 @@ def parallelize(
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
     world_size, ranks_per_node = _world()
     saved = load_plan(config.plan) if config.plan is not None else None
+    if saved is not None:  # before the capture: another model or world fails at once
+        plan = check_saved_plan(saved, model, world_size, _hardware(world_size))
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
     measured = None
-    if saved is not None:
-        plan = check_saved_plan(saved, model, world_size, _hardware(world_size))
-    else:
+    if saved is None:
         if config.cluster == "auto":
             measured = _measure_cluster(config, world_size)
             config = dataclasses.replace(config, cluster=measured, profiles=None)
