@@ -123,3 +123,12 @@ def emulated_rank_reports(spec: str) -> dict:
         dist.barrier()
         report = rank_report(dist.get_rank())
     return {"speed": report.speed, "seconds": report.seconds, "error": report.error}
+
+
+def split_auto(spec: str | None, **kwargs) -> dict:
+    """tests/split_cases.py's split GPT under ``Config(cluster="auto")`` with
+    ``WHALE_EMULATE_SLOWDOWN=spec``: shard widths by measured speed."""
+    from tests.split_cases import gpt_split
+
+    with _emulated(spec), contextlib.redirect_stdout(io.StringIO()):
+        return gpt_split(cluster="auto", **kwargs)

@@ -67,6 +67,20 @@ def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
     assert outs[0]["devices"][1].startswith("CPU-slow")
 
 
+def test_split_shards_follow_the_measured_speed(world2):
+    # Rank 1 emulated 2x slower: the heads, columns and vocabulary rows of the split parts are
+    # cut by measured speed (2:1 up to whole heads), and the result equals the local model.
+    outs = world2.run(f"{CASES}:split_auto", "1:2", split={"blocks": 2, "lm_head": 2})
+    for out in outs:
+        assert_equivalent(out)
+        assert out["shard_sizes"] == outs[0]["shard_sizes"]
+    sizes = outs[0]["shard_sizes"]
+    assert sizes["blocks.0.attn"] == (3, 1), sizes  # 4 heads: 2.67 rounds to 3
+    fast, slow = sizes["blocks.0.mlp"]
+    assert 0.55 <= fast / (fast + slow) <= 0.8, sizes
+    assert outs[0]["shards"]["blocks.0.mlp.fc.weight"] == (fast, 32)
+
+
 def test_profile_file_is_used_and_a_file_for_other_devices_is_refused_on_every_rank(world2, tmp_path):
     good, bad = tmp_path / "cpu.json", tmp_path / "a100.json"
     measured = dataclasses.replace(CPU_PROFILE, peak_flops={"fp32": 1e11}, source="measured for the test")
@@ -165,6 +179,23 @@ def test_rows_on_cluster_follow_speed_under_memory():
     assert rows_on_cluster(plan, cluster).row_weights == (1.0, t4 / a100)
     pinned = dataclasses.replace(plan, pinned_rows=(50, 50))
     assert rows_on_cluster(pinned, cluster, example_rows=100) is pinned
+
+
+def test_replica_speed_is_the_slowest_position_and_a_mixed_tensor_group_sums():
+    from whale.planner.schedules.generate import make_schedule
+
+    a100, t4 = (get_profile(n).peak("fp32") for n in ("A100-80GB", "T4"))
+    # Two pipelines of 2 stages: replica 0 = ranks (0, 2), replica 1 = ranks (1, 3).
+    cluster = parse_cluster("a=2xA100-80GB,b=1xA100-80GB+1xT4")
+    pipe = Plan(world_size=4, pipelines=((0, 2), (1, 3)), row_weights=(1.0, 1.0), replica_groups=((0, 1),),
+                num_stages=2, schedule=make_schedule("1f1b", 2, 2), num_micro_batch=2)  # fmt: skip
+    assert replica_speeds(pipe, cluster) == (a100, t4)
+    # Tensor groups of 2: (A100, A100) and (A100, T4); the mixed one shards by speed.
+    tp = Plan(world_size=4, pipelines=((0, 1), (2, 3)), row_weights=(1.0, 1.0), replica_groups=((0, 1),),
+              tensor_parallel=2)  # fmt: skip
+    assert replica_speeds(tp, cluster) == (2 * a100, a100 + t4)
+    given = dataclasses.replace(tp, shard_sizes=(("mlp", (2, 2)),))  # even shards: the T4 paces
+    assert replica_speeds(given, cluster) == (2 * a100, 2 * t4)
 
 
 def test_rows_on_cluster_cap_rows_by_memory():
