@@ -19,7 +19,13 @@ import whale as wh
 from tests.equivalence import assert_equivalent
 from whale.cli import main
 from whale.ir.plan import Plan
-from whale.planner.saved_plan import SavedPlan, device_kind, load_plan, model_digest, save_plan
+from whale.planner.saved_plan import (
+    SavedPlan,
+    device_kind,
+    load_plan,
+    model_digest,
+    save_plan,
+)
 
 pytest.importorskip("transformers")
 
