@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_saved_plan_round_trips_and_runs_as_written(world2, gpt2_plan):
     saved = load_plan(gpt2_plan)
     assert saved.devices == ("CPU", "CPU") and saved.model_class == "GPT2LMHeadModel"
     assert saved.plan.world_size == 2 and saved.global_batch == 8
-    assert load_plan(gpt2_plan) == saved and SavedPlan.to_json(saved) == open(gpt2_plan).read()
+    assert load_plan(gpt2_plan) == saved and saved.to_json() == Path(gpt2_plan).read_text()
     outs = world2.run(f"{CASES}:hf_auto", "gpt2", None, 8, plan=gpt2_plan)
     for out in outs:
         assert_equivalent(out, names=out["params"].keys())
