@@ -141,6 +141,14 @@ def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     assert all(r.error is None and r.measured for r in fast + slow)
 
 
+def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):
+    # As parallelize measures: both ranks at once, single-threaded, rank 1 emulated 2x slower.
+    outs = world2.run(f"{CASES}:emulated_rank_reports", "1:2")
+    assert all(o["error"] is None for o in outs)
+    assert 1.7 <= outs[0]["speed"] / outs[1]["speed"] <= 2.4, outs
+    assert outs[0]["seconds"] < 1.0 and outs[1]["seconds"] < 2.0, outs
+
+
 def _report(rank, host="a", speed=1.0, cpu=True, error=None, memory=64 << 30):
     profile = dataclasses.replace(slowed(CPU_PROFILE, 1 / speed, "CPU"), memory_bytes=memory)
     return RankReport(rank, host, "CPU", profile.to_dict(), speed, cpu, True, 0.01, error)

@@ -6,8 +6,8 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
 1. :func:`rank_report` on every rank: which host it is on (its name), what its device is, how
    much memory it can use, and how fast it runs. Fast: one matrix multiply of a transformer's
    linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
-   timed :data:`REPEATS` times while every rank measures at once, median taken (one sample
-   slowed by another process does not count); about 0.05 s on a CPU core (twice that on a rank
+   timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
+   (samples slowed by other processes do not count); about 0.05 s on a CPU core (twice that on a rank
    emulated 2x slower). The rate, over the device's efficiency at that size, gives its peak,
    and the device's datasheet profile is scaled to it. On a single-threaded CPU rank the multiplies are timed in
    CPU time (the core's speed while the rank runs) and the rank also reports the share of wall
@@ -49,8 +49,8 @@ from .measure import emulated, slowed
 
 __all__ = ["REPEATS", "SAME_CLASS", "RankReport", "cluster_from_reports", "rank_report"]
 
-REPEATS = 7
-"""Timed multiplies per rank; the median is the rank's time."""
+REPEATS = 9
+"""Timed samples per rank; the mean of the faster half is the rank's time."""
 
 SAME_CLASS = 1.2
 """Ranks of one device whose measured speeds are within this factor of the class's fastest are
@@ -59,7 +59,7 @@ one device class (a loaded host varies a single rank's rate by up to ~20%)."""
 # n of the 4n x n x 4n multiply: ~67 MFLOP on a CPU (a few ms), ~275 GFLOP on a GPU (ms).
 _CPU_N, _GPU_N = 128, 2048
 # Each timed sample runs the multiply this many times: samples of ~5 ms on a CPU core (~30
-# ms on a GPU), well above the timer's granularity; 7 of them take ~0.05 s.
+# ms on a GPU), well above the timer's granularity; 9 of them take ~0.05 s.
 _CPU_INNER, _GPU_INNER = 5, 4
 
 
@@ -180,11 +180,11 @@ def _usable_memory(cuda: bool) -> int:
 
 def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[float, float]:
     """``(peak, share)``: the peak fp32 FLOP/s of this rank's device when it runs, from the
-    median time of :data:`REPEATS` timed multiplies over the device's efficiency at their size,
+    mean time of the faster half of :data:`REPEATS` timed samples over the device's efficiency at their size,
     and the share of wall time it ran while it measured (1.0 on a GPU or a multi-threaded CPU
     rank, timed by the wall clock).
 
-    On a single-threaded CPU rank the multiplies are timed by the process's CPU time: what the core does while this
+    On a single-threaded CPU rank the multiplies are timed by this thread's CPU time: what the core does while this
     rank runs, whatever other processes take from it (their share of the core is the ``share``,
     taken host-wide in :func:`cluster_from_reports`, where one rank's scheduling luck averages
     out). An emulated slow rank idles after each multiply for ``factor - 1`` times what it took,
@@ -194,16 +194,19 @@ def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[floa
     n, inner = (_GPU_N, _GPU_INNER) if cuda else (_CPU_N, _CPU_INNER)
     device = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # CPU time on a single-threaded CPU rank (torchrun's default); a multi-threaded one's CPU
-    # time counts its threads' spinning, so it is timed, and shared, by the wall clock.
+    # This thread's CPU time on a single-threaded CPU rank (torchrun's default: the multiply
+    # runs on this thread; the process's other threads, gloo's, are not the device); a
+    # multi-threaded rank's CPU time counts its threads' spinning, so it is timed, and shared,
+    # by the wall clock.
     shared = not cuda and torch.get_num_threads() == 1
-    clock = time.process_time if shared else time.perf_counter
+    clock = time.thread_time if shared else time.perf_counter
     gen = torch.Generator(device=device).manual_seed(0)  # no draw from the user's random stream
     a = torch.randn(4 * n, n, device=device, generator=gen)
     w = torch.randn(4 * n, n, device=device, generator=gen)
     times, ran, walls = [], 0.0, 0.0
     with torch.no_grad():
-        torch.nn.functional.linear(a, w)  # warm-up: allocation, kernel selection
+        for _ in range(2):  # warm-up: allocation, kernel selection, caches
+            torch.nn.functional.linear(a, w)
         sync()
         for _ in range(REPEATS):
             wall, start = time.perf_counter(), clock()
@@ -216,7 +219,10 @@ def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[floa
                 time.sleep((factor - 1) * took)
             times.append(factor * took)
     flops = 32.0 * n**3
-    rate = inner * flops / max(statistics.median(times), 1e-9)
+    # The faster half's mean: on a CPU, another process on the core (a hyperthread sibling, the
+    # caches) only ever lengthens a sample's CPU time, so the faster samples are the device's.
+    fastest = sorted(times)[: max(1, len(times) // 2)]
+    rate = inner * flops / max(statistics.fmean(fastest), 1e-9)
     share = min(1.0, max(0.01, ran / max(walls, 1e-9))) if shared else 1.0
     return rate / float(efficiency_at(base, flops)), share
 
