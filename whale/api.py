@@ -47,7 +47,12 @@ def parallelize(
 
     Everything the user wrote is validated here, before any step and without touching the
     process group: annotations, device counts against the world, the example batch against
-    the row split. ``wh.init()`` may come before or after; ``step`` needs it.
+    the row split. ``wh.init()`` may come before or after; ``step`` needs it. Two options
+    talk to the other ranks here, so they need ``wh.init()`` first: ``Config(cluster="auto")``
+    (every rank measures its device, the ranks exchange what they found and all plan for that
+    cluster) and ``Config(plan=...)`` (each rank's device is checked against the saved plan's).
+    Rank 0 prints the plan it runs under those options and ``auto_parallel`` (``Config(quiet=True)``
+    does not); ``program.plan`` is it.
 
     Args:
         model: the local model, annotated inside, by name (``wh.annotate``) or not at all.
