@@ -10,6 +10,8 @@ import copy
 import io
 import os
 
+import torch.distributed as dist
+
 import whale as wh
 from tests.dp_cases import _model_and_batches
 from tests.equivalence import train_distributed, train_reference
@@ -47,18 +49,25 @@ def _facts(program, printed: str, total: int) -> dict:
     }  # fmt: skip
 
 
-def gpt_auto(spec: str | None, rows: int, **config) -> dict:
+def gpt_auto(spec: str | None, rows: int, *, save_to: str | None = None, **config) -> dict:
     """The examples' GPT, data parallel, under ``Config(cluster="auto", **config)`` with
-    ``WHALE_EMULATE_SLOWDOWN=spec``."""
+    ``WHALE_EMULATE_SLOWDOWN=spec``; rank 0 saves the plan it ran to ``save_to``."""
+    return gpt_run(spec, rows, save_to=save_to, cluster="auto", **config)
+
+
+def gpt_run(spec: str | None, rows: int, *, save_to: str | None = None, **config) -> dict:
+    """As :func:`gpt_auto` under ``Config(**config)``."""
+    from whale.planner.saved_plan import save_plan
+
     model, batches, loss_fn = _model_and_batches("gpt", rows)
     reference = copy.deepcopy(model)
     out = train_reference(reference, batches, loss_fn)
     printed = io.StringIO()
     with _emulated(spec), contextlib.redirect_stdout(printed):
-        program = wh.parallelize(
-            model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(cluster="auto", **config)
-        )
+        program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(**config))
         out.update(train_distributed(program, batches, out.pop("ref_states")))
+    if save_to is not None and dist.get_rank() == 0:
+        save_plan(save_to, program.plan, model, cluster=program.config.cluster, global_batch=rows)
     out.update(_facts(program, printed.getvalue(), rows))
     return out
 

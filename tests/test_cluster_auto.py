@@ -42,8 +42,9 @@ def _share(rows) -> float:
     return rows[0] / sum(rows)
 
 
-def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(world2):
-    outs = world2.run(f"{CASES}:gpt_auto", "1:2", 24)
+def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(world2, tmp_path):
+    saved = str(tmp_path / "measured.json")
+    outs = world2.run(f"{CASES}:gpt_auto", "1:2", 24, save_to=saved)
     for out in outs:
         assert_equivalent(out)
         assert out["rows"] == outs[0]["rows"], "every rank plans for the same cluster"
@@ -53,6 +54,11 @@ def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(
     # Rank 0 prints the plan it runs, once; rank 1 prints nothing.
     assert "whale: running the plan for the measured cluster" in outs[0]["printed"]
     assert outs[0]["printed"].count("whale: running") == 1 and outs[1]["printed"] == ""
+    # Measured once, saved, run again as written (no measurement, no emulation): same rows.
+    again = world2.run(f"{CASES}:gpt_run", None, 24, plan=saved)
+    for out in again:
+        assert_equivalent(out)
+        assert out["rows"] == outs[0]["rows"] and out["plan_json"] == outs[0]["plan_json"]
 
 
 def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
