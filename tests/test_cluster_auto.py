@@ -14,7 +14,6 @@ timings per rank), so the test accepts rank 0 taking between 55% and 80% of the 
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 
@@ -233,11 +232,10 @@ def test_rows_on_cluster_cap_rows_by_memory():
         rows_on_cluster(plan, Cluster(nodes=(Node(name="n", devices=(tiny, slow)),)), example_rows=20, profile=profile)
 
 
-def test_auto_single_process_measures_in_well_under_a_second():
+def test_auto_in_a_process_of_its_own_plans_for_this_device():
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     began = time.perf_counter()
     program = wh.parallelize(model, loss_fn=torch.nn.functional.mse_loss, example_inputs=(torch.randn(8, 16),),
                              config=wh.Config(cluster="auto", quiet=True))  # fmt: skip
     assert time.perf_counter() - began < 5.0  # capture included; the profile itself is ~0.1 s
     assert program.config.cluster.world_size == 1 and program.config.cluster.devices()[0].profile.name == "CPU"
-    assert os.environ.get("WHALE_EMULATE_SLOWDOWN") is None
