@@ -61,6 +61,7 @@ def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(
 
 def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
     # GPT-2 searched (auto_parallel) on the measured cluster; quiet: nothing printed.
+    pytest.importorskip("transformers")
     outs = world2.run(f"{CASES}:hf_auto", "gpt2", "1:2", 12, cluster="auto", auto_parallel=True, quiet=True)
     for out in outs:
         assert_equivalent(out, names=out["params"].keys())
