@@ -74,6 +74,18 @@ def test_plan_for_another_model_is_refused(gpt2_plan):
                        config=wh.Config(plan=gpt2_plan))  # fmt: skip
 
 
+def test_a_pipeline_plan_needs_example_inputs():
+    from tests.auto_cases import gpt_target
+    from whale.planner.schedules.generate import make_schedule
+
+    model, _ = gpt_target()
+    piped = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),), num_stages=2,
+                 schedule=make_schedule("interleaved_1f1b", 2, 2, 1), num_micro_batch=2,
+                 stage_boundaries=("blocks.1",))  # fmt: skip
+    with pytest.raises(ValueError, match="has 2 stages .* pass example_inputs="):
+        wh.parallelize(model, loss_fn=torch.nn.functional.cross_entropy, config=wh.Config(plan=piped))
+
+
 def test_plan_for_another_world_size_is_refused(a100_plan):
     from tests.auto_cases import gpt_target
 

@@ -95,6 +95,12 @@ def parallelize(
         plan = check_saved_plan(saved, model, world_size, _hardware(world_size))
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
     measured = None
+    if saved is not None and captured is None and (plan.num_stages > 1 or plan.tensor_parallel > 1):
+        raise ValueError(
+            f"the saved plan from {saved.source} has {plan.num_stages} stages and tensor parallel "
+            f"{plan.tensor_parallel}, which are cut from the captured graph: pass example_inputs= "
+            "(one global batch)" + (f"; capture failed:\n{capture_error}" if capture_error else "")
+        )
     if saved is None:
         if config.cluster == "auto":
             measured = _measure_cluster(config, world_size)
