@@ -121,8 +121,9 @@ class Config:
     ``"auto"``: the ranks measure themselves at ``parallelize`` (a short matrix-multiply profile
     and their memory, or ``profiles``), exchange it with which ranks share a host, and plan for
     that cluster: rows per replica by measured speed under memory (also without
-    ``auto_parallel``), layers per stage and shard widths by the search (needs ``wh.init()``
-    before ``parallelize``)."""
+    ``auto_parallel``), ``split`` shard widths by measured speed, and under ``auto_parallel``
+    the search's layers per stage (needs ``wh.init()`` before ``parallelize``; the measured
+    cluster is ``program.config.cluster``)."""
 
     shard_sizes: Mapping[str, Sequence[int]] | None = None
     """Per split region (a module path in it), the heads/columns/classes/experts of each rank.
