@@ -132,8 +132,13 @@ def clip_case(kind: str, plan: str, max_norm: float, norm_type: float) -> dict:
     loss_fn(out, y).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
-    return {"norm": norm.item(), "ref_norm": ref_norm.item(), "grads": grads, "ref_grads": ref_grads,
+    # Copies: a gradient's storage must outlive the program once the result is queued.
+    return {"norm": norm.item(), "ref_norm": ref_norm.item(), "grads": _copies(grads), "ref_grads": _copies(ref_grads),
             "rank": dist.get_rank()}
+
+
+def _copies(tensors: dict) -> dict:
+    return {k: None if v is None else v.detach().clone() for k, v in tensors.items()}
 
 
 def failing_save(path: str) -> dict:
