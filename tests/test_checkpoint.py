@@ -68,7 +68,10 @@ def test_reshard_2_ranks_to_4(world2, world4, tmp_path, gpt_ref):
 def test_local_model_both_ways(tmp_path, gpt_ref):
     """A local model and its optimizer to a checkpoint and back without a process group, and a
     checkpoint to one torch.save file whose "model" entry is the local state_dict()."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.format_utils import (
+        dcp_to_torch_save,
+        torch_save_to_dcp,
+    )
 
     saved = ckpt_cases.run("gpt", "local", str(tmp_path), steps=(0, 2), save=True)
     assert saved["saved"] == str(tmp_path / "step-00000002")
@@ -81,6 +84,20 @@ def test_local_model_both_ways(tmp_path, gpt_ref):
     for k, v in saved["state"].items():
         assert torch.equal(whole["model"][k], v), k
     assert set(whole["optim"]["state"]["wte.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+    # And back: a torch.save file of {"model": state_dict} as a checkpoint (model only, step 0).
+    torch.save({"model": saved["state"]}, tmp_path / "plain.pt")
+    torch_save_to_dcp(tmp_path / "plain.pt", tmp_path / "plain")
+    fresh, _, _, _ = ckpt_cases.build("gpt")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    assert wh.checkpoint.load(tmp_path / "plain", fresh) == 0
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved["state"][k]), k
+    with pytest.raises(ValueError, match="holds no optimizer state; pass optimizer=None"):
+        wh.checkpoint.load(tmp_path / "plain", fresh, torch.optim.AdamW(fresh.parameters()))
+    with pytest.raises(ValueError, match="not one of the program's; build the optimizer on program.parameters"):
+        wh.checkpoint.save(tmp_path, fresh, torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), step=9)
 
 
 def test_failed_save_keeps_previous(world2, tmp_path):

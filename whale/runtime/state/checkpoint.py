@@ -23,6 +23,8 @@ Example::
     step = wh.checkpoint.load("ckpt", model, optimizer)
     # or a torch.save file of the nested dict {"model": model.state_dict(), "optim": ..., "step": n}:
     torch.distributed.checkpoint.format_utils.dcp_to_torch_save(wh.checkpoint.latest("ckpt"), "model.pt")
+    # and back: a file of {"model": model.state_dict()} as a checkpoint any plan loads
+    torch.distributed.checkpoint.format_utils.torch_save_to_dcp("model.pt", "ckpt/step-00000000")
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def load(
             are replaced by the checkpoint's), or None to load the model only.
 
     Returns:
-        The step the checkpoint was saved with.
+        The step the checkpoint was saved with (0 for one converted from a torch.save file).
 
     Raises:
         FileNotFoundError: no checkpoint at ``path`` (every rank, before any collective).
@@ -155,20 +157,21 @@ def load(
     metadata = dcp.FileSystemReader(where).read_metadata()
     entries = local_state(program)
     _check_model(where, metadata, program, entries)
-    targets: dict[str, Any] = {"model": {k: _target(e) for k, e in entries.items()}, "step": None}
+    targets: dict[str, Any] = {"model": {k: _target(e) for k, e in entries.items()}}
+    if "step" in metadata.state_dict_metadata:  # absent from a converted torch.save file
+        targets["step"] = None
     named = list(program.named_parameters())
     tensors: dict = {}
     if optimizer is not None:
         names = optimizer_names(optimizer, named)
         if not any(k.startswith(GROUPS) for k in metadata.state_dict_metadata):
             raise ValueError(f"the checkpoint at {where} holds no optimizer state; pass optimizer=None to load the model only")
-        params = [list(g["params"]) for g in optimizer.param_groups]
-        targets["optim"], tensors = optimizer_load_targets(names, entries, params, metadata)
+        targets["optim"], tensors = optimizer_load_targets(names, entries, optimizer, metadata)
     with _quiet():
         dcp.load(targets, storage_reader=dcp.FileSystemReader(where), no_dist=not _distributed())
     if optimizer is not None:
         apply_optimizer_state(optimizer, names, targets["optim"], tensors)
-    return int(targets["step"])
+    return int(targets.get("step") or 0)
 
 
 # ---- saving --------------------------------------------------------------------------------

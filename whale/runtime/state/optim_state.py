@@ -81,12 +81,15 @@ def _state_value(name: str, key: str, value: Any, entry: LocalTensor, snapshot: 
 
 
 def optimizer_load_targets(
-    names: list[list[str]], entries: Mapping[str, LocalTensor], params: list[list[torch.nn.Parameter]],
+    names: list[list[str]], entries: Mapping[str, LocalTensor], optimizer: torch.optim.Optimizer,
     metadata: Metadata,
 ) -> tuple[dict[str, Any], dict[tuple[str, str], torch.Tensor]]:
     """What to read of the optimizer from a checkpoint: ``{"state": ..., "param_groups": ...}``
-    with a freshly allocated tensor (or blocks of one) for every state the checkpoint holds of
-    this rank's parameters, laid out as the parameter here; and those tensors by (name, key)."""
+    with a tensor (or blocks of one) for every state the checkpoint holds of this rank's
+    parameters, laid out as the parameter here: the optimizer's own where it has a state of
+    that shape and dtype (read in place, as DCP loads a model), else a new one; and those
+    tensors by (name, key)."""
+    params = [list(g["params"]) for g in optimizer.param_groups]
     saved = metadata.state_dict_metadata
     keys_of: dict[str, list[str]] = {}
     for fqn in saved:
@@ -106,17 +109,22 @@ def optimizer_load_targets(
                 if not isinstance(md, TensorStorageMetadata):
                     targets[key] = None  # a non-tensor value, read as it was saved
                     continue
-                local, targets[key] = _allocate(md, entries[name], p)
+                local, targets[key] = _allocate(md, entries[name], p, optimizer.state.get(p, {}).get(key))
                 tensors[(name, key)] = local
             if targets:
                 state[name] = targets
     return {"state": state, "param_groups": groups}, tensors
 
 
-def _allocate(md: TensorStorageMetadata, entry: LocalTensor, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+def _allocate(
+    md: TensorStorageMetadata, entry: LocalTensor, p: torch.nn.Parameter, held: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = md.properties.dtype
     if tuple(md.size) == entry.global_shape and len(md.size) > 0:
-        local = torch.empty(p.shape, dtype=dtype, device=p.device)
+        if isinstance(held, torch.Tensor) and held.shape == p.shape and held.dtype == dtype and held.is_contiguous():
+            local = held.detach()
+        else:
+            local = torch.empty(p.shape, dtype=dtype, device=p.device)
         return local, ChunkedTensor(entry.global_shape, entry.blocks(like=local)) if entry.sharded else local
     local = torch.empty(tuple(md.size), dtype=dtype)  # a scalar (a step count): kept where the optimizer keeps it
     return local, local
