@@ -153,8 +153,11 @@ def failing_save(path: str) -> dict:
         program.step(*batches[i])
         opt.step()
         opt.zero_grad()
-    wh.checkpoint.save(path, program, opt, step=2)
+    where = wh.checkpoint.save(path, program, opt, step=2)
     kept = {k: v.clone() for k, v in program.full_state_dict().items()}
+    # What the checkpoint records (each entry once) against what the ranks wrote.
+    recorded = sum(info.length for info in dcp.FileSystemReader(where).read_metadata().storage_data.values())
+    written = sum(f.stat().st_size for f in where.glob("__*.distcp"))
     for i in range(2, 4):
         program.step(*batches[i])
         opt.step()
@@ -184,7 +187,7 @@ def failing_save(path: str) -> dict:
     import os
 
     return {"error": error, "step": step, "same": all(torch.equal(now[k], kept[k]) for k in kept),
-            "entries": sorted(os.listdir(path))}
+            "entries": sorted(os.listdir(path)), "written": written, "recorded": recorded}
 
 
 def bad_load(path: str, what: str) -> None:

@@ -102,13 +102,17 @@ def test_local_model_both_ways(tmp_path, gpt_ref):
 
 def test_failed_save_keeps_previous(world2, tmp_path):
     """A save that fails on one rank midway raises on every rank, leaves no temporary directory
-    and keeps the previous checkpoint loadable and unchanged."""
+    and keeps the previous checkpoint loadable and unchanged. Data-parallel replicas write their
+    (identical) state once."""
     outs = world2.run(CASE + "failing_save", str(tmp_path))
     for out in outs:
         assert "RuntimeError: wh.checkpoint.save of step 4" in out["error"], out["error"]
         assert "rank 1: OSError: disk full (injected)" in out["error"]
         assert out["step"] == 2 and out["same"]
         assert out["entries"] == ["step-00000002"]
+        # Both replicas hold everything; the files hold each recorded entry once (DCP's
+        # deduplication): a replica writing its copy too would double what was written.
+        assert out["written"] == out["recorded"], (out["written"], out["recorded"])
 
 
 def test_bad_input(world2, tmp_path):
