@@ -133,8 +133,9 @@ def clip_case(kind: str, plan: str, max_norm: float, norm_type: float) -> dict:
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     # Copies: a gradient's storage must outlive the program once the result is queued.
+    plan_shape = (program.plan.dp_degree, program.plan.pipeline_degree, program.plan.tensor_parallel)
     return {"norm": norm.item(), "ref_norm": ref_norm.item(), "grads": _copies(grads), "ref_grads": _copies(ref_grads),
-            "rank": dist.get_rank()}
+            "rank": dist.get_rank(), "plan": plan_shape}
 
 
 def _copies(tensors: dict) -> dict:

@@ -40,10 +40,14 @@ def test_clip_equals_local(world2, plan, norm_type):
     _check(world2.run(CASE, "gpt", plan, max_norm, norm_type), max_norm)
 
 
-def test_clip_pipeline_x_split(world4):
-    """4 ranks: 2 stages, each split over 2 ranks (shards on every rank, a tied weight on both
-    positions)."""
-    _check(world4.run(CASE, "gpt", "pp-tp", 0.05, 2.0), 0.05)
+@pytest.mark.parametrize("plan", ["pp-tp", "tp"])
+def test_clip_on_4_ranks(world4, plan):
+    """4 ranks: 2 stages each split over 2 ranks (shards on every rank, a tied weight on both
+    positions), or split over 2 ranks in 2 data-parallel replicas (the second replica's
+    gradients must not count again)."""
+    outs = world4.run(CASE, "gpt", plan, 0.05, 2.0)
+    assert outs[0]["plan"] == {"pp-tp": (1, 2, 2), "tp": (2, 1, 2)}[plan]  # (replicas, stages, split)
+    _check(outs, 0.05)
 
 
 def test_clip_bad_input(world2):
