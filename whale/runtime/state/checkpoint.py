@@ -153,7 +153,7 @@ def load(
             mismatched keys) or holds no optimizer state where one is asked for.
     """
     _io_of(program).wait()
-    where = ckpt_dirs.resolve(path, step)
+    where = _agreed_checkpoint(path, step)
     metadata = dcp.FileSystemReader(where).read_metadata()
     entries = local_state(program)
     _check_model(where, metadata, program, entries)
@@ -295,6 +295,32 @@ def _io_of(program: Any) -> _CheckpointIO:
 
 
 # ---- checking a checkpoint against the program ----------------------------------------------
+
+
+def _agreed_checkpoint(path: str | os.PathLike, step: int | None) -> Path:
+    """The checkpoint every rank loads: each finds it on its own file system, then the ranks
+    compare, so a rank that cannot see it (or sees another) fails every rank alike."""
+    try:
+        where, error = ckpt_dirs.resolve(path, step), None
+    except FileNotFoundError as err:
+        where, error = None, str(err)
+    if not _distributed() or dist.get_world_size() == 1:
+        if error is not None:
+            raise FileNotFoundError(error)
+        return where
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (str(where) if where else None, error))
+    failed = [(r, e) for r, (_, e) in enumerate(seen) if e is not None]
+    if failed:
+        rank, first = failed[0]
+        raise FileNotFoundError(f"{first} (on rank {rank}{'' if len(failed) == 1 else f' and {len(failed) - 1} more'})")
+    found = {w for w, _ in seen}
+    if len(found) > 1:
+        raise ValueError(
+            f"the ranks found different checkpoints under {path}: {sorted(found)}; checkpoints must be on a "
+            "file system every rank sees alike (pass step= to pick one)"
+        )
+    return where
 
 
 def _check_model(where: Path, metadata: Any, program: Any, entries: dict[str, LocalTensor]) -> None:
