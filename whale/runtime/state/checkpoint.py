@@ -148,7 +148,8 @@ def load(
         The step the checkpoint was saved with (0 for one converted from a torch.save file).
 
     Raises:
-        FileNotFoundError: no checkpoint at ``path`` (every rank, before any collective).
+        FileNotFoundError: no checkpoint at ``path``, on every rank alike (the ranks compare
+            what they found before reading anything).
         ValueError: the checkpoint is of another model (naming the missing, unexpected and
             mismatched keys) or holds no optimizer state where one is asked for.
     """
