@@ -12,10 +12,12 @@ Example::
 from .api import init, parallelize
 from .config import Config
 from .primitives import annotate, cluster, pipeline, replicate, split, stage
+from .runtime.state import checkpoint
 
 __all__ = [
     "Config",
     "annotate",
+    "checkpoint",
     "cluster",
     "init",
     "parallelize",

@@ -31,6 +31,7 @@ from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
 from .process_group import WorldInfo, require_initialized, world_info
+from .state.clip import clip_grad_norm
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
 
@@ -155,6 +156,31 @@ class ProgramBase:
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise ValueError(box[0])
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients by the norm of the whole model's gradient, as
+        ``torch.nn.utils.clip_grad_norm_`` clips the local model's: shards and stages on every
+        rank count, replicas and tied weights once. Collective: call it on every rank, after
+        ``step`` and before the optimizer step.
+
+        Args:
+            max_norm: the largest norm the gradients keep.
+            norm_type: p of the p-norm, or ``float("inf")``.
+            error_if_nonfinite: raise RuntimeError (on every rank) if the norm is nan or inf.
+
+        Returns:
+            The whole gradient's norm before clipping (the same on every rank).
+
+        Example::
+
+            loss = program.step(x, y)
+            norm = program.clip_grad_norm_(1.0)
+            opt.step(); opt.zero_grad()
+        """
+        self._require_bound()
+        return clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite)
 
     def local_slice(self, global_rows: int) -> slice:
         """The rows of a global batch of ``global_rows`` rows that this rank's replica takes.
