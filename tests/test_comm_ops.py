@@ -507,6 +507,104 @@ def test_extension_argument_errors_match_pure(extension, monkeypatch, op, args, 
     assert str(ext_error.value).splitlines()[0] == str(pure_error.value)
 
 
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), max_size=4).map(tuple), max_size=8),
+    layouts=st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=8),
+    src=st.sampled_from(DTYPES),
+    dst=st.sampled_from(DTYPES),
+    scale=st.sampled_from((1.0, 0.37, 3.0)),
+    weights=st.lists(st.floats(0, 4, allow_nan=False), min_size=1, max_size=5).filter(
+        lambda w: sum(w) > 0
+    ),
+    extra_slot=st.integers(0, 2),
+)
+def test_extension_shards_match_pure(extension, shapes, layouts, src, dst, scale, weights, extra_slot):
+    tensors = [make(s, src, lay, i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
+    sizes = comm_ops.shard_sizes(sum(t.numel() for t in tensors), len(weights), weights)
+    numel = len(sizes) * (max(sizes) + extra_slot)
+    outs, backs = [], []
+    for disable in ("0", "1"):  # extension, then pure
+        os.environ["WHALE_DISABLE_EXT"] = disable
+        try:
+            out = comm_ops.pack_shards(tensors, torch.full((numel,), float("nan"), dtype=dst), sizes, scale)
+            targets = [make(s, src, lay, 99) for s, lay in zip(shapes, layouts)]
+            outs.append(out)
+            backs.append(comm_ops.unpack_shards(out, targets, sizes, scale))
+        finally:
+            del os.environ["WHALE_DISABLE_EXT"]
+    assert_same_bits(outs[0], outs[1])
+    for got, want in zip(*backs):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+def test_extension_shards_cross_the_parallel_grain(extension, monkeypatch):
+    # 40,000-element tensors over 3 uneven shards: the CPU kernel's chunks cross shard edges.
+    tensors = [make((40_000,), F32, seed=1), make((300, 70), F32, "transposed", seed=2), make((7,), F32)]
+    sizes = comm_ops.shard_sizes(sum(t.numel() for t in tensors), 3, [1.0, 2.0, 0.5])
+
+    def run():
+        out = comm_ops.pack_shards(tensors, torch.empty(comm_ops.padded_numel(sizes) + 3, dtype=BF16)[:-3], sizes, 0.5)
+        return out, comm_ops.unpack_shards(out, [torch.empty_like(t) for t in tensors], sizes, 2.0)
+
+    (out, back), (out_pure, back_pure) = _both_backends(monkeypatch, run)
+    assert_same_bits(out, out_pure)
+    for got, want in zip(back, back_pure):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("op", "args", "error", "message"), SHARD_ERROR_CASES)
+def test_extension_shard_errors_match_pure(extension, monkeypatch, op, args, error, message):
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    with pytest.raises(error, match=message) as ext_error:
+        getattr(comm_ops, op)(*args)
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    with pytest.raises(error) as pure_error:
+        getattr(comm_ops, op)(*args)
+    assert str(ext_error.value).splitlines()[0] == str(pure_error.value)
+
+
+@pytest.mark.slow
+def test_extension_ops_check_bad_sizes_themselves(extension):
+    """Called directly (not through comm_ops), the ops check what the wrappers check."""
+    with pytest.raises(ValueError, match=r"shard_sizes\[0\] is -2; shard sizes are >= 0"):
+        torch.ops.whale.pack_shards([torch.ones(3)], torch.empty(10), [-2, 5], 1.0)
+    with pytest.raises(ValueError, match=r"shard_sizes is empty"):
+        torch.ops.whale.unpack_shards(torch.empty(3), [torch.ones(3)], [], 1.0)
+
+
+@pytest.mark.slow
+def test_extension_ops_trace(extension, monkeypatch):
+    """Meta kernels: the ops run under FakeTensorMode (with their checks), make_fx records them
+    as single nodes, and torch.compile(fullgraph=True) compiles a step that calls them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+
+    def step(a, b, out):
+        torch.ops.whale.pack_shards([a, b], out, [4, 3], 0.5)
+        torch.ops.whale.unpack_shards(out, [a, b], [4, 3], 2.0)
+        torch.ops.whale.pack([a, b], out[:7], 1.0)
+        torch.ops.whale.unpack(out[:7], [a, b], 1.0)
+        return out
+
+    with FakeTensorMode():
+        step(torch.empty(2, 2), torch.empty(3), torch.empty(8))
+        with pytest.raises(ValueError, match=r"shard_sizes sum to 6"):
+            torch.ops.whale.pack_shards([torch.empty(7)], torch.empty(8), [3, 3], 1.0)
+    graph = str(make_fx(step)(torch.ones(2, 2), torch.ones(3), torch.empty(8)).graph)
+    for name in ("whale.pack_shards", "whale.unpack_shards", "whale.pack", "whale.unpack"):
+        assert name in graph
+    a, b = torch.arange(4.0).view(2, 2), torch.arange(4.0, 7.0)
+    want = step(a.clone(), b.clone(), torch.empty(8))
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(a.clone(), b.clone(), torch.empty(8))
+    assert torch.equal(got, want)
+
+
 # --- the CUDA sources (slow: nvcc, no GPU needed) ------------------------------------------------
 
 
