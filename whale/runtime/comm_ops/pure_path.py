@@ -12,6 +12,7 @@ per-tensor general path. Arithmetic as the extension's: each element is
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -124,33 +125,56 @@ def _holds_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or dst == torch.float64 or (dst == torch.float32 and src in _HALF_DTYPES)
 
 
-def _one_dtype(tensors: list[torch.Tensor], device: torch.device | None) -> torch.dtype | None:
-    """The tensors' single bucket dtype when they all share it (and ``device``, unless None:
-    torch.cat checks devices itself); else None."""
+# A bucket this big takes its temporary from a fresh mmap each call (glibc's largest dynamic
+# mmap threshold is 32 MiB): packing straight into ``out`` costs one more pass over the sizes.
+_DIRECT_BYTES = 16 * 2**20
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def _one_dtype(tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The tensors' single bucket dtype when they all share it, else None (one pass)."""
     try:
-        kinds = (
-            {t.dtype for t in tensors}
-            if device is None
-            else {(t.dtype, t.device) for t in tensors}
-        )
+        dtypes = {t.dtype for t in tensors}
     except AttributeError:  # not a tensor: the full check names it
         return None
-    if len(kinds) != 1:
-        return None
-    kind = next(iter(kinds))
-    if device is not None:
-        kind, on = kind
-        if on != device:
-            return None
-    return kind if kind in _BUCKET_DTYPES else None
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype in _BUCKET_DTYPES else None
+
+
+def _on_device(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every tensor is on ``device`` (one pass; no device objects made on CPU)."""
+    if device.type == "cpu":
+        return all(map(_IS_CPU, tensors))
+    return {t.device for t in tensors} == {device}
+
+
+def _is_bucket(flat: torch.Tensor) -> bool:
+    return flat.dim() == 1 and flat.is_contiguous() and flat.dtype in _BUCKET_DTYPES
+
+
+def _pack_direct(tensors: list[torch.Tensor], out: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:
+    """One ``torch.cat(out=out)`` then one in-place ``mul_``, where that rounds once and the
+    tensors are 1-D with ``out.numel()`` elements in all (so cat never resizes ``out``);
+    False (nothing written) otherwise."""
+    if not (dtype == out.dtype or (_holds_exactly(dtype, out.dtype) and out.dtype not in _HALF_DTYPES)):
+        return False
+    if tensors[0].dim() != 1 or tensors[0].numel() == 0:  # then cat refuses any non-1-D tensor
+        return False
+    if sum(map(torch.Tensor.numel, tensors)) != out.numel():
+        return False
+    try:
+        torch.cat(tensors, out=out)
+    except RuntimeError:  # an N-D tensor, another device: raised before writing
+        return False
+    if scale != 1.0:
+        out.mul_(scale)
+    return True
 
 
 def _flatten(tensors: list[torch.Tensor], flat: torch.Tensor, numel: int) -> torch.Tensor | None:
     """The tensors flattened into one new 1-D tensor of ``numel`` elements, or None off the
     fast path (``flat`` is the bucket they go to)."""
-    if not tensors or flat.dim() != 1 or not flat.is_contiguous():
-        return None
-    if flat.dtype not in _BUCKET_DTYPES or _one_dtype(tensors, None) is None:
+    if not tensors or not _is_bucket(flat) or _one_dtype(tensors) is None:
         return None
     try:
         joined = torch.cat(tensors) if tensors[0].dim() == 1 else None
@@ -188,6 +212,10 @@ def _scaled(src: torch.Tensor, dst_dtype: torch.dtype, scale: float) -> torch.Te
 
 def _pack_pure(tensors: list[torch.Tensor], out: torch.Tensor, scale: float) -> None:
     with torch.no_grad():
+        if tensors and _is_bucket(out) and out.numel() * out.element_size() >= _DIRECT_BYTES:
+            dtype = _one_dtype(tensors)
+            if dtype is not None and _pack_direct(tensors, out, scale, dtype):
+                return
         joined = _flatten(tensors, out, out.numel())
         if joined is not None:
             _scale_into(joined, out, scale)
@@ -225,23 +253,35 @@ def _unpack_pure(
 ) -> None:
     with torch.no_grad():
         numel = flat.numel() if shards is None else sum(shards)
-        dtype = _one_dtype(tensors, flat.device) if tensors else None
-        fast = dtype is not None and flat.dim() == 1 and flat.is_contiguous()
-        fast = fast and flat.dtype in _BUCKET_DTYPES
-        if fast and not all(map(torch.Tensor.is_contiguous, tensors)):
-            # Strided targets are fine for copy_, overlapping ones are not: check them all.
-            _check_bucket(op, flat, "flat", tensors, written=True, shards=shards)
-        numels = list(map(torch.Tensor.numel, tensors)) if fast else []
-        if not fast or sum(numels) != numel:
-            _check_bucket(op, flat, "flat", tensors, written=True, shards=shards)
-            _unpack_general(_gather_shards(flat, shards), tensors, scale)
-            return
-        src = _scaled(_gather_shards(flat, shards), dtype, scale)
-        if all(t.dim() == 1 for t in tensors):
-            pieces = src.split_with_sizes(numels)
-        else:
-            pieces = torch._C._nn.unflatten_dense_tensors(src, tensors)
-        torch._foreach_copy_(tensors, pieces)
+        dtype = _one_dtype(tensors) if tensors and _is_bucket(flat) else None
+        if dtype is not None and _on_device(tensors, flat.device):
+            numels = list(map(torch.Tensor.numel, tensors))
+            if sum(numels) == numel and _unpack_fast(_gather_shards(flat, shards), tensors, numels, dtype, scale):
+                return
+        _check_bucket(op, flat, "flat", tensors, written=True, shards=shards)
+        _unpack_general(_gather_shards(flat, shards), tensors, scale)
+
+
+def _unpack_fast(
+    flat: torch.Tensor, tensors: list[torch.Tensor], numels: list[int], dtype: torch.dtype, scale: float
+) -> bool:
+    """Scale ``flat`` once, then one ``_foreach_copy_`` of its pieces into the tensors: split
+    1-D pieces where the tensors are 1-D (an N-D one makes copy_ refuse its piece, and the
+    N-D views of ``unflatten_dense_tensors`` serve: every tensor is written again), False if
+    copy_ refuses a tensor (overlapping memory: the full check says which)."""
+    src = _scaled(flat, dtype, scale)
+    if tensors[0].dim() == 1:
+        try:
+            # Broadcasting a piece into a tensor of as many elements keeps their order.
+            torch._foreach_copy_(tensors, src.split_with_sizes(numels))
+            return True
+        except RuntimeError:
+            pass
+    try:
+        torch._foreach_copy_(tensors, torch._C._nn.unflatten_dense_tensors(src, tensors))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _unpack_shards_pure(
