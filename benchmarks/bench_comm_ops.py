@@ -23,6 +23,7 @@ Run::
     python -m whale.cli build-ext        # once, for the extension column
     python benchmarks/bench_comm_ops.py
     python benchmarks/bench_comm_ops.py --rounds 9 --threads 4 --dtype bfloat16
+    python benchmarks/bench_comm_ops.py --threads 1 --clock cpu   # on a busy host
 """
 
 from __future__ import annotations
@@ -134,12 +135,12 @@ def whale_call(ts: list[torch.Tensor], dtype: torch.dtype, op: str, disable_ext:
     return call
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
+def best_of(fn: Callable[[], object], repeat: int, clock: Callable[[], float]) -> float:
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -150,13 +151,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bucket dtype")
     parser.add_argument("--ops", default="pack,unpack,pack_shards,unpack_shards")
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"],
+        help="cpu: this thread's CPU time (use with --threads 1), steadier on a loaded host",
+    )
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
     has_ext = comm_ops.extension_available()
     print(f"torch {torch.__version__}, {args.threads} threads, bucket dtype {dtype}, scale {SCALE}, "
-          f"{args.rounds} alternating rounds x best of {args.repeat}")
+          f"{args.rounds} alternating rounds x best of {args.repeat}, {args.clock} clock")
     if not has_ext:
         print("extension not built: run `whale build-ext` for the extension column")
     print(f"{'bucket':<16} {'op':<14} {'best pure':>10} {'fallback':>10} {'extension':>10} "
@@ -171,7 +177,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, fn in contenders.items():
                     fn()  # warm: allocator, caches
-                    times[name].append(best_of(fn, args.repeat))
+                    times[name].append(best_of(fn, args.repeat, clock))
             med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
             fallback_ratio = statistics.median(f / b for f, b in zip(times["fallback"], times["best"]))
             ext = f"{med['extension']:>8.2f}ms" if has_ext else f"{'-':>10}"
