@@ -55,3 +55,10 @@ def test_release_local_model_opt_in(world2):
         assert out["real"] == out["program_params"] and set(out["meta"]).isdisjoint(out["real"])
         assert out["full_equal"] and out["loss"] == outs[0]["loss"]
         assert "is not the model this program was built from" in out["wrong_model"]
+
+
+def test_pipeline_of_split_stages_holds_its_shards_only(world4):
+    # 2 stages x 2-way split of every MLP: a rank holds a half of its stage's MLPs.
+    outs = world4.run(f"{CASES}:held_after_binding", split=("h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3.mlp"),
+                      stage_boundaries=["h.2"], num_micro_batch=2)
+    _check_held(outs, share=0.4)
