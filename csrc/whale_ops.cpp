@@ -4,6 +4,15 @@
 //       out[offset_i : offset_i + numel_i] = scale * tensors[i].flatten()   (cast to out's dtype)
 //   whale::unpack(Tensor flat, Tensor(a!)[] tensors, float scale=1.0) -> ()
 //       tensors[i] = scale * flat[offset_i : offset_i + numel_i].view_as(tensors[i])   (cast)
+//   whale::pack_shards(Tensor[] tensors, Tensor(a!) out, int[] shard_sizes, float scale=1.0) -> ()
+//   whale::unpack_shards(Tensor flat, Tensor(a!)[] tensors, int[] shard_sizes, float scale=1.0) -> ()
+//       The same with a padded-shard layout (a reduce-scatter input / all-gather output): the
+//       logical flat of pack is cut into shards of shard_sizes[r] elements, shard r sits at
+//       out[r * slot : r * slot + shard_sizes[r]] with slot = out.numel() / len(shard_sizes),
+//       and pack_shards zeroes the rest of each slot.
+//
+// Every op also has a Meta kernel (the checks, no data), so they run under FakeTensorMode and
+// trace with torch.compile.
 //
 // Arithmetic: each element is computed once as opmath(x) * opmath(scale) and rounded once to
 // the destination dtype; opmath is float64 if either side is float64, else float32 (as torch's
@@ -18,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -108,9 +118,34 @@ void copy_piece(const at::Tensor& tensor, FlatT* flat, int64_t begin, int64_t en
   }
 }
 
-// One parallel pass over the flat index space, so hundreds of small tensors share threads.
-void bucket_copy_cpu(const at::Tensor& flat, at::TensorList tensors, double scale, bool pack) {
-  std::vector<int64_t> starts;  // flat offset of each non-empty tensor
+// Where the logical flat (the tensors back to back) sits in the buffer: shard r's elements
+// [starts[r], starts[r + 1]) begin at r * slot. No shards: the identity.
+struct ShardMap {
+  std::vector<int64_t> starts;  // world + 1 prefix sums
+  int64_t slot = 0;
+
+  // Last shard starting at or before `i` (empty shards are skipped).
+  int64_t shard_of(int64_t i) const {
+    return std::upper_bound(starts.begin(), starts.end(), i) - starts.begin() - 1;
+  }
+};
+
+ShardMap make_shard_map(at::IntArrayRef sizes, int64_t flat_numel) {
+  ShardMap map;
+  map.starts.push_back(0);
+  for (int64_t n : sizes) map.starts.push_back(map.starts.back() + n);
+  map.slot = flat_numel / static_cast<int64_t>(sizes.size());
+  return map;
+}
+
+// One parallel pass over the logical index space, so hundreds of small tensors share threads.
+void bucket_copy_cpu(
+    const at::Tensor& flat,
+    at::TensorList tensors,
+    double scale,
+    bool pack,
+    const ShardMap* shards = nullptr) {
+  std::vector<int64_t> starts;  // logical offset of each non-empty tensor
   std::vector<size_t> which;    // its index in `tensors`
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -128,18 +163,30 @@ void bucket_copy_cpu(const at::Tensor& flat, at::TensorList tensors, double scal
     size_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
     for (; s < starts.size() && starts[s] < end; ++s) {
       const at::Tensor& t = tensors[which[s]];
-      const int64_t lo = std::max(begin, starts[s]);
+      int64_t lo = std::max(begin, starts[s]);
       const int64_t hi = std::min(end, starts[s] + t.numel());
-      void* flat_at = flat_base + lo * flat_itemsize;
-      visit_dtype(flat.scalar_type(), [&](auto flat_tag) {
-        using FlatT = decltype(flat_tag);
-        visit_dtype(t.scalar_type(), [&](auto tensor_tag) {
-          using T = decltype(tensor_tag);
-          auto* f = static_cast<FlatT*>(flat_at);
-          if (pack) copy_piece<T, FlatT, true>(t, f, lo - starts[s], hi - starts[s], scale);
-          else copy_piece<T, FlatT, false>(t, f, lo - starts[s], hi - starts[s], scale);
+      while (lo < hi) {  // one run per shard the piece crosses
+        int64_t run_end = hi;
+        int64_t at = lo;
+        if (shards != nullptr) {
+          const int64_t r = shards->shard_of(lo);
+          run_end = std::min(hi, shards->starts[r + 1]);
+          at = r * shards->slot + (lo - shards->starts[r]);
+        }
+        void* flat_at = flat_base + at * flat_itemsize;
+        const int64_t a = lo - starts[s];
+        const int64_t b = run_end - starts[s];
+        visit_dtype(flat.scalar_type(), [&](auto flat_tag) {
+          using FlatT = decltype(flat_tag);
+          visit_dtype(t.scalar_type(), [&](auto tensor_tag) {
+            using T = decltype(tensor_tag);
+            auto* f = static_cast<FlatT*>(flat_at);
+            if (pack) copy_piece<T, FlatT, true>(t, f, a, b, scale);
+            else copy_piece<T, FlatT, false>(t, f, a, b, scale);
+          });
         });
-      });
+        lo = run_end;
+      }
     }
   });
 }
@@ -154,14 +201,43 @@ void unpack_cpu(const at::Tensor& flat, at::TensorList tensors, double scale) {
   bucket_copy_cpu(flat, tensors, scale, /*pack=*/false);
 }
 
+void pack_shards_cpu(
+    at::TensorList tensors, const at::Tensor& out, at::IntArrayRef shard_sizes, double scale) {
+  check_shards("whale.pack_shards", out, "out", tensors, shard_sizes, /*written=*/false);
+  const ShardMap map = make_shard_map(shard_sizes, out.numel());
+  bucket_copy_cpu(out, tensors, scale, /*pack=*/true, &map);
+  zero_padding(out, shard_sizes);
+}
+
+void unpack_shards_cpu(
+    const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef shard_sizes, double scale) {
+  check_shards("whale.unpack_shards", flat, "flat", tensors, shard_sizes, /*written=*/true);
+  const ShardMap map = make_shard_map(shard_sizes, flat.numel());
+  bucket_copy_cpu(flat, tensors, scale, /*pack=*/false, &map);
+}
+
+// The Meta kernels: the same checks, no data (FakeTensorMode, torch.compile).
+void pack_meta(at::TensorList tensors, const at::Tensor& out, double) {
+  check_bucket("whale.pack", out, "out", tensors, /*written=*/false);
+}
+
+void unpack_meta(const at::Tensor& flat, at::TensorList tensors, double) {
+  check_bucket("whale.unpack", flat, "flat", tensors, /*written=*/true);
+}
+
+void pack_shards_meta(
+    at::TensorList tensors, const at::Tensor& out, at::IntArrayRef shard_sizes, double) {
+  check_shards("whale.pack_shards", out, "out", tensors, shard_sizes, /*written=*/false);
+}
+
+void unpack_shards_meta(
+    const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef shard_sizes, double) {
+  check_shards("whale.unpack_shards", flat, "flat", tensors, shard_sizes, /*written=*/true);
+}
+
 }  // namespace
 
-void check_bucket(
-    const char* op,
-    const at::Tensor& flat,
-    const char* flat_name,
-    at::TensorList tensors,
-    bool written) {
+void check_flat(const char* op, const at::Tensor& flat, const char* flat_name) {
   TORCH_CHECK_VALUE(
       flat.dim() == 1 && flat.is_contiguous(), op, ": ", flat_name,
       " must be a 1-D contiguous tensor, got shape ", flat.sizes(),
@@ -170,6 +246,16 @@ void check_bucket(
   TORCH_CHECK_TYPE(
       is_bucket_dtype(flat.scalar_type()), op, ": ", flat_name, " has dtype ",
       dtype_name(flat.scalar_type()), "; buckets hold ", kBucketDtypes);
+}
+
+void check_bucket(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    bool written,
+    std::optional<int64_t> shards_total) {
+  check_flat(op, flat, flat_name);
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -184,10 +270,52 @@ void check_bucket(
         "] has overlapping memory (e.g. an expand()ed view) and cannot be written in place");
     total += t.numel();
   }
+  if (shards_total.has_value()) {
+    TORCH_CHECK_VALUE(
+        total == *shards_total, op, ": the tensors hold ", total,
+        " elements in total but shard_sizes sum to ", *shards_total,
+        "; the shard sizes must add up to sum(t.numel() for t in tensors)");
+    return;
+  }
   TORCH_CHECK_VALUE(
       total == flat.numel(), op, ": the tensors hold ", total, " elements in total but ",
       flat_name, " has ", flat.numel(), "; size ", flat_name,
       " to sum(t.numel() for t in tensors)");
+}
+
+void check_shards(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    at::IntArrayRef shard_sizes,
+    bool written) {
+  TORCH_CHECK_VALUE(!shard_sizes.empty(), op, ": shard_sizes is empty; give one size per rank");
+  int64_t sum = 0;
+  int64_t largest = 0;
+  for (size_t r = 0; r < shard_sizes.size(); ++r) {
+    TORCH_CHECK_VALUE(
+        shard_sizes[r] >= 0, op, ": shard_sizes[", r, "] is ", shard_sizes[r],
+        "; shard sizes are >= 0");
+    sum += shard_sizes[r];
+    largest = std::max(largest, shard_sizes[r]);
+  }
+  check_flat(op, flat, flat_name);
+  const auto world = static_cast<int64_t>(shard_sizes.size());
+  TORCH_CHECK_VALUE(
+      flat.numel() % world == 0 && flat.numel() / world >= largest, op, ": ", flat_name, " has ",
+      flat.numel(), " elements, which is not ", world, " slots of at least ", largest,
+      " (the largest shard); size ", flat_name, " to len(shard_sizes) * max(shard_sizes) = ",
+      world * largest, " (padded_numel)");
+  check_bucket(op, flat, flat_name, tensors, written, sum);
+}
+
+void zero_padding(const at::Tensor& out, at::IntArrayRef shard_sizes) {
+  const auto world = static_cast<int64_t>(shard_sizes.size());
+  const int64_t slot = out.numel() / world;
+  for (int64_t r = 0; r < world; ++r) {
+    if (shard_sizes[r] < slot) out.narrow(0, r * slot + shard_sizes[r], slot - shard_sizes[r]).zero_();
+  }
 }
 
 }  // namespace whale
@@ -195,9 +323,21 @@ void check_bucket(
 TORCH_LIBRARY(whale, m) {
   m.def("pack(Tensor[] tensors, Tensor(a!) out, float scale=1.0) -> ()");
   m.def("unpack(Tensor flat, Tensor(a!)[] tensors, float scale=1.0) -> ()");
+  m.def("pack_shards(Tensor[] tensors, Tensor(a!) out, int[] shard_sizes, float scale=1.0) -> ()");
+  m.def(
+      "unpack_shards(Tensor flat, Tensor(a!)[] tensors, int[] shard_sizes, float scale=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(whale, CPU, m) {
   m.impl("pack", &whale::pack_cpu);
   m.impl("unpack", &whale::unpack_cpu);
+  m.impl("pack_shards", &whale::pack_shards_cpu);
+  m.impl("unpack_shards", &whale::unpack_shards_cpu);
+}
+
+TORCH_LIBRARY_IMPL(whale, Meta, m) {
+  m.impl("pack", &whale::pack_meta);
+  m.impl("unpack", &whale::unpack_meta);
+  m.impl("pack_shards", &whale::pack_shards_meta);
+  m.impl("unpack_shards", &whale::unpack_shards_meta);
 }

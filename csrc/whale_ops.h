@@ -5,17 +5,34 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <optional>
+
 namespace whale {
 
 // Checks one bucket and raises ValueError/TypeError naming what is wrong and how to fix it:
 // `flat` is 1-D, contiguous and floating; every tensor is floating, on flat's device, and
-// their numel() add up to flat.numel(). `written` says the tensors are written in place
-// (unpack), so none may have overlapping memory.
+// their numel() add up to flat.numel() (to `shards_total` when given: the sharded ops).
+// `written` says the tensors are written in place (unpack), so none may have overlapping memory.
 void check_bucket(
     const char* op,
     const at::Tensor& flat,
     const char* flat_name,
     at::TensorList tensors,
+    bool written,
+    std::optional<int64_t> shards_total = std::nullopt);
+
+// The padded-shard layout's checks: shard sizes >= 0 and not empty; `flat` holds
+// len(shard_sizes) slots of at least max(shard_sizes); then check_bucket against their sum.
+void check_shards(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    at::IntArrayRef shard_sizes,
     bool written);
+
+// Zeroes out[r * slot + shard_sizes[r] : (r + 1) * slot] for every rank r.
+void zero_padding(const at::Tensor& out, at::IntArrayRef shard_sizes);
 
 }  // namespace whale

@@ -111,6 +111,13 @@ __global__ void __launch_bounds__(kThreads) bucket_copy_kernel(
         case Dtype::kFloat64:
           copy_range<FlatT, double, kPack>(flat, seg.data, seg.offset, lo, hi, scale);
           break;
+        case Dtype::kZero:
+          if constexpr (kPack) {
+            for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+              flat[i] = From<FlatT>::op(0.0f);
+            }
+          }
+          break;
       }
     }
   }

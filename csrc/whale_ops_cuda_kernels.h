@@ -8,7 +8,8 @@
 
 namespace whale_cuda {
 
-enum class Dtype : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// kZero marks padding of a sharded layout: pack writes zeros there (data is unused).
+enum class Dtype : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kZero = 4 };
 
 // One tensor of a bucket: its (contiguous) elements and where they sit in the flat buffer.
 struct Segment {
@@ -22,7 +23,9 @@ struct Segment {
 // One launch moves every segment between its tensor and `flat` (numel `total`, on the
 // current device): pack writes flat[offset + i] = scale * data[i], unpack writes
 // data[i] = scale * flat[offset + i], each computed in float (double if either side is
-// double) and rounded once. `segments` is a device array of `num_segments`, sorted by offset.
+// double) and rounded once. `segments` is a device array of `num_segments`, sorted by offset
+// and not overlapping; flat elements no segment covers are left alone (a sharded layout's
+// padding, which pack zeroes through kZero segments).
 cudaError_t launch_bucket_copy(
     void* flat,
     Dtype flat_dtype,

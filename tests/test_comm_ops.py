@@ -172,6 +172,160 @@ def test_pure_property_random_buckets(shapes, layouts, src, dst, scale, seed):
         del os.environ["WHALE_DISABLE_EXT"]
 
 
+# --- the padded-shard layout (reduce-scatter input / all-gather output) --------------------------
+
+
+def reference_pack_shards(tensors, dtype, scale, sizes, slot):
+    """Each rank's piece of the reference logical flat at the start of its slot, zeros after."""
+    logical = reference_pack(tensors, dtype, scale)
+    out = torch.zeros(len(sizes) * slot, dtype=dtype)
+    start = 0
+    for r, size in enumerate(sizes):
+        out[r * slot : r * slot + size] = logical[start : start + size]
+        start += size
+    return out
+
+
+def logical_of(flat, sizes):
+    slot = flat.numel() // len(sizes)
+    return torch.cat([flat[r * slot : r * slot + n] for r, n in enumerate(sizes)])
+
+
+def test_shard_sizes_even_weighted_and_ranges():
+    assert comm_ops.shard_sizes(10, 4) == [3, 3, 2, 2]
+    assert comm_ops.shard_sizes(3, 5) == [1, 1, 1, 0, 0]
+    assert comm_ops.shard_sizes(10, 2, [3.0, 1.0]) == [8, 2]  # 7.5 / 2.5: the tie goes to rank 0
+    assert comm_ops.shard_sizes(0, 3) == [0, 0, 0]
+    assert comm_ops.padded_numel([3, 3, 2, 2]) == 12
+    assert [comm_ops.shard_range([3, 3, 2, 2], r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    total=st.integers(0, 10_000),
+    weights=st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=9).filter(
+        lambda w: sum(w) > 0
+    ),
+)
+def test_shard_sizes_property(total, weights):
+    sizes = comm_ops.shard_sizes(total, len(weights), weights)
+    assert sum(sizes) == total and all(n >= 0 for n in sizes)
+    for n, w in zip(sizes, weights):  # largest remainder: within one element of the exact share
+        assert abs(n - total * w / sum(weights)) < 1
+    even = comm_ops.shard_sizes(total, len(weights))
+    assert sum(even) == total and max(even) - min(even) <= 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: comm_ops.shard_sizes(-1, 2), r"total must be an int >= 0"),
+        (lambda: comm_ops.shard_sizes(5, 0), r"world_size must be an int >= 1"),
+        (lambda: comm_ops.shard_sizes(5, 2, [1.0]), r"1 weights for world_size 2"),
+        (lambda: comm_ops.shard_sizes(5, 2, [0.0, 0.0]), r"not all zero"),
+        (lambda: comm_ops.shard_sizes(5, 2, [1.0, float("nan")]), r"must be finite"),
+        (lambda: comm_ops.shard_range([2, 2], 2), r"rank 2 is not in \[0, 2\)"),
+        (lambda: comm_ops.padded_numel([]), r"shard_sizes is empty"),
+    ],
+)
+def test_shard_helpers_reject_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 4), max_size=3).map(tuple), max_size=6),
+    layouts=st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=6),
+    src=st.sampled_from(DTYPES),
+    dst=st.sampled_from(DTYPES),
+    scale=st.sampled_from((1.0, 0.37, 3.0)),
+    weights=st.lists(st.floats(0, 4, allow_nan=False), min_size=1, max_size=5).filter(
+        lambda w: sum(w) > 0
+    ),
+    extra_slot=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_pure_shards_property(shapes, layouts, src, dst, scale, weights, extra_slot, seed):
+    os.environ["WHALE_DISABLE_EXT"] = "1"
+    try:
+        tensors = [make(s, src, lay, seed + i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
+        sizes = comm_ops.shard_sizes(sum(t.numel() for t in tensors), len(weights), weights)
+        slot = max(sizes) + extra_slot
+        out = torch.full((len(sizes) * slot,), float("nan"), dtype=dst)
+        assert comm_ops.pack_shards(tensors, out, sizes, scale) is out
+        assert_same_bits(out, reference_pack_shards(tensors, dst, scale, sizes, slot))
+        targets = [make(s, src, lay, seed + 99) for s, lay in zip(shapes, layouts)]
+        assert comm_ops.unpack_shards(out, targets, sizes, scale) == targets
+        for got, want in zip(targets, reference_unpack(logical_of(out, sizes), targets, scale)):
+            assert_same_bits(got, want)
+    finally:
+        del os.environ["WHALE_DISABLE_EXT"]
+
+
+def test_pure_shards_uneven_layout_by_hand(pure):
+    # 7 elements over 3 ranks [3, 3, 1], slot 3: rank 2's slot is padded with two zeros.
+    tensors = [torch.arange(1.0, 5.0).view(2, 2), torch.arange(5.0, 8.0)]
+    out = comm_ops.pack_shards(tensors, torch.full((9,), float("nan")), [3, 3, 1], 2.0)
+    assert out.tolist() == [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 0.0, 0.0]
+    back = comm_ops.unpack_shards(out, [torch.zeros(2, 2), torch.zeros(3)], [3, 3, 1], 0.5)
+    assert torch.equal(back[0], tensors[0]) and torch.equal(back[1], tensors[1])
+
+
+def _shard_error_cases():
+    ok = [torch.ones(2, 3), torch.ones(4)]
+    return [
+        ("pack_shards", (ok, torch.empty(12), [3, 3, 3]), ValueError,
+         r"the tensors hold 10 elements in total but shard_sizes sum to 9"),
+        ("pack_shards", (ok, torch.empty(10), [5, 3, 2]), ValueError,
+         r"out has 10 elements, which is not 3 slots of at least 5 .* = 15 \(padded_numel\)"),
+        ("pack_shards", (ok, torch.empty(8), [5, 5]), ValueError, r"not 2 slots of at least 5"),
+        ("pack_shards", (ok, torch.empty(12), [6, -1, 5]), ValueError,
+         r"shard_sizes\[1\] is -1; shard sizes are >= 0"),
+        ("pack_shards", (ok, torch.empty(12), []), ValueError, r"shard_sizes is empty"),
+        ("pack_shards", (ok, torch.empty(12), "abc"), TypeError, r"shard_sizes must be a sequence"),
+        ("pack_shards", (ok, torch.empty(12), [5.5, 4.5]), TypeError, r"shard_sizes must be ints"),
+        ("pack_shards", (ok, torch.empty(3, 4), [5, 5]), ValueError, r"out must be a 1-D contiguous"),
+        ("unpack_shards", (torch.empty(10), ok, [4, 4]), ValueError,
+         r"the tensors hold 10 elements in total but shard_sizes sum to 8"),
+        ("unpack_shards", (torch.empty(12, dtype=torch.int32), ok, [5, 5]), TypeError,
+         r"flat has dtype torch\.int32"),
+        ("unpack_shards", (torch.empty(12), [torch.ones(6), torch.zeros(1).expand(4)], [5, 5]),
+         ValueError, r"tensors\[1\] has overlapping memory"),
+    ]  # fmt: skip
+
+
+SHARD_ERROR_CASES = _shard_error_cases()
+
+
+@pytest.mark.parametrize(("op", "args", "error", "message"), SHARD_ERROR_CASES)
+def test_pure_shard_argument_errors(pure, op, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(comm_ops, op)(*args)
+
+
+def test_pure_unpack_rejects_targets_on_another_device(pure):
+    with pytest.raises(ValueError, match=r"tensors\[0\] is on meta but flat is on cpu"):
+        comm_ops.unpack(torch.ones(3), [torch.empty(3, device="meta")])
+
+
+def test_pure_ops_trace_with_fake_tensors(pure):
+    """The pure path is plain aten ops: it runs under FakeTensorMode and make_fx records it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(a, b, out):
+        comm_ops.pack_shards([a, b], out, [4, 3], 0.5)
+        comm_ops.unpack_shards(out, [a, b], [4, 3], 2.0)
+        return a, b, out
+
+    with FakeTensorMode():
+        a, b, out = torch.empty(2, 2), torch.empty(3), torch.empty(8)
+        step(a, b, out)
+    graph = make_fx(step)(torch.ones(2, 2), torch.ones(3), torch.empty(8))
+    assert "cat" in str(graph.graph) and "mul" in str(graph.graph)
+
+
 def _error_cases():
     ok = [torch.ones(2, 3), torch.ones(4)]
     return [
@@ -263,7 +417,7 @@ def extension(tmp_path_factory):
     env.pop("WHALE_DISABLE_EXT", None)
     code = "from whale.runtime import comm_ops; print(comm_ops.build_extension())"
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, f"extension build failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     library = Path(proc.stdout.strip().splitlines()[-1])
@@ -353,6 +507,104 @@ def test_extension_argument_errors_match_pure(extension, monkeypatch, op, args, 
     assert str(ext_error.value).splitlines()[0] == str(pure_error.value)
 
 
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), max_size=4).map(tuple), max_size=8),
+    layouts=st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=8),
+    src=st.sampled_from(DTYPES),
+    dst=st.sampled_from(DTYPES),
+    scale=st.sampled_from((1.0, 0.37, 3.0)),
+    weights=st.lists(st.floats(0, 4, allow_nan=False), min_size=1, max_size=5).filter(
+        lambda w: sum(w) > 0
+    ),
+    extra_slot=st.integers(0, 2),
+)
+def test_extension_shards_match_pure(extension, shapes, layouts, src, dst, scale, weights, extra_slot):
+    tensors = [make(s, src, lay, i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
+    sizes = comm_ops.shard_sizes(sum(t.numel() for t in tensors), len(weights), weights)
+    numel = len(sizes) * (max(sizes) + extra_slot)
+    outs, backs = [], []
+    for disable in ("0", "1"):  # extension, then pure
+        os.environ["WHALE_DISABLE_EXT"] = disable
+        try:
+            out = comm_ops.pack_shards(tensors, torch.full((numel,), float("nan"), dtype=dst), sizes, scale)
+            targets = [make(s, src, lay, 99) for s, lay in zip(shapes, layouts)]
+            outs.append(out)
+            backs.append(comm_ops.unpack_shards(out, targets, sizes, scale))
+        finally:
+            del os.environ["WHALE_DISABLE_EXT"]
+    assert_same_bits(outs[0], outs[1])
+    for got, want in zip(*backs):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+def test_extension_shards_cross_the_parallel_grain(extension, monkeypatch):
+    # 40,000-element tensors over 3 uneven shards: the CPU kernel's chunks cross shard edges.
+    tensors = [make((40_000,), F32, seed=1), make((300, 70), F32, "transposed", seed=2), make((7,), F32)]
+    sizes = comm_ops.shard_sizes(sum(t.numel() for t in tensors), 3, [1.0, 2.0, 0.5])
+
+    def run():
+        out = comm_ops.pack_shards(tensors, torch.empty(comm_ops.padded_numel(sizes) + 3, dtype=BF16)[:-3], sizes, 0.5)
+        return out, comm_ops.unpack_shards(out, [torch.empty_like(t) for t in tensors], sizes, 2.0)
+
+    (out, back), (out_pure, back_pure) = _both_backends(monkeypatch, run)
+    assert_same_bits(out, out_pure)
+    for got, want in zip(back, back_pure):
+        assert_same_bits(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("op", "args", "error", "message"), SHARD_ERROR_CASES)
+def test_extension_shard_errors_match_pure(extension, monkeypatch, op, args, error, message):
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    with pytest.raises(error, match=message) as ext_error:
+        getattr(comm_ops, op)(*args)
+    monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    with pytest.raises(error) as pure_error:
+        getattr(comm_ops, op)(*args)
+    assert str(ext_error.value).splitlines()[0] == str(pure_error.value)
+
+
+@pytest.mark.slow
+def test_extension_ops_check_bad_sizes_themselves(extension):
+    """Called directly (not through comm_ops), the ops check what the wrappers check."""
+    with pytest.raises(ValueError, match=r"shard_sizes\[0\] is -2; shard sizes are >= 0"):
+        torch.ops.whale.pack_shards([torch.ones(3)], torch.empty(10), [-2, 5], 1.0)
+    with pytest.raises(ValueError, match=r"shard_sizes is empty"):
+        torch.ops.whale.unpack_shards(torch.empty(3), [torch.ones(3)], [], 1.0)
+
+
+@pytest.mark.slow
+def test_extension_ops_trace(extension, monkeypatch):
+    """Meta kernels: the ops run under FakeTensorMode (with their checks), make_fx records them
+    as single nodes, and torch.compile(fullgraph=True) compiles a step that calls them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+
+    def step(a, b, out):
+        torch.ops.whale.pack_shards([a, b], out, [4, 3], 0.5)
+        torch.ops.whale.unpack_shards(out, [a, b], [4, 3], 2.0)
+        torch.ops.whale.pack([a, b], out[:7], 1.0)
+        torch.ops.whale.unpack(out[:7], [a, b], 1.0)
+        return out
+
+    with FakeTensorMode():
+        step(torch.empty(2, 2), torch.empty(3), torch.empty(8))
+        with pytest.raises(ValueError, match=r"shard_sizes sum to 6"):
+            torch.ops.whale.pack_shards([torch.empty(7)], torch.empty(8), [3, 3], 1.0)
+    graph = str(make_fx(step)(torch.ones(2, 2), torch.ones(3), torch.empty(8)).graph)
+    for name in ("whale.pack_shards", "whale.unpack_shards", "whale.pack", "whale.unpack"):
+        assert name in graph
+    a, b = torch.arange(4.0).view(2, 2), torch.arange(4.0, 7.0)
+    want = step(a.clone(), b.clone(), torch.empty(8))
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(a.clone(), b.clone(), torch.empty(8))
+    assert torch.equal(got, want)
+
+
 # --- the CUDA sources (slow: nvcc, no GPU needed) ------------------------------------------------
 
 
@@ -379,14 +631,14 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     proc = subprocess.run(
         [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda_kernels.cu"), "-o", str(obj),
          *_nvcc_flags(), "-Xptxas", "-v"],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert obj.stat().st_size > 0
     kernels = set(re.findall(r"Compiling entry function '(\w*bucket_copy_kernel\w*)'", proc.stderr))
     assert len(kernels) == 8, kernels  # {float, half, bfloat16, double} x {pack, unpack}
     if shutil.which("nm"):
-        symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
+        symbols = subprocess.run(["nm", "-C", str(obj)], check=False, capture_output=True, text=True).stdout
         assert re.search(r" T whale_cuda::launch_bucket_copy\(", symbols)
 
 
@@ -401,7 +653,7 @@ def test_cuda_glue_compiles_against_torch_headers(tmp_path):
     proc = subprocess.run(
         [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda.cu"), "-o", str(tmp_path / "glue.o"),
          *_nvcc_flags(), *includes, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert (tmp_path / "glue.o").stat().st_size > 0

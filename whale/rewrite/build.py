@@ -27,11 +27,17 @@ from ..capture.graph_io import forward_signature
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
-from .stage_split import assign_stages, capture_split_stages, split_stages
+from .stage_split import (
+    assign_stages,
+    capture_split_stages,
+    keep_state_dict_keys,
+    split_stages,
+)
 from .sync_batch_norm import batch_norm_pass  # Config(sync_batch_norm)
 from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
+from .tensor_parallel.sharded_model import ShardedModel
 
 __all__ = ["ProgramRewrite", "tensor_parallel_check"]
 
@@ -114,6 +120,9 @@ class ProgramRewrite:
                     path: aliases[path][0] if path in aliases else names[id(p)]
                     for path, p in st.module.named_parameters(remove_duplicate=False)
                 }
+                # fx copies a non-persistent buffer (nanoGPT's causal mask) as a persistent one:
+                # the stage's state dict keeps to the local model's keys.
+                keep_state_dict_keys(st.module, set(aliases))
                 state_names = {key: aliases[key] for key in st.module.state_dict()}
                 stage = ProgramStage(st.index, st.received, st.sent, st.modules, param_names,
                                      is_split=st.index in self.analyses, state_names=state_names,
@@ -128,7 +137,8 @@ class ProgramRewrite:
             stages = tuple(stages)
             params = gm.named_parameters()
             tied = _tied_weights(plan, stages)
-            call = dataclasses.replace(call, flatten=self.captured.flatten_inputs, restore=_restorer(self.captured))
+            flatten, restore = _input_output_maps(self.captured)
+            call = dataclasses.replace(call, flatten=flatten, restore=restore)
         # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
         stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
         return DistributedProgram(
@@ -158,7 +168,9 @@ class ProgramRewrite:
             self.model, self.captured, group=group, rank_in_group=group.ranks.index(rank),
             shard_sizes=sizes, loss_fn=self.loss_fn, analysis=analysis,
         )
-        return dataclasses.replace(stage, module=sharded.module, sharded=sharded, source=self.model, is_split=True)
+        return dataclasses.replace(
+            stage, module=sharded.module, sharded=_decisions_only(sharded), source=self.model, is_split=True
+        )
 
     def _shard_stage(self, stage: ProgramStage, module: nn.Module, rank: int, group: CommGroup,
                      sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:
@@ -170,7 +182,7 @@ class ProgramRewrite:
             gather_output=not last,  # the next stage receives whole activations
             analysis=analysis,
         )
-        return dataclasses.replace(stage, module=sharded.module, sharded=sharded, source=module)
+        return dataclasses.replace(stage, module=sharded.module, sharded=_decisions_only(sharded), source=module)
 
     def _stage_sizes(self, plan: Plan) -> dict[int, dict[str, tuple[int, ...]]]:
         """``plan.shard_sizes`` cut by stage, each entry checked against its stage's regions."""
@@ -188,6 +200,14 @@ class ProgramRewrite:
                 "inside a split() part"
             )
         return per_stage
+
+
+def _decisions_only(sharded: ShardedModel) -> ShardedModel:
+    """``sharded`` without the graph its analysis read (the captured model: every weight of every
+    stage, unsharded); the program keeps the decisions (regions, shard specs) only, so a bound
+    rank holds its shards and nothing more."""
+    empty = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    return dataclasses.replace(sharded, plan=dataclasses.replace(sharded.plan, graph_module=empty))
 
 
 def _tied_weights(plan: Plan, stages: tuple[ProgramStage, ...]) -> tuple[TiedWeight, ...]:
@@ -214,10 +234,24 @@ def _state_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {name: tuple(groups[id(t)]) for name, t in state.items()}
 
 
-def _restorer(captured: CapturedModel) -> Callable[[Any], Any]:
-    """The last stage's outputs -> the model's output object (``CapturedModel.unflatten_output``
-    takes the leaves of what the graph's output node returns)."""
-    return lambda out: captured.unflatten_output(pytree.tree_leaves(out))
+def _input_output_maps(captured: CapturedModel) -> tuple[Callable[[tuple, dict], tuple], Callable[[Any], Any]]:
+    """``CapturedModel.flatten_inputs`` and the last stage's outputs -> the model's output object
+    (``unflatten_output`` takes the leaves of what the graph's output node returns), holding
+    only the graph's input/output layout: not the captured graph, whose modules hold every
+    stage's weights."""
+    io = captured.io
+    if io is None:  # a graph made by a pass: fed positionally, as CapturedModel does
+        return _positional, _leaves_or_one
+    return io.flatten_inputs, lambda out: io.unflatten_output(pytree.tree_leaves(out))
+
+
+def _positional(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    return (*args, *kwargs.values())
+
+
+def _leaves_or_one(out: Any) -> Any:
+    flat = pytree.tree_leaves(out)
+    return flat[0] if len(flat) == 1 else tuple(flat)
 
 
 def _region_params(root: nn.Module, paths) -> int:

@@ -64,6 +64,11 @@ class ProgramStage:
     state_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     updated_buffers: tuple[str, ...] = ()
 
+    def release_source(self) -> None:
+        """Drop :attr:`source` once the runtime made the shards from it (when binding): the
+        unsharded weights are needed that once, and a rank then holds its shards only."""
+        object.__setattr__(self, "source", None)  # the one field binding consumes
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelCall:

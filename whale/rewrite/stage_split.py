@@ -306,7 +306,7 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
             g.output(tuple(env[by_name[name]] for name in sent))
         g.lint()
         module = fx.GraphModule(gm, g, class_name=f"Stage{s}")
-        _keep_state_dict_keys(module, state_keys)
+        keep_state_dict_keys(module, state_keys)
         paths = sorted({by_name[n].meta[_INFO].module_path for n in stage if stage[n] == s and _INFO in by_name[n].meta})
         outer = tuple(p for p in paths if not any(q != p and q and _under(p, q) for q in paths))
         updated = sorted({w.target for n in g.nodes if (w := _written_state(n)) is not None})
@@ -314,7 +314,7 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
     return tuple(programs)
 
 
-def _keep_state_dict_keys(module: fx.GraphModule, state_keys: set[str]) -> None:
+def keep_state_dict_keys(module: fx.GraphModule, state_keys: set[str]) -> None:
     """Make a stage's state dict a part of the whole graph's: the buffers the stage copied that
     the graph's state dict leaves out (non-persistent ones, such as Llama's rotary ``inv_freq``
     and BERT's ``position_ids``, and export's lifted constants) stay out of it."""

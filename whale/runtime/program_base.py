@@ -351,6 +351,7 @@ def shard_from_source(stage: ProgramStage, src: int, group: dist.ProcessGroup | 
     source = stage.source
     broadcast_tensors([t.data for t in source.parameters()] + list(source.buffers()), src=src, group=group)
     stage.sharded.load_full_state_dict(source.state_dict())
+    stage.release_source()  # the rank keeps its shards only (issue 15, item 5)
 
 
 def materialize(module: nn.Module, device: torch.device, what: str) -> None:

@@ -36,6 +36,14 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
     returned loss is the global batch's, the same on every rank; ``.grad`` of each local
     parameter equals the local model's gradient on the global batch after ``step``.
 
+    Memory: after binding, the program holds this rank's stages' parameters and buffers only
+    (shards where a stage is split); it keeps no reference to the other stages' weights, to
+    the captured graph or to the unsharded copies the shards were cut from. The local model
+    object is the user's and whale never changes it, so its weights stay alive as long as the
+    caller holds it: write ``model = wh.parallelize(model, ...)`` (or ``del model``) to free
+    them, or call :meth:`release_local_model` to keep the object with the other stages' tensors
+    on the meta device.
+
     A buffer forward updates (a counter, running statistics) lives in the one stage that reads
     and writes it, and after each step equals the local model's after it ran forward on the
     step's micro-batches in order (the first replica's: the others take it at the end of the
@@ -79,6 +87,61 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         self._require_bound()
         mine = sum(p.numel() * p.element_size() for p in self._params.values())
         return {"param_bytes": mine, "model_param_bytes": sum(self.program.param_bytes.values())}
+
+    def release_local_model(self, model: nn.Module) -> int:
+        """Opt in to free, in the local model ``model`` this program was built from, every
+        parameter and buffer this rank's stages do not hold: each becomes a meta tensor of the
+        same shape and dtype (``requires_grad`` kept), so the object keeps its structure
+        (``named_parameters``, ``state_dict`` keys, ``config``) but not the memory. The tensors
+        this rank runs, which the stages share with ``model``, are left as they are. Running
+        ``model`` afterwards fails on the meta tensors; ``full_state_dict()`` still gathers the
+        whole model from the stage owners.
+
+        Returns:
+            The bytes released on this rank.
+
+        Raises:
+            ValueError: ``model``'s state-dict keys are not the ones this program was built from.
+
+        Example::
+
+            program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(x,), config=config)
+            program.release_local_model(model)   # model.config etc. stay usable
+        """
+        self._require_bound()
+        keys = tuple(model.state_dict())
+        if keys != tuple(self.program.state_keys):
+            extra = sorted(set(keys) - set(self.program.state_keys))[:3]
+            missing = sorted(set(self.program.state_keys) - set(keys))[:3]
+            raise ValueError(
+                f"release_local_model(): {type(model).__name__} is not the model this program was "
+                f"built from (state-dict keys differ: unexpected {extra}, missing {missing}); pass "
+                "the model given to wh.parallelize"
+            )
+        held = {
+            t.untyped_storage().data_ptr()
+            for m in self._modules.values()
+            for t in (*m.parameters(), *m.buffers())
+            if not t.is_meta
+        }
+        replaced: dict[int, torch.Tensor] = {}  # a tied tensor gets one meta tensor: ties kept
+        originals: list[torch.Tensor] = []  # alive until the loop ends, so ids stay unique
+        freed: dict[int, int] = {}
+        with torch.no_grad():
+            for module in model.modules():
+                for table in (module._parameters, module._buffers):
+                    for name, t in table.items():
+                        if t is None or t.is_meta or t.untyped_storage().data_ptr() in held:
+                            continue
+                        if id(t) not in replaced:
+                            meta = torch.empty_like(t, device="meta")
+                            if isinstance(t, nn.Parameter):
+                                meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+                            replaced[id(t)] = meta
+                            originals.append(t)
+                            freed[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                        table[name] = replaced[id(t)]
+        return sum(freed.values())
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The local model's state dict, gathered from the stages and their shards (collective:

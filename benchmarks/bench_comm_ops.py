@@ -1,0 +1,194 @@
+"""Bucket ops: the C++ extension and whale's pure-PyTorch fallback against the best plain sequence.
+
+For each bucket (200 tensors / 25 MB, 5,000 tensors of 1 KB, and a mixed bucket of 2-D weights
+and 1-D biases) and each op (``pack``, ``unpack``, ``pack_shards`` / ``unpack_shards`` with 4
+uneven shards), three contenders run in alternating rounds on the same tensors:
+
+- ``best pure``: the fastest plain PyTorch sequence a user would write, with its sizes computed
+  beforehand (pack: ``torch.cat(ts, out=out)`` then one ``torch.mul(out, s, out=out)``, or
+  ``torch.cat`` into a temporary then ``mul(out=)`` when the dtype narrows; unpack: one ``mul``,
+  one ``split_with_sizes``, one ``torch._foreach_copy_``; N-D tensors flattened with
+  ``view(-1)`` first; shards: the same, then a ``mul(out=)`` per rank's slot);
+- ``fallback``: ``whale.runtime.comm_ops`` with ``WHALE_DISABLE_EXT=1`` (what users without a
+  compiler get), arguments checked as always;
+- ``extension``: the same call with ``torch.ops.whale.*`` loaded (``whale build-ext`` first;
+  skipped with a note when it is not built).
+
+Each round times every contender (best of ``--repeat`` calls) and the printed ratios are medians
+over rounds of per-round ratios: ``ext speedup`` = best pure / extension (goals: >= 1.3x for
+200 / 25 MB, >= 2x for 5,000 x 1 KB, pack), ``fallback`` = fallback / best pure (goal <= 1.2x).
+
+Run::
+
+    python -m whale.cli build-ext        # once, for the extension column
+    python benchmarks/bench_comm_ops.py
+    python benchmarks/bench_comm_ops.py --rounds 9 --threads 4 --dtype bfloat16
+    python benchmarks/bench_comm_ops.py --threads 1 --clock cpu   # on a busy host
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from whale.runtime import comm_ops
+
+SCALE = 0.37
+NUM_SHARDS = 4
+
+
+def make_bucket(kind: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "200 x 125 KB":
+        return [torch.randn(25 * 2**20 // 4 // 200, generator=gen) for _ in range(200)]
+    if kind == "5000 x 1 KB":
+        return [torch.randn(256, generator=gen) for _ in range(5000)]
+    # A transformer-like bucket: matrices and their biases / norms, 2-D and 1-D mixed.
+    bucket = []
+    for _ in range(100):
+        bucket += [torch.randn(64, 64, generator=gen), torch.randn(64, generator=gen)]
+        bucket += [torch.randn(256, 64, generator=gen), torch.randn(256, generator=gen)]
+    return bucket
+
+
+def best_pure(ts: list[torch.Tensor], dtype: torch.dtype, op: str) -> Callable[[], object]:
+    """The plain sequence, everything that does not depend on the values computed up front."""
+    numels = [t.numel() for t in ts]
+    total = sum(numels)
+    flat_ts = ts if all(t.dim() == 1 for t in ts) else None
+    sizes = comm_ops.shard_sizes(total, NUM_SHARDS, [1.0, 1.0, 1.0, 0.7])
+    slot = max(sizes)
+    sharded = op.endswith("_shards")
+    out = torch.empty(slot * NUM_SHARDS if sharded else total, dtype=dtype)
+    if op == "unpack_shards":
+        comm_ops.pack_shards(ts, out, sizes)
+    elif op == "unpack":
+        comm_ops.pack(ts, out)
+    same = dtype == ts[0].dtype
+
+    def flats() -> list[torch.Tensor]:
+        return flat_ts if flat_ts is not None else [t.view(-1) for t in ts]
+
+    def pack() -> None:
+        if same:
+            torch.cat(flats(), out=out)
+            torch.mul(out, SCALE, out=out)
+        else:
+            torch.mul(torch.cat(flats()), SCALE, out=out)
+
+    def unpack() -> None:
+        pieces = torch.mul(out, SCALE).split_with_sizes(numels)
+        if flat_ts is None:
+            pieces = [p.view(t.shape) for p, t in zip(pieces, ts)]
+        torch._foreach_copy_(ts, pieces)
+
+    slots = out.view(NUM_SHARDS, slot) if sharded else None
+
+    def pack_shards() -> None:
+        joined = torch.cat(flats())
+        start = 0
+        for r, size in enumerate(sizes):
+            torch.mul(joined[start : start + size], SCALE, out=slots[r, :size])
+            slots[r, size:].zero_()
+            start += size
+
+    def unpack_shards() -> None:
+        joined = torch.cat([slots[r, :size] for r, size in enumerate(sizes)])
+        pieces = torch.mul(joined, SCALE).split_with_sizes(numels)
+        if flat_ts is None:
+            pieces = [p.view(t.shape) for p, t in zip(pieces, ts)]
+        torch._foreach_copy_(ts, pieces)
+
+    return {"pack": pack, "unpack": unpack, "pack_shards": pack_shards, "unpack_shards": unpack_shards}[op]
+
+
+def whale_call(ts: list[torch.Tensor], dtype: torch.dtype, op: str, disable_ext: bool) -> Callable[[], object]:
+    total = sum(t.numel() for t in ts)
+    sizes = comm_ops.shard_sizes(total, NUM_SHARDS, [1.0, 1.0, 1.0, 0.7])
+    out = torch.empty(total if op in ("pack", "unpack") else comm_ops.padded_numel(sizes), dtype=dtype)
+    calls = {
+        "pack": lambda: comm_ops.pack(ts, out, SCALE),
+        "unpack": lambda: comm_ops.unpack(out, ts, SCALE),
+        "pack_shards": lambda: comm_ops.pack_shards(ts, out, sizes, SCALE),
+        "unpack_shards": lambda: comm_ops.unpack_shards(out, ts, sizes, SCALE),
+    }
+
+    def call() -> object:
+        old = os.environ.get("WHALE_DISABLE_EXT")
+        os.environ["WHALE_DISABLE_EXT"] = "1" if disable_ext else "0"
+        try:
+            return calls[op]()
+        finally:
+            if old is None:
+                del os.environ["WHALE_DISABLE_EXT"]
+            else:
+                os.environ["WHALE_DISABLE_EXT"] = old
+
+    return call
+
+
+def best_of(fn: Callable[[], object], repeat: int, clock: Callable[[], float]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10, help="calls per contender per round (best taken)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bucket dtype")
+    parser.add_argument("--ops", default="pack,unpack,pack_shards,unpack_shards")
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"],
+        help="cpu: this thread's CPU time (use with --threads 1), steadier on a loaded host",
+    )
+    args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    dtype = getattr(torch, args.dtype)
+    has_ext = comm_ops.extension_available()
+    print(f"torch {torch.__version__}, {args.threads} threads, bucket dtype {dtype}, scale {SCALE}, "
+          f"{args.rounds} alternating rounds x best of {args.repeat}, {args.clock} clock")
+    if not has_ext:
+        print("extension not built: run `whale build-ext` for the extension column")
+    print(f"{'bucket':<16} {'op':<14} {'best pure':>10} {'fallback':>10} {'extension':>10} "
+          f"{'fallback/best':>14} {'ext speedup':>12}")
+    for kind in ("200 x 125 KB", "5000 x 1 KB", "mixed 2-D/1-D"):
+        ts = make_bucket(kind)
+        for op in args.ops.split(","):
+            contenders = {"best": best_pure(ts, dtype, op), "fallback": whale_call(ts, dtype, op, True)}
+            if has_ext:
+                contenders["extension"] = whale_call(ts, dtype, op, False)
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            for _ in range(args.rounds):
+                for name, fn in contenders.items():
+                    fn()  # warm: allocator, caches
+                    times[name].append(best_of(fn, args.repeat, clock))
+            med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+            fallback_ratio = statistics.median(f / b for f, b in zip(times["fallback"], times["best"]))
+            ext = f"{med['extension']:>8.2f}ms" if has_ext else f"{'-':>10}"
+            speedup = (
+                f"{statistics.median(b / e for b, e in zip(times['best'], times['extension'])):>11.2f}x"
+                if has_ext
+                else f"{'-':>12}"
+            )
+            print(f"{kind:<16} {op:<14} {med['best']:>8.2f}ms {med['fallback']:>8.2f}ms {ext} "
+                  f"{fallback_ratio:>13.2f}x {speedup}")
+
+
+if __name__ == "__main__":
+    main()
