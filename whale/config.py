@@ -15,6 +15,7 @@ __all__ = ["Config"]
 _STRATEGIES = ("replicate",)
 _REDUCTIONS = ("mean", "sum")
 _COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+_ZERO_STAGES = (0, 1, 2, 3)
 
 
 class _FrozenSizes(Mapping):
@@ -123,6 +124,14 @@ class Config:
     None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types.
     Stored as a read-only, hashable mapping of tuples (``dict(config.shard_sizes)`` copies it)."""
 
+    zero_stage: int = 0
+    """ZeRO over each data-parallel group (ranks holding the same parameters): 0 keeps full
+    parameters, gradients and optimizer state on every replica; 1 shards the optimizer state
+    (``program.parameters()`` are this rank's 1/dp shards; updated shards are all-gathered into
+    the full parameters before the next forward); 2 also shards gradients (reduce-scatter in
+    buckets, overlapped with backward); 3 also parameters (gathered one layer ahead of use,
+    freed after). Build the optimizer on ``program.parameters()``."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -203,6 +212,11 @@ class Config:
         for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
+        if type(self.zero_stage) is not int or self.zero_stage not in _ZERO_STAGES:
+            raise ValueError(
+                f"Config(zero_stage={self.zero_stage!r}): choose one of {list(_ZERO_STAGES)} "
+                "(0 none, 1 optimizer state, 2 + gradients, 3 + parameters)"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

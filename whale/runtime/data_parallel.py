@@ -7,6 +7,7 @@ summed over the ranks holding the same shard in the other replicas.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from .emulate import Stretch
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
+from .zero import ShardedParameters, ZeroShards
 
 __all__ = ["DataParallelProgram"]
 
@@ -72,6 +74,8 @@ class DataParallelProgram(ProgramBase):
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters: a full copy, or its shards where the model is split."""
         self._require_bound()
+        if self._zero is not None:
+            return (self._zero.shard(p) for p in self.module.parameters())
         return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -79,12 +83,18 @@ class DataParallelProgram(ProgramBase):
         under the name the local model's ``named_parameters()`` gives it)."""
         self._require_bound()
         names = self._stage.param_names
-        return ((names.get(n, n), p) for n, p in self.module.named_parameters())
+        zero = self._zero.shard if self._zero is not None else (lambda p: p)
+        return ((names.get(n, n), zero(p)) for n, p in self.module.named_parameters())
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """Whole tensors under local-model names from this rank's ones, e.g. gradients of shards
         (collective over the tensor-parallel group; the identity without split)."""
         self._require_bound()
+        if self._zero is not None:
+            # ZeRO shards first (over the data group), then tensor-parallel ones.
+            names = self._stage.param_names
+            full = {names.get(n, n): p for n, p in self.module.named_parameters()}
+            tensors = self._zero.gather_full(tensors, full)
         if self._sharded is None:
             return {k: v for k, v in tensors.items()}
         return self._sharded.gather_full(tensors)
@@ -92,13 +102,19 @@ class DataParallelProgram(ProgramBase):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The local model's state dict: shards gathered (collective), replicas being identical."""
         self._require_bound()
-        if self._sharded is not None:
-            return self._sharded.full_state_dict()
-        return {k: v.detach() for k, v in self.module.state_dict().items()}
+        with self._zero_full():
+            if self._sharded is not None:
+                return self._sharded.full_state_dict()
+            return {k: v.detach().clone() if self._zero_stage3 else v.detach()
+                    for k, v in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a local model's state dict on every rank (strict: names must match)."""
         self._require_bound()
+        with self._zero_full(refresh=True):
+            self._load_full_state_dict(state_dict)
+
+    def _load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         if self._sharded is not None:
             self._sharded.load_full_state_dict(state_dict)
             return
@@ -121,6 +137,8 @@ class DataParallelProgram(ProgramBase):
         """Run the local model (this rank's shard of it) on the given inputs, as the local model
         takes them (inference; communication only inside a tensor-parallel group)."""
         args, kwargs = self.program.call.model_inputs(args, kwargs)
+        if self._zero is not None:
+            self._zero.sync()  # collective once after an optimizer step (ZeRO 1/2)
         return self.module(*args, **kwargs)
 
     # ---- training ----------------------------------------------------------------------------
@@ -151,6 +169,8 @@ class DataParallelProgram(ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
+        if self._zero is not None:
+            self._zero.sync()
         start, stretch = self._step_begin()
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
@@ -158,6 +178,8 @@ class DataParallelProgram(ProgramBase):
         timeline: list[tuple[str, float, float]] = []
         loss = self._forward_backward(cut, start, stretch, timeline)
         self._agreed = True
+        if self._zero is not None:
+            self._zero.mark_synchronized()
         if self.config.broadcast_buffers:
             # Buffers forward updated (counters, statistics) leave every step as the first
             # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
@@ -289,14 +311,42 @@ class DataParallelProgram(ProgramBase):
         comm = self.config.grad_comm_dtype
         self._summary_rides = (
             plan.dp_degree > 1
+            and self.config.zero_stage < 2  # a reduce-scatter leaves each rank a part
             and plan.tensor_parallel == 1
             and dtype in exact
             and (comm is None or comm == dtype)
         )
-        if plan.dp_degree > 1:
+        if plan.dp_degree > 1 and self.config.zero_stage:
+            names = self._stage.param_names
+            self._zero = ZeroShards(self.config.zero_stage, {id(p): names.get(n, n) for n, p in
+                                                             self.module.named_parameters()})
+        if plan.dp_degree > 1 and self.config.zero_stage == 3:
+            self._reducer = self._zero.add(
+                ShardedParameters(self.module, self._data_group, comm_dtype=self.config.grad_comm_dtype), params
+            )
+        elif plan.dp_degree > 1:
             extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
             self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra)
         self._bound = True
+
+    @property
+    def _zero_stage3(self) -> bool:
+        return self._zero is not None and self._zero.stage == 3
+
+    @contextlib.contextmanager
+    def _zero_full(self, refresh: bool = False) -> Iterator[None]:
+        """Full parameters inside (ZeRO: updated shards gathered; stage 3 gathers every unit
+        and frees them after, taking the shards from them where ``refresh``)."""
+        if self._zero is not None:
+            self._zero.sync()
+        if not self._zero_stage3:
+            yield
+            return
+        self._reducer.gather_all()
+        try:
+            yield
+        finally:
+            self._reducer.free_all(refresh=refresh)
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]

@@ -31,6 +31,7 @@ from .grad_sync import GradientReducer
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
 from .process_group import WorldInfo, require_initialized, world_info
+from .zero import ShardedReducer, ZeroShards
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
 
@@ -71,6 +72,7 @@ class ProgramBase:
     predicted_timeline: Timeline | None = None
     last_timeline: tuple = ()
     last_step_entry: float | None = None
+    _zero: ZeroShards | None = None  # Config(zero_stage >= 1) over a data-parallel group
 
     def _init_record(self) -> None:
         """Per-program step records; the emulated slowdown is read (and checked) here, so a
@@ -308,6 +310,14 @@ class ProgramBase:
         self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0
     ) -> GradientReducer:
         cap = int(self.config.bucket_cap_mb * 2**20)
+        if self._zero is not None and self._zero.stage in (1, 2):
+            # ZeRO 1/2 (whale.runtime.zero): the optimizer steps shards of these parameters.
+            sharded = ShardedReducer(
+                params, group, self._zero.stage, bucket_cap_bytes=cap,
+                first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
+                comm_dtype=self.config.grad_comm_dtype, extra_numel=extra_numel, host=self._host,
+            )
+            return self._zero.add(sharded, params)
         return GradientReducer(
             params,
             group=group,

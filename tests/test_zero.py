@@ -1,0 +1,81 @@
+"""ZeRO (``Config(zero_stage=1|2|3)``) against the local model, on real gloo processes.
+
+Tolerances: loss, gradients and the first step's parameters as tests/equivalence.py states
+(the shards' gradients are the same row-weighted sums, reduce-scattered instead of
+all-reduced: only the order of fp32 additions may differ). Three further steps in a row are
+compared with the same program under zero_stage=0: an AdamW update is elementwise, so a shard
+steps exactly as its slice of the full parameter does; with two ranks each summed element is
+the same two-term sum either way, so the states must agree to round-off (atol 1e-6;
+stage 3: see _check_steps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.equivalence import LR, assert_equivalent
+from tests.world import CaseError
+from whale import Config
+
+CASES = "tests.zero_cases"
+
+
+def _check_steps(out: dict, stage: int) -> None:
+    assert_close(torch.tensor(out["steps_loss"]), torch.tensor(out["plain_steps_loss"]), rtol=1e-6, atol=0)
+    # Stage 3 reduce-scatters each micro-batch's gradients and adds them up in its shard; the
+    # other stages reduce the accumulated sum once: fp32 round-off in the order of additions,
+    # which Adam amplifies to O(lr) on entries whose gradient is round-off (the attention key
+    # bias, see tests/equivalence.py), so there every entry must agree to 5% of lr.
+    atol = 5 * LR / 100 if stage == 3 else 1e-6
+    for name, want in out["plain_steps_state"].items():
+        assert_close(out["steps_state"][name], want, rtol=0, atol=atol, msg=f"after 3 steps: {name}")
+
+
+def _check_memory(outs: list[dict], stage: int, dp: int) -> None:
+    for out in outs:
+        mem = out["memory"]
+        share = mem["model_numel"] / dp
+        # Each parameter is cut in dp chunks of ceil(n/dp): a rank's shards are its 1/dp share
+        # give or take one element per parameter.
+        assert abs(mem["shard_numel"] - share) <= 0.1 * share, mem
+        assert mem["opt_numel"] == 2 * mem["shard_numel"], mem  # AdamW: exp_avg, exp_avg_sq
+        if stage == 3:
+            assert mem["resident_numel"] == 0, mem  # between steps only the shards remain
+        else:
+            assert mem["resident_numel"] == mem["model_numel"], mem
+
+
+@pytest.mark.parametrize(
+    "stage, kwargs, rows",
+    [
+        (1, {}, (4, 4)),
+        (2, {"row_weights": (3, 1), "num_micro_batch": 2, "bucket_cap_mb": 0.005}, (6, 2)),
+        (3, {"row_weights": (1, 3), "num_micro_batch": 2}, (2, 6)),
+    ],
+    ids=["zero1", "zero2-uneven-microbatch-buckets", "zero3-uneven-microbatch"],
+)
+def test_equivalence_world2(world2, stage, kwargs, rows):
+    outs = world2.run(f"{CASES}:equivalence", "gpt", 8, stage, **kwargs)
+    assert tuple(outs[0]["rows"]) == rows
+    for out in outs:
+        assert_equivalent(out)
+        _check_steps(out, stage)
+    _check_memory(outs, stage, 2)
+
+
+@pytest.mark.parametrize("value", [4, -1, "2", True, 1.0])
+def test_unknown_zero_stage_is_named(value):
+    with pytest.raises(ValueError, match=r"zero_stage=.*choose one of \[0, 1, 2, 3\]"):
+        Config(zero_stage=value)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_optimizer_on_the_full_model_is_caught_at_its_first_step(world2, stage):
+    with pytest.raises(CaseError) as err:
+        world2.run(f"{CASES}:full_model_optimizer", stage)
+    assert err.value.type_name == "ValueError"
+    assert f"zero_stage={stage}" in err.value.message
+    assert "program.parameters()" in err.value.message
+    assert "'wte.weight'" in err.value.message or "'blocks." in err.value.message

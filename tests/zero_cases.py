@@ -1,0 +1,122 @@
+"""Cases run on every rank of a gloo pool (see tests/world.py) for the ZeRO tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import whale as wh
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from tests.equivalence import LR, train_distributed, train_reference
+
+_STEPS = 3
+
+
+def _gpt(global_batch: int, n_layer: int = 2):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=2, n_embd=32)
+    corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
+    batches = [corpus.batch(global_batch, cfg.block_size, s) for s in range(_STEPS)]
+    return GPT(cfg), batches, lm_loss
+
+
+def hf_equivalence(name: str, zero_stage: int, **config) -> dict:
+    """A transformers model under ZeRO against the local model (as tests/hf_cases.py), with
+    the shards' gradients and parameters gathered."""
+    from tests.hf_cases import _batches, _step, _train_reference
+    from tests.hf_models import BUILDERS
+
+    case = BUILDERS[name](rows=8)
+    batches = _batches(case)
+    out = _train_reference(copy.deepcopy(case.model), batches, case.loss_fn)
+    program = wh.parallelize(case.model, loss_fn=case.loss_fn, example_inputs=case.inputs,
+                             config=wh.Config(zero_stage=zero_stage, **config))
+    opt = torch.optim.AdamW(program.parameters(), lr=LR)
+    out.update(loss=[], grads=[])
+    for step, (inputs, target) in enumerate(batches):
+        if step:
+            program.load_full_state_dict(out["ref_states"][step - 1])
+        out["loss"].append(_step(program, inputs, target, "dict").item())
+        out["grads"].append(program.gather_full({n: p.grad for n, p in program.named_parameters()}))
+        opt.step()
+        opt.zero_grad()
+        if "params" not in out:
+            out["params"] = program.gather_full({n: p.detach() for n, p in program.named_parameters()})
+    del out["ref_states"]
+    out["memory"] = memory(program, opt_shards(program))
+    return out
+
+
+def equivalence(kind: str, global_batch: int, zero_stage: int, annotations=None, **config) -> dict:
+    """The local model and the program on the same batches (see tests/equivalence.py), then
+    three more steps without reloading, against the same program with zero_stage=0."""
+    model, batches, loss_fn = _gpt(global_batch)
+    if annotations:
+        wh.annotate(model, annotations)
+    reference, plain_model = copy.deepcopy(model), copy.deepcopy(model)
+    out = train_reference(reference, batches, loss_fn)
+    cfg = wh.Config(zero_stage=zero_stage, **config)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=cfg)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["rows"] = program.plan.rows(global_batch)
+    # Several steps in a row, each from the last's weights, against whale without ZeRO.
+    plain = wh.parallelize(plain_model, loss_fn=loss_fn, example_inputs=(batches[0][0],),
+                           config=wh.Config(zero_stage=0, **config))
+    plain.load_full_state_dict(program.full_state_dict())
+    runs = []
+    for prog in (program, plain):
+        opt = torch.optim.AdamW(prog.parameters(), lr=LR)
+        losses = []
+        for x, y in batches:
+            losses.append(prog.step(x, y).item())
+            opt.step()
+            opt.zero_grad()
+        runs.append((losses, prog.full_state_dict()))
+    out["steps_loss"], out["plain_steps_loss"] = runs[0][0], runs[1][0]
+    out["steps_state"], out["plain_steps_state"] = runs[0][1], runs[1][1]
+    out["memory"] = memory(program, opt_shards(program))
+    return out
+
+
+def opt_shards(program) -> dict:
+    """An AdamW on the program's parameters after one step (lr 0: nothing moves): its state's
+    elements."""
+    opt = torch.optim.AdamW(program.parameters(), lr=0.0)
+    for p in program.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return {"opt_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim())}
+
+
+def memory(program, extra: dict) -> dict:
+    """This rank's elements: optimizer-facing parameters, full parameters resident now."""
+    resident = sum(p.untyped_storage().nbytes() // p.element_size() for p in program.module.parameters())
+    total = sum(p.numel() for p in program.module.parameters())
+    return {"shard_numel": sum(p.numel() for p in program.parameters()), "resident_numel": resident,
+            "model_numel": total, **extra}
+
+
+def full_model_optimizer(zero_stage: int) -> None:
+    """Bad input: an optimizer on the model's own parameters under ZeRO, caught at its step."""
+    model, batches, loss_fn = _gpt(8)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],),
+                             config=wh.Config(zero_stage=zero_stage))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    program.step(*batches[0])
+    opt.step()
+
+
+def pipeline_equivalence(zero_stage: int) -> dict:
+    """Two stages x two replicas (4 ranks), each stage's data group sharded."""
+    model, batches, loss_fn = _gpt(8, n_layer=2)
+    reference = copy.deepcopy(model)
+    out = train_reference(reference, batches, loss_fn)
+    cfg = wh.Config(zero_stage=zero_stage, stage_boundaries=["blocks.1"], num_micro_batch=2,
+                    pipeline_degree=2, row_weights=(3, 1))
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=cfg)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["shard_numel"] = sum(p.numel() for p in program.parameters())
+    out["rank"] = dist.get_rank()
+    return out
