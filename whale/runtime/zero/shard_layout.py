@@ -21,10 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ShardLayout"]
+__all__ = ["RankMajorLayout"]
 
 
-class ShardLayout:
+class RankMajorLayout:
     """The rank-major layout of parameters of ``numels`` elements over ``size`` ranks.
 
     Attributes:
@@ -35,7 +35,7 @@ class ShardLayout:
 
     Example::
 
-        layout = ShardLayout([10, 3], size=2, rank=1)
+        layout = RankMajorLayout([10, 3], size=2, rank=1)
         layout.region, layout.ranges   # 7, [(5, 10), (2, 3)]
     """
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .shard_layout import ShardLayout
+from .shard_layout import RankMajorLayout
 
 __all__ = ["ShardedParameters", "unit_modules"]
 
@@ -52,7 +52,7 @@ class _Unit:
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], size: int, rank: int) -> None:
         self.name, self.module, self.params = name, module, params
-        self.layout = ShardLayout([p.numel() for p in params], size, rank)
+        self.layout = RankMajorLayout([p.numel() for p in params], size, rank)
         dtype, device = params[0].dtype, params[0].device
         self.region = torch.zeros(self.layout.region, dtype=dtype, device=device)
         for p, view, (lo, hi) in zip(params, self.layout.region_views(self.region), self.layout.ranges):

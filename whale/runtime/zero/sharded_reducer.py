@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..grad_sync import GradientReducer
-from .shard_layout import ShardLayout
+from .shard_layout import RankMajorLayout
 
 __all__ = ["ShardedReducer"]
 
@@ -93,7 +93,7 @@ class ShardedReducer:
             assert extra_numel == 0, "the loss cannot ride on a reduce-scatter"
             parts = bucket_parts(params, bucket_cap_bytes, first_bucket_cap_bytes)
         self.parts = parts
-        self.layouts = [ShardLayout([p.numel() for p in part], self.size, self.rank) for part in parts]
+        self.layouts = [RankMajorLayout([p.numel() for p in part], self.size, self.rank) for part in parts]
         self.shards: dict[int, nn.Parameter] = {}
         for part, layout in zip(parts, self.layouts):
             for p, (lo, hi) in zip(part, layout.ranges):
