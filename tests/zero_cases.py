@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
@@ -49,12 +48,13 @@ def hf_equivalence(name: str, zero_stage: int, **config) -> dict:
     return out
 
 
-def equivalence(kind: str, global_batch: int, zero_stage: int, annotations=None, **config) -> dict:
+def equivalence(kind: str, global_batch: int, zero_stage: int, split: tuple[str, ...] = (), **config) -> dict:
     """The local model and the program on the same batches (see tests/equivalence.py), then
-    three more steps without reloading, against the same program with zero_stage=0."""
+    three more steps without reloading, against the same program with zero_stage=0.
+    ``split``: module paths annotated ``wh.split(2)`` (tensor parallel beside ZeRO)."""
     model, batches, loss_fn = _gpt(global_batch)
-    if annotations:
-        wh.annotate(model, annotations)
+    if split:
+        wh.annotate(model, {path: wh.split(2) for path in split})
     reference, plain_model = copy.deepcopy(model), copy.deepcopy(model)
     out = train_reference(reference, batches, loss_fn)
     cfg = wh.Config(zero_stage=zero_stage, **config)
@@ -91,11 +91,21 @@ def opt_shards(program) -> dict:
 
 
 def memory(program, extra: dict) -> dict:
-    """This rank's elements: optimizer-facing parameters, full parameters resident now."""
-    resident = sum(p.untyped_storage().nbytes() // p.element_size() for p in program.module.parameters())
-    total = sum(p.numel() for p in program.module.parameters())
+    """This rank's elements: optimizer-facing parameters, full parameters resident now (this
+    rank's own: its tensor-parallel shards, its pipeline stages)."""
+    full = [p for _, p in _full_parameters(program)]
+    resident = sum(p.untyped_storage().nbytes() // p.element_size() for p in full)
+    total = sum(p.numel() for p in full)
+    # A weight tied across pipeline stages stays whole (its tied group sums it).
+    whole = sum(p.numel() for p in program.parameters() if any(p is q for q in full))
     return {"shard_numel": sum(p.numel() for p in program.parameters()), "resident_numel": resident,
-            "model_numel": total, **extra}
+            "model_numel": total, "unsharded_numel": whole, **extra}
+
+
+def _full_parameters(program):
+    if hasattr(program, "module"):
+        return list(program.module.named_parameters())
+    return list(program._params.items())
 
 
 def full_model_optimizer(zero_stage: int) -> None:
@@ -109,14 +119,13 @@ def full_model_optimizer(zero_stage: int) -> None:
 
 
 def pipeline_equivalence(zero_stage: int) -> dict:
-    """Two stages x two replicas (4 ranks), each stage's data group sharded."""
+    """Two stages x two replicas of uneven rows (4 ranks), each stage's data group sharded."""
     model, batches, loss_fn = _gpt(8, n_layer=2)
     reference = copy.deepcopy(model)
     out = train_reference(reference, batches, loss_fn)
-    cfg = wh.Config(zero_stage=zero_stage, stage_boundaries=["blocks.1"], num_micro_batch=2,
-                    pipeline_degree=2, row_weights=(3, 1))
+    cfg = wh.Config(zero_stage=zero_stage, stage_boundaries=["blocks.1"], num_micro_batch=2, row_weights=(3, 1))
     program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=cfg)
     out.update(train_distributed(program, batches, out.pop("ref_states")))
-    out["shard_numel"] = sum(p.numel() for p in program.parameters())
-    out["rank"] = dist.get_rank()
+    out["plan"] = (program.plan.num_stages, program.plan.dp_degree)
+    out["memory"] = memory(program, opt_shards(program))
     return out

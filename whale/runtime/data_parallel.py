@@ -7,7 +7,6 @@ summed over the ranks holding the same shard in the other replicas.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,7 +22,6 @@ from .emulate import Stretch
 from .grad_sync import GradientReducer
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
-from .zero import ShardedParameters, ZeroShards
 
 __all__ = ["DataParallelProgram"]
 
@@ -105,8 +103,8 @@ class DataParallelProgram(ProgramBase):
         with self._zero_full():
             if self._sharded is not None:
                 return self._sharded.full_state_dict()
-            return {k: v.detach().clone() if self._zero_stage3 else v.detach()
-                    for k, v in self.module.state_dict().items()}
+            stage3 = self._zero is not None and self._zero.stage == 3  # its storage is freed after
+            return {k: v.detach().clone() if stage3 else v.detach() for k, v in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a local model's state dict on every rank (strict: names must match)."""
@@ -316,37 +314,12 @@ class DataParallelProgram(ProgramBase):
             and dtype in exact
             and (comm is None or comm == dtype)
         )
-        if plan.dp_degree > 1 and self.config.zero_stage:
+        if plan.dp_degree > 1:
             names = self._stage.param_names
-            self._zero = ZeroShards(self.config.zero_stage, {id(p): names.get(n, n) for n, p in
-                                                             self.module.named_parameters()})
-        if plan.dp_degree > 1 and self.config.zero_stage == 3:
-            self._reducer = self._zero.add(
-                ShardedParameters(self.module, self._data_group, comm_dtype=self.config.grad_comm_dtype), params
-            )
-        elif plan.dp_degree > 1:
+            self._start_zero({id(p): names.get(n, n) for n, p in self.module.named_parameters()})
             extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
-            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra)
+            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
         self._bound = True
-
-    @property
-    def _zero_stage3(self) -> bool:
-        return self._zero is not None and self._zero.stage == 3
-
-    @contextlib.contextmanager
-    def _zero_full(self, refresh: bool = False) -> Iterator[None]:
-        """Full parameters inside (ZeRO: updated shards gathered; stage 3 gathers every unit
-        and frees them after, taking the shards from them where ``refresh``)."""
-        if self._zero is not None:
-            self._zero.sync()
-        if not self._zero_stage3:
-            yield
-            return
-        self._reducer.gather_all()
-        try:
-            yield
-        finally:
-            self._reducer.free_all(refresh=refresh)
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]

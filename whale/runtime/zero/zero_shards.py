@@ -9,8 +9,9 @@ caught at its first step (``torch.optim.optimizer.register_optimizer_step_pre_ho
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,21 @@ class ZeroShards:
         for part in self.parts:
             if isinstance(part, ShardedReducer):
                 part.gather_parameters()
+
+    @contextlib.contextmanager
+    def full(self, refresh: bool = False) -> Iterator[None]:
+        """Full parameters inside (collective): updated shards gathered (stage 1/2); stage 3
+        gathers every unit and frees them after, first taking the shards from them where
+        ``refresh`` (they were loaded)."""
+        self.sync()
+        sharded = [part for part in self.parts if isinstance(part, ShardedParameters)]
+        for part in sharded:
+            part.gather_all()
+        try:
+            yield
+        finally:
+            for part in sharded:
+                part.free_all(refresh=refresh)
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None], params: Mapping[str, nn.Parameter]
                     ) -> dict[str, torch.Tensor | None]:
