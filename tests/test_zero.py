@@ -101,3 +101,12 @@ def test_beside_tensor_parallel(world4, stage):
         assert_equivalent(out)
         _check_steps(out, stage)
     _check_memory(outs, stage, 2)
+
+
+@pytest.mark.parametrize("name, stage", [("gpt2", 3), ("llama", 2)])
+def test_transformers_model(world2, name, stage):
+    """A transformers model (GPT-2: lm_head tied to wte; Llama: GQA, rotary buffers), uneven rows."""
+    outs = world2.run(f"{CASES}:hf_equivalence", name, stage, row_weights=(3, 1), num_micro_batch=2)
+    for out in outs:
+        assert_equivalent(out)
+    _check_memory(outs, stage, 2)
