@@ -1,18 +1,21 @@
-"""Where each rank's shard of a bucket of parameters lies: the rank-major layout.
+"""Where each rank's shard of a bucket of parameters lies: the padded-shard layout.
 
-Each parameter of ``n`` elements is cut along its flattened elements into ``size`` chunks of
-``c = ceil(n / size)`` (the last ones shorter or empty, so any ``n`` works: no shape or
-divisibility is required, unlike a dim-0 shard). A bucket lays the chunks out rank-major: rank
-``r``'s chunks of every parameter, then rank ``r + 1``'s, each padded to ``c``. Rank ``r``'s
-region, ``[r * C, (r + 1) * C)`` with ``C`` the sum of the ``c``, is then contiguous, which is
-what ``reduce_scatter_tensor`` leaves on a rank and what ``all_gather_into_tensor`` takes from
-it, so one collective serves the whole bucket. A shard is a contiguous slice of its flattened
-parameter, so with full parameters present (ZeRO 1 and 2) it is a view of the parameter's own
-storage and the optimizer updates the parameter in place.
+A bucket's parameters, flattened and concatenated, form one logical flat of ``total``
+elements; rank ``r`` owns the consecutive elements ``[r * slot, min((r + 1) * slot, total))``
+with ``slot = ceil(total / size)`` (the last ranks' shards shorter, or empty), so any element
+count works (no dim-0 divisibility, unlike a DTensor shard). In the bucket's buffer each rank
+has a slot of ``slot`` elements: ``reduce_scatter_tensor`` of the buffer leaves rank ``r`` its
+summed slot, and ``all_gather_into_tensor`` of the slots rebuilds it. Because the slots are
+full up to the last shard, the buffer's first ``total`` elements are exactly the flat: packing
+is one concatenation, unpacking one split.
 
-``pack`` and ``unpack`` move tensors between the parameters' shapes and the layout. They are
-the reduce-scatter and all-gather layout copies that ``whale.runtime.comm_ops`` is to offer
-as fused ops; until then these strided copies (two per parameter, none per element) serve.
+A parameter's part of a rank's shard is a contiguous slice of its flattened elements, so with
+full parameters present (ZeRO 1 and 2) a shard is a view of the parameter's own storage, and
+the optimizer updates the parameter in place.
+
+This is the layout of ``whale.runtime.comm_ops.pack_shards`` / ``unpack_shards`` (the fused
+``torch.ops.whale`` ops, with ``shard_sizes`` this layout's), used where that module has them;
+a pure-PyTorch path of the same two whole-bucket copies serves otherwise.
 """
 
 from __future__ import annotations
@@ -21,80 +24,84 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RankMajorLayout"]
+from .. import comm_ops
+
+__all__ = ["PaddedShardLayout"]
+
+_pack_shards = getattr(comm_ops, "pack_shards", None)
+_unpack_shards = getattr(comm_ops, "unpack_shards", None)
 
 
-class RankMajorLayout:
-    """The rank-major layout of parameters of ``numels`` elements over ``size`` ranks.
+class PaddedShardLayout:
+    """The padded-shard layout of parameters of ``numels`` elements over ``size`` ranks.
 
     Attributes:
-        chunks: per parameter, the padded chunk ``c`` each rank holds.
-        offsets: per parameter, where its chunk starts inside a rank's region.
-        region: ``C``, the elements of one rank's region (padding included).
-        ranges: per parameter, ``(lo, hi)`` of this rank's chunk in the flattened parameter.
+        total: elements of the logical flat (every parameter).
+        region: ``slot``, the elements of one rank's slot (padding included).
+        numel: elements of the whole buffer, ``size * region``.
+        shard_sizes: elements of each rank's shard (summing to ``total``).
+        ranges: per parameter, ``(lo, hi)`` of this rank's part in the flattened parameter.
 
     Example::
 
-        layout = RankMajorLayout([10, 3], size=2, rank=1)
-        layout.region, layout.ranges   # 7, [(5, 10), (2, 3)]
+        layout = PaddedShardLayout([10, 3], size=2, rank=1)
+        layout.region, layout.ranges   # 7, [(7, 10), (0, 3)]
     """
 
     def __init__(self, numels: Sequence[int], size: int, rank: int) -> None:
         self.numels = tuple(int(n) for n in numels)
         self.size, self.rank = size, rank
-        self.chunks = tuple(-(-n // size) for n in self.numels)
-        offsets, at = [], 0
-        for c in self.chunks:
-            offsets.append(at)
-            at += c
-        self.offsets = tuple(offsets)
-        self.region = at
-        self.ranges = tuple(
-            (min(rank * c, n), min((rank + 1) * c, n)) for n, c in zip(self.numels, self.chunks)
-        )
+        self.total = sum(self.numels)
+        self.region = -(-self.total // size)
+        self.numel = self.region * size
+        self.shard_sizes = [max(0, min(self.region, self.total - r * self.region)) for r in range(size)]
+        self.starts = []  # each parameter's first element in the flat
+        at = 0
+        for n in self.numels:
+            self.starts.append(at)
+            at += n
+        self.ranges = tuple(self.param_range(i, rank) for i in range(len(self.numels)))
 
-    @property
-    def numel(self) -> int:
-        """Elements of the whole bucket: every rank's region."""
-        return self.region * self.size
+    def param_range(self, i: int, rank: int) -> tuple[int, int]:
+        """``(lo, hi)`` of parameter ``i``'s elements that ``rank`` owns (``lo == hi``: none)."""
+        begin, end = rank * self.region, min((rank + 1) * self.region, self.total)
+        start, n = self.starts[i], self.numels[i]
+        lo, hi = max(begin - start, 0), min(end - start, n)
+        return (lo, hi) if hi > lo else (0, 0)
 
     def shard_numel(self) -> int:
-        """Elements of this rank's shards (the region less its padding)."""
-        return sum(hi - lo for lo, hi in self.ranges)
+        """Elements of this rank's shard (its slot less the padding)."""
+        return self.shard_sizes[self.rank]
 
     def pack(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor) -> None:
-        """Copy whole tensors (one per parameter, None for zeros) into the layout ``out``
-        (``numel`` elements, zero where a tensor is None or past its end)."""
-        grid = out.view(self.size, self.region)
-        for t, n, c, at in zip(tensors, self.numels, self.chunks, self.offsets):
-            block = grid[:, at : at + c]
-            if t is None:
-                block.zero_()
-                continue
-            flat = t.reshape(-1)
-            rows, tail = divmod(n, c) if c else (0, 0)
-            if rows:
-                block[:rows].copy_(flat[: rows * c].view(rows, c))
-            if tail:
-                block[rows, :tail].copy_(flat[rows * c :])
-            if rows < self.size:
-                # The padding: a chunk past the parameter's end holds zeros (summed harmlessly).
-                block[rows, tail:].zero_()
-                block[rows + 1 :].zero_()
+        """Lay whole tensors (one per parameter, None for zeros) out in ``out`` (``numel``
+        elements, padding zeroed): the reduce-scatter input."""
+        tensors = [torch.zeros(n, dtype=out.dtype, device=out.device) if t is None else t
+                   for t, n in zip(tensors, self.numels)]
+        if _pack_shards is not None:
+            _pack_shards(tensors, out, self.shard_sizes)
+            return
+        flat = [t.reshape(-1) for t in tensors]
+        if all(t.dtype == out.dtype for t in flat):
+            torch.cat(flat, out=out[: self.total])
+        else:  # gradients travel in another dtype
+            out[: self.total].copy_(torch.cat(flat))
+        out[self.total :].zero_()
 
     def unpack(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the layout ``buffer`` back into whole tensors (one per parameter, contiguous)."""
-        grid = buffer.view(self.size, self.region)
-        for t, n, c, at in zip(tensors, self.numels, self.chunks, self.offsets):
-            flat = t.view(-1)
-            block = grid[:, at : at + c]
-            rows, tail = divmod(n, c) if c else (0, 0)
-            if rows:
-                flat[: rows * c].view(rows, c).copy_(block[:rows])
-            if tail:
-                flat[rows * c :].copy_(block[rows, :tail])
+        """Copy the layout ``buffer`` (an all-gather output) back into whole tensors."""
+        if _unpack_shards is not None:
+            _unpack_shards(buffer, list(tensors), self.shard_sizes)
+            return
+        parts = torch.split(buffer[: self.total], list(self.numels))
+        torch._foreach_copy_([t.view(-1) for t in tensors], list(parts))
 
     def region_views(self, region: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's chunk of each parameter inside ``region`` (its ``C`` elements), padding
-        left out: the views a shard's gradient (or a stage-3 shard) is."""
-        return [region[at : at + hi - lo] for at, (lo, hi) in zip(self.offsets, self.ranges)]
+        """Each parameter's part of this rank's slot ``region`` (empty where it has none): the
+        views a shard's gradient (or a stage-3 shard) is."""
+        begin = self.rank * self.region
+        views = []
+        for i, (lo, hi) in enumerate(self.ranges):
+            at = self.starts[i] + lo - begin
+            views.append(region[at : at + hi - lo] if hi > lo else region[:0])
+        return views

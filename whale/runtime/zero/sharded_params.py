@@ -3,7 +3,7 @@
 The model is cut into units: every child of an ``nn.ModuleList`` or ``nn.Sequential`` (a
 transformer's blocks) and the root, which keeps what no unit claims (embeddings, final norm,
 head). Each unit's parameters live, between uses, only as this rank's region of the
-rank-major layout (:mod:`.shard_layout`); the optimizer's shards are views of that region.
+padded-shard layout (:mod:`.shard_layout`); the optimizer's shards are views of that region.
 
 * forward: a unit's pre-hook all-gathers it (or waits for the prefetch) and starts gathering
   the unit that ran after it last time; its post-hook frees the full parameters (their
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .shard_layout import RankMajorLayout
+from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedParameters", "unit_modules"]
 
@@ -52,7 +52,7 @@ class _Unit:
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], size: int, rank: int) -> None:
         self.name, self.module, self.params = name, module, params
-        self.layout = RankMajorLayout([p.numel() for p in params], size, rank)
+        self.layout = PaddedShardLayout([p.numel() for p in params], size, rank)
         dtype, device = params[0].dtype, params[0].device
         self.region = torch.zeros(self.layout.region, dtype=dtype, device=device)
         for p, view, (lo, hi) in zip(params, self.layout.region_views(self.region), self.layout.ranges):

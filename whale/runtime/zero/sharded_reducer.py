@@ -10,7 +10,7 @@ all-gathers every rank's updated slices, bucket by bucket, before the next forwa
   shared-memory path on one host): full gradients stay, each shard's ``.grad`` is a view of
   its slice of them.
 * Stage 2 reduce-scatters instead: as a bucket's gradients become final in backward they are
-  packed rank-major and reduce-scattered (in flight while backward goes on, as the all-reduce
+  packed into the padded-shard layout and reduce-scattered (in flight while backward goes on, as the all-reduce
   buckets are), the full gradients are dropped, and only this rank's summed region is kept.
   The loss does not ride on these buckets (a reduce-scatter leaves each rank a part).
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..grad_sync import GradientReducer
-from .shard_layout import RankMajorLayout
+from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedReducer"]
 
@@ -93,7 +93,7 @@ class ShardedReducer:
             assert extra_numel == 0, "the loss cannot ride on a reduce-scatter"
             parts = bucket_parts(params, bucket_cap_bytes, first_bucket_cap_bytes)
         self.parts = parts
-        self.layouts = [RankMajorLayout([p.numel() for p in part], self.size, self.rank) for part in parts]
+        self.layouts = [PaddedShardLayout([p.numel() for p in part], self.size, self.rank) for part in parts]
         self.shards: dict[int, nn.Parameter] = {}
         for part, layout in zip(parts, self.layouts):
             for p, (lo, hi) in zip(part, layout.ranges):

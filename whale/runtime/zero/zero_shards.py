@@ -97,22 +97,23 @@ class ZeroShards:
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None], params: Mapping[str, nn.Parameter]
                     ) -> dict[str, torch.Tensor | None]:
-        """Whole tensors from shard-shaped ones (a shard's gradient, the shard itself), by name
-        (collective over each data-parallel group: every rank passes the same names)."""
+        """Whole tensors from this rank's shard-shaped ones (a shard's gradient, the shard
+        itself), by name (collective over each data-parallel group: every rank passes the same
+        names; a shard may hold all of a small parameter, or none of it)."""
         out: dict[str, torch.Tensor | None] = {}
         for name, t in tensors.items():
             p = params.get(name)
             located = self._locate(p) if p is not None else None
-            if t is None or located is None or t.numel() == p.numel() and t.shape == p.shape:
+            if t is None or located is None:
                 out[name] = t
                 continue
             part, layout, i = located
+            # Every rank's part in place, zeros elsewhere: the sum is the whole tensor.
             lo, hi = layout.ranges[i]
-            chunk = torch.zeros(layout.chunks[i], dtype=t.dtype, device=t.device)
-            chunk[: hi - lo].copy_(t.reshape(-1))
-            whole = torch.empty(layout.chunks[i] * layout.size, dtype=t.dtype, device=t.device)
-            dist.all_gather_into_tensor(whole, chunk, group=part.group)
-            out[name] = whole[: p.numel()].view(p.shape)
+            whole = torch.zeros(p.numel(), dtype=t.dtype, device=t.device)
+            whole[lo:hi] = t.reshape(-1)
+            dist.all_reduce(whole, group=part.group)
+            out[name] = whole.view(p.shape)
         return out
 
     def _locate(self, p: nn.Parameter):
