@@ -110,3 +110,19 @@ def test_transformers_model(world2, name, stage):
     for out in outs:
         assert_equivalent(out)
     _check_memory(outs, stage, 2)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_collectives_per_step(world2, stage):
+    """Stage 2: one reduce-scatter per bucket in backward, one all-gather per bucket for the
+    updated shards, one all-reduce (the loss and the batch check). Stage 3: each unit
+    (3 blocks and the root) gathered for its forward and again for its backward, one
+    reduce-scatter each; no gradient all-reduce."""
+    out = world2.run(f"{CASES}:collectives", stage)[0]
+    n = out["units"]
+    assert n == (4 if stage == 3 else n) and n > 1, out
+    gathers = 2 * n if stage == 3 else n
+    assert out["calls"] == {"all_reduce": 1, "reduce_scatter_tensor": n, "all_gather_into_tensor": gathers}, out
+    if stage == 3:
+        # One layer at a time: the root, the running block and the one prefetched after it.
+        assert out["peak"] <= out["root"] + 2 * out["block"] < out["model"], out

@@ -129,3 +129,44 @@ def pipeline_equivalence(zero_stage: int) -> dict:
     out["plan"] = (program.plan.num_stages, program.plan.dp_degree)
     out["memory"] = memory(program, opt_shards(program))
     return out
+
+
+def collectives(zero_stage: int) -> dict:
+    """Collectives of one step after the first (its sync of the updated shards included)."""
+    import torch.distributed as dist
+
+    model, batches, loss_fn = _gpt(8, n_layer=3)
+    cfg = wh.Config(zero_stage=zero_stage, bucket_cap_mb=0.02, first_bucket_cap_mb=0.02)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=cfg)
+    opt = torch.optim.AdamW(program.parameters(), lr=LR)
+    program.step(*batches[0])
+    opt.step()
+    calls: dict[str, int] = {}
+    real = {name: getattr(dist, name) for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real[name](*args, **kwargs)
+        return call
+
+    peak = [0]
+    if zero_stage == 3:  # full parameters held while each block runs (after its prefetch)
+        def record(module, args, output):
+            peak[0] = max(peak[0], program._reducer.resident_numel())
+
+        for block in model.blocks:
+            block.register_forward_hook(record)
+    for name in real:
+        setattr(dist, name, counting(name))
+    try:
+        program.step(*batches[1])
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    reducer = program._reducer
+    units = len(reducer.units) if zero_stage == 3 else len(reducer.parts)
+    sizes = {"root": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks.")),
+             "block": sum(p.numel() for p in model.blocks[0].parameters()),
+             "model": sum(p.numel() for p in model.parameters())}
+    return {"calls": calls, "units": units, "peak": peak[0], **sizes}
