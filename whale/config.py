@@ -130,7 +130,9 @@ class Config:
     (``program.parameters()`` are this rank's 1/dp shards; updated shards are all-gathered into
     the full parameters before the next forward); 2 also shards gradients (reduce-scatter in
     buckets, overlapped with backward); 3 also parameters (gathered one layer ahead of use,
-    freed after). Build the optimizer on ``program.parameters()``."""
+    freed after). Build the optimizer on ``program.parameters()``. With one replica there is
+    nothing to shard (the parameters stay whole); weights tied across pipeline stages stay
+    whole too (their tied group sums them)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
