@@ -8,7 +8,8 @@ On 2 gloo ranks, the same GPT and batches:
    parameter; freed stage-3 parameters hold 0 bytes; gradient buckets and shard regions
    count as gradients). For each stage the categories it shards are compared with their 1/dp
    share of the zero_stage=0 bytes (goal: within 10%, ratio <= 1.10).
-2. **Step time** of whale ``zero_stage=3`` and FSDP2 ``fully_shard`` (each block, then the
+2. **Step time** of each stage against zero_stage=0 (alternating rounds), and of whale
+   ``zero_stage=3`` against FSDP2 ``fully_shard`` (each block, then the
    root; same model, same rows per rank), in alternating rounds; the printed ratio is FSDP2's
    seconds per step over whale's (goal >= 1.0).
 
@@ -105,7 +106,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
 
     cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
     batches = _batches(args, cfg)
-    held = {}
+    held, programs = {}, {}
     for name, options, _ in OPTIONS:
         torch.manual_seed(0)
         program = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],),
@@ -116,7 +117,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
             program.step(x, y)
             opt.step()
         held[name] = _held(program, opt)
-        del program, opt
+        opt.zero_grad()
+        programs[name] = (program, opt)
+    # Step time of each option against none, alternating rounds.
+    option_s: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(args.rounds):
+        for name, (program, opt) in programs.items():
+            option_s[name].append(_timed(program.step, opt, batches, args.warmup))
+    del programs
     # Step time: whale zero 3 against FSDP2, alternating rounds.
     torch.manual_seed(0)
     whale = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],),
@@ -140,7 +148,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
         whale_s.append(_timed(whale.step, whale_opt, batches, args.warmup))
         fsdp_s.append(_timed(fsdp_step, fsdp_opt, batches, args.warmup))
     if rank == 0:
-        results.put((held, whale_s, fsdp_s))
+        results.put((held, option_s, whale_s, fsdp_s))
 
 
 def main() -> None:
@@ -156,7 +164,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = p.parse_args()
     world = 2
-    held, whale_s, fsdp_s = run_on_ranks(_worker, args, world=world, threads=args.threads)
+    held, option_s, whale_s, fsdp_s = run_on_ranks(_worker, args, world=world, threads=args.threads)
     mib = 2**20
     print(f"GPT {args.layers}x{args.embd}, global batch {args.batch}x{args.block}, {world} gloo ranks (rank 0)")
     print(f"{'option':<8} {'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'total MiB':>10}  "
@@ -167,6 +175,11 @@ def main() -> None:
         ratios = "  ".join(f"{c} {h[c] / (base[c] / world):.3f}" for c in sharded) or "-"
         print(f"{name:<8} {h['parameters'] / mib:>11.2f} {h['gradients'] / mib:>10.2f} "
               f"{h['optimizer'] / mib:>10.2f} {sum(h.values()) / mib:>10.2f}  {ratios}")
+    base_s = option_s["zero 0"]
+    print(f"\n{'option':<8} {'median ms':>10}  step time / zero 0's in the same round: min median max")
+    for name, times in option_s.items():
+        r = [t / b for t, b in zip(times, base_s)]
+        print(f"{name:<8} {statistics.median(times) * 1e3:>10.1f}  {min(r):.3f} {statistics.median(r):.3f} {max(r):.3f}")
     ratios = [f / w for w, f in zip(whale_s, fsdp_s)]
     print(f"\n{'round':>5}  {'whale zero3 ms':>14}  {'FSDP2 ms':>9}  {'ratio':>6}")
     for i, (w, f, r) in enumerate(zip(whale_s, fsdp_s, ratios)):

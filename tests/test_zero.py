@@ -18,6 +18,7 @@ from torch.testing import assert_close
 from tests.equivalence import LR, assert_equivalent
 from tests.world import CaseError
 from whale import Config
+from whale.runtime.host_reduce import shared_memory_free
 
 CASES = "tests.zero_cases"
 
@@ -52,10 +53,11 @@ def _check_memory(outs: list[dict], stage: int, dp: int) -> None:
     "stage, kwargs, rows",
     [
         (1, {}, (4, 4)),
+        (1, {"shared_memory": False, "row_weights": (1, 3)}, (2, 6)),
         (2, {"row_weights": (3, 1), "num_micro_batch": 2, "bucket_cap_mb": 0.005}, (6, 2)),
         (3, {"row_weights": (1, 3), "num_micro_batch": 2}, (2, 6)),
     ],
-    ids=["zero1", "zero2-uneven-microbatch-buckets", "zero3-uneven-microbatch"],
+    ids=["zero1", "zero1-sockets-uneven", "zero2-uneven-microbatch-buckets", "zero3-uneven-microbatch"],
 )
 def test_equivalence_world2(world2, stage, kwargs, rows):
     outs = world2.run(f"{CASES}:equivalence", "gpt", 8, stage, **kwargs)
@@ -110,6 +112,14 @@ def test_transformers_model(world2, name, stage):
     for out in outs:
         assert_equivalent(out)
     _check_memory(outs, stage, 2)
+
+
+@pytest.mark.skipif(shared_memory_free() == 0, reason="this host has no /dev/shm")
+def test_zero1_gathers_through_shared_memory_on_one_host(world2):
+    """Stage 1 on one host: gradients summed and updated shards gathered in the buckets'
+    shared-memory segments; no collective carries them (only barriers, all-reduces of 1)."""
+    out = world2.run(f"{CASES}:collectives", 1)[0]
+    assert set(out["calls"]) == {"all_reduce"}, out
 
 
 @pytest.mark.parametrize("stage", [2, 3])

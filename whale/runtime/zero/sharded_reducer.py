@@ -179,6 +179,12 @@ class ShardedReducer:
             for part in self.parts:
                 for p in part:
                     p.grad = None
+            host = self._inner._host
+            if host is not None:
+                # On one host the buckets' shared-memory segments carry it, on the thread
+                # that orders that group's barriers.
+                host._link.worker.submit(self._gather_through_host, host).result()
+                return
         pending: list[tuple[int, torch.Tensor, dist.Work]] = []
         for b, (part, layout) in enumerate(zip(self.parts, self.layouts)):
             mine = torch.empty(layout.region, dtype=part[0].dtype, device=part[0].device)
@@ -190,6 +196,28 @@ class ShardedReducer:
                 self._unpack(*pending.pop(0))
         for item in pending:
             self._unpack(*item)
+
+    def _gather_through_host(self, host) -> None:
+        """The all-gather through the stage-1 buckets' segments, which every rank maps (their
+        gradients are spent): each rank writes its slot into its own segment, then copies
+        every other rank's slot out of theirs, then unpacks. Two barriers for all buckets."""
+        link = host._link
+        assert link.rank == self.rank, "the host group lists the data group's ranks in order"
+        for b, (part, layout) in enumerate(zip(self.parts, self.layouts)):
+            mine = host._segments[b][link.rank]
+            for p, start, (lo, hi) in zip(part, layout.starts, layout.ranges):
+                mine[start + lo : start + hi].copy_(p.data.view(-1)[lo:hi])
+        link.barrier()  # every slot is written
+        for b, layout in enumerate(self.layouts):
+            segments = host._segments[b]
+            for q, seg in enumerate(segments):
+                if q != link.rank:
+                    at, n = q * layout.region, layout.shard_sizes[q]
+                    segments[link.rank][at : at + n].copy_(seg[at : at + n])
+        link.barrier()  # every rank has read every slot: segments may take gradients again
+        for b, (part, layout) in enumerate(zip(self.parts, self.layouts)):
+            flat = host._segments[b][link.rank][: layout.total]
+            torch._foreach_copy_([p.data.view(-1) for p in part], list(torch.split(flat, list(layout.numels))))
 
     def _unpack(self, b: int, whole: torch.Tensor, work: dist.Work) -> None:
         work.wait()
