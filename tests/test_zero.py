@@ -84,7 +84,7 @@ def test_optimizer_on_the_full_model_is_caught_at_its_first_step(world2, stage):
     assert "'wte.weight'" in err.value.message or "'blocks." in err.value.message
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_inside_a_two_stage_pipeline(world4, stage):
     """Each stage's data-parallel group (2 replicas, rows 6 and 2) shards its stage."""
     outs = world4.run(f"{CASES}:pipeline_equivalence", stage)
