@@ -16,6 +16,7 @@ __all__ = ["Config"]
 _STRATEGIES = ("replicate",)
 _REDUCTIONS = ("mean", "sum")
 _COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+_ZERO_STAGES = (0, 1, 2, 3)
 
 
 class _FrozenSizes(Mapping):
@@ -146,6 +147,15 @@ class Config:
     quiet: bool = False
     """Rank 0 does not print the plan it runs (printed for ``cluster="auto"``, ``auto_parallel``
     and saved plans)."""
+    zero_stage: int = 0
+    """ZeRO over each data-parallel group (ranks holding the same parameters): 0 keeps full
+    parameters, gradients and optimizer state on every replica; 1 shards the optimizer state
+    (``program.parameters()`` are this rank's 1/dp shards; updated shards are all-gathered into
+    the full parameters before the next forward); 2 also shards gradients (reduce-scatter in
+    buckets, overlapped with backward); 3 also parameters (gathered one layer ahead of use,
+    freed after). Build the optimizer on ``program.parameters()``. With one replica there is
+    nothing to shard (the parameters stay whole); weights tied across pipeline stages stay
+    whole too (their tied group sums them)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -229,6 +239,11 @@ class Config:
         for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
+        if type(self.zero_stage) is not int or self.zero_stage not in _ZERO_STAGES:
+            raise ValueError(
+                f"Config(zero_stage={self.zero_stage!r}): choose one of {list(_ZERO_STAGES)} "
+                "(0 none, 1 optimizer state, 2 + gradients, 3 + parameters)"
+            )
         self._check_auto_and_plan()
 
     def _check_auto_and_plan(self) -> None:

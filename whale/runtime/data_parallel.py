@@ -72,6 +72,8 @@ class DataParallelProgram(ProgramBase):
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters: a full copy, or its shards where the model is split."""
         self._require_bound()
+        if self._zero is not None:
+            return (self._zero.shard(p) for p in self.module.parameters())
         return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -79,12 +81,18 @@ class DataParallelProgram(ProgramBase):
         under the name the local model's ``named_parameters()`` gives it)."""
         self._require_bound()
         names = self._stage.param_names
-        return ((names.get(n, n), p) for n, p in self.module.named_parameters())
+        zero = self._zero.shard if self._zero is not None else (lambda p: p)
+        return ((names.get(n, n), zero(p)) for n, p in self.module.named_parameters())
 
     def gather_full(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """Whole tensors under local-model names from this rank's ones, e.g. gradients of shards
         (collective over the tensor-parallel group; the identity without split)."""
         self._require_bound()
+        if self._zero is not None:
+            # ZeRO shards first (over the data group), then tensor-parallel ones.
+            names = self._stage.param_names
+            full = {names.get(n, n): p for n, p in self.module.named_parameters()}
+            tensors = self._zero.gather_full(tensors, full)
         if self._sharded is None:
             return {k: v for k, v in tensors.items()}
         return self._sharded.gather_full(tensors)
@@ -92,13 +100,19 @@ class DataParallelProgram(ProgramBase):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The local model's state dict: shards gathered (collective), replicas being identical."""
         self._require_bound()
-        if self._sharded is not None:
-            return self._sharded.full_state_dict()
-        return {k: v.detach() for k, v in self.module.state_dict().items()}
+        with self._zero_full():
+            if self._sharded is not None:
+                return self._sharded.full_state_dict()
+            stage3 = self._zero is not None and self._zero.stage == 3  # its storage is freed after
+            return {k: v.detach().clone() if stage3 else v.detach() for k, v in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a local model's state dict on every rank (strict: names must match)."""
         self._require_bound()
+        with self._zero_full(refresh=True):
+            self._load_full_state_dict(state_dict)
+
+    def _load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         if self._sharded is not None:
             self._sharded.load_full_state_dict(state_dict)
             return
@@ -121,6 +135,8 @@ class DataParallelProgram(ProgramBase):
         """Run the local model (this rank's shard of it) on the given inputs, as the local model
         takes them (inference; communication only inside a tensor-parallel group)."""
         args, kwargs = self.program.call.model_inputs(args, kwargs)
+        if self._zero is not None:
+            self._zero.sync()  # collective once after an optimizer step (ZeRO 1/2)
         return self.module(*args, **kwargs)
 
     # ---- training ----------------------------------------------------------------------------
@@ -151,6 +167,8 @@ class DataParallelProgram(ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
+        if self._zero is not None:
+            self._zero.sync()
         start, stretch = self._step_begin()
         # The first step checks before any backward that every rank passed the same batch;
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
@@ -158,6 +176,8 @@ class DataParallelProgram(ProgramBase):
         timeline: list[tuple[str, float, float]] = []
         loss = self._forward_backward(cut, start, stretch, timeline)
         self._agreed = True
+        if self._zero is not None:
+            self._zero.mark_synchronized()
         if self.config.broadcast_buffers:
             # Buffers forward updated (counters, statistics) leave every step as the first
             # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
@@ -289,13 +309,16 @@ class DataParallelProgram(ProgramBase):
         comm = self.config.grad_comm_dtype
         self._summary_rides = (
             plan.dp_degree > 1
+            and self.config.zero_stage < 2  # a reduce-scatter leaves each rank a part
             and plan.tensor_parallel == 1
             and dtype in exact
             and (comm is None or comm == dtype)
         )
         if plan.dp_degree > 1:
+            names = self._stage.param_names
+            self._start_zero({id(p): names.get(n, n) for n, p in self.module.named_parameters()})
             extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
-            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra)
+            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
         self._bound = True
 
     def _broadcast_buffers(self) -> None:

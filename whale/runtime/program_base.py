@@ -3,9 +3,10 @@ record of its steps (wall times, the last step's intervals, the measured timelin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
 from .process_group import WorldInfo, require_initialized, world_info
 from .state.clip import clip_grad_norm
+from .zero import ShardedParameters, ShardedReducer, ZeroShards
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
 
@@ -72,6 +74,7 @@ class ProgramBase:
     predicted_timeline: Timeline | None = None
     last_timeline: tuple = ()
     last_step_entry: float | None = None
+    _zero: ZeroShards | None = None  # Config(zero_stage >= 1) over a data-parallel group
 
     def _init_record(self) -> None:
         """Per-program step records; the emulated slowdown is read (and checked) here, so a
@@ -330,10 +333,39 @@ class ProgramBase:
             self.program.tensor_group.bind(made[self.program.tensor_group.ranks])
         return made
 
+    def _start_zero(self, names: Mapping[int, str]) -> None:
+        """Start ``Config.zero_stage`` (with more than one replica): the shards' owner."""
+        if self.config.zero_stage:
+            self._zero = ZeroShards(self.config.zero_stage, names)
+
+    @contextlib.contextmanager
+    def _zero_full(self, refresh: bool = False) -> Iterator[None]:
+        """Full parameters inside, under ZeRO (see :meth:`ZeroShards.full`; collective)."""
+        if self._zero is None:
+            yield
+            return
+        with self._zero.full(refresh):
+            yield
+
     def _make_reducer(
-        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0
-    ) -> GradientReducer:
+        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0, module: nn.Module | None = None
+    ) -> GradientReducer | ShardedReducer | ShardedParameters:
+        """The gradient synchronization of ``params`` (of ``module``) over ``group``: bucketed
+        all-reduce, or ZeRO's sharding of them."""
         cap = int(self.config.bucket_cap_mb * 2**20)
+        if self._zero is not None and self._zero.stage == 3:
+            mine = {id(p) for p in params}
+            others = frozenset(id(p) for p in module.parameters() if id(p) not in mine)
+            sharded = ShardedParameters(module, group, comm_dtype=self.config.grad_comm_dtype, exclude=others)
+            return self._zero.add(sharded, params)
+        if self._zero is not None and self._zero.stage in (1, 2):
+            # ZeRO 1/2 (whale.runtime.zero): the optimizer steps shards of these parameters.
+            sharded = ShardedReducer(
+                params, group, self._zero.stage, bucket_cap_bytes=cap,
+                first_bucket_cap_bytes=min(cap, int(self.config.first_bucket_cap_mb * 2**20)),
+                comm_dtype=self.config.grad_comm_dtype, extra_numel=extra_numel, host=self._host,
+            )
+            return self._zero.add(sharded, params)
         return GradientReducer(
             params,
             group=group,

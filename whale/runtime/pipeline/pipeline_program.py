@@ -75,6 +75,9 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters, under the local model's names (tied weights once)."""
         self._require_bound()
+        if self._zero is not None:  # Config.zero_stage: this rank's shards
+            yield from ((n, self._zero.shard(p)) for n, p in self._params.items())
+            return
         yield from self._params.items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -148,6 +151,10 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         call it on every rank). A tied weight appears under every name the local model gives
         it; non-persistent buffers are left out, as the local model leaves them out."""
         self._require_bound()
+        with self._zero_full():
+            return self._full_state_dict()
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         for s in sorted(self._local):
             # Shards are gathered inside the tensor-parallel group, stage by stage in one order.
@@ -155,7 +162,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             names = self.stages[s].state_names
             for key, t in part.items():
                 for name in names.get(key, (key,)):
-                    state[name] = t.detach().cpu()
+                    state[name] = t.detach().cpu().clone() if self._zero is not None else t.detach().cpu()
         rank = dist.get_rank()
         first = self.plan.replica_of(rank) == 0 and self.plan.tensor_group_of(rank)[0] == rank
         parts: list[dict] = [None] * dist.get_world_size()
@@ -178,7 +185,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
                 f"load_full_state_dict(): missing keys {sorted(missing)}, unexpected keys "
                 f"{sorted(unexpected)}; pass a state dict of the local model"
             )
-        with torch.no_grad():
+        with torch.no_grad(), self._zero_full(refresh=True):
             for s in sorted(self._local):
                 names = self.stages[s].state_names
 
@@ -197,6 +204,8 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         """Whole tensors by local-model name from this rank's ones (e.g. gradients of shards);
         collective inside the tensor-parallel group."""
         self._require_bound()
+        if self._zero is not None:  # ZeRO shards first (over the data group)
+            tensors = self._zero.gather_full(tensors, self._params)
         out = {}
         for s in sorted(self._local):
             names = {n for n in self._param_paths[s].values() if n in tensors and n not in out}
@@ -245,6 +254,8 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         if rows < m:
             raise ValueError(f"program(...) got {rows} rows, fewer than num_micro_batch={m}; pass at least {m}")
         micro, _ = self._micro_batches(args, rows)
+        if self._zero is not None:
+            self._zero.sync()
         # Headers of inference transfers are cached apart: their tensors do not require grad.
         keys = [("inference", shape_key(a)) for a in micro]
         position = self.plan.position_of(dist.get_rank())
@@ -301,6 +312,8 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         if not self._bound:
             require_initialized("step()")
             self._bind()
+        if self._zero is not None:
+            self._zero.sync()  # the optimizer's updated shards into the full parameters
         start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, kwargs=kwargs)
         # A global batch's rows are known here; the check that every rank passed the same one
@@ -314,6 +327,8 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         synced = time.perf_counter()
         for reducer in self._reducers.values():
             reducer.finish()
+        if self._zero is not None:
+            self._zero.mark_synchronized()
         for param, group in self._tied:
             dist.all_reduce(param.grad, group=group)
         self._share_updated_buffers()

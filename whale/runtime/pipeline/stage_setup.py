@@ -111,6 +111,7 @@ class StageSetup:
                 last_at[a.stage] = at
         self._reducers: dict[int, GradientReducer] = {}
         if plan.dp_degree > 1:
+            self._start_zero({id(p): name for name, p in self._params.items()})  # Config.zero_stage
             # A parameter two local stages share is final after the later of their backwards.
             owner: dict[str, int] = {}
             for s in sorted(self._local, key=lambda s: last_at[s]):
@@ -121,7 +122,7 @@ class StageSetup:
                     p for name, p in self._params.items() if owner[name] == s and name not in tied_names
                 ]
                 if params:
-                    self._reducers[s] = self._make_reducer(params, data_group)
+                    self._reducers[s] = self._make_reducer(params, data_group, module=self._modules[s])
         # Buffers forward updates, by stage and path (the same on every replica of a position).
         self._updated_buffers = [(s, path) for s in sorted(self._local) for path in self.stages[s].updated_buffers]
         self._transfers = Transfers(self._device)

@@ -1,0 +1,192 @@
+"""Memory for giant models: what each rank holds under ``Config(zero_stage=0..3)``, and the
+step time of ``zero_stage=3`` against FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+On 2 gloo ranks, the same GPT and batches:
+
+1. **Bytes per rank** after an optimizer step (gradients still held): parameters, gradients
+   and AdamW state, each counted once per storage (a ZeRO-1/2 shard is a view of its
+   parameter; freed stage-3 parameters hold 0 bytes; gradient buckets and shard regions
+   count as gradients). For each stage the categories it shards are compared with their 1/dp
+   share of the zero_stage=0 bytes (goal: within 10%, ratio <= 1.10).
+2. **Step time** of each stage against zero_stage=0 (alternating rounds), and of whale
+   ``zero_stage=3`` against FSDP2 ``fully_shard`` (each block, then the
+   root; same model, same rows per rank), in alternating rounds; the printed ratio is FSDP2's
+   seconds per step over whale's (goal >= 1.0).
+
+Run (spawns its own 2 processes)::
+
+    python benchmarks/bench_memory.py
+    python benchmarks/bench_memory.py --layers 8 --embd 512 --rounds 5 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _launch import run_on_ranks
+
+import whale as wh
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from whale.runtime.grad_sync import GradientReducer
+from whale.runtime.zero import ShardedParameters, ShardedReducer
+
+# What each option shards, for the 1/dp goal. Activation checkpointing and offload rows go
+# here when they land (issue 15 items 2-3): an option, a Config, and what it should shrink.
+OPTIONS = [
+    ("zero 0", {"zero_stage": 0}, ()),
+    ("zero 1", {"zero_stage": 1}, ("optimizer",)),
+    ("zero 2", {"zero_stage": 2}, ("optimizer", "gradients")),
+    ("zero 3", {"zero_stage": 3}, ("optimizer", "gradients", "parameters")),
+]
+CATEGORIES = ("parameters", "gradients", "optimizer")
+
+
+def _bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages of ``tensors`` not counted yet (by storage address)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _held(program, opt) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer state, each storage once."""
+    seen: set[int] = set()
+    full = list(program.module.parameters())
+    shards = list(program.parameters())
+    params = _bytes(full + shards, seen)
+    grads = [p.grad for p in full + shards]
+    reducer = program._reducer
+    if isinstance(reducer, GradientReducer):
+        grads += [b.buffer for b in reducer.buckets]
+    elif isinstance(reducer, ShardedReducer):
+        grads += [b.buffer for b in reducer._inner.buckets] if reducer._inner is not None else reducer._regions
+    elif isinstance(reducer, ShardedParameters):
+        grads += [u.grad_region for u in reducer.units]
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+    return {"parameters": params, "gradients": _bytes(grads, seen), "optimizer": _bytes(state, seen)}
+
+
+def _batches(args, cfg):
+    corpus = SyntheticCorpus(cfg.vocab_size)
+    return [corpus.batch(args.batch, cfg.block_size, s) for s in range(args.warmup + args.steps)]
+
+
+def _timed(step, opt, batches, warmup: int) -> float:
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        step(x, y)
+        opt.step()
+        opt.zero_grad()
+    dist.barrier()
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    batches = _batches(args, cfg)
+    held, programs = {}, {}
+    for name, options, _ in OPTIONS:
+        torch.manual_seed(0)
+        program = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],),
+                                 config=wh.Config(**options))
+        opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
+        for x, y in batches[:2]:
+            opt.zero_grad()
+            program.step(x, y)
+            opt.step()
+        held[name] = _held(program, opt)
+        opt.zero_grad()
+        programs[name] = (program, opt)
+    # Step time of each option against none, alternating rounds.
+    option_s: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(args.rounds):
+        for name, (program, opt) in programs.items():
+            option_s[name].append(_timed(program.step, opt, batches, args.warmup))
+    del programs
+    # Step time: whale zero 3 against FSDP2, alternating rounds.
+    torch.manual_seed(0)
+    whale = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(batches[0][0],),
+                           config=wh.Config(zero_stage=3))
+    whale_opt = torch.optim.AdamW(whale.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fsdp_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rows = args.batch // world
+
+    def fsdp_step(x, y):
+        mine = slice(rank * rows, (rank + 1) * rows)
+        lm_loss(model(x[mine]), y[mine]).backward()
+
+    whale_s, fsdp_s = [], []
+    for _ in range(args.rounds):
+        whale_s.append(_timed(whale.step, whale_opt, batches, args.warmup))
+        fsdp_s.append(_timed(fsdp_step, fsdp_opt, batches, args.warmup))
+    if rank == 0:
+        results.put((held, option_s, whale_s, fsdp_s))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="per-rank memory under ZeRO 0-3 and zero 3 vs FSDP2, 2 gloo ranks")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = p.parse_args()
+    world = 2
+    held, option_s, whale_s, fsdp_s = run_on_ranks(_worker, args, world=world, threads=args.threads)
+    mib = 2**20
+    print(f"GPT {args.layers}x{args.embd}, global batch {args.batch}x{args.block}, {world} gloo ranks (rank 0)")
+    print(f"{'option':<8} {'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'total MiB':>10}  "
+          "sharded: bytes / (zero-0 bytes / dp)")
+    base = held["zero 0"]
+    for name, _, sharded in OPTIONS:
+        h = held[name]
+        ratios = "  ".join(f"{c} {h[c] / (base[c] / world):.3f}" for c in sharded) or "-"
+        print(f"{name:<8} {h['parameters'] / mib:>11.2f} {h['gradients'] / mib:>10.2f} "
+              f"{h['optimizer'] / mib:>10.2f} {sum(h.values()) / mib:>10.2f}  {ratios}")
+    base_s = option_s["zero 0"]
+    print(f"\n{'option':<8} {'median ms':>10}  step time / zero 0's in the same round: min median max")
+    for name, times in option_s.items():
+        r = [t / b for t, b in zip(times, base_s)]
+        print(f"{name:<8} {statistics.median(times) * 1e3:>10.1f}  {min(r):.3f} {statistics.median(r):.3f} {max(r):.3f}")
+    ratios = [f / w for w, f in zip(whale_s, fsdp_s)]
+    print(f"\n{'round':>5}  {'whale zero3 ms':>14}  {'FSDP2 ms':>9}  {'ratio':>6}")
+    for i, (w, f, r) in enumerate(zip(whale_s, fsdp_s, ratios)):
+        print(f"{i:>5}  {w * 1e3:>14.1f}  {f * 1e3:>9.1f}  {r:>6.3f}")
+    print(f"step-time ratio FSDP2/whale zero3: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  "
+          f"max {max(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

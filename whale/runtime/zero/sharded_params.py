@@ -1,0 +1,261 @@
+"""ZeRO stage 3: parameters sharded too, gathered one layer ahead of use and freed after.
+
+The model is cut into units: every child of an ``nn.ModuleList`` or ``nn.Sequential`` (a
+transformer's blocks) and the root, which keeps what no unit claims (embeddings, final norm,
+head). Each unit's parameters live, between uses, only as this rank's region of the
+padded-shard layout (:mod:`.shard_layout`); the optimizer's shards are views of that region.
+
+* forward: a unit's pre-hook all-gathers it (or waits for the prefetch) and starts gathering
+  the unit that ran after it last time; its post-hook frees the full parameters (their
+  storage is resized to 0, so tensors autograd saved keep their identity) and hooks its
+  outputs' gradients;
+* backward: the first gradient of a unit's output gathers it again and prefetches the unit
+  before it; once every parameter of the unit has its gradient, the gradients are packed,
+  reduce-scattered (in flight while backward goes on) and the full parameters freed;
+* at the end of each backward the reductions are waited for and added into this rank's
+  gradient region (micro-batches accumulate there), so full gradients never outlive a unit.
+
+An ``fx.GraphModule`` (a pipeline stage, a tensor-parallel rewrite) runs its layers inline,
+not through their modules' hooks: it is one unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from .shard_layout import PaddedShardLayout
+
+__all__ = ["ShardedParameters", "unit_modules"]
+
+
+def unit_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules stage 3 gathers as one: the root, then every child of a container."""
+    units = [("", module)]
+    if isinstance(module, fx.GraphModule):
+        return units
+    for path, sub in module.named_modules():
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)):
+            for name, child in sub.named_children():
+                if next(child.parameters(), None) is not None:
+                    units.append((f"{path}.{name}" if path else name, child))
+    return units
+
+
+class _Unit:
+    __slots__ = ("fresh", "full", "grad_region", "layout", "module", "name", "params", "pending",
+                 "ready", "region", "shards", "trainable")
+
+    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], size: int, rank: int) -> None:
+        self.name, self.module, self.params = name, module, params
+        self.layout = PaddedShardLayout([p.numel() for p in params], size, rank)
+        dtype, device = params[0].dtype, params[0].device
+        self.region = torch.zeros(self.layout.region, dtype=dtype, device=device)
+        for p, view, (lo, hi) in zip(params, self.layout.region_views(self.region), self.layout.ranges):
+            view.copy_(p.data.reshape(-1)[lo:hi])
+            p.data = p.data.clone(memory_format=torch.contiguous_format)  # its own storage, to free
+        self.shards = [nn.Parameter(v, requires_grad=p.requires_grad)
+                       for p, v in zip(params, self.layout.region_views(self.region))]
+        self.grad_region = torch.zeros_like(self.region)
+        self.trainable = {id(p) for p in params if p.requires_grad}
+        self.ready: set[int] = set()
+        self.full = True
+        self.pending: tuple[torch.Tensor, dist.Work] | None = None
+        self.fresh = True
+
+
+class ShardedParameters:
+    """The parameters of ``module`` sharded over ``group`` (ZeRO stage 3).
+
+    Driven as :class:`~..grad_sync.GradientReducer` is (:meth:`begin`, :meth:`finish`), though
+    it reduces every backward (each micro-batch's, accumulated). ``shards[id(p)]`` is this
+    rank's shard of ``p`` (what the optimizer steps); after :meth:`finish` its ``.grad`` holds
+    this rank's part of the summed gradient.
+
+    Args:
+        module: the model (its parameters already equal on every rank of ``group``).
+        group: the data-parallel group (None: the default group).
+        comm_dtype: dtype gradients travel in (None: the parameters').
+        exclude: ids of parameters to leave whole (synchronized elsewhere).
+    """
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, *,
+                 comm_dtype: torch.dtype | None = None, exclude: frozenset[int] = frozenset()) -> None:
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self._comm_dtype = comm_dtype
+        self.pace: Callable[[], None] | None = None
+        claimed = set(exclude)
+        units: list[_Unit] = []
+        # Inner units claim their parameters first; the root keeps the rest.
+        for name, sub in reversed(unit_modules(module)):
+            mine = [p for p in sub.parameters() if id(p) not in claimed]
+            claimed.update(id(p) for p in mine)
+            if mine:
+                units.append(_Unit(name, sub, mine, self.size, self.rank))
+        self.units = units[::-1]
+        self.shards: dict[int, nn.Parameter] = {}
+        self._owner: dict[int, _Unit] = {}
+        self._handles = []
+        for unit in self.units:
+            for p, shard in zip(unit.params, unit.shards):
+                self.shards[id(p)] = shard
+                self._owner[id(p)] = unit
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+            self._handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
+            self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
+        self._order: list[_Unit] = []  # forward order of the last forward, for prefetching
+        self._at: dict[int, int] = {}
+        self._recording: list[_Unit] = []
+        self._in_backward = False
+        self._works: list[tuple[_Unit, torch.Tensor, torch.Tensor, dist.Work]] = []
+        for unit in self.units:
+            self._free(unit)
+
+    # ---- the reducer surface -----------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Nothing to open: every backward reduces (see :meth:`finish`)."""
+
+    def finish(self) -> None:
+        """Point every shard's ``.grad`` at this rank's summed gradient of the step."""
+        self._end_backward()
+        for unit in self.units:
+            if unit.fresh:
+                unit.grad_region.zero_()  # no gradient reached this unit in the step
+            unit.fresh = True
+            for p, shard, view in zip(unit.params, unit.shards, unit.layout.region_views(unit.grad_region)):
+                if p.requires_grad:
+                    shard.grad = view
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def gather_all(self) -> None:
+        """Gather every unit (collective): the full parameters, e.g. for a state dict."""
+        for unit in self.units:
+            self._gather(unit)
+
+    def free_all(self, refresh: bool = False) -> None:
+        """Free every unit; ``refresh`` first takes the shards from the full parameters (after
+        they were loaded)."""
+        for unit in self.units:
+            if refresh and unit.full:
+                with torch.no_grad():
+                    for p, view, (lo, hi) in zip(unit.params, unit.layout.region_views(unit.region), unit.layout.ranges):
+                        view.copy_(p.data.view(-1)[lo:hi])
+            self._free(unit)
+
+    def resident_numel(self) -> int:
+        """Elements of full parameters this rank holds now (0 between steps)."""
+        return sum(p.numel() for u in self.units if u.full for p in u.params)
+
+    # ---- gathering and freeing ---------------------------------------------------------------
+
+    def _start(self, unit: _Unit) -> None:
+        if unit.full or unit.pending is not None:
+            return
+        whole = torch.empty(unit.layout.numel, dtype=unit.region.dtype, device=unit.region.device)
+        unit.pending = (whole, dist.all_gather_into_tensor(whole, unit.region, group=self.group, async_op=True))
+
+    def _gather(self, unit: _Unit) -> None:
+        if unit.full:
+            return
+        self._start(unit)
+        whole, work = unit.pending
+        work.wait()
+        unit.pending = None
+        for p in unit.params:
+            p.data.untyped_storage().resize_(p.numel() * p.element_size())
+        unit.layout.unpack(whole, [p.data for p in unit.params])
+        unit.full = True
+
+    def _free(self, unit: _Unit) -> None:
+        if unit.pending is not None:  # a prefetch nobody used: finish it, drop the data
+            unit.pending[1].wait()
+            unit.pending = None
+        if unit.full:
+            for p in unit.params:
+                p.data.untyped_storage().resize_(0)
+            unit.full = False
+
+    def _prefetch(self, unit: _Unit, step: int) -> None:
+        at = self._at.get(id(unit))
+        if at is not None and 0 <= at + step < len(self._order):
+            self._start(self._order[at + step])
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def _pre_forward(self, unit: _Unit):
+        def hook(module, args):
+            if unit is self.units[0]:
+                self._recording = []
+            self._recording.append(unit)
+            self._gather(unit)
+            self._prefetch(unit, 1)
+        return hook
+
+    def _post_forward(self, unit: _Unit):
+        def hook(module, args, output):
+            if unit is self.units[0]:
+                self._order = self._recording
+                self._at = {id(u): i for i, u in enumerate(self._order)}
+            if torch.is_grad_enabled():
+                for t in tree_flatten(output)[0]:
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(self._pre_backward(unit))
+            self._free(unit)
+        return hook
+
+    def _pre_backward(self, unit: _Unit):
+        def hook(grad):
+            if not self._in_backward:
+                self._in_backward = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._gather(unit)
+            self._prefetch(unit, -1)
+        return hook
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        unit = self._owner[id(param)]
+        unit.ready.add(id(param))
+        if len(unit.ready) == len(unit.trainable):
+            self._reduce(unit)
+
+    def _reduce(self, unit: _Unit) -> None:
+        if self.pace is not None:
+            self.pace()
+        dtype = self._comm_dtype or unit.region.dtype
+        whole = torch.empty(unit.layout.numel, dtype=dtype, device=unit.region.device)
+        unit.layout.pack([p.grad for p in unit.params], whole)
+        for p in unit.params:
+            p.grad = None
+        unit.ready.clear()
+        self._free(unit)
+        out = torch.empty(unit.layout.region, dtype=dtype, device=whole.device)
+        self._works.append((unit, whole, out, dist.reduce_scatter_tensor(out, whole, group=self.group, async_op=True)))
+
+    def _end_backward(self) -> None:
+        """Reduce what backward left partial (unused parameters send zeros), wait for every
+        reduction, accumulate it, free what is still gathered."""
+        for unit in self.units:
+            if unit.ready or any(p.grad is not None for p in unit.params):
+                self._reduce(unit)
+        for unit, _, out, work in self._works:
+            work.wait()
+            if unit.fresh:
+                unit.grad_region.copy_(out)
+                unit.fresh = False
+            else:
+                unit.grad_region.add_(out)
+        self._works.clear()
+        for unit in self.units:
+            self._free(unit)
+        self._in_backward = False
