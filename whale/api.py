@@ -24,6 +24,7 @@ from .planner.cost.plan_cost import predict_plan
 from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
+from .runtime.adaptive import check_adaptive_plan
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -83,6 +84,7 @@ def parallelize(
     scopes, captured, capture_error, example_rows = _capture(model, example_inputs, config)
     plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
     _check_fixed_rows(plan, captured, example_rows)
+    check_adaptive_plan(plan, config, captured.fixed_rows if captured is not None else None)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
     built = rewrite.build(plan, _rank())

@@ -123,6 +123,27 @@ class Config:
     None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types.
     Stored as a read-only, hashable mapping of tuples (``dict(config.shard_sizes)`` copies it)."""
 
+    adaptive_rows: bool = False
+    """Data parallel: measure each replica's compute time per step and move batch rows toward
+    faster replicas every ``adaptive_every`` steps (rows in proportion to measured speed, at
+    least one per micro-batch), so a replica that slows down mid-run sheds rows. Every step
+    still equals the local model on the global batch (gradients weighted by rows). The split
+    starts from ``row_weights``; ``program.plan`` holds the current one (``local_slice`` follows
+    it: with ``batch="local"`` cut each step's rows anew). Not with pipeline stages (refused)."""
+
+    adaptive_every: int = 2
+    """With ``adaptive_rows``: steps between exchanges of the measured times (one small
+    all-reduce) and decisions on the rows."""
+
+    adaptive_window: int = 5
+    """With ``adaptive_rows``: steps whose median per-row time estimates a replica's speed (one
+    step slowed by a noisy neighbour moves nothing; a lasting change wins the median after
+    ``adaptive_window // 2 + 1`` steps)."""
+
+    adaptive_threshold: float = 0.05
+    """With ``adaptive_rows``: rows move only when the predicted step time drops by more than
+    this fraction (hysteresis: noise near balance leaves the split alone)."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -203,6 +224,23 @@ class Config:
         for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.adaptive_rows, bool):
+            raise TypeError(f"Config(adaptive_rows=...) is a bool, got {self.adaptive_rows!r}")
+        for name in ("adaptive_every", "adaptive_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Config({name}={value!r}) must be an int >= 1 (steps)")
+        threshold = self.adaptive_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(
+                f"Config(adaptive_threshold={threshold!r}) must be a number in [0, 1): the least "
+                "relative drop of the predicted step time that moves rows (e.g. 0.05)"
+            )
+        if self.adaptive_rows and self.stage_boundaries is not None:
+            raise ValueError(
+                f"Config(adaptive_rows=True) balances the rows of data-parallel replicas, not "
+                f"pipeline stages (stage_boundaries={list(self.stage_boundaries)}); drop one of the two"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
