@@ -138,7 +138,7 @@ class Config:
     adaptive_window: int = 5
     """With ``adaptive_rows``: steps whose median per-row time estimates a replica's speed (one
     step slowed by a noisy neighbour moves nothing; a lasting change wins the median after
-    ``adaptive_window // 2 + 1`` steps)."""
+    ``adaptive_window // 2 + 1`` steps). The first move waits for a full window."""
 
     adaptive_threshold: float = 0.05
     """With ``adaptive_rows``: rows move only when the predicted step time drops by more than

@@ -8,7 +8,7 @@ on the split without another collective.
 * Speed is estimated per replica as the median of its last ``window`` per-row costs (seconds per
   row of a step's forward and backward), so one step stretched by a noisy neighbour moves
   nothing, while a lasting change (a device slowing down) wins the median after
-  ``window // 2 + 1`` steps.
+  ``window // 2 + 1`` steps. Nothing moves before the window is full.
 * The proposed split is proportional to speed (the replicas then finish together), with at
   least ``minimum`` rows each (one per micro-batch).
 * Hysteresis: rows move only when the predicted step time (the slowest replica's rows times its
@@ -16,7 +16,7 @@ on the split without another collective.
 
 Example::
 
-    balancer = RowBalancer(2, window=5, threshold=0.05, minimum=1)
+    balancer = RowBalancer(2, window=1, threshold=0.05, minimum=1)
     balancer.observe([0.10, 0.20], [8, 8])        # replica 1 takes twice as long per row
     balancer.propose((8, 8))                     # (11, 5): predicted 0.14 s, not 0.2 s
 """
@@ -109,14 +109,14 @@ class RowBalancer:
         self.steps_observed += 1
 
     def costs(self) -> tuple[float, ...] | None:
-        """Seconds per row of each replica (median of its window), None until every replica has
-        a sample."""
-        if any(not c for c in self._costs):
+        """Seconds per row of each replica (median of its window), None until every replica's
+        window is full (so the first move waits for ``window`` steps, not one noisy step)."""
+        if any(len(c) < self.window for c in self._costs):
             return None
         return tuple(statistics.median(c) for c in self._costs)
 
     def speeds(self) -> tuple[float, ...] | None:
-        """Rows per second of each replica, None until every replica has a sample."""
+        """Rows per second of each replica, None until every replica's window is full."""
         costs = self.costs()
         return None if costs is None else tuple(1.0 / c for c in costs)
 
