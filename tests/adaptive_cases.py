@@ -50,7 +50,7 @@ def _rows_of(inputs, rows: slice):
     return {k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[rows]
 
 
-def equivalence(kind: str, *, spec: str = "1:4", rows: int = 16, steps: int = 8, batch: str = "global",
+def equivalence(kind: str, *, spec: str = "1:8", rows: int = 16, steps: int = 8, batch: str = "global",
                 **config) -> dict:
     """``steps`` AdamW steps under ``Config(adaptive_rows=True, **config)`` with ranks slowed
     by ``spec``, against the local model: per step the rows each replica ran, the loss, the

@@ -12,7 +12,8 @@ on the split without another collective.
 * The proposed split is proportional to speed (the replicas then finish together), with at
   least ``minimum`` rows each (one per micro-batch).
 * Hysteresis: rows move only when the predicted step time (the slowest replica's rows times its
-  cost) drops by more than ``threshold``; near balance, noise leaves the split alone.
+  cost) drops by more than ``threshold`` plus the scatter of the costs (:meth:`RowBalancer.noise`);
+  near balance, noise leaves the split alone, and a noisier host asks for a clearer gain.
 
 Example::
 
@@ -76,7 +77,8 @@ class RowBalancer:
     Args:
         num_replicas: data-parallel replicas.
         window: per-row costs per replica whose median is its cost estimate.
-        threshold: the least relative drop of the predicted step time that moves rows.
+        threshold: the least relative drop of the predicted step time that moves rows, on top
+            of the costs' scatter (:meth:`noise`).
         minimum: the least rows per replica (the micro-batch count).
 
     ``moves`` lists every accepted change as ``(observed_steps, old_rows, new_rows, gain)``.
@@ -115,6 +117,21 @@ class RowBalancer:
             return None
         return tuple(statistics.median(c) for c in self._costs)
 
+    def noise(self) -> float:
+        """How uncertain the cost estimates are: the largest relative standard error of a
+        replica's window median, ``1.86 * MAD / sqrt(window)`` over the median (for normal
+        scatter, sd = 1.4826 MAD and the median's standard error is 1.2533 sd / sqrt(n));
+        0 before the windows are full. A move must gain this much more than ``threshold``: on a
+        noisy host rows then move only for a clear gain, while a lasting change, once it holds
+        most of a window, scatters little."""
+        if any(len(c) < self.window for c in self._costs):
+            return 0.0
+        spread = 0.0
+        for costs in self._costs:
+            mid = statistics.median(costs)
+            spread = max(spread, statistics.median(abs(c - mid) for c in costs) / mid)
+        return 1.86 * spread / math.sqrt(self.window)
+
     def speeds(self) -> tuple[float, ...] | None:
         """Rows per second of each replica, None until every replica's window is full."""
         costs = self.costs()
@@ -137,7 +154,7 @@ class RowBalancer:
             return None
         now, then = self.predicted_time(rows), self.predicted_time(new)
         gain = 1.0 - then / now
-        if gain <= self.threshold:
+        if gain <= self.threshold + self.noise():
             return None
         self.moves.append((self.steps_observed, rows, new, gain))
         return new
