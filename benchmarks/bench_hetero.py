@@ -177,16 +177,18 @@ def _adaptive(cfg: GPTConfig, example, planned: wh.Config, batches, args) -> lis
     return rounds
 
 
-def _recovery(ratios: list[float], slow_at: int) -> int | None:
+def _recovery(ratios: list[float], slow_at: int) -> tuple[int | None, int | None]:
     """Steps from ``slow_at`` until the step-time ratio adaptive/balanced (step by step, a running
-    median of 3) is within 10% and stays there to the end; None if it never settles."""
+    median of 3) is first within 10%, and until it is within 10% and stays there to the end
+    (None: never)."""
     medians = [statistics.median(ratios[k : k + 3]) for k in range(slow_at, len(ratios) - 2)]
+    first = next((k for k, m in enumerate(medians) if m <= _WITHIN), None)
     settled = None
     for k in range(len(medians) - 1, -1, -1):
         if medians[k] > _WITHIN:
             break
         settled = k
-    return settled
+    return first, settled
 
 
 def _print_pair(title: str, seconds: dict[str, list[float]], goal: float, ideal: float | None) -> None:
@@ -236,23 +238,34 @@ def main() -> None:
     if "adaptive" in out:
         print(f"adaptive rows: even rows, rank 1 slows {s:g}x at step {args.slow_at}; each step alternates with "
               f"the balanced program (planned rows {out['rows']}, slowed from the start)")
-        print(f"{'round':>5}  {'before':>6}  {'after':>6}  {'end':>6}  {'steps to 10%':>12}  moves (step: rows)")
-        found, ends = [], []
+        print(f"{'round':>5}  {'before':>6}  {'after':>6}  {'end':>6}  {'first move':>10}  {'within 10%':>10}  "
+              f"{'settled':>7}  moves (step: rows from the next step)")
+        firsts, settles, moved, ends = [], [], [], []
         for i, r in enumerate(out["adaptive"]):
             ratios = [a / b for a, b in zip(r["adaptive"], r["balanced"])]
-            steps = _recovery(ratios, args.slow_at)
-            found.append(steps)
+            first, settled = _recovery(ratios, args.slow_at)
+            firsts.append(first)
+            settles.append(settled)
+            move = next((m[0] + 1 - args.slow_at for m in r["moves"] if m[0] >= args.slow_at), None)
+            moved.append(move)
             ends.append(statistics.median(ratios[-5:]))
             before = statistics.median(ratios[2 : args.slow_at])
             after = statistics.median(ratios[args.slow_at : args.slow_at + 2])
             moves = ", ".join(f"{m[0]}: {m[2]}" for m in r["moves"])
-            print(f"{i:>5}  {before:>6.3f}  {after:>6.3f}  {ends[-1]:>6.3f}  {steps!s:>12}  {moves}")
-        print("(columns before/after/end: step time over the balanced program's in the same step; before the "
-              "slowdown, its first 2 steps after, the last 5 steps)")
-        missed = sum(f is None for f in found)
-        median = statistics.median(found) if not missed else f"{missed} of {len(found)} rounds never within 10%"
-        print(f"steps until within 10% of balanced: median {median} (goal <= 20); all rounds {found}; "
-              f"end ratio median {statistics.median(ends):.3f}")
+            print(f"{i:>5}  {before:>6.3f}  {after:>6.3f}  {ends[-1]:>6.3f}  {move!s:>10}  {first!s:>10}  "
+                  f"{settled!s:>7}  {moves}")
+        print("(before/after/end: step time over the balanced program's in the same step, medians of the steps "
+              "before the slowdown, its first 2 steps, the last 5; first move, within 10% and settled: steps "
+              "after the slowdown until the first row move takes effect, until a running median of 3 ratios "
+              "is within 10%, and until it stays within 10% to the end)")
+
+        def summary(values: list) -> str:
+            missed = sum(v is None for v in values)
+            return f"median {statistics.median(values)}" if not missed else f"{missed} of {len(values)} never"
+
+        print(f"steps until within 10% of balanced: {summary(firsts)} (goal <= 20; rounds {firsts}); settled "
+              f"{summary(settles)} (rounds {settles}); first move {summary(moved)}; end ratio median "
+              f"{statistics.median(ends):.3f}")
 
 
 if __name__ == "__main__":

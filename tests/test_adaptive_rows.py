@@ -118,6 +118,34 @@ def test_threshold_zero_still_stops_at_the_proportional_split():
     assert history[-1][0] == (36, 12) and len(balancer.moves) == 1
 
 
+def test_replicas_of_several_ranks_go_at_their_slowest_ranks_pace(monkeypatch):
+    # Two tensor-parallel replicas of two ranks each ((0, 2) and (1, 3)), seen from rank 0: the
+    # exchange sums every rank's notes; replica 1 is slow through its rank 3 alone.
+    import torch.distributed as dist
+
+    from whale.runtime.adaptive import AdaptiveRows
+
+    plan = Plan(world_size=4, pipelines=((0, 2), (1, 3)), row_weights=(1.0, 1.0), replica_groups=((0, 1),),
+                tensor_parallel=2)
+    seconds = {0: 1.0, 1: 1.0, 2: 1.0, 3: 3.0}
+
+    def all_reduce(notes, *args, **kwargs):
+        for r, t in seconds.items():
+            if r != 0:
+                notes[r] = torch.tensor([[t, 12.0]] * notes.shape[1], dtype=notes.dtype)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    rebalancer = AdaptiveRows(plan, wh.Config(adaptive_rows=True, adaptive_every=2, adaptive_window=2))
+    for _ in range(3):  # the first step is not timed
+        rebalancer.record(seconds[0], 12)
+    new = rebalancer.after_step(plan, torch.device("cpu"))
+    assert new.rows(24) == (18, 6) and new.pinned_rows is None
+    assert rebalancer.moves == [(2, (12, 12), (18, 6), pytest.approx(0.5))]
+    assert rebalancer.after_step(new, torch.device("cpu")) is new  # no notes yet: no exchange
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 
