@@ -144,7 +144,7 @@ class RowBalancer:
 
     def propose(self, rows: Sequence[int]) -> tuple[int, ...] | None:
         """New rows for a step of ``sum(rows)`` rows now split as ``rows``, or None to keep them
-        (no estimate yet, or a predicted gain of at most ``threshold``)."""
+        (no full window yet, or a predicted gain of at most ``threshold`` plus :meth:`noise`)."""
         speeds = self.speeds()
         if speeds is None:
             return None
