@@ -13,10 +13,8 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import whale as wh
-from examples.cnn import SyntheticImages
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from tests.equivalence import LR
 from whale.ir.emulation import ENV_VAR
@@ -29,11 +27,6 @@ def _build(kind: str, rows: int, steps: int):
         cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
         corpus = SyntheticCorpus(cfg.vocab_size, length=4096)
         return GPT(cfg), [corpus.batch(rows, cfg.block_size, s) for s in range(steps)], lm_loss
-    if kind == "bn_cnn":
-        from tests.sync_bn_cases import batch_norm_cnn
-
-        data = SyntheticImages()
-        return batch_norm_cnn(cumulative=False), [data.batch(rows, s) for s in range(steps)], F.cross_entropy
     from tests.hf_models import BUILDERS
 
     case = BUILDERS[kind](rows=rows)
@@ -92,6 +85,8 @@ def equivalence(kind: str, *, spec: str = "1:8", rows: int = 16, steps: int = 8,
         out["states"].append({k: v.detach().clone() for k, v in program.full_state_dict().items()})
     out["ref"] = ref
     out["moves"] = program.rebalancer.moves
+    balancer = program.rebalancer.balancer
+    out["estimate"] = {"costs": balancer.costs(), "noise": balancer.noise(), "window": [list(c) for c in balancer._costs]}
     out["rank"] = dist.get_rank()
     return out
 

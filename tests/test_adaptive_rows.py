@@ -13,8 +13,10 @@ with an ordinary gradient that step (|g| > 1e-5) to 2e-6, since Adam's update th
 ~lr * 1e-8 * |dg| / |g|**2; every entry to 5% of lr after the first step (Adam's first update
 of an entry whose gradient is round-off moves it by O(lr), tests/equivalence.py). Later steps'
 near-zero entries carry the round-off in their optimizer state and are compared through the
-gradients only. Buffers (BatchNorm running statistics under sync_batch_norm): rtol 1e-5, from
-float64 sums of each replica's rows.
+gradients only. Buffers of the state dict (constant here) must match, rtol 1e-5.
+
+``sync_batch_norm`` is refused with ``adaptive_rows``: its all-reduces inside forward and
+backward make the fast replica wait for the slow one, so their compute times look alike.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def test_replicas_of_several_ranks_go_at_their_slowest_ranks_pace(monkeypatch):
         ({"adaptive_threshold": -0.1}, r"must be a number in \[0, 1\)"),
         ({"adaptive_threshold": "5%"}, r"must be a number in \[0, 1\)"),
         ({"adaptive_rows": True, "stage_boundaries": ["blocks.1"]}, r"not pipeline stages"),
+        ({"adaptive_rows": True, "sync_batch_norm": True}, r"wait for the slowest inside forward"),
     ],
 )
 def test_bad_config_is_refused_with_the_field_and_the_fix(kwargs, match):
@@ -221,7 +224,7 @@ def _check(outs: list[dict], total: int) -> None:
     assert outs[0]["moves"] == outs[1]["moves"]
     rows = outs[0]["rows"]
     assert rows[0] == (total // 2, total // 2), rows
-    assert rows[-1][0] >= 0.6 * total, rows  # toward rank 0 (8x faster: 8/9 is balanced)
+    assert rows[-1][0] >= 0.6 * total, (rows, outs[0]["estimate"])  # toward rank 0 (8x faster: 8/9 balanced)
     assert outs[0]["moves"], "no move"
     for out in outs:
         _assert_steps_equal(out)
@@ -242,7 +245,3 @@ def test_transformers_gpt2_local_batches_follow_the_rows(world2):
     _check(outs, 12)
 
 
-def test_sync_batch_norm_with_moving_rows_equals_the_local_model(world2):
-    outs = world2.run(f"{CASES}:equivalence", "bn_cnn", rows=16, steps=8, sync_batch_norm=True,
-                      adaptive_window=3, adaptive_every=1)
-    _check(outs, 16)

@@ -129,7 +129,9 @@ class Config:
     least one per micro-batch), so a replica that slows down mid-run sheds rows. Every step
     still equals the local model on the global batch (gradients weighted by rows). The split
     starts from ``row_weights``; ``program.plan`` holds the current one (``local_slice`` follows
-    it: with ``batch="local"`` cut each step's rows anew). Not with pipeline stages (refused)."""
+    it: with ``batch="local"`` cut each step's rows anew). Not with pipeline stages, nor with
+    ``sync_batch_norm`` (its all-reduces inside forward and backward make the replicas wait for
+    each other, hiding their speeds): both refused."""
 
     adaptive_every: int = 2
     """With ``adaptive_rows``: steps between exchanges of the measured times (one small
@@ -235,6 +237,13 @@ class Config:
             raise ValueError(
                 f"Config(adaptive_threshold={threshold!r}) must be a number in [0, 1): the least "
                 "relative drop of the predicted step time that moves rows (e.g. 0.05)"
+            )
+        if self.adaptive_rows and self.sync_batch_norm:
+            raise ValueError(
+                "Config(adaptive_rows=True) with sync_batch_norm=True: every synchronized BatchNorm "
+                "makes each replica wait for the slowest inside forward and backward, so the "
+                "replicas' measured compute cannot tell their speeds apart and rows would never "
+                "move; drop one of the two (row_weights= sets uneven rows by hand)"
             )
         if self.adaptive_rows and self.stage_boundaries is not None:
             raise ValueError(
