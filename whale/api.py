@@ -29,6 +29,7 @@ from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
+from .runtime.adaptive import check_adaptive_plan
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -109,6 +110,7 @@ def parallelize(
         if measured is not None and not config.auto_parallel and config.row_weights is None:
             plan = _rows_on(plan, measured, captured, example_rows)
     _check_fixed_rows(plan, captured, example_rows)
+    check_adaptive_plan(plan, config, captured.fixed_rows if captured is not None else None)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     if saved is None:  # a saved plan runs as written, its shard sizes too
         plan = with_speed_sizes(plan, config.cluster, rewrite.regions())

@@ -156,6 +156,28 @@ class Config:
     freed after). Build the optimizer on ``program.parameters()``. With one replica there is
     nothing to shard (the parameters stay whole); weights tied across pipeline stages stay
     whole too (their tied group sums them)."""
+    adaptive_rows: bool = False
+    """Data parallel: measure each replica's compute time per step and move batch rows toward
+    faster replicas every ``adaptive_every`` steps (rows in proportion to measured speed, at
+    least one per micro-batch), so a replica that slows down mid-run sheds rows. Every step
+    still equals the local model on the global batch (gradients weighted by rows). The split
+    starts from ``row_weights``; ``program.plan`` holds the current one (``local_slice`` follows
+    it: with ``batch="local"`` cut each step's rows anew). Not with pipeline stages, nor with
+    ``sync_batch_norm`` (its all-reduces inside forward and backward make the replicas wait for
+    each other, hiding their speeds): both refused."""
+
+    adaptive_every: int = 2
+    """With ``adaptive_rows``: steps between exchanges of the measured times (one small
+    all-reduce) and decisions on the rows."""
+
+    adaptive_window: int = 5
+    """With ``adaptive_rows``: steps whose median per-row time estimates a replica's speed (one
+    step slowed by a noisy neighbour moves nothing; a lasting change wins the median after
+    ``adaptive_window // 2 + 1`` steps). The first move waits for a full window."""
+
+    adaptive_threshold: float = 0.05
+    """With ``adaptive_rows``: rows move only when the predicted step time drops by more than
+    this fraction (hysteresis: noise near balance leaves the split alone)."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -244,7 +266,35 @@ class Config:
                 f"Config(zero_stage={self.zero_stage!r}): choose one of {list(_ZERO_STAGES)} "
                 "(0 none, 1 optimizer state, 2 + gradients, 3 + parameters)"
             )
+        self._check_adaptive()
         self._check_auto_and_plan()
+
+    def _check_adaptive(self) -> None:
+        """``adaptive_rows`` and its knobs."""
+        if not isinstance(self.adaptive_rows, bool):
+            raise TypeError(f"Config(adaptive_rows=...) is a bool, got {self.adaptive_rows!r}")
+        for name in ("adaptive_every", "adaptive_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Config({name}={value!r}) must be an int >= 1 (steps)")
+        threshold = self.adaptive_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(
+                f"Config(adaptive_threshold={threshold!r}) must be a number in [0, 1): the least "
+                "relative drop of the predicted step time that moves rows (e.g. 0.05)"
+            )
+        if self.adaptive_rows and self.sync_batch_norm:
+            raise ValueError(
+                "Config(adaptive_rows=True) with sync_batch_norm=True: every synchronized BatchNorm "
+                "makes each replica wait for the slowest inside forward and backward, so the "
+                "replicas' measured compute cannot tell their speeds apart and rows would never "
+                "move; drop one of the two (row_weights= sets uneven rows by hand)"
+            )
+        if self.adaptive_rows and self.stage_boundaries is not None:
+            raise ValueError(
+                f"Config(adaptive_rows=True) balances the rows of data-parallel replicas, not "
+                f"pipeline stages (stage_boundaries={list(self.stage_boundaries)}); drop one of the two"
+            )
 
     def _check_auto_and_plan(self) -> None:
         """``profiles``, ``plan`` and ``quiet`` (cluster="auto" and saved plans)."""

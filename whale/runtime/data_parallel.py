@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import Config
 from ..rewrite.program import DistributedProgram
+from .adaptive import AdaptiveRows, compute_seconds
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .emulate import Stretch
 from .grad_sync import GradientReducer
@@ -40,6 +41,8 @@ class DataParallelProgram(ProgramBase):
     A counter thus equals the local model's with one micro-batch; statistics of the batch
     equal the local model's on the whole batch only with ``Config(sync_batch_norm=True)``.
     To load only this rank's rows, use :meth:`local_slice` and ``step(..., batch="local")``.
+    With ``Config(adaptive_rows=True)`` the rows follow the replicas' measured speeds:
+    ``plan`` is the plan of the next step and ``rebalancer`` (else None) its record.
 
     Example::
 
@@ -64,6 +67,8 @@ class DataParallelProgram(ProgramBase):
         self._init_record()
         # The timeline's labels, one pair per micro-batch, made once.
         self._codes = [(f"0F{i}", f"0B{i}") for i in range(self.plan.num_micro_batch)]
+        adaptive = config.adaptive_rows and self.plan.dp_degree > 1  # one replica: nothing to move
+        self.rebalancer = AdaptiveRows(self.plan, config) if adaptive else None
         if dist.is_available() and dist.is_initialized():
             self._bind()
 
@@ -178,10 +183,14 @@ class DataParallelProgram(ProgramBase):
         self._agreed = True
         if self._zero is not None:
             self._zero.mark_synchronized()
+        if self.rebalancer is not None:
+            self.rebalancer.record(compute_seconds(timeline), cut.rows)
         if self.config.broadcast_buffers:
             # Buffers forward updated (counters, statistics) leave every step as the first
             # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
             self._broadcast_buffers()
+        if self.rebalancer is not None:  # collective every adaptive_every steps
+            self.plan = self.rebalancer.after_step(self.plan, self._device)
         code, began, _ = timeline.pop()  # the sync, which lasts until the buffers are shared
         self._step_end(start, tuple(timeline), ((code, began, time.perf_counter() - start),))
         return loss

@@ -1,0 +1,272 @@
+"""Heterogeneous devices: whale's planned split against the even one, and adaptive rows.
+
+Two gloo ranks on this host; rank 1 behaves as a device ``--slow`` (2) times slower
+(``WHALE_EMULATE_SLOWDOWN="1:2"``: its compute is stretched by sleeping, so it does not take the
+CPU from rank 0). Each rank first measures itself (``whale.planner.measure.measure_device``,
+which sees the emulated speed as a real one), the ranks exchange the profiles, and
+:func:`planned_config` asks whale's planner for the split of that measured cluster. Then, in
+alternating steps (planned, even, planned, ...):
+
+* ``dp``: data parallel, rows in proportion to the measured speeds (the planner's
+  ``rows_by_speed``) against even rows. The ideal bound is ``(s + 1) / 2`` for a device ``s``
+  times slower (1.5x for s = 2): the even split waits ``s / 2`` for the slow rank's half, the
+  planned one ``s / (s + 1)`` for its share.
+* ``pp``: a 2-stage pipeline (1F1B, ``--micro-batches``) cut where whale's search, pinned to 2
+  stages on the 2 ranks, cuts it for the measured devices, against the even cut (half the
+  blocks on each stage).
+* ``adaptive``: ``Config(adaptive_rows=True)`` from even rows on two equal ranks; rank 1 slows
+  down ``--slow`` times at step ``--slow-at``. Its steps alternate with those of the balanced
+  program (the planned rows, slowed from the start); reported: the steps after the slowdown
+  until the step-time ratio adaptive/balanced is within 10% and stays there (a running median
+  of 3 steps).
+
+Programs compared alternate step by step (each step after a barrier), so the load of the host
+at any moment weighs on both; every ratio is measured in the same run, and the host's load
+average is printed with them.
+
+Run (spawns its own 2 processes)::
+
+    python benchmarks/bench_hetero.py
+    python benchmarks/bench_hetero.py --parts dp,adaptive --rounds 7 --slow 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _launch import run_on_ranks
+
+import whale as wh
+from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+from whale.capture import capture
+from whale.ir.cluster_spec import Cluster, parse_cluster
+from whale.ir.devices import DeviceProfile
+from whale.ir.emulation import ENV_VAR
+from whale.planner.measure import measure_device
+from whale.planner.search.auto import auto_plan
+from whale.planner.search.balance import rows_by_speed
+from whale.planner.search.pins import Pins
+
+_WITHIN = 1.10  # "balanced": within 10% of the balanced step time
+_GOALS = {"dp": 1.3, "pp": 1.2}
+
+
+def measured_cluster() -> tuple[Cluster, list[DeviceProfile]]:
+    """Every rank measures its device (emulated slowdown included) and gets every rank's
+    profile; the cluster has one node holding one device per rank, in rank order."""
+    mine = measure_device(quick=True)
+    profiles: list = [None] * dist.get_world_size()
+    dist.all_gather_object(profiles, mine)
+    named = [dataclasses.replace(p, name=f"rank{r}", aliases=()) for r, p in enumerate(profiles)]
+    return parse_cluster("node0=" + "+".join(f"1x{p.name}" for p in named), profiles=named), named
+
+
+def planned_config(kind: str, model, example, cluster: Cluster, profiles, args) -> wh.Config:
+    """The split whale plans for the measured cluster: ``kind`` ``"dp"`` gives rows in proportion
+    to the measured speeds, ``"pp"`` the cut of whale's search pinned to 2 stages on the 2 ranks.
+    (Once ``Config(cluster="auto")`` exists, this becomes that Config.)"""
+    if kind == "dp":
+        rows = rows_by_speed(args.batch, [p.peak("fp32") for p in profiles])
+        return wh.Config(row_weights=rows)
+    captured = capture(model, (example,))
+    config = wh.Config(auto_parallel=True, cluster=cluster, pipeline_degree=2, num_micro_batch=args.micro_batches)
+    pins = Pins(num_stages=2, schedule="1f1b")
+    plan, _ = auto_plan(captured, {}, 2, config, cluster=cluster, global_batch=args.batch, extra_pins=pins)
+    if plan.pipelines != ((0, 1),):
+        print(f"note: the plan orders the ranks {plan.pipelines}; the bench runs stage 0 on rank 0", flush=True)
+    return wh.Config(stage_boundaries=plan.stage_boundaries, num_micro_batch=args.micro_batches)
+
+
+def _program(cfg: GPTConfig, example, config: wh.Config, spec: str):
+    os.environ[ENV_VAR] = spec  # read when the program is made
+    try:
+        torch.manual_seed(0)
+        program = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(example,), config=config)
+    finally:
+        del os.environ[ENV_VAR]
+    return program, torch.optim.AdamW(program.parameters(), lr=1e-3)
+
+
+def _alternate(programs: dict, batches) -> dict[str, list[float]]:
+    """Each batch stepped by every program in turn (step, optimizer step), each step after a
+    barrier: per program, the wall seconds of each of its steps on this rank. Steps of the
+    programs interleave, so the load of the host at any moment weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for x, y in batches:
+        for name, (program, opt) in programs.items():
+            dist.barrier()
+            began = time.perf_counter()
+            program.step(x, y)
+            opt.step()
+            opt.zero_grad()
+            times[name].append(time.perf_counter() - began)
+    return times
+
+
+def _rounds(programs: dict, batches, args) -> dict[str, list[float]]:
+    """Per program, its mean step time (after ``--warmup`` steps) in each round."""
+    seconds: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(args.rounds):
+        times = _alternate(programs, batches[: args.warmup + args.steps])
+        for name in programs:
+            seconds[name].append(statistics.fmean(times[name][args.warmup :]))
+    return seconds
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
+    torch.set_num_threads(1)
+    parts = args.parts.split(",")
+    dp_cfg = GPTConfig(n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    corpus = SyntheticCorpus(dp_cfg.vocab_size)
+    steps = max(args.warmup + args.steps, args.slow_at + args.after)
+    batches = [corpus.batch(args.batch, dp_cfg.block_size, s) for s in range(steps)]
+    example = batches[0][0]
+    slow = f"1:{args.slow:g}"
+    os.environ[ENV_VAR] = slow  # the profile sees rank 1 as the slower device it emulates
+    try:
+        cluster, profiles = measured_cluster()
+    finally:
+        del os.environ[ENV_VAR]
+    out: dict = {"load": [os.getloadavg()], "speeds": [p.peak("fp32") for p in profiles]}
+    dp_planned = planned_config("dp", None, example, cluster, profiles, args)
+    out["rows"] = tuple(int(w) for w in dp_planned.row_weights)
+    if "dp" in parts:
+        programs = {
+            "planned": _program(dp_cfg, example, dp_planned, slow),
+            "even": _program(dp_cfg, example, wh.Config(), slow),
+        }
+        out["dp"] = _rounds(programs, batches, args)
+        out["load"].append(os.getloadavg())
+    if "pp" in parts:
+        pp_cfg = dataclasses.replace(dp_cfg, n_layer=args.pp_layers)
+        torch.manual_seed(0)
+        pp_planned = planned_config("pp", GPT(pp_cfg), example, cluster, profiles, args)
+        even = wh.Config(stage_boundaries=[f"blocks.{args.pp_layers // 2}"], num_micro_batch=args.micro_batches)
+        out["cuts"] = (list(pp_planned.stage_boundaries), list(even.stage_boundaries))
+        programs = {"planned": _program(pp_cfg, example, pp_planned, slow), "even": _program(pp_cfg, example, even, slow)}
+        out["pp"] = _rounds(programs, batches, args)
+        out["load"].append(os.getloadavg())
+    if "adaptive" in parts:
+        out["adaptive"] = _adaptive(dp_cfg, example, dp_planned, batches, args)
+        out["load"].append(os.getloadavg())
+    if rank == 0:
+        results.put(out)
+
+
+def _adaptive(cfg: GPTConfig, example, planned: wh.Config, batches, args) -> list[dict]:
+    """Per round, a fresh ``Config(adaptive_rows=True)`` program slowed from step ``--slow-at``,
+    its steps alternating with those of a static program with the planned rows slowed from the
+    start (the balanced reference): both programs' step times, and the adaptive one's moves."""
+    balanced = _program(cfg, example, planned, f"1:{args.slow:g}")
+    later = f"1:{args.slow:g}@{args.slow_at}"
+    rounds = []
+    for _ in range(args.rounds):
+        adaptive = _program(cfg, example, wh.Config(adaptive_rows=True), later)
+        times = _alternate({"adaptive": adaptive, "balanced": balanced}, batches[: args.slow_at + args.after])
+        rounds.append({**times, "moves": list(adaptive[0].rebalancer.moves)})
+    return rounds
+
+
+def _recovery(ratios: list[float], slow_at: int) -> tuple[int | None, int | None]:
+    """Steps from ``slow_at`` until the step-time ratio adaptive/balanced (step by step, a running
+    median of 3) is first within 10%, and until it is within 10% and stays there to the end
+    (None: never)."""
+    medians = [statistics.median(ratios[k : k + 3]) for k in range(slow_at, len(ratios) - 2)]
+    first = next((k for k, m in enumerate(medians) if m <= _WITHIN), None)
+    settled = None
+    for k in range(len(medians) - 1, -1, -1):
+        if medians[k] > _WITHIN:
+            break
+        settled = k
+    return first, settled
+
+
+def _print_pair(title: str, seconds: dict[str, list[float]], goal: float, ideal: float | None) -> None:
+    ratios = [e / p for e, p in zip(seconds["even"], seconds["planned"])]
+    print(title)
+    print(f"{'round':>5}  {'planned s/step':>14}  {'even s/step':>12}  {'speedup':>7}")
+    for i, (p, e, r) in enumerate(zip(seconds["planned"], seconds["even"], ratios)):
+        print(f"{i:>5}  {p:>14.4f}  {e:>12.4f}  {r:>7.3f}")
+    median = statistics.median(ratios)
+    line = f"speedup planned/even: min {min(ratios):.3f}  median {median:.3f}  max {max(ratios):.3f}  (goal >= {goal}"
+    if ideal is not None:
+        line += f" and >= 0.9 of the ideal {ideal:.2f}: {median / ideal:.2f} of it"
+    print(line + ")\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="planned vs even splits on an emulated slow rank; adaptive rows")
+    p.add_argument("--parts", default="dp,pp,adaptive", help="comma-separated: dp, pp, adaptive")
+    p.add_argument("--slow", type=float, default=2.0, help="rank 1 is this many times slower")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--pp-layers", type=int, default=6)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--slow-at", type=int, default=8, help="adaptive: the step rank 1 slows down at")
+    p.add_argument("--after", type=int, default=30, help="adaptive: steps run after the slowdown")
+    args = p.parse_args()
+    out = run_on_ranks(_worker, args, world=2)
+    s = args.slow
+    print(f"GPT {args.layers}x{args.embd} (pipeline: {args.pp_layers} blocks), global batch {args.batch}x{args.block}, "
+          f"2 gloo ranks, rank 1 emulated {s:g}x slower; {args.rounds} rounds")
+    print("load average (1, 5, 15 min) at start and after each part: "
+          + "; ".join(", ".join(f"{v:.2f}" for v in load) for load in out["load"]))
+    print("measured fp32 rates: " + ", ".join(f"rank {r} {v / 1e9:.1f} GFLOP/s" for r, v in enumerate(out["speeds"]))
+          + f"; planned rows {out['rows']}\n")
+    if "dp" in out:
+        _print_pair(f"data parallel: planned rows {out['rows']} vs even", out["dp"], _GOALS["dp"], (s + 1) / 2)
+    if "pp" in out:
+        planned, even = out["cuts"]
+        _print_pair(f"2-stage pipeline, 1F1B x {args.micro_batches}: planned cut {planned} vs even {even}",
+                    out["pp"], _GOALS["pp"], None)
+    if "adaptive" in out:
+        print(f"adaptive rows: even rows, rank 1 slows {s:g}x at step {args.slow_at}; each step alternates with "
+              f"the balanced program (planned rows {out['rows']}, slowed from the start)")
+        print(f"{'round':>5}  {'before':>6}  {'after':>6}  {'end':>6}  {'first move':>10}  {'within 10%':>10}  "
+              f"{'settled':>7}  moves (step: rows from the next step)")
+        firsts, settles, moved, ends = [], [], [], []
+        for i, r in enumerate(out["adaptive"]):
+            ratios = [a / b for a, b in zip(r["adaptive"], r["balanced"])]
+            first, settled = _recovery(ratios, args.slow_at)
+            firsts.append(first)
+            settles.append(settled)
+            move = next((m[0] + 1 - args.slow_at for m in r["moves"] if m[0] >= args.slow_at), None)
+            moved.append(move)
+            ends.append(statistics.median(ratios[-5:]))
+            before = statistics.median(ratios[2 : args.slow_at])
+            after = statistics.median(ratios[args.slow_at : args.slow_at + 2])
+            moves = ", ".join(f"{m[0]}: {m[2]}" for m in r["moves"])
+            print(f"{i:>5}  {before:>6.3f}  {after:>6.3f}  {ends[-1]:>6.3f}  {move!s:>10}  {first!s:>10}  "
+                  f"{settled!s:>7}  {moves}")
+        print("(before/after/end: step time over the balanced program's in the same step, medians of the steps "
+              "before the slowdown, its first 2 steps, the last 5; first move, within 10% and settled: steps "
+              "after the slowdown until the first row move takes effect, until a running median of 3 ratios "
+              "is within 10%, and until it stays within 10% to the end)")
+
+        def summary(values: list) -> str:
+            missed = sum(v is None for v in values)
+            return f"median {statistics.median(values)}" if not missed else f"{missed} of {len(values)} never"
+
+        print(f"steps until within 10% of balanced: {summary(firsts)} (goal <= 20; rounds {firsts}); settled "
+              f"{summary(settles)} (rounds {settles}); first move {summary(moved)}; end ratio median "
+              f"{statistics.median(ends):.3f}")
+
+
+if __name__ == "__main__":
+    main()
