@@ -80,5 +80,5 @@ def test_the_device_limit_is_inclusive():
 
 @pytest.mark.parametrize("weights", [[math.inf, 1], [1, math.nan], [-math.inf, 1], [0, 1]])
 def test_config_row_weights_must_be_finite(weights):
-    with pytest.raises(ValueError, match="must be positive finite numbers"):
+    with pytest.raises(ValueError, match="must be positive numbers, finite"):
         wh.Config(row_weights=weights)

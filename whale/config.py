@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -123,6 +124,18 @@ class Config:
     None: even, or in proportion to device speed where a tensor group of ``cluster`` mixes types.
     Stored as a read-only, hashable mapping of tuples (``dict(config.shard_sizes)`` copies it)."""
 
+    batch: str = "global"
+    """What ``program.step`` takes by default (``step(..., batch=...)`` overrides it):
+    ``"global"``, the whole global batch on every rank (checked: shapes and a checksum of the
+    values must agree on every rank), or ``"local"``, each rank its own rows as
+    ``program.local_slice`` cuts them (the DistributedDataParallel habit; only the ranks of one
+    replica, its stages and shards, must then pass the same rows)."""
+
+    check_batch_values: bool = True
+    """Compare a checksum of the batch's values across ranks at every step, not only shapes
+    (one multiply-add pass over the batch); off, a rank passing other rows of the same shape
+    trains on the wrong data unseen."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -151,11 +164,12 @@ class Config:
         if self.row_weights is not None:
             weights = tuple(self.row_weights)
             if not weights or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in weights
             ):
                 raise ValueError(
-                    f"Config(row_weights={self.row_weights!r}) must be positive numbers, "
-                    "one per data-parallel replica"
+                    f"Config(row_weights={self.row_weights!r}) must be positive numbers, finite, "
+                    "one per data-parallel replica (e.g. device speeds, [3, 1])"
                 )
             object.__setattr__(self, "row_weights", weights)
         if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
@@ -203,6 +217,13 @@ class Config:
         for name in ("broadcast_buffers", "shared_memory", "sync_batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config({name}=...) is a bool, got {getattr(self, name)!r}")
+        if self.batch not in ("global", "local"):
+            raise ValueError(
+                f"Config(batch={self.batch!r}): use 'global' (every rank passes the whole batch) "
+                "or 'local' (each rank its own rows, cut by program.local_slice)"
+            )
+        if not isinstance(self.check_batch_values, bool):
+            raise TypeError(f"Config(check_batch_values=...) is a bool, got {self.check_batch_values!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

@@ -18,16 +18,17 @@ from ..ir.rows import row_offsets, split_rows
 from ..ir.trace import Timeline, save_chrome_trace
 from ..rewrite.program import DistributedProgram, ProgramStage
 from .batch import (
-    RankAgreement,
     batch_rows,
     broadcast_tensors,
     call_inputs,
     narrow,
-    signature,
     to_device,
 )
 from .emulate import Stretch, from_env_checked, rank_slowdown
 from .grad_sync import GradientReducer
+from .guard.batch_check import BatchAgreement, BatchCheck, labelled
+from .guard.setup_check import check_same_setup
+from .guard.watchdog import waiting
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
 from .process_group import WorldInfo, require_initialized, world_info
@@ -42,11 +43,12 @@ class ReplicaBatch:
     args: tuple  # positional inputs (a pipeline's: the stage programs' model inputs)
     target: Any
     rows: int
-    agreement: RankAgreement | None  # None: checked afterwards through the fingerprint
+    agreement: BatchAgreement | None  # None: checked afterwards through the fingerprint
     mode: str  # "global" or "local"
     total: int | None = None  # the global batch's rows, when known without the check
     fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
     kwargs: dict = dataclasses.field(default_factory=dict)  # keyword inputs, cut like args
+    check: BatchCheck | None = None  # the batch's digests (shapes and values)
 
 
 _KEPT_STEP_TIMES = 1000
@@ -188,14 +190,18 @@ class ProgramBase:
         collective it makes anyway.
         """
         require_initialized("step()")
+        mode = self.config.batch if mode is None else mode
         if mode not in ("global", "local"):
             raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
         args, kwargs = self._model_inputs(inputs, kwargs)
         dim = self.config.batch_dim
         rows = batch_rows((args, kwargs), target, dim)
-        # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
-        sig = signature((args, kwargs), target, dim if mode == "local" else None)
-        agreement = RankAgreement(sig, rows, device) if agree or mode == "local" else None
+        # Digests before cutting: uneven replicas legitimately hold different row counts.
+        check = BatchCheck(
+            labelled(args, kwargs, target), dim, local=mode == "local",
+            values=self.config.check_batch_values, device=device,
+        )  # fmt: skip
+        agreement = BatchAgreement(check, rows, device, self.plan.pipelines) if agree or mode == "local" else None
         total = rows if mode == "global" else None
         if mode == "global":
             replica = self.plan.replica_of(dist.get_rank())
@@ -208,11 +214,13 @@ class ProgramBase:
             self._check_micro_batches(split, rows, agreement)
             rows = split[replica]
             args, kwargs, target = narrow((args, kwargs, target), dim, row_offsets(split)[replica], rows)
-        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20, kwargs)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, 0, kwargs, check)
 
     def _join_world(self) -> WorldInfo:
         """This rank's place in the launched world, checked against the plan; sets the device."""
         info = world_info()
+        # The first collective of every program: ranks set up differently fail here, named.
+        check_same_setup(self.config, self.plan, self.program.param_bytes)
         if info.world_size != self.plan.world_size:
             raise ValueError(
                 f"the plan was made for {self.plan.world_size} ranks but the world has "
@@ -235,7 +243,7 @@ class ProgramBase:
         micro = [to_device(narrow(value, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
         return micro, mb_rows
 
-    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement | None) -> None:
+    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: BatchAgreement | None) -> None:
         # Every rank judges the whole split, so all of them raise together or none does.
         m = self.plan.num_micro_batch
         if min(split) < m:
@@ -248,11 +256,16 @@ class ProgramBase:
                 "use fewer micro-batches"
             )
 
+    def _waiting(self, action: str, peers: str = "every rank") -> Any:
+        """A watched wait of this step on ``peers`` (:func:`~.guard.watchdog.waiting`)."""
+        return waiting(dist.get_rank(), self._steps_begun, action, peers)
+
     def _global_rows(self, batch: ReplicaBatch) -> int:
         """Wait for the agreement check; the global batch's rows (checked against the plan)."""
         if batch.agreement is None:
             return batch.total
-        summed = batch.agreement.wait()
+        with self._waiting("the batch check (an all-reduce of every rank's rows and digests)"):
+            summed = batch.agreement.wait()
         world = dist.get_world_size()
         if batch.mode == "global":
             return summed // world

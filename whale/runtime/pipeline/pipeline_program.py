@@ -231,7 +231,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         args, kwargs = call_inputs(inputs, kwargs)
         return self.program.call.stage_inputs(args, kwargs), {}
 
-    def step(self, inputs: Any, target: Any = None, *, batch: str = "global", **kwargs: Any) -> torch.Tensor:
+    def step(self, inputs: Any, target: Any = None, *, batch: str | None = None, **kwargs: Any) -> torch.Tensor:
         """Run the schedule over the micro-batches; gradients synchronized. Inputs as in
         :meth:`DataParallelProgram.step <whale.runtime.data_parallel.DataParallelProgram.step>`:
         a tensor, a tuple, a dict of keyword inputs, and more keyword inputs in ``kwargs``."""
@@ -249,12 +249,14 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             reducer.pace = stretch.catch_up
         loss_sum, loss_work, timeline = self._run(micro, weights, cut, start, stretch)
         synced = time.perf_counter()
-        for reducer in self._reducers.values():
-            reducer.finish()
-        for param, group in self._tied:
-            dist.all_reduce(param.grad, group=group)
-        self._share_updated_buffers()
-        loss_work.wait()
+        with self._waiting("the gradient all-reduces, tied weights' and buffers", "the data-parallel ranks"):
+            for reducer in self._reducers.values():
+                reducer.finish()
+            for param, group in self._tied:
+                dist.all_reduce(param.grad, group=group)
+            self._share_updated_buffers()
+        with self._waiting("the loss all-reduce"):
+            loss_work.wait()
         extra = (("sync", synced - start, time.perf_counter() - start),) if self._reducers or self._tied else ()
         self._step_end(start, timeline, extra)
         # Every rank of the last stage's tensor-parallel group holds the loss once.
