@@ -14,7 +14,11 @@ from ..ir.emulation import slowdown_from_env
 from .emulate import check_ranks
 from .guard.watchdog import start_watchdog
 
-__all__ = ["WorldInfo", "init", "require_initialized", "world_info"]
+__all__ = ["WorldInfo", "init", "new_group", "require_initialized", "world_info"]
+
+# What wh.init gave the default group: torch's new_group() would take its own default
+# (30 minutes for gloo) instead, so whale's groups take this one.
+_group_timeout: list[datetime.timedelta] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +85,15 @@ def init(
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=delta
             )
+        _group_timeout[:] = [delta]
     start_watchdog(step_timeout if dist.get_world_size() > 1 else None)
     return world_info()
+
+
+def new_group(ranks: list[int]) -> dist.ProcessGroup:
+    """``dist.new_group(ranks)`` with the timeout ``wh.init`` gave the default group (torch's
+    own default otherwise). Collective: every rank calls it, in one order."""
+    return dist.new_group(list(ranks), timeout=_group_timeout[0] if _group_timeout else None)
 
 
 def world_info() -> WorldInfo:

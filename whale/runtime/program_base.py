@@ -31,7 +31,7 @@ from .guard.setup_check import check_same_setup
 from .guard.watchdog import waiting
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
-from .process_group import WorldInfo, require_initialized, world_info
+from .process_group import WorldInfo, new_group, require_initialized, world_info
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
 
@@ -296,7 +296,7 @@ class ProgramBase:
             return None
         members = [list(m) for m in self.program.data_groups]
         mine = plan.pipelines[plan.replica_of(rank)].index(rank)
-        groups = [dist.new_group(m) for m in members] if width > 1 else [None]
+        groups = [new_group(m) for m in members] if width > 1 else [None]
         if self.program.data_group is not None:  # Config(sync_batch_norm): its BatchNorms' group
             self.program.data_group.bind(dist.group.WORLD if groups[mine] is None else groups[mine])
         # Every rank decides alike, from every rank's facts (its config included), so the
@@ -306,13 +306,13 @@ class ProgramBase:
         if all(wanted and kind == "cpu" and shm for wanted, kind, _, shm in facts) and all(
             len({facts[r][2] for r in m}) == 1 for m in members
         ):
-            self._host = HostLink([dist.new_group(m) for m in members][mine])
+            self._host = HostLink([new_group(m) for m in members][mine])
         return groups[mine]
 
     def _bind_tensor_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
         """Make every tensor-parallel group the program names (collective: all ranks, in one
         order) and bind this rank's to the communication its sharded modules hold."""
-        made = {ranks: dist.new_group(list(ranks)) for ranks in self.program.tensor_groups}
+        made = {ranks: new_group(list(ranks)) for ranks in self.program.tensor_groups}
         if self.program.tensor_group is not None:
             self.program.tensor_group.bind(made[self.program.tensor_group.ranks])
         return made
