@@ -6,7 +6,8 @@ silently train on part of the data. So a step's fingerprint covers values as wel
 checksum of each input's bytes, weighted by position (a permutation of rows changes it too),
 computed where the batch lives (no copy to the host, no synchronization) in integer arithmetic,
 so ranks on different devices agree bit for bit. Its cost is one multiply-add pass over the
-batch (measured in benchmarks/bench_guard.py). Only a 20-bit digest of it travels: a
+batch: 40 ms for 64 ImageNet images (37 MiB) on one CPU thread, 0.25% of a ResNet-18-sized
+step, 0.4 ms for 8 x 1024 tokens (benchmarks/bench_guard.py). Only a 20-bit digest of it travels: a
 difference is missed with probability 2**-20 per step.
 
 With ``batch="local"`` replicas legitimately pass different rows: then only shapes (without
@@ -26,32 +27,50 @@ import torch.distributed as dist
 __all__ = ["BatchAgreement", "BatchCheck", "describe_mismatch", "digest_digits", "digits_agree"]
 
 _MASK = 2**20 - 1
-# Odd 64-bit multipliers (as signed int64): the golden ratio's and a splitmix64 constant.
+# Odd multipliers: the golden ratio's (64-bit, as signed int64) and a 32-bit one.
 _K1 = 0x9E3779B97F4A7C15 - 2**64
-_K2 = 0xBF58476D1CE4E5B9 - 2**64
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-_weights: dict[torch.device, torch.Tensor] = {}
+_K2 = 0x27D4EB2F
+# Elements per pass: the products go through a scratch buffer of this many int32 (16 MiB).
+_CHUNK = 1 << 22
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def value_checksum(t: torch.Tensor) -> torch.Tensor:
-    """An int64 scalar (on ``t``'s device) of ``t``'s bytes, each weighted by its position."""
+    """An int64 scalar (on ``t``'s device) of ``t``'s bytes, each weighted by its position.
+
+    The bytes are read as int32 words (int16 or bytes for smaller elements), multiplied by
+    odd position weights and summed, all modulo 2**32: exact and order-free, so every device
+    and thread count gives the same bits, and any single changed word changes the sum (an
+    odd weight times a non-zero difference is non-zero modulo 2**32).
+    """
     t = t.detach()
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=t.device)
-    size = t.element_size()
-    if size not in _INT_VIEW or t.dtype.is_complex:
-        t, size = t.contiguous().reshape(-1).view(torch.uint8), 1
-    flat = t.contiguous().reshape(-1).view(_INT_VIEW[size])
-    # Products and the sum wrap modulo 2**64: exact and order-free, so every device agrees.
-    return torch.mul(flat, _position_weights(flat.numel(), flat.device)).sum(dtype=torch.int64)
+    data = t.contiguous().reshape(-1)
+    nbytes = data.numel() * data.element_size()
+    if data.dtype == torch.bool:
+        data = data.view(torch.uint8)
+    for dtype, size in ((torch.int32, 4), (torch.int16, 2), (torch.uint8, 1)):
+        if data.element_size() >= size and nbytes % size == 0:
+            words = data.view(torch.uint8).view(dtype) if data.element_size() != size else data.view(dtype)
+            break
+    weights, scratch = _buffers(words.device)
+    total = torch.zeros((), dtype=torch.int32, device=words.device)
+    for at in range(0, words.numel(), _CHUNK):
+        part = words[at : at + _CHUNK]
+        n = part.numel()
+        summed = torch.mul(part, weights[:n], out=scratch[:n]).sum(dtype=torch.int32)
+        total = total * _K2 + summed  # chunk order counts too (wraps modulo 2**32)
+    return total.to(torch.int64)
 
 
-def _position_weights(n: int, device: torch.device) -> torch.Tensor:
-    w = _weights.get(device)
-    if w is None or w.numel() < n:
-        w = (torch.arange(max(n, 1024), dtype=torch.int64, device=device) * _K1 + _K2) | 1
-        _weights[device] = w
-    return w[:n]
+def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The position weights and the product scratch of ``device``, made once."""
+    got = _scratch.get(device)
+    if got is None:
+        w = (torch.arange(_CHUNK, dtype=torch.int64, device=device) * _K1 + _K2) | 1
+        got = _scratch[device] = (w.to(torch.int32), torch.empty(_CHUNK, dtype=torch.int32, device=device))
+    return got
 
 
 def _fold(h: torch.Tensor) -> torch.Tensor:
@@ -83,7 +102,7 @@ class BatchCheck:
         total = torch.zeros((), dtype=torch.int64, device=device)
         for h in self.hashes:
             if h is not None:
-                total = total * _K2 + h.to(device)
+                total = total * _K1 + h.to(device)
         if local:
             self.world_digest = torch.tensor(shapes, dtype=torch.int64, device=device)
             full = zlib_crc(";".join(self._full_shapes))
