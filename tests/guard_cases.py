@@ -117,3 +117,21 @@ def values_unchecked() -> dict:
     model, batches, loss_fn = _model_and_batches("gpt", 8)
     program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(check_batch_values=False))
     return {"loss": program.step(*_bad(*batches[0], "values")).item()}
+
+
+def hf_mask_differs(name: str = "bert", **config) -> dict:
+    """A transformers model (keyword inputs): rank 1's attention mask differs, its input_ids
+    do not; the error names the keyword input."""
+    from tests.hf_models import BUILDERS
+
+    case = BUILDERS[name]()
+    program = wh.parallelize(case.model, loss_fn=case.loss_fn, example_inputs=case.inputs, config=wh.Config(**config))
+    inputs = dict(case.inputs)
+    if dist.get_rank() == 1:
+        inputs["attention_mask"] = inputs["attention_mask"].flip(1)
+    try:
+        program.step(inputs, case.target)
+        error = ""
+    except ValueError as err:
+        error = str(err)
+    return {"error": error, "loss": program.step(case.inputs, case.target).item()}

@@ -105,3 +105,11 @@ def test_digest_digits_agree_exactly_when_digests_do():
     assert digits_agree(same, 3)
     mixed = (digest_digits(a.world_digest) * 2 + digest_digits(b.world_digest)).tolist()
     assert not digits_agree(mixed, 3)
+
+
+@pytest.mark.parametrize("config", [{}, {"stage_boundaries": ["bert.encoder.layer.1"]}])
+def test_a_transformers_keyword_input_that_differs_is_named(world2, config):
+    outs = world2.run(f"{CASES}:hf_mask_differs", "bert", **config)
+    needle = "input 'attention_mask': values differ"
+    assert all(needle in o["error"] and "input_ids" not in o["error"] for o in outs), outs[0]["error"]
+    assert outs[0]["loss"] == outs[1]["loss"]

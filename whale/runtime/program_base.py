@@ -193,12 +193,14 @@ class ProgramBase:
         mode = self.config.batch if mode is None else mode
         if mode not in ("global", "local"):
             raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
+        given = kwargs
         args, kwargs = self._model_inputs(inputs, kwargs)
         dim = self.config.batch_dim
         rows = batch_rows((args, kwargs), target, dim)
         # Digests before cutting: uneven replicas legitimately hold different row counts.
         check = BatchCheck(
-            labelled(args, kwargs, target), dim, local=mode == "local",
+            # Labelled as the user passed them (a pipeline's stage inputs are flattened).
+            labelled(*call_inputs(inputs, given), target), dim, local=mode == "local",
             values=self.config.check_batch_values, device=device,
         )  # fmt: skip
         agreement = BatchAgreement(check, rows, device, self.plan.pipelines) if agree or mode == "local" else None
