@@ -113,3 +113,14 @@ def test_a_transformers_keyword_input_that_differs_is_named(world2, config):
     needle = "input 'attention_mask': values differ"
     assert all(needle in o["error"] and "input_ids" not in o["error"] for o in outs), outs[0]["error"]
     assert outs[0]["loss"] == outs[1]["loss"]
+
+
+def test_a_plan_differing_alone_says_where_plans_come_from():
+    from whale.runtime.guard.setup_check import _differences
+
+    ranks = [[("Config.num_micro_batch", 1, "1"), ("the plan", p, f"digest {p}")] for p in (5, 5, 6)]
+    (problem,) = _differences(ranks)
+    assert problem.startswith("the plan differs: digest 5 on ranks 0, 1, digest 6 on rank 2")
+    assert "Config(cluster=...)" in problem
+    ranks[2][0] = ("Config.num_micro_batch", 2, "2")  # the cause is named, not its consequence
+    assert _differences(ranks) == ["Config.num_micro_batch differs: 1 on ranks 0, 1, 2 on rank 2"]

@@ -67,6 +67,11 @@ def _differences(every: list[list[tuple[str, int, str]]]) -> list[str]:
     # A plan differing only because a Config field does says nothing new.
     if len(problems) > 1:
         problems = [p for p in problems if not p.startswith("the plan differs")]
+    elif problems and problems[0].startswith("the plan differs"):
+        problems[0] += (
+            " (the ranks planned from different facts: each rank's devices and memory, "
+            "or a measured profile; pass Config(cluster=...) so every rank plans for one cluster)"
+        )
     return problems
 
 
