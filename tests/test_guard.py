@@ -124,3 +124,20 @@ def test_a_plan_differing_alone_says_where_plans_come_from():
     assert "Config(cluster=...)" in problem
     ranks[2][0] = ("Config.num_micro_batch", 2, "2")  # the cause is named, not its consequence
     assert _differences(ranks) == ["Config.num_micro_batch differs: 1 on ranks 0, 1, 2 on rank 2"]
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"timeout": -5}, {"step_timeout": 0}, {"step_timeout": True}, {"timeout": "60"}])
+def test_init_refuses_bad_timeouts_before_joining(kwargs):
+    import whale as wh
+
+    with pytest.raises(ValueError, match=r"wh.init\((timeout|step_timeout)=.*must be a number of seconds > 0"):
+        wh.init("gloo", **kwargs)
+
+
+def test_config_batch_mode_is_checked():
+    import whale as wh
+
+    with pytest.raises(ValueError, match="Config\\(batch='locale'\\): use 'global'"):
+        wh.Config(batch="locale")
+    with pytest.raises(TypeError, match="check_batch_values"):
+        wh.Config(check_batch_values="yes")
