@@ -202,7 +202,7 @@ class DataParallelProgram(ProgramBase):
             record((codes[i][0], began - start, clock() - start))
             if last:
                 # The global loss is summed with the gradients, and with it the batch
-                # fingerprint's digits: every rank passed the same batch iff they agree.
+                # digest's digits (shapes and values): every rank passed the same batch iff they agree.
                 digits = digest_digits(cut.check.world_digest).to(device)
                 started = self._start_summary(torch.cat([weighted.reshape(1), digits]))
             began = clock()
@@ -282,7 +282,7 @@ class DataParallelProgram(ProgramBase):
             # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
             broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
         # The loss rides on the gradient all-reduce where that reaches every rank and its
-        # dtype sums the fingerprint digits exactly (float32 up to ~17,000 ranks).
+        # dtype sums the batch digest's digits exactly (float32 up to ~17,000 ranks).
         params = list(self.module.parameters())
         trainable = [p for p in params if p.requires_grad]
         # (The last bucket, launched last, holds the first parameters.)

@@ -43,10 +43,9 @@ class ReplicaBatch:
     args: tuple  # positional inputs (a pipeline's: the stage programs' model inputs)
     target: Any
     rows: int
-    agreement: BatchAgreement | None  # None: checked afterwards through the fingerprint
+    agreement: BatchAgreement | None  # None: checked afterwards through ``check``'s digest
     mode: str  # "global" or "local"
     total: int | None = None  # the global batch's rows, when known without the check
-    fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
     kwargs: dict = dataclasses.field(default_factory=dict)  # keyword inputs, cut like args
     check: BatchCheck | None = None  # the batch's digests (shapes and values)
 
@@ -186,7 +185,7 @@ class ProgramBase:
         ``inputs`` and ``kwargs`` are read as :func:`~.batch.call_inputs` reads them; keyword
         tensors are cut along ``Config.batch_dim`` like positional ones, None and other
         non-tensors passed as they are. ``agree=False`` (global batches only) skips the check's
-        collective: the caller then verifies ``fingerprint`` after the step, riding on a
+        collective: the caller then verifies ``check.world_digest`` after the step, riding on a
         collective it makes anyway.
         """
         require_initialized("step()")
@@ -216,7 +215,7 @@ class ProgramBase:
             self._check_micro_batches(split, rows, agreement)
             rows = split[replica]
             args, kwargs, target = narrow((args, kwargs, target), dim, row_offsets(split)[replica], rows)
-        return ReplicaBatch(args, target, rows, agreement, mode, total, 0, kwargs, check)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, kwargs, check)
 
     def _join_world(self) -> WorldInfo:
         """This rank's place in the launched world, checked against the plan; sets the device."""
