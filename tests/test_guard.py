@@ -141,3 +141,14 @@ def test_config_batch_mode_is_checked():
         wh.Config(batch="locale")
     with pytest.raises(TypeError, match="check_batch_values"):
         wh.Config(check_batch_values="yes")
+
+
+def test_a_step_broken_on_one_rank_refuses_the_next_and_says_why():
+    from whale.runtime.guard.step_state import StepRefused, StepState, every_rank
+
+    state = StepState()
+    state.failed(2, every_rank(ValueError("the ranks passed different batches")))
+    state.check(3)  # raised on every rank alike: the program trains on
+    state.failed(3, RuntimeError("a bad value in the loss"))
+    with pytest.raises(StepRefused, match=r"call 4 refused: step 3 raised on this rank .*a bad value in the loss"):
+        state.check(4)

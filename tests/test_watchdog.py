@@ -83,10 +83,13 @@ def test_a_stopped_peer_with_the_group_timeout_raises_a_named_error():
 def test_a_rank_going_on_after_its_loss_raised_ends_both(timeouts):
     (code0, err0, _), (code1, err1, _) = _run_ranks("loss_error_caught", timeouts)
     assert "rank 1 caught a bad value in the loss and goes on" in err1
-    # Rank 0 (stage 0) waits in step 2 for the gradients rank 1 never sends; rank 1, in step
-    # 3, for a batch check rank 0 never joins. Both are named and end, neither finishes: rank 1
-    # by its watchdog, or by PeerWaitError when rank 0's exit closes their connection first.
-    assert code0 == EXIT_CODE and code1 not in (0, None), (err0, err1)
-    assert "rank 0 waited" in err0 and "in step 2" in err0 and "from rank 1" in err0, err0
-    assert "rank 1 waited" in err1 and "in step 3" in err1, err1
+    # Rank 1's third step is refused at once, saying why; rank 0 (stage 0) waits in step 2
+    # for the gradients rank 1 never sends, and ends named: by PeerWaitError when rank 1's exit
+    # closes their connection, or by its watchdog if rank 1 lingers.
+    assert code1 == 1 and "StepRefused: program.step call 3 refused: step 2 raised on this rank" in err1, err1
+    assert "(RuntimeError: a bad value in the loss)" in err1
+    assert code0 not in (0, None), err0
+    assert "PeerWaitError: rank 0 waited" in err0 or "whale watchdog: rank 0 waited" in err0, err0
+    assert "in step 2" in err0
+    assert "for the gradients into stage 0, micro-batch 0 (action 0RG0) from rank 1" in err0, err0
     assert "all steps finished" not in err0 + err1

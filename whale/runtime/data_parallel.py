@@ -21,6 +21,7 @@ from .batch import broadcast_tensors
 from .emulate import Stretch
 from .grad_sync import GradientReducer
 from .guard.batch_check import describe_mismatch, digest_digits, digits_agree
+from .guard.step_state import every_rank
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
 
@@ -157,13 +158,14 @@ class DataParallelProgram(ProgramBase):
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
         cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
         timeline: list[tuple[str, float, float]] = []
-        loss = self._forward_backward(cut, start, stretch, timeline)
-        self._agreed = True
-        if self.config.broadcast_buffers:
-            # Buffers forward updated (counters, statistics) leave every step as the first
-            # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
-            with self._waiting("the first replica's buffers (a broadcast)", "every data-parallel rank"):
-                self._broadcast_buffers()
+        with self._communicating():
+            loss = self._forward_backward(cut, start, stretch, timeline)
+            self._agreed = True
+            if self.config.broadcast_buffers:
+                # Buffers forward updated (counters, statistics) leave every step as the first
+                # replica's, as DDP's broadcast_buffers: full_state_dict() is the same everywhere.
+                with self._waiting("the first replica's buffers (a broadcast)", "every data-parallel rank"):
+                    self._broadcast_buffers()
         code, began, _ = timeline.pop()  # the sync, which lasts until the buffers are shared
         self._step_end(start, tuple(timeline), ((code, began, time.perf_counter() - start),))
         return loss
@@ -220,10 +222,10 @@ class DataParallelProgram(ProgramBase):
             summed = self._finish_summary(started)
         record(("sync", began - start, clock() - start))
         if not digits_agree(summed[1:], dist.get_world_size()):
-            raise ValueError(
+            raise every_rank(ValueError(
                 "the ranks' inputs differ in this step; its gradients are invalid: do not apply "
                 "them. " + describe_mismatch(cut.check, self.plan.pipelines)
-            )
+            ))  # fmt: skip
         # Each rank of a tensor-parallel group holds its replica's loss once.
         return torch.tensor(summed[0] / self.plan.tensor_parallel, dtype=loss.dtype, device=device)
 

@@ -3,9 +3,10 @@ record of its steps (wall times, the last step's intervals, the measured timelin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from .emulate import Stretch, from_env_checked, rank_slowdown
 from .grad_sync import GradientReducer
 from .guard.batch_check import BatchAgreement, BatchCheck, labelled
 from .guard.setup_check import check_same_setup
+from .guard.step_state import StepState, every_rank
 from .guard.watchdog import waiting
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
@@ -80,9 +82,12 @@ class ProgramBase:
         self._last_extra: tuple = ()  # intervals after the action list ("sync")
         self._slowdowns = from_env_checked()
         self._steps_begun = 0
+        self._step_state = StepState()
 
     def _step_begin(self) -> tuple[float, Stretch]:
-        """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch."""
+        """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch.
+        Refused where an earlier step raised on this rank mid-step (:mod:`.guard.step_state`)."""
+        self._step_state.check(self._steps_begun + 1)
         rank = dist.get_rank() if dist.is_initialized() else 0
         stretch = rank_slowdown(self._slowdowns, rank, self._steps_begun)
         self._steps_begun += 1
@@ -251,11 +256,21 @@ class ProgramBase:
             if agreement is not None:
                 agreement.wait()
             replica = split.index(min(split))
-            raise ValueError(
+            raise every_rank(ValueError(
                 f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
                 f"of a batch of {total}; pass a global batch of at least {m * len(split)} rows or "
                 "use fewer micro-batches"
-            )
+            ))  # fmt: skip
+
+    @contextlib.contextmanager
+    def _communicating(self) -> Iterator[None]:
+        """The part of a step after its communication began: an error raised here on this rank
+        alone (not marked :func:`~.guard.step_state.every_rank`) refuses later steps."""
+        try:
+            yield
+        except BaseException as err:
+            self._step_state.failed(self._steps_begun, err)
+            raise
 
     def _waiting(self, action: str, peers: str = "every rank") -> Any:
         """A watched wait of this step on ``peers`` (:func:`~.guard.watchdog.waiting`)."""

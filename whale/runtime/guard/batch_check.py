@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .step_state import every_rank
+
 __all__ = ["BatchAgreement", "BatchCheck", "describe_mismatch", "digest_digits", "digits_agree"]
 
 _MASK = 2**20 - 1
@@ -206,7 +208,7 @@ class BatchAgreement:
                     len(ranks) * summed[4 + 2 * r] == summed[3 + 2 * r] ** 2 for r, ranks in enumerate(self._replicas)
                 )
             if not ok:
-                raise ValueError(describe_mismatch(self.check, self._replicas))
+                raise every_rank(ValueError(describe_mismatch(self.check, self._replicas)))
             self._total = summed[0]
         return self._total
 

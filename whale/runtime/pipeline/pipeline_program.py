@@ -20,9 +20,10 @@ from ...config import Config
 from ...ir.schedule import Action, ActionKind
 from ...rewrite.program import DistributedProgram
 from ..batch import batch_rows, call_inputs
+from ..emulate import Stretch
 from ..p2p import Incoming, shape_key
 from ..process_group import require_initialized
-from ..program_base import ProgramBase
+from ..program_base import ProgramBase, ReplicaBatch
 from .executor import StepExecutor
 from .stage_setup import StageSetup
 
@@ -240,6 +241,10 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             self._bind()
         start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, kwargs=kwargs)
+        with self._communicating():
+            return self._step_after_check(cut, start, stretch)
+
+    def _step_after_check(self, cut: ReplicaBatch, start: float, stretch: Stretch) -> torch.Tensor:
         # A global batch's rows are known here; the check that every rank passed the same one
         # then runs behind the first compute and is waited before the first transfer.
         total = cut.total if cut.total is not None else self._global_rows(cut)
