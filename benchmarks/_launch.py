@@ -1,9 +1,17 @@
-"""Start a benchmark's ranks: ``world`` gloo processes on this host, each running one worker."""
+"""Start a benchmark's ranks: ``world`` gloo processes on this host, each running one worker.
+
+A rank that raises reports its traceback and the launcher ends every rank and raises
+:class:`RankFailed` naming it; a rank that dies without a word (killed, ``os._exit``) is named
+by its exit code. Nothing waits forever on a rank that will never answer.
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -13,33 +21,107 @@ import torch.multiprocessing as mp
 
 import whale as wh
 
-__all__ = ["run_on_ranks"]
+__all__ = ["RankFailed", "run_on_ranks"]
+
+_POLL_S = 0.2
+_GRACE_S = 1.0
 
 
-def run_on_ranks(worker: Callable[..., None], args: Any, *extra: Any, world: int = 2, threads: int = 1) -> Any:
+class RankFailed(RuntimeError):
+    """A benchmark rank raised or died; the message names the rank and holds its traceback."""
+
+
+def run_on_ranks(
+    worker: Callable[..., None], args: Any, *extra: Any, world: int = 2, threads: int = 1,
+    timeout_s: float | None = None,
+) -> Any:
     """Run ``worker(rank, world, args, results, *extra)`` on ``world`` spawned ranks after
     ``wh.init("gloo")``, with ``threads`` torch threads each; what a rank puts into ``results``
-    first is returned. ``worker`` must be a module-level function (it is pickled)."""
+    first is returned. ``worker`` must be a module-level function (it is pickled).
+
+    Raises:
+        RankFailed: a rank raised (its traceback is in the message), exited before every rank
+            finished, or ``timeout_s`` passed; every rank is ended first.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.get_context("spawn")
+    results, errors = ctx.Queue(), ctx.Queue()
     ranks = mp.start_processes(
-        _entry, args=(world, port, threads, worker, args, results, extra), nprocs=world, start_method="spawn", join=False
-    )
-    # Read before joining: a result larger than the pipe's buffer blocks its rank until read.
-    result = results.get()
-    while not ranks.join():
-        pass
-    return result
+        _entry, args=(world, port, threads, worker, args, results, errors, extra), nprocs=world,
+        start_method="spawn", join=False,
+    )  # fmt: skip
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    result, got = None, False
+    try:
+        while True:
+            # Read before joining: a result larger than the pipe's buffer blocks its rank until read.
+            if not got:
+                try:
+                    result, got = results.get(timeout=_POLL_S), True
+                except queue.Empty:
+                    pass
+            _raise_failure(ranks, errors, deadline, timeout_s)
+            if got and all(not p.is_alive() for p in ranks.processes):
+                break
+            if got:
+                time.sleep(_POLL_S)
+        if not got:  # every rank ended cleanly but none answered
+            raise RankFailed("every rank finished, but none put a result")
+        return result
+    finally:
+        _end(ranks)
 
 
-def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, extra) -> None:
+def _raise_failure(ranks, errors, deadline: float | None, timeout_s: float | None) -> None:
+    failed = not errors.empty() or any(not p.is_alive() and p.exitcode != 0 for p in ranks.processes)
+    if failed:
+        # The first failure makes its peers fail too (their collectives break): wait a moment
+        # for every rank's word, then name the ranks that died silently first, then the errors
+        # in the order they came.
+        time.sleep(_GRACE_S)
+        raised: dict[int, str] = {}
+        while True:
+            try:
+                rank, text = errors.get(timeout=_POLL_S)
+            except queue.Empty:
+                break
+            raised.setdefault(rank, text)
+        silent = [
+            f"benchmark rank {r} exited with code {p.exitcode} without a Python error "
+            "(killed, out of memory, or os._exit)"
+            for r, p in enumerate(ranks.processes)
+            if r not in raised and not p.is_alive() and p.exitcode != 0
+        ]
+        parts = silent + [f"benchmark rank {r} raised:\n{text}" for r, text in raised.items()]
+        raise RankFailed("\n".join(parts))
+    if deadline is not None and time.monotonic() > deadline:
+        alive = [r for r, p in enumerate(ranks.processes) if p.is_alive()]
+        raise RankFailed(f"benchmark ranks {alive} did not finish within {timeout_s} s")
+
+
+def _end(ranks) -> None:
+    for p in ranks.processes:
+        if p.is_alive():
+            p.terminate()
+    for p in ranks.processes:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, errors, extra) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
-    wh.init("gloo")
     try:
+        wh.init("gloo")
         worker(rank, world, args, results, *extra)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

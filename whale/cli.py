@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from torch import nn
 from .api import speed_sizes
 from .capture import capture, module_annotation_map, split_example_inputs
 from .config import Config
-from .ir.cluster_spec import load_cluster, parse_cluster
+from .ir.cluster_spec import check_device_count, load_cluster, parse_cluster
 from .ir.devices import known_device_names, load_profiles, save_profiles
 from .planner.cost.predict import CostOptions
 from .planner.search.auto import SearchSettings, auto_plan, local_cluster
@@ -125,6 +126,7 @@ def load_target(target: str) -> tuple[nn.Module, tuple]:
 
 def _cluster(args: argparse.Namespace, profiles):
     if args.cluster is None:
+        check_device_count(args.world_size, "--world-size asks for")
         return local_cluster(args.world_size)
     if args.cluster.startswith("@") or args.cluster.endswith(
         (".json", ".yaml", ".yml")
@@ -146,9 +148,23 @@ def _pins(args: argparse.Namespace) -> Pins:
         if value is not None:
             found[name], sources[name] = value, f"--{flag.replace('_', '-')} {value}"
     if args.row_weights:
-        found["row_weights"] = tuple(float(w) for w in args.row_weights.split(","))
+        found["row_weights"] = _row_weights(args.row_weights)
         sources["row_weights"] = f"--row-weights {args.row_weights}"
     return Pins(**found, sources=sources)
+
+
+def _row_weights(text: str) -> tuple[float, ...]:
+    """``--row-weights 3,1``: positive finite numbers, one per data-parallel replica."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(
+            f"--row-weights {text}: give positive finite numbers, one per data-parallel replica, "
+            "comma-separated (e.g. 3,1)"
+        )
+    return weights
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -171,6 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
     _check_outputs(args)
     profiles = load_profiles(args.profiles) if args.profiles else None
     cluster = _cluster(args, profiles)
+    pins = _pins(args)  # bad pins fail before the model is captured
     model, inputs = load_target(args.target)
     positional, keywords = split_example_inputs(
         model, inputs, f"TARGET {args.target!r}"
@@ -198,7 +215,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan, report = auto_plan(
         captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
-        extra_pins=_pins(args), tensor_parallel_check=tensor_parallel_check(model, captured),
+        extra_pins=pins, tensor_parallel_check=tensor_parallel_check(model, captured),
     )  # fmt: skip
     if (
         report.executable
@@ -345,11 +362,28 @@ def _build_ext(args: argparse.Namespace) -> int:
 def _count_arg(text: str) -> int:
     """An argparse type: a whole number >= 1 (devices, rows, micro-batches, stages)."""
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 30 else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+_MAX_GLOBAL_BATCH = 2**24
+
+
+def _rows_arg(text: str) -> int:
+    """An argparse type: a global batch's rows, 1 to 2**24 (past any real batch; the search's
+    time and memory grow with it, so a typo would otherwise run for minutes)."""
+    value = _count_arg(text)
+    if value > _MAX_GLOBAL_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"{value:,} rows is more than whale plans for ({_MAX_GLOBAL_BATCH:,}); the global "
+            "batch counts rows (sequences, images), not tokens"
+        )
     return value
 
 
@@ -416,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="without --cluster: this many devices of this host's type, with its memory")  # fmt: skip
     plan.add_argument(
         "--global-batch",
-        type=_count_arg,
+        type=_rows_arg,
         default=None,
         help="rows per step (default: example's)",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -147,6 +148,7 @@ class Config:
     quiet: bool = False
     """Rank 0 does not print the plan it runs (printed for ``cluster="auto"``, ``auto_parallel``
     and saved plans)."""
+
     zero_stage: int = 0
     """ZeRO over each data-parallel group (ranks holding the same parameters): 0 keeps full
     parameters, gradients and optimizer state on every replica; 1 shards the optimizer state
@@ -156,6 +158,7 @@ class Config:
     freed after). Build the optimizer on ``program.parameters()``. With one replica there is
     nothing to shard (the parameters stay whole); weights tied across pipeline stages stay
     whole too (their tied group sums them)."""
+
     adaptive_rows: bool = False
     """Data parallel: measure each replica's compute time per step and move batch rows toward
     faster replicas every ``adaptive_every`` steps (rows in proportion to measured speed, at
@@ -178,6 +181,18 @@ class Config:
     adaptive_threshold: float = 0.05
     """With ``adaptive_rows``: rows move only when the predicted step time drops by more than
     this fraction (hysteresis: noise near balance leaves the split alone)."""
+
+    batch: str = "global"
+    """What ``program.step`` takes by default (``step(..., batch=...)`` overrides it):
+    ``"global"``, the whole global batch on every rank (checked: shapes and a checksum of the
+    values must agree on every rank), or ``"local"``, each rank its own rows as
+    ``program.local_slice`` cuts them (the DistributedDataParallel habit; only the ranks of one
+    replica, its stages and shards, must then pass the same rows)."""
+
+    check_batch_values: bool = True
+    """Compare a checksum of the batch's values across ranks at every step, not only shapes
+    (one multiply-add pass over the batch); off, a rank passing other rows of the same shape
+    trains on the wrong data unseen."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -207,11 +222,12 @@ class Config:
         if self.row_weights is not None:
             weights = tuple(self.row_weights)
             if not weights or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in weights
             ):
                 raise ValueError(
-                    f"Config(row_weights={self.row_weights!r}) must be positive numbers, "
-                    "one per data-parallel replica"
+                    f"Config(row_weights={self.row_weights!r}) must be positive numbers, finite, "
+                    "one per data-parallel replica (e.g. device speeds, [3, 1])"
                 )
             object.__setattr__(self, "row_weights", weights)
         if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
@@ -266,6 +282,13 @@ class Config:
                 f"Config(zero_stage={self.zero_stage!r}): choose one of {list(_ZERO_STAGES)} "
                 "(0 none, 1 optimizer state, 2 + gradients, 3 + parameters)"
             )
+        if self.batch not in ("global", "local"):
+            raise ValueError(
+                f"Config(batch={self.batch!r}): use 'global' (every rank passes the whole batch) "
+                "or 'local' (each rank its own rows, cut by program.local_slice)"
+            )
+        if not isinstance(self.check_batch_values, bool):
+            raise TypeError(f"Config(check_batch_values=...) is a bool, got {self.check_batch_values!r}")
         self._check_adaptive()
         self._check_auto_and_plan()
 

@@ -65,11 +65,13 @@ from .topology import (
 __all__ = [
     "DEFAULT_NETWORK",
     "LOOPBACK",
+    "MAX_DEVICES",
     "Cluster",
     "ClusterSpecError",
     "Link",
     "Node",
     "RankDevice",
+    "check_device_count",
     "cluster_from_dict",
     "cluster_to_dict",
     "format_bandwidth",
@@ -82,6 +84,19 @@ __all__ = [
 ]
 
 Profiles = Mapping[str, DeviceProfile] | Iterable[DeviceProfile] | None
+
+MAX_DEVICES = 131_072
+"""The most devices a cluster description may hold (2**17, past the largest GPU clusters
+built): a count beyond it is a typo, refused before a device list is made for it."""
+
+
+def check_device_count(count: int, what: str) -> None:
+    """Raise ValueError if ``count`` devices (``what`` holds them) exceed :data:`MAX_DEVICES`."""
+    if count > MAX_DEVICES:
+        raise ValueError(
+            f"{what} {count:,} devices, more than whale plans for ({MAX_DEVICES:,}); "
+            "check the count (e.g. node0=8xA100-80GB is one node of 8)"
+        )
 
 
 def _datasheet(name: str) -> DeviceProfile | None:
@@ -261,9 +276,16 @@ def _parse_block(
             f"expected a device name after {devices!r}, e.g. {devices or '8x'}A100-80GB",
             at_device,
         )
-    count = int(count_text) if count_text else 1
+    # A count of many digits is refused unread (int() refuses over 4,300 digits on its own).
+    count = 1 if not count_text else int(count_text) if len(count_text) <= 18 else MAX_DEVICES + 1
     if count < 1:
         scan.fail(f"node {name!r} needs at least one device, got {count}", at_devices)
+    if count > MAX_DEVICES:
+        scan.fail(
+            f"node {name!r} asks for {count_text if len(count_text) <= 18 else f'a {len(count_text)}-digit number of'} devices, more than whale plans for "
+            f"({MAX_DEVICES:,}); check the count (e.g. node0=8xA100-80GB is one node of 8)",
+            at_devices,
+        )
     try:
         profile = get_profile(device, profiles)
     except ValueError as error:
@@ -291,6 +313,7 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
         raise TypeError(f"parse_cluster(spec=...) takes a string, got {type(spec).__name__}")
     scan = _Scanner(spec)
     parsed: list[tuple[str, list[tuple[DeviceProfile, int]], dict]] = []
+    total = 0
     while True:
         at, first = scan.word("a node such as 'node0=8xA100-80GB'")
         name = f"node{len(parsed)}"
@@ -315,6 +338,13 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
                 scan.take("+")
             runs += _runs(*reversed(scan.word(f"a run of devices after '+' in node {name!r}, e.g. 1xT4")))
         blocks = [_parse_block(scan, name, run, at_run, profiles) for at_run, run in runs]
+        total += sum(count for _, count in blocks)
+        if total > MAX_DEVICES:
+            scan.fail(
+                f"the nodes up to {name!r} hold {total:,} devices, more than whale plans for "
+                f"({MAX_DEVICES:,}); check the counts",
+                at,
+            )
         options = {}
         if scan.take("("):
             options = scan.options(_NODE_OPTIONS)
@@ -399,6 +429,7 @@ def cluster_from_dict(
     link_keys = {"bandwidth": "net", "latency": "lat"}
     network = _cluster_network(_options(data.get("network", {}), f"{where}: network", link_keys))
     nodes = []
+    total = 0
     for i, entry in enumerate(data["nodes"]):
         at = f"{where}: nodes[{i}]"
         entry = _keys(entry, at, ("name", "device", "count", "devices", "intra_link", "network"))
@@ -407,7 +438,11 @@ def cluster_from_dict(
         options.update(_options(entry.get("intra_link", {}), f"{at}: intra_link", intra_keys))
         try:
             name = entry.get("name", f"node{i}")
-            nodes.append(_node(name, _json_blocks(entry, known), options, network))
+            blocks = _json_blocks(entry, known)
+            # Counts are checked before Node makes a device list of that length.
+            total += sum(c for _, c in blocks if isinstance(c, int) and not isinstance(c, bool))
+            check_device_count(total, "the nodes so far hold")
+            nodes.append(_node(name, blocks, options, network))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{at}: {error}") from None
     return Cluster(nodes=tuple(nodes), network=network)

@@ -18,9 +18,11 @@ from torch import nn
 from ..config import Config
 from ..rewrite.program import DistributedProgram
 from .adaptive import AdaptiveRows, compute_seconds
-from .batch import broadcast_tensors, digits_agree, fingerprint_digits
+from .batch import broadcast_tensors
 from .emulate import Stretch
 from .grad_sync import GradientReducer
+from .guard.batch_check import describe_mismatch, digest_digits, digits_agree
+from .guard.step_state import every_rank
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
 
@@ -146,7 +148,7 @@ class DataParallelProgram(ProgramBase):
 
     # ---- training ----------------------------------------------------------------------------
 
-    def step(self, inputs: Any, target: Any = None, *, batch: str = "global", **kwargs: Any) -> torch.Tensor:
+    def step(self, inputs: Any, target: Any = None, *, batch: str | None = None, **kwargs: Any) -> torch.Tensor:
         """Forward and backward over the micro-batches, gradients synchronized.
 
         Args:
@@ -156,7 +158,7 @@ class DataParallelProgram(ProgramBase):
             target: passed to ``loss_fn(output, target)``; cut like the inputs. None calls
                 ``loss_fn(output)``.
             batch: ``"global"`` (every rank passes the whole batch) or ``"local"`` (each rank
-                passes only its rows, see :meth:`local_slice`).
+                passes only its rows, see :meth:`local_slice`); None takes ``Config.batch``.
             **kwargs: more keyword inputs of the model (``attention_mask=m``), cut like
                 ``inputs``. Inputs that do not fit ``forward`` raise ``TypeError`` on every
                 rank before any communication.
@@ -179,18 +181,21 @@ class DataParallelProgram(ProgramBase):
         # later global-batch steps check after it, on the loss all-reduce they make anyway.
         cut = self._replica_batch(inputs, target, batch, self._device, agree=not self._agreed, kwargs=kwargs)
         timeline: list[tuple[str, float, float]] = []
-        loss = self._forward_backward(cut, start, stretch, timeline)
-        self._agreed = True
-        if self._zero is not None:
-            self._zero.mark_synchronized()
-        if self.rebalancer is not None:
-            self.rebalancer.record(compute_seconds(timeline), cut.rows)
-        if self.config.broadcast_buffers:
-            # Buffers forward updated (counters, statistics) leave every step as the first
-            # replica's, as DDP's broadcast_buffers: full_state_dict() is the same on every rank.
-            self._broadcast_buffers()
-        if self.rebalancer is not None:  # collective every adaptive_every steps
-            self.plan = self.rebalancer.after_step(self.plan, self._device)
+        with self._communicating():
+            loss = self._forward_backward(cut, start, stretch, timeline)
+            self._agreed = True
+            if self._zero is not None:
+                self._zero.mark_synchronized()
+            if self.rebalancer is not None:
+                self.rebalancer.record(compute_seconds(timeline), cut.rows)
+            if self.config.broadcast_buffers:
+                # Buffers forward updated (counters, statistics) leave every step as the first
+                # replica's, as DDP's broadcast_buffers: full_state_dict() is the same everywhere.
+                with self._waiting("the first replica's buffers (a broadcast)", "every data-parallel rank"):
+                    self._broadcast_buffers()
+            if self.rebalancer is not None:  # collective every adaptive_every steps
+                with self._waiting("the replicas' measured times (adaptive rows)", "every data-parallel rank"):
+                    self.plan = self.rebalancer.after_step(self.plan, self._device)
         code, began, _ = timeline.pop()  # the sync, which lasts until the buffers are shared
         self._step_end(start, tuple(timeline), ((code, began, time.perf_counter() - start),))
         return loss
@@ -229,9 +234,9 @@ class DataParallelProgram(ProgramBase):
             record((codes[i][0], began - start, clock() - start))
             if last:
                 # The global loss is summed with the gradients, and with it the batch
-                # fingerprint's digits: every rank passed the same batch iff they agree.
-                digits = torch.tensor(fingerprint_digits(cut.fingerprint), dtype=torch.float64)
-                started = self._start_summary(torch.cat([weighted.reshape(1), digits.to(device)]))
+                # digest's digits (shapes and values): every rank passed the same batch iff they agree.
+                digits = digest_digits(cut.check.world_digest).to(device)
+                started = self._start_summary(torch.cat([weighted.reshape(1), digits]))
             began = clock()
             stretch.begin()
             try:
@@ -241,16 +246,16 @@ class DataParallelProgram(ProgramBase):
                 began = clock()
             finally:
                 if last and self._reducer is not None:
-                    self._reducer.finish()
-        summed = self._finish_summary(started)
+                    with self._waiting("the gradient all-reduce", "every data-parallel rank"):
+                        self._reducer.finish()
+        with self._waiting("the loss all-reduce"):
+            summed = self._finish_summary(started)
         record(("sync", began - start, clock() - start))
         if not digits_agree(summed[1:], dist.get_world_size()):
-            raise ValueError(
-                f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes differ in "
-                "this step; every rank must pass the same global batch (or, with batch='local', "
-                "the rows cut by program.local_slice). Gradients of this step are invalid: do not "
-                "apply them"
-            )
+            raise every_rank(ValueError(
+                "the ranks' inputs differ in this step; its gradients are invalid: do not apply "
+                "them. " + describe_mismatch(cut.check, self.plan.pipelines)
+            ))  # fmt: skip
         # Each rank of a tensor-parallel group holds its replica's loss once.
         return torch.tensor(summed[0] / self.plan.tensor_parallel, dtype=loss.dtype, device=device)
 
@@ -309,7 +314,7 @@ class DataParallelProgram(ProgramBase):
             # Rank 0's weights win, so replicas start equal whatever each rank's seed was.
             broadcast_tensors([t.data for t in self.module.parameters()] + list(self.module.buffers()))
         # The loss rides on the gradient all-reduce where that reaches every rank and its
-        # dtype sums the fingerprint digits exactly (float32 up to ~17,000 ranks).
+        # dtype sums the batch digest's digits exactly (float32 up to ~17,000 ranks).
         params = list(self.module.parameters())
         trainable = [p for p in params if p.requires_grad]
         # (The last bucket, launched last, holds the first parameters.)
@@ -326,7 +331,7 @@ class DataParallelProgram(ProgramBase):
         if plan.dp_degree > 1:
             names = self._stage.param_names
             self._start_zero({id(p): names.get(n, n) for n, p in self.module.named_parameters()})
-            extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
+            extra = 1 + 8 if self._summary_rides else 0  # the loss and the digest's digits
             self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
         self._bound = True
 

@@ -17,6 +17,7 @@ own; this path is for CPU training (gloo).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import os
@@ -27,7 +28,14 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["HostLink", "HostReduce", "HostReduceUnavailable", "host_facts", "shared_memory_free"]
+__all__ = [
+    "HostLink",
+    "HostReduce",
+    "HostReduceUnavailable",
+    "host_facts",
+    "remove_named_segments",
+    "shared_memory_free",
+]
 
 _SHM_DIR = "/dev/shm"
 _names = itertools.count()
@@ -93,27 +101,38 @@ class HostReduce:
         self._link = link
         group = link.group
         self._rank, self._size = link.rank, link.size
+        wanted = [(int(n), str(d)) for n, d in sizes_dtypes]
         mine: list[tuple[str, torch.Tensor]] = []
         try:
-            for numel, dtype in sizes_dtypes:
-                mine.append(_create_segment(numel, dtype))
-            error = None
-        except OSError as err:
-            error = f"rank {dist.get_rank()}: {err}"
-        names: list = [None] * self._size
-        dist.all_gather_object(names, error or [path for path, _ in mine], group=group)
-        failed = [n for n in names if isinstance(n, str)]
-        if failed:
+            try:
+                for numel, dtype in sizes_dtypes:
+                    mine.append(_create_segment(numel, dtype))
+                error = None
+            except OSError as err:
+                error = f"rank {dist.get_rank()}: {err}"
+            names: list = [None] * self._size
+            dist.all_gather_object(names, error or (wanted, [path for path, _ in mine]), group=group)
+            failed = [n for n in names if isinstance(n, str)]
+            if failed:
+                raise HostReduceUnavailable("; ".join(failed))
+            if any(n[0] != wanted for n in names):
+                ranks = dist.get_process_group_ranks(group) if group is not None else range(self._size)
+                raise ValueError(
+                    "the ranks of a shared-memory gradient group made different buckets ("
+                    + "; ".join(f"rank {r}: {len(n[0])} of {sum(c for c, _ in n[0]):,} elements" for r, n in zip(ranks, names))
+                    + "); their Config (bucket_cap_mb, first_bucket_cap_mb, grad_comm_dtype) or "
+                    "models differ: give every rank the same"
+                )
+            self._segments = [
+                [seg if r == self._rank else _map(names[r][1][i], numel, dtype) for r in range(self._size)]
+                for i, ((numel, dtype), (_, seg)) in enumerate(zip(sizes_dtypes, mine))
+            ]
+            dist.barrier(group=group)  # every rank has mapped every segment: the names can go
+        finally:
+            # Whatever happened, this rank's names go now: a mapping outlives its name, and
+            # nothing is left in /dev/shm.
             for path, _ in mine:
-                os.unlink(path)
-            raise HostReduceUnavailable("; ".join(failed))
-        self._segments = [
-            [seg if r == self._rank else _map(names[r][i], numel, dtype) for r in range(self._size)]
-            for i, ((numel, dtype), (_, seg)) in enumerate(zip(sizes_dtypes, mine))
-        ]
-        dist.barrier(group=group)  # every rank has mapped every segment: the names can go
-        for path, _ in mine:
-            os.unlink(path)
+                _unlink(path)
 
     def buffer(self, i: int) -> torch.Tensor:
         """This rank's buffer ``i`` (1-D, in shared memory)."""
@@ -157,15 +176,38 @@ def _create_segment(numel: int, dtype: torch.dtype) -> tuple[str, torch.Tensor]:
     path = os.path.join(_SHM_DIR, f"whale-{os.getpid()}-{next(_names)}")
     nbytes = max(1, numel) * torch.empty((), dtype=dtype).element_size()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    _named.add(path)
     try:
         # Reserve the pages now: a full /dev/shm fails here, not with SIGBUS mid-step.
         os.posix_fallocate(fd, 0, nbytes)
-    except OSError:
-        os.close(fd)
-        os.unlink(path)
+        return path, _map(path, numel, dtype)
+    except BaseException:
+        _unlink(path)
         raise
-    os.close(fd)
-    return path, _map(path, numel, dtype)
+    finally:
+        os.close(fd)
+
+
+# Segments whose names exist: removed at exit too (an exception between creating and the
+# final unlink, a watchdog ending the process), so none outlives its program.
+_named: set[str] = set()
+
+
+def _unlink(path: str) -> None:
+    _named.discard(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_named_segments() -> None:
+    """Unlink every segment this process created and has not unlinked yet (at exit)."""
+    for path in list(_named):
+        _unlink(path)
+
+
+atexit.register(remove_named_segments)
 
 
 def _map(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 
 import torch
@@ -11,8 +12,13 @@ import torch.distributed as dist
 
 from ..ir.emulation import slowdown_from_env
 from .emulate import check_ranks
+from .guard.watchdog import start_watchdog
 
-__all__ = ["WorldInfo", "init", "require_initialized", "world_info"]
+__all__ = ["WorldInfo", "init", "new_group", "require_initialized", "world_info"]
+
+# What wh.init gave the default group: torch's new_group() would take its own default
+# (30 minutes for gloo) instead, so whale's groups take this one.
+_group_timeout: list[datetime.timedelta] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +33,37 @@ class WorldInfo:
     device: torch.device
 
 
-def init(backend: str | None = None, *, timeout_s: float = 600.0) -> WorldInfo:
+def init(
+    backend: str | None = None, *, timeout: float = 300.0, step_timeout: float | None = 120.0,
+    timeout_s: float | None = None,
+) -> WorldInfo:
     """Join the job's default process group (idempotent).
 
     Under ``torchrun`` the rank and world come from its environment; run as a plain script,
     the process forms a world of one, so the same training script works without a launcher.
     The backend defaults to NCCL when CUDA is available, gloo otherwise.
 
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; None picks by the device.
+        timeout: seconds the rendezvous and any one collective or transfer may wait before
+            the process group fails it (an error naming what waited, inside a step).
+        step_timeout: seconds a step may wait on a peer before the watchdog names the rank,
+            the step and the action it waited for, and ends this process (exit code 75) so
+            ``torchrun --max-restarts`` can restart the job; None turns the watchdog off.
+        timeout_s: the former name of ``timeout``.
+
     Example::
 
-        info = wh.init()
+        info = wh.init(timeout=300, step_timeout=60)
         print(info.rank, info.world_size)
     """
+    if timeout_s is not None:
+        timeout = timeout_s
+    for name, value in (("timeout", timeout), ("step_timeout", step_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"wh.init({name}={value!r}) must be a number of seconds > 0")
+    if step_timeout is not None and not math.isfinite(step_timeout):
+        step_timeout = None
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; install a build with it")
     # A bad WHALE_EMULATE_SLOWDOWN fails here, before any process group is made.
@@ -52,15 +77,23 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> WorldInfo:
             raise ValueError(f"wh.init(backend={backend!r}): use 'nccl' (GPUs) or 'gloo' (CPUs)")
         if use_cuda and backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        timeout = datetime.timedelta(seconds=timeout_s)
+        delta = datetime.timedelta(seconds=timeout)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(backend, timeout=delta)
         else:
             # A world of one needs no rendezvous: an in-memory store serves it.
             dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=delta
             )
+        _group_timeout[:] = [delta]
+    start_watchdog(step_timeout if dist.get_world_size() > 1 else None)
     return world_info()
+
+
+def new_group(ranks: list[int]) -> dist.ProcessGroup:
+    """``dist.new_group(ranks)`` with the timeout ``wh.init`` gave the default group (torch's
+    own default otherwise). Collective: every rank calls it, in one order."""
+    return dist.new_group(list(ranks), timeout=_group_timeout[0] if _group_timeout else None)
 
 
 def world_info() -> WorldInfo:

@@ -19,19 +19,21 @@ from ..ir.rows import row_offsets, split_rows
 from ..ir.trace import Timeline, save_chrome_trace
 from ..rewrite.program import DistributedProgram, ProgramStage
 from .batch import (
-    RankAgreement,
     batch_rows,
     broadcast_tensors,
     call_inputs,
     narrow,
-    signature,
     to_device,
 )
 from .emulate import Stretch, from_env_checked, rank_slowdown
 from .grad_sync import GradientReducer
+from .guard.batch_check import BatchAgreement, BatchCheck, labelled
+from .guard.setup_check import check_same_setup
+from .guard.step_state import StepState, every_rank
+from .guard.watchdog import waiting
 from .host_reduce import HostLink, host_facts
 from .measured import measured_timeline, timing_report
-from .process_group import WorldInfo, require_initialized, world_info
+from .process_group import WorldInfo, new_group, require_initialized, world_info
 from .state.clip import clip_grad_norm
 from .zero import ShardedParameters, ShardedReducer, ZeroShards
 
@@ -45,11 +47,11 @@ class ReplicaBatch:
     args: tuple  # positional inputs (a pipeline's: the stage programs' model inputs)
     target: Any
     rows: int
-    agreement: RankAgreement | None  # None: checked afterwards through the fingerprint
+    agreement: BatchAgreement | None  # None: checked afterwards through ``check``'s digest
     mode: str  # "global" or "local"
     total: int | None = None  # the global batch's rows, when known without the check
-    fingerprint: int = 0  # of the batch's shapes and dtypes, < 2**20
     kwargs: dict = dataclasses.field(default_factory=dict)  # keyword inputs, cut like args
+    check: BatchCheck | None = None  # the batch's digests (shapes and values)
 
 
 _KEPT_STEP_TIMES = 1000
@@ -83,9 +85,12 @@ class ProgramBase:
         self._last_extra: tuple = ()  # intervals after the action list ("sync")
         self._slowdowns = from_env_checked()
         self._steps_begun = 0
+        self._step_state = StepState()
 
     def _step_begin(self) -> tuple[float, Stretch]:
-        """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch."""
+        """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch.
+        Refused where an earlier step raised on this rank mid-step (:mod:`.guard.step_state`)."""
+        self._step_state.check(self._steps_begun + 1)
         rank = dist.get_rank() if dist.is_initialized() else 0
         stretch = rank_slowdown(self._slowdowns, rank, self._steps_begun)
         self._steps_begun += 1
@@ -213,18 +218,24 @@ class ProgramBase:
         ``inputs`` and ``kwargs`` are read as :func:`~.batch.call_inputs` reads them; keyword
         tensors are cut along ``Config.batch_dim`` like positional ones, None and other
         non-tensors passed as they are. ``agree=False`` (global batches only) skips the check's
-        collective: the caller then verifies ``fingerprint`` after the step, riding on a
+        collective: the caller then verifies ``check.world_digest`` after the step, riding on a
         collective it makes anyway.
         """
         require_initialized("step()")
+        mode = self.config.batch if mode is None else mode
         if mode not in ("global", "local"):
             raise ValueError(f"step(batch={mode!r}): use 'global' or 'local'")
+        given = kwargs
         args, kwargs = self._model_inputs(inputs, kwargs)
         dim = self.config.batch_dim
         rows = batch_rows((args, kwargs), target, dim)
-        # Fingerprint before cutting: uneven replicas legitimately hold different row counts.
-        sig = signature((args, kwargs), target, dim if mode == "local" else None)
-        agreement = RankAgreement(sig, rows, device) if agree or mode == "local" else None
+        # Digests before cutting: uneven replicas legitimately hold different row counts.
+        check = BatchCheck(
+            # Labelled as the user passed them (a pipeline's stage inputs are flattened).
+            labelled(*call_inputs(inputs, given), target), dim, local=mode == "local",
+            values=self.config.check_batch_values, device=device,
+        )  # fmt: skip
+        agreement = BatchAgreement(check, rows, device, self.plan.pipelines) if agree or mode == "local" else None
         total = rows if mode == "global" else None
         if mode == "global":
             replica = self.plan.replica_of(dist.get_rank())
@@ -237,11 +248,13 @@ class ProgramBase:
             self._check_micro_batches(split, rows, agreement)
             rows = split[replica]
             args, kwargs, target = narrow((args, kwargs, target), dim, row_offsets(split)[replica], rows)
-        return ReplicaBatch(args, target, rows, agreement, mode, total, sig % 2**20, kwargs)
+        return ReplicaBatch(args, target, rows, agreement, mode, total, kwargs, check)
 
     def _join_world(self) -> WorldInfo:
         """This rank's place in the launched world, checked against the plan; sets the device."""
         info = world_info()
+        # The first collective of every program: ranks set up differently fail here, named.
+        check_same_setup(self.config, self.plan, self.program.param_bytes)
         if info.world_size != self.plan.world_size:
             raise ValueError(
                 f"the plan was made for {self.plan.world_size} ranks but the world has "
@@ -264,24 +277,39 @@ class ProgramBase:
         micro = [to_device(narrow(value, dim, at, n), self._device) for at, n in zip(row_offsets(mb_rows), mb_rows)]
         return micro, mb_rows
 
-    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: RankAgreement | None) -> None:
+    def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: BatchAgreement | None) -> None:
         # Every rank judges the whole split, so all of them raise together or none does.
         m = self.plan.num_micro_batch
         if min(split) < m:
             if agreement is not None:
                 agreement.wait()
             replica = split.index(min(split))
-            raise ValueError(
+            raise every_rank(ValueError(
                 f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
                 f"of a batch of {total}; pass a global batch of at least {m * len(split)} rows or "
                 "use fewer micro-batches"
-            )
+            ))  # fmt: skip
+
+    @contextlib.contextmanager
+    def _communicating(self) -> Iterator[None]:
+        """The part of a step after its communication began: an error raised here on this rank
+        alone (not marked :func:`~.guard.step_state.every_rank`) refuses later steps."""
+        try:
+            yield
+        except BaseException as err:
+            self._step_state.failed(self._steps_begun, err)
+            raise
+
+    def _waiting(self, action: str, peers: str = "every rank") -> Any:
+        """A watched wait of this step on ``peers`` (:func:`~.guard.watchdog.waiting`)."""
+        return waiting(dist.get_rank(), self._steps_begun, action, peers)
 
     def _global_rows(self, batch: ReplicaBatch) -> int:
         """Wait for the agreement check; the global batch's rows (checked against the plan)."""
         if batch.agreement is None:
             return batch.total
-        summed = batch.agreement.wait()
+        with self._waiting("the batch check (an all-reduce of every rank's rows and digests)"):
+            summed = batch.agreement.wait()
         world = dist.get_world_size()
         if batch.mode == "global":
             return summed // world
@@ -312,7 +340,7 @@ class ProgramBase:
             return None
         members = [list(m) for m in self.program.data_groups]
         mine = plan.pipelines[plan.replica_of(rank)].index(rank)
-        groups = [dist.new_group(m) for m in members] if width > 1 else [None]
+        groups = [new_group(m) for m in members] if width > 1 else [None]
         if self.program.data_group is not None:  # Config(sync_batch_norm): its BatchNorms' group
             self.program.data_group.bind(dist.group.WORLD if groups[mine] is None else groups[mine])
         # Every rank decides alike, from every rank's facts (its config included), so the
@@ -322,13 +350,13 @@ class ProgramBase:
         if all(wanted and kind == "cpu" and shm for wanted, kind, _, shm in facts) and all(
             len({facts[r][2] for r in m}) == 1 for m in members
         ):
-            self._host = HostLink([dist.new_group(m) for m in members][mine])
+            self._host = HostLink([new_group(m) for m in members][mine])
         return groups[mine]
 
     def _bind_tensor_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
         """Make every tensor-parallel group the program names (collective: all ranks, in one
         order) and bind this rank's to the communication its sharded modules hold."""
-        made = {ranks: dist.new_group(list(ranks)) for ranks in self.program.tensor_groups}
+        made = {ranks: new_group(list(ranks)) for ranks in self.program.tensor_groups}
         if self.program.tensor_group is not None:
             self.program.tensor_group.bind(made[self.program.tensor_group.ranks])
         return made

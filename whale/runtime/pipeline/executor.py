@@ -70,7 +70,8 @@ class StepExecutor:
                         if later not in incoming and self._can_post(later, st.keys):
                             incoming[later] = self._post(later, st.keys)
                 if op.needs is not None:
-                    got = incoming.pop(op.needs).wait()
+                    with self._waiting(_what(op.needs), f"rank {self._peer_of(op.needs)}"):
+                        got = incoming.pop(op.needs).wait()
                 began = clock()  # waiting for data is idle time, not compute
                 stretch.begin()
                 if op.kind is ActionKind.FORWARD:
@@ -95,8 +96,9 @@ class StepExecutor:
         if st.loss_work is None:  # a rank with neither a transfer nor the last stage
             self._global_rows(cut)
             st.loss_work = dist.all_reduce(st.loss_sum, async_op=True)
-        for work, _ in st.sends:
-            work.wait()
+        with self._waiting("its sends to be received", "the next and previous stages' ranks"):
+            for work, _ in st.sends:
+                work.wait()
         return st.loss_sum, st.loss_work, tuple(timeline)
 
     def _backward_action(self, op: _Op, st: _StepState, got: list[torch.Tensor] | None) -> None:
@@ -115,7 +117,9 @@ class StepExecutor:
         elif kind is ActionKind.SEND_GRAD:
             st.sends += self._transfers.send_grads(st.outputs.pop(("in_grads", s, i)), op.peer, s - 1, i)
         elif op.action not in st.incoming:
-            st.incoming[op.action] = self._post(op.action, st.keys)
+            # The first receive over a boundary waits for its header.
+            with self._waiting(_what(op.action) + " (its header)", f"rank {op.peer}"):
+                st.incoming[op.action] = self._post(op.action, st.keys)
 
     def _forward(self, s: int, i: int, st: _StepState, got: list[torch.Tensor] | None) -> None:
         last = self.plan.num_stages - 1
@@ -154,12 +158,22 @@ class StepExecutor:
         boundary = receive.stage - 1 if receive.kind is ActionKind.RECV_ACT else receive.stage
         return self._transfers.knows(boundary, keys[receive.micro_batch])
 
+    def _peer_of(self, receive: Action) -> int:
+        return self._peer(receive.stage - 1 if receive.kind is ActionKind.RECV_ACT else receive.stage + 1)
+
     def _post(self, receive: Action, keys: list[tuple]) -> Incoming:
         s, i = receive.stage, receive.micro_batch
         if receive.kind is ActionKind.RECV_ACT:
             count = len(self.stages[s].received)
             return self._transfers.recv_activations(self._peer(s - 1), s - 1, i, keys[i], count)
         return self._transfers.recv_grads(self._peer(s + 1), s, i, keys[i])
+
+
+def _what(receive: Action) -> str:
+    """A receive as the watchdog names it."""
+    if receive.kind is ActionKind.RECV_ACT:
+        return f"the activations into stage {receive.stage}, micro-batch {receive.micro_batch} (action {receive})"
+    return f"the gradients into stage {receive.stage}, micro-batch {receive.micro_batch} (action {receive})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

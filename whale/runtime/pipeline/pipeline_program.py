@@ -20,9 +20,10 @@ from ...config import Config
 from ...ir.schedule import Action, ActionKind
 from ...rewrite.program import DistributedProgram
 from ..batch import batch_rows, call_inputs
+from ..emulate import Stretch
 from ..p2p import Incoming, shape_key
 from ..process_group import require_initialized
-from ..program_base import ProgramBase
+from ..program_base import ProgramBase, ReplicaBatch
 from .executor import StepExecutor
 from .stage_setup import StageSetup
 
@@ -189,7 +190,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             for s in sorted(self._local):
                 names = self.stages[s].state_names
 
-                def entry(key: str) -> torch.Tensor:
+                def entry(key: str, names: Mapping = names) -> torch.Tensor:
                     # As the local model's load_state_dict: the last name of a tied weight wins.
                     return state_dict[names.get(key, (key,))[-1]]
 
@@ -305,7 +306,7 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         args, kwargs = call_inputs(inputs, kwargs)
         return self.program.call.stage_inputs(args, kwargs), {}
 
-    def step(self, inputs: Any, target: Any = None, *, batch: str = "global", **kwargs: Any) -> torch.Tensor:
+    def step(self, inputs: Any, target: Any = None, *, batch: str | None = None, **kwargs: Any) -> torch.Tensor:
         """Run the schedule over the micro-batches; gradients synchronized. Inputs as in
         :meth:`DataParallelProgram.step <whale.runtime.data_parallel.DataParallelProgram.step>`:
         a tensor, a tuple, a dict of keyword inputs, and more keyword inputs in ``kwargs``."""
@@ -316,6 +317,10 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             self._zero.sync()  # the optimizer's updated shards into the full parameters
         start, stretch = self._step_begin()
         cut = self._replica_batch(inputs, target, batch, self._device, kwargs=kwargs)
+        with self._communicating():
+            return self._step_after_check(cut, start, stretch)
+
+    def _step_after_check(self, cut: ReplicaBatch, start: float, stretch: Stretch) -> torch.Tensor:
         # A global batch's rows are known here; the check that every rank passed the same one
         # then runs behind the first compute and is waited before the first transfer.
         total = cut.total if cut.total is not None else self._global_rows(cut)
@@ -325,14 +330,16 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
             reducer.pace = stretch.catch_up
         loss_sum, loss_work, timeline = self._run(micro, weights, cut, start, stretch)
         synced = time.perf_counter()
-        for reducer in self._reducers.values():
-            reducer.finish()
-        if self._zero is not None:
-            self._zero.mark_synchronized()
-        for param, group in self._tied:
-            dist.all_reduce(param.grad, group=group)
-        self._share_updated_buffers()
-        loss_work.wait()
+        with self._waiting("the gradient all-reduces, tied weights' and buffers", "the data-parallel ranks"):
+            for reducer in self._reducers.values():
+                reducer.finish()
+            if self._zero is not None:
+                self._zero.mark_synchronized()
+            for param, group in self._tied:
+                dist.all_reduce(param.grad, group=group)
+            self._share_updated_buffers()
+        with self._waiting("the loss all-reduce"):
+            loss_work.wait()
         extra = (("sync", synced - start, time.perf_counter() - start),) if self._reducers or self._tied else ()
         self._step_end(start, timeline, extra)
         # Every rank of the last stage's tensor-parallel group holds the loss once.

@@ -10,7 +10,7 @@ from ...ir.schedule import ActionKind
 from ..batch import broadcast_tensors
 from ..grad_sync import GradientReducer
 from ..p2p import Transfers
-from ..process_group import require_initialized
+from ..process_group import new_group, require_initialized
 from ..program_base import materialize, shard_from_source
 
 __all__ = ["StageSetup"]
@@ -92,7 +92,7 @@ class StageSetup:
         self._tied = []
         for tied in self.program.tied:
             for ranks in tied.groups:
-                group = dist.new_group(list(ranks))
+                group = new_group(list(ranks))
                 if tied.name in self._params and info.rank in ranks:
                     self._tied.append((self._params[tied.name], group))
         tied_names = {t.name for t in self.program.tied}
