@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from tests.equivalence import assert_equivalent
 from tests.world import CaseError
-from whale.runtime.batch import digits_agree, fingerprint_digits
+from whale.runtime.guard.batch_check import digest_digits, digits_agree
 from whale.runtime.host_reduce import shared_memory_free
 
 CASES = "tests.dp_cases"
@@ -86,10 +86,10 @@ def test_gradients_meet_in_shared_memory_on_one_host(world2):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 2**20 - 1), min_size=1, max_size=64), st.booleans())
-def test_fingerprint_digits_sum_exactly_in_float32(fingerprints, same):
+def test_digest_digits_sum_exactly_in_float32(fingerprints, same):
     if same:
         fingerprints = [fingerprints[0]] * len(fingerprints)
-    rows = torch.tensor([fingerprint_digits(f) for f in fingerprints], dtype=torch.float32)
+    rows = torch.stack([digest_digits(torch.tensor(f)) for f in fingerprints]).float()
     summed = rows.sum(0).tolist()
     assert digits_agree(summed, len(fingerprints)) == (len(set(fingerprints)) == 1)
 

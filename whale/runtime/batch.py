@@ -1,8 +1,7 @@
-"""Cutting batches into replicas' rows and micro-batches, and checking ranks agree on them."""
+"""Cutting batches into replicas' rows and micro-batches, and moving them between ranks and devices."""
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,62 +11,12 @@ import torch.distributed as dist
 from . import comm_ops
 
 __all__ = [
-    "RankAgreement",
     "batch_rows",
     "broadcast_tensors",
     "call_inputs",
-    "digits_agree",
-    "fingerprint_digits",
     "narrow",
-    "signature",
     "to_device",
 ]
-
-
-class RankAgreement:
-    """Checks, without blocking, that all ranks passed matching batches; sums their rows.
-
-    One small asynchronous all-reduce carries the rows and a shape fingerprint f with f**2:
-    all ranks agree exactly when world * sum(f**2) == sum(f)**2 (equality in Cauchy-Schwarz).
-    Started before forward and waited before the first backward, its latency hides behind
-    compute; a mismatch still stops every rank before any gradient is exchanged.
-    """
-
-    def __init__(self, sig: int, my_rows: int, device: torch.device) -> None:
-        f = sig % 2**20
-        self._summed = torch.tensor([my_rows, f, f * f], dtype=torch.int64, device=device)
-        self._work = dist.all_reduce(self._summed, async_op=True)
-        self._total: int | None = None
-
-    def wait(self) -> int:
-        """The rows summed over all ranks; raises ValueError if the ranks' batches differ."""
-        if self._total is None:
-            self._work.wait()
-            rows, f_sum, f2_sum = (int(v) for v in self._summed.tolist())
-            if dist.get_world_size() * f2_sum != f_sum**2:
-                raise ValueError(
-                    f"rank {dist.get_rank()}: the ranks passed inputs whose shapes or dtypes "
-                    "differ; every rank must pass the same global batch (or, with "
-                    "batch='local', the rows cut by program.local_slice)"
-                )
-            self._total = rows
-        return self._total
-
-
-def fingerprint_digits(fingerprint: int) -> list[float]:
-    """A 20-bit fingerprint as four 5-bit digits and their squares, ``[d0, d0**2, d1, ...]``.
-
-    Summed over ranks they stay exact even in float32 (up to ~17,000 ranks), so they can ride
-    on a gradient bucket; all ranks had the same fingerprint iff :func:`digits_agree`.
-    """
-    digits = [(fingerprint >> (5 * k)) & 31 for k in range(4)]
-    return [float(v) for d in digits for v in (d, d * d)]
-
-
-def digits_agree(summed: list[float], world: int) -> bool:
-    """Whether summed :func:`fingerprint_digits` come from one fingerprint on every rank
-    (equality in Cauchy-Schwarz: world * sum(d**2) == sum(d)**2 exactly when all d are equal)."""
-    return all(world * round(summed[2 * k + 1]) == round(summed[2 * k]) ** 2 for k in range(4))
 
 
 def call_inputs(inputs: Any, kwargs: Mapping[str, Any] | None = None) -> tuple[tuple, dict]:
@@ -138,20 +87,6 @@ def to_device(value: Any, device: torch.device) -> Any:
     if device.type == "cpu":
         return value
     return _map_tensors(value, lambda t: t.to(device, non_blocking=True))
-
-
-def signature(args: tuple, target: Any, rows_dim: int | None) -> int:
-    """A stable fingerprint of shapes and dtypes; ``rows_dim`` (if given) is left out."""
-    parts = []
-    for t in _flatten((args, target)):
-        if isinstance(t, torch.Tensor):
-            shape = list(t.shape)
-            if rows_dim is not None and shape:
-                shape[rows_dim] = -1
-            parts.append(f"{t.dtype}{shape}")
-        else:
-            parts.append(type(t).__name__)
-    return zlib.crc32(";".join(parts).encode())
 
 
 def broadcast_tensors(
