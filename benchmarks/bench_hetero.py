@@ -7,8 +7,8 @@ which sees the emulated speed as a real one), the ranks exchange the profiles, a
 :func:`planned_config` asks whale's planner for the split of that measured cluster. Then, in
 alternating steps (planned, even, planned, ...):
 
-* ``dp``: data parallel, rows in proportion to the measured speeds (the planner's
-  ``rows_by_speed``) against even rows. The ideal bound is ``(s + 1) / 2`` for a device ``s``
+* ``dp``: data parallel, ``Config(cluster="auto")`` (rows in proportion to the speeds the
+  ranks measure when the program is made) against even rows. The ideal bound is ``(s + 1) / 2`` for a device ``s``
   times slower (1.5x for s = 2): the even split waits ``s / 2`` for the slow rank's half, the
   planned one ``s / (s + 1)`` for its share.
 * ``pp``: a 2-stage pipeline (1F1B, ``--micro-batches``) cut where whale's search, pinned to 2
@@ -54,7 +54,6 @@ from whale.ir.devices import DeviceProfile
 from whale.ir.emulation import ENV_VAR
 from whale.planner.measure import measure_device
 from whale.planner.search.auto import auto_plan
-from whale.planner.search.balance import rows_by_speed
 from whale.planner.search.pins import Pins
 
 _WITHIN = 1.10  # "balanced": within 10% of the balanced step time
@@ -73,11 +72,10 @@ def measured_cluster() -> tuple[Cluster, list[DeviceProfile]]:
 
 def planned_config(kind: str, model, example, cluster: Cluster, profiles, args) -> wh.Config:
     """The split whale plans for the measured cluster: ``kind`` ``"dp"`` gives rows in proportion
-    to the measured speeds, ``"pp"`` the cut of whale's search pinned to 2 stages on the 2 ranks.
-    (Once ``Config(cluster="auto")`` exists, this becomes that Config.)"""
-    if kind == "dp":
-        rows = rows_by_speed(args.batch, [p.peak("fp32") for p in profiles])
-        return wh.Config(row_weights=rows)
+    to the measured speeds (``Config(cluster="auto")``: the ranks measure themselves when the
+    program is made), ``"pp"`` the cut of whale's search pinned to 2 stages on the 2 ranks."""
+    if kind == "dp":  # the ranks measure themselves again at parallelize and plan the rows
+        return wh.Config(cluster="auto", quiet=True)
     captured = capture(model, (example,))
     config = wh.Config(auto_parallel=True, cluster=cluster, pipeline_degree=2, num_micro_batch=args.micro_batches)
     pins = Pins(num_stages=2, schedule="1f1b")
@@ -138,13 +136,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     finally:
         del os.environ[ENV_VAR]
     out: dict = {"load": [os.getloadavg()], "speeds": [p.peak("fp32") for p in profiles]}
-    dp_planned = planned_config("dp", None, example, cluster, profiles, args)
-    out["rows"] = tuple(int(w) for w in dp_planned.row_weights)
+    planned_dp = _program(dp_cfg, example, planned_config("dp", None, example, cluster, profiles, args), slow)
+    out["rows"] = tuple(planned_dp[0].plan.rows(args.batch))
+    dp_planned = wh.Config(row_weights=out["rows"])  # the same rows, for the adaptive part's reference
     if "dp" in parts:
-        programs = {
-            "planned": _program(dp_cfg, example, dp_planned, slow),
-            "even": _program(dp_cfg, example, wh.Config(), slow),
-        }
+        programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow)}
         out["dp"] = _rounds(programs, batches, args)
         out["load"].append(os.getloadavg())
     if "pp" in parts:
