@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
+from .class_probe import block_shape, class_factors
 
 __all__ = ["LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
 
@@ -165,13 +166,16 @@ def _op_overhead(device, sync, repeat: int, clock) -> float:
     return _timed(chain, sync, repeat, clock) / (3 * 4 * blocks)
 
 
-def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str, tuple[float, float]]:
+def _optimizer_steps(device, sync, quick: bool, repeat: int, clock, cuda: bool) -> dict[str, tuple[float, float]]:
     """Per optimizer: seconds per parameter tensor and per parameter of one ``torch.optim`` step
-    on fp32 parameters (defaults: what a user gets), from one large tensor and many small ones."""
+    on fp32 parameters (defaults: what a user gets, e.g. AdamW's foreach kernels on CUDA and its
+    per-tensor loop on a CPU), fitted over three sets of tensors: one large tensor, a few
+    medium ones and many small ones, sized like a model's on the device (a CPU model's states
+    mostly stay in the caches, a GPU model's are streamed from memory)."""
     import torch
 
-    big = 1 << (22 if quick else 24)
-    count, small = (64, 256) if quick else (256, 256)
+    big = 1 << ((22 if quick else 24) if cuda else (20 if quick else 21))
+    sets = ((1, big), (8, big // 8), (64 if quick else 256, 1 << 12))
     makers = {
         "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
@@ -179,20 +183,58 @@ def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str,
     }
     out = {}
     for name, make in makers.items():
-        times = []
-        for tensors, numel in ((1, big), (count, small)):
+        samples = []
+        for tensors, numel in sets:
             params = [torch.nn.Parameter(torch.zeros(numel, device=device)) for _ in range(tensors)]
             for p in params:
                 p.grad = torch.full_like(p, 1e-3)
             opt = make(params)
-            times.append(_timed(opt.step, sync, repeat, clock))
+            samples.append((tensors, tensors * numel, _timed(opt.step, sync, repeat, clock)))
             del opt, params
-        # t = a * tensors + b * params through (1, big) and (count, count * small).
-        (t1, t2), n1, n2 = times, big, count * small
-        per_param = max(0.0, (t1 - t2 / count) / (n1 - n2 / count))
-        per_tensor = max(0.0, (t2 - per_param * n2) / count)
-        out[name] = (per_tensor, per_param)
+        out[name] = _fit_per_tensor_and_param(samples)
     return out
+
+
+def _fit_per_tensor_and_param(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
+    """Least squares ``t = a * tensors + b * params`` (no intercept), with ``a, b >= 0``.
+
+    Example::
+
+        >>> a, b = _fit_per_tensor_and_param([(1, 1000, 2e-5 + 1e-6), (10, 1000, 2e-4 + 1e-6)])
+        >>> round(a * 1e6, 6), round(b * 1e9, 6)   # 20 us per tensor, 1 ns per parameter
+        (20.0, 1.0)
+    """
+    import numpy as np
+
+    rows = np.array([[k, n] for k, n, _ in samples], dtype=float)
+    times = np.array([t for _, _, t in samples], dtype=float)
+    scale = rows.max(axis=0)  # tensors and parameters differ by orders of magnitude
+    coef, *_ = np.linalg.lstsq(rows / scale, times, rcond=None)
+    a, b = coef / scale
+    if a < 0 or b < 0:  # noise: keep the one term the samples support
+        a, b = (0.0, max(0.0, float(times @ rows[:, 1] / (rows[:, 1] @ rows[:, 1])))) if a < 0 else \
+            (max(0.0, float(times @ rows[:, 0] / (rows[:, 0] @ rows[:, 0]))), 0.0)  # fmt: skip
+    return float(a), float(b)
+
+
+def _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, bandwidth) -> dict[str, tuple[float, float]]:
+    """The operation classes of a transformer block against the base the cost model computes
+    from the rates, curve and bandwidth just measured (:func:`.class_probe.class_factors`)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    name = "bf16" if cuda and "bf16" in rates else "fp32"
+    dtype = getattr(torch, _TORCH_DTYPES[name])
+    sizes, shares = np.log([x for x, _ in curve]), np.array([e for _, e in curve])
+
+    def base(flops: float, moved: float) -> float:
+        share = float(np.interp(math.log(max(flops, 1.0)), sizes, shares))
+        return max(flops / (rates[name] * share), moved / bandwidth)
+
+    return class_factors(device, sync, clock, shape=block_shape(cuda, quick), dtype=dtype,
+                         repeat=max(5, repeat), overhead=overhead, base=base)  # fmt: skip
 
 
 def slowed(profile: DeviceProfile, factor: float, name: str | None = None) -> DeviceProfile:
@@ -294,7 +336,8 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         cache = int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
     numel = _copy_bytes(cuda, quick, cache) // 4
     bandwidth = _bandwidth(numel, device, sync, 3 if quick else 5, clock)
-    steps = _optimizer_steps(device, sync, quick, repeat, clock)
+    steps = _optimizer_steps(device, sync, quick, repeat, clock, cuda)
+    classes = _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, bandwidth)
     if not shared:
         share = 1.0
     elif share is None:
@@ -328,6 +371,7 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         efficiency=curve,
         op_overhead=overhead,
         optimizer_step=steps,
+        op_classes=classes,
     )
     return emulated(measured)
 

@@ -43,6 +43,7 @@ from ..schedules.flow_shop import (
 )
 from ..schedules.generate import make_schedule
 from ..schedules.simulator import sim_timeline, simulate
+from .candidate import Candidate, Prediction, RankLayout, ReplicaCost
 from .formulas import (
     BACKWARD_FLOPS_FACTOR,
     efficiency_at,
@@ -89,81 +90,6 @@ class CostOptions:
             raise ValueError(f"CostOptions(memory_fraction={self.memory_fraction!r}) must be in (0, 1]")
         if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ValueError(f"CostOptions(efficiency={self.efficiency!r}) must be in (0, 1]")
-
-
-@dataclasses.dataclass(frozen=True)
-class RankLayout:
-    """Which ranks form each tensor-parallel group, replica and pipeline position.
-
-    ``pipelines[d][p]`` is the tensor-parallel group (its ranks) at position ``p`` of replica
-    ``d``; with ``tensor_parallel == 1`` every group is one rank.
-    """
-
-    tensor_parallel: int
-    pipelines: tuple[tuple[tuple[int, ...], ...], ...]
-
-    @property
-    def dp_degree(self) -> int:
-        return len(self.pipelines)
-
-    @property
-    def pipeline_degree(self) -> int:
-        return len(self.pipelines[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """Every choice of a plan: layout, stages, cuts (first layer of stages 1..), schedule, rows."""
-
-    layout: RankLayout
-    num_stages: int
-    schedule: str
-    num_micro_batch: int
-    cuts: tuple[int, ...]
-    rows: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaCost:
-    """One replica with ``rows`` rows: its time and, per position, busy time and bytes needed."""
-
-    time: float
-    busy: tuple[float, ...]
-    memory: tuple[tuple[int, ...], ...]  # per position, per member of its tensor-parallel group
-    stage_times: tuple[float, ...]  # forward + backward of one micro-batch per stage
-    row_limit: float  # most rows whose micro-batches fit in every member's memory
-
-    @property
-    def fits(self) -> bool:
-        return math.isfinite(self.time)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What a candidate costs: step time, and per rank its busy time, memory and capacity."""
-
-    step_time: float
-    replica_times: tuple[float, ...]
-    rank_busy: tuple[float, ...]
-    rank_memory: tuple[int, ...]
-    rank_capacity: tuple[int, ...]
-    stage_times: tuple[tuple[float, ...], ...]  # per replica, per stage (f + b of a micro-batch)
-    sync_time: tuple[float, ...]  # gradient all-reduce per position
-    optimizer_time: tuple[float, ...] = ()  # optimizer step per position (slowest replica's)
-
-    @property
-    def fits(self) -> bool:
-        return all(m <= c for m, c in zip(self.rank_memory, self.rank_capacity))
-
-    @property
-    def shortfall(self) -> tuple[int, int]:
-        """``(bytes missing, rank)`` on the rank that overflows most (<= 0 bytes: it fits)."""
-        return max((m - c, r) for r, (m, c) in enumerate(zip(self.rank_memory, self.rank_capacity)))
-
-    @property
-    def bubble(self) -> float:
-        busy = sum(self.rank_busy)
-        return 1 - busy / (len(self.rank_busy) * self.step_time) if self.step_time > 0 else 0.0
 
 
 def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
@@ -225,6 +151,11 @@ class CostModel:
         # Operations per node: one where a kernel runs; views and getitems dispatch (and record
         # autograd) but run none, about half an op in eager PyTorch (torch.profiler, small GPT).
         self._is_op = np.where((self._flops > 0) | (self._row > 0) | (self._fixed > 0), 1.0, 0.5)
+        # Node classes (ir.profile_fields.OP_CLASSES): FLOPs on parameters (linear), FLOPs on
+        # activations (attention), data moved without FLOPs (elementwise), nothing moved (view).
+        has_flops = self._flops > 0
+        self._class = np.select([has_flops & (self._fixed > 0), has_flops, self._is_op == 1], [0, 1, 2], default=3)
+        self._class_weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._times: dict = {}
         self._optimizer: dict = {}
         # Memos keyed by ranks and layer indices (cheap keys for the search's many calls).
@@ -278,14 +209,24 @@ class CostModel:
             scale = np.where(self._sharded, share, 1.0)
             flops = rows * self._flops * scale
             eff = self.options.efficiency or efficiency_at(device, flops)
+            factor, ops = self._weights(device)
             node = np.maximum(
                 flops / (dtype_peak(device, self.options) * eff),
                 (rows * self._row + self._fixed) * scale / device.memory_bandwidth,
-            ) + device.overhead() * self._is_op
+            ) * factor + device.overhead() * ops
             per_layer = np.bincount(self._owner, weights=node, minlength=self.num_layers)
             cached = np.concatenate([[0.0], np.cumsum(per_layer)])
             self._times[key] = cached
         return cached
+
+    def _weights(self, device: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
+        """Per node: its class's time factor on ``device`` and its operations (a view: half one,
+        times the view class's factor)."""
+        if device.name not in self._class_weights:
+            factors = np.array(device.class_factors())
+            ops = self._is_op * np.where(self._class == 3, factors[3], 1.0)
+            self._class_weights[device.name] = (factors[self._class], ops)
+        return self._class_weights[device.name]
 
     def block_param_bytes(self, start: int, stop: int) -> float:
         """Captured bytes of the parameters layers ``start..stop-1`` read (tied ones once)."""
