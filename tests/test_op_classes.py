@@ -12,7 +12,7 @@ from whale.ir.cluster_spec import parse_cluster
 from whale.ir.devices import OP_CLASSES, DeviceProfile, load_profiles, save_profiles
 from whale.planner.class_probe import _steps, block_shape, class_factors
 from whale.planner.cost.layers import Layer, ModelProfile
-from whale.planner.cost.predict import CostModel, CostOptions
+from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
 from whale.planner.measure import _fit_per_tensor_and_param, slowed
 
 _BASE = {
@@ -107,3 +107,32 @@ def test_the_optimizer_fit_recovers_per_tensor_and_per_parameter_costs() -> None
     a, b = _fit_per_tensor_and_param(samples)
     assert a == pytest.approx(2e-5) and b == pytest.approx(1e-9)
     assert _fit_per_tensor_and_param([(1, 100, 0.0), (2, 200, 0.0)]) == (0.0, 0.0)
+
+
+def test_the_last_gradient_bucket_is_not_hidden_by_the_backward() -> None:
+    # Two replicas of a 30 MiB model over a 1 GB/s link: buckets of 1 MiB (first), then 25 MiB,
+    # leave 4 MiB for the last, which holds the first layer's gradients and starts only when the
+    # backward ends; the rest overlaps it. Its ring all-reduce is what the sync adds.
+    mib = 2**20
+    layers = [Layer.simple(f"l{k}", flops=1e12, param_bytes=size, act_bytes=1e3)
+              for k, size in enumerate((4 * mib, 25 * mib, 1 * mib))]  # fmt: skip
+    profile = ModelProfile.from_layers(layers)
+    cluster = parse_cluster("2xA100-80GB(intra=1GB/s,intra_lat=10us)")
+    costs = CostModel(profile, cluster, CostOptions())
+    layout = RankLayout(1, (((0,),), ((1,),)))
+    sync = costs.sync_time(layout, 1, ())
+    assert sync[0] == pytest.approx(2 * 10e-6 + 30 * mib / 1e9, rel=1e-12)
+    assert sync.tail[0] == pytest.approx(2 * 10e-6 + 4 * mib / 1e9, rel=1e-12)
+    candidate = Candidate(layout, 1, "1f1b", 1, (), (8, 8))
+    prediction = costs.predict(candidate)
+    forward = float(costs.layer_times(cluster.devices()[0].profile, 8).sum())
+    compute = 3 * forward  # the backward (2x) is far longer than the whole all-reduce
+    assert 2 * forward > sync[0]
+    expected = compute + sync.tail[0] + prediction.optimizer_time[0]
+    assert prediction.step_time == pytest.approx(expected, rel=1e-9)
+    assert costs.timeline(candidate).step_time == pytest.approx(prediction.step_time, rel=1e-12)
+    # One replica: nothing to synchronise.
+    alone = costs.sync_time(RankLayout(1, (((0,),),)), 1, ())
+    assert tuple(alone) == (0.0,) and alone.tail == (0.0,)
+    with pytest.raises(ValueError, match="bucket_bytes=0"):
+        CostOptions(bucket_bytes=0)

@@ -3,7 +3,9 @@
 On every rank: the dense matrix-multiply rate per dtype (``32 n^3`` FLOPs per ``4n x n`` by
 ``n x 4n`` product, a transformer's linear layer) over a range of sizes, which gives the efficiency curve by operation size; the cost of one graph
 operation (dispatch, launch); the memory bandwidth (a copy of a buffer several times the
-last-level cache reads and writes every byte); one optimizer step per tensor and per parameter. Under ``torchrun`` with more
+last-level cache reads and writes every byte); one optimizer step per tensor and per parameter;
+how each class of graph node (linear, attention, elementwise, view) runs in a transformer block
+against that base (:mod:`.class_probe`). Under ``torchrun`` with more
 than one rank, also the all-reduce and point-to-point links: times over a range of message
 sizes are fitted to the alpha-beta model the cost model uses (``t = a + b n``; a ring
 all-reduce over ``p`` ranks is ``a = 2 (p - 1) alpha``, ``b = 2 (p - 1) / (p bandwidth)``,
@@ -35,7 +37,10 @@ from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
 from .class_probe import block_shape, class_factors
 
-__all__ = ["LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
+__all__ = [
+    "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here",
+    "run_queue_clock", "run_queue_share", "slowed",
+]  # fmt: skip
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -74,10 +79,15 @@ def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _timed(
-    fn: Callable[[], object], sync: Callable[[], None], repeat: int, clock: Callable[[], float] = time.perf_counter
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    repeat: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
-    thread's CPU time where other processes share the cores; see :func:`measure_device`)."""
+    """Time of ``repeat`` runs after one warm-up, by ``clock``: the median in wall time; in this
+    thread's CPU time (where other processes share the cores, see :func:`measure_device`) the
+    least, since other jobs only add to it (a busy sibling hyperthread, evicted caches) and the
+    profile states the core's own rates."""
     fn()
     sync()
     times = []
@@ -86,7 +96,7 @@ def _timed(
         fn()
         sync()
         times.append(clock() - start)
-    return statistics.median(times)
+    return min(times) if clock is time.thread_time else statistics.median(times)
 
 
 def _cache_bytes() -> int:
@@ -234,7 +244,7 @@ def _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, b
         return max(flops / (rates[name] * share), moved / bandwidth)
 
     return class_factors(device, sync, clock, shape=block_shape(cuda, quick), dtype=dtype,
-                         repeat=max(5, repeat), overhead=overhead, base=base)  # fmt: skip
+                         repeat=max(15, 2 * repeat), overhead=overhead, base=base)  # fmt: skip
 
 
 def slowed(profile: DeviceProfile, factor: float, name: str | None = None) -> DeviceProfile:
@@ -279,6 +289,36 @@ def cpu_share(seconds: float = 1.0) -> float:
     return min(1.0, max(0.05, (time.process_time() - cpu0) / (time.perf_counter() - wall0)))
 
 
+def run_queue_clock() -> tuple[float, float] | None:
+    """``(seconds on a CPU, seconds waiting for one)`` of this thread so far, from the kernel's
+    scheduler statistics (``/proc/thread-self/schedstat``); None where the system has none.
+
+    Over an interval, ``on / (on + waiting)`` is the share of a core the thread got while it
+    could run: unlike CPU time over wall time, it does not count the time the thread slept or
+    waited for a message (a pipeline's bubble), only the time other jobs held the core.
+
+    Example::
+
+        before = run_queue_clock()
+        train_some_steps()
+        share = run_queue_share(before, run_queue_clock())
+    """
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as file:
+            on, waiting, _ = file.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(on) / 1e9, int(waiting) / 1e9
+
+
+def run_queue_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The share of a core between two :func:`run_queue_clock` readings (None if either is)."""
+    if before is None or after is None:
+        return None
+    on, waiting = after[0] - before[0], after[1] - before[1]
+    return min(1.0, max(0.05, on / (on + waiting))) if on > 0 else None
+
+
 def measure_device(*, quick: bool = False, device: str | None = None, share: float | None = None) -> DeviceProfile:
     """Measure this process's device into a profile.
 
@@ -286,7 +326,9 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
       compute dtype, the efficiency curve: each size's rate over the best;
     * the cost of one operation (forward and backward of tiny tensors, per forward op);
     * memory bandwidth: a copy of a buffer several times the last-level cache;
-    * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter.
+    * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter;
+    * per class of graph node, its time in a transformer block, forward and backward, over the
+      base the cost model computes from the above (:func:`.class_probe.class_factors`).
 
     The run uses this process's torch threads: measure under the same settings (``torchrun``
     ranks on one host share its cores) as the training job.
@@ -416,12 +458,13 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sizes = [1 << k for k in (range(10, 21, 2) if quick else range(10, 27, 2))]
+    repeat = 3 if quick else 8
     reduce_samples, p2p_samples = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, device=device)
 
-        reduce_samples.append((size, _timed(_then_barrier(lambda buf=buf: dist.all_reduce(buf)), sync, 3 if quick else 8)))
-        p2p_samples.append((size, _timed(_then_barrier(lambda buf=buf: _ping_pong(buf, rank)), sync, 3 if quick else 8) / 2))
+        reduce_samples.append((size, _timed(_then_barrier(lambda buf=buf: dist.all_reduce(buf)), sync, repeat)))
+        p2p_samples.append((size, _timed(_then_barrier(lambda buf=buf: _ping_pong(buf, rank)), sync, repeat) / 2))
     a, b = fit_alpha_beta(reduce_samples)
     ring = LinkFit(a / (2 * (p - 1)), 2 * (p - 1) / (p * b), tuple(reduce_samples))
     a, b = fit_alpha_beta(p2p_samples)
