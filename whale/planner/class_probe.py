@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import time
 from collections.abc import Callable
 
 from ..ir.profile_fields import OP_CLASSES
@@ -141,14 +140,13 @@ def class_factors(
     x = torch.randn(b, t, w, device=device, dtype=dtype, requires_grad=True)
     _run(steps, x, sync, clock)  # warm-up
     runs = [_run(steps, x, sync, clock) for _ in range(repeat)]
-    # As measure._timed: the least in thread CPU time (other jobs only add to it), else the median.
-    pick = min if clock is time.thread_time else statistics.median
     out = {}
     for kind in OP_CLASSES:
         members = [s for _, s in steps if s[0] == kind]
         weight = len(members) * (0.5 if kind == "view" else 1.0)  # ops; a view is half an op
         roof = sum(base(flops, moved) for _, flops, moved, _ in members)
-        fwd, bwd = pick(f[kind] for f, _ in runs), pick(g[kind] for _, g in runs)
+        fwd = statistics.median(f[kind] for f, _ in runs)  # as measure._timed
+        bwd = statistics.median(g[kind] for _, g in runs)
         if kind == "view":
             factor = (fwd + bwd) / (3 * overhead * weight) if overhead > 0 else 1.0
         else:

@@ -84,10 +84,10 @@ def _timed(
     repeat: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Time of ``repeat`` runs after one warm-up, by ``clock``: the median in wall time; in this
-    thread's CPU time (where other processes share the cores, see :func:`measure_device`) the
-    least, since other jobs only add to it (a busy sibling hyperthread, evicted caches) and the
-    profile states the core's own rates."""
+    """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
+    thread's CPU time where other processes share the cores; see :func:`measure_device`). The
+    median, not the least: ranks profile at once, as they train, and the fastest runs would be
+    those the other ranks happened to leave the shared caches and sibling cores alone."""
     fn()
     sync()
     times = []
@@ -96,7 +96,7 @@ def _timed(
         fn()
         sync()
         times.append(clock() - start)
-    return min(times) if clock is time.thread_time else statistics.median(times)
+    return statistics.median(times)
 
 
 def _cache_bytes() -> int:
