@@ -2,12 +2,13 @@
 
 On 2 gloo ranks (1 torch thread each) this profiles the host as ``whale profile --quick`` does,
 every rank at once (matmul efficiency by size, cost per operation, memory bandwidth over buffers
-larger than the last-level cache, optimizer steps, the all-reduce link), in thread CPU time: the
-core's own rates. It then trains small GPTs under several plans, in rounds interleaved across
-plans. Before each run of a plan the ranks measure the share of a core they get
-(``measure.cpu_share``: other jobs share this host and their load drifts), and the cost model
-predicts the plan that runs (``plan_cost.predict_plan``, as ``parallelize`` does) on a cluster of
-the profile at that share (``measure.slowed``). Printed: the median prediction against the
+larger than the last-level cache, optimizer steps, how linear, attention, elementwise and view
+nodes run in a transformer block, the all-reduce link), in thread CPU time: the core's own rates. It then trains small GPTs under several plans, in rounds interleaved across
+plans. During each run of a plan every rank measures the share of a core it got while it could
+run (``measure.run_queue_share``, from the kernel's scheduler statistics: other jobs share this
+host and their load drifts; time a rank waits for a message or sleeps does not count), and the
+cost model predicts the plan that runs (``plan_cost.predict_plan``, as ``parallelize`` does) on
+a cluster of the profile at each rank's share (``measure.slowed``). Printed: the median prediction against the
 median wall time of a whole step (``step``, AdamW ``step``, ``zero_grad``) after warm-up.
 
 Plans: data parallel, a 2-stage pipeline (1F1B), tensor parallel (the blocks ``split``), data
@@ -46,7 +47,14 @@ from whale.capture import capture
 from whale.ir.cluster_spec import parse_cluster
 from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.plan_cost import predict_plan
-from whale.planner.measure import cpu_share, measure_device, measure_links, slowed
+from whale.planner.measure import (
+    cpu_share,
+    measure_device,
+    measure_links,
+    run_queue_clock,
+    run_queue_share,
+    slowed,
+)
 
 _SLOWDOWN = "WHALE_EMULATE_SLOWDOWN"
 CASES = ("data", "pipeline", "tensor", "data-accum", "pipeline-gpipe", "emulated-slow", "mixed")
@@ -91,11 +99,25 @@ def _case(name: str, args, host, link: str, world: int):
     return model, wh.Config(**config)
 
 
-def _share(world: int) -> float:
-    """The share of a core the ranks get now, measured on every rank at once (their mean)."""
+def rank_cluster(name: str, host, link: str, shares):
+    """The cluster a run is predicted on: rank ``r`` is the host at ``shares[r]`` of a core
+    (and, in the emulated plan, rank 1 at half speed besides)."""
+    devices = {}
+    for rank, share in enumerate(shares):
+        device = slowed(host, 2.0, "CPU-half") if name == "emulated-slow" and rank == 1 else host
+        devices[rank] = slowed(device, 1 / share, f"{device.name}-r{rank}")
+    spec = "+".join(f"1x{d.name}" for d in devices.values())
+    return parse_cluster(f"node0={spec}({link})", profiles=list(devices.values()))
+
+
+def _shares(world: int, before, fallback: float) -> list[float]:
+    """Each rank's share of a core while its steps could run (scheduler statistics since
+    ``before``: time sleeping or waiting for a message is not counted); where the system keeps
+    none, the share measured before the run (``fallback``)."""
+    share = run_queue_share(before, run_queue_clock())
     gathered = [None] * world
-    dist.all_gather_object(gathered, cpu_share())
-    return statistics.fmean(gathered)
+    dist.all_gather_object(gathered, fallback if share is None else share)
+    return gathered
 
 
 def _worker(rank: int, world: int, args, results) -> None:
@@ -132,32 +154,29 @@ def _worker(rank: int, world: int, args, results) -> None:
         runs[name] = (program, opt, layers, [], [])
     for _ in range(args.rounds):
         for name, (program, opt, layers, times, predicted) in runs.items():
-            # Other jobs' load drifts: each run is predicted at the core share measured just before.
-            share = _share(world)
-            cluster = _cluster(name, slowed(host, 1 / share), link, world)
-            predicted.append(
-                (
-                    share,
-                    predict_plan(
-                        program.plan, layers, cluster, args.batch
-                    ).prediction.step_time,
-                )
-            )
+            # Other jobs' load drifts: each run is predicted at the share of a core every rank
+            # got during its own timed steps (before them where the system cannot say).
+            fallback = cpu_share(0.4) if run_queue_clock() is None else 1.0
             dist.barrier()
             for step in range(args.warmup + args.steps):
+                if step == args.warmup:
+                    before = run_queue_clock()
                 start = time.perf_counter()
                 program.step(x, y)
                 opt.step()
                 opt.zero_grad()
                 if step >= args.warmup:
                     times.append(time.perf_counter() - start)
+            shares = _shares(world, before, fallback)
+            cluster = rank_cluster(name, host, link, shares)
+            predicted.append((shares, predict_plan(program.plan, layers, cluster, args.batch).prediction.step_time))
     if rank == 0:
         rows = [
             (
                 n,
                 statistics.median(v for _, v in p),
                 statistics.median(t),
-                statistics.median(s for s, _ in p),
+                statistics.median(statistics.fmean(s) for s, _ in p),
             )
             for n, (_, _, _, t, p) in runs.items()
         ]

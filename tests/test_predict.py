@@ -4,8 +4,9 @@
 
     python benchmarks/bench_predict.py --record tests/data/predict_host.json
 
-It holds the host profile (the core's own rates), the all-reduce link, every plan that ran, the
-share of a core measured before each of its runs, its predicted and measured median step time
+It holds the host profile (the core's own rates, with how each class of graph node runs in a
+transformer block), the all-reduce link, every plan that ran, the share of a core each rank got
+during each of its runs, its predicted and measured median step time
 (2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16).
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import statistics
+import time
 
 import pytest
 import torch
@@ -49,25 +51,25 @@ def _gpt(batch: int):
     return GPT(cfg), x
 
 
-def _cluster(case: str, host: DeviceProfile = HOST, world: int = 2):
+def _rank_cluster(case: str, host: DeviceProfile, shares) -> object:
+    """As the benchmark: rank ``r`` is the host at ``shares[r]`` of a core (rank 1 of the
+    emulated plan at half speed besides: it ran with WHALE_EMULATE_SLOWDOWN=1:2)."""
     bandwidth, latency = RECORD["cases"].get(case, {}).get("link", RECORD["link"])
-    link = f"intra={bandwidth / 1e9:.4g}GB/s,intra_lat={latency * 1e6:.4g}us"  # as the benchmark
-    if case != "emulated-slow":
-        return parse_cluster(f"node0={world}x{host.name}({link})", profiles=[host])
-    # Rank 1 ran with WHALE_EMULATE_SLOWDOWN=1:2: the host at half its rates.
-    return parse_cluster(
-        f"node0=1x{host.name}+1xCPU-half({link})",
-        profiles=[host, slowed(host, 2.0, "CPU-half")],
-    )
+    link = f"intra={bandwidth / 1e9:.4g}GB/s,intra_lat={latency * 1e6:.4g}us"
+    devices = {}
+    for rank, share in enumerate(shares):
+        device = slowed(host, 2.0, "CPU-half") if case == "emulated-slow" and rank == 1 else host
+        devices[rank] = slowed(device, 1 / share, f"{device.name}-r{rank}")
+    spec = "+".join(f"1x{d.name}" for d in devices.values())
+    return parse_cluster(f"node0={spec}({link})", profiles=list(devices.values()))
 
 
 def test_recorded_steps_are_predicted_within_the_bound() -> None:
     # As the benchmark: each run predicted on the profile's core rates at the share of a core
-    # measured just before it (other jobs shared the host), the median over the runs.
-    # Bound: the median |error| over the plans <= 30% and each plan within 70%. The recording
-    # host's 2 cores ran 4-7 other processes whose load drifted; a pipeline's ranks idle in its
-    # bubbles and an emulated slow rank sleeps, which gives the busy rank more than the share
-    # measured with both busy, so single plans are off by more than the median.
+    # each rank got while it could run during that run's steps (other jobs shared the host),
+    # the median over the runs.
+    # Bound: the median |error| over the plans <= 15% (the goal) and each plan within 40%: the
+    # recording host's 2 cores ran other helpers' jobs whose load drifted within a run.
     errors = {}
     for case, entry in RECORD["cases"].items():
         model, x = _gpt(RECORD["batch"])
@@ -82,18 +84,15 @@ def test_recorded_steps_are_predicted_within_the_bound() -> None:
         )
         # A case run on another world size (the 4-rank mixed plan) has the profile it measured.
         host = DeviceProfile.from_dict(entry.get("profile", RECORD["profile"]), where="predict_host.json")
+        assert len(entry["shares"][0]) == plan.world_size
         predicted = statistics.median(
-            predict_plan(
-                plan, profile, _cluster(case, slowed(host, 1 / share), plan.world_size), RECORD["batch"]
-            ).prediction.step_time
-            for share in entry["shares"]
+            predict_plan(plan, profile, _rank_cluster(case, host, shares), RECORD["batch"]).prediction.step_time
+            for shares in entry["shares"]
         )
-        assert predicted == pytest.approx(
-            entry["predicted"], rel=1e-9
-        )  # the benchmark's own
+        assert predicted == pytest.approx(entry["predicted"], rel=1e-9)  # the benchmark's own
         errors[case] = predicted / entry["measured"] - 1
-    assert statistics.median(abs(e) for e in errors.values()) <= 0.30, errors
-    assert all(abs(e) <= 0.7 for e in errors.values()), errors
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.15, errors
+    assert all(abs(e) <= 0.4 for e in errors.values()), errors
 
 
 def test_a_small_model_is_not_cut_into_tiny_micro_batches() -> None:
@@ -294,3 +293,20 @@ def test_an_emulated_slow_rank_profiles_as_a_slower_device() -> None:
     assert emulated(HOST, rank=2, environ=env) is HOST
     with pytest.raises(ValueError, match="WHALE_EMULATE_SLOWDOWN"):
         emulated(HOST, rank=1, environ={"WHALE_EMULATE_SLOWDOWN": "1:fast"})
+
+
+def test_the_run_queue_share_counts_only_time_a_thread_could_run() -> None:
+    # Sleeping is no lost share: a thread that sleeps most of an interval on an idle core still
+    # got all of the time it could run. On a loaded host the share falls by what others took.
+    from whale.planner.measure import run_queue_clock, run_queue_share
+
+    assert run_queue_share(None, (1.0, 0.0)) is None and run_queue_share((1.0, 0.0), None) is None
+    assert run_queue_share((1.0, 1.0), (2.0, 1.0)) == 1.0  # 1 s on a CPU, no wait
+    assert run_queue_share((1.0, 1.0), (1.5, 2.5)) == pytest.approx(0.25)
+    assert run_queue_share((1.0, 1.0), (1.0, 9.0)) is None  # it never ran: no share to state
+    before = run_queue_clock()
+    if before is None:
+        pytest.skip("no scheduler statistics on this system")
+    time.sleep(0.05)
+    after = run_queue_clock()
+    assert after[0] >= before[0] and after[1] >= before[1]

@@ -25,7 +25,7 @@ The profile file (``version`` 1) is one JSON object::
                   "aliases": ["a100"]}]}
 
 ``intra_link_bandwidth`` and ``aliases`` may be left out; every other key is required and
-unknown keys are rejected. Three keys that ``whale profile`` measures may be left out too (files
+unknown keys are rejected. Four keys that ``whale profile`` measures may be left out too (files
 written before them still load; the defaults below stand in):
 
 * ``"efficiency": [[2.1e6, 0.08], [2.7e8, 0.6], [3.4e9, 1.0]]``: the share of the peak rate a
@@ -33,7 +33,10 @@ written before them still load; the defaults below stand in):
 * ``"op_overhead": 8e-6``: seconds every graph operation costs on top of its roofline (Python
   dispatch, kernel launch), in the forward;
 * ``"optimizer_step": {"adamw": [3e-5, 2e-9], "sgd": [6e-6, 4e-10]}``: one optimizer step on
-  fp32 parameters, as seconds per parameter tensor and seconds per parameter.
+  fp32 parameters, as seconds per parameter tensor and seconds per parameter;
+* ``"op_classes": {"linear": [1.4, 1.5], "attention": [3.1, 1.7], "elementwise": [1.3, 1.2],
+  "view": [2.0, 1.2]}``: how graph-node classes run in a transformer block against the cost
+  model's base (time factor, backward / forward; see :mod:`~.profile_fields`).
 """
 
 from __future__ import annotations
@@ -48,12 +51,21 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from .profile_fields import (
+    OP_CLASSES,
+    OPTIMIZERS,
+    check_curve,
+    check_op_classes,
+    check_optimizer_steps,
+)
+
 __all__ = [
     "CPU_PROFILE",
     "DATASHEET_PROFILES",
     "DTYPES",
     "INTRA_LINKS",
     "OPTIMIZERS",
+    "OP_CLASSES",
     "DeviceProfile",
     "IntraLink",
     "get_profile",
@@ -75,8 +87,6 @@ _CPU_OP_OVERHEAD = 10e-6
 _GPU_EFFICIENCY = ((1e6, 0.005), (1e7, 0.04), (1e8, 0.15), (1e9, 0.3), (1e10, 0.45), (1e11, 0.5))
 # oneDNN fp32 GEMM on one Xeon socket: ~64^3 runs at a few % of peak, ~1024^3 near the plateau.
 _CPU_EFFICIENCY = ((1e5, 0.02), (1e6, 0.08), (1e7, 0.25), (1e8, 0.4), (1e9, 0.5))
-OPTIMIZERS = ("adamw", "sgd", "sgd_momentum")
-"""Optimizers a profile may give a measured step cost for (``adam`` steps as ``adamw``)."""
 # Parameter bytes read and written by one fused step on fp32 parameters: AdamW reads p, g, m, v
 # and writes p, m, v (7 x 4); SGD reads p, g, writes p (3 x 4); with momentum also the buffer.
 _OPTIMIZER_BYTES = {"adamw": 28, "sgd": 12, "sgd_momentum": 20}
@@ -195,6 +205,10 @@ class DeviceProfile:
     """Measured optimizer steps on fp32 parameters: ``(optimizer, seconds per parameter tensor,
     seconds per parameter)``; a mapping ``{"adamw": [a, b]}`` is accepted. None: from the memory
     bandwidth (see :meth:`optimizer_cost`)."""
+    op_classes: tuple[tuple[str, float, float], ...] | None = None
+    """Measured time of graph-node classes in a transformer block against the cost model's base
+    (:mod:`~.profile_fields`): ``(class, factor, backward / forward)``; a mapping
+    ``{"linear": [f, b]}`` is accepted. None, or a class left out: factor 1 (the base as is)."""
 
     def __post_init__(self) -> None:
         owner = f"DeviceProfile({self.name!r})"
@@ -232,14 +246,16 @@ class DeviceProfile:
             raise ValueError(f"{owner}: aliases must be a list of strings, got {self.aliases!r}")
         object.__setattr__(self, "aliases", tuple(self.aliases))
         if self.efficiency is not None:
-            object.__setattr__(self, "efficiency", _curve(owner, self.efficiency))
+            object.__setattr__(self, "efficiency", check_curve(owner, self.efficiency))
         if self.op_overhead is not None:
             value = self.op_overhead
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{owner}: op_overhead must be seconds per operation in [0, 1), e.g. 8e-6, got {value!r}")
             object.__setattr__(self, "op_overhead", float(self.op_overhead))
         if self.optimizer_step is not None:
-            object.__setattr__(self, "optimizer_step", _optimizer_steps(owner, self.optimizer_step))
+            object.__setattr__(self, "optimizer_step", check_optimizer_steps(owner, self.optimizer_step))
+        if self.op_classes is not None:
+            object.__setattr__(self, "op_classes", check_op_classes(owner, self.op_classes))
 
     @property
     def measured(self) -> bool:
@@ -264,6 +280,11 @@ class DeviceProfile:
         if self.op_overhead is not None:
             return self.op_overhead
         return _CPU_OP_OVERHEAD if self.intra_link == "shm" else _GPU_OP_OVERHEAD
+
+    def class_factors(self) -> tuple[float, ...]:
+        """Time factor of each of :data:`OP_CLASSES` (1.0 where the profile measured none)."""
+        given = {name: factor for name, factor, _ in self.op_classes or ()}
+        return tuple(given.get(name, 1.0) for name in OP_CLASSES)
 
     def optimizer_cost(self, optimizer: str) -> tuple[float, float]:
         """``(seconds per parameter tensor, seconds per fp32 parameter)`` of one step of
@@ -303,12 +324,14 @@ class DeviceProfile:
         out = dataclasses.asdict(self)
         out["peak_flops"] = dict(self.peak_flops)
         out["aliases"] = list(self.aliases)
-        for key in [k for k in ("efficiency", "op_overhead", "optimizer_step") if out[k] is None]:
+        for key in [k for k in ("efficiency", "op_overhead", "optimizer_step", "op_classes") if out[k] is None]:
             del out[key]  # the file stays readable as before: a missing key is the default
         if self.efficiency is not None:
             out["efficiency"] = [list(point) for point in self.efficiency]
         if self.optimizer_step is not None:
             out["optimizer_step"] = {name: [a, b] for name, a, b in self.optimizer_step}
+        if self.op_classes is not None:
+            out["op_classes"] = {name: [a, b] for name, a, b in self.op_classes}
         return out
 
     @classmethod
@@ -339,58 +362,15 @@ class DeviceProfile:
                 f'{where}: optimizer_step must be an object such as {{"adamw": [3e-5, 2e-9]}}, '
                 f"got {data['optimizer_step']!r}; leave it out for the default"
             )
+        if "op_classes" in data and not isinstance(data["op_classes"], Mapping):
+            raise ValueError(
+                f'{where}: op_classes must be an object such as {{"linear": [1.4, 1.5]}}, '
+                f"got {data['op_classes']!r}; leave it out for the default"
+            )
         try:
             return cls(**data)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
-
-
-def _curve(owner: str, points: object) -> tuple[tuple[float, float], ...]:
-    """Validated efficiency points: ``[flops, share]`` pairs, sizes increasing, shares rising."""
-    fix = "give [flops, share] pairs with flops > 0 increasing and shares in (0, 1] not decreasing"
-    if isinstance(points, (str, bytes)) or not isinstance(points, Iterable):
-        raise TypeError(f"{owner}: efficiency must be a list of [flops, share] pairs; {fix}")
-    out = []
-    for k, point in enumerate(points):
-        if isinstance(point, (str, bytes)) or not isinstance(point, Iterable) or len(tuple(point)) != 2:
-            raise ValueError(f"{owner}: efficiency[{k}] is {point!r}, not a [flops, share] pair; {fix}")
-        size, share = tuple(point)
-        for value in (size, share):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{owner}: efficiency[{k}] = {point!r} holds a non-number; {fix}")
-        if size <= 0 or not 0 < share <= 1:
-            raise ValueError(f"{owner}: efficiency[{k}] = {point!r} is out of range; {fix}")
-        if out and (size <= out[-1][0] or share < out[-1][1]):
-            raise ValueError(f"{owner}: efficiency[{k}] = {point!r} after {list(out[-1])}; {fix}")
-        out.append((float(size), float(share)))
-    if not out:
-        raise ValueError(f"{owner}: efficiency is empty; {fix}, or leave it out for the default")
-    return tuple(out)
-
-
-def _optimizer_steps(owner: str, steps: object) -> tuple[tuple[str, float, float], ...]:
-    """Validated optimizer costs as ``(name, per tensor, per parameter)``, names known."""
-    items = steps.items() if isinstance(steps, Mapping) else steps
-    fix = 'e.g. {"adamw": [3e-5, 2e-9]} (seconds per tensor, seconds per parameter)'
-    out = {}
-    try:
-        entries = [(name, *tuple(value)) for name, value in items] if isinstance(steps, Mapping) \
-            else [tuple(entry) for entry in items]  # fmt: skip
-    except TypeError:
-        raise ValueError(f"{owner}: optimizer_step must map optimizer names to two numbers, {fix}") from None
-    for entry in entries:
-        if len(entry) != 3:
-            raise ValueError(f"{owner}: optimizer_step entry {entry!r} needs two numbers, {fix}")
-        name, per_tensor, per_param = entry
-        if name not in OPTIMIZERS:
-            raise ValueError(
-                f"{owner}: optimizer_step names the unknown optimizer {name!r}; use {list(OPTIMIZERS)}"
-            )
-        for value in (per_tensor, per_param):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{owner}: optimizer_step[{name!r}] = {entry[1:]!r} must be numbers >= 0, {fix}")
-        out[name] = (name, float(per_tensor), float(per_param))
-    return tuple(out[name] for name in OPTIMIZERS if name in out)
 
 
 def _gpu(

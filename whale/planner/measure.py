@@ -3,7 +3,9 @@
 On every rank: the dense matrix-multiply rate per dtype (``32 n^3`` FLOPs per ``4n x n`` by
 ``n x 4n`` product, a transformer's linear layer) over a range of sizes, which gives the efficiency curve by operation size; the cost of one graph
 operation (dispatch, launch); the memory bandwidth (a copy of a buffer several times the
-last-level cache reads and writes every byte); one optimizer step per tensor and per parameter. Under ``torchrun`` with more
+last-level cache reads and writes every byte); one optimizer step per tensor and per parameter;
+how each class of graph node (linear, attention, elementwise, view) runs in a transformer block
+against that base (:mod:`.class_probe`). Under ``torchrun`` with more
 than one rank, also the all-reduce and point-to-point links: times over a range of message
 sizes are fitted to the alpha-beta model the cost model uses (``t = a + b n``; a ring
 all-reduce over ``p`` ranks is ``a = 2 (p - 1) alpha``, ``b = 2 (p - 1) / (p bandwidth)``,
@@ -33,8 +35,12 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
+from .class_probe import block_shape, class_factors
 
-__all__ = ["LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here", "slowed"]
+__all__ = [
+    "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here",
+    "run_queue_clock", "run_queue_share", "slowed",
+]  # fmt: skip
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -73,10 +79,15 @@ def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _timed(
-    fn: Callable[[], object], sync: Callable[[], None], repeat: int, clock: Callable[[], float] = time.perf_counter
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    repeat: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
-    thread's CPU time where other processes share the cores; see :func:`measure_device`)."""
+    thread's CPU time where other processes share the cores; see :func:`measure_device`). The
+    median, not the least: ranks profile at once, as they train, and the fastest runs would be
+    those the other ranks happened to leave the shared caches and sibling cores alone."""
     fn()
     sync()
     times = []
@@ -165,13 +176,16 @@ def _op_overhead(device, sync, repeat: int, clock) -> float:
     return _timed(chain, sync, repeat, clock) / (3 * 4 * blocks)
 
 
-def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str, tuple[float, float]]:
+def _optimizer_steps(device, sync, quick: bool, repeat: int, clock, cuda: bool) -> dict[str, tuple[float, float]]:
     """Per optimizer: seconds per parameter tensor and per parameter of one ``torch.optim`` step
-    on fp32 parameters (defaults: what a user gets), from one large tensor and many small ones."""
+    on fp32 parameters (defaults: what a user gets, e.g. AdamW's foreach kernels on CUDA and its
+    per-tensor loop on a CPU), fitted over three sets of tensors: one large tensor, a few
+    medium ones and many small ones, sized like a model's on the device (a CPU model's states
+    mostly stay in the caches, a GPU model's are streamed from memory)."""
     import torch
 
-    big = 1 << (22 if quick else 24)
-    count, small = (64, 256) if quick else (256, 256)
+    big = 1 << ((22 if quick else 24) if cuda else (20 if quick else 21))
+    sets = ((1, big), (8, big // 8), (64 if quick else 256, 1 << 12))
     makers = {
         "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
@@ -179,20 +193,58 @@ def _optimizer_steps(device, sync, quick: bool, repeat: int, clock) -> dict[str,
     }
     out = {}
     for name, make in makers.items():
-        times = []
-        for tensors, numel in ((1, big), (count, small)):
+        samples = []
+        for tensors, numel in sets:
             params = [torch.nn.Parameter(torch.zeros(numel, device=device)) for _ in range(tensors)]
             for p in params:
                 p.grad = torch.full_like(p, 1e-3)
             opt = make(params)
-            times.append(_timed(opt.step, sync, repeat, clock))
+            samples.append((tensors, tensors * numel, _timed(opt.step, sync, repeat, clock)))
             del opt, params
-        # t = a * tensors + b * params through (1, big) and (count, count * small).
-        (t1, t2), n1, n2 = times, big, count * small
-        per_param = max(0.0, (t1 - t2 / count) / (n1 - n2 / count))
-        per_tensor = max(0.0, (t2 - per_param * n2) / count)
-        out[name] = (per_tensor, per_param)
+        out[name] = _fit_per_tensor_and_param(samples)
     return out
+
+
+def _fit_per_tensor_and_param(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
+    """Least squares ``t = a * tensors + b * params`` (no intercept), with ``a, b >= 0``.
+
+    Example::
+
+        >>> a, b = _fit_per_tensor_and_param([(1, 1000, 2e-5 + 1e-6), (10, 1000, 2e-4 + 1e-6)])
+        >>> round(a * 1e6, 6), round(b * 1e9, 6)   # 20 us per tensor, 1 ns per parameter
+        (20.0, 1.0)
+    """
+    import numpy as np
+
+    rows = np.array([[k, n] for k, n, _ in samples], dtype=float)
+    times = np.array([t for _, _, t in samples], dtype=float)
+    scale = rows.max(axis=0)  # tensors and parameters differ by orders of magnitude
+    coef, *_ = np.linalg.lstsq(rows / scale, times, rcond=None)
+    a, b = coef / scale
+    if a < 0 or b < 0:  # noise: keep the one term the samples support
+        a, b = (0.0, max(0.0, float(times @ rows[:, 1] / (rows[:, 1] @ rows[:, 1])))) if a < 0 else \
+            (max(0.0, float(times @ rows[:, 0] / (rows[:, 0] @ rows[:, 0]))), 0.0)  # fmt: skip
+    return float(a), float(b)
+
+
+def _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, bandwidth) -> dict[str, tuple[float, float]]:
+    """The operation classes of a transformer block against the base the cost model computes
+    from the rates, curve and bandwidth just measured (:func:`.class_probe.class_factors`)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    name = "bf16" if cuda and "bf16" in rates else "fp32"
+    dtype = getattr(torch, _TORCH_DTYPES[name])
+    sizes, shares = np.log([x for x, _ in curve]), np.array([e for _, e in curve])
+
+    def base(flops: float, moved: float) -> float:
+        share = float(np.interp(math.log(max(flops, 1.0)), sizes, shares))
+        return max(flops / (rates[name] * share), moved / bandwidth)
+
+    return class_factors(device, sync, clock, shape=block_shape(cuda, quick), dtype=dtype,
+                         repeat=max(15, 2 * repeat), overhead=overhead, base=base)  # fmt: skip
 
 
 def slowed(profile: DeviceProfile, factor: float, name: str | None = None) -> DeviceProfile:
@@ -237,6 +289,36 @@ def cpu_share(seconds: float = 1.0) -> float:
     return min(1.0, max(0.05, (time.process_time() - cpu0) / (time.perf_counter() - wall0)))
 
 
+def run_queue_clock() -> tuple[float, float] | None:
+    """``(seconds on a CPU, seconds waiting for one)`` of this thread so far, from the kernel's
+    scheduler statistics (``/proc/thread-self/schedstat``); None where the system has none.
+
+    Over an interval, ``on / (on + waiting)`` is the share of a core the thread got while it
+    could run: unlike CPU time over wall time, it does not count the time the thread slept or
+    waited for a message (a pipeline's bubble), only the time other jobs held the core.
+
+    Example::
+
+        before = run_queue_clock()
+        train_some_steps()
+        share = run_queue_share(before, run_queue_clock())
+    """
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as file:
+            on, waiting, _ = file.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(on) / 1e9, int(waiting) / 1e9
+
+
+def run_queue_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The share of a core between two :func:`run_queue_clock` readings (None if either is)."""
+    if before is None or after is None:
+        return None
+    on, waiting = after[0] - before[0], after[1] - before[1]
+    return min(1.0, max(0.05, on / (on + waiting))) if on > 0 else None
+
+
 def measure_device(*, quick: bool = False, device: str | None = None, share: float | None = None) -> DeviceProfile:
     """Measure this process's device into a profile.
 
@@ -244,7 +326,9 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
       compute dtype, the efficiency curve: each size's rate over the best;
     * the cost of one operation (forward and backward of tiny tensors, per forward op);
     * memory bandwidth: a copy of a buffer several times the last-level cache;
-    * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter.
+    * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter;
+    * per class of graph node, its time in a transformer block, forward and backward, over the
+      base the cost model computes from the above (:func:`.class_probe.class_factors`).
 
     The run uses this process's torch threads: measure under the same settings (``torchrun``
     ranks on one host share its cores) as the training job.
@@ -294,7 +378,8 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         cache = int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
     numel = _copy_bytes(cuda, quick, cache) // 4
     bandwidth = _bandwidth(numel, device, sync, 3 if quick else 5, clock)
-    steps = _optimizer_steps(device, sync, quick, repeat, clock)
+    steps = _optimizer_steps(device, sync, quick, repeat, clock, cuda)
+    classes = _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, bandwidth)
     if not shared:
         share = 1.0
     elif share is None:
@@ -328,6 +413,7 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         efficiency=curve,
         op_overhead=overhead,
         optimizer_step=steps,
+        op_classes=classes,
     )
     return emulated(measured)
 
@@ -372,12 +458,13 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sizes = [1 << k for k in (range(10, 21, 2) if quick else range(10, 27, 2))]
+    repeat = 3 if quick else 8
     reduce_samples, p2p_samples = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, device=device)
 
-        reduce_samples.append((size, _timed(_then_barrier(lambda buf=buf: dist.all_reduce(buf)), sync, 3 if quick else 8)))
-        p2p_samples.append((size, _timed(_then_barrier(lambda buf=buf: _ping_pong(buf, rank)), sync, 3 if quick else 8) / 2))
+        reduce_samples.append((size, _timed(_then_barrier(lambda buf=buf: dist.all_reduce(buf)), sync, repeat)))
+        p2p_samples.append((size, _timed(_then_barrier(lambda buf=buf: _ping_pong(buf, rank)), sync, repeat) / 2))
     a, b = fit_alpha_beta(reduce_samples)
     ring = LinkFit(a / (2 * (p - 1)), 2 * (p - 1) / (p * b), tuple(reduce_samples))
     a, b = fit_alpha_beta(p2p_samples)

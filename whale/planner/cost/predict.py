@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Self
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from ..schedules.flow_shop import (
 )
 from ..schedules.generate import make_schedule
 from ..schedules.simulator import sim_timeline, simulate
+from .candidate import Candidate, Prediction, RankLayout, ReplicaCost
 from .formulas import (
     BACKWARD_FLOPS_FACTOR,
     efficiency_at,
@@ -52,7 +54,7 @@ from .formulas import (
 )
 from .layers import ModelProfile
 
-__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "achievable_peak", "dtype_peak"]
+__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
 
 # A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
 _FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
@@ -79,6 +81,10 @@ class CostOptions:
     efficiency: float | None = None
     """Share of peak FLOP/s every operation reaches; None: each device's efficiency curve at the
     operation's size (:func:`~.formulas.efficiency_at`)."""
+    bucket_bytes: float = 25 * 2**20
+    """Gradient bucket size (``Config.bucket_cap_mb``): the last bucket is reduced after backward."""
+    first_bucket_bytes: float = 2**20
+    """Size of the first gradient bucket (``Config.first_bucket_cap_mb``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -89,81 +95,9 @@ class CostOptions:
             raise ValueError(f"CostOptions(memory_fraction={self.memory_fraction!r}) must be in (0, 1]")
         if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ValueError(f"CostOptions(efficiency={self.efficiency!r}) must be in (0, 1]")
-
-
-@dataclasses.dataclass(frozen=True)
-class RankLayout:
-    """Which ranks form each tensor-parallel group, replica and pipeline position.
-
-    ``pipelines[d][p]`` is the tensor-parallel group (its ranks) at position ``p`` of replica
-    ``d``; with ``tensor_parallel == 1`` every group is one rank.
-    """
-
-    tensor_parallel: int
-    pipelines: tuple[tuple[tuple[int, ...], ...], ...]
-
-    @property
-    def dp_degree(self) -> int:
-        return len(self.pipelines)
-
-    @property
-    def pipeline_degree(self) -> int:
-        return len(self.pipelines[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """Every choice of a plan: layout, stages, cuts (first layer of stages 1..), schedule, rows."""
-
-    layout: RankLayout
-    num_stages: int
-    schedule: str
-    num_micro_batch: int
-    cuts: tuple[int, ...]
-    rows: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaCost:
-    """One replica with ``rows`` rows: its time and, per position, busy time and bytes needed."""
-
-    time: float
-    busy: tuple[float, ...]
-    memory: tuple[tuple[int, ...], ...]  # per position, per member of its tensor-parallel group
-    stage_times: tuple[float, ...]  # forward + backward of one micro-batch per stage
-    row_limit: float  # most rows whose micro-batches fit in every member's memory
-
-    @property
-    def fits(self) -> bool:
-        return math.isfinite(self.time)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What a candidate costs: step time, and per rank its busy time, memory and capacity."""
-
-    step_time: float
-    replica_times: tuple[float, ...]
-    rank_busy: tuple[float, ...]
-    rank_memory: tuple[int, ...]
-    rank_capacity: tuple[int, ...]
-    stage_times: tuple[tuple[float, ...], ...]  # per replica, per stage (f + b of a micro-batch)
-    sync_time: tuple[float, ...]  # gradient all-reduce per position
-    optimizer_time: tuple[float, ...] = ()  # optimizer step per position (slowest replica's)
-
-    @property
-    def fits(self) -> bool:
-        return all(m <= c for m, c in zip(self.rank_memory, self.rank_capacity))
-
-    @property
-    def shortfall(self) -> tuple[int, int]:
-        """``(bytes missing, rank)`` on the rank that overflows most (<= 0 bytes: it fits)."""
-        return max((m - c, r) for r, (m, c) in enumerate(zip(self.rank_memory, self.rank_capacity)))
-
-    @property
-    def bubble(self) -> float:
-        busy = sum(self.rank_busy)
-        return 1 - busy / (len(self.rank_busy) * self.step_time) if self.step_time > 0 else 0.0
+        for name in ("bucket_bytes", "first_bucket_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CostOptions({name}={getattr(self, name)!r}) must be > 0 bytes")
 
 
 def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
@@ -181,6 +115,25 @@ def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions())
 def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
     """Peak FLOP/s of ``device`` in ``options.dtype``, or the next wider dtype it has."""
     return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
+
+
+class SyncTimes(tuple):
+    """Gradient all-reduce seconds per pipeline position (a tuple of floats), with ``tail``: the
+    all-reduce of each position's last bucket, which no backward hides."""
+
+    tail: tuple[float, ...]
+
+    def __new__(cls, times, tail=None) -> Self:
+        out = super().__new__(cls, (float(t) for t in times))
+        out.tail = tuple(tail) if tail is not None else (0.0,) * len(out)
+        return out
+
+
+def _exposed(sync: Sequence[float], k: int, last_compute: float) -> float:
+    """What position ``k``'s gradient sync adds after its last compute: the all-reduce beyond
+    that compute, and at least the last bucket's (``SyncTimes.tail``)."""
+    tail = getattr(sync, "tail", None)
+    return max(0.0, sync[k] - last_compute, tail[k] if tail else 0.0)
 
 
 class CostModel:
@@ -225,6 +178,11 @@ class CostModel:
         # Operations per node: one where a kernel runs; views and getitems dispatch (and record
         # autograd) but run none, about half an op in eager PyTorch (torch.profiler, small GPT).
         self._is_op = np.where((self._flops > 0) | (self._row > 0) | (self._fixed > 0), 1.0, 0.5)
+        # Node classes (ir.profile_fields.OP_CLASSES): FLOPs on parameters (linear), FLOPs on
+        # activations (attention), data moved without FLOPs (elementwise), nothing moved (view).
+        has_flops = self._flops > 0
+        self._class = np.select([has_flops & (self._fixed > 0), has_flops, self._is_op == 1], [0, 1, 2], default=3)
+        self._class_weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._times: dict = {}
         self._optimizer: dict = {}
         # Memos keyed by ranks and layer indices (cheap keys for the search's many calls).
@@ -278,14 +236,24 @@ class CostModel:
             scale = np.where(self._sharded, share, 1.0)
             flops = rows * self._flops * scale
             eff = self.options.efficiency or efficiency_at(device, flops)
+            factor, ops = self._weights(device)
             node = np.maximum(
                 flops / (dtype_peak(device, self.options) * eff),
                 (rows * self._row + self._fixed) * scale / device.memory_bandwidth,
-            ) + device.overhead() * self._is_op
+            ) * factor + device.overhead() * ops
             per_layer = np.bincount(self._owner, weights=node, minlength=self.num_layers)
             cached = np.concatenate([[0.0], np.cumsum(per_layer)])
             self._times[key] = cached
         return cached
+
+    def _weights(self, device: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
+        """Per node: its class's time factor on ``device`` and its operations (a view: half one,
+        times the view class's factor)."""
+        if device.name not in self._class_weights:
+            factors = np.array(device.class_factors())
+            ops = self._is_op * np.where(self._class == 3, factors[3], 1.0)
+            self._class_weights[device.name] = (factors[self._class], ops)
+        return self._class_weights[device.name]
 
     def block_param_bytes(self, start: int, stop: int) -> float:
         """Captured bytes of the parameters layers ``start..stop-1`` read (tied ones once)."""
@@ -359,13 +327,15 @@ class CostModel:
         slowest = min(links, key=lambda x: x.bandwidth)
         return Link(kind=slowest.kind, bandwidth=slowest.bandwidth, latency=max(x.latency for x in links))
 
-    def sync_time(self, layout: RankLayout, num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
-        """Gradient all-reduce time per pipeline position (ring over the position's replicas)."""
+    def sync_time(self, layout: RankLayout, num_stages: int, cuts: Sequence[int]) -> SyncTimes:
+        """Gradient all-reduce time per pipeline position (ring over the position's replicas),
+        and in ``.tail`` that of its last bucket, which only starts when backward has ended."""
         p, dp = layout.pipeline_degree, layout.dp_degree
         if dp == 1:
-            return (0.0,) * p
+            return SyncTimes((0.0,) * p)
         bounds = (0, *cuts, self.num_layers)
-        out = []
+        out, tail = [], []
+        first, cap = self.options.first_bucket_bytes, self.options.bucket_bytes
         for pos in range(p):
             groups = [layout.pipelines[d][pos] for d in range(dp)]
             shares = self.shard_shares(groups[0])
@@ -374,8 +344,12 @@ class CostModel:
             repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
             grad = (sharded * max(shares) + repl) * self.grad_bytes_per_param
             link = self.group_link([g[0] for g in groups])
-            out.append(2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * grad / link.bandwidth)
-        return tuple(out)
+            # Buckets fill from the last layers (a small first one, then ``cap`` each); the last
+            # holds the first layers' gradients, ready only at the end of the backward.
+            last = grad if grad <= first else (grad - first) % cap or cap
+            for size, into in ((grad, out), (last, tail)):
+                into.append(2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth)
+        return SyncTimes(out, tail)
 
     def shard_shares(self, group: Sequence[int]) -> tuple[float, ...]:
         """Each member's share of sharded widths: in proportion to its device's speed."""
@@ -417,11 +391,11 @@ class CostModel:
         stage_times = tuple(f + b for f, b in zip(forward, backward))
         if exact:
             run = flow_shop(schedule, p, m, forward, backward, p2p)
-            time = max(run.finish[k] + max(0.0, sync[k] - run.last_compute[k]) + opt[k] for k in range(p))
+            time = max(run.finish[k] + _exposed(sync, k, run.last_compute[k]) + opt[k] for k in range(p))
         else:
             # The final compute of position k is the backward of its first stage, k.
             finish = pipeline_estimate(p, m, forward, backward, p2p)
-            time = max(finish[k] + max(0.0, sync[k] - backward[k]) + opt[k] for k in range(p))
+            time = max(finish[k] + _exposed(sync, k, backward[k]) + opt[k] for k in range(p))
         return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
 
     def replica_memory(
@@ -550,8 +524,8 @@ class CostModel:
                     begin = computes[-1].start if computes else 0.0
                     end = finish
                     if sync[pos] > 0:
-                        events.append(TraceEvent(rank, "sync", "sync", begin, begin + sync[pos]))
-                        end = max(finish, begin + sync[pos])
+                        end = finish + _exposed(sync, pos, finish - begin)
+                        events.append(TraceEvent(rank, "sync", "sync", begin, end))
                     if opt[pos] > 0:
                         events.append(TraceEvent(rank, "optimizer", "optimizer", end, end + opt[pos]))
         return Timeline("simulated", events)
