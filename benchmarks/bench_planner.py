@@ -2,7 +2,8 @@
 
 Run::
 
-    python benchmarks/bench_planner.py            # all cases, 3 runs each (median)
+    python benchmarks/bench_planner.py            # all cases (GPT-2 XL on 16, GPT-3 on 16 and
+                                                  # 1,024, 13B on 128 and 512 GPUs), 3 runs each
     python benchmarks/bench_planner.py --runs 1 --case gpt3-1024
     python benchmarks/bench_planner.py --scaling --runs 3   # 16 to 4,096 GPUs, whole process too
     python benchmarks/bench_planner.py --oracle 200 --deep   # plan quality against brute force
@@ -59,6 +60,11 @@ def gpt2_xl():
     return _gpt_on_meta(48, 1600, 25, 1024)
 
 
+def gpt_13b():
+    """A 13B GPT shape (GPT-3 13B, Brown et al. 2020, Table 2.1): 40 layers, d_model 5120, 40 heads, 2048 tokens."""
+    return _gpt_on_meta(40, 5120, 40, 2048)
+
+
 def _nodes(prefix: str, count: int, device: str, per_node: int = 8) -> list[str]:
     return [f"{prefix}{k}={per_node}x{device}" for k in range(count // per_node)]
 
@@ -78,12 +84,14 @@ CLUSTERS = {
     # 1,024 GPUs of three types: 512 A100-80GB, 256 V100-32GB, 256 A10 (24 GB, PCIe).
     "gpt3-1024": three_types(1024),
     "16": "a0=8xA100-80GB,v0=8xV100-32GB",
-    **{f"mixed-{n}": three_types(n) for n in SCALING},
+    **{f"mixed-{n}": three_types(n) for n in (*SCALING, 128, 512)},
 }
 CASES = {
     "gpt3-1024": (gpt3_175b, "gpt3-1024", 1536),
     "gpt3-16": (gpt3_175b, "16", 1536),
     "gpt2xl-16": (gpt2_xl, "16", 512),
+    "13b-128": (gpt_13b, "mixed-128", 1024),
+    "13b-512": (gpt_13b, "mixed-512", 1024),
     **{f"gpt3-mixed-{n}": (gpt3_175b, f"mixed-{n}", 1536) for n in SCALING},
 }
 
@@ -106,7 +114,7 @@ def scaling(runs: int, sizes=SCALING) -> None:
     target = f"{os.path.abspath(__file__)}:gpt3_175b"
     print(f"planner scaling on {os.cpu_count()} CPUs, torch {torch.__version__}: GPT-3 175B, batch 1536, "
           f"half A100-80GB, a quarter V100-32GB, a quarter A10; median of {runs} run(s)")  # fmt: skip
-    print(f"{'GPUs':>5} {'whale plan s':>12}  {'answer (CLI, no TP)':<34} {'search s':>8} {'structs':>7} "
+    print(f"{'GPUs':>5} {'whale plan s':>12}  {'answer (CLI, no TP)':<34} {'search s':>8} {'cpu s':>6} {'structs':>7} "
           f"{'dropped':>7} {'screened':>8}  answer (search, TP allowed)")  # fmt: skip
     for n in sizes:
         spec = three_types(n)
@@ -121,15 +129,16 @@ def scaling(runs: int, sizes=SCALING) -> None:
             said = "does not fit" if "fits on no plan" in done.stderr else "a plan" if done.returncode == 0 else (
                 f"error {done.returncode}: {done.stderr.strip().splitlines()[-1][:60] if done.stderr.strip() else ''}")
         cluster = parse_cluster(spec)
-        times, result, error = [], None, None
+        times, cpus, result, error = [], [], None, None
         for _ in range(runs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             explorer = Explorer(profile, cluster, 1536, options, Pins(), SearchSettings())
             try:
                 result = explorer.run()
             except NoPlanError as err:
                 result, error = None, str(err)
             times.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
         dropped = len(explorer.pruned)
         if result is not None:
             answer = f"{describe(result.best.candidate, cluster)} -> {result.best.prediction.step_time:.3g} s"
@@ -138,7 +147,7 @@ def scaling(runs: int, sizes=SCALING) -> None:
             answer = "does not fit: " + error.split("which has")[0].split("the closest (")[-1][:90]
             counts = f"{dropped:>7} {dropped:>7} {'0':>8}"
         print(f"{n:>5} {statistics.median(walls):>12.2f}  {said:<34} {statistics.median(times):>8.2f} "
-              f"{counts}  {answer}")  # fmt: skip
+              f"{statistics.median(cpus):>6.2f} {counts}  {answer}")  # fmt: skip
 
 
 def run_case(name: str, runs: int) -> dict:
@@ -153,18 +162,19 @@ def run_case(name: str, runs: int) -> dict:
         captured_at = time.perf_counter()
         profile = profile_model(captured, 1)
         profiled_at = time.perf_counter()
+        cpu = time.process_time()
         try:
             result = search(profile, cluster, batch, options=options)
         except NoPlanError as err:
             error = str(err)
-        done = time.perf_counter()
-        times.append((done - start, captured_at - start, profiled_at - captured_at, done - profiled_at))
+        done, cpu = time.perf_counter(), time.process_time() - cpu
+        times.append((done - start, captured_at - start, profiled_at - captured_at, done - profiled_at, cpu))
         del model, captured  # one model at a time: a 175B graph is ~0.3 GB of host memory
-    total, cap, prof, srch = (statistics.median(t[i] for t in times) for i in range(4))
+    total, cap, prof, srch, cpu = (statistics.median(t[i] for t in times) for i in range(5))
     return {
         "case": name, "devices": cluster.world_size, "batch": batch, "layers": profile.num_layers,
-        "total": total, "capture": cap,
-        "profile": prof, "search": srch, "result": result, "error": error, "cluster": cluster,
+        "total": total, "capture": cap, "profile": prof, "search": srch, "search_cpu": cpu,
+        "result": result, "error": error, "cluster": cluster,
     }  # fmt: skip
 
 
@@ -264,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"planner benchmark on {os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.runs} run(s)")
     print(f"{'case':<10} {'devices':>7} {'layers':>6} {'total s':>8} {'capture':>8} {'layers s':>8} "
-          f"{'search':>7} {'structs':>8} {'screened':>8}  plan -> predicted step")  # fmt: skip
-    for name in args.case or ["gpt2xl-16", "gpt3-16", "gpt3-1024"]:
+          f"{'search':>7} {'cpu s':>7} {'structs':>8} {'screened':>8}  plan -> predicted step")  # fmt: skip
+    for name in args.case or ["gpt2xl-16", "gpt3-16", "gpt3-1024", "13b-128", "13b-512"]:
         r = run_case(name, args.runs)
         res = r["result"]
         if res is not None:
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             plan, counts = f"no plan fits: {r['error'][:160]}...", f"{'-':>8} {'-':>8}"
         print(f"{name:<10} {r['devices']:>7} {r['layers']:>6} {r['total']:>8.2f} {r['capture']:>8.2f} "
-              f"{r['profile']:>8.2f} {r['search']:>7.2f} {counts}  {plan}")  # fmt: skip
+              f"{r['profile']:>8.2f} {r['search']:>7.2f} {r['search_cpu']:>7.2f} {counts}  {plan}")  # fmt: skip
         if res is not None:
             for alt in res.alternatives[:3]:
                 print(f"{'':<10} runner-up: {describe(alt.candidate, r['cluster'])} -> {alt.prediction.step_time:.3g} s")

@@ -148,6 +148,7 @@ class SearchSpace:
         self._prefixes: dict = {}
         self._partitions: dict = {}
         self._replica_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows, sync, exact) -> ReplicaCost
+        self._floor_memo: dict = {}  # (pipeline, stages, m, cuts, rows, sync) -> a floor under its exact time
         self._memory_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows) -> replica memory
         self._arrays: dict = {}
         self._classes: dict = {}
