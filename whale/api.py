@@ -29,6 +29,7 @@ from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
+from .rewrite.recompute import check_checkpoint_paths
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
@@ -89,6 +90,8 @@ def parallelize(
         config = Config.from_dict(config)
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
+    if not isinstance(config.activation_checkpointing, str):
+        check_checkpoint_paths(model, config.activation_checkpointing)  # before any process group
     world_size, ranks_per_node = _world()
     saved = load_plan(config.plan) if config.plan is not None else None
     if saved is not None:  # before the capture: another model or world fails at once
@@ -109,6 +112,7 @@ def parallelize(
         if measured is not None and not config.auto_parallel and config.row_weights is None:
             plan = _rows_on(plan, measured, captured, example_rows)
     _check_fixed_rows(plan, captured, example_rows)
+    plan = _memory_options(plan, config)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     if saved is None:  # a saved plan runs as written, its shard sizes too
         plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
@@ -120,6 +124,14 @@ def parallelize(
     if not config.quiet and _rank() == 0 and (saved is not None or measured is not None or config.auto_parallel):
         print(_plan_summary(program.plan, example_rows, measured, saved), flush=True)
     return program
+
+
+def _memory_options(plan: Plan, config: Config) -> Plan:
+    """The plan with the checkpointed modules ``config`` names (a list replaces the plan's own;
+    ``"none"`` and ``"auto"`` keep what the plan, saved or planned, chose)."""
+    if isinstance(config.activation_checkpointing, str):
+        return plan
+    return dataclasses.replace(plan, activation_checkpointing=tuple(config.activation_checkpointing))
 
 
 def _measure_cluster(config: Config, world_size: int) -> Cluster:

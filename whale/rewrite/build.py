@@ -27,6 +27,7 @@ from ..capture.graph_io import forward_signature
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
+from .recompute import checkpoint_pass  # Config(activation_checkpointing)
 from .stage_split import assign_stages, capture_split_stages, split_stages
 from .sync_batch_norm import batch_norm_pass  # Config(sync_batch_norm)
 from .tensor_parallel.analysis import TensorParallelAnalysis
@@ -131,6 +132,7 @@ class ProgramRewrite:
             call = dataclasses.replace(call, flatten=self.captured.flatten_inputs, restore=_restorer(self.captured))
         # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
         stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
+        stages = checkpoint_pass(stages, plan.activation_checkpointing)  # recompute.py
         return DistributedProgram(
             plan=plan,
             rank=rank,
