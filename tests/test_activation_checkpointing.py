@@ -147,3 +147,29 @@ def test_gpt2_pipeline_equals_local_model(world2):
                       activation_checkpointing=["transformer.h.0", "transformer.h.1"])
     for out in outs:
         assert_equivalent(out, names=out["grads"][0])
+
+
+def test_auto_turns_nothing_on_where_the_plan_fits():
+    model, x = _tiny(2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(auto_parallel=True, activation_checkpointing="auto", quiet=True))
+    assert program.plan.activation_checkpointing == ()
+
+
+def test_the_plan_carries_the_checkpointed_modules():
+    model, x = _tiny(2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(activation_checkpointing=["h.1"]))
+    assert program.plan.activation_checkpointing == ("h.1",)
+    assert "activation checkpointing of 1 module(s) (h.1)" in program.plan.table()
+
+
+def test_a_plan_that_needs_zero_or_offload_is_refused_until_the_runtime_runs_them():
+    from whale.ir.plan import Plan
+
+    model, x = _tiny(2)
+    plan = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),), zero_stage=2, offload="optimizer")
+    if hasattr(wh.Config(), "zero_stage"):
+        pytest.skip("this whale runs ZeRO and offload: the plan is executed, tests/test_zero* cover it")
+    with pytest.raises(ValueError, match=r"needs zero_stage=2, offload='optimizer'"):
+        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,), config=wh.Config(plan=plan))

@@ -129,6 +129,15 @@ def parallelize(
 def _memory_options(plan: Plan, config: Config) -> Plan:
     """The plan with the checkpointed modules ``config`` names (a list replaces the plan's own;
     ``"none"`` and ``"auto"`` keep what the plan, saved or planned, chose)."""
+    # ZeRO and offload run in the runtime of Config(zero_stage=..., offload=...); until this
+    # whale has those fields, a (saved) plan that needs them is refused, never run without them.
+    needs = [f"{name}={getattr(plan, name)!r}" for name, off in (("zero_stage", 0), ("offload", "none"))
+             if getattr(plan, name) != off and not hasattr(config, name)]
+    if needs:
+        raise ValueError(
+            f"the plan needs {', '.join(needs)} (it does not fit without), which this whale's runtime does "
+            "not run; re-plan on a cluster with more memory"
+        )
     if isinstance(config.activation_checkpointing, str):
         return plan
     return dataclasses.replace(plan, activation_checkpointing=tuple(config.activation_checkpointing))
@@ -247,6 +256,7 @@ def _plan(model, scopes, captured, capture_error, example_rows, world_size, rank
             captured, scopes, world_size, config, cluster=config.cluster,
             global_batch=example_rows, ranks_per_node=ranks_per_node,
             tensor_parallel_check=tensor_parallel_check(model, captured),
+            module_paths={n for n, _ in model.named_modules()},  # Config(activation_checkpointing="auto")
         )
         return plan
     if count_stages(scopes, config):
