@@ -154,6 +154,9 @@ def test_auto_turns_nothing_on_where_the_plan_fits():
     program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
                              config=wh.Config(auto_parallel=True, activation_checkpointing="auto", quiet=True))
     assert program.plan.activation_checkpointing == ()
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(activation_checkpointing="auto"))  # the plan the annotations fix
+    assert program.plan.activation_checkpointing == ()
 
 
 def test_the_plan_carries_the_checkpointed_modules():

@@ -130,3 +130,33 @@ def test_cli_plans_13b_on_8_v100_and_explains_the_options(tmp_path):
     from whale.planner.saved_plan import load_plan
 
     assert load_plan(str(out)).plan.offload == "optimizer"
+
+
+def test_auto_checkpointing_of_a_fixed_plan_takes_the_fewest_layers_that_fit():
+    from tests.models import TinyGPT
+    from whale.planner.cost.plan_cost import candidate_of
+    from whale.planner.cost.predict import CostModel
+    from whale.planner.search.memory_options import checkpoint_to_fit
+
+    torch.manual_seed(0)
+    model = TinyGPT(n_layer=4, n_embd=64, block_size=32)
+    x = torch.randint(64, (4, 32))
+    paths = {n for n, _ in model.named_modules()}
+    profile = profile_model(capture(model, (x,)), 4)
+    plan = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),))
+    cluster = parse_cluster("node0=1xV100-32GB")
+    batch = 4096
+    options = CostOptions()
+    assert checkpoint_to_fit(plan, profile, cluster, batch, options, paths) == ()  # fits plainly
+    candidate = candidate_of(plan, profile, batch)
+    every = MemoryChoice(checkpointed=checkpointable_layers(profile, paths))
+    plain = CostModel(profile, cluster, options).predict(candidate).rank_memory[0]
+    least = OptionCostModel(profile, cluster, options, every).predict(candidate).rank_memory[0]
+    assert least < plain
+    # A device with room for about half the saving: some blocks, not all, and they fit.
+    room = (plain + least) / 2 / cluster.devices()[0].profile.memory_bytes
+    tight = CostOptions(memory_fraction=room)
+    chosen = checkpoint_to_fit(plan, profile, cluster, batch, tight, paths)
+    assert 0 < len(chosen) < len(every.checkpointed) and set(chosen) <= paths, chosen
+    picked = MemoryChoice(checkpointed=frozenset(k for k, layer in enumerate(profile.layers) if layer.name in chosen))
+    assert OptionCostModel(profile, cluster, tight, picked).predict(candidate).fits

@@ -25,7 +25,9 @@ from .planner.annotated.stages import count_stages, plan_pipeline
 from .planner.cost.model_profile import profile_model
 from .planner.cost.plan_cost import predict_plan
 from .planner.saved_plan import check_saved_plan, load_plan
+from .planner.cost.predict import CostOptions
 from .planner.search.auto import auto_plan, local_cluster
+from .planner.search.memory_options import checkpoint_to_fit
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
@@ -113,6 +115,8 @@ def parallelize(
             plan = _rows_on(plan, measured, captured, example_rows)
     _check_fixed_rows(plan, captured, example_rows)
     plan = _memory_options(plan, config)
+    if config.activation_checkpointing == "auto" and not config.auto_parallel and saved is None:
+        plan = _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, ranks_per_node)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     if saved is None:  # a saved plan runs as written, its shard sizes too
         plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
@@ -141,6 +145,25 @@ def _memory_options(plan: Plan, config: Config) -> Plan:
     if isinstance(config.activation_checkpointing, str):
         return plan
     return dataclasses.replace(plan, activation_checkpointing=tuple(config.activation_checkpointing))
+
+
+def _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, ranks_per_node) -> Plan:
+    """``Config(activation_checkpointing="auto")`` on a plan the annotations fixed: the fewest
+    layers that make it fit the cluster's memory (the search chooses them under auto_parallel)."""
+    if captured is None or example_rows is None:
+        warnings.warn("Config(activation_checkpointing='auto') needs the captured graph to size "
+                      "activations; nothing is checkpointed", stacklevel=3)
+        return plan
+    try:
+        cluster = config.cluster or local_cluster(world_size, ranks_per_node)
+        profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
+        paths = checkpoint_to_fit(plan, profile, cluster, example_rows, CostOptions(),
+                                  {n for n, _ in model.named_modules()})
+    except ValueError as err:
+        warnings.warn(f"Config(activation_checkpointing='auto'): no memory prediction for this plan ({err}); "
+                      "nothing is checkpointed", stacklevel=3)
+        return plan
+    return dataclasses.replace(plan, activation_checkpointing=paths)
 
 
 def _measure_cluster(config: Config, world_size: int) -> Cluster:

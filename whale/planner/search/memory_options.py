@@ -45,7 +45,7 @@ from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
 from .memory_floor import MemoryFloor
 from .pins import Pins
 
-__all__ = ["ALL_OPTIONS", "MemoryChoice", "OptionCostModel", "search_with_memory"]
+__all__ = ["ALL_OPTIONS", "MemoryChoice", "OptionCostModel", "checkpoint_to_fit", "search_with_memory"]
 
 ALL_OPTIONS = ("checkpoint", "zero", "offload")
 # Host link per device link kind: PCIe Gen3 x16 for V100-era NVLink2 boards, Gen4 for A100, Gen5
@@ -313,3 +313,26 @@ def with_choice(plan: Plan, choice: MemoryChoice, profile: ModelProfile) -> Plan
     return dataclasses.replace(
         plan, activation_checkpointing=choice.names(profile), zero_stage=choice.zero_stage, offload=choice.offload
     )
+
+
+def checkpoint_to_fit(
+    plan: Plan, profile: ModelProfile, cluster: Cluster, global_batch: int, options: CostOptions,
+    module_paths: Collection[str] | None = None,
+) -> tuple[str, ...]:
+    """``Config(activation_checkpointing="auto")`` for a plan the user's annotations fixed: the
+    fewest layers whose checkpointing makes ``plan`` fit (``()`` where it fits already; every
+    checkpointable layer where nothing fewer does).
+
+    Example::
+
+        checkpoint_to_fit(plan, profile, parse_cluster("node0=8xV100-32GB"), 64, CostOptions())
+    """
+    from ..cost.plan_cost import candidate_of
+
+    candidate = candidate_of(plan, profile, global_batch)
+    if CostModel(profile, cluster, options).predict(candidate).fits:
+        return ()
+    every = MemoryChoice(checkpointed=checkpointable_layers(profile, module_paths))
+    pred = OptionCostModel(profile, cluster, options, every).predict(candidate)
+    choice, _ = _fewest_checkpointed(profile, cluster, options, every, Scored(candidate, pred))
+    return choice.names(profile)
