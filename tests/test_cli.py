@@ -94,10 +94,18 @@ def test_a_cluster_too_small_names_the_missing_memory_and_where(capsys):
 
 
 def test_gpt3_175b_plans_on_meta_without_weights(capsys):
-    # 96 layers, d_model 12288, on 16 GPUs: the states alone (2.8 TB) exceed 16 x 80 GB.
-    code, _, err = _run(capsys, "plan", f"{BENCH}:gpt3_175b", "--cluster", "a0=8xA100-80GB,v0=8xV100-32GB",
+    # 96 layers, d_model 12288, on 16 GPUs: the states alone (2.8 TB) exceed 16 x 80 GB; with the
+    # optimizer state in host memory and checkpointed blocks, weights and gradients (700 GB) fit.
+    code, out, err = _run(capsys, "plan", f"{BENCH}:gpt3_175b", "--cluster", "a0=8xA100-80GB,v0=8xV100-32GB",
                           "--global-batch", "64", "--dtype", "bf16")  # fmt: skip
+    assert code == 0, err
+    assert "memory options (the plain plan does not fit): activation checkpointing of" in out
+    assert "offload optimizer to host memory" in out
+    # On 8 GPUs not even weights and gradients fit: still no plan, and the message says what was tried.
+    code, _, err = _run(capsys, "plan", f"{BENCH}:gpt3_175b", "--cluster", "a0=8xA100-80GB",
+                        "--global-batch", "64", "--dtype", "bf16")  # fmt: skip
     assert code == 2 and "fits on no plan" in err and "GiB missing there" in err
+    assert "also with checkpoint, zero, offload turned on" in err
 
 
 def _returns_a_module_only():

@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .capture import CaptureError, CapturedModel, capture, module_annotation_map, split_example_inputs
+from .capture import (
+    CapturedModel,
+    CaptureError,
+    capture,
+    module_annotation_map,
+    split_example_inputs,
+)
 from .capture.graph_io import rows_of
 from .config import Config
 from .ir.devices import load_profiles
@@ -24,11 +30,14 @@ from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
 from .planner.cost.model_profile import profile_model
 from .planner.cost.plan_cost import predict_plan
+from .planner.cost.predict import CostOptions
 from .planner.saved_plan import check_saved_plan, load_plan
 from .planner.search.auto import auto_plan, local_cluster
+from .planner.search.memory_options import checkpoint_to_fit
 from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
+from .rewrite.recompute import check_checkpoint_paths
 from .runtime.adaptive import check_adaptive_plan
 from .runtime.data_parallel import DataParallelProgram
 from .runtime.pipeline import PipelineProgram
@@ -90,6 +99,8 @@ def parallelize(
         config = Config.from_dict(config)
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
+    if not isinstance(config.activation_checkpointing, str):
+        check_checkpoint_paths(model, config.activation_checkpointing)  # before any process group
     world_size, ranks_per_node = _world()
     saved = load_plan(config.plan) if config.plan is not None else None
     if saved is not None:  # before the capture: another model or world fails at once
@@ -111,6 +122,9 @@ def parallelize(
             plan = _rows_on(plan, measured, captured, example_rows)
     _check_fixed_rows(plan, captured, example_rows)
     check_adaptive_plan(plan, config, captured.fixed_rows if captured is not None else None)
+    plan, config = _memory_options(plan, config)
+    if config.activation_checkpointing == "auto" and not config.auto_parallel and saved is None:
+        plan = _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, ranks_per_node)
     rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
     if saved is None:  # a saved plan runs as written, its shard sizes too
         plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
@@ -122,6 +136,46 @@ def parallelize(
     if not config.quiet and _rank() == 0 and (saved is not None or measured is not None or config.auto_parallel):
         print(_plan_summary(program.plan, example_rows, measured, saved), flush=True)
     return program
+
+
+def _memory_options(plan: Plan, config: Config) -> tuple[Plan, Config]:
+    """The plan and Config agreeing on the memory options: the checkpointed modules ``config``
+    names (a list replaces the plan's own; ``"none"`` and ``"auto"`` keep what the plan, saved or
+    planned, chose); ZeRO and offload as the Config sets them, else as the plan chose them (a
+    saved plan that only fits with ZeRO runs with it), carried to the runtime in the Config."""
+    for name, off in (("zero_stage", 0), ("offload", "none")):
+        wanted, planned = getattr(config, name, off), getattr(plan, name)
+        if wanted != off:
+            plan = dataclasses.replace(plan, **{name: wanted})
+        elif planned != off:
+            if not hasattr(config, name):  # never run a plan without the memory option it needs
+                raise ValueError(
+                    f"the plan needs {name}={planned!r} (it does not fit without), which this whale's "
+                    "runtime does not run; re-plan on a cluster with more memory"
+                )
+            config = dataclasses.replace(config, **{name: planned})
+    if not isinstance(config.activation_checkpointing, str):
+        plan = dataclasses.replace(plan, activation_checkpointing=tuple(config.activation_checkpointing))
+    return plan, config
+
+
+def _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, ranks_per_node) -> Plan:
+    """``Config(activation_checkpointing="auto")`` on a plan the annotations fixed: the fewest
+    layers that make it fit the cluster's memory (the search chooses them under auto_parallel)."""
+    if captured is None or example_rows is None:
+        warnings.warn("Config(activation_checkpointing='auto') needs the captured graph to size "
+                      "activations; nothing is checkpointed", stacklevel=3)
+        return plan
+    try:
+        cluster = config.cluster or local_cluster(world_size, ranks_per_node)
+        profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
+        paths = checkpoint_to_fit(plan, profile, cluster, example_rows, CostOptions(),
+                                  {n for n, _ in model.named_modules()})
+    except ValueError as err:
+        warnings.warn(f"Config(activation_checkpointing='auto'): no memory prediction for this plan ({err}); "
+                      "nothing is checkpointed", stacklevel=3)
+        return plan
+    return dataclasses.replace(plan, activation_checkpointing=paths)
 
 
 def _measure_cluster(config: Config, world_size: int) -> Cluster:
@@ -237,6 +291,7 @@ def _plan(model, scopes, captured, capture_error, example_rows, world_size, rank
             captured, scopes, world_size, config, cluster=config.cluster,
             global_batch=example_rows, ranks_per_node=ranks_per_node,
             tensor_parallel_check=tensor_parallel_check(model, captured),
+            module_paths={n for n, _ in model.named_modules()},  # Config(activation_checkpointing="auto")
         )
         return plan
     if count_stages(scopes, config):

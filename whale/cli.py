@@ -38,6 +38,7 @@ from .ir.cluster_spec import check_device_count, load_cluster, parse_cluster
 from .ir.devices import known_device_names, load_profiles, save_profiles
 from .planner.cost.predict import CostOptions
 from .planner.search.auto import SearchSettings, auto_plan, local_cluster
+from .planner.search.memory_options import ALL_OPTIONS
 from .planner.search.pins import Pins
 from .rewrite.build import tensor_parallel_check
 
@@ -216,6 +217,7 @@ def _plan(args: argparse.Namespace) -> int:
         captured, scopes, cluster.world_size, Config(auto_parallel=True), cluster=cluster,
         global_batch=global_batch, example_rows=rows0, options=options, settings=settings,
         extra_pins=pins, tensor_parallel_check=tensor_parallel_check(model, captured),
+        memory_options=ALL_OPTIONS, module_paths={n for n, _ in model.named_modules()},
     )  # fmt: skip
     if (
         report.executable

@@ -18,6 +18,7 @@ _STRATEGIES = ("replicate",)
 _REDUCTIONS = ("mean", "sum")
 _COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _ZERO_STAGES = (0, 1, 2, 3)
+_CHECKPOINTING = ("none", "auto")
 
 
 class _FrozenSizes(Mapping):
@@ -194,6 +195,14 @@ class Config:
     (one multiply-add pass over the batch); off, a rank passing other rows of the same shape
     trains on the wrong data unseen."""
 
+    activation_checkpointing: str | Sequence[str] = "none"
+    """Recompute activations in backward instead of keeping them: ``"none"``; a list of module
+    paths (``["transformer.h.0", "transformer.h.1"]``) whose activations are recomputed (each
+    keeps only its inputs; ``torch.utils.checkpoint``, non-reentrant, RNG state kept so dropout
+    matches); ``"auto"``: the planner picks the fewest layers that make the plan fit device
+    memory (none where it fits already). A path the model lacks is refused with close names.
+    Stored as a tuple of paths, or ``"none"``/``"auto"``."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -291,6 +300,7 @@ class Config:
             raise TypeError(f"Config(check_batch_values=...) is a bool, got {self.check_batch_values!r}")
         self._check_adaptive()
         self._check_auto_and_plan()
+        self._check_activation_checkpointing()
 
     def _check_adaptive(self) -> None:
         """``adaptive_rows`` and its knobs."""
@@ -353,6 +363,25 @@ class Config:
                 f"Config(plan=...) executes the saved plan as written, which fixes what "
                 f"Config({', '.join(fixed)}) asks for; drop those fields, or re-plan without plan="
             )
+
+    def _check_activation_checkpointing(self) -> None:
+        value = self.activation_checkpointing
+        if isinstance(value, str):
+            if value not in _CHECKPOINTING:
+                raise ValueError(
+                    f"Config(activation_checkpointing={value!r}): choose one of {list(_CHECKPOINTING)} "
+                    "or give a list of module paths, e.g. ['transformer.h.0']"
+                )
+            return
+        paths = tuple(value) if isinstance(value, Sequence) else None
+        if paths is None or not all(isinstance(p, str) for p in paths):
+            raise TypeError(
+                f"Config(activation_checkpointing={value!r}) is 'none', 'auto' or a list of module "
+                "paths, e.g. ['transformer.h.0']"
+            )
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"Config(activation_checkpointing={list(paths)}) names a module twice")
+        object.__setattr__(self, "activation_checkpointing", paths)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:

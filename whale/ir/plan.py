@@ -11,7 +11,9 @@ from .rows import split_rows
 from .schedule import Schedule, format_schedule, parse_schedule
 from .schedule_check import validate
 
-__all__ = ["PartPlan", "Plan"]
+__all__ = ["OFFLOAD_KINDS", "PartPlan", "Plan"]
+
+OFFLOAD_KINDS = ("none", "optimizer", "params")
 
 _FORMAT_VERSION = 2
 
@@ -64,6 +66,12 @@ class Plan:
         tensor_parallel: ranks that shard each ``split`` part (1: no tensor parallelism).
         shard_sizes: per split region (module path), the heads/columns/classes/experts each
             rank of a tensor-parallel group holds; empty for even shards.
+        activation_checkpointing: module paths whose activations are recomputed in backward
+            (``Config(activation_checkpointing=...)``, or the planner's choice under ``"auto"``).
+        zero_stage: ZeRO stage over each data-parallel group (0: none; 1 optimizer state,
+            2 also gradients, 3 also parameters sharded), ``Config(zero_stage=...)``.
+        offload: ``"none"``, ``"optimizer"`` (optimizer state in host memory) or ``"params"``
+            (the sharded parameters too), ``Config(offload=...)``.
     """
 
     world_size: int
@@ -78,10 +86,15 @@ class Plan:
     stage_boundaries: tuple[str, ...] = ()
     tensor_parallel: int = 1
     shard_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    activation_checkpointing: tuple[str, ...] = ()
+    zero_stage: int = 0
+    offload: str = "none"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"Plan({field}=...): {why}")
+
+        self._check_memory_options(bad)
 
         if not self.pipelines or len({len(p) for p in self.pipelines}) != 1:
             raise bad(
@@ -143,6 +156,32 @@ class Plan:
                 "schedule",
                 f"places stages on ranks {list(sched.stage_to_rank)}; stage s runs at position s % {self.pipeline_degree}",
             )
+
+    def _check_memory_options(self, bad) -> None:
+        if isinstance(self.activation_checkpointing, str) or not all(
+            isinstance(p, str) and p for p in self.activation_checkpointing
+        ):
+            raise bad("activation_checkpointing", f"{self.activation_checkpointing!r} must be module paths")
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise bad("zero_stage", f"{self.zero_stage!r} must be 0, 1, 2 or 3")
+        if self.offload not in OFFLOAD_KINDS:
+            raise bad("offload", f"{self.offload!r}: choose one of {list(OFFLOAD_KINDS)}")
+
+    def memory_options(self) -> str:
+        """The memory-saving options this plan runs, readable (``"none"`` without any)."""
+        parts = []
+        if self.activation_checkpointing:
+            shown = ", ".join(self.activation_checkpointing[:4])
+            more = len(self.activation_checkpointing) - 4
+            parts.append(
+                f"activation checkpointing of {len(self.activation_checkpointing)} module(s) ({shown}"
+                + (f" and {more} more" if more > 0 else "") + ")"
+            )
+        if self.zero_stage:
+            parts.append(f"ZeRO stage {self.zero_stage}")
+        if self.offload != "none":
+            parts.append(f"offload {self.offload} to host memory")
+        return "; ".join(parts) or "none"
 
     @property
     def dp_degree(self) -> int:
@@ -268,6 +307,8 @@ class Plan:
                 f"{part.name}: {part.strategy} over {', '.join(m or '<root>' for m in part.modules)}: "
                 f"{copies} cop{'ies' if copies != 1 else 'y'} ({groups} of {devices}, one copy per device)"
             )
+        if self.memory_options() != "none":
+            lines.append(f"memory options: {self.memory_options()}")
         return "\n".join(lines)
 
 
@@ -306,4 +347,5 @@ _READERS = {
     "num_micro_batch": _read_int,
     "num_stages": _read_int,
     "tensor_parallel": _read_int,
+    "zero_stage": _read_int,
 }

@@ -27,6 +27,7 @@ from ..capture.graph_io import forward_signature
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
+from .recompute import checkpoint_pass  # Config(activation_checkpointing)
 from .stage_split import (
     assign_stages,
     capture_split_stages,
@@ -141,6 +142,7 @@ class ProgramRewrite:
             call = dataclasses.replace(call, flatten=flatten, restore=restore)
         # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
         stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
+        stages = checkpoint_pass(stages, plan.activation_checkpointing)  # recompute.py
         return DistributedProgram(
             plan=plan,
             rank=rank,

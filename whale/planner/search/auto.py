@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from ...config import Config
 from ...primitives import Annotation
@@ -19,6 +19,7 @@ from ...ir.cluster_spec import Cluster, parse_cluster
 from ..annotated.replicas import check_annotations, name_annotations, parts_of
 from ..schedules.generate import make_schedule
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
+from .memory_options import option_costs, search_with_memory, with_choice
 from ..cost.model_profile import profile_model
 from ..cost.layers import ModelProfile
 from .pins import Pins, pins_from
@@ -179,6 +180,8 @@ def auto_plan(
     ranks_per_node: int | None = None,
     extra_pins: Pins | None = None,
     tensor_parallel_check: Callable[[int], str | None] | None = None,
+    memory_options: Collection[str] | None = None,
+    module_paths: Collection[str] | None = None,
 ) -> tuple[Plan, PlanReport]:
     """Plan a captured model automatically, keeping everything its annotations and Config pin.
 
@@ -199,6 +202,10 @@ def auto_plan(
         tensor_parallel_check: ``check(degree)`` is None where the rewrite can shard the
             model's ``split()`` parts over ``degree`` ranks, else why not (the heads or kv-head
             groups do not divide, say); the search proposes only degrees it accepts. None: any.
+        memory_options: what the search may turn on where the plain plan does not fit
+            (``"checkpoint"``, ``"zero"``, ``"offload"``; :mod:`~.memory_options`); None:
+            checkpointing where ``config.activation_checkpointing == "auto"``.
+        module_paths: the model's module paths (the layers checkpointing may name); None: any.
 
     Returns:
         ``(plan, report)``: the plan executes as-is on the data-parallel runtime
@@ -240,7 +247,13 @@ def auto_plan(
         per_node = ranks_per_node or cluster.nodes[0].num_devices
         pins = dataclasses.replace(pins, replica_groups=tuple(
             tuple(range(s, s + per_node)) for s in range(0, world_size, per_node)))  # fmt: skip
-    result = search(profile, cluster, global_batch, options=options, pins=pins, settings=settings)
+    if memory_options is None:
+        memory_options = ("checkpoint",) if config.activation_checkpointing == "auto" else ()
+    try:
+        result, memory = search(profile, cluster, global_batch, options=options, pins=pins, settings=settings), None
+    except NoPlanError as err:  # memory options, where allowed (memory_options.py)
+        result, memory = search_with_memory(profile, cluster, global_batch, err, options=options, pins=pins,
+                                            settings=settings, allowed=memory_options, module_paths=module_paths)
     dp = result.best.candidate.layout.dp_degree
     group = pins.replica_group or dp
     replica_groups = pins.replica_groups if isinstance(pins.replica_groups, tuple) else None
@@ -253,7 +266,11 @@ def auto_plan(
         stage_boundaries=() if annotated_stages else None,
         shard_sizes=config.shard_sizes,
     )  # fmt: skip
-    return plan, build_report(result, profile, cluster, plan, options=options)
+    if memory is None:
+        return plan, build_report(result, profile, cluster, plan, options=options)
+    plan = with_choice(plan, memory, profile)
+    report = build_report(result, profile, cluster, plan, options=options)
+    return plan, dataclasses.replace(report, memory_lines=tuple(option_costs(profile, cluster, options, memory, result.best)))
 
 
 def _unpinned_structure(pins: Pins, config: Config) -> bool:

@@ -162,6 +162,9 @@ class PlanReport:
     timeline: Timeline | None = None
     """The plan's simulated step on every rank (:meth:`~.predict.CostModel.timeline`); None
     when the report was built without the search's cost options (it would not be this plan's)."""
+    memory_lines: tuple[str, ...] = ()
+    """The memory options turned on to make the plan fit and their cost in step time
+    (:func:`~.memory_options.option_costs`); empty where the plain plan fits."""
 
     def table(self) -> str:
         """Per device: replica, stages, layers, rows, shard, memory, predicted busy time."""
@@ -198,6 +201,8 @@ class PlanReport:
             text.append(
                 f"shard sizes of {name or '<root>'!r} by tensor index: {list(sizes)}"
             )
+        if self.plan.memory_options() != "none":
+            text.append(f"memory options (the plain plan does not fit): {self.plan.memory_options()}")
         if not self.executable:
             text.append(
                 f"note: tensor parallel {self.plan.tensor_parallel} shards only split() parts at run "
@@ -223,6 +228,9 @@ class PlanReport:
                     lines.append(
                         f"  {k}. {a.description}: {format_seconds(a.step_time)} ({slower:+.1%}){note}"
                     )
+        if self.memory_lines:
+            lines.append("memory options turned on (no plan fits without them):")
+            lines += [f"  - {m}" for m in self.memory_lines]
         lines.append(f"search: {self.search_summary}")
         return "\n".join(lines)
 

@@ -1,0 +1,178 @@
+"""``Config(activation_checkpointing=...)``: checkpointed programs equal the local model and the
+same program without checkpointing, keep fewer activations, and refuse bad input clearly.
+
+Tolerances: against the local model, tests/equivalence.py's (fp32; only the order of
+additions across replicas and micro-batches differs; recomputation repeats the very same
+forward). Checkpointed against plain under dropout: the same ops on the same inputs with the
+same RNG state (``preserve_rng_state``), so losses, gradients and parameters agree to 1e-6
+(observed equal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import whale as wh
+from tests.equivalence import assert_equivalent
+from tests.models import TinyGPT
+from whale.rewrite.recompute import (
+    check_checkpoint_paths,
+    checkpoint_graph,
+    checkpoint_module,
+)
+
+_CASES = "tests.recompute_cases"
+
+
+def _saved_bytes(module, params, x) -> int:
+    """Bytes of the tensors autograd keeps for backward from ``module(x)`` (parameters and their
+    views left out; each storage once): its activation memory, measured."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    return out, sum(seen.values())
+
+
+def _tiny(n_layer: int = 4):
+    torch.manual_seed(0)
+    return TinyGPT(n_layer=n_layer, n_embd=64, block_size=32), torch.randint(64, (8, 32))
+
+
+def test_module_copies_recompute_and_save_fewer_activations():
+    model, x = _tiny()
+    paths = [f"h.{i}" for i in range(4)]
+    plain_out, plain = _saved_bytes(model, model.parameters(), x)
+    ckpt_model = checkpoint_module(model, paths)
+    ckpt_out, ckpt = _saved_bytes(ckpt_model, model.parameters(), x)
+    assert torch.equal(plain_out, ckpt_out)
+    # Four blocks of 8x32x64 hidden states: the blocks' internals (attention scores, MLP 4x
+    # width) are gone; what stays is the embeddings, block inputs, ln_f and the head.
+    assert ckpt < 0.35 * plain, (ckpt, plain)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the user's model untouched
+    assert list(ckpt_model.state_dict()) == list(model.state_dict())
+    ckpt_out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain_out.sum().backward()
+    for n, p in model.named_parameters():
+        assert_close(grads[n], p.grad, rtol=0, atol=0, msg=n)
+
+
+def test_graph_regions_recompute_and_save_fewer_activations():
+    from whale.capture import capture
+
+    model, x = _tiny()
+    gm = capture(model, (x,)).graph_module
+    keys = list(gm.state_dict())
+    plain_out, plain = _saved_bytes(gm, gm.parameters(), x)
+    assert checkpoint_graph(gm, [f"h.{i}" for i in range(4)]) == 4
+    assert checkpoint_graph(gm, ["h.0"]) == 0  # idempotent: a second build finds it outlined
+    ckpt_out, ckpt = _saved_bytes(gm, gm.parameters(), x)
+    assert torch.equal(plain_out, ckpt_out)
+    assert ckpt < 0.35 * plain, (ckpt, plain)
+    assert list(gm.state_dict()) == keys
+
+
+def test_unknown_value_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"activation_checkpointing='full'.*\['none', 'auto'\]"):
+        wh.Config(activation_checkpointing="full")
+    with pytest.raises(TypeError, match="module paths"):
+        wh.Config(activation_checkpointing=[3])
+    with pytest.raises(ValueError, match="twice"):
+        wh.Config(activation_checkpointing=["h.0", "h.0"])
+    assert wh.Config(activation_checkpointing=["h.0"]).activation_checkpointing == ("h.0",)
+
+
+def test_unknown_module_path_names_close_ones_before_any_process_group():
+    model, x = _tiny(2)
+    with pytest.raises(ValueError, match=r"no module 'h\.O'; close names: \['h\.1', 'h\.0'\]"):
+        check_checkpoint_paths(model, ["h.O"])
+    with pytest.raises(ValueError, match=r"no module 'transformer\.h\.0'"):
+        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                       config=wh.Config(activation_checkpointing=["transformer.h.0"]))
+
+
+def test_batch_norm_inside_is_refused():
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'0' holds the BatchNorm '0.1'.*running statistics"):
+        check_checkpoint_paths(model, ["0"])
+    check_checkpoint_paths(model, ["1"])
+
+
+@pytest.mark.parametrize("config", [
+    {},                                                              # data parallel, 2 replicas
+    {"stage_boundaries": ["h.1"], "num_micro_batch": 2},             # 2-stage pipeline
+], ids=["dp", "pipeline"])
+def test_tiny_gpt_equals_local_model(world2, config):
+    outs = world2.run(f"{_CASES}:tiny_equivalence", ["h.0", "h.1"], **config)
+    for rank, out in enumerate(outs):
+        assert_equivalent(out, names=out["grads"][0])  # a pipeline rank: its stage's parameters
+        assert out["user_forward_untouched"]
+        want = ["h.0", "h.1"] if not config else [["h.0"], ["h.1"]][rank]
+        assert out["recomputed"] == want
+
+
+@pytest.mark.parametrize("name, paths, config", [
+    ("tiny", ["h.0", "h.1"], {}),
+    ("gpt2", ["transformer.h.0", "transformer.h.1"], {"stage_boundaries": ["transformer.h.1"], "num_micro_batch": 2}),
+    ("gpt2", ["transformer.h.1"], {}),
+], ids=["tiny-dp", "gpt2-pipeline", "gpt2-dp"])
+def test_dropout_matches_the_plain_program(world2, name, paths, config):
+    outs = world2.run(f"{_CASES}:dropout_runs", name, paths, **config)
+    for out in outs:
+        plain, ckpt = out["plain"], out["ckpt"]
+        assert ckpt["recomputed"] and not plain["recomputed"]
+        assert_close(torch.tensor(ckpt["loss"]), torch.tensor(plain["loss"]), rtol=1e-6, atol=0)
+        for g, h in zip(ckpt["grads"], plain["grads"]):
+            for n in h:
+                assert_close(g[n], h[n], rtol=1e-6, atol=1e-7, msg=n)
+        for n in plain["params"]:
+            assert_close(ckpt["params"][n], plain["params"][n], rtol=1e-6, atol=1e-7, msg=n)
+    # Dropout is on: the two steps differ (same weights' loss moves with the masks, too).
+    assert outs[0]["plain"]["loss"][0] != outs[0]["plain"]["loss"][1]
+
+
+def test_gpt2_pipeline_equals_local_model(world2):
+    outs = world2.run("tests.hf_cases:equivalence", "gpt2", stage_boundaries=["transformer.h.1"], num_micro_batch=2,
+                      activation_checkpointing=["transformer.h.0", "transformer.h.1"])
+    for out in outs:
+        assert_equivalent(out, names=out["grads"][0])
+
+
+def test_auto_turns_nothing_on_where_the_plan_fits():
+    model, x = _tiny(2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(auto_parallel=True, activation_checkpointing="auto", quiet=True))
+    assert program.plan.activation_checkpointing == ()
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(activation_checkpointing="auto"))  # the plan the annotations fix
+    assert program.plan.activation_checkpointing == ()
+
+
+def test_the_plan_carries_the_checkpointed_modules():
+    model, x = _tiny(2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(activation_checkpointing=["h.1"]))
+    assert program.plan.activation_checkpointing == ("h.1",)
+    assert "activation checkpointing of 1 module(s) (h.1)" in program.plan.table()
+
+
+def test_a_plan_that_needs_zero_or_offload_is_refused_until_the_runtime_runs_them():
+    from whale.ir.plan import Plan
+
+    model, x = _tiny(2)
+    plan = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),), zero_stage=2, offload="optimizer")
+    if hasattr(wh.Config(), "zero_stage"):
+        pytest.skip("this whale runs ZeRO and offload: the plan is executed, tests/test_zero* cover it")
+    with pytest.raises(ValueError, match=r"needs zero_stage=2, offload='optimizer'"):
+        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,), config=wh.Config(plan=plan))

@@ -1,0 +1,270 @@
+"""Activation checkpointing (``Config(activation_checkpointing=[paths])``): the named modules'
+activations are recomputed in backward instead of kept from forward.
+
+Requires: rank programs from :class:`whale.rewrite.build.ProgramRewrite` and module paths of
+the local model (checked by :func:`check_checkpoint_paths`, with close names for a typo).
+
+Call, at the module-call level, with ``torch.utils.checkpoint.checkpoint`` (non-reentrant,
+``preserve_rng_state=True`` so dropout draws the same mask when recomputed):
+
+* a program that runs the model itself (data parallel) gets a shallow copy of each module on
+  the path to a checkpointed one (parameters, buffers and every other module shared, as
+  ``sync_batch_norms`` does); the checkpointed module's copy runs its forward under
+  ``checkpoint``. The user's model is not modified.
+* a pipeline stage (an fx ``GraphModule`` cut from the captured graph, fx or ``torch.export``)
+  gets each checkpointed module's nodes (those whose ``module_path`` lies under the path, with
+  whatever lies between them) outlined into a region called under ``checkpoint``; the region
+  takes parameters as inputs, so the stage's parameters and state dict keep their names.
+
+Ensures: the program's parameters, state-dict keys and results are unchanged (the backward
+recomputes the same forward); a region that writes a buffer (BatchNorm running statistics,
+counters) is refused, since recomputing it would update the buffer twice.
+
+Example::
+
+    check_checkpoint_paths(model, ["transformer.h.0"])
+    stages = checkpoint_pass(stages, ("transformer.h.0",))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import heapq
+import operator
+from collections.abc import Sequence
+
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from ..capture.graph import NODE_INFO_KEY
+from .program import ProgramStage
+from .stage_split import _written_state
+
+__all__ = ["check_checkpoint_paths", "checkpoint_module", "checkpoint_pass"]
+
+_PREFIX = "_whale_recompute_"
+
+
+def check_checkpoint_paths(model: nn.Module, paths: Sequence[str]) -> None:
+    """Raise ``ValueError`` for a path that names no submodule of ``model`` (with the closest
+    module paths), the root (``""``), or a module whose forward updates running statistics.
+
+    Example::
+
+        check_checkpoint_paths(gpt2, ["transformer.h.0"])
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
+    for path in paths:
+        if path not in known:
+            close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
+            hint = f"close names: {close}" if close else f"some module paths: {names[:8]}"
+            raise ValueError(
+                f"Config(activation_checkpointing=...): {type(model).__name__} has no module {path!r}; {hint}"
+            )
+        for sub_path, sub in model.get_submodule(path).named_modules(prefix=path):
+            if isinstance(sub, _BatchNorm) and sub.track_running_stats:
+                raise ValueError(
+                    f"Config(activation_checkpointing=...): {path!r} holds the BatchNorm {sub_path!r}, whose "
+                    "running statistics a recomputed forward would update twice; checkpoint modules without "
+                    "BatchNorm (e.g. the layers around it)"
+                )
+
+
+class _CheckpointedForward:
+    """A module copy's ``forward``: its class's forward under ``checkpoint``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.forward = type(module).forward.__get__(module)
+
+    def __call__(self, *args, **kwargs):
+        return checkpoint(self.forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def checkpoint_module(model: nn.Module, paths: Sequence[str]) -> nn.Module:
+    """``model`` whose modules ``paths`` run under ``checkpoint``; ``model`` is not modified
+    (the modules on the way are shallow copies sharing every parameter, buffer and other module).
+
+    Example::
+
+        program_model = checkpoint_module(model, ["blocks.0", "blocks.1"])
+    """
+    if not paths:
+        return model
+    copies: dict[str, nn.Module] = {}
+
+    def copied(path: str) -> nn.Module:
+        if path not in copies:
+            module = copy.copy(model.get_submodule(path))
+            object.__setattr__(module, "_modules", dict(module._modules))
+            copies[path] = module
+            if path:
+                parent, _, name = path.rpartition(".")
+                copied(parent)._modules[name] = module
+        return copies[path]
+
+    for path in paths:
+        module = copied(path)
+        module.__dict__["forward"] = _CheckpointedForward(module)
+    return copies[""]
+
+
+class _Region(nn.Module):
+    """A stage's outlined nodes, run under ``checkpoint``. It holds no parameters (they come in
+    as inputs) and keeps the outlined graph out of the module tree, so the stage's state dict
+    and parameter names stay as they were."""
+
+    def __init__(self, graph_module: fx.GraphModule, path: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "region", graph_module)
+        self.path = path
+
+    def forward(self, *inputs):
+        return checkpoint(self.region, *inputs, use_reentrant=False, preserve_rng_state=True)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}"
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent + ".")
+
+
+def _region_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """The nodes of module ``path`` and every node between two of them, in graph order."""
+    nodes = list(graph.nodes)
+    own = {
+        n for n in nodes
+        if n.op in ("call_function", "call_method", "call_module") and NODE_INFO_KEY in n.meta
+        and _under(n.meta[NODE_INFO_KEY].module_path, path)
+    }  # fmt: skip
+    if not own:
+        return []
+    after: set[fx.Node] = set()  # reached from the module's nodes
+    for n in nodes:
+        if n in own or any(a in own or a in after for a in n.all_input_nodes):
+            after.add(n)
+    before: set[fx.Node] = set()  # reaching the module's nodes
+    for n in reversed(nodes):
+        if n in own or any(u in own or u in before for u in n.users):
+            before.add(n)
+    return [n for n in nodes if n in own or (n in after and n in before and n.op != "output")]
+
+
+def _outline(gm: fx.GraphModule, path: str, name: str) -> bool:
+    """Outline module ``path``'s nodes of ``gm`` into a :class:`_Region` called ``name``; False
+    where ``gm`` runs none of them."""
+    region = _region_nodes(gm.graph, path)
+    if not region:
+        return False
+    inside = set(region)
+    for n in region:
+        if _written_state(n) is not None:
+            raise ValueError(
+                f"Config(activation_checkpointing=...): {path!r} updates the buffer "
+                f"{_written_state(n).target!r} in forward, which a recomputed forward would update "
+                "twice; checkpoint the modules around it instead"
+            )
+    inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        env[a] = sub.placeholder(f"in_{i}")
+        env[a].meta = dict(a.meta)
+    for n in region:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[o] for o in outputs))
+    gm.add_submodule(name, _Region(fx.GraphModule(gm, sub, class_name="Recomputed"), path))
+    # Order the outer graph with the region as one node: a stable topological sort.
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    key = min(index[n] for n in region)
+
+    def unit(n: fx.Node) -> int:
+        return key if n in inside else index[n]
+
+    deps: dict[int, set[int]] = {}
+    for n in nodes:
+        deps.setdefault(unit(n), set()).update(unit(a) for a in n.all_input_nodes if unit(a) != unit(n))
+    users: dict[int, list[int]] = {}
+    for u, ds in deps.items():
+        for d in ds:
+            users.setdefault(d, []).append(u)
+    waiting = {u: len(ds) for u, ds in deps.items()}
+    ready = [u for u, c in waiting.items() if c == 0]
+    heapq.heapify(ready)
+    new = fx.Graph()
+    out_env: dict[fx.Node, fx.Node] = {}
+    emitted = 0
+    while ready:
+        u = heapq.heappop(ready)
+        emitted += 1
+        if u == key:
+            call = new.call_module(name, tuple(out_env[a] for a in inputs))
+            for k, o in enumerate(outputs):
+                out_env[o] = new.call_function(operator.getitem, (call, k))
+                if "val" in o.meta:  # no module path: a second pass over it finds nothing to outline
+                    out_env[o].meta["val"] = o.meta["val"]
+        else:
+            n = nodes[u]
+            out_env[n] = new.node_copy(n, lambda a: out_env[a])
+        for v in users.get(u, ()):
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(ready, v)
+    assert emitted == len(deps), "the outlined region left a cycle"  # convex by construction
+    new.lint()
+    gm.graph = new
+    gm.recompile()
+    return True
+
+
+def checkpoint_graph(gm: fx.GraphModule, paths: Sequence[str]) -> int:
+    """Outline each path's nodes of the stage ``gm`` into a checkpointed region, in place (outer
+    paths first: a path inside one already outlined is recomputed with it). Returns the number
+    of regions made."""
+    made = 0
+    for path in sorted(paths, key=lambda p: p.count(".")):
+        name = _PREFIX + path.replace(".", "_")
+        if hasattr(gm, name):
+            continue  # outlined by an earlier build of the same stage
+        made += _outline(gm, path, name)
+    return made
+
+
+def checkpoint_pass(stages: tuple[ProgramStage, ...], paths: Sequence[str]) -> tuple[ProgramStage, ...]:
+    """The rewrite's checkpointing step on a rank's stages: each local stage module recomputes
+    the modules ``paths`` (checked beforehand by :func:`check_checkpoint_paths`) in backward."""
+    if not paths:
+        return stages
+    out = []
+    for stage in stages:
+        module = stage.module
+        if module is None:
+            out.append(stage)
+        elif isinstance(module, fx.GraphModule) and any(NODE_INFO_KEY in n.meta for n in module.graph.nodes):
+            checkpoint_graph(module, paths)
+            out.append(stage)
+        else:
+            mine = [p for p in paths if _has_module(module, p)]
+            missing = sorted(set(paths) - set(mine))
+            if missing:
+                raise ValueError(
+                    f"Config(activation_checkpointing=...): this program's model has no module {missing}; "
+                    "name modules of the model as parallelize runs it"
+                )
+            out.append(dataclasses.replace(stage, module=checkpoint_module(module, mine)))
+    return tuple(out)
+
+
+def _has_module(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
