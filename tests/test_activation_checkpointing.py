@@ -167,12 +167,15 @@ def test_the_plan_carries_the_checkpointed_modules():
     assert "activation checkpointing of 1 module(s) (h.1)" in program.plan.table()
 
 
-def test_a_plan_that_needs_zero_or_offload_is_refused_until_the_runtime_runs_them():
+def test_a_plan_that_chose_zero_runs_with_it_and_the_config_wins():
+    """The planner turns ZeRO on where a plan only fits with it: a saved plan that chose it runs
+    with it (the runtime reads the Config), and a zero_stage the user sets replaces the plan's."""
     from whale.ir.plan import Plan
 
     model, x = _tiny(2)
-    plan = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),), zero_stage=2, offload="optimizer")
-    if hasattr(wh.Config(), "zero_stage"):
-        pytest.skip("this whale runs ZeRO and offload: the plan is executed, tests/test_zero* cover it")
-    with pytest.raises(ValueError, match=r"needs zero_stage=2, offload='optimizer'"):
-        wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,), config=wh.Config(plan=plan))
+    plan = Plan(world_size=1, pipelines=((0,),), row_weights=(1.0,), replica_groups=((0,),), zero_stage=2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,), config=wh.Config(plan=plan, quiet=True))
+    assert (program.config.zero_stage, program.plan.zero_stage) == (2, 2)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(x,),
+                             config=wh.Config(plan=plan, quiet=True, zero_stage=1))
+    assert (program.config.zero_stage, program.plan.zero_stage) == (1, 1)
