@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import heapq
@@ -40,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..capture.graph import NODE_INFO_KEY
+from .module_copies import PathCopies
 from .program import ProgramStage
 from .stage_split import _written_state
 
@@ -94,22 +94,11 @@ def checkpoint_module(model: nn.Module, paths: Sequence[str]) -> nn.Module:
     """
     if not paths:
         return model
-    copies: dict[str, nn.Module] = {}
-
-    def copied(path: str) -> nn.Module:
-        if path not in copies:
-            module = copy.copy(model.get_submodule(path))
-            object.__setattr__(module, "_modules", dict(module._modules))
-            copies[path] = module
-            if path:
-                parent, _, name = path.rpartition(".")
-                copied(parent)._modules[name] = module
-        return copies[path]
-
+    copies = PathCopies(model)
     for path in paths:
-        module = copied(path)
+        module = copies(path)
         module.__dict__["forward"] = _CheckpointedForward(module)
-    return copies[""]
+    return copies.root
 
 
 class _Region(nn.Module):

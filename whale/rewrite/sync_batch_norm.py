@@ -44,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ir.plan import Plan
 from .collectives import CommGroup, group_size, process_group
+from .module_copies import PathCopies
 from .program import ProgramStage
 
 __all__ = ["SyncBatchNorm", "batch_norm_pass", "batch_norm_paths", "sync_batch_norms"]
@@ -224,22 +225,11 @@ def sync_batch_norms(model: nn.Module, group: CommGroup) -> nn.Module:
             raise ValueError(f"Config(sync_batch_norm=True): {path!r} is a lazy BatchNorm not yet materialized; run one forward first")
     if not paths:
         return model
-    copies: dict[str, nn.Module] = {}
-
-    def copied(path: str) -> nn.Module:
-        if path not in copies:
-            module = copy.copy(model.get_submodule(path))
-            object.__setattr__(module, "_modules", dict(module._modules))
-            copies[path] = module
-            if path:
-                parent, _, name = path.rpartition(".")
-                copied(parent)._modules[name] = module
-        return copies[path]
-
+    copies = PathCopies(model)
     for path in paths:
         parent, _, name = path.rpartition(".")
-        copied(parent)._modules[name] = SyncBatchNorm.from_batch_norm(model.get_submodule(path), group)
-    return copies[""]
+        copies(parent)._modules[name] = SyncBatchNorm.from_batch_norm(model.get_submodule(path), group)
+    return copies.root
 
 
 def batch_norm_pass(
