@@ -30,6 +30,7 @@ from .planner.search.speed_shards import needs_speed_sizes, with_speed_sizes
 from .planner.self_profile import cluster_from_reports, rank_report
 from .rewrite.build import ProgramRewrite, tensor_parallel_check
 from .runtime.data_parallel import DataParallelProgram
+from .runtime.offload import check_offload_dir
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
 
@@ -90,6 +91,8 @@ def parallelize(
     elif not isinstance(config, Config):
         raise TypeError(f"parallelize(config=...) takes wh.Config or a dict, got {type(config).__name__}")
     world_size, ranks_per_node = _world()
+    if config.offload != "none":
+        check_offload_dir(config.offload_dir)  # before any process group: every rank alike
     saved = load_plan(config.plan) if config.plan is not None else None
     if saved is not None:  # before the capture: another model or world fails at once
         plan = check_saved_plan(saved, model, world_size, _hardware(world_size))

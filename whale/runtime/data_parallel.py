@@ -20,6 +20,7 @@ from ..rewrite.program import DistributedProgram
 from .batch import broadcast_tensors, digits_agree, fingerprint_digits
 from .emulate import Stretch
 from .grad_sync import GradientReducer
+from .offload import attach_offload
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
 
@@ -297,6 +298,7 @@ class DataParallelProgram(ProgramBase):
             extra = 1 + len(fingerprint_digits(0)) if self._summary_rides else 0
             self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra)
         self._bound = True
+        self.offload = attach_offload(self, self.config, [self.module])  # Config(offload=...)
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
