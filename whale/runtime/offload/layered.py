@@ -201,8 +201,8 @@ class Offload:
                 if param_block is not None:
                     param_block.prefetch()
             return self._worker.submit(work)
-        if held is None:
-            return None
+        if held is None or not _holds(self._entries(opt, layer), held[1], held[0].views):
+            return None  # no state yet, or a load replaced it: the write back adopts it
         block, keys = held
         with torch.cuda.stream(self._copy_stream):
             device = [v.to(self.device, non_blocking=True) for v in block.views]
@@ -220,10 +220,7 @@ class Offload:
         held = blocks.get(layer)
         if self.pinned and held is not None and device is not None:
             block, keys = held
-            same = len(entries) == len(keys) and all(
-                (p, k) == key and v is d for (p, k, v), key, d in zip(entries, keys, device)
-            )
-            if same:
+            if _holds(entries, keys, device):
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device))
                 self._copy_stream.wait_event(event)
@@ -236,9 +233,7 @@ class Offload:
                 return None
         elif held is not None:
             block, keys = held
-            if len(entries) == len(keys) and all(
-                (p, k) == key and v is view for (p, k, v), key, view in zip(entries, keys, block.views)
-            ):
+            if _holds(entries, keys, block.views):
                 return self._release_later(block, self._params[layer])
         # First step, or state replaced (a load): the layer's state moves into a new block.
         if self.pinned:
@@ -296,6 +291,13 @@ class Offload:
                     p.data = p.data.clone()
                 block.close()
         self._params = [None] * len(self.layers)
+
+
+def _holds(entries: list, keys: list, tensors: list) -> bool:
+    """Whether the optimizer's state ``entries`` are exactly ``tensors`` under ``keys``."""
+    return len(entries) == len(keys) == len(tensors) and all(
+        p is kp and k == kk and v is t for (p, k, v), (kp, kk), t in zip(entries, keys, tensors)
+    )
 
 
 def _call(ref: weakref.ref, method: str, *args: Any) -> Any:
