@@ -39,7 +39,7 @@ def _run(program, batches, opt, probe=None) -> dict:
             program.offload.on_layer = lambda layer: out["resident"].append(sum(probe()))
         opt.step()
         if probe is not None:  # before anything reads the state or parameters back
-            out["after"] = (sum(probe()), sum(b.resident() for b in program.offload._params if b is not None))
+            out["after"] = (sum(probe()), sum(program.offload.resident_param_bytes()))
         opt.zero_grad()
         out["loss"].append(loss.item())
         out["params"].append({n: p.detach().clone() for n, p in program.named_parameters()})

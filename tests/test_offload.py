@@ -69,6 +69,38 @@ def test_layered_step_equals_plain_step_and_keeps_one_layer_resident(tmp_path, m
     assert os.listdir(tmp_path) == []
 
 
+def test_offloaded_parameters_are_fetched_one_layer_ahead_in_forward_and_backward(tmp_path):
+    model = _stack(6, 256)
+    plain = copy.deepcopy(model)
+    off = Offload(model.named_parameters(), "params", str(tmp_path), [model])
+    layer = off._params[0].nbytes
+    seen: dict[str, list[int]] = {"forward": [], "backward": []}
+
+    def measure(phase: str) -> None:
+        off.wait()
+        seen[phase].append(sum(off.resident_param_bytes()))
+
+    for linear in model.modules():
+        if isinstance(linear, nn.Linear):  # after the offload's own hooks
+            linear.register_forward_pre_hook(lambda m, args: measure("forward"))
+            linear.weight.register_post_accumulate_grad_hook(lambda p: measure("backward"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    for _ in range(2):
+        x = torch.randn(8, 256)
+        for m, o in ((model, opt), (plain, opt_plain)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    off.wait()
+    assert sum(off.resident_param_bytes()) == 0  # written back after the update
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+    # The layer computing and the next one fetched; never the 6 layers (page rounding: +2 pages).
+    assert len(seen["forward"]) == 12 and max(seen["forward"]) <= 2 * layer + 8192, (seen, layer)
+    assert len(seen["backward"]) == 12 and max(seen["backward"]) <= 3 * layer + 8192, (seen, layer)
+    off.close()
+
+
 def test_closure_and_foreign_parameters_are_refused(tmp_path):
     model = _stack(2, 8)
     off = Offload(model.named_parameters(), "optimizer", str(tmp_path))

@@ -36,7 +36,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .tier import TierBlock
+from .tier import TierBlock, resident_of
 
 __all__ = ["OFFLOAD_MODES", "Offload", "layer_key"]
 
@@ -101,9 +101,8 @@ class Offload:
             register_optimizer_step_pre_hook(lambda opt, args, kwargs: _call(me, "_pre_step", opt, args, kwargs)),
             register_optimizer_step_post_hook(lambda opt, args, kwargs: _call(me, "_post_step", opt, args, kwargs)),
         ]
-        self._hooks += [
-            m.register_forward_pre_hook(lambda module, args: _call(me, "_prefetch_params")) for m in modules
-        ] if mode == "params" else []
+        if mode == "params":
+            self._hooks += self._param_hooks(me, list(modules))
         self.on_layer: Any = None  # called with each layer's index after its update (measurements)
         self._closed = False
         weakref.finalize(self, _shutdown, self._worker, self._hooks)
@@ -139,11 +138,61 @@ class Offload:
     def _post_step(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         _restore(opt)
 
-    def _prefetch_params(self) -> None:
-        """Forward begins: map the parameters in, layer after layer, ahead of the compute."""
-        for block in self._params:
-            if block is not None:
-                self._worker.submit(block.prefetch)
+    def _param_hooks(self, me: weakref.ref, roots: list[nn.Module]) -> list:
+        """``offload="params"``: each module holding parameters fetches the next layer when it
+        starts (forward) and releases the layer before; each layer's last gradient fetches the
+        layer before it (backward order) and releases its own. Where a graph holds no modules
+        (parameters read as attributes), the roots' forward maps the layers in, in order."""
+        hooks = []
+        self._grads_expected = [sum(p.requires_grad for p in layer) for layer in self.layers]
+        self._grads_seen = [0] * len(self.layers)
+        self._entered: set[int] = set()
+        self._current: int | None = None
+        hooked = False
+        for root in roots:
+            hooks.append(root.register_forward_pre_hook(lambda module, args: _call(me, "_forward_begins")))
+            for sub in root.modules():
+                own = [p for p in sub.parameters(recurse=False) if id(p) in self.layer_of]
+                if own:
+                    layer = self.layer_of[id(own[0])]
+                    hooks.append(sub.register_forward_pre_hook(
+                        lambda module, args, layer=layer: _call(me, "_enter_layer", layer)))
+                    hooked = True
+        self._modules_hooked = hooked
+        for i, layer in enumerate(self.layers):
+            for p in layer:
+                if p.requires_grad:
+                    hooks.append(p.register_post_accumulate_grad_hook(lambda p, i=i: _call(me, "_grad_done", i)))
+        return hooks
+
+    def _forward_begins(self) -> None:
+        self._grads_seen = [0] * len(self.layers)
+        self._entered = set()
+        self._current = None
+        if not self._modules_hooked:
+            for block in self._params:
+                if block is not None:
+                    self._worker.submit(block.prefetch)
+        elif self._params:
+            self._worker.submit(self._params[0].prefetch)
+
+    def _enter_layer(self, layer: int) -> None:
+        if layer == self._current:
+            return
+        previous, self._current = self._current, layer
+        self._entered.add(layer)
+        ahead = layer + 1
+        if ahead < len(self.layers) and ahead not in self._entered:
+            self._worker.submit(self._params[ahead].prefetch)
+        if previous is not None:
+            self._worker.submit(self._params[previous].release)  # backward maps it in again
+
+    def _grad_done(self, layer: int) -> None:
+        self._grads_seen[layer] += 1
+        if self._grads_seen[layer] == 1 and layer > 0:
+            self._worker.submit(self._params[layer - 1].prefetch)
+        if self._grads_seen[layer] == self._grads_expected[layer]:
+            self._worker.submit(self._params[layer].release)
 
     # ---- the layered step ------------------------------------------------------------------
 
@@ -259,6 +308,10 @@ class Offload:
 
     # ---- inspection and teardown -------------------------------------------------------------
 
+    def wait(self) -> None:
+        """Wait until the fetches and write-backs queued so far have run."""
+        self._worker.submit(lambda: None).result()
+
     def state_bytes(self, opt: torch.optim.Optimizer) -> int:
         """Bytes of ``opt``'s offloaded state (in the tier)."""
         return sum(block.nbytes for block, _ in self._state.get(opt, {}).values())
@@ -267,7 +320,14 @@ class Offload:
         """Per layer, the bytes of ``opt``'s offloaded state resident in this process now
         (CPU tier: from ``/proc/self/smaps``; 0 for a layer without state)."""
         held = self._state.get(opt, {})
-        return [held[i][0].resident() if i in held else 0 for i in range(len(self.layers))]
+        layers = sorted(held)
+        found = dict(zip(layers, resident_of([held[i][0] for i in layers])))
+        return [found.get(i, 0) for i in range(len(self.layers))]
+
+    def resident_param_bytes(self) -> list[int]:
+        """Per layer, the bytes of its offloaded parameters resident now (``offload="params"``)."""
+        blocks = [b for b in self._params if b is not None]
+        return resident_of(blocks) if len(blocks) == len(self.layers) else [0] * len(self.layers)
 
     def close(self) -> None:
         """Stop offloading: state and parameters are copied back into ordinary memory, the

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["TierBlock", "check_offload_dir", "resident_bytes"]
+__all__ = ["TierBlock", "check_offload_dir", "resident_bytes", "resident_of"]
 
 _ALIGN = 64  # every view starts at a multiple of this (any dtype's size divides it)
 _PAGE = mmap.PAGESIZE
@@ -88,17 +88,7 @@ class TierBlock:
     def resident(self) -> int:
         """Bytes of the block resident in this process (CPU: the mapping's ``Rss`` in
         ``/proc/self/smaps``; a pinned block is always resident)."""
-        if self._map is None:
-            return self.nbytes
-        start = f"{self._buffer.data_ptr():x}-"
-        with open("/proc/self/smaps") as f:
-            found = False
-            for line in f:
-                if not found:
-                    found = line.startswith(start)
-                elif line.startswith("Rss:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("whale offload: the tier's mapping is not in /proc/self/smaps")
+        return resident_of([self])[0]
 
     def close(self) -> None:
         """Unmap (once no tensor views it: a view still held keeps the mapping alive)."""
@@ -110,6 +100,23 @@ class TierBlock:
             except BufferError:
                 pass  # a view is still referenced somewhere; the mapping goes with it
             self._map = None
+
+
+def resident_of(blocks: Sequence[TierBlock]) -> list[int]:
+    """Each block's resident bytes, from one read of ``/proc/self/smaps``."""
+    starts = {f"{b._buffer.data_ptr():x}-": i for i, b in enumerate(blocks) if b._map is not None}
+    out = [0 if b._map is not None else b.nbytes for b in blocks]
+    if not starts:
+        return out
+    found = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if found is None:
+                found = starts.get(line[: line.find("-") + 1]) if "-" in line[:20] else None
+            elif line.startswith("Rss:"):
+                out[found] = int(line.split()[1]) * 1024
+                found = None
+    return out
 
 
 def resident_bytes() -> dict[str, int]:
