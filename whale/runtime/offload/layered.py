@@ -22,6 +22,7 @@ Layers are the parameters' module paths up to the first numeric index (``blocks.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import threading
 import weakref
@@ -103,6 +104,7 @@ class Offload:
         ]
         if mode == "params":
             self._hooks += self._param_hooks(me, list(modules))
+        self._adopted = False
         self.on_layer: Any = None  # called with each layer's index after its update (measurements)
         self._closed = False
         weakref.finalize(self, _shutdown, self._worker, self._hooks)
@@ -229,6 +231,9 @@ class Offload:
                     f.result()
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
+            if self._adopted and not self.pinned:
+                _trim_heap()  # the state the step made in ordinary memory, freed: give it back
+            self._adopted = False
 
     def _entries(self, opt: torch.optim.Optimizer, layer: int) -> list[tuple[nn.Parameter, str, torch.Tensor]]:
         out = []
@@ -297,6 +302,7 @@ class Offload:
         for (p, key), view in zip(keys, block.views):
             opt.state[p][key] = view
         blocks[layer] = (block, keys)
+        self._adopted = True
         return None if self.pinned else self._release_later(block, self._params[layer])
 
     def _release_later(self, state: TierBlock | None, params: TierBlock | None) -> Future:
@@ -358,6 +364,15 @@ def _holds(entries: list, keys: list, tensors: list) -> bool:
     return len(entries) == len(keys) == len(tensors) and all(
         p is kp and k == kk and v is t for (p, k, v), (kp, kk), t in zip(entries, keys, tensors)
     )
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere):
+    freed state would otherwise stay in this process's resident set."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _call(ref: weakref.ref, method: str, *args: Any) -> Any:
