@@ -152,8 +152,9 @@ def test_data_parallel_with_offload_equals_without_and_the_local_model(world2, m
         assert r["files_during"] == [] and r["files_after_close"] == []
 
 
-def test_pipeline_with_offload_equals_without(world2):
-    for r in world2.run(f"{CASES}:train", "optimizer", "gpt", True):
+@pytest.mark.parametrize("mode", ["optimizer", "params"])
+def test_pipeline_with_offload_equals_without(world2, mode):
+    for r in world2.run(f"{CASES}:train", mode, "gpt", True):
         assert r["loss_equal"] and r["params_equal"] and r["state_equal"], r
 
 
