@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import threading
 import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,7 +85,6 @@ class Offload:
             )
         self._copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="whale-offload")
-        self._lock = threading.Lock()
         # Per optimizer, per layer: the block holding its state and the (param, key) of each view.
         self._state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._params: list[TierBlock | None] = [None] * len(self.layers)
