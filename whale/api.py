@@ -40,6 +40,7 @@ from .rewrite.build import ProgramRewrite, tensor_parallel_check
 from .rewrite.recompute import check_checkpoint_paths
 from .runtime.adaptive import check_adaptive_plan
 from .runtime.data_parallel import DataParallelProgram
+from .runtime.offload import check_offload_dir
 from .runtime.pipeline import PipelineProgram
 from .runtime.process_group import init
 
@@ -102,6 +103,8 @@ def parallelize(
     if not isinstance(config.activation_checkpointing, str):
         check_checkpoint_paths(model, config.activation_checkpointing)  # before any process group
     world_size, ranks_per_node = _world()
+    if config.offload != "none":
+        check_offload_dir(config.offload_dir)  # before any process group: every rank alike
     saved = load_plan(config.plan) if config.plan is not None else None
     if saved is not None:  # before the capture: another model or world fails at once
         plan = check_saved_plan(saved, model, world_size, _hardware(world_size))

@@ -19,6 +19,7 @@ _REDUCTIONS = ("mean", "sum")
 _COMM_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _ZERO_STAGES = (0, 1, 2, 3)
 _CHECKPOINTING = ("none", "auto")
+_OFFLOAD = ("none", "optimizer", "params")
 
 
 class _FrozenSizes(Mapping):
@@ -203,6 +204,18 @@ class Config:
     memory (none where it fits already). A path the model lacks is refused with close names.
     Stored as a tuple of paths, or ``"none"``/``"auto"``."""
 
+    offload: str = "none"
+    """Granular offload (Pseudo-to-Real): ``"optimizer"`` keeps each layer's optimizer state in a
+    slower tier and runs ``optimizer.step()`` layer by layer, fetching a layer's state one layer
+    ahead and writing it back behind; ``"params"`` also keeps the parameters there between uses
+    (CPU devices). The tier is a memory-mapped file in ``offload_dir`` on CPU devices (resident
+    memory saved) and pinned host memory on GPUs. Build the optimizer on
+    ``program.parameters()`` as usual; ``program.offload`` is the offload (``close()`` ends it)."""
+
+    offload_dir: str | os.PathLike | None = None
+    """Directory of the offload's memory-mapped files (unlinked as soon as made: nothing is left
+    behind). None is the system's temporary directory. Checked writable at ``parallelize``."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
@@ -300,6 +313,10 @@ class Config:
             raise TypeError(f"Config(check_batch_values=...) is a bool, got {self.check_batch_values!r}")
         self._check_adaptive()
         self._check_auto_and_plan()
+        if self.offload not in _OFFLOAD:
+            raise ValueError(f"Config(offload={self.offload!r}) is not an offload mode; choose one of {list(_OFFLOAD)}")
+        if self.offload_dir is not None and not isinstance(self.offload_dir, (str, os.PathLike)):
+            raise TypeError(f"Config(offload_dir=...) is a directory path, got {self.offload_dir!r}")
         self._check_activation_checkpointing()
 
     def _check_adaptive(self) -> None:

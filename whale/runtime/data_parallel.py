@@ -23,6 +23,7 @@ from .emulate import Stretch
 from .grad_sync import GradientReducer
 from .guard.batch_check import describe_mismatch, digest_digits, digits_agree
 from .guard.step_state import every_rank
+from .offload import attach_offload
 from .process_group import require_initialized
 from .program_base import ProgramBase, ReplicaBatch, materialize, shard_from_source
 
@@ -334,6 +335,7 @@ class DataParallelProgram(ProgramBase):
             extra = 1 + 8 if self._summary_rides else 0  # the loss and the digest's digits
             self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
         self._bound = True
+        self.offload = attach_offload(self, self.config, [self.module])  # Config(offload=...)
 
     def _broadcast_buffers(self) -> None:
         buffers = [b for b in self.module.buffers() if b.is_floating_point() or b.dtype == torch.long]

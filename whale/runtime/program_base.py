@@ -86,6 +86,7 @@ class ProgramBase:
         self._slowdowns = from_env_checked()
         self._steps_begun = 0
         self._step_state = StepState()
+        self.offload = None  # Config(offload=...): made when the program binds (whale.runtime.offload)
 
     def _step_begin(self) -> tuple[float, Stretch]:
         """Note a step's entry: its start (``perf_counter``) and this rank's emulated stretch.

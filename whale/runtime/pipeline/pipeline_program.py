@@ -21,6 +21,7 @@ from ...ir.schedule import Action, ActionKind
 from ...rewrite.program import DistributedProgram
 from ..batch import batch_rows, call_inputs
 from ..emulate import Stretch
+from ..offload import attach_offload
 from ..p2p import Incoming, shape_key
 from ..process_group import require_initialized
 from ..program_base import ProgramBase, ReplicaBatch
@@ -70,6 +71,10 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         self._bound = False
         if dist.is_available() and dist.is_initialized():
             self._bind()
+
+    def _bind(self) -> None:
+        super()._bind()
+        self.offload = attach_offload(self, self.config, list(self._modules.values()))  # Config(offload=...)
 
     # ---- the optimizer-facing surface -------------------------------------------------------
 
