@@ -18,12 +18,17 @@ import torch.distributed as dist
 __all__ = ["check_same_setup", "setup_digests"]
 
 _SHOWN = 80  # characters of a value shown in the error
+# Config fields that may differ between ranks without changing what they run: local paths (the
+# plan and profiles a path names are compared by what they give) and rank 0's printing.
+_PER_RANK = frozenset({"offload_dir", "plan", "profiles", "quiet"})
 
 
 def setup_digests(config: Any, plan: Any, param_bytes: dict[str, int]) -> list[tuple[str, int, str]]:
     """``(what, crc32, shown value)`` of each thing every rank must hold alike."""
     out = []
     for field in dataclasses.fields(config):
+        if field.name in _PER_RANK:
+            continue
         text = repr(getattr(config, field.name))
         out.append((f"Config.{field.name}", zlib.crc32(text.encode()), _short(text)))
     model = ";".join(f"{n}:{b}" for n, b in sorted(param_bytes.items()))
