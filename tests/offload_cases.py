@@ -42,12 +42,13 @@ def _run(program, batches, opt, probe=None) -> dict:
             out["after"] = (sum(probe()), sum(program.offload.resident_param_bytes()))
         opt.zero_grad()
         out["loss"].append(loss.item())
-        out["params"].append({n: p.detach().clone() for n, p in program.named_parameters()})
+        # The local model's names and shapes (ZeRO's program.parameters() are shards).
+        out["params"].append({n: t.detach().clone() for n, t in program.full_state_dict().items()})
     out["state"] = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
     return out
 
 
-def train(mode: str, model_name: str = "gpt", pipeline: bool = False) -> dict:
+def train(mode: str, model_name: str = "gpt", pipeline: bool = False, zero: int = 0) -> dict:
     """Train ``_STEPS`` AdamW steps with ``Config(offload=mode)`` and without, from the same
     weights and batches, and the local model one step; report what the test compares."""
     model, batches, loss_fn = _gpt(8) if model_name == "gpt" else _hf(model_name, 8)
@@ -56,6 +57,7 @@ def train(mode: str, model_name: str = "gpt", pipeline: bool = False) -> dict:
     args, kwargs, _ = batches[0]
     example = args if args else kwargs
     bounds = {"stage_boundaries": ["blocks.1"]} if pipeline else {}
+    bounds["zero_stage"] = zero  # the offloaded state is then this rank's shard's
     with tempfile.TemporaryDirectory() as directory:
         config = wh.Config(offload=mode, offload_dir=directory, **bounds)
         program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=example, config=config)
@@ -85,8 +87,8 @@ def train(mode: str, model_name: str = "gpt", pipeline: bool = False) -> dict:
             "param_resident_after_step": got["after"][1],
             "state_is_tier": all(
                 any(v is view for blk, _ in off._state[opt].values() for view in blk.views)
-                for p in program.parameters() for v in opt.state[p].values() if v.dim()
-            ),
+                for p in program.parameters() for v in opt.state[p].values() if v.numel() and v.dim()
+            ),  # (an empty ZeRO shard has nothing to offload)
             "files_during": files_during,
         }
         if not pipeline:

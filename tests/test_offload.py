@@ -152,6 +152,16 @@ def test_data_parallel_with_offload_equals_without_and_the_local_model(world2, m
         assert r["files_during"] == [] and r["files_after_close"] == []
 
 
+@pytest.mark.parametrize("zero", [1, 2])
+def test_offload_under_zero_equals_zero_alone(world2, zero):
+    """ZeRO's shards are what program.parameters() gives the optimizer, so offload takes their
+    state: bitwise the same training as ZeRO without offload, and nothing resident between steps."""
+    for r in world2.run(f"{CASES}:train", "optimizer", "gpt", False, zero):
+        assert r["loss_equal"] and r["params_equal"] and r["state_equal"], r
+        assert r["state_is_tier"] and r["resident_after_step"] == 0, r
+        assert r["max_param_diff"] <= 5e-4  # the local model's parameters after one AdamW step
+
+
 @pytest.mark.parametrize("mode", ["optimizer", "params"])
 def test_pipeline_with_offload_equals_without(world2, mode):
     for r in world2.run(f"{CASES}:train", mode, "gpt", True):
