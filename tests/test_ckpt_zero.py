@@ -1,0 +1,66 @@
+"""Sharded checkpoints under ``Config(zero_stage=1|2|3)``, resharded across plans.
+
+Under ZeRO each rank holds, of each parameter, a slice of its flattened elements (its shard of
+the optimizer state; under stage 3 of the parameter too). ``wh.checkpoint`` writes such a
+slice as the few boxes it is of the parameter's shape (a partial first row, whole rows, a
+partial last row; placed by the tensor-parallel shard beside it) at their global offsets, under
+the local model's names, so the checkpoint is the same whatever plan saved it, and DCP's
+resharding reads it into any other plan: zero 0 data parallel, a pipeline, tensor parallel,
+another zero stage, another world size.
+
+Each case trains steps 0-1 under one plan, saves, loads into a program of another plan whose
+weights were scrambled, trains steps 2-3, and compares the whole state dict with the local
+model trained steps 0-3 uninterrupted. Tolerance atol 5e-5 as tests/test_checkpoint.py (the
+reason is in its docstring: plans differ in summation order only, ~1e-7 on a gradient, which
+AdamW with eps=1e-6 can amplify at most 1e4-fold on near-zero entries; a wrong or missing
+moment is off by ~lr = 1e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import ckpt_cases
+from tests.test_checkpoint import _assert_state
+
+CASE = "tests.ckpt_cases:"
+
+
+@pytest.fixture(scope="module")
+def gpt_ref():
+    return ckpt_cases.train_local("gpt", range(4))["state"]
+
+
+def _pool(world2, world4, n):
+    return world2 if n == 2 else world4
+
+
+@pytest.mark.parametrize(
+    "src,n_src,dst,n_dst",
+    [
+        ("z2", 2, "dp", 2),  # zero 2 -> zero 0 data parallel
+        ("z3", 2, "pp-z1", 4),  # zero 3 -> a pipeline of 2 stages x 2 replicas under zero 1, 4 ranks
+        ("tp-z2", 4, "z3", 2),  # split x zero 2 on 4 ranks -> zero 3 on 2
+        ("dp", 2, "z3", 2),  # zero 0 -> zero 3
+    ],
+)
+def test_reshard_zero_gpt(world2, world4, tmp_path, gpt_ref, src, n_src, dst, n_dst):
+    saved = _pool(world2, world4, n_src).run(CASE + "run", "gpt", src, str(tmp_path), steps=(0, 2), save=True)
+    if "z" in src:
+        # Each rank wrote only its shard: together the ranks hold each moment once, and no
+        # rank wrote more than its share (the optimizer state is 2/3 of the bytes, the
+        # parameters, written once by DCP's deduplication under zero 1/2, the rest).
+        total = sum(o["written"] for o in saved)
+        assert max(o["written"] for o in saved) < 0.75 * total, [o["written"] for o in saved]
+    outs = _pool(world2, world4, n_dst).run(CASE + "run", "gpt", dst, str(tmp_path), steps=(2, 4), load=True)
+    assert {o["loaded_step"] for o in outs} == {2}
+    for out in outs:
+        _assert_state(out["state"], gpt_ref)
+
+
+def test_reshard_zero_hf(world2, tmp_path):
+    """transformers GPT-2 (tied lm_head) saved under zero 3, loaded under uneven tensor parallel."""
+    ref = ckpt_cases.train_local("gpt2", range(4))["state"]
+    world2.run(CASE + "run", "gpt2", "z3", str(tmp_path), steps=(0, 2), save=True, asynchronous=True)
+    outs = world2.run(CASE + "run", "gpt2", "tp", str(tmp_path), steps=(2, 4), load=True)
+    _assert_state(outs[0]["state"], ref)
