@@ -140,10 +140,16 @@ def clip_case(kind: str, plan: str, max_norm: float, norm_type: float) -> dict:
     loss_fn(out, y).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    # Then one SGD step of the clipped gradients (the optimizer on this rank's parameters or
+    # shards): the parameters must be the local model's.
+    torch.optim.SGD(program.parameters(), lr=0.5).step()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    params = program.full_state_dict()
     # Copies: a gradient's storage must outlive the program once the result is queued.
     plan_shape = (program.plan.dp_degree, program.plan.pipeline_degree, program.plan.tensor_parallel)
     return {"norm": norm.item(), "ref_norm": ref_norm.item(), "grads": _copies(grads), "ref_grads": _copies(ref_grads),
-            "rank": dist.get_rank(), "plan": plan_shape}
+            "rank": dist.get_rank(), "plan": plan_shape, "params": _copies(params),
+            "ref_params": _copies(reference.state_dict())}
 
 
 def _copies(tensors: dict) -> dict:
