@@ -73,6 +73,11 @@ def test_clip_zero_on_4_ranks(world4, plan, norm_type, shape):
     _check(outs, max_norm)
 
 
+def test_clip_zero_transformers(world2):
+    """transformers GPT-2 (tied lm_head) under ZeRO 3."""
+    _check(world2.run(CASE, "gpt2", "z3", 0.05, 2.0), 0.05)
+
+
 def test_clip_bad_input(world2):
     from tests.world import CaseError
 
