@@ -42,6 +42,7 @@ def _pool(world2, world4, n):
         ("z3", 2, "pp-z1", 4),  # zero 3 -> a pipeline of 2 stages x 2 replicas under zero 1, 4 ranks
         ("tp-z2", 4, "z3", 2),  # split x zero 2 on 4 ranks -> zero 3 on 2
         ("dp", 2, "z3", 2),  # zero 0 -> zero 3
+        ("pp-z3", 4, "tp-z1", 4),  # a pipeline x zero 3 -> split x zero 1
     ],
 )
 def test_reshard_zero_gpt(world2, world4, tmp_path, gpt_ref, src, n_src, dst, n_dst):
@@ -56,13 +57,12 @@ def test_reshard_zero_gpt(world2, world4, tmp_path, gpt_ref, src, n_src, dst, n_
 
 def _assert_written_in_slices(saved: list[dict]) -> None:
     """Each rank wrote its own slices of the moments (no gather): a moment is written as chunks
-    that partition it, a parameter cut by the replicas' boundary in chunks of both ranks' files,
-    and each rank's optimizer holds half the moments' elements."""
+    that partition it, a parameter cut by the replicas' boundary in chunks of several ranks'
+    files (a data-parallel save writes each moment whole, once)."""
     import math
 
     import torch.distributed.checkpoint as dcp
 
-    assert saved[0]["optim_numel"] == saved[1]["optim_numel"]
     metadata = dcp.FileSystemReader(saved[0]["saved"]).read_metadata()
     moments = {k: md for k, md in metadata.state_dict_metadata.items() if k.endswith(".exp_avg")}
     assert moments
