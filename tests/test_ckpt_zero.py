@@ -49,6 +49,9 @@ def test_reshard_zero_gpt(world2, world4, tmp_path, gpt_ref, src, n_src, dst, n_
     saved = _pool(world2, world4, n_src).run(CASE + "run", "gpt", src, str(tmp_path), steps=(0, 2), save=True)
     if "z" in src:
         _assert_written_in_slices(saved)
+    if src == "z2":  # and into the local model itself, in this process (no process group)
+        local = ckpt_cases.run("gpt", "local", str(tmp_path), steps=(2, 4), load=True)
+        _assert_state(local["state"], gpt_ref)
     outs = _pool(world2, world4, n_dst).run(CASE + "run", "gpt", dst, str(tmp_path), steps=(2, 4), load=True)
     assert {o["loaded_step"] for o in outs} == {2}
     for out in outs:
