@@ -84,3 +84,27 @@ def test_reshard_zero_hf(world2, tmp_path):
     world2.run(CASE + "run", "gpt2", "z3", str(tmp_path), steps=(0, 2), save=True, asynchronous=True)
     outs = world2.run(CASE + "run", "gpt2", "tp", str(tmp_path), steps=(2, 4), load=True)
     _assert_state(outs[0]["state"], ref)
+
+
+def test_flat_boxes_cover_a_slice_exactly():
+    """Every slice [lo, hi) of a flattened tensor of several shapes is cut into boxes of its
+    shape, each contiguous in the flat, in order, covering the slice once (<= 2 * ndim - 1)."""
+    import itertools
+    import math
+
+    from whale.runtime.state.local_state import flat_boxes
+
+    assert flat_boxes(2, 11, (3, 4)) == [(2, (0, 2), (1, 2)), (4, (1, 0), (1, 4)), (8, (2, 0), (1, 3))]
+    for shape in [(3, 4), (2, 3, 5), (7,), (), (4, 1, 3)]:
+        n = math.prod(shape)
+        strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+        for lo, hi in itertools.combinations_with_replacement(range(n + 1), 2):
+            boxes = flat_boxes(lo, hi, shape)
+            assert len(boxes) <= max(1, 2 * len(shape) - 1)
+            covered = []
+            for start, offsets, sizes in boxes:
+                flat = [sum(i * s for i, s in zip(index, strides))
+                        for index in itertools.product(*(range(o, o + z) for o, z in zip(offsets, sizes)))]
+                assert flat == list(range(start, start + math.prod(sizes))), (shape, lo, hi, boxes)
+                covered += flat
+            assert covered == list(range(lo, hi)), (shape, lo, hi, boxes)

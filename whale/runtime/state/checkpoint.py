@@ -5,7 +5,10 @@ shard's blocks where they sit in the whole tensor); a tensor several ranks hold 
 parallel replicas, parameters a tensor-parallel group does not shard, tied weights) is written
 once, by DCP's deduplication. Names are the local model's, so a checkpoint saved under data
 parallel loads under a pipeline, tensor parallel under data parallel, 2 ranks under 4, and into
-the local model itself. Layout under a root directory::
+the local model itself. Under ``Config(zero_stage=...)`` a rank holds a slice of each
+parameter's flattened elements (its optimizer state; under stage 3 the parameter too): it writes
+that slice as the few boxes of the parameter's shape it is (``local_state.flat_boxes``), where
+they sit, so a ZeRO checkpoint is the same as any other and loads under any plan or stage. Layout under a root directory::
 
     ckpt/step-00000120/.metadata, __0_0.distcp, ...
         model.<name>                 the local model's state_dict() entries
