@@ -10,6 +10,7 @@ uninterrupted.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,9 @@ def make(kind: str, plan: str, model, batches, loss_fn, style):
     if plan == "local":
         return model
     config = {}
+    zero = re.search(r"z(\d)", plan)  # "z2", "pp-z1", "tp-z3": Config(zero_stage=...)
+    if zero:
+        config["zero_stage"] = int(zero.group(1))
     if plan.startswith("pp"):
         config.update(stage_boundaries=["blocks.1" if kind == "gpt" else "transformer.h.1"], num_micro_batch=2)
     if "tp" in plan:
@@ -107,6 +111,10 @@ def run(kind: str, plan: str, path: str, *, steps: tuple[int, int], load: bool =
         if asynchronous:
             saved = saved.wait()
         out["saved"] = str(saved)
+        if dist.is_initialized():  # what each rank wrote (DCP names its files __<rank>_*.distcp)
+            dist.barrier()
+            out["written"] = sum(f.stat().st_size for f in saved.glob(f"__{dist.get_rank()}_*.distcp"))
+            out["optim_numel"] = sum(t.numel() for st in opt.state.values() for t in st.values() if t.dim() > 0)
     out["state"] = _full(program)
     out["rank"] = dist.get_rank() if dist.is_initialized() else 0
     return out
@@ -132,10 +140,16 @@ def clip_case(kind: str, plan: str, max_norm: float, norm_type: float) -> dict:
     loss_fn(out, y).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    # Then one SGD step of the clipped gradients (the optimizer on this rank's parameters or
+    # shards): the parameters must be the local model's.
+    torch.optim.SGD(program.parameters(), lr=0.5).step()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    params = program.full_state_dict()
     # Copies: a gradient's storage must outlive the program once the result is queued.
     plan_shape = (program.plan.dp_degree, program.plan.pipeline_degree, program.plan.tensor_parallel)
     return {"norm": norm.item(), "ref_norm": ref_norm.item(), "grads": _copies(grads), "ref_grads": _copies(ref_grads),
-            "rank": dist.get_rank(), "plan": plan_shape}
+            "rank": dist.get_rank(), "plan": plan_shape, "params": _copies(params),
+            "ref_params": _copies(reference.state_dict())}
 
 
 def _copies(tensors: dict) -> dict:

@@ -5,7 +5,10 @@ shard's blocks where they sit in the whole tensor); a tensor several ranks hold 
 parallel replicas, parameters a tensor-parallel group does not shard, tied weights) is written
 once, by DCP's deduplication. Names are the local model's, so a checkpoint saved under data
 parallel loads under a pipeline, tensor parallel under data parallel, 2 ranks under 4, and into
-the local model itself. Layout under a root directory::
+the local model itself. Under ``Config(zero_stage=...)`` a rank holds a slice of each
+parameter's flattened elements (its optimizer state; under stage 3 the parameter too): it writes
+that slice as the few boxes of the parameter's shape it is (``local_state.flat_boxes``), where
+they sit, so a ZeRO checkpoint is the same as any other and loads under any plan or stage. Layout under a root directory::
 
     ckpt/step-00000120/.metadata, __0_0.distcp, ...
         model.<name>                 the local model's state_dict() entries
@@ -30,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import threading
@@ -158,7 +162,7 @@ def load(
     metadata = dcp.FileSystemReader(where).read_metadata()
     entries = local_state(program)
     _check_model(where, metadata, program, entries)
-    targets: dict[str, Any] = {"model": {k: _target(e) for k, e in entries.items()}}
+    targets: dict[str, Any] = {"model": _present({k: _target(e) for k, e in entries.items()})}
     if "step" in metadata.state_dict_metadata:  # absent from a converted torch.save file
         targets["step"] = None
     named = list(program.named_parameters())
@@ -167,7 +171,7 @@ def load(
         names = optimizer_names(optimizer, named)
         if not any(k.startswith(GROUPS) for k in metadata.state_dict_metadata):
             raise ValueError(f"the checkpoint at {where} holds no optimizer state; pass optimizer=None to load the model only")
-        targets["optim"], tensors = optimizer_load_targets(names, entries, optimizer, metadata)
+        targets["optim"], tensors = optimizer_load_targets(names, _optimizer_entries(program, entries), optimizer, metadata)
     with _quiet():
         dcp.load(targets, storage_reader=dcp.FileSystemReader(where), no_dist=not _distributed())
     if optimizer is not None:
@@ -179,27 +183,43 @@ def load(
 
 
 def _save_state(program: Any, optimizer: torch.optim.Optimizer | None, step: int, snapshot: bool) -> dict[str, Any]:
+    zero = getattr(program, "_zero", None)
+    if zero is not None:
+        zero.sync()  # ZeRO 1/2: the optimizer's last update into the full parameters (collective)
     entries = local_state(program)
-    state: dict[str, Any] = {"model": {k: _source(e, snapshot) for k, e in entries.items()}, "step": step}
+    state: dict[str, Any] = {"model": _present({k: _source(e, snapshot) for k, e in entries.items()}), "step": step}
     if optimizer is not None:
         names = optimizer_names(optimizer, list(program.named_parameters()))
-        state["optim"] = optimizer_save_state(optimizer, names, entries, snapshot)
+        state["optim"] = optimizer_save_state(optimizer, names, _optimizer_entries(program, entries), snapshot)
     return state
 
 
-def _source(entry: LocalTensor, snapshot: bool) -> torch.Tensor:
+def _optimizer_entries(program: Any, entries: dict[str, LocalTensor]) -> dict[str, LocalTensor]:
+    """Where the optimizer's parameters lie: the model's entries, or under ZeRO its shards."""
+    zero = getattr(program, "_zero", None)
+    return entries if zero is None or zero.stage == 3 else local_state(program, optimizer_view=True)
+
+
+def _source(entry: LocalTensor, snapshot: bool) -> torch.Tensor | None:
     t = entry.tensor.detach()
     if snapshot:
         t = t.to("cpu", copy=True)
     if not entry.sharded:
         return t
-    return ChunkedTensor(entry.global_shape, LocalTensor(t, entry.global_shape, entry.spec).blocks())
+    blocks = dataclasses.replace(entry, tensor=t).blocks()
+    return ChunkedTensor(entry.global_shape, blocks) if blocks else None
 
 
-def _target(entry: LocalTensor) -> torch.Tensor:
+def _target(entry: LocalTensor) -> torch.Tensor | None:
     if not entry.sharded:
         return entry.tensor
-    return ChunkedTensor(entry.global_shape, entry.blocks())
+    blocks = entry.blocks()
+    return ChunkedTensor(entry.global_shape, blocks) if blocks else None
+
+
+def _present(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Leave out what this rank holds none of (an empty ZeRO shard): other ranks write it."""
+    return {k: v for k, v in tensors.items() if v is not None}
 
 
 def _write(state: dict, root: Path, step: int, group: Any) -> Path:

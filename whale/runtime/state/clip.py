@@ -4,7 +4,8 @@
 pipeline rank clips by its stages' norm, a tensor-parallel rank by its shard's. Here every rank
 adds up the part of the norm it alone holds: its shards' entries, a tensor a tensor-parallel
 group holds whole on its first rank only, a weight tied across pipeline positions on one holder
-only, and nothing on any replica but the first (replicas hold the same synchronized gradient).
+only, and nothing on any replica but the first (replicas hold the same synchronized gradient),
+except ZeRO's slices, which every replica counts (each holds its own).
 One all-reduce (sum of ``|g|^p``, or max for the inf norm) gives every rank the whole norm,
 and every rank scales all its gradients by the same factor, as the local model's clipping does.
 """
@@ -32,7 +33,8 @@ def clip_grad_norm(program, max_norm: float, norm_type: float = 2.0, error_if_no
     named = list(program.named_parameters())
     grads = [p.grad for _, p in named if p.grad is not None]
     mine = _counted_names(program, named)
-    counted = [p.grad for name, p in named if p.grad is not None and name in mine]
+    # An empty ZeRO slice (a small parameter held by another replica) adds nothing, and has no inf norm.
+    counted = [p.grad for name, p in named if p.grad is not None and name in mine and p.grad.numel()]
     device = program._device if getattr(program, "_device", None) is not None else torch.device("cpu")
     inf = math.isinf(norm_type)
     if counted:
@@ -56,22 +58,28 @@ def clip_grad_norm(program, max_norm: float, norm_type: float = 2.0, error_if_no
 
 
 def _counted_names(program, named: list) -> set[str]:
-    """The parameters whose gradient this rank counts in the whole norm (each entry once)."""
+    """The parameters whose gradient this rank counts in the whole norm (each entry once).
+
+    Under ``Config(zero_stage=...)`` a parameter's gradient is split over the replicas (stage
+    1: each shard's ``.grad`` is its slice of the summed gradient; 2 and 3: only that slice
+    is kept), so every replica counts its own slice; what ZeRO leaves whole (weights tied
+    across pipeline positions) counts on the first replica only, as without ZeRO."""
     plan = program.plan
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if plan.replica_of(rank) != 0:
-        return set()
-    entries = local_state(program)
+    replica = plan.replica_of(rank)
+    entries = local_state(program, optimizer_view=True)
     first_of_group = plan.tensor_group_of(rank)[0] == rank
     tied_holder: dict[str, bool] = {}
     for tied in program.program.tied:
         for group in tied.groups:
-            holders = [r for r in group if plan.replica_of(r) == 0]
+            holders = [r for r in group if plan.replica_of(r) == replica]
             if rank in holders:
                 tied_holder[tied.name] = rank == min(holders)
     out = set()
     for name, _ in named:
         entry = entries.get(name)
+        if replica != 0 and (entry is None or entry.flat is None):
+            continue  # the first replica counts what every replica holds alike
         held_alone = entry is not None and entry.spec is not None  # a shard, or an expert only this rank has
         if (held_alone or first_of_group) and tied_holder.get(name, True):
             out.add(name)

@@ -59,7 +59,8 @@ def optimizer_save_state(
             if not held:
                 continue
             entry = entries[name]
-            state[name] = {key: _state_value(name, key, v, entry, snapshot) for key, v in held.items()}
+            values = {key: _state_value(name, key, v, entry, snapshot) for key, v in held.items()}
+            state[name] = {key: v for key, v in values.items() if v is not None}  # None: none of it here
     return {"state": state, "param_groups": groups}
 
 
@@ -77,7 +78,8 @@ def _state_value(name: str, key: str, value: Any, entry: LocalTensor, snapshot: 
             f"neither the shard's {tuple(entry.tensor.shape)} nor a scalar: whale cannot tell where it "
             "sits in the whole tensor (use an optimizer whose state is laid out as its parameter)"
         )
-    return ChunkedTensor(entry.global_shape, entry.blocks(like=value))
+    blocks = entry.blocks(like=value)
+    return ChunkedTensor(entry.global_shape, blocks) if blocks else None
 
 
 def optimizer_load_targets(
@@ -109,8 +111,10 @@ def optimizer_load_targets(
                 if not isinstance(md, TensorStorageMetadata):
                     targets[key] = None  # a non-tensor value, read as it was saved
                     continue
-                local, targets[key] = _allocate(md, entries[name], p, optimizer.state.get(p, {}).get(key))
+                local, target = _allocate(md, entries[name], p, optimizer.state.get(p, {}).get(key))
                 tensors[(name, key)] = local
+                if target is not None:  # None: this rank holds none of it (an empty ZeRO shard)
+                    targets[key] = target
             if targets:
                 state[name] = targets
     return {"state": state, "param_groups": groups}, tensors
@@ -125,7 +129,10 @@ def _allocate(
             local = held.detach()
         else:
             local = torch.empty(p.shape, dtype=dtype, device=p.device)
-        return local, ChunkedTensor(entry.global_shape, entry.blocks(like=local)) if entry.sharded else local
+        if not entry.sharded:
+            return local, local
+        blocks = entry.blocks(like=local)
+        return local, ChunkedTensor(entry.global_shape, blocks) if blocks else None
     local = torch.empty(tuple(md.size), dtype=dtype)  # a scalar (a step count): kept where the optimizer keeps it
     return local, local
 
@@ -137,13 +144,17 @@ def apply_optimizer_state(
     """Give ``optimizer`` the state and hyperparameters read into ``loaded`` (through its own
     ``load_state_dict``, which casts and places the state as the optimizer keeps it)."""
     current = optimizer.state_dict()
+    unread: dict[str, dict[str, torch.Tensor]] = {}  # state of empty ZeRO shards: nothing to read
+    for (name, key), t in tensors.items():
+        if key not in loaded["state"].get(name, {}):
+            unread.setdefault(name, {})[key] = t
     state: dict[int, dict[str, Any]] = {}
     index = 0
     new_groups = []
     for g, (group, group_names) in enumerate(zip(current["param_groups"], names)):
         hypers = {}
         for name in group_names:
-            held = loaded["state"].get(name)
+            held = {**loaded["state"].get(name, {}), **unread.get(name, {})}
             if held:
                 state[index] = {k: tensors.get((name, k), v) for k, v in held.items()}
             raw = loaded["param_groups"].get(name)

@@ -116,6 +116,25 @@ class ZeroShards:
             out[name] = whole.view(p.shape)
         return out
 
+    def flat_range(self, param: nn.Parameter) -> tuple[int, int] | None:
+        """``(lo, hi)``: the elements of ``param`` flattened that this rank's shard of it holds
+        (``lo == hi``: none), or None where ``param`` is not sharded (left whole)."""
+        ranges = self.__dict__.get("_ranges")
+        if ranges is None:
+            ranges = {}
+            for part in self.parts:
+                if isinstance(part, ShardedReducer):
+                    for bucket, layout in zip(part.parts, part.layouts):
+                        ranges.update((id(q), r) for q, r in zip(bucket, layout.ranges))
+                else:
+                    for unit in part.units:
+                        ranges.update((id(q), r) for q, r in zip(unit.params, unit.layout.ranges))
+            self._ranges = ranges
+        found = ranges.get(id(param))
+        if found is None or id(param) not in self._full or self._full[id(param)] is not param:
+            return None
+        return found
+
     def _locate(self, p: nn.Parameter):
         for part in self.parts:
             if id(p) not in part.shards:
