@@ -24,7 +24,7 @@ from torch import nn
 from . import comm_ops
 from .host_reduce import HostLink, HostReduce, HostReduceUnavailable
 
-__all__ = ["GradientReducer"]
+__all__ = ["GradientReducer", "bucket_parts"]
 
 
 class _Bucket:
@@ -44,6 +44,23 @@ class _Bucket:
         needs_cast = comm_dtype is not None and comm_dtype != self.buffer.dtype
         self.comm = torch.empty_like(self.buffer, dtype=comm_dtype) if needs_cast else None
         self.ready: set[int] = set()
+
+
+def bucket_parts(params: Sequence[nn.Parameter], cap: int, first_cap: int) -> list[list[nn.Parameter]]:
+    """Parameters that need gradients grouped into buckets as DDP groups them: reverse
+    registration order (the order backward makes their gradients), a bucket closed once it holds
+    ``cap`` bytes (the first one's ``first_cap``, small so communication starts early) or where
+    the dtype or device changes."""
+    parts: list[list[nn.Parameter]] = []
+    size, full = 0, True
+    for p in reversed([p for p in params if p.requires_grad]):
+        if full or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
+            parts.append([])
+            size = 0
+        parts[-1].append(p)
+        size += p.numel() * p.element_size()
+        full = size >= (first_cap if len(parts) == 1 else cap)
+    return parts
 
 
 class GradientReducer:
@@ -88,16 +105,7 @@ class GradientReducer:
         # (:meth:`whale.runtime.emulate.Stretch.catch_up`), so its gradients leave when a slow
         # device's would.
         self.pace: Callable[[], None] | None = None
-        # As DDP's: a bucket closes once it holds its cap (the first bucket's is small).
-        parts: list[list[nn.Parameter]] = []  # each bucket's parameters
-        size, full = 0, True
-        for p in reversed([p for p in params if p.requires_grad]):
-            if full or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
-                parts.append([])
-                size = 0
-            parts[-1].append(p)
-            size += p.numel() * p.element_size()
-            full = size >= (first_bucket_cap_bytes if len(parts) == 1 else bucket_cap_bytes)
+        parts = bucket_parts(params, bucket_cap_bytes, first_bucket_cap_bytes)  # each bucket's parameters
         if extra_numel and not parts:
             raise ValueError("GradientReducer(extra_numel=...) needs a parameter that requires grad")
         sizes = [(sum(p.numel() for p in part) + (extra_numel if k == len(parts) - 1 else 0), part[0].dtype)

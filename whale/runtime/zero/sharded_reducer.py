@@ -29,25 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..grad_sync import GradientReducer
+from ..grad_sync import GradientReducer, bucket_parts
 from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedReducer"]
-
-
-def bucket_parts(params: Sequence[nn.Parameter], cap: int, first_cap: int) -> list[list[nn.Parameter]]:
-    """Parameters that need gradients grouped as :class:`GradientReducer` groups them: reverse
-    registration order, a bucket closed once it holds its cap (the first one's is small)."""
-    parts: list[list[nn.Parameter]] = []
-    size, full = 0, True
-    for p in reversed([p for p in params if p.requires_grad]):
-        if full or (p.dtype, p.device) != (parts[-1][0].dtype, parts[-1][0].device):
-            parts.append([])
-            size = 0
-        parts[-1].append(p)
-        size += p.numel() * p.element_size()
-        full = size >= (first_cap if len(parts) == 1 else cap)
-    return parts
 
 
 class ShardedReducer:
