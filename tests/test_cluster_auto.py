@@ -150,7 +150,9 @@ def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):
     # As parallelize measures: both ranks at once, single-threaded, rank 1 emulated 2x slower.
     outs = world2.run(f"{CASES}:emulated_rank_reports", "1:2")
     assert all(o["error"] is None for o in outs)
-    assert 1.7 <= outs[0]["speed"] / outs[1]["speed"] <= 2.4, outs
+    # Two single-threaded ranks on shared cores: a measured ratio, not an exact one; 1.5-2.7
+    # still tells a 2x-slower device from an equal one (1.0) and from a 3x one.
+    assert 1.5 <= outs[0]["speed"] / outs[1]["speed"] <= 2.7, outs
     assert outs[0]["seconds"] < 1.0 and outs[1]["seconds"] < 2.0, outs
 
 
