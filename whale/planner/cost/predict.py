@@ -190,6 +190,8 @@ class CostModel:
         self._block_params: dict[tuple[int, int], float] = {}
         self._rank_optimizer: dict = {}
         self._p2p: dict = {}
+        self._member_memory: dict = {}  # replica_memory's (held bytes per row, state bytes) per member
+        self._capacities: dict[int, int] = {}
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -211,7 +213,10 @@ class CostModel:
 
     def capacity(self, rank: int) -> int:
         """Bytes a plan may use on ``rank``."""
-        return int(self.device_of[rank].memory_bytes * self.options.memory_fraction)
+        found = self._capacities.get(rank)
+        if found is None:
+            found = self._capacities[rank] = int(self.device_of[rank].memory_bytes * self.options.memory_fraction)
+        return found
 
     def speed(self, device: DeviceProfile, rows: float = 1.0) -> float:
         """Rows per second of the whole model's forward and backward on one ``device``."""
@@ -418,28 +423,35 @@ class CostModel:
         memory: list[list[int]] = [[] for _ in range(p)]
         fits, limit = True, math.inf
         # The exact peak needs the schedule's orders; screening bounds it when they are long.
-        held_of = peak_held if exact or num_stages * m <= 512 else peak_held_bound
+        bound = not exact and num_stages * m > 512
+        held_of = peak_held_bound if bound else peak_held
+        blocks = [tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)) for pos in range(p)]
         width = max(len(g) for g in pipeline)
-        column: dict = {}  # members alike (device, share) across positions need alike memory
+        memo = self._member_memory
         for k in range(width):
             member = [min(k, len(g) - 1) for g in pipeline]
-            kind = tuple((self.device_of[g[i]].name, shares[pos][i]) for pos, (g, i) in enumerate(zip(pipeline, member)))
-            if kind not in column:
-                # Member k of every group: its activations per stage, then its peak per position.
+            # A member's held activations (peak_held per rank reads only the rank's own stages)
+            # and states depend on its position, share and blocks alone: memoised on those, as
+            # moving a cut changes two positions' blocks and leaves the others'.
+            keys = [(schedule, p, m, num_stages, bound, pos, shares[pos][member[pos]], blocks[pos]) for pos in range(p)]
+            found = [memo.get(key) for key in keys]
+            if None in found:
                 acts = [self.member_act(shares[s % p][member[s % p]], bounds[s], bounds[s + 1]) for s in range(num_stages)]
                 held = held_of(schedule, p, m, acts)
-                states = [self.state_bytes(shares[pos][member[pos]], [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)])
-                          for pos in range(p)]  # fmt: skip
-                column[kind] = (held, states)
-            held, states = column[kind]
+                if len(memo) > 200_000:
+                    memo.clear()
+                for pos, key in enumerate(keys):
+                    if found[pos] is None:
+                        found[pos] = memo[key] = (held[pos], self.state_bytes(shares[pos][member[pos]], blocks[pos]))
             for pos, group in enumerate(pipeline):
                 if k >= len(group):
                     continue
+                held, state = found[pos]
                 cap = self.capacity(group[k])
-                memory[pos].append(states[pos] + int(held[pos] * q_max))
+                memory[pos].append(state + int(held * q_max))
                 fits &= memory[pos][-1] <= cap
-                room = cap - states[pos]
-                limit = min(limit, -1 if room < 0 else m * (room // held[pos]) if held[pos] > 0 else math.inf)
+                room = cap - state
+                limit = min(limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
         return tuple(tuple(x) for x in memory), fits, limit
 
     def stage_lists(

@@ -167,6 +167,19 @@ class Climbs(SearchSpace):
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         rows = max(m, self.batch // layout.dp_degree)
         capacity = self.costs.capacity
+        caps = {pipe: [[capacity(r) for r in group] for group in pipe] for pipe, _ in classes}
+        p = len(classes[0][0])  # positions of a replica
+        # A position's bytes depend only on its own stages' layers (replica_memory): memoise
+        # each position's worst overflow on its blocks, as a move changes one or two positions.
+        positions: dict = {}
+
+        def position_overflow(pipe, trial: tuple[int, ...], blocks) -> list[float]:
+            found = [positions.get((pipe, pos, blocks[pos])) for pos in range(p)]
+            if None in found:
+                memory = self.costs.replica_memory(pipe, s, st.schedule, m, trial, rows, exact=False)[0]
+                for pos, (group_caps, need) in enumerate(zip(caps[pipe], memory)):
+                    found[pos] = positions[(pipe, pos, blocks[pos])] = max(b / c - 1 for c, b in zip(group_caps, need))
+            return found
 
         def overflow(trial: tuple[int, ...], bar: float = math.inf) -> float:
             # Memory only (no times): replica_cost's memory half. The worst over kinds of
@@ -175,10 +188,10 @@ class Climbs(SearchSpace):
             worst = self._memory_memo.get(key)
             if worst is None:
                 worst = -math.inf
+                bounds = (0, *trial, self.n)
+                blocks = [bounds[pos:: p] + bounds[pos + 1:: p] for pos in range(p)]
                 for pipe, _ in classes:
-                    memory = self.costs.replica_memory(pipe, s, st.schedule, m, trial, rows, exact=False)[0]
-                    for group, need in zip(pipe, memory):
-                        worst = max(worst, *(b / capacity(r) - 1 for r, b in zip(group, need)))
+                    worst = max(worst, *position_overflow(pipe, trial, blocks))
                     if worst >= bar:
                         return worst
                 self._memory_memo[key] = worst
