@@ -173,12 +173,13 @@ class Climbs(SearchSpace):
         # each position's worst overflow on its blocks, as a move changes one or two positions.
         positions: dict = {}
 
-        def position_overflow(pipe, trial: tuple[int, ...], blocks) -> list[float]:
-            found = [positions.get((pipe, pos, blocks[pos])) for pos in range(p)]
-            if None in found:
-                memory = self.costs.replica_memory(pipe, s, st.schedule, m, trial, rows, exact=False)[0]
-                for pos, (group_caps, need) in enumerate(zip(caps[pipe], memory)):
-                    found[pos] = positions[(pipe, pos, blocks[pos])] = max(b / c - 1 for c, b in zip(group_caps, need))
+        def position_overflow(pipe, bounds: tuple[int, ...], pos: int) -> float:
+            key = (pipe, pos, bounds[pos::p], bounds[pos + 1 :: p])
+            found = positions.get(key)
+            if found is None:
+                blocks = tuple((bounds[k], bounds[k + 1]) for k in range(pos, s, p))
+                need = self.costs.position_bytes(pipe, pos, s, st.schedule, m, blocks, rows, exact=False)
+                found = positions[key] = max(b / c - 1 for c, b in zip(caps[pipe][pos], need))
             return found
 
         def overflow(trial: tuple[int, ...], bar: float = math.inf) -> float:
@@ -189,9 +190,8 @@ class Climbs(SearchSpace):
             if worst is None:
                 worst = -math.inf
                 bounds = (0, *trial, self.n)
-                blocks = [bounds[pos:: p] + bounds[pos + 1:: p] for pos in range(p)]
                 for pipe, _ in classes:
-                    worst = max(worst, *position_overflow(pipe, trial, blocks))
+                    worst = max(worst, *(position_overflow(pipe, bounds, pos) for pos in range(p)))
                     if worst >= bar:
                         return worst
                 self._memory_memo[key] = worst
