@@ -38,6 +38,16 @@ class Climbs(SearchSpace):
             found = self._replica_memo[key] = self.costs.replica_cost(pipe, s, schedule, m, cuts, rows, sync, exact=exact)
         return found
 
+    def sync(self, layout, s: int, cuts):
+        """:meth:`~.predict.CostModel.sync_time`, memoised: a climb scores the same cuts again."""
+        key = (id(layout), s, tuple(cuts))
+        found = self._sync_memo.get(key)
+        if found is None:
+            if len(self._sync_memo) > 200_000:
+                self._sync_memo.clear()
+            found = self._sync_memo[key] = self.costs.sync_time(layout, s, cuts)
+        return found
+
     def replica_floor(self, pipe, s: int, m: int, cuts, rows: int, sync) -> float:
         """:func:`~.time_floor.replica_floor` of :meth:`replica`'s exact time, memoised (no schedule run)."""
         key = (pipe, s, m, cuts, rows, sync)
@@ -69,7 +79,7 @@ class Climbs(SearchSpace):
                 # now within T (else every kind gets fewer and the batch is not covered): the
                 # least such time bounds the step from below, and a move it rules out
                 # (bound >= bar) is not rebalanced.
-                sync = self.costs.sync_time(layout, s, trial)
+                sync = self.sync(layout, s, trial)
                 bound = min(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, least_rows))
                 if bound >= bar:
                     return bound
@@ -80,7 +90,7 @@ class Climbs(SearchSpace):
                 # Kinds of replicas trade rows: a cut may pay off only with its own rows.
                 found = self.rows_and_time(layout, classes, s, st.schedule, m, trial, exact=True, guess=held_rows)
                 return math.inf if found is None else found[0]
-            sync = self.costs.sync_time(layout, s, trial)
+            sync = self.sync(layout, s, trial)
             if run and bar < math.inf:
                 bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
                 if bound >= bar:
@@ -93,7 +103,7 @@ class Climbs(SearchSpace):
             # Rebalancing rows per move is dear: climb with the rows held first (one schedule
             # per kind a move), then rebalance from the better of the two summits.
             def held_time(trial: tuple[int, ...], bar: float = math.inf) -> float:
-                sync = self.costs.sync_time(layout, s, trial)
+                sync = self.sync(layout, s, trial)
                 if bar < math.inf:
                     bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
                     if bound >= bar:
