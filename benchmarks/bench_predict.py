@@ -123,10 +123,11 @@ def _shares(world: int, before, fallback: float) -> list[float]:
 def _worker(rank: int, world: int, args, results) -> None:
     ring = measure_links()["all_reduce"]
     link = f"intra={ring.bandwidth / 1e9:.4g}GB/s,intra_lat={ring.latency * 1e6:.4g}us"
-    # The core's own rates (thread CPU time), measured by every rank at once; rank 0's serve.
+    # The core's own rates (thread CPU time) and the link, measured by every rank at once; rank
+    # 0's serve every rank, so all build one Config (whale checks that they agree).
     gathered = [None] * world
-    dist.all_gather_object(gathered, measure_device(quick=True, share=1.0))
-    host = gathered[0]
+    dist.all_gather_object(gathered, (measure_device(quick=True, share=1.0), link))
+    host, link = gathered[0]
     cfg = GPTConfig(
         n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block
     )
