@@ -12,7 +12,18 @@ Example::
 from .api import init, parallelize
 from .config import Config
 from .primitives import annotate, cluster, pipeline, replicate, split, stage
-from .runtime.state import checkpoint
+
+
+def __getattr__(name: str):
+    # whale.checkpoint loads torch.distributed.checkpoint (about a second of import): only
+    # when first used, so `whale plan` and `import whale` do not pay for it.
+    if name == "checkpoint":
+        from .runtime.state import checkpoint
+
+        globals()["checkpoint"] = checkpoint
+        return checkpoint
+    raise AttributeError(f"module 'whale' has no attribute {name!r}")
+
 
 __all__ = [
     "Config",

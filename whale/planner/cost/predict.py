@@ -190,6 +190,7 @@ class CostModel:
         self._block_params: dict[tuple[int, int], float] = {}
         self._rank_optimizer: dict = {}
         self._p2p: dict = {}
+        self._member_memory: dict = {}  # replica_memory's (held bytes per row, state bytes) per member
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -412,35 +413,59 @@ class CostModel:
         """The memory half of :meth:`replica_cost`: bytes per position and member, whether every
         member fits, and the most rows whose micro-batches fit (no times computed)."""
         p, m = len(pipeline), num_micro_batch
-        q_max = -(-rows // m)
         bounds = (0, *cuts, self.num_layers)
-        shares = [self.shard_shares(g) for g in pipeline]
-        memory: list[list[int]] = [[] for _ in range(p)]
+        memory: list[tuple[int, ...]] = []
         fits, limit = True, math.inf
+        for pos, group in enumerate(pipeline):
+            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
+            found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
+            memory.append(self.position_bytes(pipeline, pos, num_stages, schedule, m, blocks, rows, exact=exact))
+            for rank, (held, state), need in zip(group, found, memory[-1]):
+                cap = self.capacity(rank)
+                fits &= need <= cap
+                room = cap - state
+                limit = min(limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
+        return tuple(memory), fits, limit
+
+    def position_bytes(
+        self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,
+        blocks: tuple[tuple[int, int], ...], rows: int, *, exact: bool = True,
+    ) -> tuple[int, ...]:  # fmt: skip
+        """Bytes each member of position ``pos`` (stages of layers ``blocks``) needs when the
+        replica runs ``rows`` rows in ``num_micro_batch`` micro-batches (the largest held)."""
+        q_max = -(-rows // num_micro_batch)
+        found = self.position_memory(pipeline, pos, num_stages, schedule, num_micro_batch, blocks, exact=exact)
+        return tuple(state + int(held * q_max) for held, state in found)
+
+    def position_memory(
+        self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,
+        blocks: tuple[tuple[int, int], ...], *, exact: bool = True,
+    ) -> tuple[tuple[float, int], ...]:  # fmt: skip
+        """Per member of position ``pos`` (its stages: layer ranges ``blocks``): the activation
+        bytes it holds at its peak per row of a micro-batch, and its state bytes.
+
+        A rank's peak reads only its own stages (``peak_held`` per rank), so this depends on
+        the position's blocks alone and is memoised on them: moving a cut changes the blocks
+        of one or two positions and leaves the others'.
+        """
+        p, m = len(pipeline), num_micro_batch
         # The exact peak needs the schedule's orders; screening bounds it when they are long.
-        held_of = peak_held if exact or num_stages * m <= 512 else peak_held_bound
-        width = max(len(g) for g in pipeline)
-        column: dict = {}  # members alike (device, share) across positions need alike memory
-        for k in range(width):
-            member = [min(k, len(g) - 1) for g in pipeline]
-            kind = tuple((self.device_of[g[i]].name, shares[pos][i]) for pos, (g, i) in enumerate(zip(pipeline, member)))
-            if kind not in column:
-                # Member k of every group: its activations per stage, then its peak per position.
-                acts = [self.member_act(shares[s % p][member[s % p]], bounds[s], bounds[s + 1]) for s in range(num_stages)]
-                held = held_of(schedule, p, m, acts)
-                states = [self.state_bytes(shares[pos][member[pos]], [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)])
-                          for pos in range(p)]  # fmt: skip
-                column[kind] = (held, states)
-            held, states = column[kind]
-            for pos, group in enumerate(pipeline):
-                if k >= len(group):
-                    continue
-                cap = self.capacity(group[k])
-                memory[pos].append(states[pos] + int(held[pos] * q_max))
-                fits &= memory[pos][-1] <= cap
-                room = cap - states[pos]
-                limit = min(limit, -1 if room < 0 else m * (room // held[pos]) if held[pos] > 0 else math.inf)
-        return tuple(tuple(x) for x in memory), fits, limit
+        bound = not exact and num_stages * m > 512
+        shares = self.shard_shares(pipeline[pos])
+        out = []
+        for share in shares:
+            key = (schedule, p, m, num_stages, bound, pos, share, blocks)
+            found = self._member_memory.get(key)
+            if found is None:
+                acts = [0.0] * num_stages
+                for s, (a, b) in zip(range(pos, num_stages, p), blocks):
+                    acts[s] = self.member_act(share, a, b)
+                held = (peak_held_bound if bound else peak_held)(schedule, p, m, acts)[pos]
+                if len(self._member_memory) > 200_000:
+                    self._member_memory.clear()
+                found = self._member_memory[key] = (held, self.state_bytes(share, blocks))
+            out.append(found)
+        return tuple(out)
 
     def stage_lists(
         self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int

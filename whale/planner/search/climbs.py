@@ -38,6 +38,16 @@ class Climbs(SearchSpace):
             found = self._replica_memo[key] = self.costs.replica_cost(pipe, s, schedule, m, cuts, rows, sync, exact=exact)
         return found
 
+    def sync(self, layout, s: int, cuts):
+        """:meth:`~.predict.CostModel.sync_time`, memoised: a climb scores the same cuts again."""
+        key = (id(layout), s, tuple(cuts))
+        found = self._sync_memo.get(key)
+        if found is None:
+            if len(self._sync_memo) > 200_000:
+                self._sync_memo.clear()
+            found = self._sync_memo[key] = self.costs.sync_time(layout, s, cuts)
+        return found
+
     def replica_floor(self, pipe, s: int, m: int, cuts, rows: int, sync) -> float:
         """:func:`~.time_floor.replica_floor` of :meth:`replica`'s exact time, memoised (no schedule run)."""
         key = (pipe, s, m, cuts, rows, sync)
@@ -69,7 +79,7 @@ class Climbs(SearchSpace):
                 # now within T (else every kind gets fewer and the batch is not covered): the
                 # least such time bounds the step from below, and a move it rules out
                 # (bound >= bar) is not rebalanced.
-                sync = self.costs.sync_time(layout, s, trial)
+                sync = self.sync(layout, s, trial)
                 bound = min(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, least_rows))
                 if bound >= bar:
                     return bound
@@ -80,7 +90,7 @@ class Climbs(SearchSpace):
                 # Kinds of replicas trade rows: a cut may pay off only with its own rows.
                 found = self.rows_and_time(layout, classes, s, st.schedule, m, trial, exact=True, guess=held_rows)
                 return math.inf if found is None else found[0]
-            sync = self.costs.sync_time(layout, s, trial)
+            sync = self.sync(layout, s, trial)
             if run and bar < math.inf:
                 bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
                 if bound >= bar:
@@ -93,7 +103,7 @@ class Climbs(SearchSpace):
             # Rebalancing rows per move is dear: climb with the rows held first (one schedule
             # per kind a move), then rebalance from the better of the two summits.
             def held_time(trial: tuple[int, ...], bar: float = math.inf) -> float:
-                sync = self.costs.sync_time(layout, s, trial)
+                sync = self.sync(layout, s, trial)
                 if bar < math.inf:
                     bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
                     if bound >= bar:
@@ -167,6 +177,20 @@ class Climbs(SearchSpace):
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         rows = max(m, self.batch // layout.dp_degree)
         capacity = self.costs.capacity
+        caps = {pipe: [[capacity(r) for r in group] for group in pipe] for pipe, _ in classes}
+        p = len(classes[0][0])  # positions of a replica
+        # A position's bytes depend only on its own stages' layers (replica_memory): memoise
+        # each position's worst overflow on its blocks, as a move changes one or two positions.
+        positions: dict = {}
+
+        def position_overflow(pipe, bounds: tuple[int, ...], pos: int) -> float:
+            key = (pipe, pos, bounds[pos::p], bounds[pos + 1 :: p])
+            found = positions.get(key)
+            if found is None:
+                blocks = tuple((bounds[k], bounds[k + 1]) for k in range(pos, s, p))
+                need = self.costs.position_bytes(pipe, pos, s, st.schedule, m, blocks, rows, exact=False)
+                found = positions[key] = max(b / c - 1 for c, b in zip(caps[pipe][pos], need))
+            return found
 
         def overflow(trial: tuple[int, ...], bar: float = math.inf) -> float:
             # Memory only (no times): replica_cost's memory half. The worst over kinds of
@@ -175,10 +199,9 @@ class Climbs(SearchSpace):
             worst = self._memory_memo.get(key)
             if worst is None:
                 worst = -math.inf
+                bounds = (0, *trial, self.n)
                 for pipe, _ in classes:
-                    memory = self.costs.replica_memory(pipe, s, st.schedule, m, trial, rows, exact=False)[0]
-                    for group, need in zip(pipe, memory):
-                        worst = max(worst, *(b / capacity(r) - 1 for r, b in zip(group, need)))
+                    worst = max(worst, *(position_overflow(pipe, bounds, pos) for pos in range(p)))
                     if worst >= bar:
                         return worst
                 self._memory_memo[key] = worst

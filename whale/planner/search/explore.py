@@ -195,7 +195,7 @@ class Explorer(Climbs):
         counts per class (pipeline times are close to affine in rows), capped by memory.
         """
         costs = self.costs
-        sync = costs.sync_time(layout, s, cuts)
+        sync = self.sync(layout, s, cuts)
         counts = [c for _, c in classes]
 
         # Short schedules are cheap to run: screen them with the flow shop too.

@@ -150,6 +150,7 @@ class SearchSpace:
         self._replica_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows, sync, exact) -> ReplicaCost
         self._floor_memo: dict = {}  # (pipeline, stages, m, cuts, rows, sync) -> a floor under its exact time
         self._memory_memo: dict = {}  # (pipeline, stages, schedule, m, cuts, rows) -> replica memory
+        self._sync_memo: dict = {}  # (layout, stages, cuts) -> the gradient all-reduce per position
         self._arrays: dict = {}
         self._classes: dict = {}
         self.floor = MemoryFloor(self.costs, self.cuttable)
