@@ -465,7 +465,7 @@ class CostModel:
         boundary, of a replica (``pipeline``: its groups by position) with ``rows`` rows. Memoised
         per replica and per stage on (group, rows per micro-batch, layers): a moved cut recomputes
         the one or two stages it changes."""
-        pipeline = tuple(map(tuple, pipeline))
+        pipeline = pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline))
         key = (pipeline, num_stages, num_micro_batch, tuple(cuts), rows)
         found = self._stage_lists.get(key)
         if found is None:
