@@ -325,7 +325,7 @@ class CostModel:
             # Memoised per position on its blocks; the entry holds ``layout``, so its id stays its own.
             blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
             found = self._sync.get((id(layout), pos, blocks))
-            if found is None or found[0] is not layout:
+            if found is None:
                 groups = [layout.pipelines[d][pos] for d in range(dp)]
                 shares = self.shard_shares(groups[0])
                 sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
