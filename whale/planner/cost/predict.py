@@ -174,6 +174,7 @@ class CostModel:
         self._p2p: dict = {}
         self._member_memory: dict = {}  # replica_memory's (held bytes per row, state bytes) per member
         self._stage_lists, self._stage_forward = {}, {}  # stage_lists per replica; a stage's forward
+        self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
         self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
 
         def prefix(values) -> np.ndarray:
@@ -409,24 +410,23 @@ class CostModel:
         fits, limit = True, math.inf
         for pos, group in enumerate(pipeline):
             blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
-            memory.append(tuple(state + int(held * q_max) for held, state in found))  # as position_bytes
-            for rank, (held, state), need in zip(group, found, memory[-1]):
-                cap = self.capacity(rank)
-                fits &= need <= cap
-                room = cap - state
-                limit = min(limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
+            # A position's bytes and room read only its own group and blocks: memoised on them.
+            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, blocks, rows)
+            at = self._position_fit.get(key)
+            if at is None:
+                found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
+                need = tuple(state + int(held * q_max) for held, state in found)  # the largest micro-batch held
+                at_fits, at_limit = True, math.inf
+                for rank, (held, state), x in zip(group, found, need):
+                    cap = self.capacity(rank)
+                    at_fits &= x <= cap
+                    room = cap - state
+                    at_limit = min(at_limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
+                self._position_fit = {} if len(self._position_fit) > 200_000 else self._position_fit
+                at = self._position_fit[key] = (need, at_fits, at_limit)
+            memory.append(at[0])
+            fits, limit = fits and at[1], min(limit, at[2])
         return tuple(memory), fits, limit
-
-    def position_bytes(
-        self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,
-        blocks: tuple[tuple[int, int], ...], rows: int, *, exact: bool = True,
-    ) -> tuple[int, ...]:  # fmt: skip
-        """Bytes each member of position ``pos`` (stages of layers ``blocks``) needs when the
-        replica runs ``rows`` rows in ``num_micro_batch`` micro-batches (the largest held)."""
-        q_max = -(-rows // num_micro_batch)
-        found = self.position_memory(pipeline, pos, num_stages, schedule, num_micro_batch, blocks, exact=exact)
-        return tuple(state + int(held * q_max) for held, state in found)
 
     def position_memory(
         self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,

@@ -191,6 +191,7 @@ class Climbs(SearchSpace):
         """
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         rows = max(m, self.batch // layout.dp_degree)
+        q_max = -(-rows // m)
         capacity = self.costs.capacity
         caps = {pipe: [[capacity(r) for r in group] for group in pipe] for pipe, _ in classes}
         p = len(classes[0][0])  # positions of a replica
@@ -203,7 +204,8 @@ class Climbs(SearchSpace):
             found = positions.get(key)
             if found is None:
                 blocks = tuple((bounds[k], bounds[k + 1]) for k in range(pos, s, p))
-                need = self.costs.position_bytes(pipe, pos, s, st.schedule, m, blocks, rows, exact=False)
+                found = self.costs.position_memory(pipe, pos, s, st.schedule, m, blocks, exact=False)
+                need = [state + int(held * q_max) for held, state in found]  # the largest micro-batch held
                 found = positions[key] = max(b / c - 1 for c, b in zip(caps[pipe][pos], need))
             return found
 
