@@ -495,7 +495,7 @@ class CostModel:
         the position's stages (``formulas.optimizer_step_time``), memoised per position on its
         group and layer ranges (a moved cut changes one or two positions)."""
         p = len(pipeline)
-        by_ranks = (tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
+        by_ranks = (pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
         cached = self._rank_optimizer.get(by_ranks)
         if cached is not None:
             return cached
