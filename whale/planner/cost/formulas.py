@@ -24,7 +24,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -41,6 +41,7 @@ __all__ = [
     "COLLECTIVES",
     "DEFAULT_EFFICIENCY",
     "MemoryEstimate",
+    "SyncTimes",
     "all_gather_time",
     "all_reduce_time",
     "all_to_all_time",
@@ -48,6 +49,7 @@ __all__ = [
     "collective_time",
     "compute_time",
     "efficiency_at",
+    "exposed_sync",
     "node_compute_times",
     "op_time",
     "optimizer_step_time",
@@ -452,3 +454,22 @@ def pipeline_step_time(
         )
     schedule = make_schedule(schedule_name, len(forward), num_micro_batch, num_ranks)
     return simulate(schedule, forward, backward, p2p_time, blocking=blocking)
+
+
+class SyncTimes(tuple):
+    """Gradient all-reduce seconds per pipeline position (a tuple of floats), with ``tail``: the
+    all-reduce of each position's last bucket, which no backward hides."""
+
+    tail: tuple[float, ...]
+
+    def __new__(cls, times, tail=None) -> Self:
+        out = super().__new__(cls, (float(t) for t in times))
+        out.tail = tuple(tail) if tail is not None else (0.0,) * len(out)
+        return out
+
+
+def exposed_sync(sync: Sequence[float], k: int, last_compute: float) -> float:
+    """What position ``k``'s gradient sync adds after its last compute: the all-reduce beyond
+    that compute, and at least the last bucket's (``SyncTimes.tail``)."""
+    tail = getattr(sync, "tail", None)
+    return max(0.0, sync[k] - last_compute, tail[k] if tail else 0.0)

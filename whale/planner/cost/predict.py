@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Self
 
 import numpy as np
 
@@ -47,7 +46,9 @@ from ..schedules.simulator import sim_timeline, simulate
 from .candidate import Candidate, Prediction, RankLayout, ReplicaCost
 from .formulas import (
     BACKWARD_FLOPS_FACTOR,
+    SyncTimes,
     efficiency_at,
+    exposed_sync,
     optimizer_step_time,
     point_to_point_time,
     training_memory,
@@ -117,25 +118,6 @@ def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> f
     return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
 
 
-class SyncTimes(tuple):
-    """Gradient all-reduce seconds per pipeline position (a tuple of floats), with ``tail``: the
-    all-reduce of each position's last bucket, which no backward hides."""
-
-    tail: tuple[float, ...]
-
-    def __new__(cls, times, tail=None) -> Self:
-        out = super().__new__(cls, (float(t) for t in times))
-        out.tail = tuple(tail) if tail is not None else (0.0,) * len(out)
-        return out
-
-
-def _exposed(sync: Sequence[float], k: int, last_compute: float) -> float:
-    """What position ``k``'s gradient sync adds after its last compute: the all-reduce beyond
-    that compute, and at least the last bucket's (``SyncTimes.tail``)."""
-    tail = getattr(sync, "tail", None)
-    return max(0.0, sync[k] - last_compute, tail[k] if tail else 0.0)
-
-
 class CostModel:
     """Times and bytes of layers, stages and replicas for one model on one cluster.
 
@@ -191,6 +173,9 @@ class CostModel:
         self._rank_optimizer: dict = {}
         self._p2p: dict = {}
         self._member_memory: dict = {}  # replica_memory's (held bytes per row, state bytes) per member
+        self._stage_lists, self._stage_forward = {}, {}  # stage_lists per replica; a stage's forward
+        self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
+        self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -338,18 +323,24 @@ class CostModel:
         out, tail = [], []
         first, cap = self.options.first_bucket_bytes, self.options.bucket_bytes
         for pos in range(p):
-            groups = [layout.pipelines[d][pos] for d in range(dp)]
-            shares = self.shard_shares(groups[0])
-            blocks = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
-            sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
-            repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
-            grad = (sharded * max(shares) + repl) * self.grad_bytes_per_param
-            link = self.group_link([g[0] for g in groups])
-            # Buckets fill from the last layers (a small first one, then ``cap`` each); the last
-            # holds the first layers' gradients, ready only at the end of the backward.
-            last = grad if grad <= first else (grad - first) % cap or cap
-            for size, into in ((grad, out), (last, tail)):
-                into.append(2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth)
+            # Memoised per position on its blocks; the entry holds ``layout``, so its id stays its own.
+            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
+            found = self._sync.get((id(layout), pos, blocks))
+            if found is None:
+                groups = [layout.pipelines[d][pos] for d in range(dp)]
+                shares = self.shard_shares(groups[0])
+                sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
+                repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
+                grad = (sharded * max(shares) + repl) * self.grad_bytes_per_param
+                link = self.group_link([g[0] for g in groups])
+                # Buckets fill from the last layers (a small first one, then ``cap`` each); the last
+                # holds the first layers' gradients, ready only at the end of the backward.
+                last = grad if grad <= first else (grad - first) % cap or cap
+                self._sync = {} if len(self._sync) > 200_000 else self._sync
+                found = self._sync[(id(layout), pos, blocks)] = (layout, *(
+                    2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth for size in (grad, last)))
+            out.append(found[1])
+            tail.append(found[2])
         return SyncTimes(out, tail)
 
     def shard_shares(self, group: Sequence[int]) -> tuple[float, ...]:
@@ -382,22 +373,23 @@ class CostModel:
 
         ``exact`` runs the schedule (:func:`~.flow_shop.flow_shop`); otherwise the closed form
         :func:`~.flow_shop.pipeline_estimate` is used, for screening. Memory is exact either way.
-        The time is ``inf`` when some member's memory exceeds its capacity.
-        """
+        The time is ``inf`` when some member's memory exceeds its capacity."""
         p, m = len(pipeline), num_micro_batch
         memory, fits, limit = self.replica_memory(pipeline, num_stages, schedule, m, cuts, rows, exact=exact)
         forward, backward, p2p = self.stage_lists(pipeline, num_stages, m, cuts, rows)
         opt = self.optimizer_times(pipeline, num_stages, cuts)
         busy = tuple(m * sum(forward[s] + backward[s] for s in range(pos, num_stages, p)) for pos in range(p))
         stage_times = tuple(f + b for f, b in zip(forward, backward))
-        if exact:
+        if not fits:
+            time = math.inf  # the schedule need not run
+        elif exact:
             run = flow_shop(schedule, p, m, forward, backward, p2p)
-            time = max(run.finish[k] + _exposed(sync, k, run.last_compute[k]) + opt[k] for k in range(p))
+            time = max(run.finish[k] + exposed_sync(sync, k, run.last_compute[k]) + opt[k] for k in range(p))
         else:
             # The final compute of position k is the backward of its first stage, k.
             finish = pipeline_estimate(p, m, forward, backward, p2p)
-            time = max(finish[k] + _exposed(sync, k, backward[k]) + opt[k] for k in range(p))
-        return ReplicaCost(time if fits else math.inf, busy, tuple(memory), stage_times, limit)
+            time = max(finish[k] + exposed_sync(sync, k, backward[k]) + opt[k] for k in range(p))
+        return ReplicaCost(time, busy, tuple(memory), stage_times, limit)
 
     def replica_memory(
         self,
@@ -413,29 +405,28 @@ class CostModel:
         """The memory half of :meth:`replica_cost`: bytes per position and member, whether every
         member fits, and the most rows whose micro-batches fit (no times computed)."""
         p, m = len(pipeline), num_micro_batch
-        bounds = (0, *cuts, self.num_layers)
+        bounds, q_max = (0, *cuts, self.num_layers), -(-rows // m)
         memory: list[tuple[int, ...]] = []
         fits, limit = True, math.inf
         for pos, group in enumerate(pipeline):
             blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
-            memory.append(self.position_bytes(pipeline, pos, num_stages, schedule, m, blocks, rows, exact=exact))
-            for rank, (held, state), need in zip(group, found, memory[-1]):
-                cap = self.capacity(rank)
-                fits &= need <= cap
-                room = cap - state
-                limit = min(limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
+            # A position's bytes and room read only its own group and blocks: memoised on them.
+            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, blocks, rows)
+            at = self._position_fit.get(key)
+            if at is None:
+                found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
+                need = tuple(state + int(held * q_max) for held, state in found)  # the largest micro-batch held
+                at_fits, at_limit = True, math.inf
+                for rank, (held, state), x in zip(group, found, need):
+                    cap = self.capacity(rank)
+                    at_fits &= x <= cap
+                    room = cap - state
+                    at_limit = min(at_limit, -1 if room < 0 else m * (room // held) if held > 0 else math.inf)
+                self._position_fit = {} if len(self._position_fit) > 200_000 else self._position_fit
+                at = self._position_fit[key] = (need, at_fits, at_limit)
+            memory.append(at[0])
+            fits, limit = fits and at[1], min(limit, at[2])
         return tuple(memory), fits, limit
-
-    def position_bytes(
-        self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,
-        blocks: tuple[tuple[int, int], ...], rows: int, *, exact: bool = True,
-    ) -> tuple[int, ...]:  # fmt: skip
-        """Bytes each member of position ``pos`` (stages of layers ``blocks``) needs when the
-        replica runs ``rows`` rows in ``num_micro_batch`` micro-batches (the largest held)."""
-        q_max = -(-rows // num_micro_batch)
-        found = self.position_memory(pipeline, pos, num_stages, schedule, num_micro_batch, blocks, exact=exact)
-        return tuple(state + int(held * q_max) for held, state in found)
 
     def position_memory(
         self, pipeline: Sequence[Sequence[int]], pos: int, num_stages: int, schedule: str, num_micro_batch: int,
@@ -471,51 +462,61 @@ class CostModel:
         self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
     ) -> tuple[list[float], list[float], list[float]]:
         """One micro-batch's forward and backward time per stage, and the transfer time per
-        boundary, of a replica (``pipeline``: its groups by position) with ``rows`` rows."""
-        p, q = len(pipeline), rows / num_micro_batch
-        bounds = (0, *cuts, self.num_layers)
-        forward, backward, p2p = [], [], []
-        for s in range(num_stages):
-            pos = s % p
-            fwd = self.group_forward(pipeline[pos], self.shard_shares(pipeline[pos]), q, bounds[s], bounds[s + 1])
-            forward.append(fwd)
-            backward.append(BACKWARD_FLOPS_FACTOR * fwd)
-            if s < num_stages - 1:
-                a, b = pipeline[pos][0], pipeline[(s + 1) % p][0]
-                key = (a, b, bounds[s + 1], q)
-                cached = self._p2p.get(key)
-                if cached is None:
-                    size = self.cut_bytes[bounds[s + 1]] * q
-                    cached = self._p2p[key] = 0.0 if a == b else point_to_point_time(size, self.link(a, b))
-                p2p.append(cached)
-        return forward, backward, p2p
+        boundary, of a replica (``pipeline``: its groups by position) with ``rows`` rows. Memoised
+        per replica and per stage on (group, rows per micro-batch, layers): a moved cut recomputes
+        the one or two stages it changes."""
+        pipeline = pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline))
+        key = (pipeline, num_stages, num_micro_batch, tuple(cuts), rows)
+        found = self._stage_lists.get(key)
+        if found is None:
+            p, q = len(pipeline), rows / num_micro_batch
+            bounds = (0, *cuts, self.num_layers)
+            forward, p2p = [], []
+            for s in range(num_stages):
+                group, a, b = pipeline[s % p], bounds[s], bounds[s + 1]
+                fwd = self._stage_forward.get((group, q, a, b))
+                if fwd is None:
+                    fwd = self._stage_forward[(group, q, a, b)] = self.group_forward(group, self.shard_shares(group), q, a, b)
+                forward.append(fwd)
+                if s < num_stages - 1:
+                    x, y = group[0], pipeline[(s + 1) % p][0]
+                    cached = self._p2p.get((x, y, b, q))
+                    if cached is None:
+                        size = self.cut_bytes[b] * q
+                        cached = self._p2p[(x, y, b, q)] = 0.0 if x == y else point_to_point_time(size, self.link(x, y))
+                    p2p.append(cached)
+            if len(self._stage_lists) > 200_000:
+                self._stage_lists, self._stage_forward = {}, {}
+            found = self._stage_lists[key] = (forward, [BACKWARD_FLOPS_FACTOR * f for f in forward], p2p)
+        return list(found[0]), list(found[1]), list(found[2])
 
     def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
         """The optimizer step per position of a replica: its slowest member over its shard of
-        the position's stages (``formulas.optimizer_step_time``), memoised."""
+        the position's stages (``formulas.optimizer_step_time``), memoised per position on its
+        group and layer ranges (a moved cut changes one or two positions)."""
         p = len(pipeline)
-        by_ranks = (tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
+        by_ranks = (pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
         cached = self._rank_optimizer.get(by_ranks)
         if cached is not None:
             return cached
-        key = (tuple(tuple(self.device_of[r].name for r in g) for g in pipeline), num_stages, tuple(cuts))
-        if key not in self._optimizer:
-            bounds = (0, *cuts, self.num_layers)
-            out = []
-            for pos, group in enumerate(pipeline):
-                blocks = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
+        bounds, out = (0, *cuts, self.num_layers), []
+        for pos, group in enumerate(by_ranks[0]):
+            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
+            found = self._optimizer.get((group, blocks))
+            if found is None:
                 tensors = int(sum(self.param_tensors[b] - self.param_tensors[a] for a, b in blocks))
                 repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
                 sharded = sum(self.block_param_bytes(a, b) for a, b in blocks) - repl
                 kinds = set(zip((self.device_of[r] for r in group), self.shard_shares(group)))
-                out.append(max(
+                found = self._optimizer[(group, blocks)] = max(
                     optimizer_step_time((sharded * share + repl) / self.profile.param_dtype_bytes, tensors, device,
                                         optimizer=self.options.optimizer, precision=self.options.precision)
                     for device, share in kinds
-                ))  # fmt: skip
-            self._optimizer[key] = tuple(out)
-        self._rank_optimizer[by_ranks] = self._optimizer[key]
-        return self._optimizer[key]
+                )  # fmt: skip
+            out.append(found)
+        self._rank_optimizer = {} if len(self._rank_optimizer) > 200_000 else self._rank_optimizer
+        cached = self._rank_optimizer[by_ranks] = tuple(out)
+        return cached
 
     def timeline(self, candidate: Candidate) -> Timeline:
         """The simulated step of ``candidate`` on every rank (source ``"simulated"``).
@@ -549,7 +550,7 @@ class CostModel:
                     begin = computes[-1].start if computes else 0.0
                     end = finish
                     if sync[pos] > 0:
-                        end = finish + _exposed(sync, pos, finish - begin)
+                        end = finish + exposed_sync(sync, pos, finish - begin)
                         events.append(TraceEvent(rank, "sync", "sync", begin, end))
                     if opt[pos] > 0:
                         events.append(TraceEvent(rank, "optimizer", "optimizer", end, end + opt[pos]))

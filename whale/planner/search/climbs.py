@@ -73,6 +73,17 @@ class Climbs(SearchSpace):
         least_rows = [min(r for d, r in enumerate(rows) if class_of[d] == k) for k in range(len(classes))]
         run = exact or s * m <= self.settings.simulate_below
 
+        def slowest(trial, sync, bar: float, *, exact: bool, floors=None) -> float:
+            # The slowest kind at its held rows. Once one kind reaches ``bar`` the move cannot
+            # win (``descend``'s bounded score) and the rest are skipped: highest floors first.
+            order = range(len(classes)) if floors is None else sorted(range(len(classes)), key=lambda k: -floors[k])
+            worst = -math.inf
+            for k in order:
+                worst = max(worst, self.replica(classes[k][0], s, st.schedule, m, trial, held_rows[k], sync, exact=exact).time)
+                if worst >= bar:
+                    break
+            return worst
+
         def time_at(trial: tuple[int, ...], bar: float = math.inf) -> float:
             if exact and len(classes) > 1:
                 # Rows rebalanced for ``trial`` reach T only if some kind k runs its least rows
@@ -83,20 +94,24 @@ class Climbs(SearchSpace):
                 bound = min(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, least_rows))
                 if bound >= bar:
                     return bound
-                bound = min(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=True).time
-                            for (pipe, _), r in zip(classes, least_rows))  # fmt: skip
+                # The least of the kinds' times: any under ``bar`` lets the move go on.
+                bound = math.inf
+                for (pipe, _), r in zip(classes, least_rows):
+                    bound = min(bound, self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=True).time)
+                    if bound < bar:
+                        break
                 if bound >= bar:
                     return bound
                 # Kinds of replicas trade rows: a cut may pay off only with its own rows.
                 found = self.rows_and_time(layout, classes, s, st.schedule, m, trial, exact=True, guess=held_rows)
                 return math.inf if found is None else found[0]
             sync = self.sync(layout, s, trial)
+            floors = None
             if run and bar < math.inf:
-                bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
-                if bound >= bar:
-                    return bound
-            return max(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=run).time
-                       for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
+                floors = [self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows)]
+                if max(floors) >= bar:
+                    return max(floors)
+            return slowest(trial, sync, bar, exact=run, floors=floors)
 
         start = tuple(cuts)
         if exact and len(classes) > 1:
@@ -104,12 +119,12 @@ class Climbs(SearchSpace):
             # per kind a move), then rebalance from the better of the two summits.
             def held_time(trial: tuple[int, ...], bar: float = math.inf) -> float:
                 sync = self.sync(layout, s, trial)
+                floors = None
                 if bar < math.inf:
-                    bound = max(self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows))
-                    if bound >= bar:
-                        return bound
-                return max(self.replica(pipe, s, st.schedule, m, trial, r, sync, exact=True).time
-                           for (pipe, _), r in zip(classes, held_rows))  # fmt: skip
+                    floors = [self.replica_floor(pipe, s, m, trial, r, sync) for (pipe, _), r in zip(classes, held_rows)]
+                    if max(floors) >= bar:
+                        return max(floors)
+                return slowest(trial, sync, bar, exact=True, floors=floors)
 
             near = self.descend(start, held_time, runs=True, bounded=True)
             cuts = near if near != start and time_at(near) < time_at(start) else start
@@ -176,6 +191,7 @@ class Climbs(SearchSpace):
         """
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         rows = max(m, self.batch // layout.dp_degree)
+        q_max = -(-rows // m)
         capacity = self.costs.capacity
         caps = {pipe: [[capacity(r) for r in group] for group in pipe] for pipe, _ in classes}
         p = len(classes[0][0])  # positions of a replica
@@ -188,7 +204,8 @@ class Climbs(SearchSpace):
             found = positions.get(key)
             if found is None:
                 blocks = tuple((bounds[k], bounds[k + 1]) for k in range(pos, s, p))
-                need = self.costs.position_bytes(pipe, pos, s, st.schedule, m, blocks, rows, exact=False)
+                found = self.costs.position_memory(pipe, pos, s, st.schedule, m, blocks, exact=False)
+                need = [state + int(held * q_max) for held, state in found]  # the largest micro-batch held
                 found = positions[key] = max(b / c - 1 for c, b in zip(caps[pipe][pos], need))
             return found
 
