@@ -80,9 +80,12 @@ def test_split_shards_follow_the_measured_speed(world2):
         assert_equivalent(out)
         assert out["shard_sizes"] == outs[0]["shard_sizes"]
     sizes = outs[0]["shard_sizes"]
-    assert sizes["blocks.0.attn"] == (3, 1), sizes  # 4 heads: 2.67 rounds to 3
     fast, slow = sizes["blocks.0.mlp"]
     assert 0.55 <= fast / (fast + slow) <= 0.8, sizes
+    # 4 whole heads at a measured share of 0.55-0.8: 2 or 3 on the fast rank (2.67 at exactly 2x;
+    # the measured ratio on shared cores has been 1.5-2.4), never fewer than the slow one's.
+    heads = sizes["blocks.0.attn"]
+    assert heads in ((2, 2), (3, 1)), sizes
     assert outs[0]["shards"]["blocks.0.mlp.fc.weight"] == (fast, 32)
 
 
