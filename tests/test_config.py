@@ -118,3 +118,14 @@ def test_config_with_every_field_set_is_hashable():
     )
     assert cfg == twin
     assert hash(cfg) == hash(twin)
+
+
+@pytest.mark.parametrize("field", ["stage_boundaries", "activation_checkpointing"])
+def test_module_path_lists_are_checked_alike(field):
+    """Both fields take a list of distinct, non-empty module paths and store a tuple."""
+    assert getattr(wh.Config(**{field: ["blocks.1", "blocks.3"]}), field) == ("blocks.1", "blocks.3")
+    for bad in (["blocks.1", ""], [3], "blocks.1" if field == "stage_boundaries" else {"blocks.1": 1}):
+        with pytest.raises(TypeError, match=rf"Config\({field}=.*list of module paths"):
+            wh.Config(**{field: bad})
+    with pytest.raises(ValueError, match=rf"Config\({field}=\['blocks.1', 'blocks.1'\]\) names a module twice"):
+        wh.Config(**{field: ["blocks.1", "blocks.1"]})

@@ -264,15 +264,7 @@ class Config:
         if self.pipeline_degree is not None:
             positive_int("pipeline_degree")
         if self.stage_boundaries is not None:
-            bounds = tuple(self.stage_boundaries)
-            if isinstance(self.stage_boundaries, str) or not all(isinstance(b, str) and b for b in bounds):
-                raise TypeError(
-                    f"Config(stage_boundaries={self.stage_boundaries!r}) is a list of module paths, "
-                    "e.g. ['blocks.2', 'blocks.4']"
-                )
-            if len(set(bounds)) != len(bounds):
-                raise ValueError(f"Config(stage_boundaries={list(bounds)}) names a module twice")
-            object.__setattr__(self, "stage_boundaries", bounds)
+            self._module_paths("stage_boundaries", "a list of module paths, e.g. ['blocks.2', 'blocks.4']")
         if self.cluster is not None:
             from .ir.cluster_spec import parse_cluster
             from .ir.topology import Cluster
@@ -390,15 +382,17 @@ class Config:
                     "or give a list of module paths, e.g. ['transformer.h.0']"
                 )
             return
-        paths = tuple(value) if isinstance(value, Sequence) else None
-        if paths is None or not all(isinstance(p, str) for p in paths):
-            raise TypeError(
-                f"Config(activation_checkpointing={value!r}) is 'none', 'auto' or a list of module "
-                "paths, e.g. ['transformer.h.0']"
-            )
+        self._module_paths("activation_checkpointing", "'none', 'auto' or a list of module paths, e.g. ['transformer.h.0']")
+
+    def _module_paths(self, field: str, shape: str) -> None:
+        """Check that ``field`` is a list of distinct, non-empty module paths; store it as a tuple."""
+        value = getattr(self, field)
+        paths = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+        if paths is None or not all(isinstance(p, str) and p for p in paths):
+            raise TypeError(f"Config({field}={value!r}) is {shape}")
         if len(set(paths)) != len(paths):
-            raise ValueError(f"Config(activation_checkpointing={list(paths)}) names a module twice")
-        object.__setattr__(self, "activation_checkpointing", paths)
+            raise ValueError(f"Config({field}={list(paths)}) names a module twice")
+        object.__setattr__(self, field, paths)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
