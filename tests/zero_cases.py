@@ -142,7 +142,9 @@ def collectives(zero_stage: int) -> dict:
     program.step(*batches[0])
     opt.step()
     calls: dict[str, int] = {}
-    real = {name: getattr(dist, name) for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")}
+    from whale.runtime.process_group import FLAT_COLLECTIVES
+
+    real = {name: getattr(dist, name) for name in ("all_reduce", *FLAT_COLLECTIVES.values())}
 
     def counting(name):
         def call(*args, **kwargs):

@@ -14,7 +14,24 @@ from ..ir.emulation import slowdown_from_env
 from .emulate import check_ranks
 from .guard.watchdog import start_watchdog
 
-__all__ = ["WorldInfo", "init", "new_group", "require_initialized", "world_info"]
+__all__ = ["FLAT_COLLECTIVES", "WorldInfo", "all_gather_flat", "init", "new_group", "reduce_scatter_flat", "require_initialized", "world_info"]
+
+# The flat collectives (one tensor in, one out): newer torch names them ``*_single`` and warns on
+# the older names, which torch 2.4 still needs.
+FLAT_COLLECTIVES = {
+    "all_gather": "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor",
+    "reduce_scatter": "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor",
+}
+
+
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """``output`` = every rank's ``input`` in rank order (this torch's name for it)."""
+    return getattr(dist, FLAT_COLLECTIVES["all_gather"])(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """``output`` = rank r's slot of the sum of every rank's ``input`` (this torch's name for it)."""
+    return getattr(dist, FLAT_COLLECTIVES["reduce_scatter"])(output, input, group=group, async_op=async_op)
 
 # What wh.init gave the default group: torch's new_group() would take its own default
 # (30 minutes for gloo) instead, so whale's groups take this one.

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from ..process_group import all_gather_flat, reduce_scatter_flat
 from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedParameters", "unit_modules"]
@@ -163,7 +164,7 @@ class ShardedParameters:
         if unit.full or unit.pending is not None:
             return
         whole = torch.empty(unit.layout.numel, dtype=unit.region.dtype, device=unit.region.device)
-        unit.pending = (whole, dist.all_gather_into_tensor(whole, unit.region, group=self.group, async_op=True))
+        unit.pending = (whole, all_gather_flat(whole, unit.region, group=self.group, async_op=True))
 
     def _gather(self, unit: _Unit) -> None:
         if unit.full:
@@ -240,7 +241,7 @@ class ShardedParameters:
         unit.ready.clear()
         self._free(unit)
         out = torch.empty(unit.layout.region, dtype=dtype, device=whole.device)
-        self._works.append((unit, whole, out, dist.reduce_scatter_tensor(out, whole, group=self.group, async_op=True)))
+        self._works.append((unit, whole, out, reduce_scatter_flat(out, whole, group=self.group, async_op=True)))
 
     def _end_backward(self) -> None:
         """Reduce what backward left partial (unused parameters send zeros), wait for every

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..grad_sync import GradientReducer, bucket_parts
+from ..process_group import all_gather_flat, reduce_scatter_flat
 from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedReducer"]
@@ -176,7 +177,7 @@ class ShardedReducer:
             for p, view, (lo, hi) in zip(part, layout.region_views(mine), layout.ranges):
                 view.copy_(p.data.view(-1)[lo:hi])
             whole = torch.empty(layout.numel, dtype=mine.dtype, device=mine.device)
-            pending.append((b, whole, dist.all_gather_into_tensor(whole, mine, group=self.group, async_op=True)))
+            pending.append((b, whole, all_gather_flat(whole, mine, group=self.group, async_op=True)))
             if len(pending) > 1:
                 self._unpack(*pending.pop(0))
         for item in pending:
@@ -232,5 +233,5 @@ class ShardedReducer:
         for p in part:
             p.grad = None  # the full gradient goes: only this rank's region stays
         out = region if dtype == region.dtype else torch.empty(layout.region, dtype=dtype, device=region.device)
-        work = dist.reduce_scatter_tensor(out, whole, group=self.group, async_op=True)
+        work = reduce_scatter_flat(out, whole, group=self.group, async_op=True)
         self._works.append((b, whole, out, work))
