@@ -158,6 +158,32 @@ def _paces(world: int, reference: float) -> list[float]:
     return gathered
 
 
+def _by_category(timeline, rank: int) -> dict[str, float]:
+    """Seconds ``rank`` spent in each category of ``timeline`` (forward, backward, send, ...)."""
+    out: dict[str, float] = {}
+    for event in timeline.events:
+        if event.rank == rank:
+            out[event.category] = out.get(event.category, 0.0) + event.duration
+    return out
+
+
+def _median_of(dicts) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: statistics.median(d.get(k, 0.0) for d in dicts) for k in keys}
+
+
+def print_phases(phases: dict[str, list]) -> None:
+    """Per plan and rank: measured / predicted milliseconds in each phase."""
+    print("phases, measured / predicted ms per step (predicted sync spans from the last backward's "
+          "start, which it overlaps; measured send/recv are the posting of transfers):")  # fmt: skip
+    for name, ranks in phases.items():
+        for rank, (measured, predicted) in enumerate(ranks):
+            cells = [f"{k} {measured.get(k, 0.0) * 1e3:.1f} / {predicted.get(k, 0.0) * 1e3:.1f}"
+                     for k in ("forward", "backward", "send", "recv", "sync", "optimizer")
+                     if measured.get(k) or predicted.get(k)]  # fmt: skip
+            print(f"  {name:16} rank {rank}: " + ", ".join(cells))
+
+
 def _worker(rank: int, world: int, args, results) -> None:
     # The reference block's pace while the host is profiled: before, between and after the
     # link and device measurements (every rank at once, as they profile), the median.
@@ -175,7 +201,7 @@ def _worker(rank: int, world: int, args, results) -> None:
         n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block
     )
     x, y = SyntheticCorpus(cfg.vocab_size).batch(args.batch, cfg.block_size, 0)
-    runs = {}
+    runs, phases = {}, {}
     for name in args.case or CASES:
         if (name in FOUR_RANKS) != (world == 4):
             continue
@@ -196,6 +222,7 @@ def _worker(rank: int, world: int, args, results) -> None:
                                boundaries=program.plan.stage_boundaries)  # fmt: skip
         opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
         runs[name] = (program, opt, layers, [], [])
+        phases[name] = ([], [])  # measured per step, predicted per run: {category: seconds} of this rank
     for _ in range(args.rounds):
         for name, (program, opt, layers, times, predicted) in runs.items():
             # Other jobs' load drifts: each run is predicted at the share of a core every rank
@@ -207,14 +234,24 @@ def _worker(rank: int, world: int, args, results) -> None:
                     before = run_queue_clock()
                 start = time.perf_counter()
                 program.step(x, y)
+                stepped = time.perf_counter()
                 opt.step()
                 opt.zero_grad()
                 if step >= args.warmup:
                     times.append(time.perf_counter() - start)
+                    if args.phases:  # a collective: it lines the ranks up before the next step
+                        spent = _by_category(program.timeline(), rank)
+                        spent["optimizer"] = time.perf_counter() - stepped
+                        phases[name][0].append(spent)
             shares = _shares(world, before, fallback)
             paces = _paces(world, reference) if args.pace else None
             cluster = rank_cluster(name, host, link, shares, paces)
-            predicted.append((shares, predict_plan(program.plan, layers, cluster, args.batch).prediction.step_time, paces))
+            estimate = predict_plan(program.plan, layers, cluster, args.batch)
+            predicted.append((shares, estimate.prediction.step_time, paces))
+            phases[name][1].append(_by_category(estimate.timeline, rank))
+    mine = {n: tuple(_median_of(v) for v in both) for n, both in phases.items()} if args.phases else {}
+    by_rank = [None] * world
+    dist.all_gather_object(by_rank, mine)
     if rank == 0:
         rows = [
             (
@@ -230,7 +267,7 @@ def _worker(rank: int, world: int, args, results) -> None:
             n: (r[0].plan.to_json(), [share for share, _, _ in r[4]], host, ring, [c for _, _, c in r[4]])
             for n, r in runs.items()
         }
-        results.put((host, ring, rows, record))
+        results.put((host, ring, rows, record, by_rank))
 
 
 def main() -> None:
@@ -254,6 +291,11 @@ def main() -> None:
         "while profiling and training)",
     )
     p.add_argument(
+        "--phases", action="store_true",
+        help="also print each plan's forward, backward, transfers, sync and optimizer time per "
+        "rank, measured (program.timeline(), a collective after each timed step) against predicted",
+    )
+    p.add_argument(
         "--pace", action="store_true",
         help="also predict each run at its CPU pace (the reference block's CPU time after the "
         "run over while profiling); off by default: on the loaded 2-core host it read 0.61-0.71 "
@@ -271,12 +313,14 @@ def main() -> None:
         os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
     start = time.perf_counter()
     chosen = args.case or CASES
-    rows, record = [], {}
+    rows, record, phases = [], {}, {}
     for world in (2, 4):
         if not any((name in FOUR_RANKS) == (world == 4) for name in chosen):
             continue
         # Each world profiles the host again: the rates a rank gets depend on how many run.
-        got_host, got_ring, got_rows, got_record = run_on_ranks(_worker, args, world=world, threads=1)
+        got_host, got_ring, got_rows, got_record, got_phases = run_on_ranks(_worker, args, world=world, threads=1)
+        for name in got_rows:
+            phases[name[0]] = [r[name[0]] for r in got_phases if name[0] in r]
         if world == 2 or not rows:
             host, ring = got_host, got_ring
         rows += got_rows
@@ -304,6 +348,8 @@ def main() -> None:
         print(
             f"median |error| {statistics.median(errors):.1%} over {len(errors)} plans (goal <= 15%)"
         )
+    if args.phases:
+        print_phases(phases)
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.record:
         out = {
