@@ -8,14 +8,26 @@ plans. During each run of a plan every rank measures the share of a core it got 
 run (``measure.run_queue_share``, from the kernel's scheduler statistics: other jobs share this
 host and their load drifts; time a rank waits for a message or sleeps does not count), and the
 cost model predicts the plan that runs (``plan_cost.predict_plan``, as ``parallelize`` does) on
-a cluster of the profile at each rank's share (``measure.slowed``). Printed: the median prediction against the
-median wall time of a whole step (``step``, AdamW ``step``, ``zero_grad``) after warm-up.
+a cluster of the profile at each rank's share (``measure.slowed``). With ``--pace`` also at its
+CPU pace: the thread CPU time of a reference transformer block (``class_probe.block_seconds``)
+right after the run over the same while the host was profiled (the median of three: before,
+between and after the link and device measurements); on a CPU shared with other jobs the same
+work takes more CPU when they crowd its caches and cores, which the share, counting only the
+time they take the core away, misses (the reference swung 7-13 ms within a minute at load
+average 5), but it read 0.61-0.71 after 4 of 5 loaded runs, steadily, for a cause not found,
+so it is off by default. The ranks run with glibc's mmap threshold fixed (``--default-malloc``
+leaves it): its dynamic threshold made the same block take 7.4-11.2 ms of CPU in one process
+by what the process had freed before (fresh, page-faulting memory), 7.4-7.9 ms fixed. Printed:
+the median prediction against the median wall time of a whole step (``step``, AdamW ``step``,
+``zero_grad``) after warm-up.
 
 Plans: data parallel, a 2-stage pipeline (1F1B), tensor parallel (the blocks ``split``), data
 parallel with 4 micro-batches (gradient accumulation), a GPipe pipeline of 4 micro-batches, and
-data parallel with rank 1 emulated at half speed (``WHALE_EMULATE_SLOWDOWN=1:2``; its cluster
-gives rank 1 the host profile at half the rates), and on 4 ranks the mixed plan: 2 data-parallel
-replicas of a 2-stage 1F1B pipeline (4 processes share the 2 cores; they profile the host again).
+data parallel with rank 1 emulated at half speed (``WHALE_EMULATE_SLOWDOWN=1:2``; predicted
+with rank 1's compute at half the rates and twice the cost per operation, its optimizer step,
+which the emulation does not stretch, at the host's), and on 4 ranks the mixed plan: 2
+data-parallel replicas of a 2-stage 1F1B pipeline (4 processes share the 2 cores; they profile
+the host again).
 
 Run (spawns 2, then 4 processes; about 3 minutes)::
 
@@ -26,6 +38,7 @@ Run (spawns 2, then 4 processes; about 3 minutes)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -45,6 +58,7 @@ import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from whale.capture import capture
 from whale.ir.cluster_spec import parse_cluster
+from whale.planner.class_probe import block_seconds, block_shape
 from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.plan_cost import predict_plan
 from whale.planner.measure import (
@@ -99,13 +113,23 @@ def _case(name: str, args, host, link: str, world: int):
     return model, wh.Config(**config)
 
 
-def rank_cluster(name: str, host, link: str, shares):
-    """The cluster a run is predicted on: rank ``r`` is the host at ``shares[r]`` of a core
-    (and, in the emulated plan, rank 1 at half speed besides)."""
+def emulated_half(host):
+    """Rank 1 as ``WHALE_EMULATE_SLOWDOWN=1:2`` runs it: forward and backward stretched 2x (rates
+    halved, each operation's cost doubled), the optimizer step, which the benchmark calls
+    outside ``program.step``, at the host's own cost (the emulation stretches only the step's
+    compute)."""
+    return dataclasses.replace(slowed(host, 2.0, "CPU-half"), optimizer_step=host.optimizer_step)
+
+
+def rank_cluster(name: str, host, link: str, shares, paces=None):
+    """The cluster a run is predicted on: rank ``r`` is the host at ``shares[r]`` of a core,
+    each of its seconds of CPU doing the work of ``1 / paces[r]`` (and, in the emulated plan,
+    rank 1 at half speed besides: :func:`emulated_half`)."""
     devices = {}
     for rank, share in enumerate(shares):
-        device = slowed(host, 2.0, "CPU-half") if name == "emulated-slow" and rank == 1 else host
-        devices[rank] = slowed(device, 1 / share, f"{device.name}-r{rank}")
+        device = emulated_half(host) if name == "emulated-slow" and rank == 1 else host
+        pace = paces[rank] if paces is not None else 1.0
+        devices[rank] = slowed(device, pace / share, f"{device.name}-r{rank}")
     spec = "+".join(f"1x{d.name}" for d in devices.values())
     return parse_cluster(f"node0={spec}({link})", profiles=list(devices.values()))
 
@@ -120,19 +144,64 @@ def _shares(world: int, before, fallback: float) -> list[float]:
     return gathered
 
 
+def _reference() -> float:
+    """Thread CPU seconds of the reference block (:func:`~whale.planner.class_probe.block_seconds`)."""
+    return block_seconds("cpu", time.thread_time, shape=block_shape(False, True), dtype=torch.float32)
+
+
+def _paces(world: int, reference: float) -> list[float]:
+    """Each rank's reference block now over at profiling, in thread CPU time: how much more CPU
+    the same work takes now that other jobs share the caches and cores (the share of a core
+    counts only the time they take it away)."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, _reference() / reference)
+    return gathered
+
+
+def _by_category(timeline, rank: int) -> dict[str, float]:
+    """Seconds ``rank`` spent in each category of ``timeline`` (forward, backward, send, ...)."""
+    out: dict[str, float] = {}
+    for event in timeline.events:
+        if event.rank == rank:
+            out[event.category] = out.get(event.category, 0.0) + event.duration
+    return out
+
+
+def _median_of(dicts) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: statistics.median(d.get(k, 0.0) for d in dicts) for k in keys}
+
+
+def print_phases(phases: dict[str, list]) -> None:
+    """Per plan and rank: measured / predicted milliseconds in each phase."""
+    print("phases, measured / predicted ms per step (predicted sync spans from the last backward's "
+          "start, which it overlaps; measured send/recv are the posting of transfers):")  # fmt: skip
+    for name, ranks in phases.items():
+        for rank, (measured, predicted) in enumerate(ranks):
+            cells = [f"{k} {measured.get(k, 0.0) * 1e3:.1f} / {predicted.get(k, 0.0) * 1e3:.1f}"
+                     for k in ("forward", "backward", "send", "recv", "sync", "optimizer")
+                     if measured.get(k) or predicted.get(k)]  # fmt: skip
+            print(f"  {name:16} rank {rank}: " + ", ".join(cells))
+
+
 def _worker(rank: int, world: int, args, results) -> None:
+    # The reference block's pace while the host is profiled: before, between and after the
+    # link and device measurements (every rank at once, as they profile), the median.
+    references = [_reference()]
     ring = measure_links()["all_reduce"]
+    references.append(_reference())
     link = f"intra={ring.bandwidth / 1e9:.4g}GB/s,intra_lat={ring.latency * 1e6:.4g}us"
     # The core's own rates (thread CPU time) and the link, measured by every rank at once; rank
     # 0's serve every rank, so all build one Config (whale checks that they agree).
     gathered = [None] * world
     dist.all_gather_object(gathered, (measure_device(quick=True, share=1.0), link))
     host, link = gathered[0]
+    reference = statistics.median([*references, _reference()])
     cfg = GPTConfig(
         n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block
     )
     x, y = SyntheticCorpus(cfg.vocab_size).batch(args.batch, cfg.block_size, 0)
-    runs = {}
+    runs, phases = {}, {}
     for name in args.case or CASES:
         if (name in FOUR_RANKS) != (world == 4):
             continue
@@ -153,6 +222,7 @@ def _worker(rank: int, world: int, args, results) -> None:
                                boundaries=program.plan.stage_boundaries)  # fmt: skip
         opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
         runs[name] = (program, opt, layers, [], [])
+        phases[name] = ([], [])  # measured per step, predicted per run: {category: seconds} of this rank
     for _ in range(args.rounds):
         for name, (program, opt, layers, times, predicted) in runs.items():
             # Other jobs' load drifts: each run is predicted at the share of a core every rank
@@ -164,28 +234,40 @@ def _worker(rank: int, world: int, args, results) -> None:
                     before = run_queue_clock()
                 start = time.perf_counter()
                 program.step(x, y)
+                stepped = time.perf_counter()
                 opt.step()
                 opt.zero_grad()
                 if step >= args.warmup:
                     times.append(time.perf_counter() - start)
+                    if args.phases:  # a collective: it lines the ranks up before the next step
+                        spent = _by_category(program.timeline(), rank)
+                        spent["optimizer"] = time.perf_counter() - stepped
+                        phases[name][0].append(spent)
             shares = _shares(world, before, fallback)
-            cluster = rank_cluster(name, host, link, shares)
-            predicted.append((shares, predict_plan(program.plan, layers, cluster, args.batch).prediction.step_time))
+            paces = _paces(world, reference) if args.pace else None
+            cluster = rank_cluster(name, host, link, shares, paces)
+            estimate = predict_plan(program.plan, layers, cluster, args.batch)
+            predicted.append((shares, estimate.prediction.step_time, paces))
+            phases[name][1].append(_by_category(estimate.timeline, rank))
+    mine = {n: tuple(_median_of(v) for v in both) for n, both in phases.items()} if args.phases else {}
+    by_rank = [None] * world
+    dist.all_gather_object(by_rank, mine)
     if rank == 0:
         rows = [
             (
                 n,
-                statistics.median(v for _, v in p),
+                statistics.median(v for _, v, _ in p),
                 statistics.median(t),
-                statistics.median(statistics.fmean(s) for s, _ in p),
+                statistics.median(statistics.fmean(s) for s, _, _ in p),
+                statistics.median(statistics.fmean(c) if c else 1.0 for _, _, c in p),
             )
             for n, (_, _, _, t, p) in runs.items()
         ]
         record = {
-            n: (r[0].plan.to_json(), [share for share, _ in r[4]], host, ring)
+            n: (r[0].plan.to_json(), [share for share, _, _ in r[4]], host, ring, [c for _, _, c in r[4]])
             for n, r in runs.items()
         }
-        results.put((host, ring, rows, record))
+        results.put((host, ring, rows, record, by_rank))
 
 
 def main() -> None:
@@ -204,17 +286,41 @@ def main() -> None:
     p.add_argument("--embd", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument(
+        "--default-malloc", dest="fixed_malloc", action="store_false",
+        help="leave glibc's dynamic mmap threshold as it is (the ranks then allocate differently "
+        "while profiling and training)",
+    )
+    p.add_argument(
+        "--phases", action="store_true",
+        help="also print each plan's forward, backward, transfers, sync and optimizer time per "
+        "rank, measured (program.timeline(), a collective after each timed step) against predicted",
+    )
+    p.add_argument(
+        "--pace", action="store_true",
+        help="also predict each run at its CPU pace (the reference block's CPU time after the "
+        "run over while profiling); off by default: on the loaded 2-core host it read 0.61-0.71 "
+        "in 4 runs of 5, which moved the median error by -6 to +17 points, not steadily down",
+    )
+    p.add_argument(
         "--record", help="write the profile, plans and measured times to this JSON file"
     )
     args = p.parse_args()
+    if args.fixed_malloc:
+        # glibc moves its mmap threshold as a process frees large blocks, so the same tensors
+        # come from fresh, page-faulting mmap'd memory in one phase and from the heap in the
+        # next; the ranks (spawned after this) profile and train alike with it fixed.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
     start = time.perf_counter()
     chosen = args.case or CASES
-    rows, record = [], {}
+    rows, record, phases = [], {}, {}
     for world in (2, 4):
         if not any((name in FOUR_RANKS) == (world == 4) for name in chosen):
             continue
         # Each world profiles the host again: the rates a rank gets depend on how many run.
-        got_host, got_ring, got_rows, got_record = run_on_ranks(_worker, args, world=world, threads=1)
+        got_host, got_ring, got_rows, got_record, got_phases = run_on_ranks(_worker, args, world=world, threads=1)
+        for name in got_rows:
+            phases[name[0]] = [r[name[0]] for r in got_phases if name[0] in r]
         if world == 2 or not rows:
             host, ring = got_host, got_ring
         rows += got_rows
@@ -227,14 +333,14 @@ def main() -> None:
     print(f"host profile: {host.peak('fp32') / 1e9:.0f} GFLOP/s fp32, {host.memory_bandwidth / 1e9:.1f} GB/s, "
           f"{host.overhead() * 1e6:.1f} us per op; all-reduce link {ring.describe()}")  # fmt: skip
     print(
-        f"{'plan':16} {'core share':>10} {'predicted ms':>12} {'measured ms':>12} {'error':>8}"
+        f"{'plan':16} {'core share':>10} {'CPU pace':>8} {'predicted ms':>12} {'measured ms':>12} {'error':>8}"
     )
     errors = []
-    for name, predicted, measured, share in rows:
+    for name, predicted, measured, share, pace in rows:
         error = predicted / measured - 1
         errors.append(abs(error))
         print(
-            f"{name:16} {share:10.0%} {predicted * 1e3:12.1f} {measured * 1e3:12.1f} {error:+8.1%}"
+            f"{name:16} {share:10.0%} {pace:8.2f} {predicted * 1e3:12.1f} {measured * 1e3:12.1f} {error:+8.1%}"
         )
     if not emulation_supported():
         print(f"emulated-slow: skipped, the runtime does not apply {_SLOWDOWN} yet")
@@ -242,17 +348,19 @@ def main() -> None:
         print(
             f"median |error| {statistics.median(errors):.1%} over {len(errors)} plans (goal <= 15%)"
         )
+    if args.phases:
+        print_phases(phases)
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.record:
         out = {
             "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:]),
             "model": {"n_layer": args.layers, "n_embd": args.embd, "n_head": args.heads, "block_size": args.block},
             "batch": args.batch, "profile": host.to_dict(), "link": [ring.bandwidth, ring.latency],
-            "cases": {n: {"plan": json.loads(record[n][0]), "shares": record[n][1], "measured": m, "predicted": pr,
+            "cases": {n: {"plan": json.loads(record[n][0]), "shares": record[n][1], "paces": record[n][4], "measured": m, "predicted": pr,
                           # the profile and link its own world measured, where that is not the 2 ranks'
                           **({"profile": record[n][2].to_dict(), "link": [record[n][3].bandwidth, record[n][3].latency]}
                              if n in FOUR_RANKS else {})}
-                      for n, pr, m, _ in rows},
+                      for n, pr, m, _, _ in rows},
         }  # fmt: skip
         with open(args.record, "w", encoding="utf-8") as file:
             json.dump(out, file, indent=1)

@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 
-from whale.planner.cost.formulas import BACKWARD_FLOPS_FACTOR
 from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
 from whale.planner.search.rank_layouts import tensor_groups
 
@@ -178,9 +177,7 @@ class _Oracle:
             out = np.zeros((self.n + 1, self.n + 1))
             for a in range(self.n):
                 for b in range(a + 1, self.n + 1):
-                    out[a, b] = (1 + BACKWARD_FLOPS_FACTOR) * costs.group_forward(
-                        group, shares, q, a, b
-                    )
+                    out[a, b] = sum(costs.group_times(group, shares, q, a, b))
             self._blocks[key] = out
         return self._blocks[key]
 

@@ -1,14 +1,15 @@
 """Calibrated predictions: profile fields and files, simulated timelines, and recorded steps.
 
-``tests/data/predict_host.json`` was recorded on a 2-core CPU host shared with other work by::
+``tests/data/predict_host.json`` was recorded on a 2-core CPU host shared with other work
+(load average 7-8) by::
 
-    python benchmarks/bench_predict.py --record tests/data/predict_host.json
+    nice -n -10 python benchmarks/bench_predict.py --record tests/data/predict_host.json
 
 It holds the host profile (the core's own rates, with how each class of graph node runs in a
-transformer block), the all-reduce link, every plan that ran, the share of a core each rank got
-during each of its runs, its predicted and measured median step time
-(2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16).
-"""
+transformer block), the all-reduce link (timed between computations), every plan that ran, the
+share of a core each rank got during each of its runs (and its CPU pace where the run was
+recorded with ``--pace``; 1 where not), its predicted and measured median step time
+(2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16)."""
 
 from __future__ import annotations
 
@@ -51,15 +52,19 @@ def _gpt(batch: int):
     return GPT(cfg), x
 
 
-def _rank_cluster(case: str, host: DeviceProfile, shares) -> object:
-    """As the benchmark: rank ``r`` is the host at ``shares[r]`` of a core (rank 1 of the
-    emulated plan at half speed besides: it ran with WHALE_EMULATE_SLOWDOWN=1:2)."""
+def _rank_cluster(case: str, host: DeviceProfile, shares, paces=None) -> object:
+    """As the benchmark: rank ``r`` is the host at ``shares[r]`` of a core and at CPU pace
+    ``paces[r]`` (rank 1 of the emulated plan at half speed besides: it ran with
+    WHALE_EMULATE_SLOWDOWN=1:2)."""
     bandwidth, latency = RECORD["cases"].get(case, {}).get("link", RECORD["link"])
     link = f"intra={bandwidth / 1e9:.4g}GB/s,intra_lat={latency * 1e6:.4g}us"
     devices = {}
     for rank, share in enumerate(shares):
-        device = slowed(host, 2.0, "CPU-half") if case == "emulated-slow" and rank == 1 else host
-        devices[rank] = slowed(device, 1 / share, f"{device.name}-r{rank}")
+        # rank 1 emulated 2x slower: its compute stretched, the optimizer step (outside program.step) not
+        half = dataclasses.replace(slowed(host, 2.0, "CPU-half"), optimizer_step=host.optimizer_step)
+        device = half if case == "emulated-slow" and rank == 1 else host
+        pace = paces[rank] if paces else 1.0
+        devices[rank] = slowed(device, pace / share, f"{device.name}-r{rank}")
     spec = "+".join(f"1x{d.name}" for d in devices.values())
     return parse_cluster(f"node0={spec}({link})", profiles=list(devices.values()))
 
@@ -85,9 +90,10 @@ def test_recorded_steps_are_predicted_within_the_bound() -> None:
         # A case run on another world size (the 4-rank mixed plan) has the profile it measured.
         host = DeviceProfile.from_dict(entry.get("profile", RECORD["profile"]), where="predict_host.json")
         assert len(entry["shares"][0]) == plan.world_size
+        paces = entry.get("paces", [None] * len(entry["shares"]))  # recorded without: 1.0
         predicted = statistics.median(
-            predict_plan(plan, profile, _rank_cluster(case, host, shares), RECORD["batch"]).prediction.step_time
-            for shares in entry["shares"]
+            predict_plan(plan, profile, _rank_cluster(case, host, shares, pace), RECORD["batch"]).prediction.step_time
+            for shares, pace in zip(entry["shares"], paces)
         )
         assert predicted == pytest.approx(entry["predicted"], rel=1e-9)  # the benchmark's own
         errors[case] = predicted / entry["measured"] - 1

@@ -18,7 +18,6 @@ import pytest
 
 from whale.ir.cluster_spec import parse_cluster
 from whale.planner.cost.formulas import (
-    BACKWARD_FLOPS_FACTOR,
     optimizer_step_time,
     point_to_point_time,
 )
@@ -41,12 +40,12 @@ def _costs(rnd: random.Random, n: int) -> CostModel:
 def _direct_stages(costs: CostModel, pipe, s: int, m: int, cuts, rows: int):
     p, q = len(pipe), rows / m
     bounds = (0, *cuts, costs.num_layers)
-    forward = [costs.group_forward(pipe[j % p], costs.shard_shares(pipe[j % p]), q, bounds[j], bounds[j + 1]) for j in range(s)]
+    both = [costs.group_times(pipe[j % p], costs.shard_shares(pipe[j % p]), q, bounds[j], bounds[j + 1]) for j in range(s)]
     p2p = []
     for j in range(s - 1):
         a, b = pipe[j % p][0], pipe[(j + 1) % p][0]
         p2p.append(0.0 if a == b else point_to_point_time(costs.cut_bytes[bounds[j + 1]] * q, costs.link(a, b)))
-    return forward, [BACKWARD_FLOPS_FACTOR * f for f in forward], p2p
+    return [f for f, _ in both], [b for _, b in both], p2p
 
 
 def _direct_optimizer(costs: CostModel, pipe, s: int, cuts):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..ir.profile_fields import OP_CLASSES
 
-__all__ = ["block_shape", "class_factors"]
+__all__ = ["block_seconds", "block_shape", "class_factors"]
 
 
 def block_shape(cuda: bool, quick: bool) -> tuple[int, int, int, int]:
@@ -159,3 +159,31 @@ def _clamp(value: float) -> float:
     """Within what a profile file accepts (timer noise can make a tiny class look free)."""
     return float(min(1000.0, max(0.05, value)))
 
+
+def block_seconds(device, clock, *, shape: tuple[int, int, int, int], dtype, repeat: int = 3) -> float:
+    """Median ``clock`` seconds of one forward and backward of the probed block, run as a model
+    runs it (no timing between operations): a reference workload whose time, measured again
+    later, tells how fast the device runs the same work now (on a CPU shared with other jobs,
+    its thread CPU time grows with what the other jobs do to its caches and cores).
+
+    Example::
+
+        before = block_seconds("cpu", time.thread_time, shape=block_shape(False, True), dtype=torch.float32)
+    """
+    import torch
+
+    b, t, w, h = shape
+    size = torch.tensor([], dtype=dtype).element_size()
+    steps = _steps(b, t, w, h, size, device, dtype)
+    x = torch.randn(b, t, w, device=device, dtype=dtype, requires_grad=True)
+
+    def once() -> float:
+        start = clock()
+        env = {"x": x}
+        for name, (_, _, _, fn) in steps:
+            env[name] = fn(env)
+        env[steps[-1][0]].sum().backward()
+        return clock() - start
+
+    once()
+    return statistics.median(once() for _ in range(repeat))

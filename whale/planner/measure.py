@@ -59,7 +59,10 @@ class LinkFit:
 
 
 def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares ``t = a + b n`` over ``(bytes, seconds)`` samples, with ``a, b >= 0``.
+    """Least-squares ``t = a + b n`` over ``(bytes, seconds)`` samples, with ``a, b >= 0``, in
+    relative error (each sample weighted by ``1 / t``): sizes span five orders of magnitude, and
+    an absolute fit is decided by the largest ones, whose scatter alone can set ``a`` to 0
+    where the small messages took a millisecond.
 
     Example::
 
@@ -67,15 +70,22 @@ def fit_alpha_beta(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
         >>> round(a, 9), round(1 / b)    # 10 us, 10 GB/s
         (1e-05, 10000000000)
     """
+    import numpy as np
+
     n = len(samples)
     if n < 2:
         raise ValueError(f"fit_alpha_beta needs at least 2 samples, got {n}")
-    mx = sum(x for x, _ in samples) / n
-    my = sum(y for _, y in samples) / n
-    sxx = sum((x - mx) ** 2 for x, _ in samples)
-    b = sum((x - mx) * (y - my) for x, y in samples) / sxx if sxx else 0.0
-    b = max(b, 1e-15)  # a flat fit would mean infinite bandwidth; keep it finite
-    return max(0.0, my - b * mx), b
+    x = np.array([s for s, _ in samples], dtype=float)
+    y = np.array([t for _, t in samples], dtype=float)
+    w = 1 / np.maximum(y, 1e-12)
+    scale = max(float(x.max()), 1.0)
+    (a, b), *_ = np.linalg.lstsq(np.stack([w, w * x / scale], axis=1), w * y, rcond=None)
+    b /= scale
+    if a < 0:  # through the origin: the best bandwidth alone
+        a, b = 0.0, float((w * x) @ (w * y) / ((w * x) @ (w * x))) if x.any() else 0.0
+    if b <= 0:  # flat: the latency alone, and a bandwidth that keeps it finite
+        a, b = float(w @ (w * y) / (w @ w)), 0.0
+    return float(max(a, 0.0)), float(max(b, 1e-15))
 
 
 def _timed(
@@ -131,20 +141,27 @@ def _bandwidth(numel: int, device, sync, repeat: int, clock) -> float:
     return 2 * numel * 4 / _timed(lambda: dst.copy_(src), sync, repeat, clock)
 
 
-def _matmul_curve(sizes, dtype, device, sync, repeat, overhead, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
+def _matmul_curve(sizes, dtype, device, sync, repeat, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
     """Peak FLOP/s and efficiency by size from matmuls as a transformer's linear layers run them
     (``F.linear`` of ``4n`` tokens of width ``n`` by a ``(4n, n)`` weight: ``32 n^3`` FLOPs; the
     transposed weight and the narrow inner dimension run below a square ``a @ b`` of the same
-    FLOPs, on CPUs by half): each size's rate with the
-    per-operation overhead taken out, over the best of them; shares made non-decreasing."""
+    FLOPs, on CPUs by half): each size's rate with the fixed cost of the call taken out, over
+    the best of them; shares made non-decreasing.
+
+    The fixed cost is the same call on 1 x 1 operands (dispatch, launch), measured here: the
+    per-operation overhead of a graph node (:func:`_op_overhead`, several times larger: it
+    holds autograd's recording and the backward's share) taken out of a plain call leaves
+    the small sizes nearly free and set a peak up to twice the rate any size reached."""
     import torch
 
+    one = torch.ones(1, 1, device=device, dtype=dtype)
+    fixed = _timed(lambda: torch.nn.functional.linear(one, one), sync, max(repeat, 10), clock)
     rates = []
     for n in sizes:
         a = torch.randn(4 * n, n, device=device, dtype=dtype)
         w = torch.randn(4 * n, n, device=device, dtype=dtype)  # nn.Linear's (out, in) layout
         seconds = _timed(lambda a=a, w=w: torch.nn.functional.linear(a, w), sync, repeat, clock)
-        rates.append((32.0 * n**3, 32.0 * n**3 / max(seconds - overhead, seconds / 2)))
+        rates.append((32.0 * n**3, 32.0 * n**3 / max(seconds - fixed, seconds / 2)))
     peak = max(rate for _, rate in rates)
     curve, best = [], 0.0
     for flops, rate in rates:
@@ -365,13 +382,13 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         if not cuda and name != "fp32":
             continue  # CPU half matmuls are emulated; the planner falls back to fp32 there
         dtype = getattr(torch, dtype_name)
-        rates[name], points = _matmul_curve(sizes, dtype, device, sync, repeat, overhead, clock)
+        rates[name], points = _matmul_curve(sizes, dtype, device, sync, repeat, clock)
         if name == "fp32" or (cuda and name == "bf16"):
             curve = points  # the curve of the dtype large models train in
     if cuda and hasattr(torch.backends.cuda.matmul, "allow_tf32"):
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
-        rates["tf32"], _ = _matmul_curve(sizes[-1:], torch.float32, device, sync, repeat, overhead, clock)
+        rates["tf32"], _ = _matmul_curve(sizes[-1:], torch.float32, device, sync, repeat, clock)
         torch.backends.cuda.matmul.allow_tf32 = previous
     cache = 0 if cuda else _cache_bytes()
     if cuda:
@@ -444,6 +461,13 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     ``bandwidth = 2 (p - 1) / (p b)``); ``p2p`` is a ping-pong between ranks 0 and 1 (half of
     the round trip per message). Empty when the group has one rank.
 
+    Each timed collective follows about a millisecond of matrix multiplies on every rank, as a
+    collective in training follows a layer's compute: a collective timed back to back with the
+    previous one finds its communication threads awake and the ranks in step, and on CPU ranks
+    that share cores it ran 3-4 times faster than the same all-reduce between computations (a
+    512 KiB gloo all-reduce on 2 ranks of a 2-core host: 0.6 ms back to back, 1.7-2.4 ms after
+    compute). The time a rank waits for a peer that computed longer is part of what it sees.
+
     Example::
 
         links = measure_links(quick=True)   # under torchrun, every rank
@@ -458,31 +482,59 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sizes = [1 << k for k in (range(10, 21, 2) if quick else range(10, 27, 2))]
-    repeat = 3 if quick else 8
+    repeat = 5 if quick else 8
+    work = _compute_burst(device, sync, 1e-3)
+
+    def in_step() -> None:  # ranks 0 and 1 start their compute together; the others wait
+        dist.barrier()
+        work()
+
     reduce_samples, p2p_samples = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, device=device)
-
-        reduce_samples.append((size, _timed(_then_barrier(lambda buf=buf: dist.all_reduce(buf)), sync, repeat)))
-        p2p_samples.append((size, _timed(_then_barrier(lambda buf=buf: _ping_pong(buf, rank)), sync, repeat) / 2))
+        reduce_samples.append((size, _timed_after(work, lambda buf=buf: dist.all_reduce(buf), sync, repeat)))
+        p2p_samples.append((size, _timed_after(in_step, lambda buf=buf: _ping_pong(buf, rank), sync, repeat) / 2))
     a, b = fit_alpha_beta(reduce_samples)
     ring = LinkFit(a / (2 * (p - 1)), 2 * (p - 1) / (p * b), tuple(reduce_samples))
     a, b = fit_alpha_beta(p2p_samples)
     return {"all_reduce": ring, "p2p": LinkFit(a, 1 / b, tuple(p2p_samples))}
 
 
-def _then_barrier(fn: Callable[[], object]) -> Callable[[], None]:
-    import torch.distributed as dist
+def _compute_burst(device, sync: Callable[[], None], seconds: float) -> Callable[[], None]:
+    """A function that runs about ``seconds`` of 256 x 256 matrix multiplies on ``device``
+    (their count set once, from a timed run on this rank)."""
+    import torch
 
-    def run() -> None:
+    a = torch.randn(256, 256, device=device)
+    b = torch.empty_like(a)
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            torch.mm(a, a, out=b)
+        sync()
+
+    run(4)
+    start = time.perf_counter()
+    run(16)
+    count = max(1, round(seconds / max((time.perf_counter() - start) / 16, 1e-9)))
+    return lambda: run(count)
+
+
+def _timed_after(work: Callable[[], None], fn: Callable[[], object], sync: Callable[[], None], repeat: int) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs, each right after ``work`` (one warm-up)."""
+    times = []
+    for k in range(repeat + 1):
+        work()
+        start = time.perf_counter()
         fn()
-        dist.barrier()
-
-    return run
+        sync()
+        if k:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _ping_pong(buf, rank: int) -> None:
-    """Rank 0 sends to rank 1 and back; other ranks wait at the barrier."""
+    """Rank 0 sends to rank 1 and back; other ranks do nothing."""
     import torch.distributed as dist
 
     if rank == 0:

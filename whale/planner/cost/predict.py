@@ -10,7 +10,7 @@ the layers of a :class:`~.layers.ModelProfile`, the device profiles and links of
   slowest member's share, at the efficiency each node's size reaches on the device and with the
   device's cost per operation added (both measured by ``whale profile``), plus Megatron-LM's
   all-reduces (Shoeybi et al. 2019, section 3: two in the forward and two in the backward of a
-  transformer layer); the backward is twice both;
+  transformer layer); the backward computes twice the forward and communicates as much;
 * a replica runs its schedule (:mod:`~.flow_shop`, equal to the simulator), then synchronises
   gradients with a ring all-reduce per pipeline position that overlaps only the last backward
   (the runtime starts gradient buckets at the final micro-batch), and then steps the optimizer
@@ -253,27 +253,27 @@ class CostModel:
             cached = self._block_params[(start, stop)] = float(total)
         return cached
 
-    def group_forward(self, group: Sequence[int], shares: Sequence[float], rows: float, start: int, stop: int) -> float:
-        """Forward time of layers ``start..stop-1`` on a tensor-parallel group, comm included."""
+    def group_times(self, group: Sequence[int], shares: Sequence[float], rows: float, start: int, stop: int) -> tuple[float, float]:
+        """Forward and backward time of layers ``start..stop-1`` on a tensor-parallel group: the
+        backward computes ``BACKWARD_FLOPS_FACTOR`` times the forward and all-reduces as often
+        (Megatron-LM's f and g, ``rewrite.collectives``: a split GPT block issues 2 + 2)."""
         t = len(group)
         if t == 1:
             prefix = self._prefix_time(self.device_of[group[0]], rows, shares[0])
-            return float(prefix[stop] - prefix[start])
+            compute = float(prefix[stop] - prefix[start])
+            return compute, BACKWARD_FLOPS_FACTOR * compute
         kinds = {(self.device_of[r], w) for r, w in zip(group, shares)}  # members alike compute alike
         compute = max(float(p[stop] - p[start]) for p in (self._prefix_time(d, rows, w) for d, w in kinds))
         link = self.group_link(group)
         count = self.tp_count[stop] - self.tp_count[start]
         volume = rows * (self.tp_bytes[stop] - self.tp_bytes[start])
-        # Ring all-reduce (cost_model.all_reduce_time), summed over the layers' all-reduces.
-        return compute + 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth
+        comm = 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth  # ring all-reduces
+        return compute + comm, BACKWARD_FLOPS_FACTOR * compute + comm
 
     def state_bytes(self, member_share: float, blocks: Sequence[tuple[int, int]]) -> int:
         """Weights, gradients and optimizer states one group member keeps for ``blocks``."""
-        params = sum(
-            (self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a])) * member_share
-            + (self.repl_params[b] - self.repl_params[a])
-            for a, b in blocks
-        )
+        repl = [self.repl_params[b] - self.repl_params[a] for a, b in blocks]
+        params = sum((self.block_param_bytes(a, b) - r) * member_share + r for (a, b), r in zip(blocks, repl))
         return int(params * self.state_bytes_per_param)
 
     def member_act(self, share: float, start: int, stop: int) -> float:
@@ -288,16 +288,14 @@ class CostModel:
         if rank_a == rank_b:
             return LOOPBACK
         key = (self.node_of[rank_a], self.node_of[rank_b])
-        if key not in self._links:
-            self._links[key] = self.cluster.link(rank_a, rank_b)
-        return self._links[key]
+        found = self._links.get(key)
+        return found if found is not None else self._links.setdefault(key, self.cluster.link(rank_a, rank_b))
 
     def group_link(self, ranks: Sequence[int]) -> Link:
         """The slowest link among ``ranks`` (equal to ``Cluster.group_link``, in O(len(ranks)))."""
         key = tuple(ranks)
-        if key not in self._group_links:
-            self._group_links[key] = self._group_link(key)
-        return self._group_links[key]
+        found = self._group_links.get(key)
+        return found if found is not None else self._group_links.setdefault(key, self._group_link(key))
 
     def _group_link(self, ranks: Sequence[int]) -> Link:
         nodes: dict[int, int] = {}
@@ -471,13 +469,14 @@ class CostModel:
         if found is None:
             p, q = len(pipeline), rows / num_micro_batch
             bounds = (0, *cuts, self.num_layers)
-            forward, p2p = [], []
+            forward, backward, p2p = [], [], []
             for s in range(num_stages):
                 group, a, b = pipeline[s % p], bounds[s], bounds[s + 1]
-                fwd = self._stage_forward.get((group, q, a, b))
-                if fwd is None:
-                    fwd = self._stage_forward[(group, q, a, b)] = self.group_forward(group, self.shard_shares(group), q, a, b)
-                forward.append(fwd)
+                both = self._stage_forward.get((group, q, a, b))
+                if both is None:
+                    both = self._stage_forward[(group, q, a, b)] = self.group_times(group, self.shard_shares(group), q, a, b)
+                forward.append(both[0])
+                backward.append(both[1])
                 if s < num_stages - 1:
                     x, y = group[0], pipeline[(s + 1) % p][0]
                     cached = self._p2p.get((x, y, b, q))
@@ -487,7 +486,7 @@ class CostModel:
                     p2p.append(cached)
             if len(self._stage_lists) > 200_000:
                 self._stage_lists, self._stage_forward = {}, {}
-            found = self._stage_lists[key] = (forward, [BACKWARD_FLOPS_FACTOR * f for f in forward], p2p)
+            found = self._stage_lists[key] = (forward, backward, p2p)
         return list(found[0]), list(found[1]), list(found[2])
 
     def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
