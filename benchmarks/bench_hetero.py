@@ -7,10 +7,14 @@ which sees the emulated speed as a real one), the ranks exchange the profiles, a
 :func:`planned_config` asks whale's planner for the split of that measured cluster. Then, in
 alternating steps (planned, even, planned, ...):
 
-* ``dp``: data parallel, ``Config(cluster="auto")`` (rows in proportion to the speeds the
-  ranks measure when the program is made) against even rows. The ideal bound is ``(s + 1) / 2`` for a device ``s``
-  times slower (1.5x for s = 2): the even split waits ``s / 2`` for the slow rank's half, the
-  planned one ``s / (s + 1)`` for its share.
+* ``dp``: data parallel, ``Config(cluster="auto")`` (the ranks measure themselves when the
+  program is made; the rows minimise the cost model's step time on that cluster: compute per
+  row, and the per-operation and optimizer costs the slow rank also pays slowly) against even
+  rows. The ideal bound is ``(s + 1) / 2`` for a device ``s`` times slower (1.5x for s = 2) when
+  all of a step is slowed on the slow rank and none of it is shared: the even split waits
+  ``s / 2`` for the slow rank's half, the best one ``s / (s + 1)``. The run also prints its own
+  ideal (:func:`in_run_ideal`): the best split of the per-rank busy times it measured, with
+  what no split shortens (gradient sync, the runtime's work between the pieces, barriers).
 * ``pp``: a 2-stage pipeline (1F1B, ``--micro-batches``) cut where whale's search, pinned to 2
   stages on the 2 ranks, cuts it for the measured devices, against the even cut (half the
   blocks on each stage).
@@ -20,9 +24,13 @@ alternating steps (planned, even, planned, ...):
   until the step-time ratio adaptive/balanced is within 10% and stays there (a running median
   of 3 steps).
 
-Programs compared alternate step by step (each step after a barrier), so the load of the host
-at any moment weighs on both; every ratio is measured in the same run, and the host's load
-average is printed with them.
+Programs compared alternate step by step (each step, with its optimizer step, between two
+barriers: the step lasts until the slowest rank is done), so the load of the host at any moment
+weighs on both; every ratio is measured in the same run, and the host's load average is printed
+with them. The model (a GPT of 4 blocks of 128, a batch of 24 x 64 tokens) is one whose step is
+mostly compute that grows with rows, as a big batch's on real GPUs: the gradient sync (0.8 M
+parameters through shared memory) is a few ms of a ~100 ms step; the runtime's own per-step work
+is in every measured step.
 
 Run (spawns its own 2 processes)::
 

@@ -7,14 +7,19 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
    much memory it can use, and how fast it runs. Fast: one matrix multiply of a transformer's
    linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
    timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
-   (samples slowed by other processes do not count); about 0.05 s on a CPU core (twice that on a rank
-   emulated 2x slower). The rate, over the device's efficiency at that size, gives its peak,
-   and the device's datasheet profile is scaled to it. On a single-threaded CPU rank the multiplies are timed in
-   CPU time (the core's speed while the rank runs) and the rank also reports the share of wall
-   time it ran: ranks that share cores get what the host's median share gives them. A rank that
-   ``WHALE_EMULATE_SLOWDOWN`` slows idles after each timed multiply as its steps will (its
-   time is ``FACTOR`` times the multiply's), so the profile sees the emulated speed as it
-   would see a real slow device. Or, given a
+   (samples slowed by other processes do not count); then what does not shrink with a
+   replica's rows: the cost of one operation (a chain of a transformer block's small ones,
+   forward and backward) and of an AdamW step per tensor and per parameter, which the cost
+   model prices a step's fixed part by. About 0.1 s on a CPU core (twice that where some rank
+   is emulated 2x slower). The rate, over the device's efficiency at that size, gives its
+   peak, and the device's datasheet profile is scaled to it, with the measured per-operation
+   and optimizer costs. On a single-threaded CPU rank the samples are timed in CPU time (the
+   core's speed while the rank runs) and the rank also reports the share of wall time it ran:
+   ranks that share cores get what the host's median share gives them. A rank that
+   ``WHALE_EMULATE_SLOWDOWN`` slows counts ``FACTOR`` times each sample, and every rank idles
+   after each sample as the slowest emulated rank's steps will (``FACTOR - 1`` times the
+   sample), so the profile sees the emulated speed as it would see a real slow device and all
+   ranks measure in one rhythm (none measures alone while another sleeps). Or, given a
    ``whale profile`` file (``Config(profiles=...)``), the rank takes its device's profile from
    the file (emulated slowdowns applied) and measures nothing.
 2. :func:`cluster_from_reports` on every rank, on the same list: a pure function, so every rank
