@@ -289,17 +289,29 @@ def _op_chain(device: str, gen):
 
 
 def _adamw_costs(device: str, gen, timed) -> tuple[float, float]:
-    """``(seconds per tensor, seconds per parameter)`` of ``torch.optim.AdamW``'s step (its
-    default kernels), from one large tensor and many small ones: ``t = a k + b n``."""
+    """``(seconds per tensor, seconds per parameter)`` of an AdamW step with torch's kernels
+    for the device (``torch.optim.adamw.adamw``: a loop over tensors on a CPU, multi-tensor
+    kernels on CUDA), from one large tensor and many small ones: ``t = a k + b n``. The
+    functional form, not ``torch.optim.AdamW.step``: that one imports ``torch._dynamo`` on its
+    first call (seconds, once per process); it adds ~0.2 ms per step and ~10 us per tensor on a
+    CPU core (its bookkeeping), which this leaves out."""
     import torch
+    from torch.optim.adamw import adamw
 
     sets = ((1, 1 << 16), (32, 1 << 8))
     times = []
     for tensors, numel in sets:
-        params = [torch.nn.Parameter(torch.zeros(numel, device=device)) for _ in range(tensors)]
-        for p in params:
-            p.grad = torch.full_like(p, 1e-3)
-        times.append(timed(torch.optim.AdamW(params, lr=1e-3).step))
+        params, grads, avg, avg_sq = ([torch.zeros(numel, device=device) for _ in range(tensors)] for _ in range(4))
+        for g in grads:
+            g.fill_(1e-3)
+        steps = [torch.zeros((), device=device) for _ in range(tensors)]
+
+        def step(params=params, grads=grads, avg=avg, avg_sq=avg_sq, steps=steps) -> None:
+            adamw(params, grads, avg, avg_sq, [], steps, foreach=device == "cuda", capturable=False,
+                  differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False,
+                  amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=1e-2, eps=1e-8, maximize=False)  # fmt: skip
+
+        times.append(timed(step))
     (k1, n1), (k2, n2) = ((k, k * numel) for k, numel in sets)
     # Two equations, two unknowns; noise can push one below zero: keep the other term then.
     det = k1 * n2 - k2 * n1
