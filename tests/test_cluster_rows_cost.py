@@ -95,3 +95,28 @@ def test_replicas_of_one_device_class_share_alike_and_memory_still_caps(gpt_prof
     assert capped[0] == capped[2] == 5 and capped[1] + capped[3] == 14, capped
     with pytest.raises(ValueError, match="no 24 rows fit"):
         rows_by_cost(_dp(2), _cluster(fast, slow), gpt_profile, _ROWS, capacity=[5, 5])
+
+
+def test_pipeline_replicas_take_rows_by_their_schedules_predicted_time():
+    # Two replicas of a 2-stage pipeline (1F1B, 2 micro-batches): replica 0 on two fast
+    # devices, replica 1 with a slow second stage. Rows minimise the slowest replica's simulated
+    # schedule (brute force as the oracle), so replica 1 takes fewer.
+    from whale.planner.schedules.generate import make_schedule
+
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=32, vocab_size=128)
+    x, _ = SyntheticCorpus(cfg.vocab_size).batch(_ROWS, cfg.block_size, 0)
+    profile = profile_model(capture(GPT(cfg), (x,)), _ROWS, boundaries=["blocks.1"])
+    fast = _device("fast", overhead=5e-6)
+    cluster = _cluster(fast, fast, fast, slowed(fast, 2.0, "slow2"))
+    plan = Plan(world_size=4, pipelines=((0, 2), (1, 3)), row_weights=(1.0, 1.0), replica_groups=((0, 1),),
+                num_stages=2, schedule=make_schedule("1f1b", 2, 2), num_micro_batch=2,
+                stage_boundaries=("blocks.1",))  # fmt: skip
+    rows = rows_on_cluster(plan, cluster, example_rows=_ROWS, profile=profile).rows(_ROWS)
+    assert rows[0] > rows[1] >= 2 and sum(rows) == _ROWS, rows
+    costs = CostModel(profile, cluster)
+
+    def step(r0: int) -> float:
+        trial = dataclasses.replace(plan, row_weights=(float(r0), float(_ROWS - r0)))
+        return costs.predict(candidate_of(trial, profile, _ROWS)).step_time
+
+    assert step(rows[0]) == pytest.approx(min(step(r) for r in range(2, _ROWS - 1)), rel=1e-9)
