@@ -98,7 +98,8 @@ def main() -> None:
     print(f"measured speed ratio rank0/rank1: min {min(ratios):.2f}  median {statistics.median(ratios):.2f}  "
           f"max {max(ratios):.2f} (emulated {args.factor:g}); one measurement took at most {max(took):.2f} s")
     print(f"cluster='auto' planned {cluster}: rows {rows} of {args.batch} "
-          f"(ideal {args.batch * args.factor / (args.factor + 1):.1f} on rank 0)")
+          f"(speed alone: {args.batch * args.factor / (args.factor + 1):.1f} on rank 0; the cost model adds the fixed "
+          "per-step costs, which the slow rank pays slowly too)")
     step = [e / a for a, e in zip(times["auto"], times["even"], strict=True)]
     print(f"{'round':>5}  {'auto ms':>8}  {'even ms':>8}  {'even/auto':>9}")
     for i, (a, e, r) in enumerate(zip(times["auto"], times["even"], step, strict=True)):
