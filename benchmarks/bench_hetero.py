@@ -63,6 +63,7 @@ from whale.ir.emulation import ENV_VAR
 from whale.ir.rows import split_rows
 from whale.planner.measure import measure_device
 from whale.planner.search.auto import auto_plan
+from whale.planner.search.balance import rows_by_speed
 from whale.planner.search.pins import Pins
 from whale.runtime.adaptive.adaptive_rows import compute_seconds
 
@@ -162,9 +163,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     out: dict = {"load": [os.getloadavg()], "speeds": [p.peak("fp32") for p in profiles]}
     planned_dp = _program(dp_cfg, example, planned_config("dp", None, example, cluster, profiles, args), slow)
     out["rows"] = tuple(planned_dp[0].plan.rows(args.batch))
+    out["auto_speeds"] = [d.profile.peak("fp32") for d in planned_dp[0].config.cluster.devices()]
     dp_planned = wh.Config(row_weights=out["rows"])  # the same rows, for the adaptive part's reference
     if "dp" in parts:
-        programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow)}
+        # The split by measured speed alone (what cluster='auto' gave before it asked the cost
+        # model), for reference: the gain of pricing the fixed costs.
+        out["speed_rows"] = rows_by_speed(args.batch, out["auto_speeds"])
+        speed = _program(dp_cfg, example, wh.Config(row_weights=[float(r) for r in out["speed_rows"]]), slow)
+        programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow), "speed": speed}
         out["dp"] = _rounds(programs, batches, args)
         out["load"].append(os.getloadavg())
     if "pp" in parts:
@@ -217,20 +223,26 @@ def in_run_ideal(rows: dict[str, tuple[int, ...]], seconds: dict) -> tuple[float
     ``(ideal, rest, per rank (fixed, per row))``.
 
     Each rank's busy time (forward and backward, and its optimizer step) is a line in its rows
-    through its two measured points (the planned and the even program); ``rest``, the even
-    program's step time beyond its slowest rank's busy time (gradient sync, the runtime's
-    per-step work, the barriers), does not depend on the split. The best split makes the
-    ranks' lines meet: ``T = (rows + sum a/b) / sum 1/b``. With everything in proportion to rows
-    (``a = 0``, ``rest = 0``) and rank 1 ``s`` times slower this is ``(s + 1) / 2``; time that
-    does not shrink with rows, and is not slower on the slow rank, lowers it."""
-    busy = {name: [c + o for c, o in seconds["busy"][name]] for name in ("planned", "even")}
+    through its measured points, one per program (``rows``: each program's rows; least
+    squares); ``rest``, the even program's step time beyond its slowest rank's busy time
+    (gradient sync, the runtime's per-step work, the barriers), does not depend on the split.
+    The best split makes the ranks' lines meet: ``T = (rows + sum a/b) / sum 1/b``. With
+    everything in proportion to rows (``a = 0``, ``rest = 0``) and rank 1 ``s`` times slower
+    this is ``(s + 1) / 2``; time that does not shrink with rows, and is not slower on the slow
+    rank, lowers it."""
+    busy = {name: [c + o for c, o in seconds["busy"][name]] for name in rows}
     lines = []
     for r in range(len(busy["even"])):
-        x0, y0, x1, y1 = rows["even"][r], busy["even"][r], rows["planned"][r], busy["planned"][r]
-        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
-        if slope <= 0 or y0 - slope * x0 < 0:  # one point, or noise: in proportion to rows
-            slope = y0 / x0
-        lines.append((y0 - slope * x0, slope))
+        xs = [rows[name][r] for name in rows]
+        ys = [busy[name][r] for name in rows]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        spread = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread else 0.0
+        if slope <= 0 or my - slope * mx < 0:  # one point, or noise: in proportion to rows
+            slope = busy["even"][r] / rows["even"][r]
+            lines.append((0.0, slope))
+        else:
+            lines.append((my - slope * mx, slope))
     total = sum(rows["even"])
     best = (total + sum(a / b for a, b in lines)) / sum(1 / b for _, b in lines)
     even = statistics.median(seconds["even"])
@@ -244,7 +256,7 @@ def _print_pair(title: str, seconds: dict, goal: float, ideal: float | None, row
     print(f"{'round':>5}  {'planned s/step':>14}  {'even s/step':>12}  {'speedup':>7}")
     for i, (p, e, r) in enumerate(zip(seconds["planned"], seconds["even"], ratios)):
         print(f"{i:>5}  {p:>14.4f}  {e:>12.4f}  {r:>7.3f}")
-    for name in ("planned", "even"):
+    for name in seconds["busy"]:
         print(f"  {name}: per rank, median ms of compute (forward, backward) + optimizer step: "
               + ", ".join(f"rank {r} {c * 1e3:.1f} + {o * 1e3:.1f}" for r, (c, o) in enumerate(seconds["busy"][name])))
     median = statistics.median(ratios)
@@ -285,11 +297,17 @@ def main() -> None:
     print("load average (1, 5, 15 min) at start and after each part: "
           + "; ".join(", ".join(f"{v:.2f}" for v in load) for load in out["load"]))
     print("measured fp32 rates: " + ", ".join(f"rank {r} {v / 1e9:.1f} GFLOP/s" for r, v in enumerate(out["speeds"]))
-          + f"; planned rows {out['rows']}\n")
+          + f" (whale.planner.measure, for the pipeline's search); cluster='auto' measured rank 0 / rank 1 = "
+          f"{out['auto_speeds'][0] / out['auto_speeds'][1]:.2f}x (emulated {s:g}x): planned rows {out['rows']}\n")
     if "dp" in out:
         even = tuple(split_rows(args.batch, (1.0, 1.0)))
         _print_pair(f"data parallel: planned rows {out['rows']} vs even", out["dp"], _GOALS["dp"], (s + 1) / 2,
-                    rows={"planned": out["rows"], "even": even})
+                    rows={"planned": out["rows"], "even": even, "speed": out["speed_rows"]})
+        by_speed = [e / p for e, p in zip(out["dp"]["even"], out["dp"]["speed"])]
+        over = [p / c for p, c in zip(out["dp"]["speed"], out["dp"]["planned"])]
+        print(f"reference, rows by measured speed alone {out['speed_rows']}: speedup over even median "
+              f"{statistics.median(by_speed):.3f}; its step time over the planned rows' median {statistics.median(over):.3f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in over)})\n")
     if "pp" in out:
         planned, even = out["cuts"]
         _print_pair(f"2-stage pipeline, 1F1B x {args.micro_batches}: planned cut {planned} vs even {even}",
