@@ -178,6 +178,7 @@ def emulated_optimizer(spec: str, steps: int) -> dict:
 
     from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 
+    gc.collect()  # programs of earlier cases on this pool rank drop their hooks now, not mid-count
     hooks = len(_global_optimizer_pre_hooks)
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=4, n_embd=128, n_head=4, block_size=16)
