@@ -84,7 +84,7 @@ def rows_on_cluster(plan: Plan, cluster: Cluster, *, example_rows: int | None = 
     Example::
 
         plan = rows_on_cluster(plan, cluster, example_rows=48, profile=profile)
-        plan.rows(48)   # (34, 14) when rank 0 is twice as fast and steps have fixed costs
+        plan.rows(48)   # more than (32, 16) when rank 0 is twice as fast and steps have fixed costs
     """
     if plan.pinned_rows is not None or plan.dp_degree == 1:
         return plan
@@ -131,7 +131,7 @@ def rows_by_cost(plan: Plan, cluster: Cluster, profile: ModelProfile, example_ro
 
     Example::
 
-        rows_by_cost(plan, cluster, profile_model(captured, 24), 24)   # e.g. (18, 6)
+        rows_by_cost(plan, cluster, profile_model(captured, 24), 24)   # (18, 6): bench_hetero's GPT, rank 1 2x slower
     """
     costs = CostModel(profile, cluster, options or CostOptions())
     candidate = candidate_of(plan, profile, example_rows)
