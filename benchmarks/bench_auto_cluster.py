@@ -5,11 +5,12 @@ the step time of that plan against even rows.
 1. The self-profile (``whale.planner.self_profile.rank_report``) on both ranks at once,
    ``--measures`` times: rank 0's speed over rank 1's (the factor, ideally) and the seconds each
    measurement took.
-2. One program under ``Config(cluster="auto")`` (data parallel GPT, rows by measured speed) and one
-   with even rows (``Config()``), trained in alternating rounds (auto, even, auto, even, ...) so
-   that drift of the machine hits both alike; the printed ratio is even's step time over auto's
-   in the same round. The ideal for a factor f is (f + 1) / 2: even rows make the slow rank take
-   f x n/2, rows by speed make both take f n / (f + 1).
+2. One program under ``Config(cluster="auto")`` (data parallel GPT, rows that minimise the cost
+   model's step time on the measured cluster) and one with even rows (``Config()``), trained in
+   alternating rounds (auto, even, auto, even, ...) so that drift of the machine hits both
+   alike; the printed ratio is even's step time over auto's in the same round. The ideal for a
+   factor f is (f + 1) / 2 when every part of a step is f times slower on the slow rank: even
+   rows make the slow rank take f x n/2, the best rows make both take f n / (f + 1).
 
 Run (spawns its own 2 processes)::
 
@@ -97,7 +98,8 @@ def main() -> None:
     print(f"measured speed ratio rank0/rank1: min {min(ratios):.2f}  median {statistics.median(ratios):.2f}  "
           f"max {max(ratios):.2f} (emulated {args.factor:g}); one measurement took at most {max(took):.2f} s")
     print(f"cluster='auto' planned {cluster}: rows {rows} of {args.batch} "
-          f"(ideal {args.batch * args.factor / (args.factor + 1):.1f} on rank 0)")
+          f"(speed alone: {args.batch * args.factor / (args.factor + 1):.1f} on rank 0; the cost model adds the fixed "
+          "per-step costs, which the slow rank pays slowly too)")
     step = [e / a for a, e in zip(times["auto"], times["even"], strict=True)]
     print(f"{'round':>5}  {'auto ms':>8}  {'even ms':>8}  {'even/auto':>9}")
     for i, (a, e, r) in enumerate(zip(times["auto"], times["even"], step, strict=True)):

@@ -7,10 +7,14 @@ which sees the emulated speed as a real one), the ranks exchange the profiles, a
 :func:`planned_config` asks whale's planner for the split of that measured cluster. Then, in
 alternating steps (planned, even, planned, ...):
 
-* ``dp``: data parallel, ``Config(cluster="auto")`` (rows in proportion to the speeds the
-  ranks measure when the program is made) against even rows. The ideal bound is ``(s + 1) / 2`` for a device ``s``
-  times slower (1.5x for s = 2): the even split waits ``s / 2`` for the slow rank's half, the
-  planned one ``s / (s + 1)`` for its share.
+* ``dp``: data parallel, ``Config(cluster="auto")`` (the ranks measure themselves when the
+  program is made; the rows minimise the cost model's step time on that cluster: compute per
+  row, and the per-operation and optimizer costs the slow rank also pays slowly) against even
+  rows. The ideal bound is ``(s + 1) / 2`` for a device ``s`` times slower (1.5x for s = 2) when
+  all of a step is slowed on the slow rank and none of it is shared: the even split waits
+  ``s / 2`` for the slow rank's half, the best one ``s / (s + 1)``. The run also prints its own
+  ideal (:func:`in_run_ideal`): the best split of the per-rank busy times it measured, with
+  what no split shortens (gradient sync, the runtime's work between the pieces, barriers).
 * ``pp``: a 2-stage pipeline (1F1B, ``--micro-batches``) cut where whale's search, pinned to 2
   stages on the 2 ranks, cuts it for the measured devices, against the even cut (half the
   blocks on each stage).
@@ -20,9 +24,13 @@ alternating steps (planned, even, planned, ...):
   until the step-time ratio adaptive/balanced is within 10% and stays there (a running median
   of 3 steps).
 
-Programs compared alternate step by step (each step after a barrier), so the load of the host
-at any moment weighs on both; every ratio is measured in the same run, and the host's load
-average is printed with them.
+Programs compared alternate step by step (each step, with its optimizer step, between two
+barriers: the step lasts until the slowest rank is done), so the load of the host at any moment
+weighs on both; every ratio is measured in the same run, and the host's load average is printed
+with them. The model (a GPT of 4 blocks of 128, a batch of 24 x 64 tokens) is one whose step is
+mostly compute that grows with rows, as a big batch's on real GPUs: the gradient sync (0.8 M
+parameters through shared memory) is a few ms of a ~100 ms step; the runtime's own per-step work
+is in every measured step.
 
 Run (spawns its own 2 processes)::
 
@@ -52,9 +60,12 @@ from whale.capture import capture
 from whale.ir.cluster_spec import Cluster, parse_cluster
 from whale.ir.devices import DeviceProfile
 from whale.ir.emulation import ENV_VAR
+from whale.ir.rows import split_rows
 from whale.planner.measure import measure_device
 from whale.planner.search.auto import auto_plan
+from whale.planner.search.balance import rows_by_speed
 from whale.planner.search.pins import Pins
+from whale.runtime.adaptive.adaptive_rows import compute_seconds
 
 _WITHIN = 1.10  # "balanced": within 10% of the balanced step time
 _GOALS = {"dp": 1.3, "pp": 1.2}
@@ -95,30 +106,44 @@ def _program(cfg: GPTConfig, example, config: wh.Config, spec: str):
     return program, torch.optim.AdamW(program.parameters(), lr=1e-3)
 
 
-def _alternate(programs: dict, batches) -> dict[str, list[float]]:
-    """Each batch stepped by every program in turn (step, optimizer step), each step after a
-    barrier: per program, the wall seconds of each of its steps on this rank. Steps of the
+def _alternate(programs: dict, batches) -> dict[str, list[tuple[float, float, float]]]:
+    """Each batch stepped by every program in turn (step, optimizer step), each step between
+    two barriers: per program and step, this rank's ``(step seconds, compute seconds,
+    optimizer seconds)``. The step lasts from the barrier before it to the barrier after it,
+    so it counts every rank's work, the slow rank's optimizer step included (a rank's own clock
+    to the end of its optimizer step would miss what the other ranks still do). Steps of the
     programs interleave, so the load of the host at any moment weighs on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in programs}
+    times: dict[str, list] = {name: [] for name in programs}
     for x, y in batches:
         for name, (program, opt) in programs.items():
             dist.barrier()
             began = time.perf_counter()
             program.step(x, y)
+            stepped = time.perf_counter()
             opt.step()
             opt.zero_grad()
-            times[name].append(time.perf_counter() - began)
+            optimizer = time.perf_counter() - stepped
+            dist.barrier()
+            times[name].append((time.perf_counter() - began, compute_seconds(program.last_timeline), optimizer))
     return times
 
 
-def _rounds(programs: dict, batches, args) -> dict[str, list[float]]:
-    """Per program, its mean step time (after ``--warmup`` steps) in each round."""
-    seconds: dict[str, list[float]] = {name: [] for name in programs}
+def _rounds(programs: dict, batches, args) -> dict:
+    """Per program, its mean step time (after ``--warmup`` steps) in each round, and every
+    rank's mean compute and optimizer seconds over all rounds (``"busy"``: per program, per
+    rank, ``(compute, optimizer)``)."""
+    seconds: dict = {name: [] for name in programs}
+    busy: dict = {name: [] for name in programs}
     for _ in range(args.rounds):
         times = _alternate(programs, batches[: args.warmup + args.steps])
         for name in programs:
-            seconds[name].append(statistics.fmean(times[name][args.warmup :]))
-    return seconds
+            kept = times[name][args.warmup :]
+            seconds[name].append(statistics.fmean(t[0] for t in kept))
+            busy[name] += [t[1:] for t in kept]
+    mine = {name: tuple(statistics.median(t[k] for t in busy[name]) for k in (0, 1)) for name in programs}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {**seconds, "busy": {name: [r[name] for r in every] for name in programs}}
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
@@ -138,9 +163,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     out: dict = {"load": [os.getloadavg()], "speeds": [p.peak("fp32") for p in profiles]}
     planned_dp = _program(dp_cfg, example, planned_config("dp", None, example, cluster, profiles, args), slow)
     out["rows"] = tuple(planned_dp[0].plan.rows(args.batch))
+    out["auto_speeds"] = [d.profile.peak("fp32") for d in planned_dp[0].config.cluster.devices()]
     dp_planned = wh.Config(row_weights=out["rows"])  # the same rows, for the adaptive part's reference
     if "dp" in parts:
-        programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow)}
+        # The split by measured speed alone (what cluster='auto' gave before it asked the cost
+        # model), for reference: the gain of pricing the fixed costs.
+        out["speed_rows"] = rows_by_speed(args.batch, out["auto_speeds"])
+        speed = _program(dp_cfg, example, wh.Config(row_weights=[float(r) for r in out["speed_rows"]]), slow)
+        programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow), "speed": speed}
         out["dp"] = _rounds(programs, batches, args)
         out["load"].append(os.getloadavg())
     if "pp" in parts:
@@ -169,7 +199,8 @@ def _adaptive(cfg: GPTConfig, example, planned: wh.Config, batches, args) -> lis
     for _ in range(args.rounds):
         adaptive = _program(cfg, example, wh.Config(adaptive_rows=True), later)
         times = _alternate({"adaptive": adaptive, "balanced": balanced}, batches[: args.slow_at + args.after])
-        rounds.append({**times, "moves": list(adaptive[0].rebalancer.moves)})
+        steps = {name: [t[0] for t in kept] for name, kept in times.items()}
+        rounds.append({**steps, "moves": list(adaptive[0].rebalancer.moves)})
     return rounds
 
 
@@ -187,17 +218,59 @@ def _recovery(ratios: list[float], slow_at: int) -> tuple[int | None, int | None
     return first, settled
 
 
-def _print_pair(title: str, seconds: dict[str, list[float]], goal: float, ideal: float | None) -> None:
+def in_run_ideal(rows: dict[str, tuple[int, ...]], seconds: dict) -> tuple[float, float, list[tuple[float, float]]]:
+    """The speedup over even rows of the best split of the rows, from this run's measurements:
+    ``(ideal, rest, per rank (fixed, per row))``.
+
+    Each rank's busy time (forward and backward, and its optimizer step) is a line in its rows
+    through its measured points, one per program (``rows``: each program's rows; least
+    squares); ``rest``, the even program's step time beyond its slowest rank's busy time
+    (gradient sync, the runtime's per-step work, the barriers), does not depend on the split.
+    The best split makes the ranks' lines meet: ``T = (rows + sum a/b) / sum 1/b``. With
+    everything in proportion to rows (``a = 0``, ``rest = 0``) and rank 1 ``s`` times slower
+    this is ``(s + 1) / 2``; time that does not shrink with rows, and is not slower on the slow
+    rank, lowers it."""
+    busy = {name: [c + o for c, o in seconds["busy"][name]] for name in rows}
+    lines = []
+    for r in range(len(busy["even"])):
+        xs = [rows[name][r] for name in rows]
+        ys = [busy[name][r] for name in rows]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        spread = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread else 0.0
+        if slope <= 0 or my - slope * mx < 0:  # one point, or noise: in proportion to rows
+            slope = busy["even"][r] / rows["even"][r]
+            lines.append((0.0, slope))
+        else:
+            lines.append((my - slope * mx, slope))
+    total = sum(rows["even"])
+    best = (total + sum(a / b for a, b in lines)) / sum(1 / b for _, b in lines)
+    even = statistics.median(seconds["even"])
+    rest = max(0.0, even - max(busy["even"]))
+    return even / (best + rest), rest, lines
+
+
+def _print_pair(title: str, seconds: dict, goal: float, ideal: float | None, rows: dict | None = None) -> None:
     ratios = [e / p for e, p in zip(seconds["even"], seconds["planned"])]
     print(title)
     print(f"{'round':>5}  {'planned s/step':>14}  {'even s/step':>12}  {'speedup':>7}")
     for i, (p, e, r) in enumerate(zip(seconds["planned"], seconds["even"], ratios)):
         print(f"{i:>5}  {p:>14.4f}  {e:>12.4f}  {r:>7.3f}")
+    for name in seconds["busy"]:
+        print(f"  {name}: per rank, median ms of compute (forward, backward) + optimizer step: "
+              + ", ".join(f"rank {r} {c * 1e3:.1f} + {o * 1e3:.1f}" for r, (c, o) in enumerate(seconds["busy"][name])))
     median = statistics.median(ratios)
     line = f"speedup planned/even: min {min(ratios):.3f}  median {median:.3f}  max {max(ratios):.3f}  (goal >= {goal}"
     if ideal is not None:
-        line += f" and >= 0.9 of the ideal {ideal:.2f}: {median / ideal:.2f} of it"
-    print(line + ")\n")
+        line += f" and >= 0.9 of the ideal bound {ideal:.2f}: {median / ideal:.2f} of it"
+    print(line + ")")
+    if rows is not None:
+        run_ideal, rest, lines = in_run_ideal(rows, seconds)
+        print(f"in-run ideal (best split of this run's measured per-rank times): {run_ideal:.3f}; planned/even reaches "
+              f"{median / run_ideal:.2f} of it. Per rank, busy ms = fixed + per row x rows: "
+              + ", ".join(f"rank {r} {a * 1e3:.1f} + {b * 1e3:.2f} x rows" for r, (a, b) in enumerate(lines))
+              + f"; not shrinking with rows nor slower on the slow rank (sync, runtime, barriers): {rest * 1e3:.1f} ms")
+    print()
 
 
 def main() -> None:
@@ -224,9 +297,17 @@ def main() -> None:
     print("load average (1, 5, 15 min) at start and after each part: "
           + "; ".join(", ".join(f"{v:.2f}" for v in load) for load in out["load"]))
     print("measured fp32 rates: " + ", ".join(f"rank {r} {v / 1e9:.1f} GFLOP/s" for r, v in enumerate(out["speeds"]))
-          + f"; planned rows {out['rows']}\n")
+          + f" (whale.planner.measure, for the pipeline's search); cluster='auto' measured rank 0 / rank 1 = "
+          f"{out['auto_speeds'][0] / out['auto_speeds'][1]:.2f}x (emulated {s:g}x): planned rows {out['rows']}\n")
     if "dp" in out:
-        _print_pair(f"data parallel: planned rows {out['rows']} vs even", out["dp"], _GOALS["dp"], (s + 1) / 2)
+        even = tuple(split_rows(args.batch, (1.0, 1.0)))
+        _print_pair(f"data parallel: planned rows {out['rows']} vs even", out["dp"], _GOALS["dp"], (s + 1) / 2,
+                    rows={"planned": out["rows"], "even": even, "speed": out["speed_rows"]})
+        by_speed = [e / p for e, p in zip(out["dp"]["even"], out["dp"]["speed"])]
+        over = [p / c for p, c in zip(out["dp"]["speed"], out["dp"]["planned"])]
+        print(f"reference, rows by measured speed alone {out['speed_rows']}: speedup over even median "
+              f"{statistics.median(by_speed):.3f}; its step time over the planned rows' median {statistics.median(over):.3f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in over)})\n")
     if "pp" in out:
         planned, even = out["cuts"]
         _print_pair(f"2-stage pipeline, 1F1B x {args.micro_batches}: planned cut {planned} vs even {even}",

@@ -49,6 +49,24 @@ def _facts(program, printed: str, total: int) -> dict:
     }  # fmt: skip
 
 
+def _rows_by_model(program, model, example: tuple, total: int) -> dict:
+    """The rows ``cluster="auto"`` should give on the program's measured cluster: the cost
+    model's (``rows_on_cluster`` with the model's layers) and speed's alone (without them)."""
+    import dataclasses
+
+    from whale.capture import capture
+    from whale.planner.annotated.cluster_rows import rows_on_cluster
+    from whale.planner.cost.model_profile import profile_model
+
+    plan = dataclasses.replace(program.plan, row_weights=(1.0,) * program.plan.dp_degree)
+    cluster = program.config.cluster
+    profile = profile_model(capture(model, example), total)
+    return {
+        "cost_rows": list(rows_on_cluster(plan, cluster, example_rows=total, profile=profile).rows(total)),
+        "speed_rows": list(rows_on_cluster(plan, cluster, example_rows=total).rows(total)),
+    }
+
+
 def gpt_auto(spec: str | None, rows: int, *, save_to: str | None = None, **config) -> dict:
     """The examples' GPT, data parallel, under ``Config(cluster="auto", **config)`` with
     ``WHALE_EMULATE_SLOWDOWN=spec``; rank 0 saves the plan it ran to ``save_to``."""
@@ -69,6 +87,8 @@ def gpt_run(spec: str | None, rows: int, *, save_to: str | None = None, **config
     if save_to is not None and dist.get_rank() == 0:
         save_plan(save_to, program.plan, model, cluster=program.config.cluster, global_batch=rows)
     out.update(_facts(program, printed.getvalue(), rows))
+    if config.get("cluster") == "auto" and program.plan.num_stages == 1:
+        out.update(_rows_by_model(program, model, (batches[0][0],), rows))
     return out
 
 
@@ -85,6 +105,8 @@ def hf_auto(name: str, spec: str | None, rows: int, **config) -> dict:
         out.update(_train_distributed(program, batches, out.pop("ref_states"), "dict"))
     out.update(_facts(program, printed.getvalue(), rows))
     out["stages"] = program.plan.num_stages
+    if config.get("cluster") == "auto" and not config.get("auto_parallel") and program.plan.num_stages == 1:
+        out.update(_rows_by_model(program, case.model, case.inputs, rows))
     return out
 
 
@@ -141,3 +163,43 @@ def split_auto(spec: str | None, **kwargs) -> dict:
 
     with _emulated(spec), contextlib.redirect_stdout(io.StringIO()):
         return gpt_split(cluster="auto", **kwargs)
+
+
+def emulated_optimizer(spec: str, steps: int) -> dict:
+    """The examples' GPT (4 x 128) data parallel under ``WHALE_EMULATE_SLOWDOWN=spec``: per step,
+    the wall and CPU seconds of the AdamW step over the program's parameters and of one over
+    copies of them (other tensors, the same work), and whether the program's optimizer hooks
+    go with the program."""
+    import gc
+    import time
+
+    import torch
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
+
+    gc.collect()  # programs of earlier cases on this pool rank drop their hooks now, not mid-count
+    hooks = len(_global_optimizer_pre_hooks)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, n_embd=128, n_head=4, block_size=16)
+    x, y = SyntheticCorpus(cfg.vocab_size).batch(4, cfg.block_size, 0)
+    with _emulated(spec):
+        program = wh.parallelize(GPT(cfg), loss_fn=lm_loss, example_inputs=(x,), config=wh.Config(quiet=True))
+    ours = torch.optim.AdamW(program.parameters(), lr=1e-3)
+    other_params = [torch.nn.Parameter(p.detach().clone()) for p in program.parameters()]
+    other = torch.optim.AdamW(other_params, lr=1e-3)
+    out: dict = {"ours": [], "other": []}
+    for _ in range(steps):
+        program.step(x, y)
+        for p in other_params:
+            p.grad = torch.full_like(p, 1e-3)
+        for name, opt in (("ours", ours), ("other", other)):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            opt.step()
+            out[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+            opt.zero_grad()
+    out["hooks_while"] = len(_global_optimizer_pre_hooks) - hooks
+    del program, ours
+    gc.collect()
+    out["hooks_after"] = len(_global_optimizer_pre_hooks) - hooks
+    return out

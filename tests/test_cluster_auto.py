@@ -5,10 +5,12 @@ Equivalence (tests/equivalence.py tolerances): uneven rows change only the order
 additions, as for ``row_weights`` (loss rtol 1e-6; gradients rtol 1e-4, atol 1e-6; parameters
 after one AdamW step 2e-6 on entries with ordinary gradients).
 
-Rows: rank 1 is emulated 2x slower, so rank 0 should take 2/3 of the rows. Both ranks measure at
-once on a shared host whose other processes stretch single timings by up to ~20-30% (median of 7
-timings per rank), so the test accepts rank 0 taking between 55% and 80% of the rows (2/3 is
-66.7%; even rows, what a measurement that missed the emulation gives, are 50%).
+Rows: rank 1 is emulated 2x slower. Both ranks measure at once on a shared host whose other
+processes stretch single timings by up to ~20-30%, so the measured speed ratio is accepted
+between 1.5 and 2.7 (even rows, what a measurement that missed the emulation gives, are 1.0).
+The rows run are those that minimise the cost model's step time on the measured cluster
+(tests/test_cluster_rows_cost.py checks that function): at least the speed share on rank 0,
+more where fixed per-step costs, which the slow rank pays twice over, weigh.
 """
 
 from __future__ import annotations
@@ -40,14 +42,20 @@ def _share(rows) -> float:
     return rows[0] / sum(rows)
 
 
-def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(world2, tmp_path):
+def test_rank_twice_as_slow_gets_the_cost_models_rows_and_equals_the_local_model(world2, tmp_path):
     saved = str(tmp_path / "measured.json")
     outs = world2.run(f"{CASES}:gpt_auto", "1:2", 24, save_to=saved)
     for out in outs:
         assert_equivalent(out)
         assert out["rows"] == outs[0]["rows"], "every rank plans for the same cluster"
         assert out["devices"] == outs[0]["devices"]
-    assert 0.55 <= _share(outs[0]["rows"]) <= 0.8, outs[0]["rows"]
+    speeds = outs[0]["speeds"]
+    assert 1.5 <= speeds[0] / speeds[1] <= 2.7, speeds  # the emulated 2x, measured (see test_two_ranks_...)
+    # Rows minimise the cost model's step time on the measured cluster: this small GPT's steps
+    # are mostly per-operation costs, which the slow rank also pays twice over, so rank 0 takes
+    # more than its speed share (2/3 at 2x).
+    assert outs[0]["rows"] == outs[0]["cost_rows"], outs[0]
+    assert outs[0]["rows"][0] >= outs[0]["speed_rows"][0] and _share(outs[0]["speed_rows"]) >= 0.55, outs[0]
     assert outs[0]["devices"][0] == "CPU" and outs[0]["devices"][1].startswith("CPU-slow"), outs[0]["devices"]
     # Rank 0 prints the plan it runs, once; rank 1 prints nothing.
     assert "whale: running the plan for the measured cluster" in outs[0]["printed"]
@@ -57,6 +65,18 @@ def test_rank_twice_as_slow_gets_a_third_of_the_rows_and_equals_the_local_model(
     for out in again:
         assert_equivalent(out)
         assert out["rows"] == outs[0]["rows"] and out["plan_json"] == outs[0]["plan_json"]
+
+
+def test_transformers_model_data_parallel_rows_by_the_cost_model(world2):
+    # Llama of tests/hf_models.py (captured with torch.export), data parallel on the measured
+    # cluster: the cost model's rows, and the result equals the local model.
+    pytest.importorskip("transformers")
+    outs = world2.run(f"{CASES}:hf_auto", "llama", "1:2", 12, cluster="auto", quiet=True)
+    for out in outs:
+        assert_equivalent(out, names=out["params"].keys())
+        assert out["rows"] == outs[0]["rows"]
+    assert outs[0]["stages"] == 1 and outs[0]["rows"] == outs[0]["cost_rows"], outs[0]
+    assert outs[0]["rows"][0] >= outs[0]["speed_rows"][0] > 6, outs[0]
 
 
 def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
@@ -97,9 +117,10 @@ def test_profile_file_is_used_and_a_file_for_other_devices_is_refused_on_every_r
     outs = world2.run(f"{CASES}:gpt_auto", "1:2", 12, profiles=str(good))
     for out in outs:
         assert_equivalent(out)
-    # The file's rate, the emulated factor applied; rows follow it exactly (2:1).
+    # The file's rate, the emulated factor applied: speed alone splits exactly 2:1; the rows
+    # run are the cost model's on the file's profile (its per-operation costs too).
     assert outs[0]["speeds"] == pytest.approx([1e11, 5e10])
-    assert outs[0]["rows"] == [8, 4]
+    assert outs[0]["speed_rows"] == [8, 4] and outs[0]["rows"] == outs[0]["cost_rows"], outs[0]
     errors = world2.run(f"{CASES}:gpt_error", cluster="auto", profiles=str(bad))
     for message in errors:
         assert "describes ['A100-80GB'] but rank 0 runs on 'CPU'" in message, message

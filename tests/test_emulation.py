@@ -123,3 +123,25 @@ def test_data_parallel_backward_stretched(world2):
     outs = world2.run("tests.dp_cases:timeline_case", "1:3@3", 6, 128)
     backward = outs[1]["backward"]
     assert statistics.median(backward[3:]) >= 1.7 * statistics.median(backward[:3]), backward
+
+
+def test_optimizer_step_over_the_programs_parameters_is_stretched(world2):
+    # A slow device also updates its weights slowly (the cost model prices the optimizer step at
+    # the device's speed): rank 1, 3x slower from step 2, stretches the AdamW step over the
+    # program's parameters, and only that one. 1.7x, not 3x, on medians: other processes on a
+    # shared host stretch single steps of either side.
+    outs = world2.run("tests.auto_cases:emulated_optimizer", "1:3@3", 8)
+    slow, fast = outs[1], outs[0]
+
+    def ratio(out, steps) -> float:  # wall time of the program's AdamW step over the copies' one
+        return statistics.median(out["ours"][k][0] / out["other"][k][0] for k in steps)
+
+    # Steps 1-2 against 3-7 (step 0 makes the AdamW states): the copies' step, run right after
+    # in the same step, sees the same load; were it stretched too, the ratio would not grow.
+    assert ratio(slow, range(3, 8)) >= 1.7 * ratio(slow, range(1, 3)), slow
+    # Slept, not computed: the CPU time does not triple.
+    assert statistics.median(c for _, c in slow["ours"][3:]) < 2.0 * max(c for _, c in slow["ours"][1:3]), slow["ours"]
+    # Only the emulated rank hooks torch.optim (rank 0's steps cannot be stretched), and the
+    # hooks go with the program.
+    assert slow["hooks_while"] == 1 and fast["hooks_while"] == 0
+    assert slow["hooks_after"] == 0 and fast["hooks_after"] == 0

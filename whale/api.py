@@ -203,10 +203,16 @@ def _measure_cluster(config: Config, world_size: int) -> Cluster:
 
 
 def _rows_on(plan: Plan, cluster: Cluster, captured, example_rows) -> Plan:
-    """An annotated plan's rows by measured speed, under memory where the graph tells it."""
+    """An annotated plan's rows for the measured cluster: by the cost model's step time where
+    the graph tells it (under memory), else by speed."""
     profile = None
     if captured is not None and example_rows is not None and plan.num_stages == 1:
         profile = profile_model(captured, example_rows)
+    elif captured is not None and example_rows is not None:
+        try:
+            profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
+        except ValueError as err:
+            warnings.warn(f"rows per replica follow measured speed alone: no cost model of the stages ({err})", stacklevel=3)
     return rows_on_cluster(plan, cluster, example_rows=example_rows, profile=profile)
 
 

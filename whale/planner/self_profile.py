@@ -7,14 +7,19 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
    much memory it can use, and how fast it runs. Fast: one matrix multiply of a transformer's
    linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
    timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
-   (samples slowed by other processes do not count); about 0.05 s on a CPU core (twice that on a rank
-   emulated 2x slower). The rate, over the device's efficiency at that size, gives its peak,
-   and the device's datasheet profile is scaled to it. On a single-threaded CPU rank the multiplies are timed in
-   CPU time (the core's speed while the rank runs) and the rank also reports the share of wall
-   time it ran: ranks that share cores get what the host's median share gives them. A rank that
-   ``WHALE_EMULATE_SLOWDOWN`` slows idles after each timed multiply as its steps will (its
-   time is ``FACTOR`` times the multiply's), so the profile sees the emulated speed as it
-   would see a real slow device. Or, given a
+   (samples slowed by other processes do not count); then what does not shrink with a
+   replica's rows: the cost of one operation (a chain of a transformer block's small ones,
+   forward and backward) and of an AdamW step per tensor and per parameter, which the cost
+   model prices a step's fixed part by. About 0.1 s on a CPU core (twice that where some rank
+   is emulated 2x slower). The rate, over the device's efficiency at that size, gives its
+   peak, and the device's datasheet profile is scaled to it, with the measured per-operation
+   and optimizer costs. On a single-threaded CPU rank the samples are timed in CPU time (the
+   core's speed while the rank runs) and the rank also reports the share of wall time it ran:
+   ranks that share cores get what the host's median share gives them. A rank that
+   ``WHALE_EMULATE_SLOWDOWN`` slows counts ``FACTOR`` times each sample, and every rank idles
+   after each sample as the slowest emulated rank's steps will (``FACTOR - 1`` times the
+   sample), so the profile sees the emulated speed as it would see a real slow device and all
+   ranks measure in one rhythm (none measures alone while another sleeps). Or, given a
    ``whale profile`` file (``Config(profiles=...)``), the rank takes its device's profile from
    the file (emulated slowdowns applied) and measures nothing.
 2. :func:`cluster_from_reports` on every rank, on the same list: a pure function, so every rank
@@ -49,8 +54,8 @@ from .measure import emulated, slowed
 
 __all__ = ["REPEATS", "SAME_CLASS", "RankReport", "cluster_from_reports", "rank_report"]
 
-REPEATS = 9
-"""Timed samples per rank; the mean of the faster half is the rank's time."""
+REPEATS = 15
+"""Timed samples of the multiply per rank; the mean of the faster half is the rank's time."""
 
 SAME_CLASS = 1.2
 """Ranks of one device whose measured speeds are within this factor of the class's fastest are
@@ -126,11 +131,16 @@ def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ
             profile, speed, share = _from_file(profiles, hardware, rank, environ), 1.0, 1.0
         else:
             base = _datasheet(hardware)
-            peak, share = _measured_peak(base, cuda, factor)
-            speed = peak / base.peak("fp32")
+            pace = max([f for phases in slowdown_from_env(environ).values() for f, step in phases if step == 0] + [1.0])
+            found = _measure(base, cuda, factor, pace)
+            speed, share = found.peak / base.peak("fp32"), found.share
             profile = slowed(base, 1.0 / speed, base.name)  # classes name it (cluster_from_reports)
-            profile = dataclasses.replace(profile, source=f"{base.name} measured by whale (cluster='auto') on {host}: "
-                                          f"{speed:.3g}x its datasheet rates ({base.source})")  # fmt: skip
+            # The costs that do not shrink with rows, as measured (not the datasheet's scaled).
+            profile = dataclasses.replace(
+                profile, op_overhead=found.overhead, optimizer_step=(("adamw", *found.optimizer),),
+                source=f"{base.name} measured by whale (cluster='auto') on {host}: {speed:.3g}x its "
+                f"datasheet rates, {found.overhead * 1e6:.3g} us per operation ({base.source})",
+            )  # fmt: skip
         profile = dataclasses.replace(profile, memory_bytes=memory)
     except (ValueError, OSError) as err:
         return RankReport(rank, host, hardware, None, cpu=not cuda, error=str(err))
@@ -178,17 +188,32 @@ def _usable_memory(cuda: bool) -> int:
         return CPU_PROFILE.memory_bytes
 
 
-def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[float, float]:
-    """``(peak, share)``: the peak fp32 FLOP/s of this rank's device when it runs, from the
-    mean time of the faster half of :data:`REPEATS` timed samples over the device's efficiency at their size,
-    and the share of wall time it ran while it measured (1.0 on a GPU or a multi-threaded CPU
-    rank, timed by the wall clock).
+@dataclasses.dataclass(frozen=True)
+class _Measured:
+    """What :func:`_measure` found on this rank (seconds at the rank's emulated speed)."""
 
-    On a single-threaded CPU rank the multiplies are timed by this thread's CPU time: what the core does while this
-    rank runs, whatever other processes take from it (their share of the core is the ``share``,
-    taken host-wide in :func:`cluster_from_reports`, where one rank's scheduling luck averages
-    out). An emulated slow rank idles after each multiply for ``factor - 1`` times what it took,
-    as its training steps will, and counts ``factor`` times the multiply."""
+    peak: float  # fp32 FLOP/s at full size
+    share: float  # share of wall time the rank ran while it measured
+    overhead: float  # seconds per forward operation (the cost model's op_overhead)
+    optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
+
+
+def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float) -> _Measured:
+    """This rank's device: the peak fp32 FLOP/s from a linear layer's multiply (the
+    faster half's mean over :data:`REPEATS` samples, over the device's efficiency at that
+    size), the cost of one operation (a chain of small ones, forward and backward) and of an
+    AdamW step per tensor and per parameter (the costs that do not shrink with a replica's
+    rows), and the share of wall time the rank ran while it measured (1.0 on a GPU or a
+    multi-threaded CPU rank, timed by the wall clock).
+
+    On a single-threaded CPU rank every sample is timed by this thread's CPU time: what the
+    core does while this rank runs, whatever other processes take from it (their share of the
+    core is the ``share``, taken host-wide in :func:`cluster_from_reports`, where one rank's
+    scheduling luck averages out). An emulated slow rank counts ``factor`` times each sample.
+    Every rank idles after each sample for ``pace - 1`` times what it took (``pace``: the
+    largest factor any rank emulates), so that all ranks measure in the same rhythm: the slow
+    rank idles as its training steps will, and no rank measures alone on the host while
+    another sleeps (which would read their speeds through different contention)."""
     import torch
 
     n, inner = (_GPU_N, _GPU_INNER) if cuda else (_CPU_N, _CPU_INNER)
@@ -200,31 +225,103 @@ def _measured_peak(base: DeviceProfile, cuda: bool, factor: float) -> tuple[floa
     # by the wall clock.
     shared = not cuda and torch.get_num_threads() == 1
     clock = time.thread_time if shared else time.perf_counter
+    ran, walls = [0.0], [0.0]
+
+    def samples(run, count: int) -> list[float]:
+        run()  # warm-up: allocation, kernel selection, caches
+        sync()
+        out = []
+        for _ in range(count):
+            wall, start = time.perf_counter(), clock()
+            run()
+            sync()
+            took, wall = clock() - start, time.perf_counter() - wall
+            ran[0], walls[0] = ran[0] + took, walls[0] + wall
+            if pace > 1:  # idle as the slowest emulated rank does, freeing the core for the others
+                time.sleep((pace - 1) * took)
+            out.append(factor * took)
+        # The faster half's mean: on a CPU, another process on the core (its caches, memory
+        # bandwidth) only ever lengthens a sample's CPU time, so the faster samples are the device's.
+        return statistics.fmean(sorted(out)[: max(1, count // 2)])
+
     gen = torch.Generator(device=device).manual_seed(0)  # no draw from the user's random stream
     a = torch.randn(4 * n, n, device=device, generator=gen)
     w = torch.randn(4 * n, n, device=device, generator=gen)
-    times, ran, walls = [], 0.0, 0.0
-    with torch.no_grad():
-        for _ in range(2):  # warm-up: allocation, kernel selection, caches
-            torch.nn.functional.linear(a, w)
-        sync()
-        for _ in range(REPEATS):
-            wall, start = time.perf_counter(), clock()
+
+    def multiply() -> None:
+        with torch.no_grad():
             for _ in range(inner):
                 torch.nn.functional.linear(a, w)
-            sync()
-            took, wall = clock() - start, time.perf_counter() - wall
-            ran, walls = ran + took, walls + wall
-            if factor > 1:  # idle as the runtime does, freeing the core for the other ranks
-                time.sleep((factor - 1) * took)
-            times.append(factor * took)
+
+    matmul = samples(multiply, REPEATS)
     flops = 32.0 * n**3
-    # The faster half's mean: on a CPU, another process on the core (a hyperthread sibling, the
-    # caches) only ever lengthens a sample's CPU time, so the faster samples are the device's.
-    fastest = sorted(times)[: max(1, len(times) // 2)]
-    rate = inner * flops / max(statistics.fmean(fastest), 1e-9)
-    share = min(1.0, max(0.01, ran / max(walls, 1e-9))) if shared else 1.0
-    return rate / float(efficiency_at(base, flops)), share
+    rate = inner * flops / max(matmul, 1e-9)
+    overhead = samples(_op_chain(device, gen), _SMALL_REPEATS) / _CHAIN_OPS
+    optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
+    share = min(1.0, max(0.01, ran[0] / max(walls[0], 1e-9))) if shared else 1.0
+    return _Measured(rate / float(efficiency_at(base, flops)), share, overhead, optimizer)
+
+
+# A chain of a transformer block's small operations (linear, gelu, layer norm, residual add)
+# on 8-wide rows: their time is the per-operation cost. Forward and backward count 3 forward
+# operations each (the cost model charges a node its overhead forward and twice that backward).
+_CHAIN_BLOCKS, _CHAIN_WIDTH = 8, 8
+_CHAIN_OPS = 3 * 4 * _CHAIN_BLOCKS
+_SMALL_REPEATS = 7
+
+
+def _op_chain(device: str, gen):
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.ones(1, _CHAIN_WIDTH, device=device, requires_grad=True)
+    w = torch.randn(_CHAIN_WIDTH, _CHAIN_WIDTH, device=device, generator=gen).requires_grad_()
+    b = torch.zeros(_CHAIN_WIDTH, device=device, requires_grad=True)
+    g = torch.ones(_CHAIN_WIDTH, device=device, requires_grad=True)
+
+    def chain() -> None:
+        y = x
+        for _ in range(_CHAIN_BLOCKS):
+            y = y + F.layer_norm(F.gelu(F.linear(y, w, b)), (_CHAIN_WIDTH,), g, b)
+        y.sum().backward()
+
+    return chain
+
+
+def _adamw_costs(device: str, gen, timed) -> tuple[float, float]:
+    """``(seconds per tensor, seconds per parameter)`` of an AdamW step with torch's kernels
+    for the device (``torch.optim.adamw.adamw``: a loop over tensors on a CPU, multi-tensor
+    kernels on CUDA), from one large tensor and many small ones: ``t = a k + b n``. The
+    functional form, not ``torch.optim.AdamW.step``: that one imports ``torch._dynamo`` on its
+    first call (seconds, once per process); it adds ~0.2 ms per step and ~10 us per tensor on a
+    CPU core (its bookkeeping), which this leaves out."""
+    import torch
+    from torch.optim.adamw import adamw
+
+    sets = ((1, 1 << 16), (32, 1 << 8))
+    times = []
+    for tensors, numel in sets:
+        params, grads, avg, avg_sq = ([torch.zeros(numel, device=device) for _ in range(tensors)] for _ in range(4))
+        for g in grads:
+            g.fill_(1e-3)
+        steps = [torch.zeros((), device=device) for _ in range(tensors)]
+
+        def step(params=params, grads=grads, avg=avg, avg_sq=avg_sq, steps=steps) -> None:
+            adamw(params, grads, avg, avg_sq, [], steps, foreach=device == "cuda", capturable=False,
+                  differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False,
+                  amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=1e-2, eps=1e-8, maximize=False)  # fmt: skip
+
+        times.append(timed(step))
+    (k1, n1), (k2, n2) = ((k, k * numel) for k, numel in sets)
+    # Two equations, two unknowns; noise can push one below zero: keep the other term then.
+    det = k1 * n2 - k2 * n1
+    per_tensor = (times[0] * n2 - times[1] * n1) / det
+    per_param = (k1 * times[1] - k2 * times[0]) / det
+    if per_tensor < 0:
+        return 0.0, max(times[0] / n1, times[1] / n2)
+    if per_param < 0:
+        return max(times[0] / k1, times[1] / k2), 0.0
+    return per_tensor, per_param
 
 
 def cluster_from_reports(reports: Sequence[RankReport]) -> Cluster:

@@ -25,7 +25,13 @@ from .batch import (
     narrow,
     to_device,
 )
-from .emulate import Stretch, from_env_checked, rank_slowdown
+from .emulate import (
+    Stretch,
+    from_env_checked,
+    rank_slowdown,
+    slows_down,
+    stretch_optimizer_steps,
+)
 from .grad_sync import GradientReducer
 from .guard.batch_check import BatchAgreement, BatchCheck, labelled
 from .guard.setup_check import check_same_setup
@@ -38,6 +44,12 @@ from .state.clip import clip_grad_norm
 from .zero import ShardedParameters, ShardedReducer, ZeroShards
 
 __all__ = ["ProgramBase", "ReplicaBatch", "materialize", "shard_from_source"]
+
+
+def _step_factor(program: ProgramBase) -> float:
+    """The emulated slowdown of ``program``'s last step on this rank (its optimizer step's)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank_slowdown(program._slowdowns, rank, max(0, program._steps_begun - 1)).factor
 
 
 @dataclasses.dataclass
@@ -94,6 +106,8 @@ class ProgramBase:
         self._step_state.check(self._steps_begun + 1)
         rank = dist.get_rank() if dist.is_initialized() else 0
         stretch = rank_slowdown(self._slowdowns, rank, self._steps_begun)
+        if self._steps_begun == 0 and slows_down(self._slowdowns, rank):  # the user's optimizer steps too
+            stretch_optimizer_steps(self, type(self).parameters, _step_factor)
         self._steps_begun += 1
         start = time.perf_counter()
         self.last_step_entry = time.time()
