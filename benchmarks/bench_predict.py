@@ -24,8 +24,8 @@ the median prediction against the median wall time of a whole step (``step``, Ad
 Plans: data parallel, a 2-stage pipeline (1F1B), tensor parallel (the blocks ``split``), data
 parallel with 4 micro-batches (gradient accumulation), a GPipe pipeline of 4 micro-batches, and
 data parallel with rank 1 emulated at half speed (``WHALE_EMULATE_SLOWDOWN=1:2``; predicted
-with rank 1's compute at half the rates and twice the cost per operation, its optimizer step,
-which the emulation does not stretch, at the host's), and on 4 ranks the mixed plan: 2
+with rank 1's compute at half the rates and twice the cost per operation and per optimizer
+step, as the emulation stretches both), and on 4 ranks the mixed plan: 2
 data-parallel replicas of a 2-stage 1F1B pipeline (4 processes share the 2 cores; they profile
 the host again).
 
@@ -38,7 +38,6 @@ Run (spawns 2, then 4 processes; about 3 minutes)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -114,11 +113,10 @@ def _case(name: str, args, host, link: str, world: int):
 
 
 def emulated_half(host):
-    """Rank 1 as ``WHALE_EMULATE_SLOWDOWN=1:2`` runs it: forward and backward stretched 2x (rates
-    halved, each operation's cost doubled), the optimizer step, which the benchmark calls
-    outside ``program.step``, at the host's own cost (the emulation stretches only the step's
-    compute)."""
-    return dataclasses.replace(slowed(host, 2.0, "CPU-half"), optimizer_step=host.optimizer_step)
+    """Rank 1 as ``WHALE_EMULATE_SLOWDOWN=1:2`` runs it: forward, backward and the optimizer step
+    over the program's parameters stretched 2x (rates halved, each operation's and each
+    optimizer step's cost doubled)."""
+    return slowed(host, 2.0, "CPU-half")
 
 
 def rank_cluster(name: str, host, link: str, shares, paces=None):

@@ -60,7 +60,8 @@ def _rank_cluster(case: str, host: DeviceProfile, shares, paces=None) -> object:
     link = f"intra={bandwidth / 1e9:.4g}GB/s,intra_lat={latency * 1e6:.4g}us"
     devices = {}
     for rank, share in enumerate(shares):
-        # rank 1 emulated 2x slower: its compute stretched, the optimizer step (outside program.step) not
+        # rank 1 emulated 2x slower: its compute stretched, the optimizer step not (the record was
+        # made before the emulation stretched the optimizer step too)
         half = dataclasses.replace(slowed(host, 2.0, "CPU-half"), optimizer_step=host.optimizer_step)
         device = half if case == "emulated-slow" and rank == 1 else host
         pace = paces[rank] if paces else 1.0
