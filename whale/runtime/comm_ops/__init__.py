@@ -16,11 +16,12 @@ Two backends do the same arithmetic, bit for bit:
   dispatcher's per-tensor argument conversion (about 120 ns a tensor) through the library's
   direct entry, which runs the same kernel with the same checks. Built by :func:`build_extension`
   (``whale build-ext``), loaded from torch's extension cache afterwards.
-- ``"pure"``: a few whole-bucket torch ops (one ``torch.cat`` into a temporary, one ``mul``
-  with ``out=``; ``torch._foreach_copy_`` back), used where the extension is not built (or
+- ``"pure"``: a few whole-bucket torch ops (pack: ``torch.cat`` into ``out`` then one in-place
+  ``mul_``, or into a temporary then ``mul(out=)`` where the cast narrows; unpack: one ``mul``,
+  one split, one ``torch._foreach_copy_``), used where the extension is not built (or
   ``WHALE_DISABLE_EXT=1``). Per-tensor Python is limited to one pass over the dtypes (and,
-  to unpack, the sizes): it is within 1.2x of the best plain sequence on 5,000 small tensors
-  (``benchmarks/bench_comm_ops.py``).
+  to unpack, the devices and sizes); ``benchmarks/bench_comm_ops.py`` measures it against
+  the fastest plain sequence.
 
 Arithmetic: every element is ``round_to_dst(opmath(x) * opmath(scale))``, where opmath is
 float64 if either side is float64 and float32 otherwise (as torch's own half/bfloat16
