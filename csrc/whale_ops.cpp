@@ -132,23 +132,22 @@ void copy_piece(const Piece& piece, void* flat_at, int64_t begin, int64_t end, d
   }
   const int64_t n = end - begin;
   if constexpr (std::is_same_v<T, FlatT>) {
-    if (scale == 1.0) {  // a plain copy: x * 1 rounds to x
-      if constexpr (kPack) std::memcpy(flat, base + begin, n * sizeof(T));
-      else std::memcpy(base + begin, flat, n * sizeof(T));
+    if (scale == 1.0) {  // a plain copy: x * 1 rounds to x (memmove: a tensor may be out itself)
+      if constexpr (kPack) std::memmove(flat, base + begin, n * sizeof(T));
+      else std::memmove(base + begin, flat, n * sizeof(T));
       return;
     }
   }
   using Op = opmath_t<T, FlatT>;
   const Op s = static_cast<Op>(scale);
-  // A bucket never aliases its own tensors (checked for unpack; pack's out is written only).
+  // No __restrict: a caller may pack a bucket's own views into it (the same addresses); the
+  // compiler checks for overlap at run time and takes its vectorized loop otherwise.
   if constexpr (kPack) {
-    const T* __restrict src = base + begin;
-    FlatT* __restrict dst = flat;
-    for (int64_t i = 0; i < n; ++i) dst[i] = scaled<T, FlatT>(src[i], s);
+    const T* src = base + begin;
+    for (int64_t i = 0; i < n; ++i) flat[i] = scaled<T, FlatT>(src[i], s);
   } else {
-    const FlatT* __restrict src = flat;
-    T* __restrict dst = base + begin;
-    for (int64_t i = 0; i < n; ++i) dst[i] = scaled<FlatT, T>(src[i], s);
+    T* dst = base + begin;
+    for (int64_t i = 0; i < n; ++i) dst[i] = scaled<FlatT, T>(flat[i], s);
   }
 }
 

@@ -653,6 +653,18 @@ def test_direct_entry_matches_the_dispatched_ops_bitwise(extension, dst):
             assert_same_bits(got, expected)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", (1.0, 0.5))
+def test_extension_packs_a_buckets_own_views(extension, monkeypatch, scale):
+    """Tensors that are views of ``out`` at their own offsets (a bucket packed into itself):
+    every element is read before it is written, as the pure path's cat does."""
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    buf = make((50_000,), F32, seed=3)
+    want = reference_pack([buf], F32, scale)
+    comm_ops.pack([buf[:300], buf[300:40_000], buf[40_000:]], buf, scale)
+    assert_same_bits(buf, want)
+
+
 class _Marked(torch.Tensor):
     """A tensor subclass: its calls must reach __torch_function__ through torch.ops."""
 
