@@ -70,28 +70,47 @@ def _worker(rank: int, world: int, args, results, mode: str) -> None:
         })
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's model and run options."""
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is not timed)")
-    parser.add_argument("--world", type=int, default=2, help="gloo ranks (1 or 2)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dir", default=None, help="offload directory (default: the system's temporary one)")
-    args = parser.parse_args()
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The options of :func:`add_arguments` at their defaults, then ``overrides`` (another script's run)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise ValueError(f"bench_offload has no option {name!r}")
+        setattr(args, name, value)
+    return args
+
+
+def measure(args, rounds: int, world: int, log=print) -> dict[str, list[dict]]:
+    """``rounds`` rounds of one fresh launch per mode (none, optimizer, params), alternating."""
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for mode in MODES:
-            runs[mode].append(run_on_ranks(_worker, args, mode, world=args.world))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            runs[mode].append(run_on_ranks(_worker, args, mode, world=world))
+        log(f"offload round {r + 1}/{rounds}: " + ", ".join(
             f"{m} rss {runs[m][-1]['rss'] / 2**20:.0f} MiB step {runs[m][-1]['step'] * 1e3:.0f} ms" for m in MODES))
+    return runs
+
+
+def report(runs: dict[str, list[dict]], args, world: int) -> None:
+    """Per mode: RSS after a step, its ratio and MiB saved against ``none`` in the same round,
+    the peak RSS ratio and the step-time ratio (medians over rounds)."""
     base = runs["none"]
     mib = 2**20
-    print(f"\nGPT {args.layers} layers x {args.dim}, {base[0]['params'] / mib:.0f} MiB parameters and "
-          f"{base[0]['state'] / mib:.0f} MiB AdamW state per rank, {args.world} gloo rank(s), {args.rounds} rounds")
+    print(f"GPT {args.layers} layers x {args.dim}, {base[0]['params'] / mib:.0f} MiB parameters and "
+          f"{base[0]['state'] / mib:.0f} MiB AdamW state per rank, {world} gloo rank(s), {len(base)} rounds")
     print(f"{'mode':<10} {'rss after step':>15} {'rss ratio':>10} {'saved MiB':>10} {'peak ratio':>11} {'step ratio':>11}")
     for mode in MODES:
         rss = statistics.median(run["rss"] for run in runs[mode])
@@ -100,6 +119,17 @@ def main() -> None:
         peak = statistics.median(run["peak"] / b["peak"] for run, b in zip(runs[mode], base))
         step = statistics.median(run["step"] / b["step"] for run, b in zip(runs[mode], base))
         print(f"{mode:<10} {rss / mib:>11.0f} MiB {rss_ratio:>10.2f} {saved:>10.0f} {peak:>11.2f} {step:>11.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--world", type=int, default=2, help="gloo ranks (1 or 2)")
+    add_arguments(parser)
+    args = parser.parse_args()
+    runs = measure(args, args.rounds, args.world)
+    print()
+    report(runs, args, args.world)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -76,19 +77,9 @@ void visit_dtype(at::ScalarType t, F&& f) {
 // Elements [begin, end) (logical row-major order) of `tensor`, moved to or from
 // `flat` (which points at the flat element of `begin`).
 template <typename T, typename FlatT, bool kPack>
-void copy_piece(const at::Tensor& tensor, FlatT* flat, int64_t begin, int64_t end, double scale) {
+void copy_strided(const at::Tensor& tensor, T* base, FlatT* flat, int64_t begin, int64_t end, double scale) {
   using Op = opmath_t<T, FlatT>;
   const Op s = static_cast<Op>(scale);
-  // Reads go through const_data_ptr so a copy-on-write input is not materialized.
-  T* base = kPack ? const_cast<T*>(static_cast<const T*>(tensor.const_data_ptr()))
-                  : static_cast<T*>(tensor.mutable_data_ptr());
-  if (tensor.is_contiguous()) {
-    for (int64_t i = begin; i < end; ++i, ++flat) {
-      if constexpr (kPack) *flat = scaled<T, FlatT>(base[i], s);
-      else base[i] = scaled<FlatT, T>(*flat, s);
-    }
-    return;
-  }
   // Strided: an odometer over the tensor's index, one innermost row at a time.
   const auto sizes = tensor.sizes();
   const auto strides = tensor.strides();
@@ -118,6 +109,59 @@ void copy_piece(const at::Tensor& tensor, FlatT* flat, int64_t begin, int64_t en
   }
 }
 
+// One tensor of a bucket, resolved once before the parallel pass: where its elements are,
+// where they go in the logical flat, and the copy loop for its (dtype, flat dtype) pair.
+struct Piece;
+using CopyFn = void (*)(const Piece&, void* flat, int64_t begin, int64_t end, double scale);
+
+struct Piece {
+  void* data;                  // the tensor's element 0 (read only when packing)
+  int64_t start;               // its first element's index in the logical flat
+  int64_t numel;
+  const at::Tensor* strided;   // the tensor when it is not contiguous, else nullptr
+  CopyFn copy;
+};
+
+template <typename T, typename FlatT, bool kPack>
+void copy_piece(const Piece& piece, void* flat_at, int64_t begin, int64_t end, double scale) {
+  auto* flat = static_cast<FlatT*>(flat_at);
+  T* base = static_cast<T*>(piece.data);
+  if (piece.strided != nullptr) {
+    copy_strided<T, FlatT, kPack>(*piece.strided, base, flat, begin, end, scale);
+    return;
+  }
+  const int64_t n = end - begin;
+  if constexpr (std::is_same_v<T, FlatT>) {
+    if (scale == 1.0) {  // a plain copy: x * 1 rounds to x (memmove: a tensor may be out itself)
+      if constexpr (kPack) std::memmove(flat, base + begin, n * sizeof(T));
+      else std::memmove(base + begin, flat, n * sizeof(T));
+      return;
+    }
+  }
+  using Op = opmath_t<T, FlatT>;
+  const Op s = static_cast<Op>(scale);
+  // No __restrict: a caller may pack a bucket's own views into it (the same addresses); the
+  // compiler checks for overlap at run time and takes its vectorized loop otherwise.
+  if constexpr (kPack) {
+    const T* src = base + begin;
+    for (int64_t i = 0; i < n; ++i) flat[i] = scaled<T, FlatT>(src[i], s);
+  } else {
+    T* dst = base + begin;
+    for (int64_t i = 0; i < n; ++i) dst[i] = scaled<FlatT, T>(flat[i], s);
+  }
+}
+
+template <bool kPack>
+CopyFn copy_fn(at::ScalarType tensor_dtype, at::ScalarType flat_dtype) {
+  CopyFn fn = nullptr;
+  visit_dtype(flat_dtype, [&](auto flat_tag) {
+    visit_dtype(tensor_dtype, [&](auto tensor_tag) {
+      fn = &copy_piece<decltype(tensor_tag), decltype(flat_tag), kPack>;
+    });
+  });
+  return fn;
+}
+
 // Where the logical flat (the tensors back to back) sits in the buffer: shard r's elements
 // [starts[r], starts[r + 1]) begin at r * slot. No shards: the identity.
 struct ShardMap {
@@ -138,33 +182,49 @@ ShardMap make_shard_map(at::IntArrayRef sizes, int64_t flat_numel) {
   return map;
 }
 
-// One parallel pass over the logical index space, so hundreds of small tensors share threads.
+// One parallel pass over the logical index space, cut in equal element ranges whatever the
+// tensors' sizes, so thousands of small tensors share the threads as well as a few big ones.
+// `tensor(i)` returns the i-th of `n` tensors (checked before).
+template <typename Get>
 void bucket_copy_cpu(
     const at::Tensor& flat,
-    at::TensorList tensors,
+    size_t n,
+    Get&& tensor,
     double scale,
     bool pack,
     const ShardMap* shards = nullptr) {
-  std::vector<int64_t> starts;  // logical offset of each non-empty tensor
-  std::vector<size_t> which;    // its index in `tensors`
+  std::vector<Piece> pieces;
+  pieces.reserve(n);
+  const at::ScalarType flat_dtype = flat.scalar_type();
+  at::ScalarType last_dtype = at::ScalarType::Undefined;
+  CopyFn last_fn = nullptr;
   int64_t total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].numel() > 0) {
-      starts.push_back(total);
-      which.push_back(i);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensor(i);
+    const int64_t numel = t.numel();
+    if (numel == 0) continue;
+    const at::ScalarType dtype = t.scalar_type();
+    if (dtype != last_dtype) {  // buckets are mostly one dtype: resolve the loop once
+      last_fn = pack ? copy_fn<true>(dtype, flat_dtype) : copy_fn<false>(dtype, flat_dtype);
+      last_dtype = dtype;
     }
-    total += tensors[i].numel();
+    // Reads go through const_data_ptr so a copy-on-write input is not materialized.
+    void* data = pack ? const_cast<void*>(t.const_data_ptr()) : t.mutable_data_ptr();
+    pieces.push_back(Piece{data, total, numel, t.is_contiguous() ? nullptr : &t, last_fn});
+    total += numel;
   }
   if (total == 0) return;
   char* flat_base = pack ? static_cast<char*>(flat.mutable_data_ptr())
                          : const_cast<char*>(static_cast<const char*>(flat.const_data_ptr()));
   const int64_t flat_itemsize = static_cast<int64_t>(flat.element_size());
   at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
-    size_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    for (; s < starts.size() && starts[s] < end; ++s) {
-      const at::Tensor& t = tensors[which[s]];
-      int64_t lo = std::max(begin, starts[s]);
-      const int64_t hi = std::min(end, starts[s] + t.numel());
+    auto it = std::upper_bound(
+        pieces.begin(), pieces.end(), begin,
+        [](int64_t i, const Piece& p) { return i < p.start; });
+    for (size_t s = (it - pieces.begin()) - 1; s < pieces.size() && pieces[s].start < end; ++s) {
+      const Piece& piece = pieces[s];
+      int64_t lo = std::max(begin, piece.start);
+      const int64_t hi = std::min(end, piece.start + piece.numel);
       while (lo < hi) {  // one run per shard the piece crosses
         int64_t run_end = hi;
         int64_t at = lo;
@@ -173,22 +233,22 @@ void bucket_copy_cpu(
           run_end = std::min(hi, shards->starts[r + 1]);
           at = r * shards->slot + (lo - shards->starts[r]);
         }
-        void* flat_at = flat_base + at * flat_itemsize;
-        const int64_t a = lo - starts[s];
-        const int64_t b = run_end - starts[s];
-        visit_dtype(flat.scalar_type(), [&](auto flat_tag) {
-          using FlatT = decltype(flat_tag);
-          visit_dtype(t.scalar_type(), [&](auto tensor_tag) {
-            using T = decltype(tensor_tag);
-            auto* f = static_cast<FlatT*>(flat_at);
-            if (pack) copy_piece<T, FlatT, true>(t, f, a, b, scale);
-            else copy_piece<T, FlatT, false>(t, f, a, b, scale);
-          });
-        });
+        piece.copy(piece, flat_base + at * flat_itemsize, lo - piece.start, run_end - piece.start, scale);
         lo = run_end;
       }
     }
   });
+}
+
+void bucket_copy_cpu(
+    const at::Tensor& flat,
+    at::TensorList tensors,
+    double scale,
+    bool pack,
+    const ShardMap* shards = nullptr) {
+  bucket_copy_cpu(
+      flat, tensors.size(), [&](size_t i) -> const at::Tensor& { return tensors[i]; }, scale, pack,
+      shards);
 }
 
 void pack_cpu(at::TensorList tensors, const at::Tensor& out, double scale) {
@@ -235,8 +295,6 @@ void unpack_shards_meta(
   check_shards("whale.unpack_shards", flat, "flat", tensors, shard_sizes, /*written=*/true);
 }
 
-}  // namespace
-
 void check_flat(const char* op, const at::Tensor& flat, const char* flat_name) {
   TORCH_CHECK_VALUE(
       flat.dim() == 1 && flat.is_contiguous(), op, ": ", flat_name,
@@ -248,26 +306,33 @@ void check_flat(const char* op, const at::Tensor& flat, const char* flat_name) {
       dtype_name(flat.scalar_type()), "; buckets hold ", kBucketDtypes);
 }
 
-void check_bucket(
+template <typename Get>
+void check_bucket_impl(
     const char* op,
     const at::Tensor& flat,
     const char* flat_name,
-    at::TensorList tensors,
+    size_t n,
+    Get&& tensor,
     bool written,
     std::optional<int64_t> shards_total) {
   check_flat(op, flat, flat_name);
   int64_t total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK_TYPE(
-        is_bucket_dtype(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
-        dtype_name(t.scalar_type()), "; buckets hold ", kBucketDtypes);
-    TORCH_CHECK_VALUE(
-        t.device() == flat.device(), op, ": tensors[", i, "] is on ", t.device(), " but ",
-        flat_name, " is on ", flat.device(), "; a bucket lives on one device");
-    TORCH_CHECK_VALUE(
-        !written || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": tensors[", i,
-        "] has overlapping memory (e.g. an expand()ed view) and cannot be written in place");
+  const at::Device device = flat.device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensor(i);
+    const at::ScalarType dtype = t.scalar_type();
+    if (C10_UNLIKELY(!is_bucket_dtype(dtype))) {
+      TORCH_CHECK_TYPE(false, op, ": tensors[", i, "] has dtype ", dtype_name(dtype), "; buckets hold ",
+                       kBucketDtypes);
+    }
+    if (C10_UNLIKELY(t.device() != device)) {
+      TORCH_CHECK_VALUE(false, op, ": tensors[", i, "] is on ", t.device(), " but ", flat_name,
+                        " is on ", device, "; a bucket lives on one device");
+    }
+    if (written && C10_UNLIKELY(at::has_internal_overlap(t) == at::MemOverlap::Yes)) {
+      TORCH_CHECK_VALUE(false, op, ": tensors[", i,
+                        "] has overlapping memory (e.g. an expand()ed view) and cannot be written in place");
+    }
     total += t.numel();
   }
   if (shards_total.has_value()) {
@@ -283,13 +348,9 @@ void check_bucket(
       " to sum(t.numel() for t in tensors)");
 }
 
-void check_shards(
-    const char* op,
-    const at::Tensor& flat,
-    const char* flat_name,
-    at::TensorList tensors,
-    at::IntArrayRef shard_sizes,
-    bool written) {
+// len(shard_sizes) slots of at least max(shard_sizes) elements; returns sum(shard_sizes).
+int64_t check_slots(
+    const char* op, const at::Tensor& flat, const char* flat_name, at::IntArrayRef shard_sizes) {
   TORCH_CHECK_VALUE(!shard_sizes.empty(), op, ": shard_sizes is empty; give one size per rank");
   int64_t sum = 0;
   int64_t largest = 0;
@@ -307,7 +368,55 @@ void check_shards(
       flat.numel(), " elements, which is not ", world, " slots of at least ", largest,
       " (the largest shard); size ", flat_name, " to len(shard_sizes) * max(shard_sizes) = ",
       world * largest, " (padded_numel)");
+  return sum;
+}
+
+}  // namespace
+
+void check_bucket(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    bool written,
+    std::optional<int64_t> shards_total) {
+  check_bucket_impl(
+      op, flat, flat_name, tensors.size(), [&](size_t i) -> const at::Tensor& { return tensors[i]; },
+      written, shards_total);
+}
+
+void check_shards(
+    const char* op,
+    const at::Tensor& flat,
+    const char* flat_name,
+    at::TensorList tensors,
+    at::IntArrayRef shard_sizes,
+    bool written) {
+  const int64_t sum = check_slots(op, flat, flat_name, shard_sizes);
   check_bucket(op, flat, flat_name, tensors, written, sum);
+}
+
+void bucket_cpu(
+    BucketOp op,
+    const at::Tensor& flat,
+    c10::ArrayRef<const at::Tensor*> tensors,
+    at::IntArrayRef shard_sizes,
+    double scale) {
+  static constexpr const char* kNames[] = {
+      "whale.pack", "whale.unpack", "whale.pack_shards", "whale.unpack_shards"};
+  const char* name = kNames[static_cast<int>(op)];
+  const bool pack = op == BucketOp::kPack || op == BucketOp::kPackShards;
+  const bool sharded = op == BucketOp::kPackShards || op == BucketOp::kUnpackShards;
+  const char* flat_name = pack ? "out" : "flat";
+  auto get = [&](size_t i) -> const at::Tensor& { return *tensors[i]; };
+  std::optional<int64_t> shards_total;
+  if (sharded) shards_total = check_slots(name, flat, flat_name, shard_sizes);
+  check_bucket_impl(name, flat, flat_name, tensors.size(), get, /*written=*/!pack, shards_total);
+  TORCH_CHECK_VALUE(flat.is_cpu(), name, ": bucket_cpu runs CPU buckets, got ", flat.device());
+  ShardMap map;
+  if (sharded) map = make_shard_map(shard_sizes, flat.numel());
+  bucket_copy_cpu(flat, tensors.size(), get, scale, pack, sharded ? &map : nullptr);
+  if (op == BucketOp::kPackShards) zero_padding(flat, shard_sizes);
 }
 
 void zero_padding(const at::Tensor& out, at::IntArrayRef shard_sizes) {

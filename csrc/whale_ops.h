@@ -32,6 +32,16 @@ void check_shards(
     at::IntArrayRef shard_sizes,
     bool written);
 
+// The CPU ops on tensors given by address (the Python entry, whale_ops_py.cpp, which reads
+// them straight out of a list): the same checks, copies and errors as the registered kernels.
+enum class BucketOp { kPack = 0, kUnpack = 1, kPackShards = 2, kUnpackShards = 3 };
+void bucket_cpu(
+    BucketOp op,
+    const at::Tensor& flat,
+    c10::ArrayRef<const at::Tensor*> tensors,
+    at::IntArrayRef shard_sizes,
+    double scale);
+
 // Zeroes out[r * slot + shard_sizes[r] : (r + 1) * slot] for every rank r.
 void zero_padding(const at::Tensor& out, at::IntArrayRef shard_sizes);
 

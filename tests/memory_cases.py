@@ -38,6 +38,25 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def saved_tensor_bytes(fn, params) -> tuple[object, int]:
+    """``fn()``'s result and the bytes of the tensors autograd saves for backward while it runs
+    (storages of ``params`` and their views left out; each storage once): activation memory,
+    measured. Tensors saved inside ``torch.utils.checkpoint`` regions go to the checkpoint's
+    own hooks and are not counted, as they are not kept."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def _tensor_bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
 

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 import whale as wh
 from tests.equivalence import assert_equivalent
+from tests.memory_cases import saved_tensor_bytes
 from tests.models import TinyGPT
 from whale.rewrite.recompute import (
     check_checkpoint_paths,
@@ -26,21 +27,9 @@ from whale.rewrite.recompute import (
 _CASES = "tests.recompute_cases"
 
 
-def _saved_bytes(module, params, x) -> int:
-    """Bytes of the tensors autograd keeps for backward from ``module(x)`` (parameters and their
-    views left out; each storage once): its activation memory, measured."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(x)
-    return out, sum(seen.values())
+def _saved_bytes(module, params, x) -> tuple[torch.Tensor, int]:
+    """``module(x)`` and the bytes autograd keeps for backward from it: its activation memory."""
+    return saved_tensor_bytes(lambda: module(x), params)
 
 
 def _tiny(n_layer: int = 4):

@@ -366,6 +366,23 @@ def test_pure_argument_errors(pure, op, args, error, message):
         getattr(comm_ops, op)(*args)
 
 
+@pytest.mark.parametrize("dtype", (F32, BF16), ids=str)
+def test_pure_pack_into_a_bucket_slice_never_spills(pure, dtype):
+    """The pure pack cats straight into ``out``: too many elements must neither write past a
+    slice of a bigger buffer nor move the buffer's storage; too few raise the size error."""
+    buffer = torch.full((20,), 5.0, dtype=dtype)
+    ptr = buffer.data_ptr()
+    with pytest.raises(ValueError, match="the tensors hold 12 elements in total but out has 10"):
+        comm_ops.pack([torch.ones(6), torch.ones(6)], buffer[:10], 0.5)
+    assert buffer.data_ptr() == ptr and torch.equal(buffer[10:], torch.full((10,), 5.0, dtype=dtype))
+    with pytest.raises(ValueError, match="the tensors hold 8 elements in total but out has 10"):
+        comm_ops.pack([torch.ones(4), torch.ones(4)], buffer[:10], 0.5)
+    assert buffer.data_ptr() == ptr and buffer[:10].shape == (10,)
+    out = comm_ops.pack([torch.ones(4), torch.full((6,), 2.0)], buffer[:10], 0.5)
+    assert torch.equal(out, reference_pack([torch.ones(4), torch.full((6,), 2.0)], dtype, 0.5))
+    assert torch.equal(buffer[10:], torch.full((10,), 5.0, dtype=dtype))
+
+
 def test_pure_device_mismatch(pure):
     with pytest.raises(ValueError, match=r"tensors\[0\] is on meta but out is on cpu"):
         comm_ops.pack([torch.empty(3, device="meta")], torch.empty(3))
@@ -603,6 +620,103 @@ def test_extension_ops_trace(extension, monkeypatch):
     want = step(a.clone(), b.clone(), torch.empty(8))
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(a.clone(), b.clone(), torch.empty(8))
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dst", (F32, BF16, F16), ids=str)
+def test_direct_entry_matches_the_dispatched_ops_bitwise(extension, dst):
+    """csrc/whale_ops_py.cpp's entry runs the same kernel as torch.ops.whale.*: every op, every
+    layout of mixed_bucket (uneven sizes, empty, non-contiguous), fp32/bf16/fp16 buckets."""
+    entry = csrc_build.python_entry()
+    assert entry is not None, "the extension is loaded but its Python entry is not"
+    tensors = mixed_bucket(F32) + mixed_bucket(BF16)[:3] + mixed_bucket(F16)[:3]
+    numel = sum(t.numel() for t in tensors)
+    sizes = comm_ops.shard_sizes(numel, 3, [1.0, 2.0, 0.5])
+    for op, flat_numel, shard in ((0, numel, []), (2, comm_ops.padded_numel(sizes), sizes)):
+        direct = torch.full((flat_numel,), float("nan"), dtype=dst)
+        dispatched = direct.clone()
+        assert entry(op, direct, tensors, shard, 0.37) is True
+        if shard:
+            torch.ops.whale.pack_shards(tensors, dispatched, shard, 0.37)
+        else:
+            torch.ops.whale.pack(tensors, dispatched, 0.37)
+        assert_same_bits(direct, dispatched)
+        targets = [torch.empty_like(t) for t in tensors]
+        assert entry(op + 1, direct, targets, shard, 3.0) is True
+        want = [torch.empty_like(t) for t in tensors]
+        if shard:
+            torch.ops.whale.unpack_shards(dispatched, want, shard, 3.0)
+        else:
+            torch.ops.whale.unpack(dispatched, want, 3.0)
+        for got, expected in zip(targets, want):
+            assert got.stride() == expected.stride()
+            assert_same_bits(got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", (1.0, 0.5))
+def test_extension_packs_a_buckets_own_views(extension, monkeypatch, scale):
+    """Tensors that are views of ``out`` at their own offsets (a bucket packed into itself):
+    every element is read before it is written, as the pure path's cat does."""
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    buf = make((50_000,), F32, seed=3)
+    want = reference_pack([buf], F32, scale)
+    comm_ops.pack([buf[:300], buf[300:40_000], buf[40_000:]], buf, scale)
+    assert_same_bits(buf, want)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass: its calls must reach __torch_function__ through torch.ops."""
+
+
+@pytest.mark.slow
+def test_direct_entry_declines_what_the_dispatcher_must_see(extension, monkeypatch):
+    """Negative views, subclasses, fake tensors, torch function modes and bad arguments go
+    through torch.ops (False, nothing written); comm_ops then gives the dispatcher's result or
+    error. Inference tensors are plain CPU tensors and are taken."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    monkeypatch.delenv("WHALE_DISABLE_EXT", raising=False)
+    entry = csrc_build.python_entry()
+    a, b = make((3, 4), F32, seed=1), make((5,), F32, seed=2)
+    want = reference_pack([a, b], F32, 0.5)
+    out = torch.full((17,), 7.0)
+
+    def declined(tensors, flat=None):
+        flat = out if flat is None else flat
+        before = flat.clone()
+        taken = entry(0, flat, tensors, [], 0.5)
+        return taken is False and torch.equal(flat, before)
+
+    assert declined([torch._neg_view(a), b])
+    assert torch.equal(comm_ops.pack([torch._neg_view(a), b], out, 0.5), reference_pack([-a, b], F32, 0.5))
+    assert declined([a.as_subclass(_Marked), b])
+    assert declined([a, b], torch.full((16,), 7.0))  # 17 elements into 16
+    with pytest.raises(ValueError, match="the tensors hold 17 elements in total but out has 16"):
+        comm_ops.pack([a, b], torch.empty(16), 0.5)
+    assert declined([a.to(torch.int32), b])
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch.int32"):
+        comm_ops.pack([a.to(torch.int32), b], out, 0.5)
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        assert declined([a, b])
+        comm_ops.pack([a, b], out, 0.5)
+    assert Counting.calls > 0 and torch.equal(out, want)
+    with FakeTensorMode():
+        fake_out = torch.empty(17)
+        comm_ops.pack([torch.empty(3, 4), torch.empty(5)], fake_out, 0.5)  # the Meta kernel
+    with torch.inference_mode():
+        a_inf, b_inf, out_inf = a.clone(), b.clone(), torch.empty(17)
+    assert entry(0, out_inf, [a_inf, b_inf], [], 0.5) is True and torch.equal(out_inf, want)
+    assert entry(0, out, [a, b], [], 0.5) is True and torch.equal(out, want)
 
 
 # --- the CUDA sources (slow: nvcc, no GPU needed) ------------------------------------------------

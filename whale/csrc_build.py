@@ -21,19 +21,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-__all__ = ["build", "build_directory", "cuda_wanted", "load_prebuilt", "ops_registered", "sources"]
+__all__ = [
+    "build",
+    "build_directory",
+    "cuda_wanted",
+    "load_prebuilt",
+    "ops_registered",
+    "python_entry",
+    "sources",
+]
 
 EXTENSION_NAME = "whale_ops"
-_CPU_SOURCES = ("whale_ops.cpp",)
+_CPU_SOURCES = ("whale_ops.cpp", "whale_ops_py.cpp")
 _CUDA_SOURCES = ("whale_ops_cuda.cu", "whale_ops_cuda_kernels.cu")
 _HEADERS = ("whale_ops.h", "whale_ops_cuda_kernels.h")
 _CUDA_CFLAGS = ("-O3",)
@@ -122,6 +133,34 @@ def ops_registered() -> bool:
     return True
 
 
+_python_module: ModuleType | None = None
+
+
+def python_entry() -> Callable[..., bool] | None:
+    """The loaded library's direct CPU entry ``_bucket`` (csrc/whale_ops_py.cpp), or None when the
+    extension is not loaded in this process.
+
+    ``_bucket(op, flat, tensors, shard_sizes, scale)`` runs op 0-3 (pack, unpack, pack_shards,
+    unpack_shards) on plain CPU tensors without the dispatcher's per-tensor conversion, and
+    returns False, nothing written, for any call it does not take (then use ``torch.ops.whale``).
+    """
+    return None if _python_module is None else _python_module._bucket
+
+
+def _import_module(library: Path) -> None:
+    """Import the library as a Python module too (the same dlopen handle as the ops' library)."""
+    global _python_module
+    if _python_module is not None:
+        return
+    loader = importlib.machinery.ExtensionFileLoader(EXTENSION_NAME, str(library))
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, str(library), loader=loader)
+    if spec is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    _python_module = module
+
+
 def load_prebuilt() -> Path | None:
     """Load the extension from the build cache if it was built; never compiles.
 
@@ -147,6 +186,7 @@ def load_prebuilt() -> Path | None:
                 f"whale: the cached extension {library} does not load ({error}); rebuild it with "
                 "`whale build-ext`, or set WHALE_DISABLE_EXT=1 to use the pure PyTorch path"
             ) from error
+    _import_module(library)
     return library
 
 
@@ -177,7 +217,10 @@ def build(verbose: bool = False) -> Path:
     if ops_registered():
         # Loaded already in this process (from this directory, unless TORCH_EXTENSIONS_DIR
         # changed since): a rebuilt library could not be loaded next to it.
-        return directory / f"{EXTENSION_NAME}.so"
+        library = directory / f"{EXTENSION_NAME}.so"
+        if library.is_file():
+            _import_module(library)
+        return library
     directory.mkdir(parents=True, exist_ok=True)
     cflags, ldflags = _host_flags()
     with _ninja_on_path():
@@ -197,6 +240,7 @@ def build(verbose: bool = False) -> Path:
             with_cuda=with_cuda,
             is_python_module=False,
         )
+    _import_module(Path(library))
     return Path(library)
 
 

@@ -12,13 +12,16 @@ Two backends do the same arithmetic, bit for bit:
 - ``"extension"``: ``torch.ops.whale.pack`` / ``unpack`` / ``pack_shards`` / ``unpack_shards``
   from ``csrc/`` — one parallel pass on CPU, one fused launch per bucket on CUDA (where a
   non-contiguous tensor costs one extra copy), and Meta kernels so the ops trace under
-  ``FakeTensorMode`` and ``torch.compile``. Built by :func:`build_extension`
+  ``FakeTensorMode`` and ``torch.compile``. Eager CPU calls on plain tensors skip the
+  dispatcher's per-tensor argument conversion (about 120 ns a tensor) through the library's
+  direct entry, which runs the same kernel with the same checks. Built by :func:`build_extension`
   (``whale build-ext``), loaded from torch's extension cache afterwards.
-- ``"pure"``: a few whole-bucket torch ops (one ``torch.cat`` into a temporary, one ``mul``
-  with ``out=``; ``torch._foreach_copy_`` back), used where the extension is not built (or
+- ``"pure"``: a few whole-bucket torch ops (pack: ``torch.cat`` into ``out`` then one in-place
+  ``mul_``, or into a temporary then ``mul(out=)`` where the cast narrows; unpack: one ``mul``,
+  one split, one ``torch._foreach_copy_``), used where the extension is not built (or
   ``WHALE_DISABLE_EXT=1``). Per-tensor Python is limited to one pass over the dtypes (and,
-  to unpack, the sizes): it is within 1.2x of the best plain sequence on 5,000 small tensors
-  (``benchmarks/bench_comm_ops.py``).
+  to unpack, the devices and sizes); ``benchmarks/bench_comm_ops.py`` measures it against
+  the fastest plain sequence.
 
 Arithmetic: every element is ``round_to_dst(opmath(x) * opmath(scale))``, where opmath is
 float64 if either side is float64 and float32 otherwise (as torch's own half/bfloat16
@@ -99,7 +102,8 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
     tensors = list(tensors)
     scale = _check_scale("whale.pack", scale)
     if _use_extension(out.device):
-        torch.ops.whale.pack(tensors, out, scale)
+        if not _direct(0, out, tensors, [], scale):
+            torch.ops.whale.pack(tensors, out, scale)
     else:
         _pack_pure(tensors, out, scale)
     return out
@@ -130,7 +134,8 @@ def unpack(
     tensors = list(tensors)
     scale = _check_scale("whale.unpack", scale)
     if _use_extension(flat.device):
-        torch.ops.whale.unpack(flat, tensors, scale)
+        if not _direct(1, flat, tensors, [], scale):
+            torch.ops.whale.unpack(flat, tensors, scale)
     else:
         _unpack_pure(flat, tensors, scale)
     return tensors
@@ -247,7 +252,8 @@ def pack_shards(
     scale = _check_scale("whale.pack_shards", scale)
     sizes = _check_shard_sizes("whale.pack_shards", shard_sizes)
     if _use_extension(out.device):
-        torch.ops.whale.pack_shards(tensors, out, sizes, scale)
+        if not _direct(2, out, tensors, sizes, scale):
+            torch.ops.whale.pack_shards(tensors, out, sizes, scale)
     else:
         _check_slots("whale.pack_shards", out, "out", sizes)
         _pack_shards_pure(tensors, out, sizes, scale)
@@ -287,7 +293,8 @@ def unpack_shards(
     scale = _check_scale("whale.unpack_shards", scale)
     sizes = _check_shard_sizes("whale.unpack_shards", shard_sizes)
     if _use_extension(flat.device):
-        torch.ops.whale.unpack_shards(flat, tensors, sizes, scale)
+        if not _direct(3, flat, tensors, sizes, scale):
+            torch.ops.whale.unpack_shards(flat, tensors, sizes, scale)
     else:
         _check_slots("whale.unpack_shards", flat, "flat", sizes)
         _unpack_shards_pure(flat, tensors, sizes, scale)
@@ -345,6 +352,17 @@ def _extension_kernels() -> frozenset[str]:
         for key in ("CPU", "CUDA")
         if torch._C._dispatch_has_kernel_for_dispatch_key("whale::pack", key)
     )
+
+
+def _direct(op: int, flat: torch.Tensor, tensors: list[torch.Tensor], sizes: list[int], scale: float) -> bool:
+    """Run a CPU op through the extension's direct entry (csrc/whale_ops_py.cpp: no per-tensor
+    dispatcher conversion); False, nothing written, where the call must go through
+    ``torch.ops.whale`` (another device, a subclass or mode, a bad argument, or tracing, so
+    ``torch.compile`` still records the op)."""
+    entry = csrc_build.python_entry()
+    if entry is None or not flat.is_cpu or torch.compiler.is_compiling():
+        return False
+    return entry(op, flat, tensors, sizes, scale)
 
 
 def _use_extension(device: torch.device, warn: bool = True) -> bool:

@@ -1,8 +1,9 @@
 """The pure-PyTorch path of :mod:`whale.runtime.comm_ops`, and the argument checks both share.
 
-Whole-bucket ops only: one ``torch.cat`` (or ``flatten_dense_tensors``, its C++ loop of views,
-for N-D tensors) into a temporary, one ``mul`` with ``out=``; back, one split and one
-``torch._foreach_copy_``. Per-tensor Python is one pass over the dtypes and devices (and, to
+Whole-bucket ops only: pack, one ``torch.cat`` of 1-D tensors straight into ``out`` (through
+an alias whose storage cannot grow) then one in-place ``mul_``; otherwise one ``torch.cat`` (or
+``flatten_dense_tensors``, its C++ loop of views, for N-D tensors) into a temporary, one ``mul``
+with ``out=``; back, one split and one ``torch._foreach_copy_``. Per-tensor Python is one pass over the dtypes and devices (and, to
 unpack, the sizes). Anything off that fast path (mixed dtypes, strided targets, bad input) goes
 through the full check, whose messages are the extension's (csrc/whale_ops.cpp), and then the
 per-tensor general path. Arithmetic as the extension's: each element is
@@ -125,9 +126,11 @@ def _holds_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or dst == torch.float64 or (dst == torch.float32 and src in _HALF_DTYPES)
 
 
-# A bucket this big takes its temporary from a fresh mmap each call (glibc's largest dynamic
-# mmap threshold is 32 MiB): packing straight into ``out`` costs one more pass over the sizes.
-_DIRECT_BYTES = 16 * 2**20
+# Integer views of the bucket dtypes, for numpy (which has no bfloat16).
+_INT_VIEWS = {
+    torch.float16: torch.int16, torch.bfloat16: torch.int16,
+    torch.float32: torch.int32, torch.float64: torch.int64,
+}  # fmt: skip
 _IS_CPU = operator.attrgetter("is_cpu")
 
 
@@ -152,29 +155,49 @@ def _is_bucket(flat: torch.Tensor) -> bool:
     return flat.dim() == 1 and flat.is_contiguous() and flat.dtype in _BUCKET_DTYPES
 
 
+def _fixed_alias(out: torch.Tensor) -> torch.Tensor | None:
+    """``out``'s memory under a storage that cannot grow (numpy's), or None (not on CPU, no
+    numpy). ``torch.cat(..., out=alias)`` of more elements than ``out`` holds then raises before
+    writing instead of reallocating the storage ``out`` shares with its bucket."""
+    if not out.is_cpu:
+        return None
+    try:
+        return torch.from_numpy(out.detach().view(_INT_VIEWS[out.dtype]).numpy()).view(out.dtype)
+    except (RuntimeError, TypeError, ValueError, KeyError):
+        return None
+
+
 def _pack_direct(tensors: list[torch.Tensor], out: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:
-    """One ``torch.cat(out=out)`` then one in-place ``mul_``, where that rounds once and the
-    tensors are 1-D with ``out.numel()`` elements in all (so cat never resizes ``out``);
-    False (nothing written) otherwise."""
+    """One ``torch.cat`` into ``out`` then one in-place ``mul_`` (the best plain sequence), where
+    that rounds once and the tensors are 1-D; False otherwise, and where they do not hold
+    ``out.numel()`` elements in all (nothing written where they hold more or cat refuses them;
+    where they hold fewer, cat has filled the head of ``out`` and the full check raises)."""
     if not (dtype == out.dtype or (_holds_exactly(dtype, out.dtype) and out.dtype not in _HALF_DTYPES)):
         return False
     if tensors[0].dim() != 1 or tensors[0].numel() == 0:  # then cat refuses any non-1-D tensor
         return False
-    if sum(map(torch.Tensor.numel, tensors)) != out.numel():
-        return False
+    alias = _fixed_alias(out)
+    if alias is None:
+        if sum(map(torch.Tensor.numel, tensors)) != out.numel():
+            return False
+        alias = out
     try:
-        torch.cat(tensors, out=out)
-    except RuntimeError:  # an N-D tensor, another device: raised before writing
+        torch.cat(tensors, out=alias)
+    except RuntimeError:  # an N-D tensor, another device, too many elements: before writing
+        return False
+    if alias.numel() != out.numel():  # too few: cat shrank the alias, not out
         return False
     if scale != 1.0:
         out.mul_(scale)
     return True
 
 
-def _flatten(tensors: list[torch.Tensor], flat: torch.Tensor, numel: int) -> torch.Tensor | None:
+def _flatten(
+    tensors: list[torch.Tensor], flat: torch.Tensor, numel: int, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
     """The tensors flattened into one new 1-D tensor of ``numel`` elements, or None off the
-    fast path (``flat`` is the bucket they go to)."""
-    if not tensors or not _is_bucket(flat) or _one_dtype(tensors) is None:
+    fast path (``flat`` is the bucket they go to; ``dtype``: their one dtype, when known)."""
+    if not tensors or not _is_bucket(flat) or (dtype or _one_dtype(tensors)) is None:
         return None
     try:
         joined = torch.cat(tensors) if tensors[0].dim() == 1 else None
@@ -212,11 +235,10 @@ def _scaled(src: torch.Tensor, dst_dtype: torch.dtype, scale: float) -> torch.Te
 
 def _pack_pure(tensors: list[torch.Tensor], out: torch.Tensor, scale: float) -> None:
     with torch.no_grad():
-        if tensors and _is_bucket(out) and out.numel() * out.element_size() >= _DIRECT_BYTES:
-            dtype = _one_dtype(tensors)
-            if dtype is not None and _pack_direct(tensors, out, scale, dtype):
-                return
-        joined = _flatten(tensors, out, out.numel())
+        dtype = _one_dtype(tensors) if tensors and _is_bucket(out) else None
+        if dtype is not None and _pack_direct(tensors, out, scale, dtype):
+            return
+        joined = None if dtype is None else _flatten(tensors, out, out.numel(), dtype)
         if joined is not None:
             _scale_into(joined, out, scale)
             return
