@@ -124,9 +124,11 @@ def test_cli_plans_13b_on_8_v100_and_explains_the_options(tmp_path):
         capture_output=True, text=True, check=False, cwd=_ROOT, env={**os.environ, "PYTHONPATH": _ROOT},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    # The fastest plan over every choice of options (ZeRO 3 with offload: 8 min 51 s predicted),
-    # not the fastest of the first choices that fit (offload alone: 9 min 26 s).
-    assert "memory options (the plain plan does not fit): ZeRO stage 3; offload optimizer to host memory" in done.stdout
+    # The fastest plan over the choices without ZeRO 3 (ZeRO 3 only where none fits): ZeRO 1
+    # with offload, 9 min 23 s predicted (offload alone: 9 min 26 s; ZeRO 3 with offload, which
+    # zero3="any" picks, 8 min 51 s).
+    line = next(x for x in done.stdout.splitlines() if x.startswith("memory options (the plain plan does not fit)"))
+    assert line.endswith("offload optimizer to host memory") and "ZeRO stage 3" not in line, line
     assert "memory options turned on (no plan fits without them):" in done.stdout
     assert "offload: optimizer state in host memory" in done.stdout and "ms per step" in done.stdout
     from whale.planner.saved_plan import load_plan
@@ -205,31 +207,37 @@ def _every_choice(profile) -> list[MemoryChoice]:
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_pruned_choices_could_not_have_won():
     """The pruned search (dominated choices dropped, memory floors, bounds with recomputation,
-    cutoffs from the best plan so far) is as fast as a full search under every choice."""
+    cutoffs from the best plan so far) is as fast as a full search under every choice; with
+    ``zero3="last"`` (the default), as fast as every choice without ZeRO 3 where one fits."""
     from whale.planner.search.explore import Explorer
 
-    planned = 0
+    planned, zero3 = 0, 0
     for cluster, profile, batch, options, err in _tight_instances(10, seed=4):
-        reference = []
+        reference = {}
         for choice in _every_choice(profile):
             explorer = Explorer(profile, cluster, batch, options, Pins(), SearchSettings(),
                                 costs=OptionCostModel(profile, cluster, options, choice))
             try:
-                reference.append(explorer.run().best.prediction.step_time)
+                reference[choice] = explorer.run().best.prediction.step_time
             except NoPlanError:
                 pass
-        try:
-            result, choice = search_with_memory(profile, cluster, batch, err, options=options, pins=Pins(),
-                                                settings=SearchSettings(), allowed=("checkpoint", "zero", "offload"))
-        except NoPlanError:
-            assert not reference, (cluster, reference)
-            continue
-        planned += 1
-        assert result.best.prediction.fits
-        again = OptionCostModel(profile, cluster, options, choice).predict(result.best.candidate)
-        assert again.fits and again.step_time == pytest.approx(result.best.prediction.step_time, rel=1e-12)
-        assert result.best.prediction.step_time <= min(reference) * (1 + 1e-9), (cluster, choice, reference)
-    assert planned >= 5  # most instances fit under some choice: the comparison is not empty
+        without = [t for c, t in reference.items() if c.zero_stage < 3]
+        for mode, bar in (("any", min(reference.values(), default=None)), ("last", min(without or reference.values(), default=None))):
+            try:
+                result, choice = search_with_memory(profile, cluster, batch, err, options=options, pins=Pins(),
+                                                    settings=SearchSettings(), allowed=("checkpoint", "zero", "offload"), zero3=mode)
+            except NoPlanError:
+                assert bar is None, (cluster, reference)
+                continue
+            planned += mode == "any"
+            zero3 += mode == "any" and choice.zero_stage == 3
+            assert result.best.prediction.fits
+            again = OptionCostModel(profile, cluster, options, choice).predict(result.best.candidate)
+            assert again.fits and again.step_time == pytest.approx(result.best.prediction.step_time, rel=1e-12)
+            assert result.best.prediction.step_time <= bar * (1 + 1e-9), (mode, cluster, choice, reference)
+            if mode == "last" and without:
+                assert choice.zero_stage < 3
+    assert planned >= 5 and zero3  # most instances fit under some choice; ZeRO 3 wins some
 
 
 def test_bound_with_recomputation_stays_below_every_plan():

@@ -228,7 +228,7 @@ def checkpointable_layers(profile: ModelProfile, module_paths: Collection[str] |
 def search_with_memory(
     profile: ModelProfile, cluster: Cluster, global_batch: int, plain_error: NoPlanError, *,
     options: CostOptions, pins: Pins, settings: SearchSettings, allowed: Collection[str] = (),
-    module_paths: Collection[str] | None = None,
+    module_paths: Collection[str] | None = None, zero3: str = "last",
 ) -> tuple[SearchResult, MemoryChoice]:
     """Where the plain search found nothing that fits (``plain_error``), the fastest plan under
     the allowed memory options (``pins`` as the plain search took them).
@@ -241,31 +241,43 @@ def search_with_memory(
     that is not searched. The winner's options are then cut back to the lightest that keep its plan
     fitting, as fast or faster (:func:`_lightest`).
 
+    ``zero3``: ``"last"`` searches ZeRO stage 3 only where no choice without it fits (as
+    DeepSpeed advises: its per-layer gathers in forward and backward cost more than the one
+    extra all-gather priced here, and its searches are the dearest: most structures pass its
+    memory floor); ``"any"`` lets it compete on predicted time with the others.
+
     Raises:
         NoPlanError: no choice fits either (the plain search's message, with what was tried).
     """
     if not allowed:
         raise plain_error
+    if zero3 not in ("last", "any"):
+        raise ValueError(f"search_with_memory(zero3={zero3!r}): use 'last' or 'any'")
     if pins.cuts is None and profile.pinned_cuts is not None:  # as auto.search pins them
         pins = dataclasses.replace(pins, cuts=profile.pinned_cuts, num_stages=len(profile.pinned_cuts) + 1)
     base = Explorer(profile, cluster, global_batch, options, pins, settings)
     checkpointable = checkpointable_layers(profile, module_paths)
     flops = np.array([float(x.total_flops) for x in profile.layers])
-    queued = []
-    for choice in _option_sets(allowed, checkpointable):
-        explorer = _explorer(base, choice, flops)
-        structures = explorer.structures()
-        if structures:  # else the memory floor rules every structure out: nothing to search
-            queued.append((_time_cost(choice), structures[0].bound, choice, explorer))
-    queued.sort(key=lambda x: x[:2])
+    choices = _option_sets(allowed, checkpointable)
+    rounds = [choices] if zero3 == "any" else [[c for c in choices if c.zero_stage < 3], [c for c in choices if c.zero_stage >= 3]]
     best: tuple[SearchResult, MemoryChoice] | None = None
-    for _, least, choice, explorer in queued:
-        cutoff = math.inf if best is None else best[0].best.prediction.step_time
-        if least >= cutoff:
-            continue  # every plan of this choice takes at least as long as the best found
-        result = explorer.run(cutoff) if best is not None else _run_or_none(explorer)
-        if result is not None and (best is None or result.best.prediction.step_time < cutoff):
-            best = (result, choice)
+    for round_ in rounds:
+        if best is not None:
+            break
+        queued = []
+        for choice in round_:
+            explorer = _explorer(base, choice, flops)
+            structures = explorer.structures()
+            if structures:  # else the memory floor rules every structure out: nothing to search
+                queued.append((_time_cost(choice), structures[0].bound, choice, explorer))
+        queued.sort(key=lambda x: x[:2])
+        for _, least, choice, explorer in queued:
+            cutoff = math.inf if best is None else best[0].best.prediction.step_time
+            if least >= cutoff:
+                continue  # every plan of this choice takes at least as long as the best found
+            result = explorer.run(cutoff) if best is not None else _run_or_none(explorer)
+            if result is not None and (best is None or result.best.prediction.step_time < cutoff):
+                best = (result, choice)
     if best is None:
         raise NoPlanError(f"{plain_error} (also with {', '.join(allowed)} turned on)") from None
     result, choice = best
