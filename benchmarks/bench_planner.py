@@ -99,7 +99,8 @@ CASES = {
 def scaling(runs: int, sizes=SCALING) -> None:
     """How planning time grows with the cluster: GPT-3 175B, batch 1536, three GPU types.
 
-    Per size: the whole ``whale plan`` process (median of ``runs``; Python and torch start-up,
+    Per size: the whole ``whale plan`` process (median of ``runs``, wall and CPU seconds (user +
+    system), the CPU time being what a loaded host does not inflate; Python and torch start-up,
     building the model on meta, capture, layer grouping, search and report; tensor parallelism
     only as a pinned what-if, as the CLI does for a model without ``split()``), and in this
     process the search alone with tensor parallelism allowed (the model captured once): its
@@ -114,18 +115,20 @@ def scaling(runs: int, sizes=SCALING) -> None:
     target = f"{os.path.abspath(__file__)}:gpt3_175b"
     print(f"planner scaling on {os.cpu_count()} CPUs, torch {torch.__version__}: GPT-3 175B, batch 1536, "
           f"half A100-80GB, a quarter V100-32GB, a quarter A10; median of {runs} run(s)")  # fmt: skip
-    print(f"{'GPUs':>5} {'whale plan s':>12}  {'answer (CLI, no TP)':<34} {'search s':>8} {'cpu s':>6} {'structs':>7} "
+    print(f"{'GPUs':>5} {'whale plan s':>12} {'cpu s':>6}  {'answer (CLI, no TP)':<34} {'search s':>8} {'cpu s':>6} {'structs':>7} "
           f"{'dropped':>7} {'screened':>8}  answer (search, TP allowed)")  # fmt: skip
     for n in sizes:
         spec = three_types(n)
-        walls, said = [], ""
+        walls, cpus_cli, said = [], [], ""
         for _ in range(runs):
-            start = time.perf_counter()
+            start, child = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             done = subprocess.run(
                 [sys.executable, "-m", "whale.cli", "plan", target, "--global-batch", "1536", "--dtype", "bf16",
                  "--cluster", spec], capture_output=True, text=True, check=False,
             )  # fmt: skip
             walls.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus_cli.append(after.ru_utime + after.ru_stime - child.ru_utime - child.ru_stime)
             said = "does not fit" if "fits on no plan" in done.stderr else "a plan" if done.returncode == 0 else (
                 f"error {done.returncode}: {done.stderr.strip().splitlines()[-1][:60] if done.stderr.strip() else ''}")
         cluster = parse_cluster(spec)
@@ -146,7 +149,7 @@ def scaling(runs: int, sizes=SCALING) -> None:
         else:
             answer = "does not fit: " + error.split("which has")[0].split("the closest (")[-1][:90]
             counts = f"{dropped:>7} {dropped:>7} {'0':>8}"
-        print(f"{n:>5} {statistics.median(walls):>12.2f}  {said:<34} {statistics.median(times):>8.2f} "
+        print(f"{n:>5} {statistics.median(walls):>12.2f} {statistics.median(cpus_cli):>6.2f}  {said:<34} {statistics.median(times):>8.2f} "
               f"{statistics.median(cpus):>6.2f} {counts}  {answer}")  # fmt: skip
 
 

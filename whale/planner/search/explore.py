@@ -226,8 +226,13 @@ class Explorer(Climbs):
                 r2 = int(min(2 * r1, a.row_limit))
                 r2 = r2 if r2 > r1 else max(m, r1 // 2)
                 b = cost(k, r2) if r2 != r1 else a
+                limit = a.row_limit
+                if not math.isfinite(a.time):
+                    return None  # rows within its memory limit, and still no time: it cannot run
+                if not math.isfinite(b.time):  # r2 rows do not fit after all: below them, through a
+                    limit, r2 = min(limit, max(r1, r2 - 1)), r1
                 slope = (b.time - a.time) / (r2 - r1) if r2 != r1 else a.time / r1
-                lines.append((slope, a.time - slope * r1, a.row_limit))
+                lines.append((slope, a.time - slope * r1, limit))
 
             def time_of(k, r):
                 slope, icpt, limit = lines[k]
@@ -283,15 +288,25 @@ class Explorer(Climbs):
         candidate = Candidate(layout, s, st.schedule, m, tuple(cuts), rows)
         return Scored(candidate, self.costs.predict(candidate))
 
-    def run(self) -> SearchResult:
+    def run(self, cutoff: float = math.inf) -> SearchResult | None:
+        """The search (module docstring).
+
+        ``cutoff``: the step time of a plan found elsewhere (under other memory options): only
+        plans faster than it are sought, structures whose bound reaches it are not screened,
+        estimates above it by ``refine_margin`` are not refined, and None is returned where no
+        plan beats it (nothing fits, or nothing is faster).
+        """
         started = time.perf_counter()
         structures = self.structures()
+        bounded = cutoff < math.inf
+        if bounded and (not structures or structures[0].bound >= cutoff):
+            return None
         if not structures and self.pruned:
             raise NoPlanError(self.shortfall_message(self.pruned))
         if not structures:
             raise no_structure_error(self.pins, self.cluster, self.batch, self.n)
         screened: list[tuple] = []
-        best, count = math.inf, 0
+        best, count = cutoff, 0
         # Per layout, stage count and schedule, the structure that needs the least memory: the
         # most micro-batches (one row each). If it does not fit, no other micro-batch count does.
         least: dict = {}
@@ -310,11 +325,14 @@ class Explorer(Climbs):
             if found is not None:
                 screened.append((found[0], k, st, found[1], found[2]))
                 best = min(best, found[0])
+        if not screened and bounded:
+            return None
         if not screened:
             raise NoPlanError(self.shortfall_message(sorted(structures + self.pruned, key=lambda x: x.bound)))
-        # For explain: screen the most promising structures of shapes the bound cut off.
+        # For explain: screen the most promising structures of shapes the bound cut off (not
+        # where a faster plan is known already: none of them would be shown).
         fitted = {_shape_of(x[2]) for x in screened}
-        for k, st in enumerate(structures[count:], count):
+        for k, st in enumerate([] if bounded else structures[count:], count):
             shape = _shape_of(st)
             if shape in fitted or tried.get(shape, 0) >= 3 or len(fitted) >= self.settings.finalists + self.settings.alternatives:
                 continue
@@ -327,8 +345,11 @@ class Explorer(Climbs):
         # Refine in order of estimate: at least `finalists`, then while an estimate is within
         # `refine_margin` of the best exact time so far (estimates are approximate), and the
         # best of every other shape for explain.
-        scored, shapes, best_exact = [], set(), math.inf
+        scored, shapes, best_exact = [], set(), cutoff
+        self._best_exact = cutoff
         for est, k, st, cuts, rows in screened:
+            if est > cutoff * (1 + self.settings.refine_margin):
+                break  # a plan found elsewhere is faster by the margin already
             promising = len(scored) < self.settings.finalists or (
                 est <= best_exact * (1 + self.settings.refine_margin) and len(scored) < self.settings.max_finalists
             )
@@ -340,6 +361,8 @@ class Explorer(Climbs):
                 scored.append(found)
                 best_exact = min(best_exact, found.prediction.step_time)
                 self._best_exact = best_exact
+        if not scored and bounded:
+            return None
         if not scored:
             raise NoPlanError(self.shortfall_message(structures))
         scored.sort(key=lambda x: x.prediction.step_time)

@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Collection
 
@@ -38,11 +37,10 @@ import numpy as np
 from ...ir.devices import INTRA_LINKS
 from ...ir.plan import Plan
 from ...ir.topology import Cluster
-from ..cost.formulas import training_memory
+from ..cost.formulas import SyncTimes, training_memory
 from ..cost.layers import ModelProfile
 from ..cost.predict import CostModel, CostOptions, ReplicaCost
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
-from .memory_floor import MemoryFloor
 from .pins import Pins
 
 __all__ = ["ALL_OPTIONS", "MemoryChoice", "OptionCostModel", "checkpoint_to_fit", "search_with_memory"]
@@ -72,7 +70,10 @@ class MemoryChoice:
 
 def host_bandwidth(cluster: Cluster, rank: int) -> float:
     """Bytes/s between ``rank``'s device and host memory (one direction)."""
-    device = cluster.devices()[rank].profile
+    return _host_bandwidth(cluster.devices()[rank].profile)
+
+
+def _host_bandwidth(device) -> float:
     kind = device.intra_link if device.intra_link.startswith("pcie") else _HOST_LINK.get(device.intra_link, "pcie3")
     return INTRA_LINKS[kind].bandwidth
 
@@ -87,6 +88,9 @@ class OptionCostModel(CostModel):
                  *, unlimited: bool = False) -> None:
         super().__init__(profile, cluster, options)
         self.choice, self.unlimited = choice, unlimited
+        self._host_links: dict = {}  # group -> its slowest member's host link, bytes/s
+        self._extra: dict = {}  # (a position's blocks, rows per micro-batch, dp) -> bytes beyond the plain count
+        self._ckpt_lists: dict = {}  # stage_lists' key -> its lists with the recomputation
         per = training_memory(1, optimizer=options.optimizer, precision=options.precision)
         b = profile.param_dtype_bytes
         self._parts = (per.parameters / b, per.gradients / b, per.optimizer_states / b)
@@ -130,35 +134,47 @@ class OptionCostModel(CostModel):
         bounds = (0, *cuts, self.num_layers)
         extra = []
         for pos in range(p):
-            spans = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
-            rebuilt = max((float(self._ckpt_act[a:b].max(initial=0.0)) for a, b in spans), default=0.0) * q
-            gathered = 0.0
-            if self.choice.zero_stage >= 3 and self._dp > 1:  # the largest layer's weights, whole
-                largest = max((float(self._layer_params[a:b].max(initial=0.0)) for a, b in spans), default=0.0)
-                gathered = largest * self._parts[0] * (1 - 1 / self._dp)
-            extra.append(int(rebuilt + gathered))
+            key = (bounds[pos::p], bounds[pos + 1 :: p], q, self._dp)  # the position's blocks
+            found = self._extra.get(key)
+            if found is None:
+                spans = [(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p)]
+                rebuilt = max((float(self._ckpt_act[a:b].max(initial=0.0)) for a, b in spans), default=0.0) * q
+                gathered = 0.0
+                if self.choice.zero_stage >= 3 and self._dp > 1:  # the largest layer's weights, whole
+                    largest = max((float(self._layer_params[a:b].max(initial=0.0)) for a, b in spans), default=0.0)
+                    gathered = largest * self._parts[0] * (1 - 1 / self._dp)
+                self._extra = {} if len(self._extra) > 200_000 else self._extra
+                found = self._extra[key] = int(rebuilt + gathered)
+            extra.append(found)
         if any(extra):
             memory = tuple(tuple(x + extra[pos] for x in row) for pos, row in enumerate(memory))
             fits = all(x <= self.capacity(g[k]) for row, g in zip(memory, pipeline) for k, x in enumerate(row))
         return memory, fits, limit
 
     def stage_lists(self, pipeline, num_stages, num_micro_batch, cuts, rows):
-        forward, backward, p2p = super().stage_lists(pipeline, num_stages, num_micro_batch, cuts, rows)
-        if self.choice.checkpointed:
+        if not self.choice.checkpointed:
+            return super().stage_lists(pipeline, num_stages, num_micro_batch, cuts, rows)
+        pipeline = pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline))
+        key = (pipeline, num_stages, num_micro_batch, tuple(cuts), rows)
+        found = self._ckpt_lists.get(key)
+        if found is None:
+            forward, backward, p2p = super().stage_lists(pipeline, num_stages, num_micro_batch, cuts, rows)
             bounds = (0, *cuts, self.num_layers)
-            backward = list(backward)
             for s in range(num_stages):
                 a, b = bounds[s], bounds[s + 1]
                 total = self._all_flops[b] - self._all_flops[a]
                 if total > 0:  # the recomputed forward, by its share of the stage's FLOPs
                     backward[s] += forward[s] * float(self._ckpt_flops[b] - self._ckpt_flops[a]) / float(total)
-        return forward, backward, p2p
+            self._ckpt_lists = {} if len(self._ckpt_lists) > 200_000 else self._ckpt_lists
+            found = self._ckpt_lists[key] = (forward, backward, p2p)
+        return list(found[0]), list(found[1]), list(found[2])
 
     def sync_time(self, layout, num_stages, cuts):
         plain = super().sync_time(layout, num_stages, cuts)
         if self.choice.zero_stage < 3:
             return plain  # reduce-scatter + all-gather: the bytes of one all-reduce
-        return tuple(1.5 * t for t in plain)  # and one more all-gather of the weights in backward
+        # And one more all-gather of the weights in backward; the last bucket still ends it.
+        return SyncTimes([1.5 * t for t in plain], getattr(plain, "tail", None))
 
     def replica_cost(self, pipeline, num_stages, schedule, num_micro_batch, cuts, rows, sync, *, exact=True) -> ReplicaCost:
         cost = super().replica_cost(pipeline, num_stages, schedule, num_micro_batch, cuts, rows, sync, exact=exact)
@@ -170,7 +186,11 @@ class OptionCostModel(CostModel):
         for pos, group in enumerate(pipeline):
             params = sum(self.block_param_bytes(bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
             state = params * self._parts[2] / (self._dp if self.choice.zero_stage >= 1 else 1)
-            moved = 2 * state / min(host_bandwidth(self.cluster, r) for r in group)
+            link = self._host_links.get(group)
+            if link is None:
+                devices = self.cluster.devices()
+                link = self._host_links[group] = min(_host_bandwidth(devices[r].profile) for r in group)
+            moved = 2 * state / link
             # A layer's update waits for its last gradient: the traffic overlaps the last
             # micro-batch's backward (about 2/3 of its forward + backward), not the whole step.
             window = sum(cost.stage_times[s] for s in range(pos, num_stages, p)) * 2 / 3
@@ -178,26 +198,22 @@ class OptionCostModel(CostModel):
         return dataclasses.replace(cost, time=cost.time + max(0.0, late))
 
 
-def _choices(allowed: Collection[str], checkpointable: frozenset[int]) -> list[list[MemoryChoice]]:
-    """Choices by number of options turned on: singles, pairs, all."""
-    kinds = []
-    if "checkpoint" in allowed and checkpointable:
-        kinds.append([MemoryChoice(checkpointed=checkpointable)])
-    if "zero" in allowed:
-        kinds.append([MemoryChoice(zero_stage=z) for z in (1, 2, 3)])
-    if "offload" in allowed:
-        kinds.append([MemoryChoice(offload="optimizer")])
-    rounds = []
-    for n in range(1, len(kinds) + 1):
-        level = []
-        for combo in itertools.combinations(kinds, n):
-            for parts in itertools.product(*combo):
-                level.append(MemoryChoice(
-                    checkpointed=frozenset().union(*(c.checkpointed for c in parts)),
-                    zero_stage=max(c.zero_stage for c in parts), offload=max(c.offload for c in parts),
-                ))  # fmt: skip
-        rounds.append(level)
-    return rounds
+def _option_sets(allowed: Collection[str], checkpointable: frozenset[int]) -> list[MemoryChoice]:
+    """The choices worth a search: those no other allowed choice dominates.
+
+    A choice dominates another when every plan takes no longer and needs no more memory under
+    it. ZeRO stages 1 and 2 cost no time here (reduce-scatter + all-gather move the bytes of one
+    all-reduce) and stage 2 shards more than stage 1 or none: stage 2 dominates both, with or
+    without the other options. Stage 3 costs time, checkpointing and offload cost time and save
+    memory: none of those dominates another. The winner's options are cut back afterwards to the
+    lightest that keep its plan fitting (:func:`_lightest`), so a plan that fits under ZeRO 1
+    still says ZeRO 1.
+    """
+    zero = (2, 3) if "zero" in allowed else (0,)
+    ckpt = (frozenset(), checkpointable) if "checkpoint" in allowed and checkpointable else (frozenset(),)
+    off = ("none", "optimizer") if "offload" in allowed else ("none",)
+    out = [MemoryChoice(checkpointed=c, zero_stage=z, offload=o) for c in ckpt for z in zero for o in off]
+    return [c for c in out if not c.is_plain]
 
 
 def checkpointable_layers(profile: ModelProfile, module_paths: Collection[str] | None) -> frozenset[int]:
@@ -212,39 +228,110 @@ def checkpointable_layers(profile: ModelProfile, module_paths: Collection[str] |
 def search_with_memory(
     profile: ModelProfile, cluster: Cluster, global_batch: int, plain_error: NoPlanError, *,
     options: CostOptions, pins: Pins, settings: SearchSettings, allowed: Collection[str] = (),
-    module_paths: Collection[str] | None = None,
+    module_paths: Collection[str] | None = None, zero3: str = "last",
 ) -> tuple[SearchResult, MemoryChoice]:
     """Where the plain search found nothing that fits (``plain_error``), the fastest plan under
     the allowed memory options (``pins`` as the plain search took them).
+
+    The choices no other dominates (:func:`_option_sets`) share one enumeration of the
+    structures; each keeps those its memory floor lets through, bounded from below with the
+    recomputation checkpointing adds (:meth:`~.space.SearchSpace.bound`). Choices are searched
+    cheapest in time first (:func:`_time_cost`), each for plans faster than the best found so
+    far (the ``cutoff`` of :meth:`~.explore.Explorer.run`); a choice whose least bound reaches
+    that is not searched. The winner's options are then cut back to the lightest that keep its plan
+    fitting, as fast or faster (:func:`_lightest`).
+
+    ``zero3``: ``"last"`` searches ZeRO stage 3 only where no choice without it fits (as
+    DeepSpeed advises: its per-layer gathers in forward and backward cost more than the one
+    extra all-gather priced here, and its searches are the dearest: most structures pass its
+    memory floor); ``"any"`` lets it compete on predicted time with the others.
 
     Raises:
         NoPlanError: no choice fits either (the plain search's message, with what was tried).
     """
     if not allowed:
         raise plain_error
+    if zero3 not in ("last", "any"):
+        raise ValueError(f"search_with_memory(zero3={zero3!r}): use 'last' or 'any'")
     if pins.cuts is None and profile.pinned_cuts is not None:  # as auto.search pins them
         pins = dataclasses.replace(pins, cuts=profile.pinned_cuts, num_stages=len(profile.pinned_cuts) + 1)
+    base = Explorer(profile, cluster, global_batch, options, pins, settings)
+    checkpointable = checkpointable_layers(profile, module_paths)
+    flops = np.array([float(x.total_flops) for x in profile.layers])
+    choices = _option_sets(allowed, checkpointable)
+    rounds = [choices] if zero3 == "any" else [[c for c in choices if c.zero_stage < 3], [c for c in choices if c.zero_stage >= 3]]
     best: tuple[SearchResult, MemoryChoice] | None = None
-    for level in _choices(allowed, checkpointable_layers(profile, module_paths)):
-        for choice in level:
-            explorer = Explorer(profile, cluster, global_batch, options, pins, settings)
-            explorer.costs = OptionCostModel(profile, cluster, options, choice)
-            explorer.floor = MemoryFloor(explorer.costs, explorer.cuttable)
-            try:
-                result = explorer.run()
-            except NoPlanError:
-                continue
-            if best is None or result.best.prediction.step_time < best[0].best.prediction.step_time:
-                best = (result, choice)
+    for round_ in rounds:
         if best is not None:
             break
+        queued = []
+        for choice in round_:
+            explorer = _explorer(base, choice, flops)
+            structures = explorer.structures()
+            if structures:  # else the memory floor rules every structure out: nothing to search
+                queued.append((_time_cost(choice), structures[0].bound, choice, explorer))
+        queued.sort(key=lambda x: x[:2])
+        for _, least, choice, explorer in queued:
+            cutoff = math.inf if best is None else best[0].best.prediction.step_time
+            if least >= cutoff:
+                continue  # every plan of this choice takes at least as long as the best found
+            result = explorer.run(cutoff) if best is not None else _run_or_none(explorer)
+            if result is not None and (best is None or result.best.prediction.step_time < cutoff):
+                best = (result, choice)
     if best is None:
         raise NoPlanError(f"{plain_error} (also with {', '.join(allowed)} turned on)") from None
     result, choice = best
+    choice, scored = _lightest(profile, cluster, options, choice, result.best)
+    return dataclasses.replace(result, best=scored), choice
+
+
+def _explorer(base: Explorer, choice: MemoryChoice, flops: np.ndarray) -> Explorer:
+    """A search under ``choice`` that shares ``base``'s structure enumeration."""
+    costs = OptionCostModel(base.profile, base.cluster, base.costs.options, choice)
+    explorer = Explorer(base.profile, base.cluster, base.batch, base.costs.options, base.pins, base.settings, costs=costs)
+    explorer.share_structures(base)
     if choice.checkpointed:
-        choice, scored = _fewest_checkpointed(profile, cluster, options, choice, result.best)
-        result = dataclasses.replace(result, best=scored)
-    return result, choice
+        explorer.recomputed = np.where([k in choice.checkpointed for k in range(len(flops))], flops, 0.0)
+    return explorer
+
+
+def _run_or_none(explorer: Explorer) -> SearchResult | None:
+    try:
+        return explorer.run()
+    except NoPlanError:
+        return None
+
+
+def _time_cost(choice: MemoryChoice) -> tuple[bool, bool, bool]:
+    """The order choices are searched in, cheapest in time first: recomputing the forward (a
+    third more compute) costs most, ZeRO 3's second gather of the weights next, then the
+    optimizer state's host traffic (hidden behind the last backward where it can be). An
+    early fast plan is the cutoff that spares the later searches most of their work."""
+    return bool(choice.checkpointed), choice.zero_stage >= 3, choice.offload != "none"
+
+
+def _weight(choice: MemoryChoice) -> int:
+    """How many options a choice turns on (ties of bound: the lighter first)."""
+    return int(bool(choice.checkpointed)) + int(choice.zero_stage > 0) + int(choice.offload != "none")
+
+
+def _lightest(profile, cluster, options, choice: MemoryChoice, scored: Scored) -> tuple[MemoryChoice, Scored]:
+    """The lightest options under which ``scored``'s plan fits, at its time or faster: a lower
+    ZeRO stage (stages 0-2 cost the same time, stage 3 more), no offload, the fewest checkpointed
+    layers (:func:`_fewest_checkpointed`). The fastest of these wins, then the fewest options."""
+    c = scored.candidate
+    picks = []
+    for z in range(choice.zero_stage + 1):
+        for off in dict.fromkeys(("none", choice.offload)):
+            trial = dataclasses.replace(choice, zero_stage=z, offload=off)
+            pred = scored.prediction if trial == choice else OptionCostModel(profile, cluster, options, trial).predict(c)
+            if not pred.fits:
+                continue
+            found = (trial, Scored(c, pred))
+            if trial.checkpointed:
+                found = _fewest_checkpointed(profile, cluster, options, trial, found[1])
+            picks.append(found)
+    return min(picks, key=lambda x: (x[1].prediction.step_time, _weight(x[0]), x[0].zero_stage, len(x[0].checkpointed)))
 
 
 def _fewest_checkpointed(profile, cluster, options, choice: MemoryChoice, scored: Scored) -> tuple[MemoryChoice, Scored]:

@@ -5,7 +5,7 @@ that do the same thing are folded into one line on large clusters), what it runs
 stages and layers, rows, tensor-parallel shard, memory and predicted busy time. ``explain()``
 adds why the plan won: its balance, what limits it, and the best rejected alternatives with
 their predicted step times (or, for shapes that do not fit, the memory they lack and where).
-``timeline`` is the plan's simulated step on every rank (``whale plan --trace`` writes it).
+``timeline`` is the plan's simulated step on every rank, where asked for (``build_report(timeline=True)``).
 """
 
 from __future__ import annotations
@@ -160,8 +160,9 @@ class PlanReport:
     search_summary: str
     executable: bool
     timeline: Timeline | None = None
-    """The plan's simulated step on every rank (:meth:`~.predict.CostModel.timeline`); None
-    when the report was built without the search's cost options (it would not be this plan's)."""
+    """The plan's simulated step on every rank (:meth:`~.predict.CostModel.timeline`) where
+    :func:`build_report` was asked for it; None otherwise, or when the report was built without
+    the search's cost options (it would not be this plan's)."""
     memory_lines: tuple[str, ...] = ()
     """The memory options turned on to make the plan fit and their cost in step time
     (:func:`~.memory_options.option_costs`); empty where the plain plan fits."""
@@ -269,11 +270,16 @@ def build_report(
     cluster: Cluster,
     plan: Plan,
     options: CostOptions | None = None,
+    *,
+    timeline: bool = False,
 ) -> PlanReport:
     """Assemble the report of ``plan``, made from ``result.best``.
 
     Args:
         options: the cost options the search used (None: the defaults).
+        timeline: simulate every rank's step into ``PlanReport.timeline`` too (an event per
+            compute of every rank: a million on 1,024 GPUs, seconds of work, so only on request;
+            ``whale plan --trace`` predicts it from the plan instead).
 
     Example::
 
@@ -282,8 +288,8 @@ def build_report(
     best = result.best
     c, pred = best.candidate, best.prediction
     costs = CostModel(profile, cluster, options or CostOptions())
-    timeline = costs.timeline(c)
-    if not math.isclose(
+    timeline = costs.timeline(c) if timeline else None
+    if timeline is not None and not math.isclose(
         timeline.step_time, pred.step_time, rel_tol=1e-9, abs_tol=1e-15
     ):
         timeline = None  # other options than the search's: not the predicted step

@@ -10,6 +10,7 @@ per-stage time and memory prefix sums that :func:`~.balance.partition_layers` cu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -135,10 +136,10 @@ def _bound_weights(totals: np.ndarray, m: int, one_stage_each: bool) -> list[np.
 class SearchSpace:
     """Structures of one model on one cluster, their bounds, replica kinds and stage arrays."""
 
-    def __init__(self, profile, cluster, batch, options, pins, settings):
+    def __init__(self, profile, cluster, batch, options, pins, settings, *, costs: CostModel | None = None):
         self.profile, self.cluster, self.batch = profile, cluster, batch
         self.pins, self.settings = pins, settings
-        self.costs = CostModel(profile, cluster, options)
+        self.costs = costs or CostModel(profile, cluster, options)
         self.n = profile.num_layers
         self.cuttable = [layer.cuttable for layer in profile.layers]
         self.device_of = self.costs.device_of
@@ -156,12 +157,43 @@ class SearchSpace:
         self.floor = MemoryFloor(self.costs, self.cuttable)
         self.pruned: list[Structure] = []
         """Structures the memory floor dropped: no plan of theirs fits (bound order)."""
+        self.recomputed: np.ndarray | None = None
+        """Per layer, the FLOPs its backward runs again (activation checkpointing); :meth:`bound`
+        counts them (:mod:`~.memory_options` sets it)."""
+        self._enumerated: list | None = None  # (layout, classes, key, stages, schedules, micro-batches)
+        self._class_keys: dict = {}
+        self._structures: list[Structure] | None = None
 
     # --- structures ---------------------------------------------------------------------------
 
     def structures(self) -> list[Structure]:
-        """Every structure that may fit, by lower bound; those that cannot go to ``pruned``."""
-        pins, out, pruned = self.pins, [], []
+        """Every structure that may fit, by lower bound; those that cannot go to ``pruned`` (memoised)."""
+        if self._structures is not None:
+            return self._structures
+        out, pruned = [], []
+        for layout, classes, key, s, scheds, ms in self.enumerate():
+            for sched in scheds:
+                for m in ms:
+                    st = Structure(self.bound(layout, s, m), layout, s, sched, m)
+                    # No cuts and rows fit: drop it before screening (kept to explain).
+                    fits = self.floor.may_fit(classes, s, sched, m, self.batch, cuts=self.pins.cuts, key=key)
+                    (out if fits else pruned).append(st)
+        self.pruned = sorted(pruned, key=lambda x: x.bound)
+        self._structures = sorted(out, key=lambda x: x.bound)
+        return self._structures
+
+    def share_structures(self, other: SearchSpace) -> None:
+        """Enumerate ``other``'s structures (the same model, cluster, pins and settings under
+        other memory options): its layouts, replica kinds and their keys are reused, not rebuilt."""
+        self._enumerated = other.enumerate()
+        self._classes, self._class_keys = other._classes, other._class_keys
+
+    def enumerate(self) -> list[tuple]:
+        """Per rank layout and stage count: ``(layout, classes, key, stages, schedules,
+        micro-batch counts)`` the pins and settings allow (memoised; no bounds, no memory)."""
+        if self._enumerated is not None:
+            return self._enumerated
+        pins, out = self.pins, []
         degrees = [pins.tensor_parallel] if pins.tensor_parallel else [
             t for t in (1, 2, 4, 8, 16) if t <= self.settings.max_tensor_parallel
         ]
@@ -209,14 +241,9 @@ class SearchSpace:
                     for layout in layouts(self.cluster, t, p):
                         classes = self.classes(layout)
                         key = (tuple((self._class_key(pipe), count) for pipe, count in classes), layout.dp_degree)
-                        for sched in scheds:
-                            for m in ms:
-                                st = Structure(self.bound(layout, s, m), layout, s, sched, m)
-                                # No cuts and rows fit: drop it before screening (kept to explain).
-                                fits = self.floor.may_fit(classes, s, sched, m, self.batch, cuts=pins.cuts, key=key)
-                                (out if fits else pruned).append(st)
-        self.pruned = sorted(pruned, key=lambda x: x.bound)
-        return sorted(out, key=lambda x: x.bound)
+                        out.append((layout, classes, key, s, tuple(scheds), tuple(ms)))
+        self._enumerated = out
+        return out
 
     def bound(self, layout: RankLayout, s: int, m: int) -> float:
         """A lower bound on the step time of any plan of this structure.
@@ -240,12 +267,32 @@ class SearchSpace:
         if key not in self._speeds:
             total = 0.0
             for pipe, count in self.classes(layout):
-                times = np.array([3 * self._group_arrays(g, q)[0] for g in pipe])
+                times = np.array([3 * self._group_arrays(g, q)[0] + self._recompute_floor(g, q) for g in pipe])
                 floor = max(float(np.min(mu[:, None] * times, axis=0).sum())
                             for mu in _bound_weights(times.sum(axis=1), m, s == layout.pipeline_degree))  # fmt: skip
                 total += count * m * q / floor
             self._speeds[key] = self.batch / total
         return self._speeds[key]
+
+    def _recompute_floor(self, group: tuple[int, ...], q: float) -> np.ndarray | float:
+        """Per layer, at least the time its backward spends running its forward again.
+
+        A checkpointed stage's backward runs its forward once more by the checkpointed layers'
+        share of its FLOPs (:meth:`~.memory_options.OptionCostModel.stage_lists`): at least those
+        FLOPs at the group's least forward time per FLOP over the layers that have FLOPs.
+        """
+        if self.recomputed is None:
+            return 0.0
+        forward = self._group_arrays(group, q)[0]
+        flops = self._layer_flops
+        has = flops > 0
+        if not has.any():
+            return 0.0
+        return self.recomputed * float(np.min(forward[has] / flops[has]))
+
+    @functools.cached_property
+    def _layer_flops(self) -> np.ndarray:
+        return np.array([float(x.total_flops) for x in self.profile.layers])
 
     def classes(self, layout: RankLayout) -> list[tuple[tuple, int]]:
         """Replicas grouped by what their time depends on: (representative, count)."""
@@ -344,8 +391,12 @@ class SearchSpace:
         return self._arrays[key]
 
     def _class_key(self, pipe) -> tuple:
-        key = tuple(tuple(self.device_of[r].name for r in g) for g in pipe)
-        return key + tuple(self.costs.link(pipe[k][0], pipe[(k + 1) % len(pipe)][0]) for k in range(len(pipe)))
+        found = self._class_keys.get(pipe)
+        if found is None:
+            key = tuple(tuple(self.device_of[r].name for r in g) for g in pipe)
+            key += tuple(self.costs.link(pipe[k][0], pipe[(k + 1) % len(pipe)][0]) for k in range(len(pipe)))
+            found = self._class_keys[pipe] = key
+        return found
 
     # --- finals ----------------------------------------------------------------------------------
 
