@@ -33,11 +33,17 @@ class RankFailed(RuntimeError):
 
 def run_on_ranks(
     worker: Callable[..., None], args: Any, *extra: Any, world: int = 2, threads: int = 1,
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, pin: bool = False,
 ) -> Any:
     """Run ``worker(rank, world, args, results, *extra)`` on ``world`` spawned ranks after
     ``wh.init("gloo")``, with ``threads`` torch threads each; what a rank puts into ``results``
     first is returned. ``worker`` must be a module-level function (it is pickled).
+
+    ``pin``: rank ``r`` runs on cores ``r * threads`` to ``(r + 1) * threads - 1`` only (as each
+    rank of a GPU job has its own device), where the host has that many cores and the system
+    lets the process choose; otherwise the scheduler places the ranks. Unpinned, a rank moves
+    between cores that need not run alike (a virtual machine's cores share physical ones), so a
+    speed it measured at one moment need not hold for the run.
 
     Raises:
         RankFailed: a rank raised (its traceback is in the message), exited before every rank
@@ -49,7 +55,7 @@ def run_on_ranks(
     ctx = mp.get_context("spawn")
     results, errors = ctx.Queue(), ctx.Queue()
     ranks = mp.start_processes(
-        _entry, args=(world, port, threads, worker, args, results, errors, extra), nprocs=world,
+        _entry, args=(world, port, threads, worker, args, results, errors, extra, pin), nprocs=world,
         start_method="spawn", join=False,
     )  # fmt: skip
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -112,9 +118,13 @@ def _end(ranks) -> None:
             p.join()
 
 
-def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, errors, extra) -> None:
+def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, errors, extra, pin) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    if pin and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= world * threads:
+            os.sched_setaffinity(0, cores[rank * threads : (rank + 1) * threads])
     torch.set_num_threads(threads)
     try:
         wh.init("gloo")
