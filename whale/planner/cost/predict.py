@@ -443,9 +443,7 @@ class CostModel:
         shares = self.shard_shares(pipeline[pos])
         out = []
         for share in shares:
-            # The group's size too: with the world fixed it fixes the data-parallel degree, which
-            # a subclass's state bytes may read (ZeRO shards over it); two group sizes can give
-            # a member the same share (1/3 of a uniform group of 3 and of a mixed group of 2).
+            # The group's size fixes the dp degree a subclass's state bytes may read (ZeRO).
             key = (schedule, p, m, num_stages, bound, pos, len(pipeline[pos]), share, blocks)
             found = self._member_memory.get(key)
             if found is None:
