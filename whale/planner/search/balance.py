@@ -315,7 +315,7 @@ def partition_layers(
             return None
         return _backtrack(parents, n, stages)
 
-    # Plain lists where the stages x layers are few (up to 2,048): there a Python loop beats
+    # Plain lists where the stages x layers are few (up to 64 layers, 2,048 in all): there a Python loop beats
     # numpy's cost per call. The same float64 sums and comparisons as the arrays' (Python
     # floats are IEEE doubles), so the same cuts.
     time_rows, end_rows, ok_start = times.tolist(), ends.tolist(), allowed.tolist()
@@ -344,7 +344,7 @@ def partition_layers(
             return None
         return _backtrack(parents, n, stages)
 
-    solve = solve_lists if stages * (n + 1) <= 2048 else solve_arrays
+    solve = solve_lists if n <= 64 and stages * (n + 1) <= 2048 else solve_arrays
     found = solve(math.inf)
     if found is None:
         return None
