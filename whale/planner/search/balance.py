@@ -298,7 +298,7 @@ def partition_layers(
     if cuttable is not None:
         allowed[1:n] = np.asarray(cuttable, dtype=bool)[1:n]
 
-    def solve(limit: float) -> list[int] | None:
+    def solve_arrays(limit: float) -> list[int] | None:
         reach = index == 0
         parents = []
         for j in range(stages):
@@ -315,6 +315,36 @@ def partition_layers(
             return None
         return _backtrack(parents, n, stages)
 
+    # Plain lists where the stages x layers are few (up to 64 layers, 2,048 in all): there a Python loop beats
+    # numpy's cost per call. The same float64 sums and comparisons as the arrays' (Python
+    # floats are IEEE doubles), so the same cuts.
+    time_rows, end_rows, ok_start = times.tolist(), ends.tolist(), allowed.tolist()
+    mem_rows = mems.tolist() if mems is not None else None
+    cap_list = caps.tolist() if caps is not None else None
+
+    def solve_lists(limit: float) -> list[int] | None:
+        reach = [b == 0 for b in range(n + 1)]
+        parents = []
+        for j in range(stages):
+            t, e = time_rows[j], end_rows[j]
+            m, cap = (mem_rows[j], cap_list[j]) if mem_rows is not None else (None, None)
+            last = j == stages - 1
+            a, ok = [0] * (n + 1), [False] * (n + 1)
+            latest = -1  # the latest reachable end strictly before b
+            for b in range(n + 1):
+                if latest >= 0:
+                    a[b] = latest
+                    ok[b] = (t[b] - t[latest] + e[b] <= limit and (m is None or m[b] - m[latest] <= cap)
+                             and (last or ok_start[b]))  # fmt: skip
+                if reach[b]:
+                    latest = b
+            reach = ok
+            parents.append(a)
+        if not reach[n]:
+            return None
+        return _backtrack(parents, n, stages)
+
+    solve = solve_lists if n <= 64 and stages * (n + 1) <= 2048 else solve_arrays
     found = solve(math.inf)
     if found is None:
         return None

@@ -41,11 +41,14 @@ def replica_floor(
         replica_floor([1.0] * 4, [2.0] * 4, [0.0] * 3, [0.0] * 4, [0.0] * 4, 8, 4)   # 33.0, exact
     """
     s, p, m = len(forward), num_ranks, num_micro_batch
-    tail0 = max(0.0, sync[0] - backward[0]) + opt[0]
+    both = [f + b for f, b in zip(forward, backward)]
+    tail0 = sync[0] - backward[0]
+    tail0 = (tail0 if tail0 > 0.0 else 0.0) + opt[0]  # noqa: FURB136 (max(0.0, x) without the call)
     best, ahead, behind = 0.0, 0.0, 0.0
     for r in range(p):
-        end = ahead + m * sum(forward[j] + backward[j] for j in range(r, s, p))
-        best = max(best, end + max(0.0, sync[r] - backward[r]) + opt[r], end + behind + tail0)
+        end = ahead + m * sum(both[r::p])  # the same additions in the same order as per stage
+        exposed = sync[r] - backward[r]
+        best = max(best, end + (exposed if exposed > 0.0 else 0.0) + opt[r], end + behind + tail0)  # noqa: FURB136
         if r < s - 1:
             ahead += forward[r] + p2p[r]
             behind += backward[r] + p2p[r]
