@@ -21,10 +21,24 @@ import torch.multiprocessing as mp
 
 import whale as wh
 
-__all__ = ["RankFailed", "run_on_ranks"]
+__all__ = ["RankFailed", "run_on_ranks", "seconds_per_step"]
 
 _POLL_S = 0.2
 _GRACE_S = 1.0
+
+
+def seconds_per_step(step_fn: Callable[..., Any], opt, batches, warmup: int) -> float:
+    """Seconds per training step (``step_fn(x, y)``, ``opt.step()``, ``opt.zero_grad()``) over
+    ``batches[warmup:]``, from a barrier before the first timed step to one after the last."""
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        step_fn(x, y)
+        opt.step()
+        opt.zero_grad()
+    dist.barrier()
+    return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
 class RankFailed(RuntimeError):

@@ -26,30 +26,17 @@ import io
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _launch import run_on_ranks
+from _launch import run_on_ranks, seconds_per_step
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from whale.planner.self_profile import rank_report
-
-
-def _seconds_per_step(program, opt, batches, warmup: int) -> float:
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-            start = time.perf_counter()
-        program.step(x, y)
-        opt.step()
-        opt.zero_grad()
-    dist.barrier()
-    return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
@@ -71,7 +58,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     times = {"auto": [], "even": []}
     for _ in range(args.rounds):
         for name, (program, opt) in programs.items():
-            times[name].append(_seconds_per_step(program, opt, batches, args.warmup))
+            times[name].append(seconds_per_step(program.step, opt, batches, args.warmup))
     if rank == 0:
         auto = programs["auto"][0]
         results.put((gathered, list(auto.plan.rows(args.batch)), str(auto.config.cluster), times))

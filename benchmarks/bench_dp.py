@@ -17,29 +17,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import whale as wh  # noqa: E402
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss  # noqa: E402
-from _launch import run_on_ranks  # noqa: E402
+from _launch import run_on_ranks, seconds_per_step  # noqa: E402
 
-
-def _train(step_fn, opt, batches, warmup: int) -> float:
-    """Seconds per step over ``batches[warmup:]``."""
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-            start = time.perf_counter()
-        step_fn(x, y)
-        opt.step()
-        opt.zero_grad()
-    dist.barrier()
-    return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
@@ -62,8 +48,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
 
     ratios, whale_s, ddp_s = [], [], []
     for _ in range(args.rounds):
-        w = _train(whale_model.step, whale_opt, batches, args.warmup)
-        d = _train(ddp_step, ddp_opt, batches, args.warmup)
+        w = seconds_per_step(whale_model.step, whale_opt, batches, args.warmup)
+        d = seconds_per_step(ddp_step, ddp_opt, batches, args.warmup)
         whale_s.append(w)
         ddp_s.append(d)
         ratios.append(d / w)  # throughput ratio = inverse time ratio

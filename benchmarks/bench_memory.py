@@ -34,15 +34,13 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_offload
-from _launch import run_on_ranks
+from _launch import run_on_ranks, seconds_per_step
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
@@ -99,17 +97,6 @@ def _batches(args, cfg):
     return [corpus.batch(args.batch, cfg.block_size, s) for s in range(args.warmup + args.steps)]
 
 
-def _timed(step, opt, batches, warmup: int) -> float:
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-            start = time.perf_counter()
-        step(x, y)
-        opt.step()
-        opt.zero_grad()
-    dist.barrier()
-    return (time.perf_counter() - start) / (len(batches) - warmup)
-
 
 def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
@@ -146,7 +133,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
     option_s: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(args.rounds):
         for name, (program, opt) in programs.items():
-            option_s[name].append(_timed(program.step, opt, batches, args.warmup))
+            option_s[name].append(seconds_per_step(program.step, opt, batches, args.warmup))
     del programs
     # Step time: whale zero 3 against FSDP2, alternating rounds.
     torch.manual_seed(0)
@@ -168,8 +155,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
 
     whale_s, fsdp_s = [], []
     for _ in range(args.rounds):
-        whale_s.append(_timed(whale.step, whale_opt, batches, args.warmup))
-        fsdp_s.append(_timed(fsdp_step, fsdp_opt, batches, args.warmup))
+        whale_s.append(seconds_per_step(whale.step, whale_opt, batches, args.warmup))
+        fsdp_s.append(seconds_per_step(fsdp_step, fsdp_opt, batches, args.warmup))
     if rank == 0:
         results.put((held, saved, option_s, whale_s, fsdp_s))
 
