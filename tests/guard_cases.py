@@ -22,13 +22,11 @@ def config_differs(field: str, mine: object, theirs: object) -> dict:
     model, batches, loss_fn = _model_and_batches("gpt", 8)
     value = theirs if dist.get_rank() == 1 else mine
     config = wh.Config(**{field: getattr(torch, value) if isinstance(value, str) and value.startswith("bfloat") else value})
-    try:
-        program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
-        program.step(*batches[0])
-        error = ""
-    except ValueError as err:
-        error = str(err)
-    return {"error": error, "left": _left_in_shm()}
+
+    def bind_and_step() -> None:
+        wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config).step(*batches[0])
+
+    return {"error": _value_error(bind_and_step), "left": _left_in_shm()}
 
 
 def buckets_differ_in_shared_memory() -> dict:
@@ -38,12 +36,16 @@ def buckets_differ_in_shared_memory() -> dict:
 
     link = HostLink(dist.new_group(list(range(dist.get_world_size()))))
     sizes = [(1000, torch.float32)] * (2 if dist.get_rank() == 0 else 3)
+    return {"error": _value_error(HostReduce, sizes, link), "left": _left_in_shm()}
+
+
+def _value_error(fn, *args) -> str:
+    """The message of the ValueError ``fn(*args)`` raises, or "" where it returns."""
     try:
-        HostReduce(sizes, link)
-        error = ""
+        fn(*args)
     except ValueError as err:
-        error = str(err)
-    return {"error": error, "left": _left_in_shm()}
+        return str(err)
+    return ""
 
 
 def _bad(x: torch.Tensor, y: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +69,7 @@ def dp_batch_values_differ(how: str, later: bool, **config) -> dict:
     program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=wh.Config(**config))
     if later:
         program.step(*batches[0])
-    try:
-        program.step(*_bad(*batches[1], how))
-        error = ""
-    except ValueError as err:
-        error = str(err)
+    error = _value_error(program.step, *_bad(*batches[1], how))
     loss = program.step(*batches[0]).item()  # every rank raised at one point: it trains on
     return {"error": error, "loss": loss}
 
@@ -83,11 +81,7 @@ def pp_batch_values_differ(how: str, batch: str = "global") -> dict:
     config = wh.Config(stage_boundaries=["blocks.2"], num_micro_batch=2, batch=batch)
     program = wh.parallelize(model, loss_fn=lm_loss, example_inputs=(batches[0][0],), config=config)
     program.step(*batches[0])
-    try:
-        program.step(*_bad(*batches[1], how))
-        error = ""
-    except ValueError as err:
-        error = str(err)
+    error = _value_error(program.step, *_bad(*batches[1], how))
     return {"error": error, "loss": program.step(*batches[0]).item()}
 
 
@@ -129,9 +123,5 @@ def hf_mask_differs(name: str = "bert", **config) -> dict:
     inputs = dict(case.inputs)
     if dist.get_rank() == 1:
         inputs["attention_mask"] = inputs["attention_mask"].flip(1)
-    try:
-        program.step(inputs, case.target)
-        error = ""
-    except ValueError as err:
-        error = str(err)
+    error = _value_error(program.step, inputs, case.target)
     return {"error": error, "loss": program.step(case.inputs, case.target).item()}
