@@ -62,6 +62,7 @@ from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.plan_cost import predict_plan
 from whale.planner.measure import (
     cpu_share,
+    emulated,
     measure_device,
     measure_links,
     run_queue_clock,
@@ -70,6 +71,7 @@ from whale.planner.measure import (
 )
 
 _SLOWDOWN = "WHALE_EMULATE_SLOWDOWN"
+_EMULATION = {_SLOWDOWN: "1:2"}  # the emulated-slow plan: rank 1 at half speed
 CASES = ("data", "pipeline", "tensor", "data-accum", "pipeline-gpipe", "emulated-slow", "mixed")
 # Plans on 4 ranks (2 data-parallel replicas of a 2-stage pipeline); the rest run on 2.
 FOUR_RANKS = ("mixed",)
@@ -84,7 +86,7 @@ def _cluster(name: str, host, link: str, world: int):
     """The cluster a plan runs on: ``world`` ranks of ``host`` (rank 1 at half speed when emulated)."""
     if name != "emulated-slow":
         return parse_cluster(f"node0={world}x{host.name}({link})", profiles=[host])
-    slow = slowed(host, 2.0, "CPU-half")
+    slow = emulated(host, 1, _EMULATION)
     return parse_cluster(
         f"node0=1x{host.name}+1x{slow.name}({link})", profiles=[host, slow]
     )
@@ -112,20 +114,14 @@ def _case(name: str, args, host, link: str, world: int):
     return model, wh.Config(**config)
 
 
-def emulated_half(host):
-    """Rank 1 as ``WHALE_EMULATE_SLOWDOWN=1:2`` runs it: forward, backward and the optimizer step
-    over the program's parameters stretched 2x (rates halved, each operation's and each
-    optimizer step's cost doubled)."""
-    return slowed(host, 2.0, "CPU-half")
-
-
 def rank_cluster(name: str, host, link: str, shares, paces=None):
     """The cluster a run is predicted on: rank ``r`` is the host at ``shares[r]`` of a core,
     each of its seconds of CPU doing the work of ``1 / paces[r]`` (and, in the emulated plan,
-    rank 1 at half speed besides: :func:`emulated_half`)."""
+    each rank as ``WHALE_EMULATE_SLOWDOWN`` runs it besides: forward, backward and the optimizer
+    step stretched, :func:`~whale.planner.measure.emulated`)."""
     devices = {}
     for rank, share in enumerate(shares):
-        device = emulated_half(host) if name == "emulated-slow" and rank == 1 else host
+        device = emulated(host, rank, _EMULATION) if name == "emulated-slow" else host
         pace = paces[rank] if paces is not None else 1.0
         devices[rank] = slowed(device, pace / share, f"{device.name}-r{rank}")
     spec = "+".join(f"1x{d.name}" for d in devices.values())
@@ -207,7 +203,7 @@ def _worker(rank: int, world: int, args, results) -> None:
             continue
         model, config = _case(name, args, host, link, world)
         if name == "emulated-slow":
-            os.environ[_SLOWDOWN] = "1:2"
+            os.environ.update(_EMULATION)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

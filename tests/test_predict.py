@@ -61,8 +61,7 @@ def _rank_cluster(case: str, host: DeviceProfile, shares, paces=None) -> object:
     devices = {}
     for rank, share in enumerate(shares):
         # rank 1 emulated 2x slower: its compute and its optimizer step stretched
-        half = slowed(host, 2.0, "CPU-half")
-        device = half if case == "emulated-slow" and rank == 1 else host
+        device = emulated(host, rank, {"WHALE_EMULATE_SLOWDOWN": "1:2"}) if case == "emulated-slow" else host
         pace = paces[rank] if paces else 1.0
         devices[rank] = slowed(device, pace / share, f"{device.name}-r{rank}")
     spec = "+".join(f"1x{d.name}" for d in devices.values())
