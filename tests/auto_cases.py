@@ -105,7 +105,7 @@ def hf_auto(name: str, spec: str | None, rows: int, **config) -> dict:
         out.update(_train_distributed(program, batches, out.pop("ref_states"), "dict"))
     out.update(_facts(program, printed.getvalue(), rows))
     out["stages"] = program.plan.num_stages
-    if config.get("cluster") == "auto" and not config.get("auto_parallel") and program.plan.num_stages == 1:
+    if config.get("cluster") == "auto" and program.plan.num_stages == 1:
         out.update(_rows_by_model(program, case.model, case.inputs, rows))
     return out
 

@@ -87,8 +87,11 @@ def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
         assert_equivalent(out, names=out["params"].keys())
         assert out["printed"] == ""
         assert out["plan_json"] == outs[0]["plan_json"]
-    if outs[0]["stages"] == 1:  # data parallel: the fast rank takes more rows
-        assert 0.55 <= _share(outs[0]["rows"]) <= 0.85, outs[0]["rows"]
+    if outs[0]["stages"] == 1:
+        # Data parallel: the fast rank takes at least its speed share (which is over half), and
+        # more where the slow rank also pays its measured per-step fixed costs slowly: the
+        # search prices rows with the cost model, so on this small model up to (11, 1).
+        assert outs[0]["rows"][0] >= outs[0]["speed_rows"][0] and _share(outs[0]["speed_rows"]) >= 0.55, outs[0]
     assert outs[0]["devices"][1].startswith("CPU-slow")
 
 
