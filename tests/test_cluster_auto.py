@@ -5,9 +5,14 @@ Equivalence (tests/equivalence.py tolerances): uneven rows change only the order
 additions, as for ``row_weights`` (loss rtol 1e-6; gradients rtol 1e-4, atol 1e-6; parameters
 after one AdamW step 2e-6 on entries with ordinary gradients).
 
-Rows: rank 1 is emulated 2x slower. Both ranks measure at once on a shared host whose other
-processes stretch single timings by up to ~20-30%, so the measured speed ratio is accepted
-between 1.5 and 2.7 (even rows, what a measurement that missed the emulation gives, are 1.0).
+Rows: rank 1 is emulated 2x slower. Both ranks measure at once on a shared host: on a quiet
+host the two ranks' raw rates differ by 0.94-1.24x (30 runs), so the measured speed ratio is
+accepted between 1.5 and 2.7 (even rows, what a measurement that missed the emulation gives, are
+1.0; an emulation counted twice gives 4). A loaded host can make one core slower for the whole
+measurement (CI once read 3.5x: rank 1's core ran 1.75x slower than rank 0's): such a run is a
+true reading of that host, not of the emulation, so :func:`_measured` runs the case again, up to
+:data:`ATTEMPTS` runs in all, and fails with every ratio it saw when none is in the band (a wrong
+factor lands outside it every time).
 The rows run are those that minimise the cost model's step time on the measured cluster
 (tests/test_cluster_rows_cost.py checks that function): at least the speed share on rank 0,
 more where fixed per-step costs, which the slow rank pays twice over, weigh.
@@ -38,19 +43,38 @@ from whale.planner.self_profile import (
 CASES = "tests.auto_cases"
 
 
+ATTEMPTS = 3
+
+
 def _share(rows) -> float:
     return rows[0] / sum(rows)
 
 
+def _ratio(outs) -> float:
+    speeds = outs[0]["speeds"]
+    return speeds[0] / speeds[1]
+
+
+def _measured(world2, reading, low: float, high: float, *args, **kwargs) -> list:
+    """``world2.run(*args, **kwargs)`` until ``reading(outs)`` (what the ranks measured) is in
+    ``[low, high]``, at most :data:`ATTEMPTS` runs (see the module's docstring)."""
+    seen = []
+    for _ in range(ATTEMPTS):
+        outs = world2.run(*args, **kwargs)
+        seen.append(reading(outs))
+        if low <= seen[-1] <= high:
+            return outs
+    pytest.fail(f"the measured reading was outside [{low}, {high}] in all {ATTEMPTS} runs: {seen}")
+
+
 def test_rank_twice_as_slow_gets_the_cost_models_rows_and_equals_the_local_model(world2, tmp_path):
     saved = str(tmp_path / "measured.json")
-    outs = world2.run(f"{CASES}:gpt_auto", "1:2", 24, save_to=saved)
+    # The emulated 2x, measured (see the module's docstring).
+    outs = _measured(world2, _ratio, 1.5, 2.7, f"{CASES}:gpt_auto", "1:2", 24, save_to=saved)
     for out in outs:
         assert_equivalent(out)
         assert out["rows"] == outs[0]["rows"], "every rank plans for the same cluster"
         assert out["devices"] == outs[0]["devices"]
-    speeds = outs[0]["speeds"]
-    assert 1.5 <= speeds[0] / speeds[1] <= 2.7, speeds  # the emulated 2x, measured (see test_two_ranks_...)
     # Rows minimise the cost model's step time on the measured cluster: this small GPT's steps
     # are mostly per-operation costs, which the slow rank also pays twice over, so rank 0 takes
     # more than its speed share (2/3 at 2x).
@@ -71,7 +95,7 @@ def test_transformers_model_data_parallel_rows_by_the_cost_model(world2):
     # Llama of tests/hf_models.py (captured with torch.export), data parallel on the measured
     # cluster: the cost model's rows, and the result equals the local model.
     pytest.importorskip("transformers")
-    outs = world2.run(f"{CASES}:hf_auto", "llama", "1:2", 12, cluster="auto", quiet=True)
+    outs = _measured(world2, _ratio, 1.5, 2.7, f"{CASES}:hf_auto", "llama", "1:2", 12, cluster="auto", quiet=True)
     for out in outs:
         assert_equivalent(out, names=out["params"].keys())
         assert out["rows"] == outs[0]["rows"]
@@ -82,7 +106,8 @@ def test_transformers_model_data_parallel_rows_by_the_cost_model(world2):
 def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
     # GPT-2 searched (auto_parallel) on the measured cluster; quiet: nothing printed.
     pytest.importorskip("transformers")
-    outs = world2.run(f"{CASES}:hf_auto", "gpt2", "1:2", 12, cluster="auto", auto_parallel=True, quiet=True)
+    outs = _measured(world2, _ratio, 1.5, 2.7, f"{CASES}:hf_auto", "gpt2", "1:2", 12, cluster="auto",
+                     auto_parallel=True, quiet=True)  # fmt: skip
     for out in outs:
         assert_equivalent(out, names=out["params"].keys())
         assert out["printed"] == ""
@@ -98,13 +123,16 @@ def test_transformers_model_auto_parallel_on_the_measured_cluster(world2):
 def test_split_shards_follow_the_measured_speed(world2):
     # Rank 1 emulated 2x slower: the heads, columns and vocabulary rows of the split parts are
     # cut by measured speed (2:1 up to whole heads), and the result equals the local model.
-    outs = world2.run(f"{CASES}:split_auto", "1:2", split={"blocks": 2, "lm_head": 2})
+    def share(outs) -> float:
+        fast, slow = outs[0]["shard_sizes"]["blocks.0.mlp"]
+        return fast / (fast + slow)
+
+    outs = _measured(world2, share, 0.55, 0.8, f"{CASES}:split_auto", "1:2", split={"blocks": 2, "lm_head": 2})
     for out in outs:
         assert_equivalent(out)
         assert out["shard_sizes"] == outs[0]["shard_sizes"]
     sizes = outs[0]["shard_sizes"]
-    fast, slow = sizes["blocks.0.mlp"]
-    assert 0.55 <= fast / (fast + slow) <= 0.8, sizes
+    fast = sizes["blocks.0.mlp"][0]
     # 4 whole heads at a measured share of 0.55-0.8: 2 or 3 on the fast rank (2.67 at exactly 2x;
     # the measured ratio on shared cores has been 1.5-2.4), never fewer than the slow one's.
     heads = sizes["blocks.0.attn"]
@@ -157,29 +185,32 @@ def test_profiles_without_auto_and_auto_without_init_are_refused(monkeypatch):
 
 def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     # One process measures rank 0 and an emulated 2x-slow rank 1 alternately (5 rounds, medians):
-    # the ratio is the factor within the noise of a shared host.
-    # Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
-    fast, slow, threads = [], [], torch.get_num_threads()
+    # the ratio is the factor within the noise of a shared host (up to ATTEMPTS tries, as
+    # _measured). Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
+    threads, seen = torch.get_num_threads(), []
     torch.set_num_threads(1)
     try:
-        for _ in range(5):
-            fast.append(rank_report(0, environ={}))
-            slow.append(rank_report(1, environ={"WHALE_EMULATE_SLOWDOWN": "1:2"}))
+        for _ in range(ATTEMPTS):
+            fast, slow = [], []
+            for _ in range(5):
+                fast.append(rank_report(0, environ={}))
+                slow.append(rank_report(1, environ={"WHALE_EMULATE_SLOWDOWN": "1:2"}))
+            seen.append(statistics.median(r.speed for r in fast) / statistics.median(r.speed for r in slow))
+            if 1.7 <= seen[-1] <= 2.4:
+                break
     finally:
         torch.set_num_threads(threads)
-    ratio = statistics.median(r.speed for r in fast) / statistics.median(r.speed for r in slow)
-    assert 1.7 <= ratio <= 2.4, ratio
+    assert 1.7 <= seen[-1] <= 2.4, seen
     assert max(r.seconds for r in fast) < 1.0 and max(r.seconds for r in slow) < 2.0
     assert all(r.error is None and r.measured for r in fast + slow)
 
 
 def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):
     # As parallelize measures: both ranks at once, single-threaded, rank 1 emulated 2x slower.
-    outs = world2.run(f"{CASES}:emulated_rank_reports", "1:2")
-    assert all(o["error"] is None for o in outs)
     # Two single-threaded ranks on shared cores: a measured ratio, not an exact one; 1.5-2.7
-    # still tells a 2x-slower device from an equal one (1.0) and from a 3x one.
-    assert 1.5 <= outs[0]["speed"] / outs[1]["speed"] <= 2.7, outs
+    # still tells a 2x-slower device from an equal one (1.0) and from a 4x one.
+    outs = _measured(world2, lambda o: o[0]["speed"] / o[1]["speed"], 1.5, 2.7, f"{CASES}:emulated_rank_reports", "1:2")
+    assert all(o["error"] is None for o in outs)
     assert outs[0]["seconds"] < 1.0 and outs[1]["seconds"] < 2.0, outs
 
 
