@@ -93,6 +93,10 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
 
     Raises:
         ValueError: shapes, sizes or devices do not fit (the message says which tensor).
+            ``out`` is then left as it is, except where the tensors hold fewer elements than
+            it: the pure path's one ``torch.cat`` has written their values into its head
+            before the count is checked (a second pass over the tensors to count first would
+            cost as much as the check on the hot path).
         TypeError: a dtype is not floating, or ``scale`` is not a real number.
 
     Example::
