@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import types
 
 import pytest
 import torch
@@ -203,6 +204,37 @@ def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     assert 1.7 <= seen[-1] <= 2.4, seen
     assert max(r.seconds for r in fast) < 1.0 and max(r.seconds for r in slow) < 2.0
     assert all(r.error is None and r.measured for r in fast + slow)
+
+
+def test_self_profile_counts_the_emulated_factor_once_on_a_steady_clock(monkeypatch):
+    # The measured tests above read a noisy host; on a clock where every timed piece takes the
+    # same time, the emulated rank's speed is exactly 1/FACTOR of the other's (counted once,
+    # in the multiply's rate), its per-operation and optimizer costs exactly FACTOR times, and
+    # both ranks idle after each sample as the slowest (pace 3: twice what it took).
+    from whale.planner import self_profile
+
+    ticks, slept = [0.0], []
+
+    def clock() -> float:
+        ticks[0] += 1e-3
+        return ticks[0]
+
+    steady = types.SimpleNamespace(thread_time=clock, perf_counter=clock, sleep=slept.append)
+    monkeypatch.setattr(self_profile, "time", steady)  # this module's clock only
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = {"WHALE_EMULATE_SLOWDOWN": "1:3"}
+        fast, slow = rank_report(0, environ=spec), rank_report(1, environ=spec)
+    finally:
+        torch.set_num_threads(threads)
+    assert fast.error is None and slow.error is None
+    assert fast.speed / slow.speed == pytest.approx(3.0, rel=1e-9)
+    assert slow.profile["op_overhead"] == pytest.approx(3 * fast.profile["op_overhead"], rel=1e-9)
+    per_tensor, per_param = fast.profile["optimizer_step"]["adamw"]
+    assert per_tensor > 0 and per_param > 0
+    assert slow.profile["optimizer_step"]["adamw"] == pytest.approx([3 * per_tensor, 3 * per_param], rel=1e-9)
+    assert slept and all(s == pytest.approx(2e-3) for s in slept), sorted(set(slept))
 
 
 def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):
