@@ -321,10 +321,12 @@ class CostModel(StageTimes):
         out, tail = [], []
         first, cap = self.options.first_bucket_bytes, self.options.bucket_bytes
         for pos in range(p):
-            # Memoised per position on its blocks; the entry holds ``layout``, so its id stays its own.
-            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            found = self._sync.get((id(layout), pos, blocks))
+            # Memoised per position on its blocks (their starts and ends: no pairs built to look
+            # up); the entry holds ``layout``, so its id stays its own.
+            key = (id(layout), pos, bounds[pos::p], bounds[pos + 1 :: p])
+            found = self._sync.get(key)
             if found is None:
+                blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
                 groups = [layout.pipelines[d][pos] for d in range(dp)]
                 shares = self.shard_shares(groups[0])
                 sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
@@ -335,7 +337,7 @@ class CostModel(StageTimes):
                 # holds the first layers' gradients, ready only at the end of the backward.
                 last = grad if grad <= first else (grad - first) % cap or cap
                 self._sync = {} if len(self._sync) > 200_000 else self._sync
-                found = self._sync[(id(layout), pos, blocks)] = (layout, *(
+                found = self._sync[key] = (layout, *(
                     2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth for size in (grad, last)))
             out.append(found[1])
             tail.append(found[2])
@@ -407,11 +409,13 @@ class CostModel(StageTimes):
         memory: list[tuple[int, ...]] = []
         fits, limit = True, math.inf
         for pos, group in enumerate(pipeline):
-            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            # A position's bytes and room read only its own group and blocks: memoised on them.
-            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, blocks, rows)
+            # A position's bytes and room read only its own group and blocks: memoised on them
+            # (the blocks as their starts and ends: no pairs built to look up).
+            starts, ends = bounds[pos::p], bounds[pos + 1 :: p]
+            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, starts, ends, rows)
             at = self._position_fit.get(key)
             if at is None:
+                blocks = tuple(zip(starts, ends))
                 found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
                 need = tuple(state + int(held * q_max) for held, state in found)  # the largest micro-batch held
                 at_fits, at_limit = True, math.inf

@@ -121,5 +121,7 @@ class StageTimes:
             first_b.append(found[2])
             opt.append(found[3])
             if pos < num_stages - 1:
-                p2p.append(self._transfer(group[0], pipeline[(pos + 1) % p][0], bounds[pos + 1], q))
+                x, y, b = group[0], pipeline[(pos + 1) % p][0], bounds[pos + 1]
+                sent = self._p2p.get((x, y, b, q))  # _transfer's memo, looked up without the call
+                p2p.append(sent if sent is not None else self._transfer(x, y, b, q))
         return tuple(work), tuple(first_f), tuple(first_b), tuple(p2p), tuple(opt)
