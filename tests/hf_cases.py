@@ -15,7 +15,10 @@ import torch.distributed as dist
 
 import whale as wh
 from tests.equivalence import LR
-from tests.hf_models import BUILDERS
+from tests.hf_models import BUILDERS as _BUILDERS
+from tests.hf_more_models import BUILDERS as _MORE
+
+BUILDERS = {**_BUILDERS, **_MORE}  # every family a case may name
 
 _STEPS = 2
 
@@ -101,6 +104,13 @@ def equivalence(
         for key in ("grads",):
             out[key] = [program.gather_full(g) for g in out[key]]
         out["params"] = program.gather_full(out["params"])
+    # A tied weight may be named by any of its names (a split that holds the head and the
+    # embedding names it by the head): compare under the local model's first name.
+    first = {}
+    for n, p in reference.named_parameters(remove_duplicate=False):
+        first.setdefault(n, next(m for m, q in reference.named_parameters() if q is p))
+    out["grads"] = [{first.get(n, n): g for n, g in grads.items()} for grads in out["grads"]]
+    out["params"] = {first.get(n, n): p for n, p in out["params"].items()}
     full = program.full_state_dict()  # collective
     out["full_keys"] = list(full)
     out["ref_keys"] = list(reference.state_dict())
