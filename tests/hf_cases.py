@@ -39,7 +39,8 @@ def _train_reference(model, batches, loss_fn) -> dict:
         loss = loss_fn(model(**inputs), target)
         loss.backward()
         out["ref_loss"].append(loss.item())
-        out["ref_grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+        # A frozen parameter (Whisper's sinusoidal positions) has no gradient.
+        out["ref_grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
         out.setdefault("ref_params", {n: p.detach().clone() for n, p in model.named_parameters()})
@@ -75,7 +76,7 @@ def _train_distributed(program, batches, ref_states, form: str) -> dict:
             program.load_full_state_dict(ref_states[step - 1])
         loss = _step(program, inputs, target, form)
         out["loss"].append(loss.item())
-        out["grads"].append({n: p.grad.detach().clone() for n, p in program.named_parameters()})
+        out["grads"].append({n: p.grad.detach().clone() for n, p in program.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
         out.setdefault("params", {n: p.detach().clone() for n, p in program.named_parameters()})

@@ -122,8 +122,53 @@ def mixtral(rows: int = 8, seed: int = 0) -> HFCase:
                     router_jitter_noise=0.0)  # fmt: skip
 
 
+def whisper(rows: int = 8, seed: int = 0) -> HFCase:
+    """Whisper: a convolutional front end over audio features, encoder-decoder."""
+    t = _transformers()
+    torch.manual_seed(seed)
+    cfg = t.WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=8, max_target_positions=SEQ,
+                          dropout=0.0, pad_token_id=0, decoder_start_token_id=1)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(rows, 8, 16, generator=g)
+    x, y = _tokens(rows, seed)
+    return HFCase("whisper", t.WhisperForConditionalGeneration(cfg),
+                  {"input_features": feats, "decoder_input_ids": x}, y, lm_loss)  # fmt: skip
+
+
+def opt(rows: int = 8, seed: int = 0) -> HFCase:
+    """OPT: learned positions from the attention mask, project_in/out around a narrower embedding."""
+    t = _transformers()
+    return _decoder(t, "OPTConfig", "OPTForCausalLM", "opt", rows, seed, hidden_size=32, ffn_dim=64,
+                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=SEQ,
+                    word_embed_proj_dim=16, dropout=0.0)  # fmt: skip
+
+
+def qwen2_moe(rows: int = 8, seed: int = 0) -> HFCase:
+    """Qwen2-MoE: stacked experts beside a gated shared expert."""
+    t = _transformers()
+    return _decoder(t, "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2_moe", rows, seed, hidden_size=32,
+                    intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=SEQ)  # fmt: skip
+
+
+def convnext(rows: int = 8, seed: int = 0) -> HFCase:
+    """ConvNeXt: depthwise convolutions, channels-last layer norms, no attention."""
+    t = _transformers()
+    torch.manual_seed(seed)
+    cfg = t.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=CLASSES,
+                           image_size=16)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(rows, 3, 16, 16, generator=g)
+    labels = torch.randint(CLASSES, (rows,), generator=g)
+    return HFCase("convnext", t.ConvNextForImageClassification(cfg), {"pixel_values": pixels}, labels, class_loss)
+
+
 BUILDERS = {
     "mistral": mistral, "gpt_neox": gpt_neox, "falcon": falcon, "falcon_alibi": falcon_alibi,
     "falcon_gqa": falcon_gqa, "distilbert": distilbert, "vit": vit,
-    "bart": bart, "mixtral": mixtral,
+    "bart": bart, "mixtral": mixtral, "whisper": whisper, "opt": opt, "qwen2_moe": qwen2_moe, "convnext": convnext,
 }  # fmt: skip
+

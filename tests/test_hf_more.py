@@ -10,6 +10,8 @@ of additions differs), or is refused with a message that says where and what to 
 * GPT-NeoX fuses q, k, v per head (``[heads, (q, k, v), head_dim]``), Mixtral routes tokens to
   experts through a sorted grouped matmul (captured by ``torch.export`` with a dynamic batch),
   ViT takes images, BART ties its embeddings four ways and adds a ``final_logits_bias``.
+* OPT ties its LM head to the embedding but reaches it through ``project_out``: the head is
+  sliced by vocabulary as the embedding is (before: refused, "one tied weight sharded two ways").
 * A pipeline stage that receives the output of another stage's ``split()`` part is no part of
   that split (before: BART under pipeline x split had the decoder's stage hold an "empty" split
   of the encoder's layers and refused).
@@ -48,16 +50,23 @@ def _capture(case):
         ("gpt_neox", {"split": ("gpt_neox.layers",)}),
         # encoder-decoder, embeddings tied four ways, final_logits_bias on sharded logits
         ("bart", {"split": ("",)}),
+        # the LM head tied to the embedding follows project_out, a Linear of its own; project_in
+        # goes column-parallel, so the layer norms after it gather (and parallelize says so)
+        ("opt", {"split": ("",)}),
         # experts routed by data, 7 rows in 4 micro-batches; images into a 2-stage pipeline
         ("mixtral", {"stage_boundaries": ["model.layers.1"], "num_micro_batch": 4, "schedule": "gpipe", "rows": 7}),
         ("vit", {"stage_boundaries": ["vit.layers.1"], "num_micro_batch": 2}),
     ],
-    ids=["falcon-alibi-split", "gpt-neox-split", "bart-split", "mixtral-pipeline", "vit-pipeline"],
+    ids=["falcon-alibi-split", "gpt-neox-split", "bart-split", "opt-split", "mixtral-pipeline", "vit-pipeline"],
 )
 def test_equals_local(world2, name, kwargs):
     outs = world2.run(f"{CASES}:equivalence_warnings", name, **kwargs)
     _check(outs)
-    assert outs[0]["warnings"] == [], "every split value stays sharded"
+    if name == "opt":
+        (message,) = outs[0]["warnings"]
+        assert "gathered whole" in message and "normalization over the sharded dim" in message, message
+    else:
+        assert outs[0]["warnings"] == [], "every split value stays sharded"
 
 
 def test_multi_query_attention_runs_gathered_and_says_so(world2):
@@ -76,6 +85,17 @@ def test_stacked_experts_are_refused_with_where_split_can_go():
     assert "'model.layers.0.mlp.experts.gate_up_proj' of shape (4, 128, 32)" in message
     assert "grouped_mm" in message and "stacks 4 matrices" in message
     assert "(e.g. 'model.layers.0.self_attn', 'model.layers.1.self_attn')" in message
+
+
+def test_convolutions_are_refused_with_where_split_can_go():
+    case = BUILDERS["convnext"]()
+    wh.annotate(case.model, {"convnext.encoder.stages.1.layers": wh.split()})
+    with pytest.raises(ValueError) as err:
+        TensorParallelAnalysis(2)(case.model, _capture(case))
+    message = str(err.value)
+    assert "aten.conv2d" in message and "whale does not shard convolutions" in message
+    assert "stacks" not in message, "a convolution's weight is not a stack of experts"
+    assert "(e.g. 'convnext.encoder.stages.1.layers.0.pwconv1', 'convnext.encoder.stages.1.layers.0.pwconv2')" in message
 
 
 def test_a_stage_receiving_a_split_output_holds_no_split_of_it():

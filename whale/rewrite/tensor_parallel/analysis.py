@@ -377,7 +377,10 @@ class _Propagation:
         path = node.target
         if isinstance(module, (nn.Linear, ExportedLinear)):
             nd = len(_info(x).shapes[0])
-            if isinstance(layout, ShardLayout) and layout.dim == nd - 1:
+            # A weight tied to a layer already sliced by output rows (OPT's LM head after its
+            # project_out, tied to the vocabulary-parallel embedding) is sliced the same way.
+            tied_rows = id(module.weight) in self.weight_regions
+            if isinstance(layout, ShardLayout) and layout.dim == nd - 1 and not tied_rows:
                 region = self._find(layout.region)
                 self.bounds[region].append(layout.per_block)
                 self.members[region].append(path)
@@ -385,7 +388,8 @@ class _Propagation:
                 return None
             if isinstance(layout, ShardLayout):
                 self._gather(node, x, then_copy=True)
-                self.fallbacks.append(f"{node.name} ({path}): Linear input sharded on a non-feature dim")
+                if not tied_rows:
+                    self.fallbacks.append(f"{node.name} ({path}): Linear input sharded on a non-feature dim")
             else:
                 self.edges[(node.name, x.name)] = (("copy",),)
             blocks = self.blocks.get(node.name, 1)

@@ -240,14 +240,17 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
         f"{param.target!r} of shape {shape}, and whale shards matrix parameters only through "
         "aten.linear, aten.addmm (Conv1D), x @ W.T and aten.embedding"
     )]
-    if len(shape) > 2 and shape[0] > 1:
+    if "conv" in str(op.target):
+        lines.append(f"whale does not shard convolutions: keep {where!r} replicated")
+    elif len(shape) == 3 and shape[0] > 1:
         lines.append(
             f"{param.target!r} stacks {shape[0]} matrices (fused mixture-of-experts weights are held this "
             "way): whale splits experts when each is its own module (an nn.ModuleList of experts and an "
             "nn.Linear router, in a model fx traces), not a stacked tensor"
         )
     bad = {path_of(u) for u, _ in uses}
-    layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)}
+    layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)
+              and isinstance(gm.get_submodule(n.target), (ExportedLinear, ExportedEmbedding))}
     elsewhere: dict[str, int] = {}
     for layer in layers:  # the widest module holding shardable layers and none of the refused ones
         parts = layer.split(".")
