@@ -15,7 +15,10 @@ import torch.distributed as dist
 
 import whale as wh
 from tests.equivalence import LR
-from tests.hf_models import BUILDERS
+from tests.hf_models import BUILDERS as _BUILDERS
+from tests.hf_more_models import BUILDERS as _MORE
+
+BUILDERS = {**_BUILDERS, **_MORE}  # every family a case may name
 
 _STEPS = 2
 
@@ -36,7 +39,8 @@ def _train_reference(model, batches, loss_fn) -> dict:
         loss = loss_fn(model(**inputs), target)
         loss.backward()
         out["ref_loss"].append(loss.item())
-        out["ref_grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+        # A frozen parameter (Whisper's sinusoidal positions) has no gradient.
+        out["ref_grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
         out.setdefault("ref_params", {n: p.detach().clone() for n, p in model.named_parameters()})
@@ -72,7 +76,7 @@ def _train_distributed(program, batches, ref_states, form: str) -> dict:
             program.load_full_state_dict(ref_states[step - 1])
         loss = _step(program, inputs, target, form)
         out["loss"].append(loss.item())
-        out["grads"].append({n: p.grad.detach().clone() for n, p in program.named_parameters()})
+        out["grads"].append({n: p.grad.detach().clone() for n, p in program.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
         out.setdefault("params", {n: p.detach().clone() for n, p in program.named_parameters()})
@@ -101,6 +105,13 @@ def equivalence(
         for key in ("grads",):
             out[key] = [program.gather_full(g) for g in out[key]]
         out["params"] = program.gather_full(out["params"])
+    # A tied weight may be named by any of its names (a split that holds the head and the
+    # embedding names it by the head): compare under the local model's first name.
+    first = {}
+    for n, p in reference.named_parameters(remove_duplicate=False):
+        first.setdefault(n, next(m for m, q in reference.named_parameters() if q is p))
+    out["grads"] = [{first.get(n, n): g for n, g in grads.items()} for grads in out["grads"]]
+    out["params"] = {first.get(n, n): p for n, p in out["params"].items()}
     full = program.full_state_dict()  # collective
     out["full_keys"] = list(full)
     out["ref_keys"] = list(reference.state_dict())

@@ -15,7 +15,7 @@ import torch
 
 import whale as wh
 from tests.equivalence import LR, _whole
-from tests.hf_models import BUILDERS
+from tests.hf_cases import BUILDERS
 
 
 def _reference(model, inputs, target, loss_fn) -> dict:

@@ -189,8 +189,11 @@ def test_local_handoff_on_one_rank_has_no_p2p() -> None:
 
 
 def test_every_prediction_runs_in_the_simulators_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Placement, the search's flow shop and the simulator all advance clocks in run_orders."""
+    """Placement, the search's flow shop and the simulator all advance clocks in run_orders (the
+    flow shop once per shape, to order its computes; its times are checked float for float
+    against run_orders below)."""
     callers = []
+    flow_shop_module._program.cache_clear()
 
     def spy(*args, **kwargs):
         callers.append(kwargs.get("p2p_listed", False))

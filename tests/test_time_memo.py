@@ -102,6 +102,11 @@ def test_memoised_stage_times_match_direct_computation(seed):
         forward.append(-1.0)  # the caller's lists are its own: the memo is not changed
         assert costs.stage_lists(pipe, s, m, cuts, rows) == _direct_stages(costs, pipe, s, m, cuts, rows)
         assert costs.optimizer_times(pipe, s, cuts) == _direct_optimizer(costs, pipe, s, cuts), (pipe, s, cuts)
+        # The time floor's terms: the same floats, per position, without the lists.
+        forward, backward, p2p = costs.stage_lists(pipe, s, m, cuts, rows)
+        both = [f + b for f, b in zip(forward, backward)]
+        terms = (tuple(sum(both[r::p]) for r in range(p)), tuple(forward[:p]), tuple(backward[:p]), tuple(p2p[:p]))
+        assert costs.floor_terms(pipe, s, m, cuts, rows) == (*terms, _direct_optimizer(costs, pipe, s, cuts))
         checked += 1
     assert checked > 150
 

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -74,6 +75,17 @@ class ProgramRewrite:
             s: (TensorParallelAnalysis(plan.tensor_parallel, keep_sharded_output=s == last)(root, g), root, g)
             for s, (root, g) in graphs.items()
         }
+        for s, (analysis, _, _) in self.analyses.items():
+            if analysis.fallbacks:  # correct, but the user asked for shards and gets whole values
+                where = f" in stage {s}" if plan.num_stages > 1 else ""
+                warnings.warn(
+                    f"split() over {plan.tensor_parallel} ranks{where}: {len(analysis.fallbacks)} sharded "
+                    "value(s) are gathered whole, and what follows each runs unsharded on every rank "
+                    f"(equal to the local model, but not faster): {'; '.join(analysis.fallbacks[:3])}"
+                    f"{'; ...' if len(analysis.fallbacks) > 3 else ''}. Leave those modules out of split() "
+                    "to save the gathers",
+                    stacklevel=2,
+                )
 
     def regions(self) -> dict[int, dict[str, tuple[int, float]]]:
         """Per split stage, each region's atoms and parameters per atom, by region name: what

@@ -364,8 +364,12 @@ def capture_split_stages(stages: Sequence[StageProgram], captured: CapturedModel
                     flops=0, bytes_accessed=0, param_bytes=0, output_bytes=0,
                 )
             else:
-                # Received values become placeholders named recv_*: the info follows the node.
-                info = dataclasses.replace(info, name=node.name, op=node.op)
+                # Received values become placeholders named recv_*: the info follows the node. A
+                # received value arrives whole, so it is no part of the sender's split (a stage
+                # would otherwise hold a split of nothing: BART's encoder output in the decoder's).
+                received = node.op == "placeholder" and info.op != "placeholder"
+                keep = tuple(a for a in info.annotations if not (received and a.kind == "split"))
+                info = dataclasses.replace(info, name=node.name, op=node.op, annotations=keep)
             node.meta[_INFO] = info
             infos.append(info)
         if not any(a.kind == "split" for info in infos for a in info.annotations):

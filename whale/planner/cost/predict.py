@@ -49,11 +49,10 @@ from .formulas import (
     SyncTimes,
     efficiency_at,
     exposed_sync,
-    optimizer_step_time,
-    point_to_point_time,
     training_memory,
 )
 from .layers import ModelProfile
+from .stage_times import StageTimes
 
 __all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
 
@@ -118,7 +117,7 @@ def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> f
     return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
 
 
-class CostModel:
+class CostModel(StageTimes):
     """Times and bytes of layers, stages and replicas for one model on one cluster.
 
     Pure in what it returns; it memoises per-layer roofline times by (device, rows, share).
@@ -176,6 +175,7 @@ class CostModel:
         self._stage_lists, self._stage_forward = {}, {}  # stage_lists per replica; a stage's forward
         self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
         self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
+        self._floor_terms: dict = {}  # floor_terms per (group, rows per micro-batch, its stages' layers)
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -321,10 +321,12 @@ class CostModel:
         out, tail = [], []
         first, cap = self.options.first_bucket_bytes, self.options.bucket_bytes
         for pos in range(p):
-            # Memoised per position on its blocks; the entry holds ``layout``, so its id stays its own.
-            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            found = self._sync.get((id(layout), pos, blocks))
+            # Memoised per position on its blocks (their starts and ends: no pairs built to look
+            # up); the entry holds ``layout``, so its id stays its own.
+            key = (id(layout), pos, bounds[pos::p], bounds[pos + 1 :: p])
+            found = self._sync.get(key)
             if found is None:
+                blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
                 groups = [layout.pipelines[d][pos] for d in range(dp)]
                 shares = self.shard_shares(groups[0])
                 sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
@@ -335,7 +337,7 @@ class CostModel:
                 # holds the first layers' gradients, ready only at the end of the backward.
                 last = grad if grad <= first else (grad - first) % cap or cap
                 self._sync = {} if len(self._sync) > 200_000 else self._sync
-                found = self._sync[(id(layout), pos, blocks)] = (layout, *(
+                found = self._sync[key] = (layout, *(
                     2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth for size in (grad, last)))
             out.append(found[1])
             tail.append(found[2])
@@ -407,11 +409,13 @@ class CostModel:
         memory: list[tuple[int, ...]] = []
         fits, limit = True, math.inf
         for pos, group in enumerate(pipeline):
-            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            # A position's bytes and room read only its own group and blocks: memoised on them.
-            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, blocks, rows)
+            # A position's bytes and room read only its own group and blocks: memoised on them
+            # (the blocks as their starts and ends: no pairs built to look up).
+            starts, ends = bounds[pos::p], bounds[pos + 1 :: p]
+            key = (group if type(group) is tuple else tuple(group), pos, p, num_stages, schedule, m, exact, starts, ends, rows)
             at = self._position_fit.get(key)
             if at is None:
+                blocks = tuple(zip(starts, ends))
                 found = self.position_memory(pipeline, pos, num_stages, schedule, m, blocks, exact=exact)
                 need = tuple(state + int(held * q_max) for held, state in found)  # the largest micro-batch held
                 at_fits, at_limit = True, math.inf
@@ -456,67 +460,6 @@ class CostModel:
                 found = self._member_memory[key] = (held, self.state_bytes(share, blocks))
             out.append(found)
         return tuple(out)
-
-    def stage_lists(
-        self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
-    ) -> tuple[list[float], list[float], list[float]]:
-        """One micro-batch's forward and backward time per stage, and the transfer time per
-        boundary, of a replica (``pipeline``: its groups by position) with ``rows`` rows. Memoised
-        per replica and per stage on (group, rows per micro-batch, layers): a moved cut recomputes
-        the one or two stages it changes."""
-        pipeline = pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline))
-        key = (pipeline, num_stages, num_micro_batch, tuple(cuts), rows)
-        found = self._stage_lists.get(key)
-        if found is None:
-            p, q = len(pipeline), rows / num_micro_batch
-            bounds = (0, *cuts, self.num_layers)
-            forward, backward, p2p = [], [], []
-            for s in range(num_stages):
-                group, a, b = pipeline[s % p], bounds[s], bounds[s + 1]
-                both = self._stage_forward.get((group, q, a, b))
-                if both is None:
-                    both = self._stage_forward[(group, q, a, b)] = self.group_times(group, self.shard_shares(group), q, a, b)
-                forward.append(both[0])
-                backward.append(both[1])
-                if s < num_stages - 1:
-                    x, y = group[0], pipeline[(s + 1) % p][0]
-                    cached = self._p2p.get((x, y, b, q))
-                    if cached is None:
-                        size = self.cut_bytes[b] * q
-                        cached = self._p2p[(x, y, b, q)] = 0.0 if x == y else point_to_point_time(size, self.link(x, y))
-                    p2p.append(cached)
-            if len(self._stage_lists) > 200_000:
-                self._stage_lists, self._stage_forward = {}, {}
-            found = self._stage_lists[key] = (forward, backward, p2p)
-        return list(found[0]), list(found[1]), list(found[2])
-
-    def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
-        """The optimizer step per position of a replica: its slowest member over its shard of
-        the position's stages (``formulas.optimizer_step_time``), memoised per position on its
-        group and layer ranges (a moved cut changes one or two positions)."""
-        p = len(pipeline)
-        by_ranks = (pipeline if type(pipeline) is tuple else tuple(map(tuple, pipeline)), num_stages, tuple(cuts))
-        cached = self._rank_optimizer.get(by_ranks)
-        if cached is not None:
-            return cached
-        bounds, out = (0, *cuts, self.num_layers), []
-        for pos, group in enumerate(by_ranks[0]):
-            blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-            found = self._optimizer.get((group, blocks))
-            if found is None:
-                tensors = int(sum(self.param_tensors[b] - self.param_tensors[a] for a, b in blocks))
-                repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
-                sharded = sum(self.block_param_bytes(a, b) for a, b in blocks) - repl
-                kinds = set(zip((self.device_of[r] for r in group), self.shard_shares(group)))
-                found = self._optimizer[(group, blocks)] = max(
-                    optimizer_step_time((sharded * share + repl) / self.profile.param_dtype_bytes, tensors, device,
-                                        optimizer=self.options.optimizer, precision=self.options.precision)
-                    for device, share in kinds
-                )  # fmt: skip
-            out.append(found)
-        self._rank_optimizer = {} if len(self._rank_optimizer) > 200_000 else self._rank_optimizer
-        cached = self._rank_optimizer[by_ranks] = tuple(out)
-        return cached
 
     def timeline(self, candidate: Candidate) -> Timeline:
         """The simulated step of ``candidate`` on every rank (source ``"simulated"``).

@@ -298,17 +298,22 @@ def partition_layers(
     if cuttable is not None:
         allowed[1:n] = np.asarray(cuttable, dtype=bool)[1:n]
 
+    time_of, end_of = list(times), list(ends)  # rows, indexed once
+    mem_of = list(mems) if mems is not None else None
+    blank = np.full(n + 1, -1)
+
     def solve_arrays(limit: float) -> list[int] | None:
         reach = index == 0
         parents = []
         for j in range(stages):
-            latest = np.maximum.accumulate(np.where(reach, index, -1))
-            start = np.concatenate([[-1], latest[:-1]])  # latest reachable end strictly before b
+            start = blank.copy()  # the latest reachable end strictly before b, -1 if none
+            np.maximum.accumulate(np.where(reach[:-1], index[:-1], -1), out=start[1:])
             valid = start >= 0
-            a = np.where(valid, start, 0)
-            ok = valid & (times[j] - times[j][a] + ends[j] <= limit)
-            if mems is not None:
-                ok &= mems[j] - mems[j][a] <= caps[j]
+            a = np.maximum(start, 0)
+            t = time_of[j]
+            ok = valid & (t - t[a] + end_of[j] <= limit)
+            if mem_of is not None:
+                ok &= mem_of[j] - mem_of[j][a] <= caps[j]
             reach = ok & allowed if j < stages - 1 else ok
             parents.append(a)
         if not reach[n]:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 
 from .space import SearchSpace, Structure
-from .time_floor import replica_floor
+from .time_floor import floor_of_terms
 
 __all__ = ["Climbs"]
 
@@ -55,9 +55,8 @@ class Climbs(SearchSpace):
         if found is None:
             if len(self._floor_memo) > 200_000:
                 self._floor_memo.clear()
-            forward, backward, p2p = self.costs.stage_lists(pipe, s, m, cuts, rows)
-            opt = self.costs.optimizer_times(pipe, s, cuts)
-            found = self._floor_memo[key] = replica_floor(forward, backward, p2p, opt, sync, m, len(pipe))
+            work, forward, backward, p2p, opt = self.costs.floor_terms(pipe, s, m, cuts, rows)
+            found = self._floor_memo[key] = floor_of_terms(work, forward, backward, p2p, opt, sync, m)
         return found
 
     def climb(self, layout, classes, st: Structure, cuts, step, rows, *, exact: bool, guess=None):

@@ -169,6 +169,17 @@ class OptionCostModel(CostModel):
             found = self._ckpt_lists[key] = (forward, backward, p2p)
         return list(found[0]), list(found[1]), list(found[2])
 
+    def floor_terms(self, pipeline, num_stages, num_micro_batch, cuts, rows):
+        if not self.choice.checkpointed:
+            return super().floor_terms(pipeline, num_stages, num_micro_batch, cuts, rows)
+        # The recomputed forwards are in the backward of stage_lists (above), not of the memos.
+        forward, backward, p2p = self.stage_lists(pipeline, num_stages, num_micro_batch, cuts, rows)
+        p = len(pipeline)
+        both = [f + b for f, b in zip(forward, backward)]
+        work = tuple(sum(both[r::p]) for r in range(p))
+        opt = self.optimizer_times(pipeline, num_stages, cuts)
+        return work, tuple(forward[:p]), tuple(backward[:p]), tuple(p2p[:p]), opt
+
     def sync_time(self, layout, num_stages, cuts):
         plain = super().sync_time(layout, num_stages, cuts)
         if self.choice.zero_stage < 3:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["replica_floor"]
+__all__ = ["floor_of_terms", "replica_floor"]
 
 
 def replica_floor(
@@ -40,16 +40,35 @@ def replica_floor(
 
         replica_floor([1.0] * 4, [2.0] * 4, [0.0] * 3, [0.0] * 4, [0.0] * 4, 8, 4)   # 33.0, exact
     """
-    s, p, m = len(forward), num_ranks, num_micro_batch
+    p = num_ranks
     both = [f + b for f, b in zip(forward, backward)]
+    work = [sum(both[r::p]) for r in range(p)]  # the same additions in the same order as per stage
+    return floor_of_terms(work, forward[:p], backward[:p], p2p[:p], opt, sync, num_micro_batch)
+
+
+def floor_of_terms(
+    work: Sequence[float],
+    forward: Sequence[float],
+    backward: Sequence[float],
+    p2p: Sequence[float],
+    opt: Sequence[float],
+    sync: Sequence[float],
+    num_micro_batch: int,
+) -> float:
+    """:func:`replica_floor` from what it reads of the stages
+    (:meth:`~.stage_times.StageTimes.floor_terms`): per position ``r`` of ``p = len(work)``, one
+    micro-batch's forward plus backward of its stages (``work[r]``), its first stage's
+    ``forward[r]`` and ``backward[r]``, and the transfer after that stage (``p2p[r]``, for ``r``
+    below the last stage)."""
+    m = num_micro_batch
     tail0 = sync[0] - backward[0]
     tail0 = (tail0 if tail0 > 0.0 else 0.0) + opt[0]  # noqa: FURB136 (max(0.0, x) without the call)
     best, ahead, behind = 0.0, 0.0, 0.0
-    for r in range(p):
-        end = ahead + m * sum(both[r::p])  # the same additions in the same order as per stage
+    for r in range(len(work)):
+        end = ahead + m * work[r]
         exposed = sync[r] - backward[r]
         best = max(best, end + (exposed if exposed > 0.0 else 0.0) + opt[r], end + behind + tail0)  # noqa: FURB136
-        if r < s - 1:
+        if r < len(p2p):
             ahead += forward[r] + p2p[r]
             behind += backward[r] + p2p[r]
     return best

@@ -37,7 +37,7 @@ from torch.fx import GraphModule, Node
 
 from ...capture.graph import NODE_INFO_KEY, CapturedModel, NodeInfo
 from ...primitives.annotations import Split
-from .exported import ExportedEmbedding, ExportedLinear, lower_parameter_ops, unlowered_parameter_use
+from .exported import ExportedEmbedding, ExportedLinear, lower_parameter_ops, refusal_message, unlowered_parameter_use
 from .moe import MoESpec, collapse_moe, find_moe
 from .layout import ShardLayout
 from .decisions import ModuleDecision, Region, TensorParallelPlan
@@ -156,14 +156,8 @@ class TensorParallelAnalysis:
             names.setdefault(id(p), set()).add(name)
         lower_parameter_ops(gm, in_split, lambda p: names.get(id(p), set()))
         bad = unlowered_parameter_use(gm, in_split)
-        if bad is not None:
-            user, param = bad
-            raise ValueError(
-                f"split() cannot shard node {user.name} ({_info(user).target}) at "
-                f"{_info(user).module_path or '<root>'!r}: it reads the parameter {param.target!r}, and "
-                "whale shards matrix parameters only through aten.linear, aten.addmm (Conv1D) and "
-                "aten.embedding. Move split() to the layers it can shard, or use replicate() here"
-            )
+        if bad:
+            raise ValueError(refusal_message(gm, bad, lambda n: _info(n).module_path, in_split))
         by_scope: dict[int, list[Node]] = {}
         for n in gm.graph.nodes:
             if in_split(n):
@@ -383,7 +377,10 @@ class _Propagation:
         path = node.target
         if isinstance(module, (nn.Linear, ExportedLinear)):
             nd = len(_info(x).shapes[0])
-            if isinstance(layout, ShardLayout) and layout.dim == nd - 1:
+            # A weight tied to a layer already sliced by output rows (OPT's LM head after its
+            # project_out, tied to the vocabulary-parallel embedding) is sliced the same way.
+            tied_rows = id(module.weight) in self.weight_regions
+            if isinstance(layout, ShardLayout) and layout.dim == nd - 1 and not tied_rows:
                 region = self._find(layout.region)
                 self.bounds[region].append(layout.per_block)
                 self.members[region].append(path)
@@ -391,7 +388,8 @@ class _Propagation:
                 return None
             if isinstance(layout, ShardLayout):
                 self._gather(node, x, then_copy=True)
-                self.fallbacks.append(f"{node.name} ({path}): Linear input sharded on a non-feature dim")
+                if not tied_rows:
+                    self.fallbacks.append(f"{node.name} ({path}): Linear input sharded on a non-feature dim")
             else:
                 self.edges[(node.name, x.name)] = (("copy",),)
             blocks = self.blocks.get(node.name, 1)

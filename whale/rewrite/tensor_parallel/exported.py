@@ -1,7 +1,8 @@
 """Graphs captured with ``torch.export``: their parameterized aten ops become modules the analysis shards.
 
 An exported graph holds no ``nn.Linear``: a layer is ``aten.linear(x, W, b)`` (or
-``aten.addmm(b, x2d, W)`` for transformers' ``Conv1D``, whose weight is stored transposed) or
+``aten.addmm(b, x2d, W)`` for transformers' ``Conv1D``, whose weight is stored transposed; or
+``aten.matmul(x, W.T)`` with an optional ``+ b``, as Falcon's ``FalconLinear`` computes it) or
 ``aten.embedding(W, ids)``, with ``W`` and ``b`` read by ``get_attr`` nodes. Inside a ``split``
 scope, :func:`lower_parameter_ops` turns each such op into a ``call_module`` node of a small
 module holding the same parameters under the owner's path (``model.layers.0.mlp.up_proj``), so
@@ -23,7 +24,7 @@ from ...capture.graph import NODE_INFO_KEY
 
 NamesOf = Callable[[nn.Parameter], set[str]]
 
-__all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "unlowered_parameter_use"]
+__all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "refusal_message", "unlowered_parameter_use"]
 
 _aten = torch.ops.aten
 
@@ -75,12 +76,45 @@ def _is_param(gm: GraphModule, target: str) -> bool:
         return False
 
 
-def _match(gm: GraphModule, node: Node, names: NamesOf) -> tuple[Node, nn.Module, str] | None:
-    """(input, module, owner path) for a lowerable node, else None."""
+# ``W.T`` of a 2-D weight as export records it (``numpy_T`` for ``.T``, ``t`` for ``.t()``).
+_TRANSPOSES = {_aten.numpy_T.default, _aten.t.default, _aten.transpose.int, _aten.permute.default}
+
+
+def _transposed_weight(gm: GraphModule, node: object) -> Node | None:
+    """The weight's ``get_attr`` when ``node`` is ``W.T`` of a 2-D parameter read only there, else None."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    w, *rest = node.args
+    if node.target is _aten.transpose.int and sorted(d % 2 for d in rest) != [0, 1]:
+        return None
+    if node.target is _aten.permute.default and [d % 2 for d in rest[0]] != [1, 0]:
+        return None
+    return w if _param(gm, w, 2) is not None and len(node.users) == 1 else None
+
+
+def _matmul_bias(gm: GraphModule, node: Node) -> tuple[Node | None, Node | None]:
+    """For ``x @ W.T``: (the ``+ b`` node, ``b``'s read) where its only user adds a 1-D parameter."""
+    if len(node.users) != 1:
+        return None, None
+    (user,) = node.users
+    if user.op == "call_function" and user.target is _aten.add.Tensor and not user.kwargs and len(user.args) == 2:
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        if _param(gm, other, 1) is not None:
+            return user, other
+    return None, None
+
+
+def _match(gm: GraphModule, node: Node, names: NamesOf) -> tuple[Node, nn.Module, str, Node] | None:
+    """(input, module, owner path, the node it replaces) for a lowerable node, else None."""
     if node.op != "call_function":
         return None
     args = list(node.args)
-    if node.target is _aten.linear.default:
+    replaced = node
+    if node.target is _aten.matmul.default and len(args) == 2 and _transposed_weight(gm, args[1]) is not None:
+        added, b = _matmul_bias(gm, node)
+        x, w = args[0], _transposed_weight(gm, args[1])
+        replaced, transposed = added or node, False
+    elif node.target is _aten.linear.default:
         x, w, b = (args + [None])[:3]
         transposed = False
     elif node.target is _aten.addmm.default and not node.kwargs:
@@ -91,7 +125,8 @@ def _match(gm: GraphModule, node: Node, names: NamesOf) -> tuple[Node, nn.Module
         if weight is None:
             return None
         pad = args[2] if len(args) > 2 else -1
-        return args[1], ExportedEmbedding(weight, None if pad < 0 else pad), _owner(node, args[0], weight, None, None, names)
+        module = ExportedEmbedding(weight, None if pad < 0 else pad)
+        return args[1], module, _owner(node, args[0], weight, None, None, names), node
     else:
         return None
     weight = _param(gm, w, 2)
@@ -99,7 +134,7 @@ def _match(gm: GraphModule, node: Node, names: NamesOf) -> tuple[Node, nn.Module
     if weight is None or (b is not None and bias is None):
         return None
     owner = _owner(node, w, weight, b, bias, names)
-    return (x, ExportedLinear(weight, bias, transposed), owner) if owner else None
+    return (x, ExportedLinear(weight, bias, transposed), owner, replaced) if owner else None
 
 
 def _owner(node: Node, w: Node, weight: nn.Parameter, b: Node | None, bias: nn.Parameter | None, names: NamesOf) -> str:
@@ -132,7 +167,7 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
         found = _match(gm, node, names) if in_split(node) else None
         if found is None or not _holds_only_weights(gm, found[2]):
             continue
-        x, module, owner = found
+        x, module, owner, replaced = found
         if owner in lowered:
             raise ValueError(
                 f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second time "
@@ -140,7 +175,11 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
                 "its users out of the split, or untie the weight"
             )
         lowered[owner] = module
-        reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        # The replaced nodes, last first (``x @ W.T + b``: the add, the matmul, the transpose).
+        chain = [replaced] + ([node] if replaced is not node else [])
+        if node.target is _aten.matmul.default:
+            chain.append(node.args[1])
+        reads = [a for n in chain for a in n.all_input_nodes if a.op == "get_attr"]
         if _exists(gm, owner):
             parent, _, leaf = owner.rpartition(".")
             setattr(gm.get_submodule(parent), leaf, module)
@@ -149,9 +188,10 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(owner, (x,))
         new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        renamed[new.name] = node.name
+        replaced.replace_all_uses_with(new)
+        for n in chain:
+            gm.graph.erase_node(n)
+        renamed[new.name] = replaced.name
         for a in reads:
             if not a.users:
                 gm.graph.erase_node(a)
@@ -166,12 +206,62 @@ def _exists(gm: GraphModule, path: str) -> bool:
         return False
 
 
-def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -> tuple[Node, Node] | None:
-    """(user, parameter read) for an op inside a split that reads a matrix parameter but was not lowered."""
+def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -> list[tuple[Node, Node]]:
+    """(user, parameter read) for every op inside a split that reads a matrix parameter but was not lowered."""
+    found = []
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not _is_param(gm, node.target) or gm.get_parameter(node.target).dim() < 2:
             continue
-        for user in node.users:
-            if in_split(user) and user.op == "call_function":
-                return user, node
-    return None
+        found += [(user, node) for user in node.users if in_split(user) and user.op == "call_function"]
+    return found
+
+
+# Ops that only re-view or re-type a parameter on its way to the op that computes with it.
+_PASS_THROUGH = _TRANSPOSES | {_aten.view.default, _aten.reshape.default, _aten.expand.default,
+                               _aten.unsqueeze.default, _aten.to.dtype, _aten.contiguous.default}
+
+
+def _computing_user(node: Node) -> Node:
+    """The op a parameter read flows into past views and casts (``transpose`` -> ``grouped_mm``)."""
+    while node.op == "call_function" and node.target in _PASS_THROUGH and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
+
+
+def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Callable[[Node], str],
+                    in_split: Callable[[Node], bool]) -> str:
+    """Why ``split()`` cannot cover the modules of ``uses``, and where it could go instead."""
+    user, param = uses[0]
+    op = _computing_user(user)
+    shape = tuple(gm.get_parameter(param.target).shape)
+    where = path_of(user) or "<root>"
+    lines = [(
+        f"split() cannot shard node {op.name} ({op.target}) at {where!r}: it reads the parameter "
+        f"{param.target!r} of shape {shape}, and whale shards matrix parameters only through "
+        "aten.linear, aten.addmm (Conv1D), x @ W.T and aten.embedding"
+    )]
+    if "conv" in str(op.target):
+        lines.append(f"whale does not shard convolutions: keep {where!r} replicated")
+    elif len(shape) == 3 and shape[0] > 1:
+        lines.append(
+            f"{param.target!r} stacks {shape[0]} matrices (fused mixture-of-experts weights are held this "
+            "way): whale splits experts when each is its own module (an nn.ModuleList of experts and an "
+            "nn.Linear router, in a model fx traces), not a stacked tensor"
+        )
+    bad = {path_of(u) for u, _ in uses}
+    layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)
+              and isinstance(gm.get_submodule(n.target), (ExportedLinear, ExportedEmbedding))}
+    elsewhere: dict[str, int] = {}
+    for layer in layers:  # the widest module holding shardable layers and none of the refused ones
+        parts = layer.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if not any(b == prefix or b.startswith(prefix + ".") for b in bad):
+                elsewhere[prefix] = elsewhere.get(prefix, 0) + 1
+                break
+    # A column/row pair (an attention, an MLP) before a lone layer (a router).
+    elsewhere = {p for p, n in elsewhere.items() if n > 1} or set(elsewhere)
+    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})" if elsewhere else ""
+    lines.append(f"Move split() to the modules it can shard{hint}, leaving {sorted(bad)[:4]} replicated, or "
+                 "use replicate() or a pipeline stage for them")
+    return ". ".join(lines)
