@@ -167,8 +167,7 @@ class Climbs(SearchSpace):
                 moved = list(cuts)
                 for i, d in zip(which, dist if isinstance(dist, tuple) else [dist] * len(which)):
                     moved[i] += sign * d
-                bounds = [0, *moved, self.n]
-                if any(a >= b for a, b in itertools.pairwise(bounds)) or not all(self.cuttable[c] for c in moved):
+                if not _valid_cuts(moved, self.n, self.cuttable):
                     continue
                 trial = score(tuple(moved), best) if bounded else score(tuple(moved))
                 if trial < best and not _close(trial, current):
@@ -234,6 +233,17 @@ class Climbs(SearchSpace):
             return min(timed)[1] if timed else None
         cuts = self.descend(start, overflow, runs=True, stop=lambda v: v <= 0, bounded=True)
         return cuts if overflow(cuts) <= 0 else None
+
+
+def _valid_cuts(cuts: Sequence[int], n: int, cuttable: Sequence[bool]) -> bool:
+    """Cuts strictly increasing inside ``(0, n)``, each where a stage may begin (one loop: the
+    descent checks millions of moves)."""
+    prev = 0
+    for c in cuts:
+        if c <= prev or c >= n or not cuttable[c]:
+            return False
+        prev = c
+    return True
 
 
 def _close(a, b) -> bool:
