@@ -101,7 +101,7 @@ def equivalence(
         config=wh.Config(**config),
     )
     out.update(_train_distributed(program, batches, out.pop("ref_states"), form))
-    if split:  # shards gathered into whole tensors (collective in the tensor-parallel group)
+    if split or config.get("zero_stage"):  # shards gathered into whole tensors (collective)
         for key in ("grads",):
             out[key] = [program.gather_full(g) for g in out[key]]
         out["params"] = program.gather_full(out["params"])
@@ -124,7 +124,7 @@ def equivalence(
     )
     out["tied_names"] = [names for names in aliases.values() if len(names) > 1]
     final = {n: p.detach() for n, p in program.named_parameters()}
-    final = program.gather_full(final) if split else final  # collective
+    final = program.gather_full(final) if split or config.get("zero_stage") else final  # collective
     out["full_matches_params"] = all(torch.equal(full[n], p.cpu()) for n, p in final.items())
     # Round trips: the program's own state dict back in; then a fresh local model takes it.
     program.load_full_state_dict(full)

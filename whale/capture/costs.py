@@ -44,6 +44,26 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
+def _grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    # Stacked experts: each of the M routed rows of x (M, K) meets one (K, N) expert matrix,
+    # 2*K*N FLOPs a row (as aten.mm's formula counts each row).
+    if len(x_shape) == 2 and len(w_shape) == 3:
+        return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+    return 0
+
+
+def _flop_formulas(gm: GraphModule) -> dict:
+    """The extra formulas, with one for each grouped matmul in ``gm`` (``aten._grouped_mm``, or
+    transformers' ``grouped_mm_fallback`` for mixture-of-experts layers on CPU), which torch's
+    counter does not know: without it a Mixtral's experts cost nothing to the planner."""
+    formulas = dict(_EXTRA_FLOP_FORMULAS)
+    for n in gm.graph.nodes:
+        packet = getattr(n.target, "_overloadpacket", None)
+        if packet is not None and "grouped_mm" in getattr(packet, "__name__", "") and packet not in flop_registry:
+            formulas[packet] = _grouped_mm_flops
+    return formulas
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeCost:
     """What one node computes and touches, for one forward pass.
@@ -120,9 +140,9 @@ def measure_costs(
     # a fifth of a GPT's capture is FlopCounterMode's per-module bookkeeping). An exported graph
     # may hold higher-order ops, which FlopCounterMode knows how to enter.
     if placeholder_values is not None:
-        counter_mode = _FlopCount(_EXTRA_FLOP_FORMULAS)
+        counter_mode = _FlopCount(_flop_formulas(gm))
     else:
-        counter_mode = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+        counter_mode = FlopCounterMode(display=False, custom_mapping=_flop_formulas(gm))
     with fake_mode, counter_mode as counter:
         interp.counter = counter
         interp.run()

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..capture import CapturedModel
-from ..capture.graph_io import forward_signature
+from ..capture.graph_io import forward_signature, training_defaults
 from ..ir.plan import Plan
 from .collectives import CommGroup
 from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
@@ -116,8 +116,11 @@ class ProgramRewrite:
         call = ModelCall(forward_signature(self.model), model_name=type(self.model).__name__)
         if self.stages is None:
             stages = (self._whole_model(rank, group, sizes.get(0, {})),)
-            if group is not None:  # the sharded graph takes the inputs capture set, too
-                call = dataclasses.replace(call, defaults=dict(self.captured.input_defaults))
+            # The inputs capture set (use_cache=False) go to the sharded graph and to the model
+            # run whole alike: a transformers model left at use_cache=True fills a cache every
+            # step, which a checkpointed layer's recompute fills a second time (Mistral, Falcon).
+            defaults = self.captured.input_defaults if self.captured is not None else training_defaults(self.model, (), {})
+            call = dataclasses.replace(call, defaults=dict(defaults))
             if stages[0].sharded is not None and stages[0].sharded.loss_fn is not None:
                 loss_fn = stages[0].sharded.loss_fn
             params = self.model.named_parameters()
