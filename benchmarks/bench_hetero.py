@@ -171,7 +171,12 @@ def _worker(rank: int, world: int, args: argparse.Namespace, results) -> None:
         out["speed_rows"] = rows_by_speed(args.batch, out["auto_speeds"])
         speed = _program(dp_cfg, example, wh.Config(row_weights=[float(r) for r in out["speed_rows"]]), slow)
         programs = {"planned": planned_dp, "even": _program(dp_cfg, example, wh.Config(), slow), "speed": speed}
+        if args.adaptive_dp:  # the measured rows, then corrected by the steps' own times
+            adapted = wh.Config(cluster="auto", adaptive_rows=True, quiet=True)
+            programs["planned+adaptive"] = _program(dp_cfg, example, adapted, slow)
         out["dp"] = _rounds(programs, batches, args)
+        if args.adaptive_dp:
+            out["adapted_moves"] = list(programs["planned+adaptive"][0].rebalancer.moves)
         out["load"].append(os.getloadavg())
     if "pp" in parts:
         pp_cfg = dataclasses.replace(dp_cfg, n_layer=args.pp_layers)
@@ -290,6 +295,9 @@ def main() -> None:
     p.add_argument("--embd", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--adaptive-dp", action="store_true",
+                   help="dp: also Config(cluster='auto', adaptive_rows=True), the measured rows corrected "
+                        "by the steps' own times, against even rows")
     p.add_argument("--slow-at", type=int, default=8, help="adaptive: the step rank 1 slows down at")
     p.add_argument("--after", type=int, default=30, help="adaptive: steps run after the slowdown")
     args = p.parse_args()
@@ -311,6 +319,13 @@ def main() -> None:
         print(f"reference, rows by measured speed alone {out['speed_rows']}: speedup over even median "
               f"{statistics.median(by_speed):.3f}; its step time over the planned rows' median {statistics.median(over):.3f} "
               f"(rounds {', '.join(f'{x:.2f}' for x in over)})\n")
+        if "planned+adaptive" in out["dp"]:
+            adapted = [e / a for e, a in zip(out["dp"]["even"], out["dp"]["planned+adaptive"])]
+            moves = ", ".join(f"step {m[0]}: {m[2]}" for m in out["adapted_moves"]) or "none"
+            print(f"planned + adaptive rows (Config(cluster='auto', adaptive_rows=True)): speedup over even min "
+                  f"{min(adapted):.3f}  median {statistics.median(adapted):.3f}  max {max(adapted):.3f} "
+                  f"({statistics.median(adapted) / ((s + 1) / 2):.2f} of the ideal bound; rounds "
+                  f"{', '.join(f'{x:.2f}' for x in adapted)}); its row moves: {moves}\n")
     if "pp" in out:
         planned, even = out["cuts"]
         _print_pair(f"2-stage pipeline, 1F1B x {args.micro_batches}: planned cut {planned} vs even {even}",
