@@ -37,9 +37,7 @@ class StageTimes:
             forward, backward, p2p = [], [], []
             for s in range(num_stages):
                 group, a, b = pipeline[s % p], bounds[s], bounds[s + 1]
-                both = self._stage_forward.get((group, q, a, b))
-                if both is None:
-                    both = self._stage_forward[(group, q, a, b)] = self.group_times(group, self.shard_shares(group), q, a, b)
+                both = self._stage_pair(group, q, a, b)
                 forward.append(both[0])
                 backward.append(both[1])
                 if s < num_stages - 1:
@@ -48,6 +46,13 @@ class StageTimes:
                 self._stage_lists, self._stage_forward = {}, {}
             found = self._stage_lists[key] = (forward, backward, p2p)
         return list(found[0]), list(found[1]), list(found[2])
+
+    def _stage_pair(self, group: tuple[int, ...], q: float, a: int, b: int) -> tuple[float, float]:
+        """Forward and backward of layers ``a..b-1`` on ``group`` for ``q`` rows, memoised."""
+        found = self._stage_forward.get((group, q, a, b))
+        if found is None:
+            found = self._stage_forward[(group, q, a, b)] = self.group_times(group, self.shard_shares(group), q, a, b)
+        return found
 
     def optimizer_times(self, pipeline: Sequence[Sequence[int]], num_stages: int, cuts: Sequence[int]) -> tuple[float, ...]:
         """The optimizer step per position of a replica: its slowest member over its shard of
@@ -106,12 +111,7 @@ class StageTimes:
             found = self._floor_terms.get(key)
             if found is None:
                 blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-                both = []
-                for a, b in blocks:
-                    times = self._stage_forward.get((group, q, a, b))
-                    if times is None:
-                        times = self._stage_forward[(group, q, a, b)] = self.group_times(group, self.shard_shares(group), q, a, b)
-                    both.append(times)
+                both = [self._stage_pair(group, q, a, b) for a, b in blocks]
                 self._floor_terms = {} if len(self._floor_terms) > 200_000 else self._floor_terms
                 found = self._floor_terms[key] = (
                     sum([f + b for f, b in both]), both[0][0], both[0][1], self._position_optimizer(group, blocks)

@@ -42,6 +42,7 @@ from ..cost.layers import ModelProfile
 from ..cost.predict import CostModel, CostOptions, ReplicaCost
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
 from .pins import Pins
+from .time_floor import terms_of_lists
 
 __all__ = ["ALL_OPTIONS", "MemoryChoice", "OptionCostModel", "checkpoint_to_fit", "search_with_memory"]
 
@@ -174,11 +175,8 @@ class OptionCostModel(CostModel):
             return super().floor_terms(pipeline, num_stages, num_micro_batch, cuts, rows)
         # The recomputed forwards are in the backward of stage_lists (above), not of the memos.
         forward, backward, p2p = self.stage_lists(pipeline, num_stages, num_micro_batch, cuts, rows)
-        p = len(pipeline)
-        both = [f + b for f, b in zip(forward, backward)]
-        work = tuple(sum(both[r::p]) for r in range(p))
-        opt = self.optimizer_times(pipeline, num_stages, cuts)
-        return work, tuple(forward[:p]), tuple(backward[:p]), tuple(p2p[:p]), opt
+        terms = terms_of_lists(forward, backward, p2p, len(pipeline))
+        return (*terms, self.optimizer_times(pipeline, num_stages, cuts))
 
     def sync_time(self, layout, num_stages, cuts):
         plain = super().sync_time(layout, num_stages, cuts)

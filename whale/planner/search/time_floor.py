@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["floor_of_terms", "replica_floor"]
+__all__ = ["floor_of_terms", "replica_floor", "terms_of_lists"]
 
 
 def replica_floor(
@@ -40,10 +40,20 @@ def replica_floor(
 
         replica_floor([1.0] * 4, [2.0] * 4, [0.0] * 3, [0.0] * 4, [0.0] * 4, 8, 4)   # 33.0, exact
     """
+    work, first_f, first_b, first_p2p = terms_of_lists(forward, backward, p2p, num_ranks)
+    return floor_of_terms(work, first_f, first_b, first_p2p, opt, sync, num_micro_batch)
+
+
+def terms_of_lists(
+    forward: Sequence[float], backward: Sequence[float], p2p: Sequence[float], num_ranks: int
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """What :func:`floor_of_terms` reads of per-stage lists: per position its stages' forward
+    plus backward (summed in stage order), its first stage's forward and backward, and the
+    transfer after that stage."""
     p = num_ranks
     both = [f + b for f, b in zip(forward, backward)]
-    work = [sum(both[r::p]) for r in range(p)]  # the same additions in the same order as per stage
-    return floor_of_terms(work, forward[:p], backward[:p], p2p[:p], opt, sync, num_micro_batch)
+    work = tuple(sum(both[r::p]) for r in range(p))  # the same additions in the same order as per stage
+    return work, tuple(forward[:p]), tuple(backward[:p]), tuple(p2p[:p])
 
 
 def floor_of_terms(
