@@ -93,19 +93,22 @@ def _timed(
     sync: Callable[[], None],
     repeat: int,
     clock: Callable[[], float] = time.perf_counter,
+    before: Callable[[], None] | None = None,
 ) -> float:
     """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
-    thread's CPU time where other processes share the cores; see :func:`measure_device`). The
-    median, not the least: ranks profile at once, as they train, and the fastest runs would be
-    those the other ranks happened to leave the shared caches and sibling cores alone."""
-    fn()
-    sync()
+    thread's CPU time where other processes share the cores; see :func:`measure_device`), each
+    run (the warm-up too) right after an untimed ``before()`` where given. The median, not the
+    least: ranks profile at once, as they train, and the fastest runs would be those the other
+    ranks happened to leave the shared caches and sibling cores alone."""
     times = []
-    for _ in range(repeat):
+    for k in range(repeat + 1):
+        if before is not None:
+            before()
         start = clock()
         fn()
         sync()
-        times.append(clock() - start)
+        if k:
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -492,8 +495,8 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     reduce_samples, p2p_samples = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, device=device)
-        reduce_samples.append((size, _timed_after(work, lambda buf=buf: dist.all_reduce(buf), sync, repeat)))
-        p2p_samples.append((size, _timed_after(in_step, lambda buf=buf: _ping_pong(buf, rank), sync, repeat) / 2))
+        reduce_samples.append((size, _timed(lambda buf=buf: dist.all_reduce(buf), sync, repeat, before=work)))
+        p2p_samples.append((size, _timed(lambda buf=buf: _ping_pong(buf, rank), sync, repeat, before=in_step) / 2))
     a, b = fit_alpha_beta(reduce_samples)
     ring = LinkFit(a / (2 * (p - 1)), 2 * (p - 1) / (p * b), tuple(reduce_samples))
     a, b = fit_alpha_beta(p2p_samples)
@@ -518,19 +521,6 @@ def _compute_burst(device, sync: Callable[[], None], seconds: float) -> Callable
     run(16)
     count = max(1, round(seconds / max((time.perf_counter() - start) / 16, 1e-9)))
     return lambda: run(count)
-
-
-def _timed_after(work: Callable[[], None], fn: Callable[[], object], sync: Callable[[], None], repeat: int) -> float:
-    """Median wall time of ``fn`` over ``repeat`` runs, each right after ``work`` (one warm-up)."""
-    times = []
-    for k in range(repeat + 1):
-        work()
-        start = time.perf_counter()
-        fn()
-        sync()
-        if k:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _ping_pong(buf, rank: int) -> None:
