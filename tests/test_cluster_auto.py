@@ -56,16 +56,21 @@ def _ratio(outs) -> float:
     return speeds[0] / speeds[1]
 
 
-def _measured(world2, reading, low: float, high: float, *args, **kwargs) -> list:
-    """``world2.run(*args, **kwargs)`` until ``reading(outs)`` (what the ranks measured) is in
-    ``[low, high]``, at most :data:`ATTEMPTS` runs (see the module's docstring)."""
+def _within(run, reading, low: float, high: float):
+    """``run()`` until ``reading(result)`` (what was measured) is in ``[low, high]``, at most
+    :data:`ATTEMPTS` runs (see the module's docstring); the accepted result."""
     seen = []
     for _ in range(ATTEMPTS):
-        outs = world2.run(*args, **kwargs)
-        seen.append(reading(outs))
+        result = run()
+        seen.append(reading(result))
         if low <= seen[-1] <= high:
-            return outs
+            return result
     pytest.fail(f"the measured reading was outside [{low}, {high}] in all {ATTEMPTS} runs: {seen}")
+
+
+def _measured(world2, reading, low: float, high: float, *args, **kwargs) -> list:
+    """:func:`_within` of ``world2.run(*args, **kwargs)``: every rank's output."""
+    return _within(lambda: world2.run(*args, **kwargs), reading, low, high)
 
 
 def test_rank_twice_as_slow_gets_the_cost_models_rows_and_equals_the_local_model(world2, tmp_path):
@@ -186,22 +191,25 @@ def test_profiles_without_auto_and_auto_without_init_are_refused(monkeypatch):
 
 def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     # One process measures rank 0 and an emulated 2x-slow rank 1 alternately (5 rounds, medians):
-    # the ratio is the factor within the noise of a shared host (up to ATTEMPTS tries, as
-    # _measured). Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
-    threads, seen = torch.get_num_threads(), []
+    # the ratio is the factor within the noise of a shared host (as _measured, up to ATTEMPTS
+    # tries). Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
+    def rounds():
+        fast, slow = [], []
+        for _ in range(5):
+            fast.append(rank_report(0, environ={}))
+            slow.append(rank_report(1, environ={"WHALE_EMULATE_SLOWDOWN": "1:2"}))
+        return fast, slow
+
+    def ratio(reports) -> float:
+        fast, slow = reports
+        return statistics.median(r.speed for r in fast) / statistics.median(r.speed for r in slow)
+
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(ATTEMPTS):
-            fast, slow = [], []
-            for _ in range(5):
-                fast.append(rank_report(0, environ={}))
-                slow.append(rank_report(1, environ={"WHALE_EMULATE_SLOWDOWN": "1:2"}))
-            seen.append(statistics.median(r.speed for r in fast) / statistics.median(r.speed for r in slow))
-            if 1.7 <= seen[-1] <= 2.4:
-                break
+        fast, slow = _within(rounds, ratio, 1.7, 2.4)
     finally:
         torch.set_num_threads(threads)
-    assert 1.7 <= seen[-1] <= 2.4, seen
     assert max(r.seconds for r in fast) < 1.0 and max(r.seconds for r in slow) < 2.0
     assert all(r.error is None and r.measured for r in fast + slow)
 
