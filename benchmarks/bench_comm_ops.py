@@ -16,14 +16,18 @@ uneven shards), three contenders run in alternating rounds on the same tensors:
   ``view(-1)``. The last column names the fastest sequence;
 - ``fallback``: ``whale.runtime.comm_ops`` with ``WHALE_DISABLE_EXT=1`` (what users without a
   compiler get), arguments checked as always;
+- ``fb, dtype``: the same call of ``pack`` / ``pack_shards`` given the tensors' one dtype
+  (``dtype=``), as whale's gradient reducers call them (a bucket holds one parameter dtype), so
+  the fallback skips its pass over the tensors' dtypes;
 - ``extension``: the same call with ``torch.ops.whale.*`` loaded (``whale build-ext`` first;
   skipped with a note when it is not built).
 
 Each round times every contender (best of ``--repeat`` calls) and the printed ratios are medians
 over rounds of per-round ratios: ``ext speedup`` = best pure / extension (goals: >= 1.3x for
 200 / 25 MB, >= 2x for 5,000 x 1 KB, pack); ``fb/per call`` = fallback / the fastest sequence
-that makes everything but the sizes per call, as a stateless op must (goal <= 1.2x); ``fb/best``
-= fallback / best pure, views cached included.
+that makes everything but the sizes per call, as a stateless op must; ``fb+dtype/pc`` = the
+same for ``fb, dtype`` (goal <= 1.2x, the fallback as whale's reducers run it); ``fb/best`` =
+fallback / best pure, views cached included.
 
 Run::
 
@@ -159,14 +163,18 @@ def plain_sequences(ts: list[torch.Tensor], dtype: torch.dtype, op: str) -> dict
     return sequences
 
 
-def whale_call(ts: list[torch.Tensor], dtype: torch.dtype, op: str, disable_ext: bool) -> Callable[[], object]:
+def whale_call(
+    ts: list[torch.Tensor], dtype: torch.dtype, op: str, disable_ext: bool, known: bool = False
+) -> Callable[[], object]:
+    """``comm_ops.<op>`` on ``ts``; ``known``: pack ops are given the tensors' one dtype."""
     total = sum(t.numel() for t in ts)
+    hint = {"dtype": ts[0].dtype} if known else {}
     sizes = comm_ops.shard_sizes(total, NUM_SHARDS, [1.0, 1.0, 1.0, 0.7])
     out = torch.empty(total if op in ("pack", "unpack") else comm_ops.padded_numel(sizes), dtype=dtype)
     calls = {
-        "pack": lambda: comm_ops.pack(ts, out, SCALE),
+        "pack": lambda: comm_ops.pack(ts, out, SCALE, **hint),
         "unpack": lambda: comm_ops.unpack(out, ts, SCALE),
-        "pack_shards": lambda: comm_ops.pack_shards(ts, out, sizes, SCALE),
+        "pack_shards": lambda: comm_ops.pack_shards(ts, out, sizes, SCALE, **hint),
         "unpack_shards": lambda: comm_ops.unpack_shards(out, ts, sizes, SCALE),
     }
 
@@ -215,13 +223,15 @@ def main() -> None:
     if not has_ext:
         print("extension not built: run `whale build-ext` for the extension column")
     print(f"{'bucket':<16} {'op':<14} {'best pure':>10} {'per call':>10} {'fallback':>10} {'extension':>10} "
-          f"{'fb/per call':>14} {'fb/best':>14} {'ext speedup':>12}  fastest plain sequence")
+          f"{'fb/per call':>12} {'fb+dtype/pc':>12} {'fb/best':>8} {'ext speedup':>12}  fastest plain sequence")
     for kind in ("200 x 125 KB", "5000 x 1 KB", "mixed 2-D/1-D"):
         ts = make_bucket(kind)
         for op in args.ops.split(","):
             plain = plain_sequences(ts, dtype, op)
             contenders = {f"plain {name}": fn for name, fn in plain.items()}
             contenders["fallback"] = whale_call(ts, dtype, op, True)
+            if op.startswith("pack"):
+                contenders["fb, dtype"] = whale_call(ts, dtype, op, True, known=True)
             if has_ext:
                 contenders["extension"] = whale_call(ts, dtype, op, False)
             times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -238,6 +248,11 @@ def main() -> None:
             med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
             fallback_ratio = statistics.median(f / b for f, b in zip(times["fallback"], times["per call"]))
             fallback_best = statistics.median(f / b for f, b in zip(times["fallback"], times["best"]))
+            known = (
+                f"{statistics.median(f / b for f, b in zip(times['fb, dtype'], times['per call'])):>11.2f}x"
+                if "fb, dtype" in times
+                else f"{'-':>12}"
+            )
             ext = f"{med['extension']:>8.2f}ms" if has_ext else f"{'-':>10}"
             speedup = (
                 f"{statistics.median(b / e for b, e in zip(times['best'], times['extension'])):>11.2f}x"
@@ -245,7 +260,7 @@ def main() -> None:
                 else f"{'-':>12}"
             )
             print(f"{kind:<16} {op:<14} {med['best']:>8.2f}ms {med['per call']:>8.2f}ms {med['fallback']:>8.2f}ms "
-                  f"{ext} {fallback_ratio:>13.2f}x {fallback_best:>13.2f}x {speedup}  {winner}")
+                  f"{ext} {fallback_ratio:>11.2f}x {known} {fallback_best:>7.2f}x {speedup}  {winner}")
 
 
 if __name__ == "__main__":

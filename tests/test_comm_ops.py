@@ -164,6 +164,10 @@ def test_pure_property_random_buckets(shapes, layouts, src, dst, scale, seed):
         tensors = [make(s, src, lay, seed + i) for i, (s, lay) in enumerate(zip(shapes, layouts))]
         out = torch.empty(sum(t.numel() for t in tensors), dtype=dst)
         assert_same_bits(comm_ops.pack(tensors, out, scale), reference_pack(tensors, dst, scale))
+        # Told the tensors' one dtype (as the reducers call it), the pure path skips its dtype
+        # pass and gives the same bits.
+        known = torch.full_like(out, float("nan"))
+        assert_same_bits(comm_ops.pack(tensors, known, scale, dtype=src), out)
         targets = [make(s, src, lay, seed + 99) for s, lay in zip(shapes, layouts)]
         comm_ops.unpack(out, targets, scale)
         for got, want in zip(targets, reference_unpack(out, targets, scale)):
@@ -255,6 +259,8 @@ def test_pure_shards_property(shapes, layouts, src, dst, scale, weights, extra_s
         out = torch.full((len(sizes) * slot,), float("nan"), dtype=dst)
         assert comm_ops.pack_shards(tensors, out, sizes, scale) is out
         assert_same_bits(out, reference_pack_shards(tensors, dst, scale, sizes, slot))
+        known = torch.full_like(out, float("nan"))
+        assert_same_bits(comm_ops.pack_shards(tensors, known, sizes, scale, dtype=src), out)
         targets = [make(s, src, lay, seed + 99) for s, lay in zip(shapes, layouts)]
         assert comm_ops.unpack_shards(out, targets, sizes, scale) == targets
         for got, want in zip(targets, reference_unpack(logical_of(out, sizes), targets, scale)):
@@ -381,6 +387,30 @@ def test_pure_pack_into_a_bucket_slice_never_spills(pure, dtype):
     out = comm_ops.pack([torch.ones(4), torch.full((6,), 2.0)], buffer[:10], 0.5)
     assert torch.equal(out, reference_pack([torch.ones(4), torch.full((6,), 2.0)], dtype, 0.5))
     assert torch.equal(buffer[10:], torch.full((10,), 5.0, dtype=dtype))
+
+
+def test_pure_pack_told_the_dtype_never_spills(pure):
+    """``dtype=`` skips only the dtype pass: the size checks of the direct path stay."""
+    buffer = torch.full((20,), 5.0)
+    with pytest.raises(ValueError, match="the tensors hold 12 elements in total but out has 10"):
+        comm_ops.pack([torch.ones(6), torch.ones(6)], buffer[:10], 0.5, dtype=F32)
+    with pytest.raises(ValueError, match="the tensors hold 8 elements in total but out has 10"):
+        comm_ops.pack([torch.ones(4), torch.ones(4)], buffer[:10], 0.5, dtype=F32)
+    assert torch.equal(buffer[10:], torch.full((10,), 5.0))
+
+
+@pytest.mark.parametrize("op", ("pack", "pack_shards"))
+@pytest.mark.parametrize("backend", ("pure", "extension-or-pure"))
+def test_pack_dtype_must_be_a_bucket_dtype(monkeypatch, op, backend):
+    if backend == "pure":
+        monkeypatch.setenv("WHALE_DISABLE_EXT", "1")
+    call = {
+        "pack": lambda d: comm_ops.pack([torch.ones(3)], torch.empty(3), dtype=d),
+        "pack_shards": lambda d: comm_ops.pack_shards([torch.ones(3)], torch.empty(4), [2, 1], dtype=d),
+    }[op]
+    for bad in (torch.int64, "float32"):
+        with pytest.raises(TypeError, match=rf"whale.{op}: dtype must be None or one of torch.float16"):
+            call(bad)
 
 
 def test_pure_device_mismatch(pure):

@@ -99,7 +99,7 @@ def broadcast_tensors(
     for dtype, same in by_dtype.items():
         flat = torch.empty(sum(t.numel() for t in same), dtype=dtype, device=same[0].device)
         if dtype.is_floating_point:
-            comm_ops.pack(same, flat, 1.0)
+            comm_ops.pack(same, flat, 1.0, dtype=dtype)
         else:
             torch.cat([t.reshape(-1) for t in same], out=flat)
         dist.broadcast(flat, src=src, group=group)

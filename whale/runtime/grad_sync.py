@@ -197,7 +197,7 @@ class GradientReducer:
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):
             # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.
-            comm_ops.pack([p.grad for p in bucket.params], bucket.grads, 1.0)
+            comm_ops.pack([p.grad for p in bucket.params], bucket.grads, 1.0, dtype=bucket.params[0].dtype)
         elif fresh:
             torch._foreach_copy_([bucket.views[i] for i in fresh], [bucket.params[i].grad for i in fresh])
         for i in fresh:

@@ -54,6 +54,7 @@ import torch
 
 from ... import csrc_build
 from .pure_path import (
+    _check_dtype,
     _check_scale,
     _check_shard_sizes,
     _check_slots,
@@ -79,7 +80,9 @@ __all__ = [
 _DISABLE_ENV = "WHALE_DISABLE_EXT"
 
 
-def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def pack(
+    tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Write ``scale * t``, flattened, for each tensor consecutively into ``out``.
 
     Args:
@@ -87,6 +90,11 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
         out: 1-D contiguous floating tensor with ``sum(t.numel())`` elements; may have another
             dtype than the tensors (the values are cast, rounded once).
         scale: factor applied to every element.
+        dtype: the one dtype of all the tensors, where the caller knows it (the gradients of a
+            bucket of one parameter dtype). The pure path then skips its pass over the tensors'
+            dtypes (about 0.1 us a tensor, a quarter of the op on 5,000 small tensors); a tensor
+            of another dtype is then cast as ``torch.cat`` casts it, where it would otherwise be
+            refused (not floating) or rounded once. The extension checks every dtype as always.
 
     Returns:
         ``out``.
@@ -97,7 +105,8 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
             it: the pure path's one ``torch.cat`` has written their values into its head
             before the count is checked (a second pass over the tensors to count first would
             cost as much as the check on the hot path).
-        TypeError: a dtype is not floating, or ``scale`` is not a real number.
+        TypeError: a dtype is not floating (or ``dtype`` is not a bucket dtype), or ``scale``
+            is not a real number.
 
     Example::
 
@@ -105,11 +114,12 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
     """
     tensors = list(tensors)
     scale = _check_scale("whale.pack", scale)
+    _check_dtype("whale.pack", dtype)
     if _use_extension(out.device):
         if not _direct(0, out, tensors, [], scale):
             torch.ops.whale.pack(tensors, out, scale)
     else:
-        _pack_pure(tensors, out, scale)
+        _pack_pure(tensors, out, scale, dtype)
     return out
 
 
@@ -223,6 +233,8 @@ def pack_shards(
     out: torch.Tensor,
     shard_sizes: Sequence[int],
     scale: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Lay ``scale * tensors`` out as a reduce-scatter input of uneven, padded shards.
 
@@ -238,6 +250,7 @@ def pack_shards(
             whose quotient is at least ``max(shard_sizes)`` (:func:`padded_numel` is the least).
         shard_sizes: elements per rank, ``>= 0``, summing to ``sum(t.numel())``.
         scale: factor applied to every element (rounded once, as :func:`pack`).
+        dtype: the tensors' one dtype where the caller knows it, as for :func:`pack`.
 
     Returns:
         ``out``.
@@ -255,12 +268,13 @@ def pack_shards(
     tensors = list(tensors)
     scale = _check_scale("whale.pack_shards", scale)
     sizes = _check_shard_sizes("whale.pack_shards", shard_sizes)
+    _check_dtype("whale.pack_shards", dtype)
     if _use_extension(out.device):
         if not _direct(2, out, tensors, sizes, scale):
             torch.ops.whale.pack_shards(tensors, out, sizes, scale)
     else:
         _check_slots("whale.pack_shards", out, "out", sizes)
-        _pack_shards_pure(tensors, out, sizes, scale)
+        _pack_shards_pure(tensors, out, sizes, scale, dtype)
     return out
 
 

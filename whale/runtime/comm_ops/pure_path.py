@@ -28,6 +28,12 @@ def _check_scale(op: str, scale: object) -> float:
     return float(scale)
 
 
+def _check_dtype(op: str, dtype: object) -> None:
+    """A caller's ``dtype`` for the tensors: None or a bucket dtype."""
+    if dtype is not None and dtype not in _BUCKET_DTYPES:
+        raise TypeError(f"{op}: dtype must be None or one of {_BUCKET_DTYPE_NAMES}, got {dtype!r}")
+
+
 def _check_shard_sizes(op: str, shard_sizes: object) -> list[int]:
     try:
         sizes = [int(n) for n in shard_sizes]  # type: ignore[union-attr]
@@ -233,9 +239,12 @@ def _scaled(src: torch.Tensor, dst_dtype: torch.dtype, scale: float) -> torch.Te
     return src.to(_opmath(src.dtype, dst_dtype)).mul_(scale)
 
 
-def _pack_pure(tensors: list[torch.Tensor], out: torch.Tensor, scale: float) -> None:
+def _pack_pure(
+    tensors: list[torch.Tensor], out: torch.Tensor, scale: float, known: torch.dtype | None = None
+) -> None:
+    """``known``: the tensors' one dtype as the caller states it (not checked per tensor)."""
     with torch.no_grad():
-        dtype = _one_dtype(tensors) if tensors and _is_bucket(out) else None
+        dtype = (known or _one_dtype(tensors)) if tensors and _is_bucket(out) else None
         if dtype is not None and _pack_direct(tensors, out, scale, dtype):
             return
         joined = None if dtype is None else _flatten(tensors, out, out.numel(), dtype)
@@ -247,12 +256,13 @@ def _pack_pure(tensors: list[torch.Tensor], out: torch.Tensor, scale: float) -> 
 
 
 def _pack_shards_pure(
-    tensors: list[torch.Tensor], out: torch.Tensor, sizes: list[int], scale: float
+    tensors: list[torch.Tensor], out: torch.Tensor, sizes: list[int], scale: float,
+    known: torch.dtype | None = None,
 ) -> None:
     world, total = len(sizes), sum(sizes)
     slot = out.numel() // world
     with torch.no_grad():
-        joined = _flatten(tensors, out, total)
+        joined = _flatten(tensors, out, total, known)
         if joined is None:
             _check_bucket("whale.pack_shards", out, "out", tensors, written=False, shards=sizes)
             joined = torch.empty(total, dtype=out.dtype, device=out.device)

@@ -73,13 +73,16 @@ class PaddedShardLayout:
         """Elements of this rank's shard (its slot less the padding)."""
         return self.shard_sizes[self.rank]
 
-    def pack(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor) -> None:
+    def pack(
+        self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         """Lay whole tensors (one per parameter, None for zeros) out in ``out`` (``numel``
-        elements, padding zeroed): the reduce-scatter input."""
-        tensors = [torch.zeros(n, dtype=out.dtype, device=out.device) if t is None else t
+        elements, padding zeroed): the reduce-scatter input. ``dtype``: the tensors' one dtype
+        where the caller knows it (see ``comm_ops.pack``)."""
+        tensors = [torch.zeros(n, dtype=dtype or out.dtype, device=out.device) if t is None else t
                    for t, n in zip(tensors, self.numels)]
         if _pack_shards is not None:
-            _pack_shards(tensors, out, self.shard_sizes)
+            _pack_shards(tensors, out, self.shard_sizes, dtype=dtype)
             return
         flat = [t.reshape(-1) for t in tensors]
         if all(t.dtype == out.dtype for t in flat):

@@ -48,13 +48,15 @@ def unit_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class _Unit:
-    __slots__ = ("fresh", "full", "grad_region", "layout", "module", "name", "params", "pending",
-                 "ready", "region", "shards", "trainable")
+    __slots__ = ("fresh", "full", "grad_dtype", "grad_region", "layout", "module", "name", "params",
+                 "pending", "ready", "region", "shards", "trainable")
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], size: int, rank: int) -> None:
         self.name, self.module, self.params = name, module, params
         self.layout = PaddedShardLayout([p.numel() for p in params], size, rank)
         dtype, device = params[0].dtype, params[0].device
+        # The gradients' one dtype, where the parameters share one (packs skip their check).
+        self.grad_dtype = dtype if all(p.dtype == dtype for p in params) else None
         self.region = torch.zeros(self.layout.region, dtype=dtype, device=device)
         for p, view, (lo, hi) in zip(params, self.layout.region_views(self.region), self.layout.ranges):
             view.copy_(p.data.reshape(-1)[lo:hi])
@@ -235,7 +237,7 @@ class ShardedParameters:
             self.pace()
         dtype = self._comm_dtype or unit.region.dtype
         whole = torch.empty(unit.layout.numel, dtype=dtype, device=unit.region.device)
-        unit.layout.pack([p.grad for p in unit.params], whole)
+        unit.layout.pack([p.grad for p in unit.params], whole, dtype=unit.grad_dtype)
         for p in unit.params:
             p.grad = None
         unit.ready.clear()

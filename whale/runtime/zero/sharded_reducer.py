@@ -229,7 +229,7 @@ class ShardedReducer:
         part, layout, region = self.parts[b], self.layouts[b], self._regions[b]
         dtype = self._comm_dtype or region.dtype
         whole = torch.empty(layout.numel, dtype=dtype, device=region.device)
-        layout.pack([p.grad for p in part], whole)
+        layout.pack([p.grad for p in part], whole, dtype=part[0].dtype)  # a part has one dtype
         for p in part:
             p.grad = None  # the full gradient goes: only this rank's region stays
         out = region if dtype == region.dtype else torch.empty(layout.region, dtype=dtype, device=region.device)
