@@ -231,11 +231,12 @@ def _worker(rank: int, world: int, args, results) -> None:
                 stepped = time.perf_counter()
                 opt.step()
                 opt.zero_grad()
+                done = time.perf_counter()
                 if step >= args.warmup:
-                    times.append(time.perf_counter() - start)
+                    times.append(done - start)
                     if args.phases:  # a collective: it lines the ranks up before the next step
                         spent = _by_category(program.timeline(), rank)
-                        spent["optimizer"] = time.perf_counter() - stepped
+                        spent["optimizer"] = done - stepped
                         phases[name][0].append(spent)
             shares = _shares(world, before, fallback)
             paces = _paces(world, reference) if args.pace else None
