@@ -431,3 +431,19 @@ def test_auto_plans_execute_and_match_the_local_model(world2, pipeline_degree, s
         assert plan.rows(12)[0] > plan.rows(12)[1]  # the A100 replica takes more rows
     for out in outs:
         assert_equivalent(out, names=out["params"])  # a stage's rank holds its stage's parameters
+
+
+def test_no_plan_error_writes_a_message_given_as_a_function_once_when_read():
+    import pickle
+
+    from whale.planner.search.explore import NoPlanError
+
+    calls = []
+    err = NoPlanError(lambda: calls.append(1) or "the model fits on no plan of this cluster")
+    assert calls == []  # not written until read
+    assert str(err) == "the model fits on no plan of this cluster" and str(err) == str(err)
+    assert calls == [1] and err.args == (str(err),)
+    copy = pickle.loads(pickle.dumps(NoPlanError(lambda: "nothing fits")))
+    assert type(copy) is NoPlanError and str(copy) == "nothing fits"
+    with pytest.raises(NoPlanError, match="fits on no plan"):
+        raise err
