@@ -21,6 +21,7 @@ more where fixed per-step costs, which the slow rank pays twice over, weigh.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import types
 
@@ -243,6 +244,59 @@ def test_self_profile_counts_the_emulated_factor_once_on_a_steady_clock(monkeypa
     assert per_tensor > 0 and per_param > 0
     assert slow.profile["optimizer_step"]["adamw"] == pytest.approx([3 * per_tensor, 3 * per_param], rel=1e-9)
     assert slept and all(s == pytest.approx(2e-3) for s in slept), sorted(set(slept))
+
+
+def test_rotation_gives_each_rank_of_a_host_every_core_in_turn_from_its_own():
+    from whale.planner.self_profile import _rotation
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no thread affinity on this system")
+    cores = sorted(os.sched_getaffinity(0))
+    two = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    if len(cores) >= 2:
+        assert _rotation(0, two) == [cores[1], cores[2 % len(cores)]]
+        assert _rotation(5, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == cores[:2]
+        many = _rotation(0, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(len(cores) + 3)})
+        assert sorted(many) == cores  # more ranks than cores: every core once
+    assert _rotation(0, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}) == []  # alone: not pinned
+    assert _rotation(0, {"LOCAL_RANK": "x", "LOCAL_WORLD_SIZE": "2"}) == []
+
+
+def test_self_profile_reads_the_rank_not_the_core_it_measured_on(monkeypatch):
+    # Core 1 runs everything 3x slower than core 0 (a shared host's steal). Rotated, both ranks
+    # of the host measure on both cores and read one speed, half the speed core 0 alone gives;
+    # the thread's cores are restored afterwards.
+    from whale.planner import self_profile
+
+    pinned, pins, ticks = [{0, 1}], [], [0.0]
+
+    def set_affinity(pid, cpus):
+        pinned[0] = set(cpus)
+        pins.append(frozenset(cpus))
+
+    def clock() -> float:
+        ticks[0] += 3e-3 if pinned[0] == {1} else 1e-3
+        return ticks[0]
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(pinned[0]), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", set_affinity, raising=False)
+    steady = types.SimpleNamespace(thread_time=clock, perf_counter=clock, sleep=lambda s: None)
+    monkeypatch.setattr(self_profile, "time", steady)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        host = {"LOCAL_WORLD_SIZE": "2"}
+        first = rank_report(0, environ={**host, "LOCAL_RANK": "0"})
+        order0, pins[:] = list(pins), []
+        second = rank_report(1, environ={**host, "LOCAL_RANK": "1"})
+        order1 = list(pins)
+        alone = rank_report(0, environ={"LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    finally:
+        torch.set_num_threads(threads)
+    assert first.speed == pytest.approx(second.speed, rel=1e-9)
+    assert first.speed == pytest.approx(alone.speed / 2, rel=1e-9)  # mean of 1 and 3 ms: 2 ms
+    assert order0[:2] == [{0}, {1}] and order1[:2] == [{1}, {0}]  # turns start at the rank's core
+    assert order0[-1] == order1[-1] == {0, 1} and pinned[0] == {0, 1}  # restored
 
 
 def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):

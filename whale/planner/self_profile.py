@@ -7,7 +7,9 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
    much memory it can use, and how fast it runs. Fast: one matrix multiply of a transformer's
    linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
    timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
-   (samples slowed by other processes do not count); then what does not shrink with a
+   (samples slowed by other processes do not count; where a host has several ranks, each
+   takes its samples on the host's cores in turn, so a slow core is not read as a slow rank);
+   then what does not shrink with a
    replica's rows: the cost of one operation (a chain of a transformer block's small ones,
    forward and backward) and of an AdamW step per tensor and per parameter, which the cost
    model prices a step's fixed part by. About 0.1 s on a CPU core (twice that where some rank
@@ -132,7 +134,7 @@ def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ
         else:
             base = _datasheet(hardware)
             pace = max([f for phases in slowdown_from_env(environ).values() for f, step in phases if step == 0] + [1.0])
-            found = _measure(base, cuda, factor, pace)
+            found = _measure(base, cuda, factor, pace, _rotation(rank, environ))
             speed, share = found.peak / base.peak("fp32"), found.share
             profile = slowed(base, 1.0 / speed, base.name)  # classes name it (cluster_from_reports)
             # The costs that do not shrink with rows, as measured (not the datasheet's scaled).
@@ -198,7 +200,28 @@ class _Measured:
     optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
 
 
-def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float) -> _Measured:
+def _rotation(rank: int, environ=None) -> list[int]:
+    """The cores this rank measures on in turn: as many of the host's cores as it has ranks
+    (``LOCAL_WORLD_SIZE``, else the world size), starting at the rank's own place
+    (``LOCAL_RANK``), so that at any moment the host's ranks measure on different cores and
+    each rank meets every core another rank meets. Empty where there is nothing to rotate: one
+    rank, one core, or no way to pin a thread (not Linux)."""
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    try:
+        local = int(env.get("LOCAL_RANK", rank))
+        world = int(env.get("LOCAL_WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    except ValueError:
+        return []
+    turns = min(len(cores), world)
+    return [] if turns < 2 else [cores[(local + j) % len(cores)] for j in range(turns)]
+
+
+def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores: Sequence[int] = ()) -> _Measured:
     """This rank's device: the peak fp32 FLOP/s from a linear layer's multiply (the
     faster half's mean over :data:`REPEATS` samples, over the device's efficiency at that
     size), the cost of one operation (a chain of small ones, forward and backward) and of an
@@ -213,7 +236,14 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float) -> _Me
     Every rank idles after each sample for ``pace - 1`` times what it took (``pace``: the
     largest factor any rank emulates), so that all ranks measure in the same rhythm: the slow
     rank idles as its training steps will, and no rank measures alone on the host while
-    another sleeps (which would read their speeds through different contention)."""
+    another sleeps (which would read their speeds through different contention).
+
+    ``cores`` (:func:`_rotation`; single-threaded CPU ranks only): each measurement runs in
+    turns, this thread pinned to each core for an equal share of the samples (after a warm-up
+    run on it), and the turns' faster-half means are averaged: the cores of a shared host run
+    the same multiply up to 1.75x apart for seconds at a time (steal by other guests, another
+    process's caches), and a rank is not bound to the core it measured on, so a core's speed
+    must not be read as the rank's. The thread's cores are restored afterwards."""
     import torch
 
     n, inner = (_GPU_N, _GPU_INNER) if cuda else (_CPU_N, _CPU_INNER)
@@ -226,23 +256,30 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float) -> _Me
     shared = not cuda and torch.get_num_threads() == 1
     clock = time.thread_time if shared else time.perf_counter
     ran, walls = [0.0], [0.0]
+    turns: list[int | None] = list(cores) if shared and cores else [None]
+    home = os.sched_getaffinity(0) if turns != [None] else None
 
-    def samples(run, count: int) -> list[float]:
-        run()  # warm-up: allocation, kernel selection, caches
-        sync()
-        out = []
-        for _ in range(count):
-            wall, start = time.perf_counter(), clock()
-            run()
+    def samples(run, count: int) -> float:
+        means = []
+        for core in turns:
+            if core is not None:
+                os.sched_setaffinity(0, {core})
+            run()  # warm-up: allocation, kernel selection, caches (of this core)
             sync()
-            took, wall = clock() - start, time.perf_counter() - wall
-            ran[0], walls[0] = ran[0] + took, walls[0] + wall
-            if pace > 1:  # idle as the slowest emulated rank does, freeing the core for the others
-                time.sleep((pace - 1) * took)
-            out.append(factor * took)
-        # The faster half's mean: on a CPU, another process on the core (its caches, memory
-        # bandwidth) only ever lengthens a sample's CPU time, so the faster samples are the device's.
-        return statistics.fmean(sorted(out)[: max(1, count // 2)])
+            out = []
+            for _ in range(max(2, -(-count // len(turns)))):
+                wall, start = time.perf_counter(), clock()
+                run()
+                sync()
+                took, wall = clock() - start, time.perf_counter() - wall
+                ran[0], walls[0] = ran[0] + took, walls[0] + wall
+                if pace > 1:  # idle as the slowest emulated rank does, freeing the core for the others
+                    time.sleep((pace - 1) * took)
+                out.append(factor * took)
+            # The faster half's mean: on a CPU, another process on the core (its caches, memory
+            # bandwidth) only ever lengthens a sample's CPU time, so the faster samples are the device's.
+            means.append(statistics.fmean(sorted(out)[: max(1, len(out) // 2)]))
+        return statistics.fmean(means)
 
     gen = torch.Generator(device=device).manual_seed(0)  # no draw from the user's random stream
     a = torch.randn(4 * n, n, device=device, generator=gen)
@@ -253,11 +290,15 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float) -> _Me
             for _ in range(inner):
                 torch.nn.functional.linear(a, w)
 
-    matmul = samples(multiply, REPEATS)
+    try:
+        matmul = samples(multiply, REPEATS)
+        overhead = samples(_op_chain(device, gen), _SMALL_REPEATS) / _CHAIN_OPS
+        optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
+    finally:
+        if home is not None:
+            os.sched_setaffinity(0, home)
     flops = 32.0 * n**3
     rate = inner * flops / max(matmul, 1e-9)
-    overhead = samples(_op_chain(device, gen), _SMALL_REPEATS) / _CHAIN_OPS
-    optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
     share = min(1.0, max(0.01, ran[0] / max(walls[0], 1e-9))) if shared else 1.0
     return _Measured(rate / float(efficiency_at(base, flops)), share, overhead, optimizer)
 
