@@ -20,8 +20,9 @@ Two backends do the same arithmetic, bit for bit:
   ``mul_``, or into a temporary then ``mul(out=)`` where the cast narrows; unpack: one ``mul``,
   one split, one ``torch._foreach_copy_``), used where the extension is not built (or
   ``WHALE_DISABLE_EXT=1``). Per-tensor Python is limited to one pass over the dtypes (and,
-  to unpack, the devices and sizes); ``benchmarks/bench_comm_ops.py`` measures it against
-  the fastest plain sequence.
+  to unpack, the devices and sizes), and none to pack where the caller gives the tensors' one
+  dtype (``dtype=``, as whale's gradient reducers do); ``benchmarks/bench_comm_ops.py``
+  measures it against the fastest plain sequence.
 
 Arithmetic: every element is ``round_to_dst(opmath(x) * opmath(scale))``, where opmath is
 float64 if either side is float64 and float32 otherwise (as torch's own half/bfloat16

@@ -3,8 +3,9 @@
 Whole-bucket ops only: pack, one ``torch.cat`` of 1-D tensors straight into ``out`` (through
 an alias whose storage cannot grow) then one in-place ``mul_``; otherwise one ``torch.cat`` (or
 ``flatten_dense_tensors``, its C++ loop of views, for N-D tensors) into a temporary, one ``mul``
-with ``out=``; back, one split and one ``torch._foreach_copy_``. Per-tensor Python is one pass over the dtypes and devices (and, to
-unpack, the sizes). Anything off that fast path (mixed dtypes, strided targets, bad input) goes
+with ``out=``; back, one split and one ``torch._foreach_copy_``. Per-tensor Python is one pass
+over the dtypes and devices (and, to unpack, the sizes); pack skips the dtype pass where the
+caller states the dtype. Anything off that fast path (mixed dtypes, strided targets, bad input) goes
 through the full check, whose messages are the extension's (csrc/whale_ops.cpp), and then the
 per-tensor general path. Arithmetic as the extension's: each element is
 ``round_to_dst(opmath(x) * opmath(scale))``, rounded once.
