@@ -24,7 +24,7 @@ from ...capture.graph import NODE_INFO_KEY
 
 NamesOf = Callable[[nn.Parameter], set[str]]
 
-__all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "refusal_message", "unlowered_parameter_use"]
+__all__ = ["ExportedEmbedding", "ExportedLinear", "carry_buffers", "lower_parameter_ops", "refusal_message", "unlowered_parameter_use"]
 
 _aten = torch.ops.aten
 
@@ -148,11 +148,23 @@ def _owner(node: Node, w: Node, weight: nn.Parameter, b: Node | None, bias: nn.P
 
 
 def _holds_only_weights(gm: GraphModule, owner: str) -> bool:
+    """The module at ``owner`` holds a weight, a bias and buffers (Gemma's scaled embedding
+    keeps its ``embed_scale``), nothing else: its lowered replacement takes the buffers along."""
     try:
         m = gm.get_submodule(owner)
     except AttributeError:
         return True  # not in the graph module yet: the node reads a tied weight by another name
-    return set(m._parameters) | set(m._buffers) | set(m._modules) <= {"weight", "bias"}
+    return set(m._parameters) | set(m._modules) <= {"weight", "bias"}
+
+
+def carry_buffers(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with ``old``'s buffers that it lacks registered under their names (persistent or
+    not, as in ``old``): a module that replaces another at its path keeps what the graph reads
+    there (a ``get_attr`` of ``<path>.embed_scale``)."""
+    for name, buf in old._buffers.items():
+        if buf is not None and name not in new._buffers and not hasattr(new, name):
+            new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    return new
 
 
 def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names: NamesOf = lambda p: set()) -> dict[str, str]:
@@ -182,7 +194,7 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
         reads = [a for n in chain for a in n.all_input_nodes if a.op == "get_attr"]
         if _exists(gm, owner):
             parent, _, leaf = owner.rpartition(".")
-            setattr(gm.get_submodule(parent), leaf, module)
+            setattr(gm.get_submodule(parent), leaf, carry_buffers(gm.get_submodule(owner), module))
         else:
             gm.add_submodule(owner, module)
         with gm.graph.inserting_before(node):

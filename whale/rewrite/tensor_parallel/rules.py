@@ -247,12 +247,29 @@ def _expand(ctx, node):
 
 
 def _slice(ctx, node):
-    """``aten.slice(x, dim, start, end, step)``: a slice of another dim (or all of it) keeps the layout."""
+    """``aten.slice(x, dim, start, end, step)``: a slice of another dim (or all of it) keeps the
+    layout; a slice of the sharded dim made of whole blocks (Phi-3's q, k, v of one fused
+    ``qkv_proj``) holds those blocks, each rank its part of each."""
     x, layout = _sharded_first(ctx, node)
     shape = ctx.shape(x)
-    if _norm(_dim_arg(node, 1, "dim", 0), len(shape)) == layout.dim and ctx.shape(node) != shape:
-        raise Fallback("slice of the sharded dim")
-    return layout
+    d = _norm(_dim_arg(node, 1, "dim", 0), len(shape))
+    if d != layout.dim or ctx.shape(node) == shape:
+        return layout
+    width = shape[d]
+    start, end, step = (ctx.const(a) for a in (*node.args[2:5], None, None, None)[:3])
+    start, end = (start or 0), (width if end is None else end)
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise Fallback("slice of the sharded dim at a computed position")
+    start, end = (min(max(v + width if v < 0 else v, 0), width) for v in (start, end))
+    if step not in (None, 1) or end <= start:
+        raise Fallback("slice of the sharded dim with a step")
+    if any(v % layout.per_block for v in (start, end)):
+        unit = math.gcd(start, end, width)
+        _need_blocks(layout, layout.per_block // math.gcd(layout.per_block, unit))
+        raise Fallback("slice of the sharded dim not on whole blocks")
+    first, last = start // layout.per_block, end // layout.per_block
+    ctx.fix(node, "slice", layout, (first, last))
+    return layout.moved(d, last - first)
 
 
 def _split(ctx, node):
@@ -277,6 +294,18 @@ def _split(ctx, node):
     blocks = [w // layout.per_block for w in widths]
     ctx.fix(node, "split", layout, tuple(blocks))
     return tuple(layout.moved(d, b) for b in blocks)
+
+
+def _select(ctx, node):
+    """``aten.select(x, dim, index)`` (``x[..., 0, :]``: BLOOM's q of a per-head fused qkv): one
+    index of another dim drops that dim and keeps the layout; one of the sharded dim does not."""
+    x, layout = _sharded_first(ctx, node)
+    shape = ctx.shape(x)
+    d = _norm(_dim_arg(node, 1, "dim"), len(shape))
+    if d == layout.dim:
+        _need_blocks(layout, shape[d])
+        raise Fallback("select of one index of the sharded dim")
+    return layout.moved(layout.dim - (d < layout.dim))
 
 
 def _need_blocks(layout: ShardLayout, parts: int) -> None:
@@ -321,8 +350,37 @@ def _getattr(ctx, node):
     raise Fallback(f"attribute {attr!r} of a sharded tensor")
 
 
-def _matmul(ctx, node):
-    a, b = node.args[:2]
+def _baddbmm(ctx, node):
+    """``baddbmm(input, b1, b2, beta=, alpha=)`` = ``beta * input + alpha * b1 @ b2`` (BLOOM's
+    ALiBi scores): the product's layout as a matmul's; ``input`` follows it as an addend would.
+    A product contracting a sharded dim is refused: every rank would add ``input`` once."""
+    inp, b1, b2 = node.args[:3]
+    l1, l2 = ctx.val(b1), ctx.val(b2)
+    if isinstance(l1, ShardLayout) and l1.dim == len(ctx.shape(b1)) - 1:
+        raise Fallback("baddbmm contracting a sharded dim")
+    out = _matmul(ctx, node, b1, b2) if isinstance(l1, ShardLayout) or isinstance(l2, ShardLayout) else None
+    li = ctx.val(inp)
+    if isinstance(li, ShardLayout):
+        cand = li.moved(broadcast_dim(len(ctx.shape(inp)), len(ctx.shape(node)), li.dim))
+        if out is None:
+            return cand
+        if not out.same_structure(cand):
+            raise Fallback("baddbmm operands sharded differently")
+        ctx.merge(out, cand)
+        return out
+    shape, out_shape = ctx.shape(inp), ctx.shape(node)
+    at = out.dim - (len(out_shape) - len(shape))
+    if at < 0 or shape[at] == 1:
+        ctx.copy(node, inp)
+    elif shape[at] == out_shape[out.dim]:
+        ctx.scatter(node, inp, out.moved(at))
+    else:
+        raise Fallback("baddbmm input does not broadcast along the sharded dim")
+    return out
+
+
+def _matmul(ctx, node, a=None, b=None):
+    a, b = (a, b) if a is not None else node.args[:2]
     la, lb = ctx.val(a), ctx.val(b)
     sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
     if len(sa) < 2 or len(sb) < 2:
@@ -412,7 +470,8 @@ _RULES: dict[str, Callable[[Any, Node], Any]] = {
     "unflatten": _view, "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
     "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
     "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
-    "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice,
+    "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice, "select": _select,
+    "baddbmm": _baddbmm,
     "_assert_tensor_metadata": lambda ctx, node: None,  # checks dtype and device only
 }
 
