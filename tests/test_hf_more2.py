@@ -7,9 +7,14 @@ a message that says what is wrong and what to do.
 * Gemma2 scales its embedding by a buffer (``embed_scale``) of the embedding module: a
   ``split()`` of the whole model slices that embedding by vocabulary and keeps the buffer
   (before: refused, "cannot shard node embedding (aten.embedding)").
-* BLOOM takes q, k and v out of its per-head fused ``query_key_value`` with ``select`` and adds
-  ALiBi inside ``baddbmm``; Phi-3 slices q, k and v out of its fused ``qkv_proj``: each now has
-  a sharding rule, so the attention stays sharded (before: gathered whole, with a warning).
+* Phi-3 slices q, k and v out of its fused ``qkv_proj``: a slice of whole blocks of the sharded
+  dim now has a sharding rule, so the attention stays sharded (before: gathered, with a warning).
+* BLOOM reshapes its heads to ``(batch * heads, q, d)``, a size computed in forward: whale had
+  fixed the local size at the example's batch, so micro-batches of other row counts crashed
+  (a pipeline x split hung until the watchdog). Such a view is now gathered, with the warning.
+* ALBERT runs one layer at every depth: a ``split()`` of it slices that layer once for both
+  calls (before: refused, "reads the weight ... a second time"); where the calls would slice it
+  differently (one input sharded, one whole) the refusal says so and what to split instead.
 * A stage boundary at the module where forward() begins computing (CLIP's ``vision_model``,
   which runs before ``text_model``) left the first stage with nothing but torch.export's input
   guard: no parameters on rank 0, whose optimizer then failed while rank 1 waited. It is now
@@ -21,8 +26,8 @@ a message that says what is wrong and what to do.
   warns, as it does for data parallel replicas.
 
 Also equal to the local model (no fix needed): fused multi-query ``c_attn`` (GPT-BigCode,
-gathered with a warning: one k and one v head cannot split by heads) under ``split``; ALBERT's one layer run at every depth in a pipeline
-and under ZeRO 3; CLIP's two towers with frozen parameters under ``split``; a synchronized
+gathered with a warning: one k and one v head cannot split by heads) under ``split``; ALBERT's one layer run at every depth in a pipeline and
+under ZeRO 3; CLIP's two towers with frozen parameters under ``split``; a synchronized
 BatchNorm ResNet.
 """
 
@@ -70,19 +75,21 @@ def _capture(case):
         ("gemma2", {"split": ("",)}),
         # multi-query attention fused in one c_attn: q for all heads, one k, one v
         ("gpt_bigcode", {"split": ("",)}),
-        # ALiBi, query_key_value fused per head, an embedding layer norm, tied head
-        ("bloom", {"split": ("",)}),
+        # ALiBi, query_key_value fused per head (taken apart by select), an embedding layer
+        # norm, tied head; micro-batches of 4 rows where the example had 8
+        ("bloom", {"split": ("",), "num_micro_batch": 2}),
         # fused qkv_proj sliced into q, k, v (whole blocks), fused gate_up_proj split by chunk
         ("phi3", {"split": ("model.layers",)}),
         # CLIP's two towers, frozen key biases: the split's frozen shards stay without gradient
         ("clip", {"split": ("text_model.encoder.layers", "vision_model.encoder.layers")}),
-        # one layer's weights run at both depths; 7 rows in 4 micro-batches
+        # one layer's weights run at both depths: sliced once; in a pipeline, 7 rows in 4 micro-batches
+        ("albert", {"split": ("albert.encoder.albert_layer_groups",)}),
         ("albert", {"stage_boundaries": ["predictions"], "num_micro_batch": 4, "schedule": "gpipe", "rows": 7}),
         ("albert", {"zero_stage": 3}),
         # shifted windows, patch merging, a relative position bias table gathered by index
         ("swin", {"stage_boundaries": ["swin.encoder.layers.1"], "num_micro_batch": 2}),
     ],
-    ids=["gemma2-split", "gpt-bigcode-split", "bloom-split", "phi3-split", "clip-split", "albert-pipeline",
+    ids=["gemma2-split", "gpt-bigcode-split", "bloom-split", "phi3-split", "clip-split", "albert-split", "albert-pipeline",
          "albert-zero3", "swin-pipeline"],
 )
 def test_equals_local(world2, name, kwargs):
@@ -91,6 +98,9 @@ def test_equals_local(world2, name, kwargs):
     if name == "gpt_bigcode":  # one k and one v head: the attention cannot split by heads
         (message,) = outs[0]["warnings"]
         assert "gathered whole" in message and "transformer.h.0.attn" in message, message
+    elif name == "bloom":  # heads merged with the batch: gathered, correct for any rows
+        (message,) = outs[0]["warnings"]
+        assert "reshape (transformer.h.0.self_attention): the view's sharded dim has a size computed from the batch" in message
     else:
         assert outs[0]["warnings"] == [], "every split value stays sharded"
 
@@ -141,8 +151,16 @@ def test_synchronized_batch_norm_equals_local(world2):
     assert outs[0]["warnings"] == []
 
 
-def test_a_layer_run_at_every_depth_is_refused_under_split():
+def test_a_layer_called_at_every_depth_is_sliced_once_or_refused():
+    case = BUILDERS["albert"]()
+    wh.annotate(case.model, {"albert.encoder.albert_layer_groups": wh.split()})
+    plan = TensorParallelAnalysis(2)(case.model, _capture(case))
+    layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+    calls = [d for d in plan.modules.values() if d.path == f"{layer}.attention.query"]
+    assert [d.kind for d in calls] == ["column", "column"] and plan.fallbacks == ()
+    assert len({d.region for d in calls}) == 1, "both depths slice the one weight alike"
+    # With the input projection in the split too, depth 0 gets a sharded input, depth 1 a whole one.
     case = BUILDERS["albert"]()
     wh.annotate(case.model, {"albert.encoder": wh.split()})
-    with pytest.raises(ValueError, match="a second time .a layer called twice, or a tied weight"):
+    with pytest.raises(ValueError, match=r"called more than once and its calls shard it differently .*row.*column"):
         TensorParallelAnalysis(2)(case.model, _capture(case))

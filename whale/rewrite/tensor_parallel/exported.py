@@ -181,11 +181,16 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
             continue
         x, module, owner, replaced = found
         if owner in lowered:
-            raise ValueError(
-                f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second time "
-                "(a layer called twice, or a tied weight); whale shards a layer used once. Keep "
-                "its users out of the split, or untie the weight"
-            )
+            first = lowered[owner]
+            if type(first) is not type(module) or first.weight is not module.weight or (
+                getattr(first, "bias", None) is not getattr(module, "bias", None)
+            ):
+                raise ValueError(
+                    f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second "
+                    "time in another way (with another bias, or as another kind of layer); whale "
+                    "shards a weight one way. Keep its users out of the split, or untie the weight"
+                )
+            module = first  # a layer called again (ALBERT's one layer at every depth): one module
         lowered[owner] = module
         # The replaced nodes, last first (``x @ W.T + b``: the add, the matmul, the transpose).
         chain = [replaced] + ([node] if replaced is not node else [])

@@ -228,11 +228,38 @@ def _view(ctx, node):
     move = view_move(layout, ctx.shape(x), ctx.shape(node))
     if move is None:
         raise Fallback("the view mixes sharded and unsharded elements in one dim")
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    if op_name(node) == "view" and move.dim < len(sizes) and _from_batch(sizes[move.dim]):
+        # BLOOM's reshape(batch * heads, q, d): the shard's blocks would follow the batch
+        raise Fallback("the view's sharded dim has a size computed from the batch (batch times heads)")
     out = layout.moved(move.dim, move.blocks, move.per_block)
     ctx.bound(out, move.per_block, heads=move.splits_dim)
     if op_name(node) in ("view", "unflatten"):
         ctx.fix(node, op_name(node), out)
     return out
+
+
+def _from_batch(size: Any) -> bool:
+    """``size`` is computed in forward from some tensor's dim 0 (the rows of the batch):
+    ``x.size(0)``, ``aten.sym_size(x, 0)`` or ``x.size()[0]``, through arithmetic."""
+    todo, seen = ([size] if isinstance(size, Node) else []), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        name = op_name(n)
+        if name == "size":
+            if (len(n.args) > 1 and n.args[1] == 0) or n.kwargs.get("dim") == 0:
+                return True
+            continue  # another dim, or the whole size read through getitem below
+        whole = n.args[0] if name == "getitem" else None
+        if isinstance(whole, Node) and op_name(whole) == "size" and len(whole.args) == 1 and not whole.kwargs:
+            if n.args[1] == 0:
+                return True
+            continue
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _expand(ctx, node):
@@ -350,37 +377,8 @@ def _getattr(ctx, node):
     raise Fallback(f"attribute {attr!r} of a sharded tensor")
 
 
-def _baddbmm(ctx, node):
-    """``baddbmm(input, b1, b2, beta=, alpha=)`` = ``beta * input + alpha * b1 @ b2`` (BLOOM's
-    ALiBi scores): the product's layout as a matmul's; ``input`` follows it as an addend would.
-    A product contracting a sharded dim is refused: every rank would add ``input`` once."""
-    inp, b1, b2 = node.args[:3]
-    l1, l2 = ctx.val(b1), ctx.val(b2)
-    if isinstance(l1, ShardLayout) and l1.dim == len(ctx.shape(b1)) - 1:
-        raise Fallback("baddbmm contracting a sharded dim")
-    out = _matmul(ctx, node, b1, b2) if isinstance(l1, ShardLayout) or isinstance(l2, ShardLayout) else None
-    li = ctx.val(inp)
-    if isinstance(li, ShardLayout):
-        cand = li.moved(broadcast_dim(len(ctx.shape(inp)), len(ctx.shape(node)), li.dim))
-        if out is None:
-            return cand
-        if not out.same_structure(cand):
-            raise Fallback("baddbmm operands sharded differently")
-        ctx.merge(out, cand)
-        return out
-    shape, out_shape = ctx.shape(inp), ctx.shape(node)
-    at = out.dim - (len(out_shape) - len(shape))
-    if at < 0 or shape[at] == 1:
-        ctx.copy(node, inp)
-    elif shape[at] == out_shape[out.dim]:
-        ctx.scatter(node, inp, out.moved(at))
-    else:
-        raise Fallback("baddbmm input does not broadcast along the sharded dim")
-    return out
-
-
-def _matmul(ctx, node, a=None, b=None):
-    a, b = (a, b) if a is not None else node.args[:2]
+def _matmul(ctx, node):
+    a, b = node.args[:2]
     la, lb = ctx.val(a), ctx.val(b)
     sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
     if len(sa) < 2 or len(sb) < 2:
@@ -471,7 +469,6 @@ _RULES: dict[str, Callable[[Any, Node], Any]] = {
     "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
     "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
     "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice, "select": _select,
-    "baddbmm": _baddbmm,
     "_assert_tensor_metadata": lambda ctx, node: None,  # checks dtype and device only
 }
 
