@@ -22,7 +22,8 @@ def _reference(model, inputs, target, loss_fn) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     loss = loss_fn(model(**inputs), target)
     loss.backward()
-    out = {"ref_loss": [loss.item()], "ref_grads": [{n: p.grad.clone() for n, p in model.named_parameters()}]}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}  # not the frozen
+    out = {"ref_loss": [loss.item()], "ref_grads": [grads]}
     opt.step()
     out["ref_params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
