@@ -36,11 +36,11 @@ from .stage_split import (
     split_stages,
 )
 from .sync_batch_norm import batch_norm_pass  # Config(sync_batch_norm)
-from .train_mode import follow_train_mode  # eval() reaches the graph's batch norms and dropouts
 from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
 from .tensor_parallel.sharded_model import ShardedModel
+from .train_mode import follow_train_mode  # eval() in captured graphs
 
 __all__ = ["ProgramRewrite", "tensor_parallel_check"]
 
