@@ -53,7 +53,7 @@ def auto_equivalence(names: tuple[str, ...], cluster: str, rows: int = 8, split:
             opt = torch.optim.AdamW(program.parameters(), lr=LR)
             loss = program.step(case.inputs, case.target)
             out["loss"] = [loss.item()]
-            out["grads"] = [_whole(program, {n: p.grad for n, p in program.named_parameters()})]
+            out["grads"] = [_whole(program, {n: p.grad for n, p in program.named_parameters() if p.requires_grad})]
             opt.step()
             out["params"] = _whole(program, {n: p.detach() for n, p in program.named_parameters()})
         except Exception as err:  # noqa: BLE001 - reported per model, with the plan
