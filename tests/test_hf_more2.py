@@ -186,3 +186,14 @@ def test_a_layer_called_at_every_depth_is_sliced_once_or_refused():
     wh.annotate(case.model, {"albert.encoder": wh.split()})
     with pytest.raises(ValueError, match=r"called more than once and its calls shard it differently .*row.*column"):
         TensorParallelAnalysis(2)(case.model, _capture(case))
+
+
+def test_a_split_holding_only_convolutions_says_to_remove_it():
+    case = BUILDERS["resnet"]()
+    wh.annotate(case.model, {"resnet.encoder.stages.1": wh.split()})
+    with pytest.raises(ValueError) as err:
+        TensorParallelAnalysis(2)(case.model, _capture(case))
+    message = str(err.value)  # before: "Move split() to the modules it can shard", naming none
+    assert "whale does not shard convolutions" in message
+    assert "Nothing under this split() holds a layer whale can shard: remove the split()" in message
+    assert "Move split()" not in message

@@ -278,7 +278,11 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
                 break
     # A column/row pair (an attention, an MLP) before a lone layer (a router).
     elsewhere = {p for p, n in elsewhere.items() if n > 1} or set(elsewhere)
-    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})" if elsewhere else ""
+    if not elsewhere:  # a ResNet stage: convolutions only
+        lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
+                     f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")
+        return ". ".join(lines)
+    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})"
     lines.append(f"Move split() to the modules it can shard{hint}, leaving {sorted(bad)[:4]} replicated, or "
                  "use replicate() or a pipeline stage for them")
     return ". ".join(lines)
