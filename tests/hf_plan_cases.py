@@ -22,7 +22,8 @@ def _reference(model, inputs, target, loss_fn) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     loss = loss_fn(model(**inputs), target)
     loss.backward()
-    out = {"ref_loss": [loss.item()], "ref_grads": [{n: p.grad.clone() for n, p in model.named_parameters()}]}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}  # not the frozen
+    out = {"ref_loss": [loss.item()], "ref_grads": [grads]}
     opt.step()
     out["ref_params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
@@ -52,7 +53,7 @@ def auto_equivalence(names: tuple[str, ...], cluster: str, rows: int = 8, split:
             opt = torch.optim.AdamW(program.parameters(), lr=LR)
             loss = program.step(case.inputs, case.target)
             out["loss"] = [loss.item()]
-            out["grads"] = [_whole(program, {n: p.grad for n, p in program.named_parameters()})]
+            out["grads"] = [_whole(program, {n: p.grad for n, p in program.named_parameters() if p.requires_grad})]
             opt.step()
             out["params"] = _whole(program, {n: p.detach() for n, p in program.named_parameters()})
         except Exception as err:  # noqa: BLE001 - reported per model, with the plan

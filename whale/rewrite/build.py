@@ -40,6 +40,7 @@ from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
 from .tensor_parallel.sharded_model import ShardedModel
+from .train_mode import follow_train_mode  # eval() in captured graphs
 
 __all__ = ["ProgramRewrite", "tensor_parallel_check"]
 
@@ -155,6 +156,9 @@ class ProgramRewrite:
             tied = _tied_weights(plan, stages)
             flatten, restore = _input_output_maps(self.captured)
             call = dataclasses.replace(call, flatten=flatten, restore=restore)
+        for st in stages:  # the graphs whale built (not the user's model, run whole)
+            if isinstance(st.module, torch.fx.GraphModule) and st.module is not self.model:
+                follow_train_mode(st.module)
         # BatchNorm over the global batch, or a warning that it is not (sync_batch_norm.py).
         stages, data_group = batch_norm_pass(stages, plan, rank, self.model, self.sync_batch_norm)
         stages = checkpoint_pass(stages, plan.activation_checkpointing)  # recompute.py

@@ -158,6 +158,8 @@ def _place_state_writes(graph: fx.Graph, stage: dict[str, int]) -> None:
 def _compute_nodes(graph: fx.Graph, free: set[str]):
     for node in graph.nodes:
         if node.op in ("call_function", "call_method", "call_module") and node.name not in free:
+            if node.op == "call_module" and not node.users and not node.meta[_INFO].module_path:
+                continue  # torch.export's _guards_fn input check: no part of any stage's work
             yield node
 
 
@@ -210,7 +212,10 @@ def _check_every_stage_computes(captured, stage: dict, num: int, boundaries) -> 
     for s in range(num):
         if s not in used:
             if boundaries:
-                what = f"the stage starting at {boundaries[s - 1]!r}" if s else "the first stage"
+                what = (
+                    f"the stage starting at {boundaries[s - 1]!r}" if s
+                    else f"the first stage (before {boundaries[0]!r}, where forward() begins computing)"
+                )
             else:
                 what = repr(stage_annotations(captured)[s]) + f" (stage {s})"
             raise ValueError(

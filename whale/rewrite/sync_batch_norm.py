@@ -240,17 +240,29 @@ def batch_norm_pass(
     Enabled, a data-parallel program of several replicas gets its BatchNorms replaced by
     :class:`SyncBatchNorm` over the rank's data-parallel group (:func:`sync_batch_norms`; the
     user's model is not modified), and that group is returned for the runtime to bind.
-    Disabled, a model with BatchNorm run over several replicas is warned about, once.
+    Disabled, a model with BatchNorm run over several replicas is warned about, once; so is
+    one run on several micro-batches (enabled or not: each micro-batch has its own statistics).
 
     Raises:
         ValueError: enabled on a model with BatchNorm in a plan with pipeline stages or
             ``split`` parts, which this pass does not synchronize.
     """
     paths = batch_norm_paths(model)
+    shown = ", ".join(repr(p) for p in paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+    if paths and plan.num_micro_batch > 1:
+        warnings.warn(
+            f"BatchNorm modules {shown} run on {plan.num_micro_batch} micro-batches: each "
+            "micro-batch is normalized by its own statistics (over the replicas' micro-batches of "
+            "its index with Config(sync_batch_norm=True)), and the running statistics are updated "
+            "once per micro-batch, as the local model run on each micro-batch in turn would, not "
+            "as the local model on the whole batch. Use num_micro_batch=1 for the whole batch's "
+            "statistics.",
+            UserWarning,
+            stacklevel=4,  # warn -> this pass -> ProgramRewrite.build -> parallelize -> the user
+        )
     if not paths or plan.dp_degree == 1:
         return stages, None  # one replica normalizes the whole batch already
     if not enabled:
-        shown = ", ".join(repr(p) for p in paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
         warnings.warn(
             f"BatchNorm modules {shown} run data parallel over {plan.dp_degree} replicas: each "
             "normalizes its replica's rows by their own statistics (not the global batch's, as "

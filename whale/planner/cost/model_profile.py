@@ -334,13 +334,16 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
 def _pinned_cuts(starts, stage_marks, forced, nodes, begin) -> tuple[int, ...] | None:
     names = [name for _, name in starts]
     if forced:
-        missing = [b for b in forced if b not in names]
+        # A boundary at a module that holds several layers (an encoder-decoder's 'model.decoder',
+        # opened into its blocks) begins at the first of them.
+        first = {b: next((k for k, n in enumerate(names) if b and _under(n, b)), None) for b in forced}
+        missing = [b for b in forced if first[b] is None]
         if missing:
             raise ValueError(
                 f"stage boundary {missing[0]!r} names no module that computes in the graph; use a "
                 "module path of model.named_modules() that forward() calls"
             )
-        return tuple(sorted(names.index(b) for b in forced))
+        return tuple(sorted(first[b] for b in forced))
     if len(set(stage_marks.values())) <= 1:
         return None
     cuts = []

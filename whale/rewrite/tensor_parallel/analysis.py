@@ -252,6 +252,7 @@ class _Propagation:
         self.output_layout: ShardLayout | None = None
         self.output_index: int | None = None
         self.weight_regions: dict[int, int] = {}
+        self.first_call: dict[str, ModuleDecision] = {}
         self._staged: dict[str, list] = {}
 
     # ---- the rules' context ------------------------------------------------------------------
@@ -385,6 +386,7 @@ class _Propagation:
                 self.bounds[region].append(layout.per_block)
                 self.members[region].append(path)
                 self.modules[node.name] = ModuleDecision(node.name, path, "row", layout.region, layout)
+                self._called_again(self.modules[node.name])
                 return None
             if isinstance(layout, ShardLayout):
                 self._gather(node, x, then_copy=True)
@@ -399,6 +401,7 @@ class _Propagation:
             region = self._tied(module, self._new_region("columns", path, per_block))
             out = ShardLayout(len(_info(node).shapes[0]) - 1, blocks, per_block, region, node.name)
             self.modules[node.name] = ModuleDecision(node.name, path, "column", region, out)
+            self._called_again(self.modules[node.name])
             return out
         if isinstance(module, _ELEMENTWISE_MODULES):
             return layout
@@ -415,6 +418,7 @@ class _Propagation:
         if isinstance(module, (nn.Embedding, ExportedEmbedding)):
             region = self._tied(module, self._new_region("vocabulary entries", path, module.num_embeddings))
             self.modules[node.name] = ModuleDecision(node.name, path, "vocab", region)
+            self._called_again(self.modules[node.name])
         elif isinstance(module, nn.MultiheadAttention):
             region = self._new_region("heads", path, module.num_heads)
             weights_used = node.kwargs.get("need_weights", node.args[4] if len(node.args) > 4 else True) is not False and any(
@@ -426,6 +430,27 @@ class _Propagation:
             region = self._new_region("experts", path, self.moe[path].num_experts)
             self.modules[node.name] = ModuleDecision(node.name, path, "moe", region)
         return None
+
+    def _called_again(self, decision: ModuleDecision) -> None:
+        """A module called more than once (ALBERT runs one layer at every depth) holds one
+        slice of its weight: every call must shard it alike, and their regions are one."""
+        first = self.first_call.setdefault(decision.path, decision)
+        if first is decision:
+            return
+        alike = first.kind == decision.kind and (
+            first.layout is None or (first.layout.blocks, first.layout.per_block) == (decision.layout.blocks, decision.layout.per_block)
+        )
+        if not alike:
+            raise ValueError(
+                f"split() at {decision.path!r}: the module is called more than once and its calls "
+                f"shard it differently ({first.node}: {first.kind}, {decision.node}: {decision.kind}); "
+                "whale slices a module's weight one way (one call's input arrives sharded, another's "
+                "whole). Split only what runs at every depth, so that each call's input arrives "
+                "whole, or keep the module out of the split"
+            )
+        ra, rb = self._find(first.region), self._find(decision.region)
+        if ra != rb:
+            self.parent[rb] = ra
 
     def _tied(self, module: nn.Module, region: int) -> int:
         """A weight tied between layers (an embedding and its LM head) is sliced once: one region."""

@@ -24,7 +24,7 @@ from ...capture.graph import NODE_INFO_KEY
 
 NamesOf = Callable[[nn.Parameter], set[str]]
 
-__all__ = ["ExportedEmbedding", "ExportedLinear", "lower_parameter_ops", "refusal_message", "unlowered_parameter_use"]
+__all__ = ["ExportedEmbedding", "ExportedLinear", "carry_buffers", "lower_parameter_ops", "refusal_message", "unlowered_parameter_use"]
 
 _aten = torch.ops.aten
 
@@ -148,11 +148,23 @@ def _owner(node: Node, w: Node, weight: nn.Parameter, b: Node | None, bias: nn.P
 
 
 def _holds_only_weights(gm: GraphModule, owner: str) -> bool:
+    """The module at ``owner`` holds a weight, a bias and buffers (Gemma's scaled embedding
+    keeps its ``embed_scale``), nothing else: its lowered replacement takes the buffers along."""
     try:
         m = gm.get_submodule(owner)
     except AttributeError:
         return True  # not in the graph module yet: the node reads a tied weight by another name
-    return set(m._parameters) | set(m._buffers) | set(m._modules) <= {"weight", "bias"}
+    return set(m._parameters) | set(m._modules) <= {"weight", "bias"}
+
+
+def carry_buffers(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with ``old``'s buffers that it lacks registered under their names (persistent or
+    not, as in ``old``): a module that replaces another at its path keeps what the graph reads
+    there (a ``get_attr`` of ``<path>.embed_scale``)."""
+    for name, buf in old._buffers.items():
+        if buf is not None and name not in new._buffers and not hasattr(new, name):
+            new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    return new
 
 
 def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names: NamesOf = lambda p: set()) -> dict[str, str]:
@@ -169,11 +181,16 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
             continue
         x, module, owner, replaced = found
         if owner in lowered:
-            raise ValueError(
-                f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second time "
-                "(a layer called twice, or a tied weight); whale shards a layer used once. Keep "
-                "its users out of the split, or untie the weight"
-            )
+            first = lowered[owner]
+            if type(first) is not type(module) or first.weight is not module.weight or (
+                getattr(first, "bias", None) is not getattr(module, "bias", None)
+            ):
+                raise ValueError(
+                    f"split() at {owner!r}: node {node.name} reads the weight of {owner!r} a second "
+                    "time in another way (with another bias, or as another kind of layer); whale "
+                    "shards a weight one way. Keep its users out of the split, or untie the weight"
+                )
+            module = first  # a layer called again (ALBERT's one layer at every depth): one module
         lowered[owner] = module
         # The replaced nodes, last first (``x @ W.T + b``: the add, the matmul, the transpose).
         chain = [replaced] + ([node] if replaced is not node else [])
@@ -182,7 +199,7 @@ def lower_parameter_ops(gm: GraphModule, in_split: Callable[[Node], bool], names
         reads = [a for n in chain for a in n.all_input_nodes if a.op == "get_attr"]
         if _exists(gm, owner):
             parent, _, leaf = owner.rpartition(".")
-            setattr(gm.get_submodule(parent), leaf, module)
+            setattr(gm.get_submodule(parent), leaf, carry_buffers(gm.get_submodule(owner), module))
         else:
             gm.add_submodule(owner, module)
         with gm.graph.inserting_before(node):
@@ -261,7 +278,11 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
                 break
     # A column/row pair (an attention, an MLP) before a lone layer (a router).
     elsewhere = {p for p, n in elsewhere.items() if n > 1} or set(elsewhere)
-    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})" if elsewhere else ""
+    if not elsewhere:  # a ResNet stage: convolutions only
+        lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
+                     f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")
+        return ". ".join(lines)
+    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})"
     lines.append(f"Move split() to the modules it can shard{hint}, leaving {sorted(bad)[:4]} replicated, or "
                  "use replicate() or a pipeline stage for them")
     return ". ".join(lines)

@@ -228,11 +228,38 @@ def _view(ctx, node):
     move = view_move(layout, ctx.shape(x), ctx.shape(node))
     if move is None:
         raise Fallback("the view mixes sharded and unsharded elements in one dim")
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    if op_name(node) == "view" and move.dim < len(sizes) and _from_batch(sizes[move.dim]):
+        # BLOOM's reshape(batch * heads, q, d): the shard's blocks would follow the batch
+        raise Fallback("the view's sharded dim has a size computed from the batch (batch times heads)")
     out = layout.moved(move.dim, move.blocks, move.per_block)
     ctx.bound(out, move.per_block, heads=move.splits_dim)
     if op_name(node) in ("view", "unflatten"):
         ctx.fix(node, op_name(node), out)
     return out
+
+
+def _from_batch(size: Any) -> bool:
+    """``size`` is computed in forward from some tensor's dim 0 (the rows of the batch):
+    ``x.size(0)``, ``aten.sym_size(x, 0)`` or ``x.size()[0]``, through arithmetic."""
+    todo, seen = ([size] if isinstance(size, Node) else []), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        name = op_name(n)
+        if name == "size":
+            if (len(n.args) > 1 and n.args[1] == 0) or n.kwargs.get("dim") == 0:
+                return True
+            continue  # another dim, or the whole size read through getitem below
+        whole = n.args[0] if name == "getitem" else None
+        if isinstance(whole, Node) and op_name(whole) == "size" and len(whole.args) == 1 and not whole.kwargs:
+            if n.args[1] == 0:
+                return True
+            continue
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _expand(ctx, node):
@@ -247,12 +274,29 @@ def _expand(ctx, node):
 
 
 def _slice(ctx, node):
-    """``aten.slice(x, dim, start, end, step)``: a slice of another dim (or all of it) keeps the layout."""
+    """``aten.slice(x, dim, start, end, step)``: a slice of another dim (or all of it) keeps the
+    layout; a slice of the sharded dim made of whole blocks (Phi-3's q, k, v of one fused
+    ``qkv_proj``) holds those blocks, each rank its part of each."""
     x, layout = _sharded_first(ctx, node)
     shape = ctx.shape(x)
-    if _norm(_dim_arg(node, 1, "dim", 0), len(shape)) == layout.dim and ctx.shape(node) != shape:
-        raise Fallback("slice of the sharded dim")
-    return layout
+    d = _norm(_dim_arg(node, 1, "dim", 0), len(shape))
+    if d != layout.dim or ctx.shape(node) == shape:
+        return layout
+    width = shape[d]
+    start, end, step = (ctx.const(a) for a in (*node.args[2:5], None, None, None)[:3])
+    start, end = (start or 0), (width if end is None else end)
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise Fallback("slice of the sharded dim at a computed position")
+    start, end = (min(max(v + width if v < 0 else v, 0), width) for v in (start, end))
+    if step not in (None, 1) or end <= start:
+        raise Fallback("slice of the sharded dim with a step")
+    if any(v % layout.per_block for v in (start, end)):
+        unit = math.gcd(start, end, width)
+        _need_blocks(layout, layout.per_block // math.gcd(layout.per_block, unit))
+        raise Fallback("slice of the sharded dim not on whole blocks")
+    first, last = start // layout.per_block, end // layout.per_block
+    ctx.fix(node, "slice", layout, (first, last))
+    return layout.moved(d, last - first)
 
 
 def _split(ctx, node):
@@ -277,6 +321,18 @@ def _split(ctx, node):
     blocks = [w // layout.per_block for w in widths]
     ctx.fix(node, "split", layout, tuple(blocks))
     return tuple(layout.moved(d, b) for b in blocks)
+
+
+def _select(ctx, node):
+    """``aten.select(x, dim, index)`` (``x[..., 0, :]``: BLOOM's q of a per-head fused qkv): one
+    index of another dim drops that dim and keeps the layout; one of the sharded dim does not."""
+    x, layout = _sharded_first(ctx, node)
+    shape = ctx.shape(x)
+    d = _norm(_dim_arg(node, 1, "dim"), len(shape))
+    if d == layout.dim:
+        _need_blocks(layout, shape[d])
+        raise Fallback("select of one index of the sharded dim")
+    return layout.moved(layout.dim - (d < layout.dim))
 
 
 def _need_blocks(layout: ShardLayout, parts: int) -> None:
@@ -412,7 +468,7 @@ _RULES: dict[str, Callable[[Any, Node], Any]] = {
     "unflatten": _view, "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
     "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
     "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
-    "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice,
+    "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice, "select": _select,
     "_assert_tensor_metadata": lambda ctx, node: None,  # checks dtype and device only
 }
 

@@ -35,6 +35,7 @@ from .parallel_loss import VocabParallelCrossEntropy, parallel_loss
 from .shard_sizes import validate_sizes
 from .sharded_model import ShardedModel
 from .analysis import TensorParallelAnalysis, TensorParallelPlan
+from .exported import carry_buffers
 from .layout import ShardLayout, local_width
 from .modules import (
     ColumnParallelLinear,
@@ -255,7 +256,8 @@ class TensorParallelRewrite:
             new.meta = dict(node.meta)
             env[node.name] = new
             if node.op == "call_module":
-                root[node.target] = self._module(node, source.get_submodule(node.target), param_shards, full_specs)
+                old = source.get_submodule(node.target)
+                root[node.target] = carry_buffers(old, self._module(node, old, param_shards, full_specs))
             elif node.op == "get_attr":
                 root[node.target] = _fetch(source, node.target)
             if node.name in plan.reduce_after:
@@ -324,6 +326,10 @@ class TensorParallelRewrite:
             if sizes[layout.dim - dim] != -1:
                 sizes[layout.dim - dim] = self._local(layout)
             args[2] = tuple(sizes)
+            return tuple(args)
+        if kind == "slice":  # whole blocks [first, last) of the sharded dim: this rank's part of each
+            per_block = self._local(layout) // layout.blocks
+            args[2:4] = [extra[0] * per_block, extra[1] * per_block]
             return tuple(args)
         if kind == "split" and _is_split(node):
             per_block = self._local(layout) // layout.blocks
