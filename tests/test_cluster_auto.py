@@ -298,6 +298,17 @@ def test_self_profile_reads_the_rank_not_the_core_it_measured_on(monkeypatch):
     assert order0[:2] == [{0}, {1}] and order1[:2] == [{1}, {0}]  # turns start at the rank's core
     assert order0[-1] == order1[-1] == {0, 1} and pinned[0] == {0, 1}  # restored
 
+    def refuse(pid, cpus):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse, raising=False)
+    torch.set_num_threads(1)
+    try:  # a container that forbids pinning: measured where the scheduler puts it, no error
+        unpinned = rank_report(0, environ={**host, "LOCAL_RANK": "0"})
+    finally:
+        torch.set_num_threads(threads)
+    assert unpinned.error is None and unpinned.speed == pytest.approx(alone.speed, rel=1e-9)
+
 
 def test_two_ranks_measuring_at_once_see_the_emulated_factor(world2):
     # As parallelize measures: both ranks at once, single-threaded, rank 1 emulated 2x slower.

@@ -221,6 +221,15 @@ def _rotation(rank: int, environ=None) -> list[int]:
     return [] if turns < 2 else [cores[(local + j) % len(cores)] for j in range(turns)]
 
 
+def _pin(cores: set[int]) -> None:
+    """Run this thread on ``cores`` where the system lets it choose (a container may not: the
+    samples are then taken where the scheduler puts them, as without rotation)."""
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError:
+        pass
+
+
 def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores: Sequence[int] = ()) -> _Measured:
     """This rank's device: the peak fp32 FLOP/s from a linear layer's multiply (the
     faster half's mean over :data:`REPEATS` samples, over the device's efficiency at that
@@ -263,7 +272,7 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
         means = []
         for core in turns:
             if core is not None:
-                os.sched_setaffinity(0, {core})
+                _pin({core})
             run()  # warm-up: allocation, kernel selection, caches (of this core)
             sync()
             out = []
@@ -296,7 +305,7 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
         optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
     finally:
         if home is not None:
-            os.sched_setaffinity(0, home)
+            _pin(home)
     flops = 32.0 * n**3
     rate = inner * flops / max(matmul, 1e-9)
     share = min(1.0, max(0.01, ran[0] / max(walls[0], 1e-9))) if shared else 1.0
