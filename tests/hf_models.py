@@ -27,6 +27,14 @@ class HFCase:
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
 
 
+def capture_case(case: HFCase):
+    """``whale.capture`` of a case's model on its example inputs (keywords as keywords)."""
+    from whale.capture import capture, split_example_inputs
+
+    args, kwargs = split_example_inputs(case.model, case.inputs, "test")
+    return capture(case.model, args, example_kwargs=kwargs)
+
+
 def lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the model's ``.logits`` (the output object's field) against ``target``."""
     logits = out.logits if hasattr(out, "logits") else out["logits"]

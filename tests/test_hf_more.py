@@ -31,19 +31,14 @@ import pytest
 pytest.importorskip("transformers")
 
 import whale as wh
+from tests.hf_models import capture_case
 from tests.hf_more_models import BUILDERS
 from tests.test_hf_pipeline import _check
-from whale.capture import capture, split_example_inputs
 from whale.cli import main
 from whale.rewrite import TensorParallelAnalysis
 from whale.rewrite.stage_split import assign_stages, capture_split_stages, split_stages
 
 CASES = "tests.hf_more_cases"
-
-
-def _capture(case):
-    args, kwargs = split_example_inputs(case.model, case.inputs, "test")
-    return capture(case.model, args, example_kwargs=kwargs)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +83,7 @@ def test_multi_query_attention_runs_gathered_and_says_so(world2):
 def test_stacked_experts_are_refused_with_where_split_can_go():
     case = BUILDERS["mixtral"]()
     wh.annotate(case.model, {"model.layers": wh.split()})
-    cap = _capture(case)
+    cap = capture_case(case)
     # The experts' grouped matmuls count in the cost model: each of the 8 x 8 tokens meets 2
     # experts, (32 -> 2 x 64) then (64 -> 32). Before, torch's counter knew no formula: 0 FLOPs.
     grouped = [n.flops for n in cap.nodes if "grouped_mm" in n.target]
@@ -105,7 +100,7 @@ def test_convolutions_are_refused_with_where_split_can_go():
     case = BUILDERS["convnext"]()
     wh.annotate(case.model, {"convnext.encoder.stages.1.layers": wh.split()})
     with pytest.raises(ValueError) as err:
-        TensorParallelAnalysis(2)(case.model, _capture(case))
+        TensorParallelAnalysis(2)(case.model, capture_case(case))
     message = str(err.value)
     assert "aten.conv2d" in message and "whale does not shard convolutions" in message
     assert "stacks" not in message, "a convolution's weight is not a stack of experts"
@@ -115,7 +110,7 @@ def test_convolutions_are_refused_with_where_split_can_go():
 def test_a_stage_receiving_a_split_output_holds_no_split_of_it():
     case = BUILDERS["bart"]()
     wh.annotate(case.model, {"model.encoder.layers": wh.split(), "model.decoder.layers": wh.split()})
-    cap = _capture(case)
+    cap = capture_case(case)
     stage, num = assign_stages(cap, ["model.decoder"])
     graphs = capture_split_stages(split_stages(cap, stage, num), cap)
     assert sorted(graphs) == [0, 1]

@@ -44,9 +44,9 @@ pytest.importorskip("transformers")
 
 import whale as wh
 from tests.equivalence import assert_equivalent
+from tests.hf_models import capture_case
 from tests.hf_more_models2 import BUILDERS
 from tests.test_hf_pipeline import _check
-from whale.capture import capture, split_example_inputs
 from whale.planner.cost.model_profile import profile_model
 from whale.rewrite import TensorParallelAnalysis
 from whale.rewrite.stage_split import assign_stages
@@ -65,11 +65,6 @@ def _check_trainable(outs: list[dict]) -> None:
         out["params"] = {n: p for n, p in out["params"].items() if n not in frozen}
         out["ref_params"] = {n: p for n, p in out["ref_params"].items() if n not in frozen}
     _check(outs)
-
-
-def _capture(case):
-    args, kwargs = split_example_inputs(case.model, case.inputs, "test")
-    return capture(case.model, args, example_kwargs=kwargs)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +107,7 @@ def test_equals_local(world2, name, kwargs):
 def test_scaled_embedding_keeps_its_buffer_when_sliced():
     case = BUILDERS["gemma2"]()
     wh.annotate(case.model, {"": wh.split()})
-    plan = TensorParallelAnalysis(2)(case.model, _capture(case))
+    plan = TensorParallelAnalysis(2)(case.model, capture_case(case))
     embed = plan.graph_module.get_submodule("model.embed_tokens")
     assert embed.embed_scale.item() == pytest.approx(32**0.5), "the buffer the graph multiplies by"
     assert "model.embed_tokens" in plan.summary()
@@ -120,7 +115,7 @@ def test_scaled_embedding_keeps_its_buffer_when_sliced():
 
 def test_a_boundary_where_forward_begins_is_refused():
     case = BUILDERS["clip"]()
-    cap = _capture(case)
+    cap = capture_case(case)
     with pytest.raises(ValueError, match=r"the first stage \(before 'vision_model', where forward\(\) begins"):
         assign_stages(cap, ["vision_model"])
     stage, num = assign_stages(cap, ["text_model"])  # CLIP runs its vision tower first
@@ -129,7 +124,7 @@ def test_a_boundary_where_forward_begins_is_refused():
 
 def test_a_boundary_at_a_module_of_several_layers_is_priced():
     case = BUILDERS["pegasus"]()
-    profile = profile_model(_capture(case), 8, boundaries=["model.decoder"])
+    profile = profile_model(capture_case(case), 8, boundaries=["model.decoder"])
     (cut,) = profile.pinned_cuts
     names = [layer.name for layer in profile.layers]
     assert names[cut].startswith("model.decoder.") and not names[cut - 1].startswith("model.decoder.")
@@ -176,7 +171,7 @@ def test_synchronized_batch_norm_equals_local(world2):
 def test_a_layer_called_at_every_depth_is_sliced_once_or_refused():
     case = BUILDERS["albert"]()
     wh.annotate(case.model, {"albert.encoder.albert_layer_groups": wh.split()})
-    plan = TensorParallelAnalysis(2)(case.model, _capture(case))
+    plan = TensorParallelAnalysis(2)(case.model, capture_case(case))
     layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
     calls = [d for d in plan.modules.values() if d.path == f"{layer}.attention.query"]
     assert [d.kind for d in calls] == ["column", "column"] and plan.fallbacks == ()
@@ -185,14 +180,14 @@ def test_a_layer_called_at_every_depth_is_sliced_once_or_refused():
     case = BUILDERS["albert"]()
     wh.annotate(case.model, {"albert.encoder": wh.split()})
     with pytest.raises(ValueError, match=r"called more than once and its calls shard it differently .*row.*column"):
-        TensorParallelAnalysis(2)(case.model, _capture(case))
+        TensorParallelAnalysis(2)(case.model, capture_case(case))
 
 
 def test_a_split_holding_only_convolutions_says_to_remove_it():
     case = BUILDERS["resnet"]()
     wh.annotate(case.model, {"resnet.encoder.stages.1": wh.split()})
     with pytest.raises(ValueError) as err:
-        TensorParallelAnalysis(2)(case.model, _capture(case))
+        TensorParallelAnalysis(2)(case.model, capture_case(case))
     message = str(err.value)  # before: "Move split() to the modules it can shard", naming none
     assert "whale does not shard convolutions" in message
     assert "Nothing under this split() holds a layer whale can shard: remove the split()" in message

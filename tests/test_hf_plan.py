@@ -25,8 +25,8 @@ pytest.importorskip("transformers")
 
 import whale as wh  # noqa: E402
 from tests.equivalence import assert_equivalent  # noqa: E402
-from tests.hf_models import BUILDERS, SEQ  # noqa: E402
-from whale.capture import capture, module_annotation_map, split_example_inputs  # noqa: E402
+from tests.hf_models import BUILDERS, SEQ, capture_case  # noqa: E402
+from whale.capture import module_annotation_map  # noqa: E402
 from whale.cli import main  # noqa: E402
 from whale.ir.cluster_spec import parse_cluster  # noqa: E402
 from whale.planner.cost.model_profile import profile_model  # noqa: E402
@@ -48,18 +48,13 @@ LAYERS = {
 }  # fmt: skip
 
 
-def _capture(case):
-    args, kwargs = split_example_inputs(case.model, case.inputs, "test")
-    return capture(case.model, args, example_kwargs=kwargs)
-
-
 @pytest.fixture(scope="module")
 def captured():
     """name -> (case, captured model): one capture per model for the pure tests."""
     out = {}
     for name in NAMES:
         case = BUILDERS[name]()
-        out[name] = (case, _capture(case))
+        out[name] = (case, capture_case(case))
     return out
 
 
@@ -95,7 +90,7 @@ def test_no_stage_boundary_sends_the_swiglu_intermediate():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     case = BUILDERS["llama"]()
     case.model = transformers.LlamaForCausalLM(cfg)
-    cap = _capture(case)
+    cap = capture_case(case)
     profile = profile_model(cap, 8)
     intermediate = 128 * SEQ * 4  # bytes per row of one fp32 gate (or up) output
     cuts = [c for layer, c in zip(profile.layers, profile.cut_bytes) if layer.cuttable][1:]
@@ -145,7 +140,7 @@ def test_a_graph_export_fixed_to_its_rows_gets_data_parallel_only(captured):
 def test_tensor_parallel_only_in_degrees_the_rewrite_accepts(captured):
     case = BUILDERS["llama"]()
     wh.annotate(case.model, {"model.layers": wh.split()})
-    cap = _capture(case)
+    cap = capture_case(case)
     refused = "2 kv heads cannot form 4 groups"  # what the rewrite's analysis says for 4 ranks
 
     def check(degree):
