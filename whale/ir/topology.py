@@ -12,6 +12,7 @@ which re-exports everything here.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -226,24 +227,28 @@ class Cluster:
             at += node.num_devices
         return tuple(starts)
 
-    @property
+    @functools.cached_property
     def world_size(self) -> int:
         """Number of ranks (devices) in the cluster."""
         return sum(node.num_devices for node in self.nodes)
 
-    def devices(self) -> tuple[RankDevice, ...]:
-        """Every rank in order, with its node and device profile."""
+    @functools.cached_property
+    def _devices(self) -> tuple[RankDevice, ...]:
         return tuple(
             RankDevice(start + i, node, device)
             for start, node in zip(self._starts, self.nodes, strict=True)
             for i, device in enumerate(node.devices)
         )
 
+    def devices(self) -> tuple[RankDevice, ...]:
+        """Every rank in order, with its node and device profile (built once: the search asks
+        for them in its inner loops)."""
+        return self._devices
+
     def node_of(self, rank: int) -> Node:
         """The node that holds ``rank``."""
         self._check_rank(rank)
-        index = max(i for i, start in enumerate(self._starts) if start <= rank)
-        return self.nodes[index]
+        return self.nodes[bisect.bisect_right(self._starts, rank) - 1]
 
     def _check_rank(self, rank: object) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
