@@ -242,7 +242,10 @@ def _worker(rank: int, world: int, args, results) -> None:
             paces = _paces(world, reference) if args.pace else None
             cluster = rank_cluster(name, host, link, shares, paces)
             estimate = predict_plan(program.plan, layers, cluster, args.batch)
-            predicted.append((shares, estimate.prediction.step_time, paces))
+            # With --pace, also the prediction without it: the two compare on the same steps.
+            unpaced = estimate if paces is None else predict_plan(
+                program.plan, layers, rank_cluster(name, host, link, shares, None), args.batch)
+            predicted.append((shares, estimate.prediction.step_time, paces, unpaced.prediction.step_time))
             phases[name][1].append(_by_category(estimate.timeline, rank))
     mine = {n: tuple(_median_of(v) for v in both) for n, both in phases.items()} if args.phases else {}
     by_rank = [None] * world
@@ -251,15 +254,16 @@ def _worker(rank: int, world: int, args, results) -> None:
         rows = [
             (
                 n,
-                statistics.median(v for _, v, _ in p),
+                statistics.median(v for _, v, _, _ in p),
                 statistics.median(t),
-                statistics.median(statistics.fmean(s) for s, _, _ in p),
-                statistics.median(statistics.fmean(c) if c else 1.0 for _, _, c in p),
+                statistics.median(statistics.fmean(s) for s, _, _, _ in p),
+                statistics.median(statistics.fmean(c) if c else 1.0 for _, _, c, _ in p),
+                statistics.median(u for _, _, _, u in p),
             )
             for n, (_, _, _, t, p) in runs.items()
         ]
         record = {
-            n: (r[0].plan.to_json(), [share for share, _, _ in r[4]], host, ring, [c for _, _, c in r[4]])
+            n: (r[0].plan.to_json(), [share for share, _, _, _ in r[4]], host, ring, [c for _, _, c, _ in r[4]])
             for n, r in runs.items()
         }
         results.put((host, ring, rows, record, by_rank))
@@ -293,8 +297,7 @@ def main() -> None:
     p.add_argument(
         "--pace", action="store_true",
         help="also predict each run at its CPU pace (the reference block's CPU time after the "
-        "run over while profiling); off by default: on the loaded 2-core host it read 0.61-0.71 "
-        "in 4 runs of 5, which moved the median error by -6 to +17 points, not steadily down",
+        "run over while profiling), printed beside the error without it (same steps)",
     )
     p.add_argument(
         "--record", help="write the profile, plans and measured times to this JSON file"
@@ -329,19 +332,23 @@ def main() -> None:
           f"{host.overhead() * 1e6:.1f} us per op; all-reduce link {ring.describe()}")  # fmt: skip
     print(
         f"{'plan':16} {'core share':>10} {'CPU pace':>8} {'predicted ms':>12} {'measured ms':>12} {'error':>8}"
+        + (f" {'error with no pace':>18}" if args.pace else "")
     )
-    errors = []
-    for name, predicted, measured, share, pace in rows:
+    errors, plain_errors = [], []
+    for name, predicted, measured, share, pace, plain in rows:
         error = predicted / measured - 1
         errors.append(abs(error))
+        plain_errors.append(abs(plain / measured - 1))
         print(
             f"{name:16} {share:10.0%} {pace:8.2f} {predicted * 1e3:12.1f} {measured * 1e3:12.1f} {error:+8.1%}"
+            + (f" {plain / measured - 1:+18.1%}" if args.pace else "")
         )
     if not emulation_supported():
         print(f"emulated-slow: skipped, the runtime does not apply {_SLOWDOWN} yet")
     if errors:
         print(
             f"median |error| {statistics.median(errors):.1%} over {len(errors)} plans (goal <= 15%)"
+            + (f"; without the pace {statistics.median(plain_errors):.1%}" if args.pace else "")
         )
     if args.phases:
         print_phases(phases)
@@ -355,7 +362,7 @@ def main() -> None:
                           # the profile and link its own world measured, where that is not the 2 ranks'
                           **({"profile": record[n][2].to_dict(), "link": [record[n][3].bandwidth, record[n][3].latency]}
                              if n in FOUR_RANKS else {})}
-                      for n, pr, m, _, _ in rows},
+                      for n, pr, m, _, _, _ in rows},
         }  # fmt: skip
         with open(args.record, "w", encoding="utf-8") as file:
             json.dump(out, file, indent=1)
