@@ -328,7 +328,7 @@ def main() -> None:
     out = run_on_ranks(_worker, args, world=2, pin=args.pin)
     s = args.slow
     print(f"GPT {args.layers}x{args.embd} (pipeline: {args.pp_layers} blocks), global batch {args.batch}x{args.block}, "
-          f"2 gloo ranks, rank 1 emulated {s:g}x slower; {args.rounds} rounds")
+          f"2 gloo ranks, rank 1 emulated {s:g}x slower (data parallel: also rank 0, counterbalanced); {args.rounds} rounds")
     print("load average (1, 5, 15 min) at start and after each part: "
           + "; ".join(", ".join(f"{v:.2f}" for v in load) for load in out["load"]))
     print("measured fp32 rates: " + ", ".join(f"rank {r} {v / 1e9:.1f} GFLOP/s" for r, v in enumerate(out["speeds"]))
