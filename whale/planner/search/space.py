@@ -143,7 +143,8 @@ class SearchSpace:
         self.n = profile.num_layers
         self.cuttable = [layer.cuttable for layer in profile.layers]
         self.device_of = self.costs.device_of
-        self._speeds: dict = {}
+        self._speeds: dict = {}  # bound's memo, shared by share_structures (its keys name the recomputation)
+        self._recomputed_key: tuple = (None, None)  # (recomputed, its bytes)
         self._unfit: dict = {}  # (layout, stages, schedule) -> its least-memory structure does not fit
         self._best_exact = math.inf
         self._prefixes: dict = {}
@@ -187,6 +188,8 @@ class SearchSpace:
         other memory options): its layouts, replica kinds and their keys are reused, not rebuilt."""
         self._enumerated = other.enumerate()
         self._classes, self._class_keys = other._classes, other._class_keys
+        # Bounds read layer times and the recomputation only, never memory: shared too.
+        self._speeds = other._speeds
 
     def enumerate(self) -> list[tuple]:
         """Per rank layout and stage count: ``(layout, classes, key, stages, schedules,
@@ -263,7 +266,10 @@ class SearchSpace:
         # Per-row times shrink as micro-batches grow (fixed reads amortise): rate every replica
         # at the largest micro-batch any replica could get, so that the bound stays below.
         q = (self.batch - (layout.dp_degree - 1) * m) / m
-        key = (id(layout), round(q, 9), m, s)
+        recomputed = self.recomputed
+        if recomputed is not None and self._recomputed_key[0] is not recomputed:
+            self._recomputed_key = (recomputed, recomputed.tobytes())
+        key = (id(layout), round(q, 9), m, s, None if recomputed is None else self._recomputed_key[1])
         if key not in self._speeds:
             total = 0.0
             for pipe, count in self.classes(layout):
