@@ -71,14 +71,16 @@ class StageTimes:
         return cached
 
     def _position_optimizer(self, group: tuple[int, ...], blocks: tuple[tuple[int, int], ...]) -> float:
-        """:meth:`optimizer_times` of one position: ``group`` holding layer ranges ``blocks``."""
-        found = self._optimizer.get((group, blocks))
+        """:meth:`optimizer_times` of one position: ``group`` holding layer ranges ``blocks``
+        (memoised on its members' devices: the groups of every replica share it)."""
+        key = (self.group_kind(group), blocks)
+        found = self._optimizer.get(key)
         if found is None:
             tensors = int(sum(self.param_tensors[b] - self.param_tensors[a] for a, b in blocks))
             repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
             sharded = sum(self.block_param_bytes(a, b) for a, b in blocks) - repl
             kinds = set(zip((self.device_of[r] for r in group), self.shard_shares(group)))
-            found = self._optimizer[(group, blocks)] = max(
+            found = self._optimizer[key] = max(
                 optimizer_step_time((sharded * share + repl) / self.profile.param_dtype_bytes, tensors, device,
                                     optimizer=self.options.optimizer, precision=self.options.precision)
                 for device, share in kinds
