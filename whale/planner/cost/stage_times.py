@@ -21,6 +21,24 @@ class StageTimes:
     """Stage and position times of replicas (mixed into :class:`~.predict.CostModel`, which
     holds the model, the cluster and the memos these read)."""
 
+    # The memos of times (and of what they read: links, shares, parameter bytes), never of memory.
+    _TIME_MEMOS = ("_times", "_class_weights", "_optimizer", "_rank_optimizer", "_p2p", "_stage_lists",
+                   "_stage_forward", "_sync", "_floor_terms", "_block_params", "_rank_shares", "_shares",
+                   "_links", "_group_links", "_group_kinds")  # fmt: skip
+
+    def share_times(self, other) -> None:
+        """Read and fill ``other``'s memos of times from now on: a cost model of the same model,
+        cluster and options under other memory options (:mod:`~..search.memory_options`) times
+        every stage alike, and its searches ask for the same stages again.
+
+        Raises:
+            ValueError: ``other`` prices another model, cluster or options.
+        """
+        if other.profile is not self.profile or other.cluster is not self.cluster or other.options != self.options:
+            raise ValueError("share_times: the cost models price different models, clusters or options")
+        for name in self._TIME_MEMOS:
+            setattr(self, name, getattr(other, name))
+
     def stage_lists(
         self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
     ) -> tuple[list[float], list[float], list[float]]:
