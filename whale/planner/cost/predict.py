@@ -180,6 +180,7 @@ class CostModel(StageTimes):
         self._replica_kinds: dict = {}  # pipeline -> (predict's key of alike replicas, its groups' kinds)
         self._kind_ids: dict = {}  # devices by name and links of a pipeline -> a small int
         self._capacities: tuple[int, ...] | None = None
+        self._state_params: dict = {}  # state_bytes' parameter bytes per (member share, blocks)
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -282,8 +283,13 @@ class CostModel(StageTimes):
 
     def state_bytes(self, member_share: float, blocks: Sequence[tuple[int, int]]) -> int:
         """Weights, gradients and optimizer states one group member keeps for ``blocks``."""
-        repl = [self.repl_params[b] - self.repl_params[a] for a, b in blocks]
-        params = sum((self.block_param_bytes(a, b) - r) * member_share + r for (a, b), r in zip(blocks, repl))
+        key = (member_share, blocks if type(blocks) is tuple else tuple(map(tuple, blocks)))
+        params = self._state_params.get(key)
+        if params is None:  # the parameter bytes it holds: memoised (memory options share them)
+            repl = [self.repl_params[b] - self.repl_params[a] for a, b in blocks]
+            params = sum((self.block_param_bytes(a, b) - r) * member_share + r for (a, b), r in zip(blocks, repl))
+            self._state_params = {} if len(self._state_params) > 200_000 else self._state_params
+            self._state_params[key] = params
         return int(params * self.state_bytes_per_param)
 
     def member_act(self, share: float, start: int, stop: int) -> float:

@@ -21,10 +21,11 @@ class StageTimes:
     """Stage and position times of replicas (mixed into :class:`~.predict.CostModel`, which
     holds the model, the cluster and the memos these read)."""
 
-    # The memos of times (and of what they read: links, shares, parameter bytes), never of memory.
+    # The memos of times (and of what they read: links, shares, parameter bytes), never of memory
+    # (the parameter bytes a member holds are, before the options scale them to its state bytes).
     _TIME_MEMOS = ("_times", "_class_weights", "_optimizer", "_rank_optimizer", "_p2p", "_stage_lists",
                    "_stage_forward", "_sync", "_floor_terms", "_block_params", "_rank_shares", "_shares",
-                   "_links", "_group_links", "_group_kinds")  # fmt: skip
+                   "_links", "_group_links", "_group_kinds", "_state_params")  # fmt: skip
 
     def share_times(self, other) -> None:
         """Read and fill ``other``'s memos of times from now on: a cost model of the same model,
