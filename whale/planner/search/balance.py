@@ -337,9 +337,11 @@ def partition_layers(
     # Plain lists where the stages x layers are few (up to 64 layers, 2,048 in all): there a Python loop beats
     # numpy's cost per call. The same float64 sums and comparisons as the arrays' (Python
     # floats are IEEE doubles), so the same cuts.
-    time_rows, end_rows, ok_start = times.tolist(), ends.tolist(), allowed.tolist()
-    mem_rows = mems.tolist() if mems is not None else None
-    cap_list = caps.tolist() if caps is not None else None
+    use_lists = n <= _LIST_LAYERS and stages * (n + 1) <= _LIST_CELLS
+    time_rows, end_rows = times.tolist(), ends.tolist()  # the bottleneck reads them too
+    ok_start = allowed.tolist()
+    mem_rows = mems.tolist() if mems is not None and use_lists else None
+    cap_list = caps.tolist() if caps is not None and use_lists else None
 
     def solve_lists(limit: float) -> list[int] | None:
         reach = [b == 0 for b in range(n + 1)]
@@ -363,14 +365,14 @@ def partition_layers(
             return None
         return _backtrack(parents, n, stages)
 
-    solve = solve_lists if n <= _LIST_LAYERS and stages * (n + 1) <= _LIST_CELLS else solve_arrays
+    solve = solve_lists if use_lists else solve_arrays
     found = solve(math.inf)
     if found is None:
         return None
 
     def bottleneck(cuts: list[int]) -> float:
         bounds = [0, *cuts, n]
-        return max(float(times[j][bounds[j + 1]] - times[j][bounds[j]] + ends[j][bounds[j + 1]]) for j in range(stages))
+        return max(time_rows[j][bounds[j + 1]] - time_rows[j][bounds[j]] + end_rows[j][bounds[j + 1]] for j in range(stages))
 
     lo, hi = 0.0, bottleneck(found)
     while hi - lo > rel_tol * hi:
