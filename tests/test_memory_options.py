@@ -80,6 +80,30 @@ def test_13b_on_8_v100_fits_only_with_options(profile_13b):
     assert time(MemoryChoice()) < time(choice)
 
 
+def test_reusing_the_plain_search_finds_the_same_plan(profile_13b):
+    """auto_plan hands its plain search to search_with_memory (its structures, bounds and memos
+    of times): the same plan, to the float, as a search that starts afresh; a plain search of
+    something else is refused."""
+    from whale.planner.cost.predict import CostModel
+    from whale.planner.search.explore import Explorer
+
+    profile, paths = profile_13b
+    cluster = parse_cluster("node0=8xV100-32GB")
+    plain = Explorer(profile, cluster, 1536, _OPTIONS, Pins(), SearchSettings())
+    with pytest.raises(NoPlanError) as err:
+        plain.run()
+    kwargs = dict(options=_OPTIONS, pins=Pins(), settings=SearchSettings(), allowed=("checkpoint", "zero", "offload"),
+                  module_paths=paths)  # fmt: skip
+    fresh, fresh_choice = search_with_memory(profile, cluster, 1536, err.value, **kwargs)
+    reused, reused_choice = search_with_memory(profile, cluster, 1536, err.value, base=plain, **kwargs)
+    assert (reused.best, reused_choice, reused.alternatives) == (fresh.best, fresh_choice, fresh.alternatives)
+    other = Explorer(profile, cluster, 768, _OPTIONS, Pins(), SearchSettings())
+    with pytest.raises(ValueError, match="base searches another"):
+        search_with_memory(profile, cluster, 1536, err.value, base=other, **kwargs)
+    with pytest.raises(ValueError, match="share_times"):
+        CostModel(profile, cluster, _OPTIONS).share_times(CostModel(profile, cluster, CostOptions()))
+
+
 def test_zero_divides_state_by_the_data_parallel_degree(profile_13b):
     profile, _ = profile_13b
     cluster = parse_cluster("node0=8xV100-32GB")

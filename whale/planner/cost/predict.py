@@ -176,6 +176,11 @@ class CostModel(StageTimes):
         self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
         self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
         self._floor_terms: dict = {}  # floor_terms per (group, rows per micro-batch, its stages' layers)
+        self._group_kinds: dict = {}  # group -> its members' device profiles (by id): what optimizer steps read
+        self._replica_kinds: dict = {}  # pipeline -> (predict's key of alike replicas, its groups' kinds)
+        self._kind_ids: dict = {}  # devices by name and links of a pipeline -> a small int
+        self._capacities: tuple[int, ...] | None = None
+        self._state_params: dict = {}  # state_bytes' parameter bytes per (member share, blocks)
 
         def prefix(values) -> np.ndarray:
             return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
@@ -198,6 +203,12 @@ class CostModel(StageTimes):
     def capacity(self, rank: int) -> int:
         """Bytes a plan may use on ``rank``."""
         return int(self.device_of[rank].memory_bytes * self.options.memory_fraction)
+
+    def capacities(self) -> tuple[int, ...]:
+        """:meth:`capacity` of every rank (memoised on first use)."""
+        if self._capacities is None:
+            self._capacities = tuple(self.capacity(r) for r in range(self.cluster.world_size))
+        return self._capacities
 
     def speed(self, device: DeviceProfile, rows: float = 1.0) -> float:
         """Rows per second of the whole model's forward and backward on one ``device``."""
@@ -272,8 +283,13 @@ class CostModel(StageTimes):
 
     def state_bytes(self, member_share: float, blocks: Sequence[tuple[int, int]]) -> int:
         """Weights, gradients and optimizer states one group member keeps for ``blocks``."""
-        repl = [self.repl_params[b] - self.repl_params[a] for a, b in blocks]
-        params = sum((self.block_param_bytes(a, b) - r) * member_share + r for (a, b), r in zip(blocks, repl))
+        key = (member_share, blocks if type(blocks) is tuple else tuple(map(tuple, blocks)))
+        params = self._state_params.get(key)
+        if params is None:  # the parameter bytes it holds: memoised (memory options share them)
+            repl = [self.repl_params[b] - self.repl_params[a] for a, b in blocks]
+            params = sum((self.block_param_bytes(a, b) - r) * member_share + r for (a, b), r in zip(blocks, repl))
+            self._state_params = {} if len(self._state_params) > 200_000 else self._state_params
+            self._state_params[key] = params
         return int(params * self.state_bytes_per_param)
 
     def member_act(self, share: float, start: int, stop: int) -> float:
@@ -354,6 +370,27 @@ class CostModel(StageTimes):
             self._shares[key] = tuple(s / sum(speeds) for s in speeds)
         self._rank_shares[tuple(group)] = self._shares[key]
         return self._shares[key]
+
+    def group_kind(self, group: tuple[int, ...]) -> tuple[int, ...]:
+        """The device profiles (their ids) of a group's members: what its optimizer step reads."""
+        found = self._group_kinds.get(group)
+        if found is None:
+            found = self._group_kinds[group] = tuple(id(self.device_of[r]) for r in group)
+        return found
+
+    def _replica_kind(self, pipeline) -> tuple[int, tuple]:
+        """:meth:`predict`'s name for the replicas that cost alike (devices by name and links
+        between positions, as an int), and its groups' :meth:`group_kind` (memoised)."""
+        found = self._replica_kinds.get(pipeline)
+        if found is None:
+            key = (
+                tuple(tuple(self.device_of[r].name for r in g) for g in pipeline),
+                tuple(self.link(pipeline[k][0], pipeline[(k + 1) % len(pipeline)][0]) for k in range(len(pipeline))),
+            )
+            kinds = self._kind_ids
+            found = self._replica_kinds[pipeline] = (
+                kinds.setdefault(key, len(kinds)), tuple(self.group_kind(tuple(g)) for g in pipeline))
+        return found
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -513,17 +550,17 @@ class CostModel(StageTimes):
         busy, memory = [0.0] * world, [0] * world
         times, stage_times, opt = [], [], [0.0] * layout.pipeline_degree
         alike: dict = {}  # replicas on the same devices and links with the same rows cost the same
+        stepped = set()  # replicas on the same devices step their optimizers alike
         for d, pipeline in enumerate(layout.pipelines):
-            key = (
-                tuple(tuple(self.device_of[r].name for r in g) for g in pipeline),
-                tuple(self.link(pipeline[k][0], pipeline[(k + 1) % len(pipeline)][0]) for k in range(len(pipeline))),
-                candidate.rows[d],
-            )
+            kind, devices = self._replica_kind(pipeline)
+            key = (kind, candidate.rows[d])
             if key not in alike:
                 alike[key] = self.replica_cost(pipeline, candidate.num_stages, candidate.schedule,
                                                candidate.num_micro_batch, candidate.cuts, candidate.rows[d], sync)  # fmt: skip
             cost = alike[key]
-            opt = [max(a, b) for a, b in zip(opt, self.optimizer_times(pipeline, candidate.num_stages, candidate.cuts))]
+            if devices not in stepped:
+                stepped.add(devices)
+                opt = [max(a, b) for a, b in zip(opt, self.optimizer_times(pipeline, candidate.num_stages, candidate.cuts))]
             times.append(cost.time)
             stage_times.append(cost.stage_times)
             for pos, group in enumerate(pipeline):
@@ -536,7 +573,7 @@ class CostModel(StageTimes):
             replica_times=tuple(times),
             rank_busy=tuple(busy),
             rank_memory=tuple(memory),
-            rank_capacity=tuple(self.capacity(r) for r in range(world)),
+            rank_capacity=self.capacities(),
             stage_times=tuple(stage_times),
             sync_time=sync,
             optimizer_time=tuple(opt),

@@ -21,6 +21,25 @@ class StageTimes:
     """Stage and position times of replicas (mixed into :class:`~.predict.CostModel`, which
     holds the model, the cluster and the memos these read)."""
 
+    # The memos of times (and of what they read: links, shares, parameter bytes), never of memory
+    # (the parameter bytes a member holds are, before the options scale them to its state bytes).
+    _TIME_MEMOS = ("_times", "_class_weights", "_optimizer", "_rank_optimizer", "_p2p", "_stage_lists",
+                   "_stage_forward", "_sync", "_floor_terms", "_block_params", "_rank_shares", "_shares",
+                   "_links", "_group_links", "_group_kinds", "_state_params")  # fmt: skip
+
+    def share_times(self, other) -> None:
+        """Read and fill ``other``'s memos of times from now on: a cost model of the same model,
+        cluster and options under other memory options (:mod:`~..search.memory_options`) times
+        every stage alike, and its searches ask for the same stages again.
+
+        Raises:
+            ValueError: ``other`` prices another model, cluster or options.
+        """
+        if other.profile is not self.profile or other.cluster is not self.cluster or other.options != self.options:
+            raise ValueError("share_times: the cost models price different models, clusters or options")
+        for name in self._TIME_MEMOS:
+            setattr(self, name, getattr(other, name))
+
     def stage_lists(
         self, pipeline: Sequence[Sequence[int]], num_stages: int, num_micro_batch: int, cuts: Sequence[int], rows: int
     ) -> tuple[list[float], list[float], list[float]]:
@@ -71,14 +90,16 @@ class StageTimes:
         return cached
 
     def _position_optimizer(self, group: tuple[int, ...], blocks: tuple[tuple[int, int], ...]) -> float:
-        """:meth:`optimizer_times` of one position: ``group`` holding layer ranges ``blocks``."""
-        found = self._optimizer.get((group, blocks))
+        """:meth:`optimizer_times` of one position: ``group`` holding layer ranges ``blocks``
+        (memoised on its members' devices: the groups of every replica share it)."""
+        key = (self.group_kind(group), blocks)
+        found = self._optimizer.get(key)
         if found is None:
             tensors = int(sum(self.param_tensors[b] - self.param_tensors[a] for a, b in blocks))
             repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
             sharded = sum(self.block_param_bytes(a, b) for a, b in blocks) - repl
             kinds = set(zip((self.device_of[r] for r in group), self.shard_shares(group)))
-            found = self._optimizer[(group, blocks)] = max(
+            found = self._optimizer[key] = max(
                 optimizer_step_time((sharded * share + repl) / self.profile.param_dtype_bytes, tensors, device,
                                     optimizer=self.options.optimizer, precision=self.options.precision)
                 for device, share in kinds

@@ -66,6 +66,11 @@ def search(
         result = search(profile, parse_cluster("8xA100-80GB,8xV100-32GB"), 256)
         result.best.prediction.step_time
     """
+    return _explorer_of(profile, cluster, global_batch, options=options, pins=pins, settings=settings).run()
+
+
+def _explorer_of(profile, cluster, global_batch, *, options: CostOptions, pins: Pins, settings: SearchSettings) -> Explorer:
+    """:func:`search`'s checks, and the search it runs (not run yet)."""
     if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"global_batch={global_batch!r} must be an int >= 1 (rows per step)")
     if pins.cuts is None and profile.pinned_cuts is not None:
@@ -75,7 +80,7 @@ def search(
         pins = dataclasses.replace(pins, cuts=profile.pinned_cuts, num_stages=stages)
     if pins.cuts is not None and pins.num_stages is not None and len(pins.cuts) + 1 != pins.num_stages:
         raise ValueError(f"{pins.where('num_stages')} but the pinned cuts make {len(pins.cuts) + 1} stages")
-    return Explorer(profile, cluster, global_batch, options, pins, settings).run()
+    return Explorer(profile, cluster, global_batch, options, pins, settings)
 
 
 def plan_of(
@@ -249,11 +254,13 @@ def auto_plan(
             tuple(range(s, s + per_node)) for s in range(0, world_size, per_node)))  # fmt: skip
     if memory_options is None:
         memory_options = ("checkpoint",) if config.activation_checkpointing == "auto" else ()
+    plain = _explorer_of(profile, cluster, global_batch, options=options, pins=pins, settings=settings)
     try:
-        result, memory = search(profile, cluster, global_batch, options=options, pins=pins, settings=settings), None
+        result, memory = plain.run(), None
     except NoPlanError as err:  # memory options, where allowed (memory_options.py)
         result, memory = search_with_memory(profile, cluster, global_batch, err, options=options, pins=pins,
-                                            settings=settings, allowed=memory_options, module_paths=module_paths)
+                                            settings=settings, allowed=memory_options, module_paths=module_paths,
+                                            base=plain)  # fmt: skip
     dp = result.best.candidate.layout.dp_degree
     group = pins.replica_group or dp
     replica_groups = pins.replica_groups if isinstance(pins.replica_groups, tuple) else None

@@ -29,6 +29,10 @@ import numpy as np
 
 __all__ = ["balance_rows", "partition_layers", "partition_ranks", "rows_by_speed", "shard_sizes_by_speed"]
 
+# partition_layers runs its reachability on Python lists up to these layers and stages x layers
+# (there a loop beats numpy's cost per call), on arrays above.
+_LIST_LAYERS, _LIST_CELLS = 64, 2048
+
 
 def _apportion(total: int, weights: Sequence[float], lows: Sequence[int], caps: Sequence[float]) -> list[int]:
     """``total`` split in proportion to ``weights`` within ``[lows, caps]`` (water-filling).
@@ -298,34 +302,46 @@ def partition_layers(
     if cuttable is not None:
         allowed[1:n] = np.asarray(cuttable, dtype=bool)[1:n]
 
-    time_of, end_of = list(times), list(ends)  # rows, indexed once
-    mem_of = list(mems) if mems is not None else None
-    blank = np.full(n + 1, -1)
+    # parents[j][b] is one more than stage j's start for an end b: the latest end before b
+    # that the stages before reach, 0 if none. The rows read at a start carry a NaN first (no
+    # start), which every comparison rejects; the rows read at an end have NaN where no stage
+    # may begin (all stages but the last). Reachable ends get the plain formula's sums and
+    # comparisons, so the same cuts.
+    end_time = times + np.where(allowed, 0.0, np.nan)
+    end_time[-1] = times[-1]
+    end_time, end_of, start_time = list(end_time), list(ends), list(_nan_first(times))
+    if mems is not None:
+        end_mem, start_mem, cap_of = list(mems), list(_nan_first(mems)), caps.tolist()
+    after = index[1:]
 
     def solve_arrays(limit: float) -> list[int] | None:
-        reach = index == 0
-        parents = []
+        parents = np.empty((stages, n + 1), dtype=index.dtype)
+        parents[:, 0] = 0
+        parents[0, 1:] = 1  # stage 0 starts at layer 0
+        reach = None
         for j in range(stages):
-            start = blank.copy()  # the latest reachable end strictly before b, -1 if none
-            np.maximum.accumulate(np.where(reach[:-1], index[:-1], -1), out=start[1:])
-            valid = start >= 0
-            a = np.maximum(start, 0)
-            t = time_of[j]
-            ok = valid & (t - t[a] + end_of[j] <= limit)
-            if mem_of is not None:
-                ok &= mem_of[j] - mem_of[j][a] <= caps[j]
-            reach = ok & allowed if j < stages - 1 else ok
-            parents.append(a)
+            a = parents[j]
+            if reach is not None:
+                np.maximum.accumulate(reach[:-1] * after, out=a[1:])
+                if not a[n]:
+                    return None  # no end before the last layer is reachable: nothing further is
+            reach = end_time[j] - start_time[j][a]
+            reach += end_of[j]
+            reach = reach <= limit
+            if mems is not None:
+                reach &= end_mem[j] - start_mem[j][a] <= cap_of[j]
         if not reach[n]:
             return None
-        return _backtrack(parents, n, stages)
+        return _backtrack(parents, n, stages, shift=1)
 
     # Plain lists where the stages x layers are few (up to 64 layers, 2,048 in all): there a Python loop beats
     # numpy's cost per call. The same float64 sums and comparisons as the arrays' (Python
     # floats are IEEE doubles), so the same cuts.
-    time_rows, end_rows, ok_start = times.tolist(), ends.tolist(), allowed.tolist()
-    mem_rows = mems.tolist() if mems is not None else None
-    cap_list = caps.tolist() if caps is not None else None
+    use_lists = n <= _LIST_LAYERS and stages * (n + 1) <= _LIST_CELLS
+    time_rows, end_rows = times.tolist(), ends.tolist()  # the bottleneck reads them too
+    ok_start = allowed.tolist()
+    mem_rows = mems.tolist() if mems is not None and use_lists else None
+    cap_list = caps.tolist() if caps is not None and use_lists else None
 
     def solve_lists(limit: float) -> list[int] | None:
         reach = [b == 0 for b in range(n + 1)]
@@ -349,14 +365,14 @@ def partition_layers(
             return None
         return _backtrack(parents, n, stages)
 
-    solve = solve_lists if n <= 64 and stages * (n + 1) <= 2048 else solve_arrays
+    solve = solve_lists if use_lists else solve_arrays
     found = solve(math.inf)
     if found is None:
         return None
 
     def bottleneck(cuts: list[int]) -> float:
         bounds = [0, *cuts, n]
-        return max(float(times[j][bounds[j + 1]] - times[j][bounds[j]] + ends[j][bounds[j + 1]]) for j in range(stages))
+        return max(time_rows[j][bounds[j + 1]] - time_rows[j][bounds[j]] + end_rows[j][bounds[j + 1]] for j in range(stages))
 
     lo, hi = 0.0, bottleneck(found)
     while hi - lo > rel_tol * hi:
@@ -485,11 +501,19 @@ def partition_ranks(
     return found
 
 
-def _backtrack(parents: Sequence, n: int, stages: int) -> list[int]:
-    """The cuts of a layers x stages shortest path: ``parents[j][end]`` is where stage ``j``,
-    ending at layer ``end``, began."""
+def _nan_first(rows: np.ndarray) -> np.ndarray:
+    """``rows`` with a NaN column before the first."""
+    out = np.empty((rows.shape[0], rows.shape[1] + 1))
+    out[:, 0] = np.nan
+    out[:, 1:] = rows
+    return out
+
+
+def _backtrack(parents: Sequence, n: int, stages: int, shift: int = 0) -> list[int]:
+    """The cuts of a layers x stages shortest path: ``parents[j][end] - shift`` is where stage
+    ``j``, ending at layer ``end``, began."""
     cuts, end = [], n
     for j in range(stages - 1, 0, -1):
-        end = int(parents[j][end])
+        end = int(parents[j][end]) - shift
         cuts.append(end)
     return cuts[::-1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,7 +104,13 @@ class MemoryFloor:
         if upto is not None and total > upto:
             found = total
         else:
-            found = max(total, min(self._set_excess(c, s, schedule, m, cuts, upto) for c in sets))
+            # No set's excess is below -1 (fits, upto given) or 0 (fits): the first such is the least.
+            least, lowest = math.inf, -1.0 if upto is not None else 0.0
+            for c in sets:
+                least = min(least, self._set_excess(c, s, schedule, m, cuts, upto))
+                if least <= lowest:
+                    break
+            found = max(total, least)
         if memo is not None:
             self._memo[memo] = found
         return found
@@ -114,7 +121,7 @@ class MemoryFloor:
         """Least slack (bytes added to every capacity) that lets the stages reach the last layer."""
         if self._reaches(constraints, s, schedule, m, cuts, 0.0):
             return 0.0 if upto is None else -1.0
-        if upto is not None and not self._reaches(constraints, s, schedule, m, cuts, upto):
+        if upto is not None and (upto == 0.0 or not self._reaches(constraints, s, schedule, m, cuts, upto)):
             return upto + 1.0
         lo, hi = 0.0, 1.0
         while not self._reaches(constraints, s, schedule, m, cuts, hi):
@@ -146,9 +153,10 @@ class MemoryFloor:
             reach = n
             for pipe, q in constraints:
                 for share, cap in self._members(pipe[pos]):
-                    f, single = self._prefix_of(share, held * q)
+                    f, least = self._prefix_of(share, held * q)
                     room = cap + slack + _SLACK_BYTES + _REL_TOL * f[-1]
-                    if single[lo : hi + 1].min() > room:
+                    k = (hi - lo + 1).bit_length() - 1  # the least single layer in [lo, hi]
+                    if min(least[k][lo], least[k][hi - (1 << k) + 1]) > room:
                         return False  # not one layer fits here
                     reach = min(reach, bisect.bisect_right(f, f[hi] + room, hi) - 1)
             if j == s - 1:
@@ -193,15 +201,20 @@ class MemoryFloor:
             self._kinds[group] = list(dict.fromkeys((w, float(self.costs.capacity(r))) for r, w in zip(group, shares)))
         return self._kinds[group]
 
-    def _prefix_of(self, share: float, rows: float) -> tuple[list[float], np.ndarray]:
+    def _prefix_of(self, share: float, rows: float) -> tuple[list[float], list[list[float]]]:
         """A member's least memory of layers ``0..b-1`` (states and ``rows`` rows of activations)
-        for every ``b``, and of each layer alone."""
+        for every ``b``, and of each layer alone as a sparse table: ``least[k][i]`` is the least
+        of layers ``i..i + 2**k - 1`` (any range's least in two lookups)."""
         key = (share, rows)
         if key not in self._prefix:
             state = self._params * share + self._repl * (1 - share)
             act = self._act * share + self._repl_act * (1 - share)
             f = np.maximum.accumulate(self._per_param * state + rows * act)
-            self._prefix[key] = (f.tolist(), np.diff(f))
+            least = [np.diff(f)]
+            while 2 << (len(least) - 1) <= len(least[0]):
+                half = 1 << (len(least) - 1)
+                least.append(np.minimum(least[-1][:-half], least[-1][half:]))
+            self._prefix[key] = (f.tolist(), [x.tolist() for x in least])
         return self._prefix[key]
 
 

@@ -237,7 +237,7 @@ def checkpointable_layers(profile: ModelProfile, module_paths: Collection[str] |
 def search_with_memory(
     profile: ModelProfile, cluster: Cluster, global_batch: int, plain_error: NoPlanError, *,
     options: CostOptions, pins: Pins, settings: SearchSettings, allowed: Collection[str] = (),
-    module_paths: Collection[str] | None = None, zero3: str = "last",
+    module_paths: Collection[str] | None = None, zero3: str = "last", base: Explorer | None = None,
 ) -> tuple[SearchResult, MemoryChoice]:
     """Where the plain search found nothing that fits (``plain_error``), the fastest plan under
     the allowed memory options (``pins`` as the plain search took them).
@@ -255,6 +255,9 @@ def search_with_memory(
     extra all-gather priced here, and its searches are the dearest: most structures pass its
     memory floor); ``"any"`` lets it compete on predicted time with the others.
 
+    ``base``: the plain search (the same model, cluster, batch, options, pins and settings),
+    whose structures, bounds and memos of times the choices' searches reuse.
+
     Raises:
         NoPlanError: no choice fits either (the plain search's message, with what was tried).
     """
@@ -264,7 +267,11 @@ def search_with_memory(
         raise ValueError(f"search_with_memory(zero3={zero3!r}): use 'last' or 'any'")
     if pins.cuts is None and profile.pinned_cuts is not None:  # as auto.search pins them
         pins = dataclasses.replace(pins, cuts=profile.pinned_cuts, num_stages=len(profile.pinned_cuts) + 1)
-    base = Explorer(profile, cluster, global_batch, options, pins, settings)
+    if base is None:
+        base = Explorer(profile, cluster, global_batch, options, pins, settings)
+    elif base.profile is not profile or base.cluster is not cluster or (
+            base.batch, base.costs.options, base.pins, base.settings) != (global_batch, options, pins, settings):  # fmt: skip
+        raise ValueError("search_with_memory: base searches another model, cluster, batch, options, pins or settings")
     checkpointable = checkpointable_layers(profile, module_paths)
     flops = np.array([float(x.total_flops) for x in profile.layers])
     choices = _option_sets(allowed, checkpointable)
@@ -290,13 +297,14 @@ def search_with_memory(
     if best is None:
         raise NoPlanError(f"{plain_error} (also with {', '.join(allowed)} turned on)") from None
     result, choice = best
-    choice, scored = _lightest(profile, cluster, options, choice, result.best)
+    choice, scored = _lightest(profile, cluster, options, choice, result.best, shared=base.costs)
     return dataclasses.replace(result, best=scored), choice
 
 
 def _explorer(base: Explorer, choice: MemoryChoice, flops: np.ndarray) -> Explorer:
     """A search under ``choice`` that shares ``base``'s structure enumeration."""
     costs = OptionCostModel(base.profile, base.cluster, base.costs.options, choice)
+    costs.share_times(base.costs)
     explorer = Explorer(base.profile, base.cluster, base.batch, base.costs.options, base.pins, base.settings, costs=costs)
     explorer.share_structures(base)
     if choice.checkpointed:
@@ -324,26 +332,27 @@ def _weight(choice: MemoryChoice) -> int:
     return int(bool(choice.checkpointed)) + int(choice.zero_stage > 0) + int(choice.offload != "none")
 
 
-def _lightest(profile, cluster, options, choice: MemoryChoice, scored: Scored) -> tuple[MemoryChoice, Scored]:
+def _lightest(profile, cluster, options, choice: MemoryChoice, scored: Scored, shared=None) -> tuple[MemoryChoice, Scored]:
     """The lightest options under which ``scored``'s plan fits, at its time or faster: a lower
     ZeRO stage (stages 0-2 cost the same time, stage 3 more), no offload, the fewest checkpointed
-    layers (:func:`_fewest_checkpointed`). The fastest of these wins, then the fewest options."""
+    layers (:func:`_fewest_checkpointed`). The fastest of these wins, then the fewest options.
+    ``shared``: a cost model of the same model, cluster and options whose memos of times to use."""
     c = scored.candidate
     picks = []
     for z in range(choice.zero_stage + 1):
         for off in dict.fromkeys(("none", choice.offload)):
             trial = dataclasses.replace(choice, zero_stage=z, offload=off)
-            pred = scored.prediction if trial == choice else OptionCostModel(profile, cluster, options, trial).predict(c)
+            pred = scored.prediction if trial == choice else _costs(profile, cluster, options, trial, shared).predict(c)
             if not pred.fits:
                 continue
             found = (trial, Scored(c, pred))
             if trial.checkpointed:
-                found = _fewest_checkpointed(profile, cluster, options, trial, found[1])
+                found = _fewest_checkpointed(profile, cluster, options, trial, found[1], shared)
             picks.append(found)
     return min(picks, key=lambda x: (x[1].prediction.step_time, _weight(x[0]), x[0].zero_stage, len(x[0].checkpointed)))
 
 
-def _fewest_checkpointed(profile, cluster, options, choice: MemoryChoice, scored: Scored) -> tuple[MemoryChoice, Scored]:
+def _fewest_checkpointed(profile, cluster, options, choice: MemoryChoice, scored: Scored, shared=None) -> tuple[MemoryChoice, Scored]:
     """Cut the checkpointed layers of ``scored``'s plan to the fewest that keep it fitting: per
     rank over memory, its stages' layers with the largest saving first."""
     c = scored.candidate
@@ -359,7 +368,7 @@ def _fewest_checkpointed(profile, cluster, options, choice: MemoryChoice, scored
     taken: set[int] = set()
     while True:
         trial = dataclasses.replace(choice, checkpointed=frozenset(taken))
-        pred = OptionCostModel(profile, cluster, options, trial).predict(c)
+        pred = _costs(profile, cluster, options, trial, shared).predict(c)
         if pred.fits:
             return trial, Scored(c, pred)
         over = {rank_pos[r] for r, (m, cap) in enumerate(zip(pred.rank_memory, pred.rank_capacity)) if m > cap}
@@ -371,6 +380,14 @@ def _fewest_checkpointed(profile, cluster, options, choice: MemoryChoice, scored
                 added = True
         if not added:
             return choice, scored  # as searched (every layer): nothing fewer fits
+
+
+def _costs(profile, cluster, options, choice: MemoryChoice, shared=None) -> OptionCostModel:
+    """The cost model of ``choice``, with ``shared``'s memos of times where given."""
+    costs = OptionCostModel(profile, cluster, options, choice)
+    if shared is not None:
+        costs.share_times(shared)
+    return costs
 
 
 def option_costs(profile, cluster, options, choice: MemoryChoice, scored: Scored) -> list[str]:

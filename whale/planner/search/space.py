@@ -143,7 +143,10 @@ class SearchSpace:
         self.n = profile.num_layers
         self.cuttable = [layer.cuttable for layer in profile.layers]
         self.device_of = self.costs.device_of
-        self._speeds: dict = {}
+        self._speeds: dict = {}  # bound's memo, shared by share_structures (its keys name the recomputation)
+        self._recomputed_key: tuple = (None, None)  # (recomputed, its bytes)
+        self._group_kinds: dict = {}  # group -> its devices by name and its link (_group_arrays' key)
+        self._bound_rows: dict = {}  # (group kind, rows, recomputation) -> bound's time per layer
         self._unfit: dict = {}  # (layout, stages, schedule) -> its least-memory structure does not fit
         self._best_exact = math.inf
         self._prefixes: dict = {}
@@ -187,6 +190,8 @@ class SearchSpace:
         other memory options): its layouts, replica kinds and their keys are reused, not rebuilt."""
         self._enumerated = other.enumerate()
         self._classes, self._class_keys = other._classes, other._class_keys
+        # Bounds read layer times and the recomputation only, never memory: shared too.
+        self._speeds = other._speeds
 
     def enumerate(self) -> list[tuple]:
         """Per rank layout and stage count: ``(layout, classes, key, stages, schedules,
@@ -263,16 +268,31 @@ class SearchSpace:
         # Per-row times shrink as micro-batches grow (fixed reads amortise): rate every replica
         # at the largest micro-batch any replica could get, so that the bound stays below.
         q = (self.batch - (layout.dp_degree - 1) * m) / m
-        key = (id(layout), round(q, 9), m, s)
+        recomputed = self.recomputed
+        if recomputed is not None and self._recomputed_key[0] is not recomputed:
+            self._recomputed_key = (recomputed, recomputed.tobytes())
+        key = (id(layout), round(q, 9), m, s, None if recomputed is None else self._recomputed_key[1])
         if key not in self._speeds:
             total = 0.0
             for pipe, count in self.classes(layout):
-                times = np.array([3 * self._group_arrays(g, q)[0] + self._recompute_floor(g, q) for g in pipe])
+                times = np.array([self._bound_row(g, q, key[-1]) for g in pipe])
                 floor = max(float(np.min(mu[:, None] * times, axis=0).sum())
                             for mu in _bound_weights(times.sum(axis=1), m, s == layout.pipeline_degree))  # fmt: skip
                 total += count * m * q / floor
             self._speeds[key] = self.batch / total
         return self._speeds[key]
+
+    def _bound_row(self, group: tuple[int, ...], q: float, recomputed_key) -> np.ndarray:
+        """Per layer, the time :meth:`bound` rates ``group`` at (memoised on what
+        :meth:`_group_arrays` reads of the group, as that is: ranks of one kind share it)."""
+        kind = self._group_kinds.get(group)
+        if kind is None:
+            kind = self._group_kinds[group] = (tuple(self.device_of[r].name for r in group), self.costs.group_link(group))
+        key = (kind, round(q, 9), recomputed_key)
+        found = self._bound_rows.get(key)
+        if found is None:
+            found = self._bound_rows[key] = 3 * self._group_arrays(group, q)[0] + self._recompute_floor(group, q)
+        return found
 
     def _recompute_floor(self, group: tuple[int, ...], q: float) -> np.ndarray | float:
         """Per layer, at least the time its backward spends running its forward again.
