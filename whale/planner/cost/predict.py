@@ -178,7 +178,8 @@ class CostModel(StageTimes):
         self._floor_terms: dict = {}  # floor_terms per (group, rows per micro-batch, its stages' layers)
         self._group_kinds: dict = {}  # group -> its members' device profiles (by id): what optimizer steps read
         self._replica_kinds: dict = {}  # pipeline -> (predict's key of alike replicas, its groups' kinds)
-        self._kind_ids: dict = {}  # devices by name and links of a pipeline -> a small int
+        self._kind_ids: dict = {}  # replica_key -> a small int
+        self._replica_keys: dict = {}  # pipeline -> replica_key
         self._capacities: tuple[int, ...] | None = None
         self._state_params: dict = {}  # state_bytes' parameter bytes per (member share, blocks)
 
@@ -383,13 +384,19 @@ class CostModel(StageTimes):
         between positions, as an int), and its groups' :meth:`group_kind` (memoised)."""
         found = self._replica_kinds.get(pipeline)
         if found is None:
-            key = (
-                tuple(tuple(self.device_of[r].name for r in g) for g in pipeline),
-                tuple(self.link(pipeline[k][0], pipeline[(k + 1) % len(pipeline)][0]) for k in range(len(pipeline))),
-            )
             kinds = self._kind_ids
             found = self._replica_kinds[pipeline] = (
-                kinds.setdefault(key, len(kinds)), tuple(self.group_kind(tuple(g)) for g in pipeline))
+                kinds.setdefault(self.replica_key(pipeline), len(kinds)), tuple(self.group_kind(tuple(g)) for g in pipeline))
+        return found
+
+    def replica_key(self, pipeline) -> tuple:
+        """A replica's devices by name, position by position, then the links between its
+        positions (the last back to the first): replicas with one key cost alike (memoised)."""
+        found = self._replica_keys.get(pipeline)
+        if found is None:
+            found = tuple(tuple(self.device_of[r].name for r in g) for g in pipeline)
+            found += tuple(self.link(pipeline[k][0], pipeline[(k + 1) % len(pipeline)][0]) for k in range(len(pipeline)))
+            self._replica_keys[pipeline] = found
         return found
 
     # --- replicas ---------------------------------------------------------------------------

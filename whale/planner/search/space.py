@@ -145,7 +145,7 @@ class SearchSpace:
         self.device_of = self.costs.device_of
         self._speeds: dict = {}  # bound's memo, shared by share_structures (its keys name the recomputation)
         self._recomputed_key: tuple = (None, None)  # (recomputed, its bytes)
-        self._group_kinds: dict = {}  # group -> its devices by name and its link (_group_arrays' key)
+        self._group_keys: dict = {}  # group -> its devices by name and its link (_group_key)
         self._bound_rows: dict = {}  # (group kind, rows, recomputation) -> bound's time per layer
         self._unfit: dict = {}  # (layout, stages, schedule) -> its least-memory structure does not fit
         self._best_exact = math.inf
@@ -164,7 +164,6 @@ class SearchSpace:
         """Per layer, the FLOPs its backward runs again (activation checkpointing); :meth:`bound`
         counts them (:mod:`~.memory_options` sets it)."""
         self._enumerated: list | None = None  # (layout, classes, key, stages, schedules, micro-batches)
-        self._class_keys: dict = {}
         self._structures: list[Structure] | None = None
 
     # --- structures ---------------------------------------------------------------------------
@@ -189,7 +188,7 @@ class SearchSpace:
         """Enumerate ``other``'s structures (the same model, cluster, pins and settings under
         other memory options): its layouts, replica kinds and their keys are reused, not rebuilt."""
         self._enumerated = other.enumerate()
-        self._classes, self._class_keys = other._classes, other._class_keys
+        self._classes = other._classes
         # Bounds read layer times and the recomputation only, never memory: shared too.
         self._speeds = other._speeds
 
@@ -285,10 +284,7 @@ class SearchSpace:
     def _bound_row(self, group: tuple[int, ...], q: float, recomputed_key) -> np.ndarray:
         """Per layer, the time :meth:`bound` rates ``group`` at (memoised on what
         :meth:`_group_arrays` reads of the group, as that is: ranks of one kind share it)."""
-        kind = self._group_kinds.get(group)
-        if kind is None:
-            kind = self._group_kinds[group] = (tuple(self.device_of[r].name for r in group), self.costs.group_link(group))
-        key = (kind, round(q, 9), recomputed_key)
+        key = (self._group_key(group), round(q, 9), recomputed_key)
         found = self._bound_rows.get(key)
         if found is None:
             found = self._bound_rows[key] = 3 * self._group_arrays(group, q)[0] + self._recompute_floor(group, q)
@@ -386,10 +382,18 @@ class SearchSpace:
             ends.append(end)
         return times, mems, caps, ends
 
+    def _group_key(self, group: tuple[int, ...]) -> tuple:
+        """What :meth:`_group_arrays` reads of a group: its devices by name and its link
+        (memoised; the groups of one kind share it)."""
+        found = self._group_keys.get(group)
+        if found is None:
+            found = self._group_keys[group] = (tuple(self.device_of[r].name for r in group), self.costs.group_link(group))
+        return found
+
     def _group_arrays(self, group: tuple[int, ...], q: float):
         """Per layer forward time of a group (comm included), state and activation prefixes."""
         costs = self.costs
-        key = (tuple(self.device_of[r].name for r in group), costs.group_link(group), round(q, 9))
+        key = (self._group_key(group), round(q, 9))
         if key not in self._arrays:
             shares = costs.shard_shares(group)
             kinds = dict.fromkeys((self.device_of[r], w, costs.capacity(r)) for r, w in zip(group, shares))
@@ -411,12 +415,7 @@ class SearchSpace:
         return self._arrays[key]
 
     def _class_key(self, pipe) -> tuple:
-        found = self._class_keys.get(pipe)
-        if found is None:
-            key = tuple(tuple(self.device_of[r].name for r in g) for g in pipe)
-            key += tuple(self.costs.link(pipe[k][0], pipe[(k + 1) % len(pipe)][0]) for k in range(len(pipe)))
-            found = self._class_keys[pipe] = key
-        return found
+        return self.costs.replica_key(pipe)
 
     # --- finals ----------------------------------------------------------------------------------
 
