@@ -219,7 +219,13 @@ def test_link_fit_doctest():
 
 def test_the_console_script_is_declared_and_runs():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
-        assert tomllib.load(file)["project"]["scripts"]["whale"] == "whale.cli:main"
+        assert tomllib.load(file)["project"]["scripts"]["whale"] == "whale.cli:command"
+    # command() passes main()'s exit status on: an error is not reported as success.
+    failed = subprocess.run(
+        [sys.executable, "-m", "whale.cli", "plan", "no_such_file.py"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 2 and "no_such_file.py" in failed.stderr
     done = subprocess.run(
         [sys.executable, "-m", "whale.cli", "plan", "--help"],
         capture_output=True,

