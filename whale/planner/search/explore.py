@@ -93,7 +93,16 @@ class Explorer(Climbs):
     """One search: screen structures in order of their bound, refine the best, explain the rest."""
 
     def screen(self, st: Structure) -> tuple[float, tuple[int, ...], tuple[int, ...]] | None:
-        """(estimated step time, cuts, rows) of a structure, or None if it does not fit."""
+        """(estimated step time, cuts, rows) of a structure, or None if it does not fit.
+
+        Memoised: a group's least-memory structure is screened to see whether the group fits
+        (:meth:`_group_fits`) and again in bound order."""
+        found = self._screens.get(id(st))
+        if found is None or found[0] is not st:
+            found = self._screens[id(st)] = (st, self._screen(st))
+        return found[1]
+
+    def _screen(self, st: Structure) -> tuple[float, tuple[int, ...], tuple[int, ...]] | None:
         layout, s, m = st.layout, st.num_stages, st.num_micro_batch
         classes = self.classes(layout)
         allowed = [k for k in range(1, self.n) if self.cuttable[k]]

@@ -148,6 +148,7 @@ class SearchSpace:
         self._group_keys: dict = {}  # group -> its devices by name and its link (_group_key)
         self._bound_rows: dict = {}  # (group kind, rows, recomputation) -> bound's time per layer
         self._unfit: dict = {}  # (layout, stages, schedule) -> its least-memory structure does not fit
+        self._screens: dict = {}  # id(structure) -> (structure, Explorer.screen's answer)
         self._best_exact = math.inf
         self._prefixes: dict = {}
         self._partitions: dict = {}
