@@ -42,6 +42,7 @@ from ..cost.layers import ModelProfile
 from ..cost.predict import CostModel, CostOptions, ReplicaCost
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
 from .pins import Pins
+from .report import format_seconds
 from .time_floor import terms_of_lists
 
 __all__ = ["ALL_OPTIONS", "MemoryChoice", "OptionCostModel", "checkpoint_to_fit", "search_with_memory"]
@@ -417,7 +418,7 @@ def option_costs(profile, cluster, options, choice: MemoryChoice, scored: Scored
                       MemoryChoice(offload=choice.offload)))
     for text, alone in parts:
         extra = time(alone) - base
-        lines.append(f"{text}; costs {extra * 1e3:+.4g} ms per step ({extra / base:+.1%})")
+        lines.append(f"{text}; costs {'+' if extra >= 0 else '-'}{format_seconds(abs(extra))} per step ({extra / base:+.1%})")
     return lines
 
 

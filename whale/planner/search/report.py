@@ -77,6 +77,23 @@ def format_seconds(seconds: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _spread(slowest: float, fastest: float) -> str:
+    """How far apart stage times are: a percentage up to twice, a factor beyond (a stage of
+    one small layer, the model's final norm, can be thousands of times shorter).
+
+    Example::
+
+        >>> _spread(8.4, 7.3), _spread(17.5, 7.3), _spread(1.49, 0.000518)
+        ('spread 15.1%', 'the slowest 2.4x the fastest', 'the slowest 2,876x the fastest')
+    """
+    if fastest <= 0:
+        return "the fastest takes no time"
+    ratio = slowest / fastest
+    if ratio >= 2:
+        return f"the slowest {ratio:,.{1 if ratio < 10 else 0}f}x the fastest"
+    return f"spread {ratio - 1:.1%}"
+
+
 def _three_digits(value: float) -> str:
     """``value`` to three significant digits, trailing zeros kept (``73.0``, ``6.60``, ``850``)."""
     if value <= 0:
@@ -403,7 +420,7 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
         out.append(
             f"{c.num_stages} stages cut so the slowest is as fast as possible: stage times "
             f"{format_seconds(min(times))} to {format_seconds(max(times))} per micro-batch "
-            f"(spread {max(times) / min(times) - 1:.1%}); {_count(c.num_micro_batch, 'micro-batch')} "
+            f"({_spread(max(times), min(times))}); {_count(c.num_micro_batch, 'micro-batch')} "
             f"keep{'s' if c.num_micro_batch == 1 else ''} the bubble at {pred.bubble:.1%}"
         )
     top = max(
