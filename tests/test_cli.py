@@ -658,3 +658,16 @@ def test_bad_command_lines_exit_2_with_a_message(capsys, argv, message):
         code = done.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_importing_whale_leaves_the_collector_as_it_was():
+    # whale's import pauses the cyclic collector while torch loads, and resumes it as it was.
+    code = (
+        "import gc, sys; was = sys.argv[1] == 'on'\n"
+        "gc.enable() if was else gc.disable()\n"
+        "import whale\n"
+        "assert gc.isenabled() == was, gc.isenabled()\n"
+    )
+    for state in ("on", "off"):
+        done = subprocess.run([sys.executable, "-c", code, state], capture_output=True, text=True, cwd=ROOT, check=False)
+        assert done.returncode == 0, done.stderr
