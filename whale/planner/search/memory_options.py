@@ -304,8 +304,7 @@ def search_with_memory(
 
 def _explorer(base: Explorer, choice: MemoryChoice, flops: np.ndarray) -> Explorer:
     """A search under ``choice`` that shares ``base``'s structure enumeration."""
-    costs = OptionCostModel(base.profile, base.cluster, base.costs.options, choice)
-    costs.share_times(base.costs)
+    costs = _costs(base.profile, base.cluster, base.costs.options, choice, base.costs)
     explorer = Explorer(base.profile, base.cluster, base.batch, base.costs.options, base.pins, base.settings, costs=costs)
     explorer.share_structures(base)
     if choice.checkpointed:
@@ -418,7 +417,7 @@ def option_costs(profile, cluster, options, choice: MemoryChoice, scored: Scored
                       MemoryChoice(offload=choice.offload)))
     for text, alone in parts:
         extra = time(alone) - base
-        lines.append(f"{text}; costs {'+' if extra >= 0 else '-'}{format_seconds(abs(extra))} per step ({extra / base:+.1%})")
+        lines.append(f"{text}; costs {'+' if extra >= 0 else ''}{format_seconds(extra)} per step ({extra / base:+.1%})")
     return lines
 
 
