@@ -80,6 +80,13 @@ def test_the_cost_model_times_each_node_by_its_class() -> None:
         costs = CostModel(profile, parse_cluster(f"1x{device.name}", profiles=[device]), CostOptions())
         expected = float(roof @ np.array(factors)) + overhead * (3 + 0.5 * view)
         assert costs.layer_times(device, rows)[0] == pytest.approx(expected, rel=1e-12), device.name
+        # Forward and backward: three times that in all, split by each class's measured
+        # backward / forward (1.5, 1.7, 1.2 and 1.1 above); twice the forward where none is measured.
+        forward, backward = costs.group_times((0,), (1.0,), rows, 0, 1)
+        assert forward + backward == pytest.approx(3 * expected, rel=1e-12)
+        nodes = roof * np.array(factors) + overhead * np.array([1, 1, 1, 0.5 * view])
+        ratios = np.array([1.5, 1.7, 1.2, 1.1]) if device is classed else np.full(4, 2.0)
+        assert forward == pytest.approx(float(3 * nodes @ (1 / (1 + ratios))), rel=1e-12), device.name
 
 
 def test_the_block_probe_books_forward_and_backward_by_class() -> None:

@@ -9,12 +9,20 @@ It holds the host profile (the core's own rates, with how each class of graph no
 transformer block), the all-reduce link (timed between computations), every plan that ran, the
 share of a core each rank got during each of its runs (and its CPU pace where the run was
 recorded with ``--pace``; 1 where not), its predicted and measured median step time
-(2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16)."""
+(2 gloo ranks, 1 thread each, a 4-layer GPT of width 128, batch 16).
+
+Each case's ``predicted`` is a golden value: the cost model's prediction from the recorded
+inputs, which the benchmark printed at record time (``recorded_predicted``) and which a change
+to the cost model rewrites under ``WHALE_UPDATE_GOLDEN=1`` (as the CLI's golden files), so that
+no change to a prediction goes unseen. Rewritten on 2026-12-07 for the all-reduce of weights tied
+across stages and the measured backward / forward of each class of node (median error 5.5% ->
+4.8%)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -39,9 +47,8 @@ from whale.planner.schedules.simulator import sim_timeline, simulate
 from whale.planner.search.auto import search
 from whale.planner.search.pins import Pins
 
-RECORD = json.loads(
-    (pathlib.Path(__file__).parent / "data" / "predict_host.json").read_text()
-)
+_RECORD_PATH = pathlib.Path(__file__).parent / "data" / "predict_host.json"
+RECORD = json.loads(_RECORD_PATH.read_text())
 HOST = DeviceProfile.from_dict(RECORD["profile"], where="predict_host.json")
 
 
@@ -94,8 +101,13 @@ def test_recorded_steps_are_predicted_within_the_bound() -> None:
             predict_plan(plan, profile, _rank_cluster(case, host, shares, pace), RECORD["batch"]).prediction.step_time
             for shares, pace in zip(entry["shares"], paces)
         )
-        assert predicted == pytest.approx(entry["predicted"], rel=1e-9)  # the benchmark's own
+        if os.environ.get("WHALE_UPDATE_GOLDEN") == "1":
+            entry.setdefault("recorded_predicted", entry["predicted"])
+            entry["predicted"] = predicted
+        assert predicted == pytest.approx(entry["predicted"], rel=1e-9)  # the golden prediction
         errors[case] = predicted / entry["measured"] - 1
+    if os.environ.get("WHALE_UPDATE_GOLDEN") == "1":
+        _RECORD_PATH.write_text(json.dumps(RECORD, indent=1) + "\n")
     assert statistics.median(abs(e) for e in errors.values()) <= 0.15, errors
     assert all(abs(e) <= 0.4 for e in errors.values()), errors
 
@@ -315,3 +327,64 @@ def test_the_run_queue_share_counts_only_time_a_thread_could_run() -> None:
     time.sleep(0.05)
     after = run_queue_clock()
     assert after[0] >= before[0] and after[1] >= before[1]
+
+
+# --- gradient sync ------------------------------------------------------------------------------
+
+
+def _tied_profile(users: tuple[int, ...]) -> ModelProfile:
+    layers = [Layer.simple(f"l{i}", flops=1e9, param_bytes=8 << 20, act_bytes=1e5, hidden_bytes=1e4) for i in range(4)]
+    return dataclasses.replace(ModelProfile.from_layers(layers), shared_params=(("l0.weight", 8 << 20, users),))
+
+
+def test_weights_tied_across_positions_are_all_reduced_after_the_backward() -> None:
+    # GPT's embedding and head share a weight: a pipeline holding them on two positions sums
+    # their gradients (rewrite.stage_split's tied groups) after every bucket, so each of the
+    # two positions pays that all-reduce after its last backward, and the step grows by it.
+    from whale.planner.cost.formulas import all_reduce_time
+
+    cluster = parse_cluster("node0=2xA100-80GB,node1=2xA100-80GB")
+    pipeline = RankLayout(1, (((0,), (2,)),))  # two positions on two nodes
+    tied_costs = CostModel(_tied_profile((0, 3)), cluster)
+    plain_costs = CostModel(_tied_profile((0,)), cluster)  # used by one layer: nothing to sum
+    grad = (8 << 20) * tied_costs.grad_bytes_per_param
+    expected = all_reduce_time(grad, 2, cluster.group_link([0, 2]))
+    assert expected > 0
+    sync = tied_costs.sync_time(pipeline, 2, (2,))
+    assert sync == pytest.approx((expected, expected)) and sync.tail == pytest.approx((expected, expected))
+    assert sync.tied == pytest.approx((expected, expected))
+    assert plain_costs.sync_time(pipeline, 2, (2,)) == (0.0, 0.0)
+    assert tied_costs.sync_time(pipeline, 2, (3,)).tied == pytest.approx((expected, expected))
+    # Both users on one stage (layers 0 and 1 before the cut at 2): no all-reduce.
+    assert CostModel(_tied_profile((0, 1)), cluster).sync_time(pipeline, 2, (2,)) == (0.0, 0.0)
+    # Interleaved: stages 0 and 3 of four sit on positions 0 and 1.
+    assert tied_costs.sync_time(pipeline, 4, (1, 2, 3)).tied == pytest.approx((expected, expected))
+    # One position (data parallel only): the weight is whole on every rank.
+    dp = RankLayout(1, (((0,),), ((2,),)))
+    assert tied_costs.tied_sync_time(dp, 1, ()) == (0.0,)
+    candidate = Candidate(pipeline, 2, "1f1b", 2, (2,), (8,))
+    tied, plain = tied_costs.predict(candidate), plain_costs.predict(candidate)
+    assert tied.step_time == pytest.approx(plain.step_time + expected, rel=1e-9)
+    assert tied_costs.timeline(candidate).step_time == pytest.approx(tied.step_time, rel=1e-12)
+    assert "sync" in {e.category for e in tied_costs.timeline(candidate).events}
+
+
+def test_a_gpt_profile_names_its_tied_embedding_and_head() -> None:
+    model, x = _gpt(4)
+    shared = profile_model(capture(model, (x,)), 4).shared_params
+    assert len(shared) == 1
+    name, size, users = shared[0]
+    assert "wte" in name or "lm_head" in name, name
+    assert size == model.wte.weight.numel() * 4 and len(users) == 2 and users[0] < users[1]
+
+
+def test_link_samples_are_means_of_skewed_runs() -> None:
+    # A step pays its collectives in sum: measure_links averages each size's runs, where the
+    # device rates take the median (a few slow runs are part of a step's collectives).
+    from whale.planner.measure import _timed
+
+    def clock():  # the warm-up's start, then runs of 1, 1, 1 and 9 s
+        return iter([0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 12.0]).__next__
+
+    assert _timed(lambda: None, lambda: None, 4, clock=clock(), mean=True) == pytest.approx(3.0)
+    assert _timed(lambda: None, lambda: None, 4, clock=clock()) == pytest.approx(1.0)

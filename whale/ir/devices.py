@@ -286,6 +286,14 @@ class DeviceProfile:
         given = {name: factor for name, factor, _ in self.op_classes or ()}
         return tuple(given.get(name, 1.0) for name in OP_CLASSES)
 
+    def class_backward_ratios(self) -> tuple[float, ...] | None:
+        """Backward over forward time of each of :data:`OP_CLASSES` as measured (2.0, the FLOPs'
+        ratio, where the profile measured none); None where it measured none at all."""
+        if not self.op_classes:
+            return None
+        given = {name: backward for name, _, backward in self.op_classes}
+        return tuple(given.get(name, 2.0) for name in OP_CLASSES)
+
     def optimizer_cost(self, optimizer: str) -> tuple[float, float]:
         """``(seconds per parameter tensor, seconds per fp32 parameter)`` of one step of
         ``optimizer`` (``"adamw"``/``"adam"``, ``"sgd"``, ``"sgd_momentum"``).

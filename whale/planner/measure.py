@@ -94,12 +94,15 @@ def _timed(
     repeat: int,
     clock: Callable[[], float] = time.perf_counter,
     before: Callable[[], None] | None = None,
+    mean: bool = False,
 ) -> float:
     """Median time of ``repeat`` runs after one warm-up, by ``clock`` (wall time, or this
     thread's CPU time where other processes share the cores; see :func:`measure_device`), each
     run (the warm-up too) right after an untimed ``before()`` where given. The median, not the
     least: ranks profile at once, as they train, and the fastest runs would be those the other
-    ranks happened to leave the shared caches and sibling cores alone."""
+    ranks happened to leave the shared caches and sibling cores alone. ``mean``: the mean
+    instead, for what a step repeats many times and pays in sum (collectives, whose times
+    are skewed by rare waits several times the median)."""
     times = []
     for k in range(repeat + 1):
         if before is not None:
@@ -109,7 +112,7 @@ def _timed(
         sync()
         if k:
             times.append(clock() - start)
-    return statistics.median(times)
+    return statistics.fmean(times) if mean else statistics.median(times)
 
 
 def _cache_bytes() -> int:
@@ -471,6 +474,11 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     512 KiB gloo all-reduce on 2 ranks of a 2-core host: 0.6 ms back to back, 1.7-2.4 ms after
     compute). The time a rank waits for a peer that computed longer is part of what it sees.
 
+    Each size's time is the mean of its runs, not the median: a step pays its collectives in
+    sum, and their times are skewed (on that host, 1 KiB all-reduces after compute took a
+    median 0.4 ms and a mean 1.0 ms, a few of them 3-5 ms: a peer's communication thread
+    waking late), so the median priced a step's collectives at half what they took.
+
     Example::
 
         links = measure_links(quick=True)   # under torchrun, every rank
@@ -485,7 +493,7 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sizes = [1 << k for k in (range(10, 21, 2) if quick else range(10, 27, 2))]
-    repeat = 5 if quick else 8
+    repeat = 20 if quick else 24
     work = _compute_burst(device, sync, 1e-3)
 
     def in_step() -> None:  # ranks 0 and 1 start their compute together; the others wait
@@ -495,8 +503,8 @@ def measure_links(*, quick: bool = False) -> dict[str, LinkFit]:
     reduce_samples, p2p_samples = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, device=device)
-        reduce_samples.append((size, _timed(lambda buf=buf: dist.all_reduce(buf), sync, repeat, before=work)))
-        p2p_samples.append((size, _timed(lambda buf=buf: _ping_pong(buf, rank), sync, repeat, before=in_step) / 2))
+        reduce_samples.append((size, _timed(lambda buf=buf: dist.all_reduce(buf), sync, repeat, before=work, mean=True)))
+        p2p_samples.append((size, _timed(lambda buf=buf: _ping_pong(buf, rank), sync, repeat, before=in_step, mean=True) / 2))
     a, b = fit_alpha_beta(reduce_samples)
     ring = LinkFit(a / (2 * (p - 1)), 2 * (p - 1) / (p * b), tuple(reduce_samples))
     a, b = fit_alpha_beta(p2p_samples)

@@ -457,14 +457,17 @@ def pipeline_step_time(
 
 
 class SyncTimes(tuple):
-    """Gradient all-reduce seconds per pipeline position (a tuple of floats), with ``tail``: the
-    all-reduce of each position's last bucket, which no backward hides."""
+    """Gradient sync seconds per pipeline position (a tuple of floats), with ``tail``: what of
+    it no backward hides (the last bucket's all-reduce, then ``tied``: that of the weights the
+    position shares with others, summed after every bucket)."""
 
     tail: tuple[float, ...]
+    tied: tuple[float, ...]
 
-    def __new__(cls, times, tail=None) -> Self:
+    def __new__(cls, times, tail=None, tied=None) -> Self:
         out = super().__new__(cls, (float(t) for t in times))
         out.tail = tuple(tail) if tail is not None else (0.0,) * len(out)
+        out.tied = tuple(tied) if tied is not None else (0.0,) * len(out)
         return out
 
 

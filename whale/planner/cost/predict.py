@@ -53,6 +53,7 @@ from .formulas import (
 )
 from .layers import ModelProfile
 from .stage_times import StageTimes
+from .sync_cost import SyncCost
 
 __all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
 
@@ -117,7 +118,7 @@ def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> f
     return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
 
 
-class CostModel(StageTimes):
+class CostModel(StageTimes, SyncCost):
     """Times and bytes of layers, stages and replicas for one model on one cluster.
 
     Pure in what it returns; it memoises per-layer roofline times by (device, rows, share).
@@ -175,6 +176,9 @@ class CostModel(StageTimes):
         self._stage_lists, self._stage_forward = {}, {}  # stage_lists per replica; a stage's forward
         self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
         self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
+        self._forward_times: dict = {}  # _prefix_forward per (device, rows, share), where it differs
+        self._class_shares: dict = {}  # device name -> per node forward share, or None
+        self._tied: dict = {}  # tied_sync_time's all-reduce per (layout, positions, bytes)
         self._floor_terms: dict = {}  # floor_terms per (group, rows per micro-batch, its stages' layers)
         self._group_kinds: dict = {}  # group -> its members' device profiles (by id): what optimizer steps read
         self._replica_kinds: dict = {}  # pipeline -> (predict's key of alike replicas, its groups' kinds)
@@ -227,22 +231,52 @@ class CostModel(StageTimes):
         return np.diff(self._prefix_time(device, rows, share))
 
     def _prefix_time(self, device: DeviceProfile, rows: float, share: float) -> list[float]:
-        """Cumulative forward time of layers (``n + 1`` entries), memoised."""
+        """Cumulative time of layers (``n + 1`` entries), a third of their forward and backward
+        (the forward, where the backward takes twice it), memoised."""
         key = (device.name, rows, share)
         cached = self._times.get(key)
         if cached is None:
-            scale = np.where(self._sharded, share, 1.0)
-            flops = rows * self._flops * scale
-            eff = self.options.efficiency or efficiency_at(device, flops)
-            factor, ops = self._weights(device)
-            node = np.maximum(
-                flops / (dtype_peak(device, self.options) * eff),
-                (rows * self._row + self._fixed) * scale / device.memory_bandwidth,
-            ) * factor + device.overhead() * ops
-            per_layer = np.bincount(self._owner, weights=node, minlength=self.num_layers)
-            cached = np.concatenate([[0.0], np.cumsum(per_layer)])
-            self._times[key] = cached
+            cached = self._times[key] = self._prefix_of(self._node_times(device, rows, share))
         return cached
+
+    def _prefix_forward(self, device: DeviceProfile, rows: float, share: float) -> list[float]:
+        """Cumulative forward time of layers: of their forward and backward (three times
+        :meth:`_prefix_time`), the share each node's class takes in its forward where the
+        device's profile measured how long each class's backward takes
+        (``DeviceProfile.op_classes``: ``1 / (1 + backward / forward)``). Else the very list of
+        :meth:`_prefix_time` (backward twice the forward, as the FLOPs), memoised."""
+        shares = self._forward_shares(device)
+        if shares is None:
+            return self._prefix_time(device, rows, share)
+        key = (device.name, rows, share)
+        cached = self._forward_times.get(key)
+        if cached is None:
+            cached = self._forward_times[key] = self._prefix_of(3 * shares * self._node_times(device, rows, share))
+        return cached
+
+    def _prefix_of(self, node: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(np.bincount(self._owner, weights=node, minlength=self.num_layers))])
+
+    def _node_times(self, device: DeviceProfile, rows: float, share: float) -> np.ndarray:
+        """Per node, a third of its forward and backward time for ``rows`` rows (``share`` of
+        it where sharded): the roofline at the efficiency of its size times its class's factor,
+        plus the device's cost per operation."""
+        scale = np.where(self._sharded, share, 1.0)
+        flops = rows * self._flops * scale
+        eff = self.options.efficiency or efficiency_at(device, flops)
+        factor, ops = self._weights(device)
+        return np.maximum(
+            flops / (dtype_peak(device, self.options) * eff),
+            (rows * self._row + self._fixed) * scale / device.memory_bandwidth,
+        ) * factor + device.overhead() * ops
+
+    def _forward_shares(self, device: DeviceProfile) -> np.ndarray | None:
+        """Per node, its forward's share of its forward and backward on ``device`` (None: a
+        third for every node, the profile measured no class)."""
+        if device.name not in self._class_shares:
+            ratios = device.class_backward_ratios()
+            self._class_shares[device.name] = None if ratios is None else (1 / (1 + np.array(ratios)))[self._class]
+        return self._class_shares[device.name]
 
     def _weights(self, device: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
         """Per node: its class's time factor on ``device`` and its operations (a view: half one,
@@ -271,16 +305,25 @@ class CostModel(StageTimes):
         (Megatron-LM's f and g, ``rewrite.collectives``: a split GPT block issues 2 + 2)."""
         t = len(group)
         if t == 1:
-            prefix = self._prefix_time(self.device_of[group[0]], rows, shares[0])
-            compute = float(prefix[stop] - prefix[start])
-            return compute, BACKWARD_FLOPS_FACTOR * compute
+            forward, backward = self._split(self.device_of[group[0]], rows, shares[0], start, stop)
+            return forward, backward
         kinds = {(self.device_of[r], w) for r, w in zip(group, shares)}  # members alike compute alike
-        compute = max(float(p[stop] - p[start]) for p in (self._prefix_time(d, rows, w) for d, w in kinds))
+        forward, backward = max((self._split(d, rows, w, start, stop) for d, w in kinds), key=sum)
         link = self.group_link(group)
         count = self.tp_count[stop] - self.tp_count[start]
         volume = rows * (self.tp_bytes[stop] - self.tp_bytes[start])
         comm = 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth  # ring all-reduces
-        return compute + comm, BACKWARD_FLOPS_FACTOR * compute + comm
+        return forward + comm, backward + comm
+
+    def _split(self, device: DeviceProfile, rows: float, share: float, start: int, stop: int) -> tuple[float, float]:
+        """Forward and backward compute of layers ``start..stop-1`` on one device."""
+        prefix = self._prefix_time(device, rows, share)
+        third = float(prefix[stop] - prefix[start])
+        forward_prefix = self._prefix_forward(device, rows, share)
+        if forward_prefix is prefix:
+            return third, BACKWARD_FLOPS_FACTOR * third
+        forward = float(forward_prefix[stop] - forward_prefix[start])
+        return forward, 3 * third - forward
 
     def state_bytes(self, member_share: float, blocks: Sequence[tuple[int, int]]) -> int:
         """Weights, gradients and optimizer states one group member keeps for ``blocks``."""
@@ -327,38 +370,6 @@ class CostModel(StageTimes):
                               latency=max(x.latency for x in nets)))  # fmt: skip
         slowest = min(links, key=lambda x: x.bandwidth)
         return Link(kind=slowest.kind, bandwidth=slowest.bandwidth, latency=max(x.latency for x in links))
-
-    def sync_time(self, layout: RankLayout, num_stages: int, cuts: Sequence[int]) -> SyncTimes:
-        """Gradient all-reduce time per pipeline position (ring over the position's replicas),
-        and in ``.tail`` that of its last bucket, which only starts when backward has ended."""
-        p, dp = layout.pipeline_degree, layout.dp_degree
-        if dp == 1:
-            return SyncTimes((0.0,) * p)
-        bounds = (0, *cuts, self.num_layers)
-        out, tail = [], []
-        first, cap = self.options.first_bucket_bytes, self.options.bucket_bytes
-        for pos in range(p):
-            # Memoised per position on its blocks (their starts and ends: no pairs built to look
-            # up); the entry holds ``layout``, so its id stays its own.
-            key = (id(layout), pos, bounds[pos::p], bounds[pos + 1 :: p])
-            found = self._sync.get(key)
-            if found is None:
-                blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
-                groups = [layout.pipelines[d][pos] for d in range(dp)]
-                shares = self.shard_shares(groups[0])
-                sharded = sum(self.block_param_bytes(a, b) - (self.repl_params[b] - self.repl_params[a]) for a, b in blocks)
-                repl = sum(self.repl_params[b] - self.repl_params[a] for a, b in blocks)
-                grad = (sharded * max(shares) + repl) * self.grad_bytes_per_param
-                link = self.group_link([g[0] for g in groups])
-                # Buckets fill from the last layers (a small first one, then ``cap`` each); the last
-                # holds the first layers' gradients, ready only at the end of the backward.
-                last = grad if grad <= first else (grad - first) % cap or cap
-                self._sync = {} if len(self._sync) > 200_000 else self._sync
-                found = self._sync[key] = (layout, *(
-                    2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth for size in (grad, last)))
-            out.append(found[1])
-            tail.append(found[2])
-        return SyncTimes(out, tail)
 
     def shard_shares(self, group: Sequence[int]) -> tuple[float, ...]:
         """Each member's share of sharded widths: in proportion to its device's speed."""

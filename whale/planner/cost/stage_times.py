@@ -25,7 +25,8 @@ class StageTimes:
     # (the parameter bytes a member holds are, before the options scale them to its state bytes).
     _TIME_MEMOS = ("_times", "_class_weights", "_optimizer", "_rank_optimizer", "_p2p", "_stage_lists",
                    "_stage_forward", "_sync", "_floor_terms", "_block_params", "_rank_shares", "_shares",
-                   "_links", "_group_links", "_group_kinds", "_replica_keys", "_state_params")  # fmt: skip
+                   "_links", "_group_links", "_group_kinds", "_replica_keys", "_state_params", "_tied",
+                   "_forward_times", "_class_shares")  # fmt: skip
 
     def share_times(self, other) -> None:
         """Read and fill ``other``'s memos of times from now on: a cost model of the same model,

@@ -179,8 +179,8 @@ class OptionCostModel(CostModel):
         terms = terms_of_lists(forward, backward, p2p, len(pipeline))
         return (*terms, self.optimizer_times(pipeline, num_stages, cuts))
 
-    def sync_time(self, layout, num_stages, cuts):
-        plain = super().sync_time(layout, num_stages, cuts)
+    def bucket_sync_time(self, layout, num_stages, cuts):
+        plain = super().bucket_sync_time(layout, num_stages, cuts)
         if self.choice.zero_stage < 3:
             return plain  # reduce-scatter + all-gather: the bytes of one all-reduce
         # And one more all-gather of the weights in backward; the last bucket still ends it.

@@ -432,9 +432,13 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
         f"{format_bytes(pred.rank_memory[top])} of {format_bytes(pred.rank_capacity[top])} usable"
     )
     if max(pred.sync_time) > 0:
+        tail = max(getattr(pred.sync_time, "tail", ()), default=0.0)
+        tied = any(getattr(pred.sync_time, "tied", ()))
+        after = (f"; up to {format_seconds(tail)} of it after: the last bucket"
+                 + (" and the weights tied across stages" if tied else "")) if tail > 0 else ""  # fmt: skip
         out.append(
-            f"gradient all-reduce per position up to {format_seconds(max(pred.sync_time))} "
-            "(overlaps the last backward)"
+            f"gradient sync per position up to {format_seconds(max(pred.sync_time))} "
+            f"(overlaps the last backward{after})"
         )
     for alt in _overflows(result):
         missing, rank = alt.prediction.shortfall
