@@ -164,6 +164,23 @@ def test_bound_is_below_every_plan_of_its_structure(instance):
         assert structure.bound <= best * (1 + 1e-9), (structure, best)
 
 
+def test_a_tensor_parallel_bound_counts_its_all_reduces_twice_not_three_times():
+    # A tensor-parallel layer all-reduces once in forward and once in backward around 3x its
+    # compute: the bound once counted 3x (compute + all-reduce) and lay 49% above the only plan
+    # of that structure (two A100s over a 1 GB/s link), which screening then never saw.
+    layers = [Layer(name=f"b{i}", flops=(2e9,), row_bytes=(1e5,), fixed_bytes=(4e6,), num_sharded=1,
+                    param_bytes=4_000_000, replicated_param_bytes=0, act_bytes=1e6, replicated_act_bytes=0.0,
+                    hidden_bytes=4e6, tp_all_reduces=2) for i in range(4)]  # fmt: skip
+    cluster, profile, batch = parse_cluster("node0=2xA100-80GB(intra=1GB/s,intra_lat=100us)"), ModelProfile.from_layers(layers), 8
+    optima = structure_optima(profile, cluster, batch)
+    space = SearchSpace(profile, cluster, batch, CostOptions(), Pins(), SearchSettings())
+    split = [st for st in space.structures() if st.layout.tensor_parallel == 2]
+    assert split
+    for structure in split:
+        best, _ = optima[structure_key(structure.layout, [0, 0], structure.num_stages, structure.schedule, structure.num_micro_batch)]
+        assert best < math.inf and best * 0.999 <= structure.bound <= best * (1 + 1e-9), (structure, best)
+
+
 def test_brute_force_sees_heterogeneous_pipelines():
     # A case the oracle must solve with a mixed pipeline: the model fits only across both types.
     layers = [Layer.simple(f"l{k}", flops=1e11, param_bytes=3 * 2**30, act_bytes=1e6) for k in range(4)]

@@ -194,7 +194,7 @@ class Explorer(Climbs):
         for j in range(s):
             pos = j % p
             arrays = [self._group_arrays(pipe[pos], q) for pipe, _ in pipes]
-            out.append(np.max([state + act * math.ceil(q) * held[j // p][pos] for _, state, act, _ in arrays], axis=0))
+            out.append(np.max([state + act * math.ceil(q) * held[j // p][pos] for _, state, act, _, _ in arrays], axis=0))
         return out
 
     def _group_fits(self, st: Structure, least: Structure) -> bool:

@@ -288,7 +288,9 @@ class SearchSpace:
         key = (self._group_key(group), round(q, 9), recomputed_key)
         found = self._bound_rows.get(key)
         if found is None:
-            found = self._bound_rows[key] = 3 * self._group_arrays(group, q)[0] + self._recompute_floor(group, q)
+            # Forward and backward: three times the compute, the all-reduces twice (once each way).
+            forward, *_, comm = self._group_arrays(group, q)
+            found = self._bound_rows[key] = 3 * forward - comm + self._recompute_floor(group, q)
         return found
 
     def _recompute_floor(self, group: tuple[int, ...], q: float) -> np.ndarray | float:
@@ -361,13 +363,13 @@ class SearchSpace:
             if (groups, held[pos]) not in made:
                 speed, mem, cap = 0.0, None, math.inf
                 for pipe, count in pipes:
-                    layer_time, state, act, group_cap = self._group_arrays(pipe[pos], q)
-                    speed = speed + count / layer_time
+                    layer_time, state, act, group_cap, comm = self._group_arrays(pipe[pos], q)
+                    speed = speed + count / (3.0 * layer_time - comm)  # f + b: the all-reduces twice
                     # A rank's v stages share its capacity and its held micro-batches.
                     stage_mem = state + act * (math.ceil(q) * held[pos] / v)
                     mem = stage_mem if mem is None else np.maximum(mem, stage_mem)
                     cap = min(cap, group_cap / v)
-                made[groups, held[pos]] = (np.concatenate([[0.0], np.cumsum(3.0 / speed)]), mem, cap)
+                made[groups, held[pos]] = (np.concatenate([[0.0], np.cumsum(1.0 / speed)]), mem, cap)
             time_prefix, mem, cap = made[groups, held[pos]]
             end = zero
             if j < s - 1:
@@ -392,7 +394,9 @@ class SearchSpace:
         return found
 
     def _group_arrays(self, group: tuple[int, ...], q: float):
-        """Per layer forward time of a group (comm included), state and activation prefixes."""
+        """Per layer forward time of a group (comm included), state and activation prefixes,
+        the capacity they are scaled to, and per layer the forward's tensor-parallel all-reduces
+        (0.0 for one rank)."""
         costs = self.costs
         key = (self._group_key(group), round(q, 9))
         if key not in self._arrays:
@@ -409,10 +413,11 @@ class SearchSpace:
             act = np.max([((costs.act - costs.repl_act) * w + costs.repl_act) * (cap / c) for _, w, c in kinds], axis=0)
             state = state * costs.state_bytes_per_param
             t = len(group)
+            comm = 0.0
             if t > 1:
                 link = costs.group_link(group)
-                prefix = prefix + 2 * (t - 1) * link.latency * costs.tp_count + 2 * (t - 1) / t * q * costs.tp_bytes / link.bandwidth
-            self._arrays[key] = (np.maximum(np.diff(prefix), 1e-30), state, act, cap)
+                comm = np.diff(2 * (t - 1) * link.latency * costs.tp_count + 2 * (t - 1) / t * q * costs.tp_bytes / link.bandwidth)
+            self._arrays[key] = (np.maximum(np.diff(prefix) + comm, 1e-30), state, act, cap, comm)
         return self._arrays[key]
 
     def _class_key(self, pipe) -> tuple:
