@@ -80,6 +80,32 @@ def test_layers_are_whole_modules_and_every_start_is_a_boundary_the_split_accept
     assert len(split_stages(cap, stage, num)) == len(starts) + 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tied_weight_is_held_by_every_layer_that_reads_it(captured, name):
+    # torch.export gives a tied weight (GPT-2's embedding and head) one placeholder: every layer
+    # that reads it holds it (a stage holding any of them keeps a copy, and the copies' gradients
+    # are summed), so the profile lists it as shared and prices its sum across stages.
+    case, cap = captured[name]
+    profile = profile_model(cap, 8)
+    by_tensor: dict[int, list[str]] = {}
+    for pname, param in case.model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(pname)
+    shared = {p: {profile.layers[k].name for k in layers} for p, _, layers in profile.shared_params}
+    across = []
+    for names in (names for names in by_tensor.values() if len(names) > 1):
+        # The layers of the modules that own the tied copies (BERT's prediction bias is tied to
+        # its decoder's inside one layer: nothing to sum across stages).
+        owners = {layer.name for layer in profile.layers for n in names if n.startswith(layer.name + ".")}
+        found = [p for p in shared if p in names]
+        if len(owners) > 1:
+            across.append(names)
+            assert len(found) == 1 and shared[found[0]] == owners, (names, shared, owners)
+        else:
+            assert not found, (names, shared)
+    assert len(shared) == len(across)
+    assert bool(across) == (name != "llama")  # the test's Llama keeps its head untied
+
+
 def test_no_stage_boundary_sends_the_swiglu_intermediate():
     # A Llama whose MLP is 4x wide: the old grouping began layers at gate/up/down, and the
     # search could cut there, sending the 4x intermediate. Now every place a stage may begin

@@ -286,8 +286,11 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
     cut_bytes[0] = 0.0
 
     attrs_of: dict[int, list[int]] = {}
+    # An unread get_attr of a tied parameter that other nodes read (BERT's prediction bias, tied
+    # to its decoder's) belongs where those read it, not to the layer its position falls in.
+    read = {p for n in nodes if n.op == "get_attr" and users.get(n.name) for p in n.param_names}
     for i, n in enumerate(nodes):
-        if n.op == "get_attr":
+        if n.op == "get_attr" and (users.get(n.name) or not set(n.param_names) <= read or not n.param_names):
             attrs_of.setdefault(layer_of[i], []).append(i)
     # The first computing node under every module path.
     first_under: dict[str, int] = {}
@@ -304,6 +307,20 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
         first_of_name = first_under.get(name, start) if name else start
         cuttable = bool(name) and ":" not in name and first_of_name >= start and not crossed_by_other[k]
         layers.append(dataclasses.replace(layer, cuttable=cuttable))
+    # A parameter read through one get_attr by several layers (torch.export gives a tied weight,
+    # GPT-2's embedding and head, one placeholder) is held by each of them: a stage holding any of
+    # them keeps a copy, and the copies' gradients are summed (rewrite.stage_split's tied groups).
+    for i, n in enumerate(nodes):
+        if n.op != "get_attr" or not n.param_names:
+            continue
+        for k in sorted({layer_of[u] for u in users.get(n.name, ()) if nodes[u].op != "output"} - {layer_of[i]}):
+            missing = [p for p in n.param_names if p not in layers[k].param_names]
+            extra = sum(captured.param_bytes_by_name.get(p, 0) for p in missing)
+            if missing:
+                layers[k] = dataclasses.replace(
+                    layers[k], param_names=layers[k].param_names + tuple(missing), param_bytes=layers[k].param_bytes + extra,
+                    replicated_param_bytes=layers[k].replicated_param_bytes + (0 if splittable[i] else extra))  # fmt: skip
+    for k, layer in enumerate(layers):
         for pname in layer.param_names:
             name_layers.setdefault(pname, []).append(k)
     shared = tuple(
