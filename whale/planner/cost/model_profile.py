@@ -290,7 +290,7 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
     # to its decoder's) belongs where those read it, not to the layer its position falls in.
     read = {p for n in nodes if n.op == "get_attr" and users.get(n.name) for p in n.param_names}
     for i, n in enumerate(nodes):
-        if n.op == "get_attr" and (users.get(n.name) or not set(n.param_names) <= read or not n.param_names):
+        if n.op == "get_attr" and (users.get(n.name) or not (n.param_names and set(n.param_names) <= read)):
             attrs_of.setdefault(layer_of[i], []).append(i)
     # The first computing node under every module path.
     first_under: dict[str, int] = {}
@@ -315,11 +315,12 @@ def _build(captured, nodes, starts, owner, users, inputs, rows, forced, stage_ma
             continue
         for k in sorted({layer_of[u] for u in users.get(n.name, ()) if nodes[u].op != "output"} - {layer_of[i]}):
             missing = [p for p in n.param_names if p not in layers[k].param_names]
+            if not missing:
+                continue
             extra = sum(captured.param_bytes_by_name.get(p, 0) for p in missing)
-            if missing:
-                layers[k] = dataclasses.replace(
-                    layers[k], param_names=layers[k].param_names + tuple(missing), param_bytes=layers[k].param_bytes + extra,
-                    replicated_param_bytes=layers[k].replicated_param_bytes + (0 if splittable[i] else extra))  # fmt: skip
+            layers[k] = dataclasses.replace(
+                layers[k], param_names=layers[k].param_names + tuple(missing), param_bytes=layers[k].param_bytes + extra,
+                replicated_param_bytes=layers[k].replicated_param_bytes + (0 if splittable[i] else extra))  # fmt: skip
     for k, layer in enumerate(layers):
         for pname in layer.param_names:
             name_layers.setdefault(pname, []).append(k)

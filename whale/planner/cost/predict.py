@@ -305,8 +305,7 @@ class CostModel(StageTimes, SyncCost):
         (Megatron-LM's f and g, ``rewrite.collectives``: a split GPT block issues 2 + 2)."""
         t = len(group)
         if t == 1:
-            forward, backward = self._split(self.device_of[group[0]], rows, shares[0], start, stop)
-            return forward, backward
+            return self._split(self.device_of[group[0]], rows, shares[0], start, stop)
         kinds = {(self.device_of[r], w) for r, w in zip(group, shares)}  # members alike compute alike
         forward, backward = max((self._split(d, rows, w, start, stop) for d, w in kinds), key=sum)
         link = self.group_link(group)

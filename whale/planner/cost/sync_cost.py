@@ -83,8 +83,7 @@ class SyncCost:
                 # holds the first layers' gradients, ready only at the end of the backward.
                 last = grad if grad <= first else (grad - first) % cap or cap
                 self._sync = {} if len(self._sync) > 200_000 else self._sync
-                found = self._sync[key] = (layout, *(
-                    2 * (dp - 1) * link.latency + 2 * (dp - 1) / dp * size / link.bandwidth for size in (grad, last)))
+                found = self._sync[key] = (layout, *(all_reduce_time(size, dp, link) for size in (grad, last)))
             out.append(found[1])
             tail.append(found[2])
         return SyncTimes(out, tail)
