@@ -246,6 +246,43 @@ def test_self_profile_counts_the_emulated_factor_once_on_a_steady_clock(monkeypa
     assert slept and all(s == pytest.approx(2e-3) for s in slept), sorted(set(slept))
 
 
+def test_self_profile_prices_the_probed_multiply_at_its_rate_and_no_faster_past_it(monkeypatch):
+    # On a clock where every timed piece takes 1 ms, the probe (5 x F.linear of 512 x 128 by a
+    # (512, 128) weight per sample) runs at 5 x 32 x 128^3 FLOPs per ms, and each size of the
+    # curve takes one tick: its share rises with its FLOPs up to the probe. The profile must
+    # run the probed size at exactly that rate, smaller ones slower, and larger ones no faster
+    # (the CPU datasheet's curve still rises there: it priced GPT's larger matmuls too fast
+    # against its smaller ones, a fixed part of every step that moved rows to the faster rank).
+    from whale.ir.devices import DeviceProfile
+    from whale.planner import self_profile
+    from whale.planner.cost.formulas import efficiency_at
+
+    ticks = [0.0]
+
+    def clock() -> float:
+        ticks[0] += 1e-3
+        return ticks[0]
+
+    monkeypatch.setattr(self_profile, "time", types.SimpleNamespace(thread_time=clock, perf_counter=clock, sleep=lambda s: None))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = rank_report(0, environ={})
+    finally:
+        torch.set_num_threads(threads)
+    profile = DeviceProfile.from_dict(report.profile)
+    probe = 32.0 * 128**3
+
+    def rate(flops: float) -> float:
+        return profile.peak("fp32") * float(efficiency_at(profile, flops))
+
+    assert rate(probe) == pytest.approx(5 * probe / 1e-3, rel=1e-6)
+    assert rate(8 * probe) == pytest.approx(rate(probe), rel=1e-9)
+    assert rate(probe / 512) < rate(probe / 64) < rate(probe / 8) < rate(probe)
+    # The datasheet's speed (what classes of ranks and the bandwidth scale by) is as before.
+    assert report.speed == pytest.approx(5 * probe / 1e-3 / float(efficiency_at(CPU_PROFILE, probe)) / CPU_PROFILE.peak("fp32"))
+
+
 def test_rotation_gives_each_rank_of_a_host_every_core_in_turn_from_its_own():
     from whale.planner.self_profile import _rotation
 

@@ -38,8 +38,8 @@ from ..ir.emulation import slowdown_factor, slowdown_from_env
 from .class_probe import block_shape, class_factors
 
 __all__ = [
-    "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "measure_device", "measure_links", "profile_here",
-    "run_queue_clock", "run_queue_share", "slowed",
+    "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "matmul_curve", "measure_device", "measure_links",
+    "profile_here", "run_queue_clock", "run_queue_share", "slowed",
 ]  # fmt: skip
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -147,7 +147,7 @@ def _bandwidth(numel: int, device, sync, repeat: int, clock) -> float:
     return 2 * numel * 4 / _timed(lambda: dst.copy_(src), sync, repeat, clock)
 
 
-def _matmul_curve(sizes, dtype, device, sync, repeat, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
+def matmul_curve(sizes, dtype, device, sync, repeat, clock) -> tuple[float, tuple[tuple[float, float], ...]]:
     """Peak FLOP/s and efficiency by size from matmuls as a transformer's linear layers run them
     (``F.linear`` of ``4n`` tokens of width ``n`` by a ``(4n, n)`` weight: ``32 n^3`` FLOPs; the
     transposed weight and the narrow inner dimension run below a square ``a @ b`` of the same
@@ -388,13 +388,13 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         if not cuda and name != "fp32":
             continue  # CPU half matmuls are emulated; the planner falls back to fp32 there
         dtype = getattr(torch, dtype_name)
-        rates[name], points = _matmul_curve(sizes, dtype, device, sync, repeat, clock)
+        rates[name], points = matmul_curve(sizes, dtype, device, sync, repeat, clock)
         if name == "fp32" or (cuda and name == "bf16"):
             curve = points  # the curve of the dtype large models train in
     if cuda and hasattr(torch.backends.cuda.matmul, "allow_tf32"):
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
-        rates["tf32"], _ = _matmul_curve(sizes[-1:], torch.float32, device, sync, repeat, clock)
+        rates["tf32"], _ = matmul_curve(sizes[-1:], torch.float32, device, sync, repeat, clock)
         torch.backends.cuda.matmul.allow_tf32 = previous
     cache = 0 if cuda else _cache_bytes()
     if cuda:

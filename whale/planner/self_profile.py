@@ -9,13 +9,19 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
    timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
    (samples slowed by other processes do not count; where a host has several ranks, each
    takes its samples on the host's cores in turn, so a slow core is not read as a slow rank);
-   then what does not shrink with a
-   replica's rows: the cost of one operation (a chain of a transformer block's small ones,
-   forward and backward) and of an AdamW step per tensor and per parameter, which the cost
-   model prices a step's fixed part by. About 0.1 s on a CPU core (twice that where some rank
-   is emulated 2x slower). The rate, over the device's efficiency at that size, gives its
-   peak, and the device's datasheet profile is scaled to it, with the measured per-operation
-   and optimizer costs. On a single-threaded CPU rank the samples are timed in CPU time (the
+   then the shape of the efficiency curve
+   up to that size (the same multiply at an eighth of ``n`` up to ``n``, each size's rate
+   over the best); then what does not shrink with a replica's rows: the cost of one operation
+   (a chain of a transformer block's small ones, forward and backward) and of an AdamW step per
+   tensor and per parameter, which the cost model prices a step's fixed part by. About 0.15 s
+   on a CPU core (twice that where some rank is emulated 2x slower). The rate, over the
+   datasheet's efficiency at that size, gives the device's speed against its datasheet, and
+   the datasheet profile is scaled to it, with the measured curve (its rates moved so that the
+   probed size runs at the measured rate) and the measured per-operation and optimizer costs.
+   The curve matters: a datasheet curve that still rises past the probed size (a CPU's, for a
+   socket's many cores) prices a replica's larger matmuls too fast against its smaller ones,
+   which reads as a fixed part of every step that is not there, and moves rows between
+   unequal ranks. On a single-threaded CPU rank the samples are timed in CPU time (the
    core's speed while the rank runs) and the rank also reports the share of wall time it ran:
    ranks that share cores get what the host's median share gives them. A rank that
    ``WHALE_EMULATE_SLOWDOWN`` slows counts ``FACTOR`` times each sample, and every rank idles
@@ -52,12 +58,15 @@ from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
 from ..ir.emulation import slowdown_factor, slowdown_from_env
 from ..ir.topology import Cluster, Node
 from .cost.formulas import efficiency_at
-from .measure import emulated, slowed
+from .measure import emulated, matmul_curve, slowed
 
 __all__ = ["REPEATS", "SAME_CLASS", "RankReport", "cluster_from_reports", "rank_report"]
 
-REPEATS = 15
-"""Timed samples of the multiply per rank; the mean of the faster half is the rank's time."""
+REPEATS = 31
+"""Timed samples of the multiply per rank; the mean of the faster half is the rank's time. A
+shared host's cores change pace every ~0.1 s by up to a third: with two ranks, one emulated 2x
+slower, 15 samples read their ratio with a spread (standard deviation) of 0.16-0.20, 31 with
+0.08-0.13, and each spare row the spread moves costs the planned split about 2%."""
 
 SAME_CLASS = 1.2
 """Ranks of one device whose measured speeds are within this factor of the class's fastest are
@@ -137,9 +146,11 @@ def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ
             found = _measure(base, cuda, factor, pace, _rotation(rank, environ))
             speed, share = found.peak / base.peak("fp32"), found.share
             profile = slowed(base, 1.0 / speed, base.name)  # classes name it (cluster_from_reports)
-            # The costs that do not shrink with rows, as measured (not the datasheet's scaled).
+            # The measured curve, and the costs that do not shrink with rows, as measured (not
+            # the datasheet's scaled).
             profile = dataclasses.replace(
-                profile, op_overhead=found.overhead, optimizer_step=(("adamw", *found.optimizer),),
+                profile, peak_flops={d: r * found.anchor for d, r in profile.peak_flops},
+                efficiency=found.curve, op_overhead=found.overhead, optimizer_step=(("adamw", *found.optimizer),),
                 source=f"{base.name} measured by whale (cluster='auto') on {host}: {speed:.3g}x its "
                 f"datasheet rates, {found.overhead * 1e6:.3g} us per operation ({base.source})",
             )  # fmt: skip
@@ -194,10 +205,12 @@ def _usable_memory(cuda: bool) -> int:
 class _Measured:
     """What :func:`_measure` found on this rank (seconds at the rank's emulated speed)."""
 
-    peak: float  # fp32 FLOP/s at full size
+    peak: float  # fp32 FLOP/s at full size, as the datasheet's curve reaches it (its speed)
     share: float  # share of wall time the rank ran while it measured
     overhead: float  # seconds per forward operation (the cost model's op_overhead)
     optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
+    curve: tuple[tuple[float, float], ...]  # measured efficiency: (FLOPs, rate over the best)
+    anchor: float  # times ``peak``: the rate of the curve's best share (the probed size's)
 
 
 def _rotation(rank: int, environ=None) -> list[int]:
@@ -303,13 +316,28 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
         matmul = samples(multiply, REPEATS)
         overhead = samples(_op_chain(device, gen), _SMALL_REPEATS) / _CHAIN_OPS
         optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
+        # The curve's shape only (rates relative to each other: the emulation and the core's
+        # share scale every size alike), so a few medians do.
+        _, curve = matmul_curve(tuple(n >> k for k in _CURVE_HALVINGS), torch.float32, device, sync, _CURVE_REPEATS, clock)
     finally:
         if home is not None:
             _pin(home)
     flops = 32.0 * n**3
     rate = inner * flops / max(matmul, 1e-9)
     share = min(1.0, max(0.01, ran[0] / max(walls[0], 1e-9))) if shared else 1.0
-    return _Measured(rate / float(efficiency_at(base, flops)), share, overhead, optimizer)
+    # The datasheet's speed scales its rates (and bandwidth) to the device; the measured curve,
+    # whose last point (the probed size) is its best (shares rise), then runs the probed size at
+    # the measured rate: the rates times the datasheet's efficiency there.
+    datasheet = float(efficiency_at(base, flops))
+    return _Measured(rate / datasheet, share, overhead, optimizer, curve, datasheet)
+
+
+# The efficiency curve's sizes: the probed n halved 3, 2, 1 and 0 times (4n x n x 4n: 1/512 of
+# its FLOPs up to it), each the median of a few runs: ~5 ms on a CPU core. Flat past the probed
+# size, where the matmul rate of a CPU core (~70 MFLOP) and of a GPU (~270 GFLOP) no longer
+# rises; a datasheet curve that does (a CPU socket's, to 1 GFLOP) prices larger matmuls too
+# fast against smaller ones.
+_CURVE_HALVINGS, _CURVE_REPEATS = (3, 2, 1, 0), 3
 
 
 # A chain of a transformer block's small operations (linear, gelu, layer norm, residual add)
