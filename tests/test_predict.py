@@ -388,3 +388,27 @@ def test_link_samples_are_means_of_skewed_runs() -> None:
 
     assert _timed(lambda: None, lambda: None, 4, clock=clock(), mean=True) == pytest.approx(3.0)
     assert _timed(lambda: None, lambda: None, 4, clock=clock()) == pytest.approx(1.0)
+
+
+def test_the_efficiency_curve_is_not_bent_by_a_change_of_the_hosts_pace(monkeypatch) -> None:
+    # A device that runs every size at one rate (a flat curve), read by a clock that ticks every
+    # 10 us and slowed to half its pace for a stretch as long as one round of the sizes (a
+    # shared host's cores change pace every ~0.1 s). Sizes timed in turn each see the stretch
+    # in one sample of three, and a small size calls the multiply often enough a sample for the
+    # tick not to matter: the curve reads flat. Timed one size after the other, one call a
+    # sample, the smallest size's 13 us read as 10 and set the peak a third too high.
+    from whale.planner.measure import matmul_curve
+
+    rate, now, done = 1e10, [0.0], [0.0]
+    sizes = (16, 32, 64, 128)
+    round_ = sum(32.0 * n**3 * max(1, (128 // n) ** 3 // 8) for n in sizes)  # FLOPs of a round
+
+    def linear(a, w):
+        flops = 2.0 * a.shape[0] * a.shape[1] * w.shape[0]
+        now[0] += flops / (rate / 2 if 2 * round_ <= done[0] < 3 * round_ else rate)
+        done[0] += flops
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    peak, curve = matmul_curve(sizes, torch.float32, "cpu", lambda: None, 3, lambda: now[0] // 1e-5 * 1e-5)
+    assert peak == pytest.approx(rate, rel=0.02)
+    assert [share for _, share in curve] == pytest.approx([1.0] * len(sizes), rel=0.02)

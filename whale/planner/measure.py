@@ -162,11 +162,28 @@ def matmul_curve(sizes, dtype, device, sync, repeat, clock) -> tuple[float, tupl
 
     one = torch.ones(1, 1, device=device, dtype=dtype)
     fixed = _timed(lambda: torch.nn.functional.linear(one, one), sync, max(repeat, 10), clock)
+    # Sizes in turn, ``repeat`` rounds after a warm-up one, so that a change of the host's pace
+    # (a shared host's cores change it every ~0.1 s by up to a third) falls on every size alike
+    # and bends no part of the curve. On a CPU a small size calls the multiply several times a
+    # sample, for an eighth of the largest size's FLOPs (one call of a few microseconds is
+    # mostly noise); a GPU's calls stay one per sample, each synchronised as ``fixed``'s are
+    # (back to back, launches would overlap the kernels, and the fixed cost no longer apply).
+    cuda = str(device).startswith("cuda")
+    operands = [(torch.randn(4 * n, n, device=device, dtype=dtype),  # tokens x width
+                 torch.randn(4 * n, n, device=device, dtype=dtype),  # nn.Linear's (out, in) layout
+                 1 if cuda else max(1, (max(sizes) // n) ** 3 // 8)) for n in sizes]  # fmt: skip
+    times: list[list[float]] = [[] for _ in sizes]
+    for round_ in range(repeat + 1):
+        for k, (a, w, calls) in enumerate(operands):
+            start = clock()
+            for _ in range(calls):
+                torch.nn.functional.linear(a, w)
+            sync()
+            if round_:
+                times[k].append((clock() - start) / calls)
     rates = []
-    for n in sizes:
-        a = torch.randn(4 * n, n, device=device, dtype=dtype)
-        w = torch.randn(4 * n, n, device=device, dtype=dtype)  # nn.Linear's (out, in) layout
-        seconds = _timed(lambda a=a, w=w: torch.nn.functional.linear(a, w), sync, repeat, clock)
+    for n, taken in zip(sizes, times, strict=True):
+        seconds = statistics.median(taken)
         rates.append((32.0 * n**3, 32.0 * n**3 / max(seconds - fixed, seconds / 2)))
     peak = max(rate for _, rate in rates)
     curve, best = [], 0.0
