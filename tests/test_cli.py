@@ -174,6 +174,7 @@ def test_profile_writes_a_profile_the_planner_reads(capsys, tmp_path):
     profiles = load_profiles(out_file)
     (profile,) = profiles.values()
     assert profile.source.startswith("measured") and profile.peak("fp32") > 0
+    assert profile.jitter is not None and 0 <= profile.jitter < 1  # the block's spread, measured
     cluster = parse_cluster(f"2x{profile.name}", profiles=profiles)
     assert cluster.nodes[0].device == profile
     code, _, err = _run(

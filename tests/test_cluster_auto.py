@@ -244,6 +244,7 @@ def test_self_profile_counts_the_emulated_factor_once_on_a_steady_clock(monkeypa
     assert per_tensor > 0 and per_param > 0
     assert slow.profile["optimizer_step"]["adamw"] == pytest.approx([3 * per_tensor, 3 * per_param], rel=1e-9)
     assert slept and all(s == pytest.approx(2e-3) for s in slept), sorted(set(slept))
+    assert fast.profile["jitter"] == 0.0 and slow.profile["jitter"] == 0.0  # every sample alike
 
 
 def test_self_profile_prices_the_probed_multiply_at_its_rate_and_no_faster_past_it(monkeypatch):

@@ -25,7 +25,7 @@ The profile file (``version`` 1) is one JSON object::
                   "aliases": ["a100"]}]}
 
 ``intra_link_bandwidth`` and ``aliases`` may be left out; every other key is required and
-unknown keys are rejected. Four keys that ``whale profile`` measures may be left out too (files
+unknown keys are rejected. Five keys that ``whale profile`` measures may be left out too (files
 written before them still load; the defaults below stand in):
 
 * ``"efficiency": [[2.1e6, 0.08], [2.7e8, 0.6], [3.4e9, 1.0]]``: the share of the peak rate a
@@ -36,7 +36,9 @@ written before them still load; the defaults below stand in):
   fp32 parameters, as seconds per parameter tensor and seconds per parameter;
 * ``"op_classes": {"linear": [1.4, 1.5], "attention": [3.1, 1.7], "elementwise": [1.3, 1.2],
   "view": [2.0, 1.2]}``: how graph-node classes run in a transformer block against the cost
-  model's base (time factor, backward / forward; see :mod:`~.profile_fields`).
+  model's base (time factor, backward / forward; see :mod:`~.profile_fields`);
+* ``"jitter": 0.05``: the spread of the device's time for the same work from step to step
+  (standard deviation over the mean; default 0), which the wait for the slowest replica grows by.
 """
 
 from __future__ import annotations
@@ -209,6 +211,10 @@ class DeviceProfile:
     """Measured time of graph-node classes in a transformer block against the cost model's base
     (:mod:`~.profile_fields`): ``(class, factor, backward / forward)``; a mapping
     ``{"linear": [f, b]}`` is accepted. None, or a class left out: factor 1 (the base as is)."""
+    jitter: float | None = None
+    """Spread of the device's time for the same step from step to step: standard deviation over
+    the mean (a CPU core shared with other processes ~0.1). The cost model prices the wait for
+    the slowest replica by it (:mod:`whale.planner.cost.stragglers`). None: 0, a steady device."""
 
     def __post_init__(self) -> None:
         owner = f"DeviceProfile({self.name!r})"
@@ -256,6 +262,10 @@ class DeviceProfile:
             object.__setattr__(self, "optimizer_step", check_optimizer_steps(owner, self.optimizer_step))
         if self.op_classes is not None:
             object.__setattr__(self, "op_classes", check_op_classes(owner, self.op_classes))
+        if self.jitter is not None:
+            if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
+                raise ValueError(f"{owner}: jitter must be a spread in [0, 1) (standard deviation over mean), e.g. 0.05, got {self.jitter!r}")
+            object.__setattr__(self, "jitter", float(self.jitter))
 
     @property
     def measured(self) -> bool:
@@ -332,7 +342,7 @@ class DeviceProfile:
         out = dataclasses.asdict(self)
         out["peak_flops"] = dict(self.peak_flops)
         out["aliases"] = list(self.aliases)
-        for key in [k for k in ("efficiency", "op_overhead", "optimizer_step", "op_classes") if out[k] is None]:
+        for key in [k for k in ("efficiency", "op_overhead", "optimizer_step", "op_classes", "jitter") if out[k] is None]:
             del out[key]  # the file stays readable as before: a missing key is the default
         if self.efficiency is not None:
             out["efficiency"] = [list(point) for point in self.efficiency]

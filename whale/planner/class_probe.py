@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..ir.profile_fields import OP_CLASSES
 
-__all__ = ["block_seconds", "block_shape", "class_factors"]
+__all__ = ["block_seconds", "block_shape", "block_times", "class_factors", "spread"]
 
 
 def block_shape(cuda: bool, quick: bool) -> tuple[int, int, int, int]:
@@ -170,6 +170,17 @@ def block_seconds(device, clock, *, shape: tuple[int, int, int, int], dtype, rep
 
         before = block_seconds("cpu", time.thread_time, shape=block_shape(False, True), dtype=torch.float32)
     """
+    return statistics.median(block_times(device, clock, shape=shape, dtype=dtype, repeat=repeat))
+
+
+def block_times(device, clock, *, shape: tuple[int, int, int, int], dtype, repeat: int, sync=lambda: None) -> list[float]:
+    """``clock`` seconds of each of ``repeat`` forwards and backwards of the probed block, run as
+    a model runs it, after one untimed (``sync``: the device's, so a GPU's kernels are timed).
+
+    Example::
+
+        times = block_times("cpu", time.thread_time, shape=block_shape(False, True), dtype=torch.float32, repeat=5)
+    """
     import torch
 
     b, t, w, h = shape
@@ -183,7 +194,24 @@ def block_seconds(device, clock, *, shape: tuple[int, int, int, int], dtype, rep
         for name, (_, _, _, fn) in steps:
             env[name] = fn(env)
         env[steps[-1][0]].sum().backward()
+        sync()
         return clock() - start
 
     once()
-    return statistics.median(once() for _ in range(repeat))
+    return [once() for _ in range(repeat)]
+
+
+def spread(times) -> float:
+    """The relative spread of repeated times of the same work: their median absolute deviation
+    over their median, scaled to a normal distribution's standard deviation (x 1.4826), so that
+    a rare outlier (a page fault, a preemption) does not set it. 0.0 for fewer than 3 times.
+
+    Example::
+
+        >>> round(spread([1.0, 1.1, 0.9, 1.0, 1.2]), 3)
+        0.148
+    """
+    if len(times) < 3:
+        return 0.0
+    middle = statistics.median(times)
+    return 1.4826 * statistics.median(abs(t - middle) for t in times) / middle if middle > 0 else 0.0

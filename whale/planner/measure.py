@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
-from .class_probe import block_shape, class_factors
+from .class_probe import block_shape, block_times, class_factors, spread
 
 __all__ = [
     "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "matmul_curve", "measure_device", "measure_links",
@@ -368,7 +368,8 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
     * memory bandwidth: a copy of a buffer several times the last-level cache;
     * one optimizer step (AdamW, SGD, SGD with momentum) per tensor and per parameter;
     * per class of graph node, its time in a transformer block, forward and backward, over the
-      base the cost model computes from the above (:func:`.class_probe.class_factors`).
+      base the cost model computes from the above (:func:`.class_probe.class_factors`);
+    * the spread of a transformer block's time at the start, middle and end (``jitter``).
 
     The run uses this process's torch threads: measure under the same settings (``torchrun``
     ranks on one host share its cores) as the training job.
@@ -399,6 +400,9 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         sizes = (128, 256, 512, 1024) if quick else (128, 256, 512, 1024, 2048, 4096)
     else:
         sizes = (16, 32, 64, 128, 256) if quick else (16, 32, 64, 128, 256, 512, 768)
+    # The same block at the start, the middle and the end: how its time varies (``jitter``).
+    blocks = lambda: block_times(device, clock, shape=block_shape(cuda, True), dtype=torch.float32, repeat=5, sync=sync)
+    runs = blocks()
     overhead = _op_overhead(device, sync, repeat * 3, clock)
     rates, curve = {}, ()
     for name, dtype_name in _TORCH_DTYPES.items():
@@ -417,9 +421,11 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
     if cuda:
         cache = int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0))
     numel = _copy_bytes(cuda, quick, cache) // 4
+    runs += blocks()
     bandwidth = _bandwidth(numel, device, sync, 3 if quick else 5, clock)
     steps = _optimizer_steps(device, sync, quick, repeat, clock, cuda)
     classes = _classes(device, sync, clock, cuda, quick, repeat, overhead, rates, curve, bandwidth)
+    runs += blocks()
     if not shared:
         share = 1.0
     elif share is None:
@@ -454,6 +460,7 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         op_overhead=overhead,
         optimizer_step=steps,
         op_classes=classes,
+        jitter=round(min(0.99, spread(runs)), 4),
     )
     return emulated(measured)
 

@@ -57,6 +57,7 @@ from typing import Any
 from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
 from ..ir.emulation import slowdown_factor, slowdown_from_env
 from ..ir.topology import Cluster, Node
+from .class_probe import spread
 from .cost.formulas import efficiency_at
 from .measure import emulated, matmul_curve, slowed
 
@@ -151,6 +152,7 @@ def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ
             profile = dataclasses.replace(
                 profile, peak_flops={d: r * found.anchor for d, r in profile.peak_flops},
                 efficiency=found.curve, op_overhead=found.overhead, optimizer_step=(("adamw", *found.optimizer),),
+                jitter=round(min(0.99, found.jitter), 4),
                 source=f"{base.name} measured by whale (cluster='auto') on {host}: {speed:.3g}x its "
                 f"datasheet rates, {found.overhead * 1e6:.3g} us per operation ({base.source})",
             )  # fmt: skip
@@ -211,6 +213,7 @@ class _Measured:
     optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
     curve: tuple[tuple[float, float], ...]  # measured efficiency: (FLOPs, rate over the best)
     anchor: float  # times ``peak``: the rate of the curve's best share (the probed size's)
+    jitter: float  # the samples' relative spread (class_probe.spread): how the rank's time varies
 
 
 def _rotation(rank: int, environ=None) -> list[int]:
@@ -281,7 +284,7 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
     turns: list[int | None] = list(cores) if shared and cores else [None]
     home = os.sched_getaffinity(0) if turns != [None] else None
 
-    def samples(run, count: int) -> float:
+    def samples(run, count: int, keep: list | None = None) -> float:
         means = []
         for core in turns:
             if core is not None:
@@ -298,6 +301,8 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
                 if pace > 1:  # idle as the slowest emulated rank does, freeing the core for the others
                     time.sleep((pace - 1) * took)
                 out.append(factor * took)
+            if keep is not None:
+                keep += out
             # The faster half's mean: on a CPU, another process on the core (its caches, memory
             # bandwidth) only ever lengthens a sample's CPU time, so the faster samples are the device's.
             means.append(statistics.fmean(sorted(out)[: max(1, len(out) // 2)]))
@@ -313,7 +318,8 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
                 torch.nn.functional.linear(a, w)
 
     try:
-        matmul = samples(multiply, REPEATS)
+        raw: list[float] = []  # every sample: how the rank's time varies (its jitter)
+        matmul = samples(multiply, REPEATS, raw)
         overhead = samples(_op_chain(device, gen), _SMALL_REPEATS) / _CHAIN_OPS
         optimizer = _adamw_costs(device, gen, lambda run: samples(run, _SMALL_REPEATS))
         # The curve's shape only (rates relative to each other: the emulation and the core's
@@ -329,7 +335,7 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
     # whose last point (the probed size) is its best (shares rise), then runs the probed size at
     # the measured rate: the rates times the datasheet's efficiency there.
     datasheet = float(efficiency_at(base, flops))
-    return _Measured(rate / datasheet, share, overhead, optimizer, curve, datasheet)
+    return _Measured(rate / datasheet, share, overhead, optimizer, curve, datasheet, spread(raw))
 
 
 # The efficiency curve's sizes: the probed n halved 3, 2, 1 and 0 times (4n x n x 4n: 1/512 of
@@ -474,10 +480,12 @@ def _speed_classes(reports: Sequence[RankReport], profiles: list[DeviceProfile])
             median = statistics.median(speed[k] for k in members)
             fastest = fastest or median
             name = base if median == fastest else f"{base}-slow{fastest / median:.2g}"
-            # From the first member's profile (at its core's speed) to the class's speed.
+            # From the first member's profile (at its core's speed) to the class's speed, with
+            # the members' median spread from step to step.
             scale = reports[members[0]].speed / median
+            jitter = statistics.median(profiles[k].jitter or 0.0 for k in members)
             for k in members:
-                out[k] = slowed(profiles[members[0]], scale, name)
+                out[k] = dataclasses.replace(slowed(profiles[members[0]], scale, name), jitter=jitter)
     return _unique_names(out)
 
 

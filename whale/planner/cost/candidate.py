@@ -69,6 +69,7 @@ class Prediction:
     stage_times: tuple[tuple[float, ...], ...]  # per replica, per stage (f + b of a micro-batch)
     sync_time: tuple[float, ...]  # gradient all-reduce per position
     optimizer_time: tuple[float, ...] = ()  # optimizer step per position (slowest replica's)
+    straggler_wait: float = 0.0  # in step_time: the expected wait for the slowest replica (stragglers)
 
     @property
     def fits(self) -> bool:

@@ -34,15 +34,12 @@ import numpy as np
 from ...ir.cluster_spec import Cluster, Link
 from ...ir.devices import DeviceProfile, normalize_dtype
 from ...ir.topology import LOOPBACK
-from ...ir.trace import Timeline, TraceEvent
 from ..schedules.flow_shop import (
     flow_shop,
     peak_held,
     peak_held_bound,
     pipeline_estimate,
 )
-from ..schedules.generate import make_schedule
-from ..schedules.simulator import sim_timeline, simulate
 from .candidate import Candidate, Prediction, RankLayout, ReplicaCost
 from .formulas import (
     BACKWARD_FLOPS_FACTOR,
@@ -53,6 +50,7 @@ from .formulas import (
 )
 from .layers import ModelProfile
 from .stage_times import StageTimes
+from .step_view import StepView
 from .sync_cost import SyncCost
 
 __all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
@@ -118,7 +116,7 @@ def dtype_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> f
     return next(device.peak(d) for d in _FALLBACK[options.dtype] if d in device.dtypes)
 
 
-class CostModel(StageTimes, SyncCost):
+class CostModel(StageTimes, SyncCost, StepView):
     """Times and bytes of layers, stages and replicas for one model on one cluster.
 
     Pure in what it returns; it memoises per-layer roofline times by (device, rows, share).
@@ -133,6 +131,7 @@ class CostModel(StageTimes, SyncCost):
         self.profile, self.cluster, self.options = profile, cluster, options
         devices = cluster.devices()
         self.device_of = tuple(d.profile for d in devices)
+        self.varies = any(d.jitter for d in self.device_of)  # some device's time varies step to step
         self.node_of = tuple(k for k, node in enumerate(cluster.nodes) for _ in range(node.num_devices))
         self._links: dict[tuple[int, int], Link] = {}
         self._shares: dict[tuple[str, ...], tuple[float, ...]] = {}
@@ -514,84 +513,3 @@ class CostModel(StageTimes, SyncCost):
                 found = self._member_memory[key] = (held, self.state_bytes(share, blocks))
             out.append(found)
         return tuple(out)
-
-    def timeline(self, candidate: Candidate) -> Timeline:
-        """The simulated step of ``candidate`` on every rank (source ``"simulated"``).
-
-        Each replica's schedule is simulated with the times :meth:`predict` uses
-        (:func:`~.simulator.simulate`, :func:`~.simulator.sim_timeline`); every member of a
-        tensor-parallel group shows its group's intervals. After the computes each position
-        synchronises gradients (``"sync"``, from its last backward's start, as :meth:`predict`
-        counts it) and steps the optimizer (``"optimizer"``). Its ``step_time`` equals
-        ``predict(candidate).step_time``.
-
-        Example::
-
-            save_chrome_trace("plan.json", costs.timeline(result.best.candidate))
-        """
-        layout, m, s = candidate.layout, candidate.num_micro_batch, candidate.num_stages
-        sync = self.sync_time(layout, s, candidate.cuts)
-        events: list[TraceEvent] = []
-        for d, pipeline in enumerate(layout.pipelines):
-            p = len(pipeline)
-            forward, backward, p2p = self.stage_lists(pipeline, s, m, candidate.cuts, candidate.rows[d])
-            schedule = make_schedule(candidate.schedule, s, m, p if candidate.schedule == "interleaved_1f1b" else None)
-            result = simulate(schedule, forward, backward, p2p)
-            opt = self.optimizer_times(pipeline, s, candidate.cuts)
-            for member in range(max(len(g) for g in pipeline)):
-                ranks = [g[min(member, len(g) - 1)] for g in pipeline]
-                events += sim_timeline(result, ranks).events
-                for pos, rank in enumerate(ranks):
-                    computes = [t for t in result.timeline[pos] if t.action.is_compute]
-                    finish = computes[-1].end if computes else 0.0
-                    begin = computes[-1].start if computes else 0.0
-                    end = finish
-                    if sync[pos] > 0:
-                        end = finish + exposed_sync(sync, pos, finish - begin)
-                        events.append(TraceEvent(rank, "sync", "sync", begin, end))
-                    if opt[pos] > 0:
-                        events.append(TraceEvent(rank, "optimizer", "optimizer", end, end + opt[pos]))
-        return Timeline("simulated", events)
-
-    def predict(self, candidate: Candidate) -> Prediction:
-        """Score every replica exactly and assemble the per-rank view.
-
-        Example::
-
-            prediction = costs.predict(candidate)
-            prediction.step_time, prediction.fits, prediction.shortfall
-        """
-        layout = candidate.layout
-        sync = self.sync_time(layout, candidate.num_stages, candidate.cuts)
-        world = self.cluster.world_size
-        busy, memory = [0.0] * world, [0] * world
-        times, stage_times, opt = [], [], [0.0] * layout.pipeline_degree
-        alike: dict = {}  # replicas on the same devices and links with the same rows cost the same
-        stepped = set()  # replicas on the same devices step their optimizers alike
-        for d, pipeline in enumerate(layout.pipelines):
-            kind, devices = self._replica_kind(pipeline)
-            key = (kind, candidate.rows[d])
-            if key not in alike:
-                alike[key] = self.replica_cost(pipeline, candidate.num_stages, candidate.schedule,
-                                               candidate.num_micro_batch, candidate.cuts, candidate.rows[d], sync)  # fmt: skip
-            cost = alike[key]
-            if devices not in stepped:
-                stepped.add(devices)
-                opt = [max(a, b) for a, b in zip(opt, self.optimizer_times(pipeline, candidate.num_stages, candidate.cuts))]
-            times.append(cost.time)
-            stage_times.append(cost.stage_times)
-            for pos, group in enumerate(pipeline):
-                for rank, need in zip(group, cost.memory[pos]):
-                    busy[rank], memory[rank] = cost.busy[pos], need
-        finite = [t for t in times if math.isfinite(t)]
-        step = max(times) if len(finite) == len(times) else math.inf
-        return Prediction(
-            step_time=step,
-            replica_times=tuple(times),
-            rank_busy=tuple(busy),
-            rank_memory=tuple(memory),
-            rank_capacity=self.capacities(),
-            stage_times=tuple(stage_times),
-            sync_time=sync,
-            optimizer_time=tuple(opt),
-        )

@@ -440,6 +440,12 @@ def _reasons(result: SearchResult, cluster: Cluster) -> tuple[str, ...]:
             f"gradient sync per position up to {format_seconds(max(pred.sync_time))} "
             f"(overlaps the last backward{after})"
         )
+    if pred.straggler_wait > 0:
+        spread = max(d.profile.jitter or 0.0 for d in devices)
+        out.append(
+            f"waiting for the slowest of {len(pred.replica_times)} replicas: {format_seconds(pred.straggler_wait)} "
+            f"a step, expected (device times vary up to {spread:.0%} from step to step)"
+        )
     for alt in _overflows(result):
         missing, rank = alt.prediction.shortfall
         out.append(
