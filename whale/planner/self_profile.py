@@ -8,7 +8,8 @@ Two steps, joined by one exchange over the default process group (``whale.api`` 
    linear-layer shape (``F.linear`` of ``4n x n`` by an ``(4n, n)`` weight, ``32 n^3`` FLOPs),
    timed :data:`REPEATS` times while every rank measures at once, the faster half's mean taken
    (samples slowed by other processes do not count; where a host has several ranks, each
-   takes its samples on the host's cores in turn, so a slow core is not read as a slow rank);
+   takes its samples on the host's cores in turn, so a slow core is not read as a slow rank),
+   and the spread of all the samples (the rank's ``jitter``: how its time varies);
    then the shape of the efficiency curve
    up to that size (the same multiply at an eighth of ``n`` up to ``n``, each size's rate
    over the best); then what does not shrink with a replica's rows: the cost of one operation
