@@ -5,7 +5,7 @@ On 2 gloo ranks (1 torch thread each) whale trains the same GPT data parallel wi
 and every step each rank records its busy time (forward and backward, from
 ``program.timeline()``) after a barrier. Printed per row count:
 - each rank's mean busy time and its spread from step to step (standard deviation over mean,
-  and the robust spread ``class_probe.spread`` that ``whale profile`` measures with),
+  and the robust spread ``profile_fields.spread`` that ``whale profile`` measures with),
 - the largest of the two means (what a cost model without the wait predicts),
 - the mean of the later rank's busy time, step by step (the sampled ``E[max]``),
 - the expected maximum of two independent normal times with those means and spreads (what the
@@ -36,7 +36,8 @@ from _launch import run_on_ranks
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
-from whale.planner.class_probe import block_shape, block_times, spread
+from whale.ir.profile_fields import spread
+from whale.planner.class_probe import block_shape, block_times
 from whale.planner.cost.stragglers import expected_max
 
 _WARMUP = 8

@@ -123,11 +123,11 @@ def test_jitter_round_trips_in_a_profile_file_and_bad_values_name_the_field(tmp_
 def test_doctests() -> None:
     import doctest
 
-    from whale.planner import class_probe
+    from whale.ir import profile_fields
     from whale.planner.cost import stragglers
 
     assert doctest.testmod(stragglers).failed == 0
-    assert doctest.testmod(class_probe).failed == 0
+    assert doctest.testmod(profile_fields).failed == 0
 
 
 def test_explain_names_the_wait_for_the_slowest_replica(tmp_path, capsys) -> None:

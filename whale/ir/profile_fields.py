@@ -1,5 +1,7 @@
 """Validation of the measured parts of a device profile (efficiency curve, optimizer steps,
-operation classes), shared by :class:`~.devices.DeviceProfile` and its file format.
+operation classes), shared by :class:`~.devices.DeviceProfile` and its file format, and how its
+``jitter`` is read from repeated times (:func:`spread`: by ``whale profile``, the ranks'
+self-profile and a program's report of its steps).
 
 Operation classes (``op_classes``): ``whale profile`` times a transformer block operation by
 operation, forward and backward, and states for each class of graph node how its time compares
@@ -25,9 +27,10 @@ forward and backward both.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 
-__all__ = ["OPTIMIZERS", "OP_CLASSES", "check_curve", "check_op_classes", "check_optimizer_steps"]
+__all__ = ["OPTIMIZERS", "OP_CLASSES", "check_curve", "check_op_classes", "check_optimizer_steps", "spread"]
 
 OPTIMIZERS = ("adamw", "sgd", "sgd_momentum")
 """Optimizers a profile may give a measured step cost for (``adam`` steps as ``adamw``)."""
@@ -100,3 +103,20 @@ def check_op_classes(owner: str, classes: object) -> tuple[tuple[str, float, flo
                 raise ValueError(f"{owner}: op_classes[{name!r}] = {[factor, backward]!r} must be numbers in (0, 1000], {fix}")
         out[name] = (name, float(factor), float(backward))
     return tuple(out[name] for name in OP_CLASSES if name in out)
+
+
+def spread(times) -> float:
+    """The relative spread of repeated times of the same work: their median absolute deviation
+    over their median, scaled to a normal distribution's standard deviation (x 1.4826), so that
+    a rare outlier (a page fault, a preemption) does not set it. 0.0 for fewer than 3 times.
+
+    Example::
+
+        >>> round(spread([1.0, 1.1, 0.9, 1.0, 1.2]), 3)
+        0.148
+    """
+    times = list(times)
+    if len(times) < 3:
+        return 0.0
+    middle = statistics.median(times)
+    return 1.4826 * statistics.median(abs(t - middle) for t in times) / middle if middle > 0 else 0.0

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..ir.profile_fields import OP_CLASSES
 
-__all__ = ["block_seconds", "block_shape", "block_times", "class_factors", "spread"]
+__all__ = ["block_seconds", "block_shape", "block_times", "class_factors"]
 
 
 def block_shape(cuda: bool, quick: bool) -> tuple[int, int, int, int]:
@@ -200,18 +200,3 @@ def block_times(device, clock, *, shape: tuple[int, int, int, int], dtype, repea
     once()
     return [once() for _ in range(repeat)]
 
-
-def spread(times) -> float:
-    """The relative spread of repeated times of the same work: their median absolute deviation
-    over their median, scaled to a normal distribution's standard deviation (x 1.4826), so that
-    a rare outlier (a page fault, a preemption) does not set it. 0.0 for fewer than 3 times.
-
-    Example::
-
-        >>> round(spread([1.0, 1.1, 0.9, 1.0, 1.2]), 3)
-        0.148
-    """
-    if len(times) < 3:
-        return 0.0
-    middle = statistics.median(times)
-    return 1.4826 * statistics.median(abs(t - middle) for t in times) / middle if middle > 0 else 0.0

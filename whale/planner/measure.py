@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
-from .class_probe import block_shape, block_times, class_factors, spread
+from ..ir.profile_fields import spread
+from .class_probe import block_shape, block_times, class_factors
 
 __all__ = [
     "LinkFit", "cpu_share", "emulated", "fit_alpha_beta", "matmul_curve", "measure_device", "measure_links",

@@ -57,8 +57,8 @@ from typing import Any
 
 from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
 from ..ir.emulation import slowdown_factor, slowdown_from_env
+from ..ir.profile_fields import spread
 from ..ir.topology import Cluster, Node
-from .class_probe import spread
 from .cost.formulas import efficiency_at
 from .measure import emulated, matmul_curve, slowed
 
@@ -214,7 +214,7 @@ class _Measured:
     optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
     curve: tuple[tuple[float, float], ...]  # measured efficiency: (FLOPs, rate over the best)
     anchor: float  # times ``peak``: the rate of the curve's best share (the probed size's)
-    jitter: float  # the samples' relative spread (class_probe.spread): how the rank's time varies
+    jitter: float  # the samples' relative spread (profile_fields.spread): how the rank's time varies
 
 
 def _rotation(rank: int, environ=None) -> list[int]:

@@ -7,6 +7,7 @@ import re
 import statistics
 from collections.abc import Sequence
 
+from ..ir.profile_fields import spread
 from ..ir.trace import Timeline, TraceEvent
 
 __all__ = ["measured_timeline", "timing_report"]
@@ -61,7 +62,9 @@ def measured_timeline(parts: Sequence[tuple]) -> Timeline:
 
 def timing_report(predicted: float | None, step_times: Sequence[float]) -> str:
     """``"step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps), prediction error -43%"``; says
-    so where there is no prediction or no measured step.
+    so where there is no prediction or no measured step. From 3 steps on it also says how much
+    they vary (:func:`~whale.ir.profile_fields.spread`): a device profile's ``jitter``, which
+    the cost model prices the wait for the slowest replica by, can take it.
 
     Example::
 
@@ -74,8 +77,9 @@ def timing_report(predicted: float | None, step_times: Sequence[float]) -> str:
     if step_times:
         n = len(step_times)
         measured = statistics.median(step_times)
+        varies = f", varying {spread(step_times):.0%} step to step" if n >= 3 else ""
         parts.append(
-            f"measured {measured * 1e3:.1f} ms (median of {n} step{'s' if n != 1 else ''})"
+            f"measured {measured * 1e3:.1f} ms (median of {n} step{'s' if n != 1 else ''}{varies})"
         )
         if predicted is not None and predicted > 0:
             # As benchmarks/bench_predict.py: predicted over measured, minus one.
