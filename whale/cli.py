@@ -360,7 +360,7 @@ def _profile(args: argparse.Namespace) -> int:
         save_profiles([device], args.out)
         rates = ", ".join(f"{d} {r / 1e12:.3g} TFLOP/s" for d, r in device.peak_flops)
         print(f"{device.name}: {rates}; memory {device.memory_bandwidth / 1e9:.3g} GB/s, "
-              f"{device.memory_bytes / 2**30:.1f} GiB -> {args.out}")  # fmt: skip
+              f"{device.memory_bytes / 2**30:.1f} GiB, times vary {device.jitter or 0:.0%} -> {args.out}")  # fmt: skip
         for name, fit in links.items():
             print(f"{name}: {fit.describe()} per link")
         if args.cluster_out and cluster is not None:
