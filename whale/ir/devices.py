@@ -169,6 +169,13 @@ def _positive(owner: str, name: str, value: object, *, integer: bool = False) ->
         raise ValueError(f"{owner}: {name} must be {what} > 0, got {value!r}")
 
 
+def _below_one(owner: str, name: str, value: object, what: str) -> float:
+    """``value`` as a float where it is a number in [0, 1); else the error naming ``what`` it must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
     """What the cost model needs to know about one device type.
@@ -254,18 +261,13 @@ class DeviceProfile:
         if self.efficiency is not None:
             object.__setattr__(self, "efficiency", check_curve(owner, self.efficiency))
         if self.op_overhead is not None:
-            value = self.op_overhead
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{owner}: op_overhead must be seconds per operation in [0, 1), e.g. 8e-6, got {value!r}")
-            object.__setattr__(self, "op_overhead", float(self.op_overhead))
+            object.__setattr__(self, "op_overhead", _below_one(owner, "op_overhead", self.op_overhead, "seconds per operation in [0, 1), e.g. 8e-6"))
         if self.optimizer_step is not None:
             object.__setattr__(self, "optimizer_step", check_optimizer_steps(owner, self.optimizer_step))
         if self.op_classes is not None:
             object.__setattr__(self, "op_classes", check_op_classes(owner, self.op_classes))
         if self.jitter is not None:
-            if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
-                raise ValueError(f"{owner}: jitter must be a spread in [0, 1) (standard deviation over mean), e.g. 0.05, got {self.jitter!r}")
-            object.__setattr__(self, "jitter", float(self.jitter))
+            object.__setattr__(self, "jitter", _below_one(owner, "jitter", self.jitter, "a spread in [0, 1) (standard deviation over mean), e.g. 0.05"))
 
     @property
     def measured(self) -> bool:

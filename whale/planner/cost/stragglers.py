@@ -49,14 +49,20 @@ def _larger(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, floa
     return mean, max(0.0, second - mean * mean)
 
 
-@functools.lru_cache(maxsize=256)
-def _standard_largest(count: int) -> tuple[float, float]:
-    """Mean and variance of the largest of ``count`` independent standard normal variables."""
+@functools.cache
+def _grid():
+    """``(x, its normal density, its normal distribution)`` on the grid the integrals use."""
     import numpy as np
 
     x = np.linspace(-9.0, 9.0, 3601)
-    cdf = np.array([0.5 * (1.0 + math.erf(v / _SQRT2)) for v in x])
-    density = count * np.exp(-0.5 * x * x) / _SQRT2PI * cdf ** (count - 1)
+    return x, np.exp(-0.5 * x * x) / _SQRT2PI, np.array([0.5 * (1.0 + math.erf(v / _SQRT2)) for v in x])
+
+
+@functools.lru_cache(maxsize=256)
+def _standard_largest(count: int) -> tuple[float, float]:
+    """Mean and variance of the largest of ``count`` independent standard normal variables."""
+    x, pdf, cdf = _grid()
+    density = count * pdf * cdf ** (count - 1)
     step = x[1] - x[0]
     mean = float((x * density).sum() * step)
     return mean, max(0.0, float((x * x * density).sum() * step) - mean * mean)
