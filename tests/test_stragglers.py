@@ -102,6 +102,7 @@ def test_replicas_of_varying_devices_wait_for_the_slowest_and_the_timeline_shows
     assert varying.replica_times == steady.replica_times
     timeline = _costs(0.1).timeline(candidate)
     assert timeline.step_time == pytest.approx(varying.step_time, rel=1e-12)
+    assert _costs(0.1).timeline(candidate, varying).events == timeline.events  # the wait read from the prediction given
     waits = [e for e in timeline.events if e.name == "wait for the slowest replica"]
     assert len(waits) == 4 and all(e.duration == pytest.approx(varying.straggler_wait) for e in waits)
 

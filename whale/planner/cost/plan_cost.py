@@ -89,4 +89,5 @@ def predict_plan(
         )
     candidate = candidate_of(plan, profile, global_batch)
     costs = CostModel(profile, cluster, options or CostOptions())
-    return PlanEstimate(candidate, costs.predict(candidate), costs.timeline(candidate))
+    prediction = costs.predict(candidate)
+    return PlanEstimate(candidate, prediction, costs.timeline(candidate, prediction))

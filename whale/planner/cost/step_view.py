@@ -31,7 +31,7 @@ class StepView:
         """Several replicas run and some device of the cluster varies from step to step."""
         return self.varies and len(layout.pipelines) > 1
 
-    def timeline(self, candidate: Candidate) -> Timeline:
+    def timeline(self, candidate: Candidate, prediction: Prediction | None = None) -> Timeline:
         """The simulated step of ``candidate`` on every rank (source ``"simulated"``).
 
         Each replica's schedule is simulated with the times :meth:`predict` uses
@@ -40,7 +40,8 @@ class StepView:
         synchronises gradients (``"sync"``, from its last backward's start, as :meth:`predict`
         counts it), waits the expected time for the slowest replica where devices vary from step
         to step (``"sync"`` too), and steps the optimizer (``"optimizer"``). Its ``step_time``
-        equals ``predict(candidate).step_time``.
+        equals ``predict(candidate).step_time``; ``prediction``, that prediction where the caller
+        has it already (the wait is read from it, not predicted again).
 
         Example::
 
@@ -48,7 +49,7 @@ class StepView:
         """
         layout, m, s = candidate.layout, candidate.num_micro_batch, candidate.num_stages
         sync = self.sync_time(layout, s, candidate.cuts)
-        wait = self.predict(candidate).straggler_wait if self._jittery(layout) else 0.0
+        wait = (prediction or self.predict(candidate)).straggler_wait if self._jittery(layout) else 0.0
         events: list[TraceEvent] = []
         for d, pipeline in enumerate(layout.pipelines):
             p = len(pipeline)
