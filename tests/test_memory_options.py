@@ -105,6 +105,34 @@ def test_reusing_the_plain_search_finds_the_same_plan(profile_13b):
         CostModel(profile, cluster, _OPTIONS).share_times(CostModel(profile, cluster, CostOptions()))
 
 
+def test_choices_searched_beside_each_other_find_the_plan_searched_in_turn(profile_13b, monkeypatch):
+    """Two choices at a time run in a forked child beside this process (forked.both) where a
+    second core is free; on one core they run here one after the other. The same plan, to the
+    float, and the same alternatives either way; the forked child's layouts come back as the
+    search's own objects."""
+    from whale.planner import forked
+
+    profile, paths = profile_13b
+    cluster = parse_cluster("node0=2xV100-32GB,node1=2xT4")
+    with pytest.raises(NoPlanError) as err:
+        search(profile, cluster, 1536, options=_OPTIONS)
+    kwargs = {"options": _OPTIONS, "pins": Pins(), "settings": SearchSettings(),
+              "allowed": ("checkpoint", "zero", "offload"), "module_paths": paths}  # fmt: skip
+    forks, fork = [], os.fork
+
+    def recording_fork():
+        pid = fork()
+        forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording_fork)
+    beside, beside_choice = search_with_memory(profile, cluster, 1536, err.value, **kwargs)
+    assert len(forks) == (1 if forked.can_fork() else 0)  # one pair of choices
+    monkeypatch.setattr(forked, "can_fork", lambda: False)
+    in_turn, in_turn_choice = search_with_memory(profile, cluster, 1536, err.value, **kwargs)
+    assert (beside.best, beside_choice, beside.alternatives) == (in_turn.best, in_turn_choice, in_turn.alternatives)
+
+
 def test_zero_divides_state_by_the_data_parallel_degree(profile_13b):
     profile, _ = profile_13b
     cluster = parse_cluster("node0=8xV100-32GB")

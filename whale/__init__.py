@@ -21,6 +21,11 @@ try:
     from .config import Config
     from .primitives import annotate, cluster, pipeline, replicate, split, stage
 finally:
+    # The objects made go straight to the oldest generation (freeze, then unfreeze: a move,
+    # no walk), where the next full collection finds them, and the import's own garbage with
+    # them, rather than the first young collection walking all 350,000 (0.15 s).
+    _gc.freeze()
+    _gc.unfreeze()
     if _collecting:
         _gc.enable()
 

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Collection
 
@@ -40,6 +41,7 @@ from ...ir.topology import Cluster
 from ..cost.formulas import SyncTimes, training_memory
 from ..cost.layers import ModelProfile
 from ..cost.predict import CostModel, CostOptions, ReplicaCost
+from ..forked import both
 from .explore import Explorer, NoPlanError, Scored, SearchResult, SearchSettings
 from .pins import Pins
 from .report import format_seconds
@@ -246,9 +248,10 @@ def search_with_memory(
     The choices no other dominates (:func:`_option_sets`) share one enumeration of the
     structures; each keeps those its memory floor lets through, bounded from below with the
     recomputation checkpointing adds (:meth:`~.space.SearchSpace.bound`). Choices are searched
-    cheapest in time first (:func:`_time_cost`), each for plans faster than the best found so
-    far (the ``cutoff`` of :meth:`~.explore.Explorer.run`); a choice whose least bound reaches
-    that is not searched. The winner's options are then cut back to the lightest that keep its plan
+    cheapest in time first (:func:`_time_cost`), two at a time (the second in a forked process
+    where a core is free: :func:`~..forked.both`), each pair for plans faster than the best
+    found before it (the ``cutoff`` of :meth:`~.explore.Explorer.run`); a choice whose least
+    bound reaches that is not searched. The winner's options are then cut back to the lightest that keep its plan
     fitting, as fast or faster (:func:`_lightest`).
 
     ``zero3``: ``"last"`` searches ZeRO stage 3 only where no choice without it fits (as
@@ -288,13 +291,19 @@ def search_with_memory(
             if structures:  # else the memory floor rules every structure out: nothing to search
                 queued.append((_time_cost(choice), structures[0].bound, choice, explorer))
         queued.sort(key=lambda x: x[:2])
-        for _, least, choice, explorer in queued:
+        while queued:
+            # Two choices at a time, both for plans faster than the best before them: on two
+            # cores the pair takes the longer search's time, not the sum (forked.both), and the
+            # winner is the same on one core. Then the better of the two, the earlier on a tie.
             cutoff = math.inf if best is None else best[0].best.prediction.step_time
-            if least >= cutoff:
-                continue  # every plan of this choice takes at least as long as the best found
-            result = explorer.run(cutoff) if best is not None else _run_or_none(explorer)
-            if result is not None and (best is None or result.best.prediction.step_time < cutoff):
-                best = (result, choice)
+            queued = [q for q in queued if q[1] < cutoff]  # else no plan of it beats the best
+            if not queued:
+                break
+            pair, queued = queued[:2], queued[2:]
+            results = _search_pair([q[3] for q in pair], cutoff, [e[0] for e in base.enumerate()])
+            for (_, _, choice, _), result in zip(pair, results):
+                if result is not None and (best is None or result.best.prediction.step_time < best[0].best.prediction.step_time):
+                    best = (result, choice)
     if best is None:
         raise NoPlanError(f"{plain_error} (also with {', '.join(allowed)} turned on)") from None
     result, choice = best
@@ -312,9 +321,19 @@ def _explorer(base: Explorer, choice: MemoryChoice, flops: np.ndarray) -> Explor
     return explorer
 
 
-def _run_or_none(explorer: Explorer) -> SearchResult | None:
+def _search_pair(explorers: list[Explorer], cutoff: float, layouts: list) -> list[SearchResult | None]:
+    """Each explorer's search for plans faster than ``cutoff`` (None: nothing fits or beats it),
+    the second beside the first in a forked process (``layouts``: the shared structures' rank
+    layouts, which its answer names)."""
+    searches = [functools.partial(_run_or_none, explorer, cutoff) for explorer in explorers]
+    if len(searches) == 1:
+        return [searches[0]()]
+    return list(both(*searches, shared=layouts))
+
+
+def _run_or_none(explorer: Explorer, cutoff: float = math.inf) -> SearchResult | None:
     try:
-        return explorer.run()
+        return explorer.run(cutoff)
     except NoPlanError:
         return None
 
