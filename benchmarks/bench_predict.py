@@ -29,10 +29,18 @@ step, as the emulation stretches both), and on 4 ranks the mixed plan: 2
 data-parallel replicas of a 2-stage 1F1B pipeline (4 processes share the 2 cores; they profile
 the host again).
 
+``--pin`` runs rank r on core r only (as a GPU job's rank has its own device). Unpinned on this
+2-core host, a gloo all-reduce sometimes completes on one rank a scheduler tick after the other
+(exit skew 2-5 ms in a quarter of tensor parallel's all-reduces, mean 1.1 ms; pinned 0.05 ms),
+which no link measurement sees. ``--profiles N`` profiles the host N times in a row and predicts
+each plan at the median of them: one quick profile's class factors moved by up to 40% between
+consecutive profiles, while the same plan's measured step held within 3%.
+
 Run (spawns 2, then 4 processes; about 3 minutes)::
 
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --rounds 5 --steps 6 --case data --case pipeline
+    python benchmarks/bench_predict.py --pin --profiles 5
 """
 
 from __future__ import annotations
@@ -178,6 +186,12 @@ def print_phases(phases: dict[str, list]) -> None:
             print(f"  {name:16} rank {rank}: " + ", ".join(cells))
 
 
+def _median_estimate(plan, layers, clusters, batch: int):
+    """:func:`predict_plan` on each of ``clusters`` (one per profile): the median by step time."""
+    estimates = sorted((predict_plan(plan, layers, c, batch) for c in clusters), key=lambda e: e.prediction.step_time)
+    return estimates[(len(estimates) - 1) // 2]
+
+
 def _worker(rank: int, world: int, args, results) -> None:
     # The reference block's pace while the host is profiled: before, between and after the
     # link and device measurements (every rank at once, as they profile), the median.
@@ -187,9 +201,14 @@ def _worker(rank: int, world: int, args, results) -> None:
     link = f"intra={ring.bandwidth / 1e9:.4g}GB/s,intra_lat={ring.latency * 1e6:.4g}us"
     # The core's own rates (thread CPU time) and the link, measured by every rank at once; rank
     # 0's serve every rank, so all build one Config (whale checks that they agree).
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (measure_device(quick=True, share=1.0), link))
-    host, link = gathered[0]
+    # With --profiles N, N profiles in a row: each plan is predicted on each, and the median
+    # prediction is taken (one quick profile reads this host's rates within a second or two).
+    hosts = []
+    for _ in range(args.profiles):
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (measure_device(quick=True, share=1.0), link))
+        hosts.append(gathered[0][0])
+    host, link = hosts[0], gathered[0][1]
     reference = statistics.median([*references, _reference()])
     cfg = GPTConfig(
         n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block
@@ -240,11 +259,10 @@ def _worker(rank: int, world: int, args, results) -> None:
                         phases[name][0].append(spent)
             shares = _shares(world, before, fallback)
             paces = _paces(world, reference) if args.pace else None
-            cluster = rank_cluster(name, host, link, shares, paces)
-            estimate = predict_plan(program.plan, layers, cluster, args.batch)
+            estimate = _median_estimate(program.plan, layers, [rank_cluster(name, h, link, shares, paces) for h in hosts], args.batch)
             # With --pace, also the prediction without it: the two compare on the same steps.
-            unpaced = estimate if paces is None else predict_plan(
-                program.plan, layers, rank_cluster(name, host, link, shares, None), args.batch)
+            unpaced = estimate if paces is None else _median_estimate(
+                program.plan, layers, [rank_cluster(name, h, link, shares, None) for h in hosts], args.batch)
             predicted.append((shares, estimate.prediction.step_time, paces, unpaced.prediction.step_time))
             phases[name][1].append(_by_category(estimate.timeline, rank))
     mine = {n: tuple(_median_of(v) for v in both) for n, both in phases.items()} if args.phases else {}
@@ -300,6 +318,14 @@ def main() -> None:
         "run over while profiling), printed beside the error without it (same steps)",
     )
     p.add_argument(
+        "--profiles", type=int, default=1,
+        help="profile the host this many times in a row and predict each plan at the median of them",
+    )
+    p.add_argument(
+        "--pin", action="store_true",
+        help="rank r runs on core r only (where there are as many cores as ranks)",
+    )
+    p.add_argument(
         "--record", help="write the profile, plans and measured times to this JSON file"
     )
     args = p.parse_args()
@@ -316,7 +342,7 @@ def main() -> None:
         if not any((name in FOUR_RANKS) == (world == 4) for name in chosen):
             continue
         # Each world profiles the host again: the rates a rank gets depend on how many run.
-        got_host, got_ring, got_rows, got_record, got_phases = run_on_ranks(_worker, args, world=world, threads=1)
+        got_host, got_ring, got_rows, got_record, got_phases = run_on_ranks(_worker, args, world=world, threads=1, pin=args.pin)
         for name in got_rows:
             phases[name[0]] = [r[name[0]] for r in got_phases if name[0] in r]
         if world == 2 or not rows:
