@@ -19,6 +19,7 @@ import os
 import pickle
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -49,7 +50,12 @@ def both(here: Callable[[], A], there: Callable[[], B], shared: Sequence[object]
     if not can_fork():
         return here(), there()
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns at every fork of a process with several threads (torch starts
+        # one): the child runs planner code only (Python and numpy), never torch's threads'
+        # work, and ends with os._exit.
+        warnings.filterwarnings("ignore", message=".*multi-threaded.*", category=DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: answer through the pipe, never return into the caller's code
         try:
             os.close(read_end)
