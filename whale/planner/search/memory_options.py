@@ -251,8 +251,8 @@ def search_with_memory(
     cheapest in time first (:func:`_time_cost`), two at a time (the second in a forked process
     where a core is free: :func:`~..forked.both`), each pair for plans faster than the best
     found before it (the ``cutoff`` of :meth:`~.explore.Explorer.run`); a choice whose least
-    bound reaches that is not searched. The winner's options are then cut back to the lightest that keep its plan
-    fitting, as fast or faster (:func:`_lightest`).
+    bound reaches that is not searched. The winner's options are then cut back to the lightest
+    that keep its plan fitting, as fast or faster (:func:`_lightest`).
 
     ``zero3``: ``"last"`` searches ZeRO stage 3 only where no choice without it fits (as
     DeepSpeed advises: its per-layer gathers in forward and backward cost more than the one
