@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -122,3 +124,39 @@ def test_a_large_answer_passes_the_pipe(forks):
     first, second = forked.both(lambda: sum(big), lambda: [x * 2 for x in big])
     assert first == sum(big) and second[-1] == 399_998 and len(second) == 200_000
     assert len(forks) == 1 and _reaped(forks)
+
+
+@needs_fork
+def test_the_child_ends_with_its_parent(tmp_path):
+    # A parent killed while the child computes (no chance to reap it): the kernel ends the child.
+    script = tmp_path / "parent.py"
+    pid_file = tmp_path / "child.pid"
+    script.write_text(
+        "import os, signal, time\n"
+        "from whale.planner import forked\n"
+        "def there():\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "def here():\n"
+        f"    while not os.path.exists({str(pid_file)!r}):\n"
+        "        time.sleep(0.01)\n"
+        "    time.sleep(0.1)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "forked.both(here, there)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], check=False, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (reaped by init soon) has ended too
+        return f.read().split(") ")[-1][0] != "Z"

@@ -14,6 +14,7 @@ computations whose results do not depend on which ran first.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import pickle
@@ -45,11 +46,13 @@ def both(here: Callable[[], A], there: Callable[[], B], shared: Sequence[object]
     An exception of ``there`` is raised here, as if it had run here. Where the child cannot
     answer (its answer does not pickle, or it was killed), ``there`` runs here after ``here``.
     Where ``here`` raises or is interrupted, the child is killed and reaped before the
-    exception leaves: no process is left behind.
+    exception leaves; where this process is killed, the kernel ends the child with it: no
+    process is left behind.
     """
     if not can_fork():
         return here(), there()
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     with warnings.catch_warnings():
         # Python 3.12+ warns at every fork of a process with several threads (torch starts
         # one): the child runs planner code only (Python and numpy), never torch's threads'
@@ -60,6 +63,7 @@ def both(here: Callable[[], A], there: Callable[[], B], shared: Sequence[object]
         try:
             os.close(read_end)
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C stops the child at once
+            _die_with(parent)
             _answer(write_end, there, shared)
         finally:
             os._exit(0)  # no atexit handlers, no flush of stdio buffers copied from the parent
@@ -84,6 +88,18 @@ def both(here: Callable[[], A], there: Callable[[], B], shared: Sequence[object]
     if not ok:
         raise value
     return first, value
+
+
+def _die_with(parent: int) -> None:
+    """The kernel kills this child when its parent ends (killed, or ended without reaping it),
+    rather than the child computing on for nothing (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the child still ends at its answer's write
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(0)
 
 
 def _answer(fd: int, there: Callable[[], object], shared: Sequence[object]) -> None:
