@@ -56,6 +56,7 @@ __all__ = [
     "pipeline_step_time",
     "point_to_point_time",
     "reduce_scatter_time",
+    "tensor_parallel_time",
     "training_memory",
 ]
 
@@ -364,6 +365,21 @@ def all_reduce_time(num_bytes: float, num_ranks: int, link: Link) -> float:
     # Reduce-scatter then all-gather, 2(n-1) steps of bytes/n each (Thakur et al. 2005;
     # bandwidth-optimal ring: Patarasuk and Yuan 2009).
     return 2 * (n - 1) * link.latency + 2 * (n - 1) / n * amount / link.bandwidth
+
+
+def tensor_parallel_time(count, volume, num_ranks: int, link: Link):
+    """``count`` ring all-reduces over a tensor-parallel group of ``num_ranks`` moving ``volume``
+    bytes in all: the all-reduces (Megatron-LM's f and g) of the layers a group runs, as
+    :func:`all_reduce_time` prices each. ``count`` and ``volume`` may be arrays (per-layer
+    prefixes, as the search reads them).
+
+    Example::
+
+        >>> tensor_parallel_time(4, 8e9, 4, Link(kind="nvlink3", bandwidth=300e9, latency=0.0))
+        0.04
+    """
+    t = num_ranks
+    return 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth
 
 
 def all_gather_time(num_bytes: float, num_ranks: int, link: Link) -> float:

@@ -46,6 +46,7 @@ from .formulas import (
     SyncTimes,
     efficiency_at,
     exposed_sync,
+    tensor_parallel_time,
     training_memory,
 )
 from .layers import ModelProfile
@@ -310,7 +311,7 @@ class CostModel(StageTimes, SyncCost, StepView):
         link = self.group_link(group)
         count = self.tp_count[stop] - self.tp_count[start]
         volume = rows * (self.tp_bytes[stop] - self.tp_bytes[start])
-        comm = 2 * (t - 1) * link.latency * count + 2 * (t - 1) / t * volume / link.bandwidth  # ring all-reduces
+        comm = tensor_parallel_time(count, volume, t, link)
         return forward + comm, backward + comm
 
     def _split(self, device: DeviceProfile, rows: float, share: float, start: int, stop: int) -> tuple[float, float]:

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...ir.cluster_spec import Cluster
+from ..cost.formulas import tensor_parallel_time
+from ..cost.predict import Candidate, CostModel, RankLayout
 from ..schedules.flow_shop import peak_held_bound
 from .balance import partition_layers
 from .memory_floor import MemoryFloor
-from .rank_layouts import layouts, tensor_groups
 from .pins import Pins
-from ..cost.predict import Candidate, CostModel, RankLayout
+from .rank_layouts import layouts, tensor_groups
 
 __all__ = ["SearchSettings", "SearchSpace", "Structure", "describe"]
 
@@ -416,7 +417,7 @@ class SearchSpace:
             comm = 0.0
             if t > 1:
                 link = costs.group_link(group)
-                comm = np.diff(2 * (t - 1) * link.latency * costs.tp_count + 2 * (t - 1) / t * q * costs.tp_bytes / link.bandwidth)
+                comm = np.diff(tensor_parallel_time(costs.tp_count, q * costs.tp_bytes, t, link))
             self._arrays[key] = (np.maximum(np.diff(prefix) + comm, 1e-30), state, act, cap, comm)
         return self._arrays[key]
 
