@@ -91,8 +91,9 @@ def test_replicas_of_varying_devices_wait_for_the_slowest_and_the_timeline_shows
     candidate = Candidate(layout, stages, "1f1b", 4, cuts, rows)
     steady, varying = _costs(None).predict(candidate), _costs(0.1).predict(candidate)
     replicas = len(layout.pipelines)
-    if replicas == 1:  # nothing to wait for
-        assert varying == steady
+    if replicas == 1:  # no replica to wait for (a tensor-parallel group waits within: below)
+        assert varying.straggler_wait == 0.0
+        assert (varying == steady) == (layout.tensor_parallel == 1)
         return
     assert steady.straggler_wait == 0.0
     # Equal replicas: E[max of k] - mean = spread x busiest position x E[max of k standard normals].
@@ -105,6 +106,25 @@ def test_replicas_of_varying_devices_wait_for_the_slowest_and_the_timeline_shows
     assert _costs(0.1).timeline(candidate, varying).events == timeline.events  # the wait read from the prediction given
     waits = [e for e in timeline.events if e.name == "wait for the slowest replica"]
     assert len(waits) == 4 and all(e.duration == pytest.approx(varying.straggler_wait) for e in waits)
+
+
+def test_a_tensor_parallel_group_waits_for_its_slowest_member_at_each_all_reduce() -> None:
+    # Per all-reduce, E[max of 2] - mean = spread x segment / sqrt(pi); with spreads in
+    # proportion to time, the segments' waits add up to spread x compute / sqrt(pi). The
+    # all-reduces themselves cost the same; one rank alone waits for nothing.
+    steady, varying = _costs(None), _costs(0.1)
+    a100 = steady.device_of[0]
+    compute = steady._split(a100, 8.0, 0.5, 2, 7)
+    comm = steady.group_times((0, 1), (0.5, 0.5), 8.0, 2, 7)[0] - compute[0]
+    assert comm > 0
+    got = varying.group_times((0, 1), (0.5, 0.5), 8.0, 2, 7)
+    want = tuple(c * (1 + 0.1 / math.sqrt(math.pi)) + comm for c in compute)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert varying.group_times((0,), (1.0,), 8.0, 2, 7) == steady.group_times((0,), (1.0,), 8.0, 2, 7)
+    four = varying.group_times((0, 1, 2, 3), (0.25,) * 4, 8.0, 2, 7)[0]
+    alone = steady._split(a100, 8.0, 0.25, 2, 7)[0]
+    comm4 = steady.group_times((0, 1, 2, 3), (0.25,) * 4, 8.0, 2, 7)[0] - alone
+    assert four == pytest.approx(alone * (1 + 0.1 * expected_max([(0.0, 1.0, 4)])) + comm4, rel=1e-9)
 
 
 def test_jitter_round_trips_in_a_profile_file_and_bad_values_name_the_field(tmp_path) -> None:

@@ -52,6 +52,7 @@ from .formulas import (
 from .layers import ModelProfile
 from .stage_times import StageTimes
 from .step_view import StepView
+from .stragglers import straggler_wait
 from .sync_cost import SyncCost
 
 __all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
@@ -302,7 +303,9 @@ class CostModel(StageTimes, SyncCost, StepView):
     def group_times(self, group: Sequence[int], shares: Sequence[float], rows: float, start: int, stop: int) -> tuple[float, float]:
         """Forward and backward time of layers ``start..stop-1`` on a tensor-parallel group: the
         backward computes ``BACKWARD_FLOPS_FACTOR`` times the forward and all-reduces as often
-        (Megatron-LM's f and g, ``rewrite.collectives``: a split GPT block issues 2 + 2)."""
+        (Megatron-LM's f and g, ``rewrite.collectives``: a split GPT block issues 2 + 2). Where
+        a member's time varies from step to step (``DeviceProfile.jitter``), each all-reduce
+        also waits for the group's slowest member."""
         t = len(group)
         if t == 1:
             return self._split(self.device_of[group[0]], rows, shares[0], start, stop)
@@ -312,6 +315,13 @@ class CostModel(StageTimes, SyncCost, StepView):
         count = self.tp_count[stop] - self.tp_count[start]
         volume = rows * (self.tp_bytes[stop] - self.tp_bytes[start])
         comm = tensor_parallel_time(count, volume, t, link)
+        spread = max(self.device_of[r].jitter or 0.0 for r in group) if self.varies and count else 0.0
+        if spread:
+            # Each all-reduce waits for the group's last member (stragglers): the expected
+            # largest of t members' compute since the one before. With spreads in proportion to
+            # time, the waits of a forward's all-reduces add up to that of its whole compute.
+            forward += straggler_wait([(forward, spread * forward, t)])
+            backward += straggler_wait([(backward, spread * backward, t)])
         return forward + comm, backward + comm
 
     def _split(self, device: DeviceProfile, rows: float, share: float, start: int, stop: int) -> tuple[float, float]:
