@@ -199,4 +199,3 @@ def block_times(device, clock, *, shape: tuple[int, int, int, int], dtype, repea
 
     once()
     return [once() for _ in range(repeat)]
-

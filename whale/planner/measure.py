@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from ..ir.cluster_spec import Cluster, Link, Node
 from ..ir.devices import DeviceProfile, get_profile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
-from ..ir.profile_fields import spread
+from ..ir.profile_fields import jitter_of
 from .class_probe import block_shape, block_times, class_factors
 
 __all__ = [
@@ -461,7 +461,7 @@ def measure_device(*, quick: bool = False, device: str | None = None, share: flo
         op_overhead=overhead,
         optimizer_step=steps,
         op_classes=classes,
-        jitter=round(min(0.99, spread(runs)), 4),
+        jitter=jitter_of(runs),
     )
     return emulated(measured)
 

@@ -57,7 +57,7 @@ from typing import Any
 
 from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
 from ..ir.emulation import slowdown_factor, slowdown_from_env
-from ..ir.profile_fields import spread
+from ..ir.profile_fields import jitter_of
 from ..ir.topology import Cluster, Node
 from .cost.formulas import efficiency_at
 from .measure import emulated, matmul_curve, slowed
@@ -153,7 +153,7 @@ def rank_report(rank: int, *, profiles: str | os.PathLike | None = None, environ
             profile = dataclasses.replace(
                 profile, peak_flops={d: r * found.anchor for d, r in profile.peak_flops},
                 efficiency=found.curve, op_overhead=found.overhead, optimizer_step=(("adamw", *found.optimizer),),
-                jitter=round(min(0.99, found.jitter), 4),
+                jitter=found.jitter,
                 source=f"{base.name} measured by whale (cluster='auto') on {host}: {speed:.3g}x its "
                 f"datasheet rates, {found.overhead * 1e6:.3g} us per operation ({base.source})",
             )  # fmt: skip
@@ -214,7 +214,7 @@ class _Measured:
     optimizer: tuple[float, float]  # AdamW: seconds per parameter tensor, per fp32 parameter
     curve: tuple[tuple[float, float], ...]  # measured efficiency: (FLOPs, rate over the best)
     anchor: float  # times ``peak``: the rate of the curve's best share (the probed size's)
-    jitter: float  # the samples' relative spread (profile_fields.spread): how the rank's time varies
+    jitter: float  # the samples' relative spread (profile_fields.jitter_of): how the rank's time varies
 
 
 def _rotation(rank: int, environ=None) -> list[int]:
@@ -336,7 +336,7 @@ def _measure(base: DeviceProfile, cuda: bool, factor: float, pace: float, cores:
     # whose last point (the probed size) is its best (shares rise), then runs the probed size at
     # the measured rate: the rates times the datasheet's efficiency there.
     datasheet = float(efficiency_at(base, flops))
-    return _Measured(rate / datasheet, share, overhead, optimizer, curve, datasheet, spread(raw))
+    return _Measured(rate / datasheet, share, overhead, optimizer, curve, datasheet, jitter_of(raw))
 
 
 # The efficiency curve's sizes: the probed n halved 3, 2, 1 and 0 times (4n x n x 4n: 1/512 of

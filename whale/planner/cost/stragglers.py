@@ -1,4 +1,5 @@
-"""The wait for the slowest replica at the gradient all-reduce.
+"""The wait for the slowest replica at the gradient all-reduce (and for the slowest member of a
+tensor-parallel group at each of its all-reduces: ``CostModel.group_times``).
 
 A data-parallel step synchronises its replicas once: the gradient all-reduce ends after the last
 replica's backward. Where a device takes a varying time for the same step (a CPU core shared
