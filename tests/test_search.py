@@ -34,7 +34,7 @@ from whale.planner.schedules.flow_shop import flow_shop, peak_held, peak_held_bo
 from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import simulate
 from whale.planner.search.auto import SearchSettings, auto_plan, plan_of, search
-from whale.planner.search.explore import NoPlanError
+from whale.planner.search.explore import Explorer, NoPlanError
 from whale.planner.search.pins import Pins, pins_from
 from whale.planner.search.space import SearchSpace
 from whale.primitives import pipeline, replicate, stage
@@ -162,6 +162,52 @@ def test_bound_is_below_every_plan_of_its_structure(instance):
     for structure in space.structures():
         best, _ = optima[structure_key(structure.layout, node_of, structure.num_stages, structure.schedule, structure.num_micro_batch)]
         assert structure.bound <= best * (1 + 1e-9), (structure, best)
+
+
+def test_screening_stops_at_an_exact_time_as_soon_as_one_is_known(monkeypatch):
+    # The structure with the best estimate so far is refined at once, and no structure whose
+    # bound reaches an exact time known is screened. Here the winner's exact time lies below
+    # the best estimate, and 18 structures' bounds between them: screening by estimates alone
+    # screened them all.
+    events, in_group_check = [], []
+    screen, refine, group_fits = Explorer.screen, Explorer.refine, Explorer._group_fits
+
+    def logged_screen(self, st):
+        found = screen(self, st)
+        if not in_group_check:  # a group's least-memory structure, screened for its memory
+            events.append(("screen", st.bound, None if found is None else found[0]))
+        return found
+
+    def logged_group_fits(self, st, least):
+        in_group_check.append(st)
+        try:
+            return group_fits(self, st, least)
+        finally:
+            in_group_check.pop()
+
+    def logged_refine(self, st, cuts, rows):
+        found = refine(self, st, cuts, rows)
+        events.append(("refine", st.bound, None if found is None or not found.prediction.fits else found.prediction.step_time))
+        return found
+
+    monkeypatch.setattr(Explorer, "screen", logged_screen)
+    monkeypatch.setattr(Explorer, "refine", logged_refine)
+    monkeypatch.setattr(Explorer, "_group_fits", logged_group_fits)
+    # No alternatives for explain: those are screened past the stop on purpose.
+    settings_ = SearchSettings(finalists=1, alternatives=0)
+    explorer = Explorer(_profile(n=10), parse_cluster("2xA100-80GB,2xV100-32GB,4xT4"), 32, CostOptions(), Pins(), settings_)
+    winner = explorer.run().best.prediction.step_time
+    exact = math.inf
+    for kind, bound, time in events:
+        if kind == "screen":
+            assert bound <= exact, (bound, exact)
+        elif time is not None:
+            exact = min(exact, time)
+    best_estimate = min(t for kind, _, t in events if kind == "screen" and t is not None)
+    between = {id(x) for x in explorer.structures() if winner < x.bound <= best_estimate}
+    assert len(between) >= 10, (winner, best_estimate)
+    screened_bounds = [b for kind, b, _ in events if kind == "screen"]
+    assert not any(winner < b <= best_estimate for b in screened_bounds)
 
 
 def test_a_tensor_parallel_bound_counts_its_all_reduces_twice_not_three_times():
@@ -453,7 +499,7 @@ def test_auto_plans_execute_and_match_the_local_model(world2, pipeline_degree, s
 def test_no_plan_error_writes_a_message_given_as_a_function_once_when_read():
     import pickle
 
-    from whale.planner.search.explore import NoPlanError
+    from whale.planner.search.explore import Explorer, NoPlanError
 
     calls = []
     err = NoPlanError(lambda: calls.append(1) or "the model fits on no plan of this cluster")

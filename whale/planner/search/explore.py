@@ -14,7 +14,9 @@ The structures (degrees, layout, schedule, micro-batches) and their lower bounds
    (:func:`~.balance.balance_rows`);
 3. the pipeline time (the schedule itself when it is short, else a closed form) scores it.
 
-Screening stops when the next bound exceeds the best score. Structures are then re-scored
+Screening stops when the next bound exceeds the best score: the best estimate, or the exact
+time of the structure with the best estimate so far, which is refined as soon as it leads
+(refining often finds it faster than estimated). Structures are then re-scored
 exactly, best estimates first, while an estimate is within ``refine_margin`` of the best exact
 time (and the best of every other shape, for ``explain``): rows rebalanced against the
 simulated schedule, cuts tried exhaustively when there are few, else climbed (moves in runs
@@ -335,6 +337,10 @@ class Explorer(Climbs):
             raise no_structure_error(self.pins, self.cluster, self.batch, self.n)
         screened: list[tuple] = []
         best, count = cutoff, 0
+        # Each new best estimate is refined at once: its exact time (often below the estimate)
+        # stops the screening sooner, as no structure whose bound reaches it can beat it.
+        best_estimate, best_exact, refined = math.inf, cutoff, {}
+        self._best_exact = cutoff
         # Per layout, stage count and schedule, the structure that needs the least memory: the
         # most micro-batches (one row each). If it does not fit, no other micro-batch count does.
         least: dict = {}
@@ -352,7 +358,12 @@ class Explorer(Climbs):
             found = self.screen(st)
             if found is not None:
                 screened.append((found[0], k, st, found[1], found[2]))
-                best = min(best, found[0])
+                if found[0] < best_estimate:
+                    best_estimate = found[0]
+                    refined[k] = exact = self.refine(st, found[1], found[2])
+                    if exact is not None and exact.prediction.fits:
+                        best_exact = self._best_exact = min(best_exact, exact.prediction.step_time)
+                best = min(best, best_estimate, best_exact)
         if not screened and bounded:
             return None
         if not screened:
@@ -374,8 +385,7 @@ class Explorer(Climbs):
         # Refine in order of estimate: at least `finalists`, then while an estimate is within
         # `refine_margin` of the best exact time so far (estimates are approximate), and the
         # best of every other shape for explain.
-        scored, shapes, best_exact = [], set(), cutoff
-        self._best_exact = cutoff
+        scored, shapes = [], set()
         for est, k, st, cuts, rows in screened:
             if est > cutoff * (1 + self.settings.refine_margin):
                 break  # a plan found elsewhere is faster by the margin already
@@ -385,11 +395,13 @@ class Explorer(Climbs):
             if not promising and _shape_of(st) in shapes:
                 continue
             shapes.add(_shape_of(st))
-            found = self.refine(st, cuts, rows)
+            found = refined.pop(k) if k in refined else self.refine(st, cuts, rows)
             if found is not None and found.prediction.fits:
                 scored.append(found)
                 best_exact = min(best_exact, found.prediction.step_time)
                 self._best_exact = best_exact
+        # Those refined early that the order above passed over compete too.
+        scored += [found for found in refined.values() if found is not None and found.prediction.fits]
         if not scored and bounded:
             return None
         if not scored:
