@@ -499,8 +499,6 @@ def test_auto_plans_execute_and_match_the_local_model(world2, pipeline_degree, s
 def test_no_plan_error_writes_a_message_given_as_a_function_once_when_read():
     import pickle
 
-    from whale.planner.search.explore import Explorer, NoPlanError
-
     calls = []
     err = NoPlanError(lambda: calls.append(1) or "the model fits on no plan of this cluster")
     assert calls == []  # not written until read
