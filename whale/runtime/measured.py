@@ -63,8 +63,9 @@ def measured_timeline(parts: Sequence[tuple]) -> Timeline:
 def timing_report(predicted: float | None, step_times: Sequence[float]) -> str:
     """``"step time: predicted 73.0 ms, measured 128.4 ms (median of 20 steps, varying 8% step to
     step), prediction error -43%"``; says so where there is no prediction or no measured step.
-    From 3 steps on it also says how much they vary (:func:`~whale.ir.profile_fields.spread`): a device profile's ``jitter``, which
-    the cost model prices the wait for the slowest replica by, can take it.
+    From 3 steps on it also says how much they vary (:func:`~whale.ir.profile_fields.spread`):
+    a device profile's ``jitter``, which the cost model prices the wait for the slowest replica
+    by, can take it.
 
     Example::
 

@@ -339,8 +339,8 @@ class Explorer(Climbs):
         best, count = cutoff, 0
         # Each new best estimate is refined at once: its exact time (often below the estimate)
         # stops the screening sooner, as no structure whose bound reaches it can beat it.
-        best_estimate, best_exact, refined = math.inf, cutoff, {}
-        self._best_exact = cutoff
+        best_estimate, refined = math.inf, {}
+        self._best_exact = cutoff  # the best exact time so far, which refine reads too
         # Per layout, stage count and schedule, the structure that needs the least memory: the
         # most micro-batches (one row each). If it does not fit, no other micro-batch count does.
         least: dict = {}
@@ -362,8 +362,8 @@ class Explorer(Climbs):
                     best_estimate = found[0]
                     refined[k] = exact = self.refine(st, found[1], found[2])
                     if exact is not None and exact.prediction.fits:
-                        best_exact = self._best_exact = min(best_exact, exact.prediction.step_time)
-                best = min(best, best_estimate, best_exact)
+                        self._best_exact = min(self._best_exact, exact.prediction.step_time)
+                best = min(best_estimate, self._best_exact)
         if not screened and bounded:
             return None
         if not screened:
@@ -390,7 +390,7 @@ class Explorer(Climbs):
             if est > cutoff * (1 + self.settings.refine_margin):
                 break  # a plan found elsewhere is faster by the margin already
             promising = len(scored) < self.settings.finalists or (
-                est <= best_exact * (1 + self.settings.refine_margin) and len(scored) < self.settings.max_finalists
+                est <= self._best_exact * (1 + self.settings.refine_margin) and len(scored) < self.settings.max_finalists
             )
             if not promising and _shape_of(st) in shapes:
                 continue
@@ -398,8 +398,7 @@ class Explorer(Climbs):
             found = refined.pop(k) if k in refined else self.refine(st, cuts, rows)
             if found is not None and found.prediction.fits:
                 scored.append(found)
-                best_exact = min(best_exact, found.prediction.step_time)
-                self._best_exact = best_exact
+                self._best_exact = min(self._best_exact, found.prediction.step_time)
         # Those refined early that the order above passed over compete too.
         scored += [found for found in refined.values() if found is not None and found.prediction.fits]
         if not scored and bounded:
