@@ -91,21 +91,26 @@ def test_the_cost_model_times_each_node_by_its_class() -> None:
 
 def test_the_block_probe_books_forward_and_backward_by_class() -> None:
     # A clock that ticks one second per reading: each forward step costs 1 s, each backward
-    # interval between two gradient hooks 1 s; the factors then follow from the counts alone.
+    # interval between two gradient hooks 1 s, and the block run whole 1 s (a reading before
+    # and one after); the factors then follow from the counts alone.
     ticks = iter(range(1_000_000))
     b, t, w, h = block_shape(cuda=False, quick=True)
     steps = _steps(b, t, w, h, 4, "cpu", torch.float32)
     count = {k: sum(1 for _, s in steps if s[0] == k) for k in OP_CLASSES}
     assert count == {"linear": 4, "attention": 1, "elementwise": 6, "view": 11}
     factors = class_factors("cpu", lambda: None, lambda: float(next(ticks)), shape=(b, t, w, h),
-                            dtype=torch.float32, repeat=1, overhead=0.0, base=lambda flops, moved: 1.0)  # fmt: skip
+                            dtype=torch.float32, repeat=1, overhead=0.0, base=lambda flops, moved: 0.01)  # fmt: skip
     # Hooks sit on every output that needs a gradient (not on the split's tuple): one backward
     # interval per such output, the last one (layer norm 1) running until backward ends.
     hooked = {k: sum(1 for _, s in steps if s[0] == k) for k in OP_CLASSES}
     hooked["view"] -= 1
+    # The pieces of a run add up to one tick per step and per backward interval, the block run
+    # whole to one: every class is scaled by their ratio, and its backward / forward kept (the
+    # base is 0.01 s a node, so that the factors stay inside what a profile file accepts).
+    scale = 100 / (sum(count.values()) + sum(hooked.values()))
     for kind in ("linear", "attention", "elementwise"):
         forward, backward = count[kind], hooked[kind]
-        assert factors[kind][0] == pytest.approx((forward + backward) / (3 * count[kind])), kind
+        assert factors[kind][0] == pytest.approx(scale * (forward + backward) / (3 * count[kind])), kind
         assert factors[kind][1] == pytest.approx(backward / forward), kind
 
 
