@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import socket
 import time
 import traceback
@@ -21,7 +22,7 @@ import torch.multiprocessing as mp
 
 import whale as wh
 
-__all__ = ["RankFailed", "run_on_ranks", "seconds_per_step"]
+__all__ = ["HostLoad", "RankFailed", "run_on_ranks", "seconds_per_step"]
 
 _POLL_S = 0.2
 _GRACE_S = 1.0
@@ -39,6 +40,55 @@ def seconds_per_step(step_fn: Callable[..., Any], opt, batches, warmup: int) -> 
         opt.zero_grad()
     dist.barrier()
     return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+class HostLoad:
+    """How much of this host's CPU other processes took while a benchmark ran, and how much the
+    hypervisor held back (steal), from ``/proc/stat`` against this process's CPU time and that
+    of its children once joined (the benchmark's ranks). A timing on a host that others load is
+    not one of whale's: print :meth:`describe` beside the numbers.
+
+    Example::
+
+        load = HostLoad()
+        run_the_benchmark()
+        print(load.describe())   # "other processes took 3% of the host's 2 cores; steal 0%"
+    """
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float, float] | None:
+        """``(wall s, busy s of all cores, steal s, this process's and its children's CPU s)``."""
+        try:
+            with open("/proc/stat", encoding="ascii") as file:
+                fields = [int(v) for v in file.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        ours = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))  # fmt: skip
+        return time.monotonic(), (user + nice + system + irq + softirq) / tick, steal / tick, ours
+
+    def shares(self) -> tuple[float, float] | None:
+        """``(others, steal)``: shares of the host's cores since construction; None where the
+        system keeps no ``/proc/stat``."""
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return None
+        capacity = (end[0] - self._start[0]) * (os.cpu_count() or 1)
+        others = (end[1] - self._start[1]) - (end[3] - self._start[3])
+        return max(0.0, others / capacity), (end[2] - self._start[2]) / capacity
+
+    def describe(self) -> str:
+        found = self.shares()
+        if found is None:
+            return "other processes' load: unknown (no /proc/stat)"
+        others, steal = found
+        return (f"other processes took {others:.0%} of the host's {os.cpu_count()} cores during the run; "
+                f"the hypervisor held back {steal:.0%} (steal)")
 
 
 class RankFailed(RuntimeError):

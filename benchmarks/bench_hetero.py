@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _launch import run_on_ranks
+from _launch import HostLoad, run_on_ranks
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
@@ -325,12 +325,13 @@ def main() -> None:
     p.add_argument("--slow-at", type=int, default=8, help="adaptive: the step rank 1 slows down at")
     p.add_argument("--after", type=int, default=30, help="adaptive: steps run after the slowdown")
     args = p.parse_args()
+    load = HostLoad()
     out = run_on_ranks(_worker, args, world=2, pin=args.pin)
     s = args.slow
     print(f"GPT {args.layers}x{args.embd} (pipeline: {args.pp_layers} blocks), global batch {args.batch}x{args.block}, "
           f"2 gloo ranks, rank 1 emulated {s:g}x slower (data parallel: also rank 0, counterbalanced); {args.rounds} rounds")
     print("load average (1, 5, 15 min) at start and after each part: "
-          + "; ".join(", ".join(f"{v:.2f}" for v in load) for load in out["load"]))
+          + "; ".join(", ".join(f"{v:.2f}" for v in avg) for avg in out["load"]) + f"; {load.describe()}")
     print("measured fp32 rates: " + ", ".join(f"rank {r} {v / 1e9:.1f} GFLOP/s" for r, v in enumerate(out["speeds"]))
           + f" (whale.planner.measure, for the pipeline's search); cluster='auto' measured rank 0 / rank 1 = "
           f"{out['auto_speeds'][0] / out['auto_speeds'][1]:.2f}x (emulated {s:g}x): planned rows {out['rows']}\n")

@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _launch import run_on_ranks
+from _launch import HostLoad, run_on_ranks
 
 import whale as wh
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
@@ -335,7 +335,7 @@ def main() -> None:
         # next; the ranks (spawned after this) profile and train alike with it fixed.
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
         os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
-    start = time.perf_counter()
+    start, load = time.perf_counter(), HostLoad()
     chosen = args.case or CASES
     rows, record, phases = [], {}, {}
     for world in (2, 4):
@@ -378,7 +378,7 @@ def main() -> None:
         )
     if args.phases:
         print_phases(phases)
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {time.perf_counter() - start:.0f} s; {load.describe()}")
     if args.record:
         out = {
             "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:]),
