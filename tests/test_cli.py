@@ -30,7 +30,7 @@ from torch import nn
 
 from whale.cli import main
 from whale.ir.cluster_spec import load_cluster, parse_cluster
-from whale.ir.devices import load_profiles
+from whale.ir.device_catalog import load_profiles
 from whale.ir.plan import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -392,7 +392,7 @@ def test_version_and_plan_help(capsys):
         "Dry run: capture the model TARGET returns" in out
         and "examples:\n  whale plan examples/gpt.py" in out
     )
-    from whale.ir.devices import DATASHEET_PROFILES
+    from whale.ir.device_catalog import DATASHEET_PROFILES
 
     devices = " ".join(out.split("known devices")[1].split())
     assert all(p.name in devices for p in DATASHEET_PROFILES) and "CPU" in devices

@@ -37,17 +37,14 @@ from whale.ir.cluster_spec import (
     parse_cluster,
     parse_duration,
 )
-from whale.ir.devices import (
-    CPU_PROFILE,
+from whale.ir.device_catalog import (
     DATASHEET_PROFILES,
-    INTRA_LINKS,
-    DeviceProfile,
     get_profile,
     known_device_names,
     load_profiles,
-    normalize_dtype,
     save_profiles,
 )
+from whale.ir.devices import CPU_PROFILE, INTRA_LINKS, DeviceProfile, normalize_dtype
 
 GiB = 2**30
 T = 1e12

@@ -31,7 +31,8 @@ import torch
 import whale as wh
 from tests.equivalence import assert_equivalent
 from whale.ir.cluster_spec import parse_cluster
-from whale.ir.devices import CPU_PROFILE, get_profile, save_profiles
+from whale.ir.device_catalog import get_profile, save_profiles
+from whale.ir.devices import CPU_PROFILE
 from whale.ir.plan import Plan
 from whale.planner.annotated.cluster_rows import replica_speeds, rows_on_cluster
 from whale.planner.measure import slowed

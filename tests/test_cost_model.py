@@ -32,7 +32,7 @@ from whale.planner.cost.formulas import (
     reduce_scatter_time,
     training_memory,
 )
-from whale.ir.devices import get_profile
+from whale.ir.device_catalog import get_profile
 from whale.planner.schedules.generate import make_schedule
 from whale.planner.schedules.simulator import simulate
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from whale.ir.cluster_spec import parse_cluster
-from whale.ir.devices import OP_CLASSES, DeviceProfile, load_profiles, save_profiles
+from whale.ir.device_catalog import load_profiles, save_profiles
+from whale.ir.devices import OP_CLASSES, DeviceProfile
 from whale.planner.class_probe import _steps, block_shape, class_factors
 from whale.planner.cost.layers import Layer, ModelProfile
 from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout

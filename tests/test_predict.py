@@ -34,7 +34,8 @@ import whale as wh
 from examples.gpt import GPT, GPTConfig
 from whale.capture import capture
 from whale.ir.cluster_spec import parse_cluster
-from whale.ir.devices import DeviceProfile, get_profile, load_profiles, save_profiles
+from whale.ir.device_catalog import get_profile, load_profiles, save_profiles
+from whale.ir.devices import DeviceProfile
 from whale.ir.plan import Plan
 from whale.planner.cost.formulas import efficiency_at, op_time, optimizer_step_time
 from whale.planner.cost.layers import Layer, ModelProfile

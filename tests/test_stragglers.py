@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from whale.ir.cluster_spec import parse_cluster
-from whale.ir.devices import DeviceProfile, get_profile, load_profiles
+from whale.ir.device_catalog import get_profile, load_profiles
+from whale.ir.devices import DeviceProfile
 from whale.planner.cost.candidate import Candidate, RankLayout
 from whale.planner.cost.layers import Layer, ModelProfile
 from whale.planner.cost.predict import CostModel

@@ -21,7 +21,7 @@ from .capture import (
 )
 from .capture.graph_io import rows_of
 from .config import Config
-from .ir.devices import load_profiles
+from .ir.device_catalog import load_profiles
 from .ir.plan import Plan
 from .ir.rows import split_rows
 from .ir.topology import Cluster

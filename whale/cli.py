@@ -36,7 +36,7 @@ from .api import speed_sizes
 from .capture import capture, module_annotation_map, split_example_inputs
 from .config import Config
 from .ir.cluster_spec import check_device_count, load_cluster, parse_cluster
-from .ir.devices import known_device_names, load_profiles, save_profiles
+from .ir.device_catalog import known_device_names, load_profiles, save_profiles
 from .planner.cost.predict import CostOptions
 from .planner.search.auto import SearchSettings, auto_plan, local_cluster
 from .planner.search.memory_options import ALL_OPTIONS

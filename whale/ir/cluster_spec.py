@@ -9,7 +9,7 @@ The data model (:class:`Cluster`, :class:`Node`, :class:`Link`) lives in
     option   := key "=" value
 
 * ``name`` defaults to ``node<i>``; ``count`` to 1; ``device`` is any name
-  :func:`~whale.ir.devices.get_profile` knows (``A100-80GB``, ``a100_80g``, ``T4``, ``cpu``).
+  :func:`~whale.ir.device_catalog.get_profile` knows (``A100-80GB``, ``a100_80g``, ``T4``, ``cpu``).
 * A node of mixed devices joins runs with ``+``: ``ws=1xA100-80GB+1xT4`` is a workstation
   whose rank 0 is the A100 and rank 1 the T4; its devices share the slowest profile's link.
 * Cluster options (after ``;``): ``net=<bandwidth>`` and ``lat=<time>``, the network between
@@ -46,7 +46,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
-from .devices import INTRA_LINKS, DeviceProfile, get_profile
+from .device_catalog import get_profile
+from .devices import INTRA_LINKS, DeviceProfile
 from .topology import (
     _NODE_NAME_RE,
     DEFAULT_NETWORK,
@@ -298,7 +299,7 @@ def parse_cluster(spec: str, *, profiles: Profiles = None) -> Cluster:
 
     Args:
         spec: e.g. ``"node0=8xA100-80GB,node1=8xV100-32GB;net=100Gbps,lat=5us"``.
-        profiles: custom or measured device profiles (:func:`~.devices.load_profiles`).
+        profiles: custom or measured device profiles (:func:`~.device_catalog.load_profiles`).
 
     Example::
 

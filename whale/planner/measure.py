@@ -11,7 +11,7 @@ sizes are fitted to the alpha-beta model the cost model uses (``t = a + b n``; a
 all-reduce over ``p`` ranks is ``a = 2 (p - 1) alpha``, ``b = 2 (p - 1) / (p bandwidth)``,
 Thakur et al. 2005). Rank 0 writes:
 
-* a profile file (:func:`~.devices.load_profiles` format); its ``source`` starts with
+* a profile file (:func:`~whale.ir.device_catalog.load_profiles` format); its ``source`` starts with
   ``measured``, and the cost model uses its curve, overhead and optimizer costs;
 * with ``--cluster-out``, a cluster file (:func:`~.cluster.load_cluster`) with the measured
   intra-node link and network, for ``whale plan --cluster @cluster.json``.
@@ -33,7 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..ir.cluster_spec import Cluster, Link, Node
-from ..ir.devices import DeviceProfile, get_profile
+from ..ir.device_catalog import get_profile
+from ..ir.devices import DeviceProfile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
 from ..ir.profile_fields import jitter_of
 from .class_probe import block_shape, block_times, class_factors

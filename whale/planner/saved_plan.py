@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from ..ir.cluster_spec import Cluster, format_cluster
-from ..ir.devices import get_profile
+from ..ir.device_catalog import get_profile
 from ..ir.plan import Plan
 
 __all__ = ["SavedPlan", "check_saved_plan", "device_kind", "load_plan", "model_digest", "save_plan"]

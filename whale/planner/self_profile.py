@@ -55,7 +55,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..ir.devices import CPU_PROFILE, DeviceProfile, get_profile, load_profiles
+from ..ir.device_catalog import get_profile, load_profiles
+from ..ir.devices import CPU_PROFILE, DeviceProfile
 from ..ir.emulation import slowdown_factor, slowdown_from_env
 from ..ir.profile_fields import jitter_of
 from ..ir.topology import Cluster, Node
@@ -88,7 +89,7 @@ class RankReport:
     Attributes:
         rank: the rank.
         host: the host name: ranks of one host share a node (and, on CPUs, its RAM).
-        hardware: the device, as :func:`~whale.ir.devices.get_profile` finds it (``"CPU"``,
+        hardware: the device, as :func:`~whale.ir.device_catalog.get_profile` finds it (``"CPU"``,
             ``"NVIDIA A100-SXM4-80GB"``).
         profile: the device's profile as this rank measured it (or read it from a file), as
             :meth:`DeviceProfile.to_dict` writes it; its memory is the device's or the host's.

@@ -141,7 +141,7 @@ def local_cluster(world_size: int, ranks_per_node: int | None = None) -> Cluster
 
     import torch
 
-    from ...ir.devices import get_profile
+    from ...ir.device_catalog import get_profile
 
     per_node = ranks_per_node or world_size
     if world_size % per_node:
