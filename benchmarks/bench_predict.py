@@ -68,11 +68,11 @@ from whale.ir.cluster_spec import parse_cluster
 from whale.planner.class_probe import block_seconds, block_shape
 from whale.planner.cost.model_profile import profile_model
 from whale.planner.cost.plan_cost import predict_plan
+from whale.planner.link_probe import measure_links
 from whale.planner.measure import (
     cpu_share,
     emulated,
     measure_device,
-    measure_links,
     run_queue_clock,
     run_queue_share,
     slowed,

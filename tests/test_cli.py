@@ -190,7 +190,7 @@ def test_profile_writes_a_profile_the_planner_reads(capsys, tmp_path):
 
 
 def links_case():
-    from whale.planner.measure import profile_here
+    from whale.planner.link_probe import profile_here
 
     _, cluster, links = profile_here(quick=True)
     return (
@@ -213,8 +213,9 @@ def test_profile_measures_links_between_ranks(world2, tmp_path):
 def test_link_fit_doctest():
     import doctest
 
-    from whale.planner import measure
+    from whale.planner import link_probe, measure
 
+    assert doctest.testmod(link_probe).failed == 0
     assert doctest.testmod(measure).failed == 0
 
 

@@ -342,7 +342,7 @@ def _profile(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .ir.cluster_spec import cluster_to_dict
-    from .planner.measure import profile_here
+    from .planner.link_probe import profile_here
     from .plot.canvas import check_target
 
     # Before measuring (seconds to minutes): a file that cannot be written fails now.
