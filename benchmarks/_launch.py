@@ -52,7 +52,8 @@ class HostLoad:
 
         load = HostLoad()
         run_the_benchmark()
-        print(load.describe())   # "other processes took 3% of the host's 2 cores; steal 0%"
+        print(load.describe())
+        # other processes took 3% of the host's 2 cores during the run; the hypervisor held back 0% (steal)
     """
 
     def __init__(self) -> None:
