@@ -223,13 +223,19 @@ def _exists(gm: GraphModule, path: str) -> bool:
         return False
 
 
+# Ops that read a tensor's dtype and device only (``.to(float32)`` records one before the cast):
+# not a use to refuse, nor one to name in the refusal.
+_METADATA_CHECKS = {_aten._assert_tensor_metadata.default}
+
+
 def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -> list[tuple[Node, Node]]:
     """(user, parameter read) for every op inside a split that reads a matrix parameter but was not lowered."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not _is_param(gm, node.target) or gm.get_parameter(node.target).dim() < 2:
             continue
-        found += [(user, node) for user in node.users if in_split(user) and user.op == "call_function"]
+        found += [(user, node) for user in node.users
+                  if in_split(user) and user.op == "call_function" and user.target not in _METADATA_CHECKS]
     return found
 
 
@@ -268,16 +274,27 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
     bad = {path_of(u) for u, _ in uses}
     layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)
               and isinstance(gm.get_submodule(n.target), (ExportedLinear, ExportedEmbedding))}
-    elsewhere: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    widest: dict[str, str] = {}
     for layer in layers:  # the widest module holding shardable layers and none of the refused ones
         parts = layer.split(".")
         for i in range(1, len(parts) + 1):
             prefix = ".".join(parts[:i])
             if not any(b == prefix or b.startswith(prefix + ".") for b in bad):
-                elsewhere[prefix] = elsewhere.get(prefix, 0) + 1
+                counts[prefix] = counts.get(prefix, 0) + 1
+                widest[layer] = prefix
                 break
-    # A column/row pair (an attention, an MLP) before a lone layer (a router).
-    elsewhere = {p for p, n in elsewhere.items() if n > 1} or set(elsewhere)
+    # A column/row pair (an attention, an MLP) before a lone layer (a router); then the modules
+    # whose layers share a weight with a suggested one (a tied LM head's embedding): whale
+    # slices a tied weight only when every user of it is in the split.
+    elsewhere = {p for p, n in counts.items() if n > 1} or set(counts)
+    holders: dict[int, set[str]] = {}
+    for layer, prefix in widest.items():
+        for weight in gm.get_submodule(layer).parameters():
+            holders.setdefault(id(weight), set()).add(prefix)
+    for prefixes in holders.values():
+        if prefixes & elsewhere:
+            elsewhere |= prefixes
     if not elsewhere:  # a ResNet stage: convolutions only
         lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
                      f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")

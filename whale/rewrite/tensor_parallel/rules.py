@@ -102,8 +102,17 @@ def _sharded_first(ctx: RuleContext, node: Node) -> tuple[Node, ShardLayout]:
     return x, layout
 
 
+# Ops whose later tensor operand lends only its dtype and device (``x.type_as(y)``, ``x.to(y)``):
+# the result is laid out as the first operand, whatever the second's layout.
+_TYPE_ONLY = frozenset(["type_as", "to"])
+
+
 def _unary(ctx, node):
+    if op_name(node) in _TYPE_ONLY and not isinstance(ctx.val(node.args[0]), ShardLayout):
+        return None  # a replicated value cast to a sharded one's dtype stays replicated
     _, layout = _sharded_first(ctx, node)
+    if op_name(node) in _TYPE_ONLY:
+        return layout
     for a in [*node.args[1:], *node.kwargs.values()]:
         if isinstance(ctx.val(a), ShardLayout):
             raise Fallback(f"{op_name(node)} with a second sharded operand")

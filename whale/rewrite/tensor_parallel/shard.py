@@ -428,6 +428,18 @@ def _fetch(gm: nn.Module, target: str) -> Any:
     return obj
 
 
+def _readers(node: Node) -> str:
+    """The operations that read ``node`` (a ``get_attr``) and the modules they run in:
+    ``'roberta.embeddings.word_embeddings' (aten.embedding)``."""
+    found = []
+    for user in node.users:
+        info = user.meta.get(NODE_INFO_KEY)
+        path = (info.module_path if info is not None else "") or "the model's own forward"
+        op = info.target if info is not None else str(user.target)
+        found.append(f"{path!r} ({op})")
+    return ", ".join(dict.fromkeys(found))
+
+
 def _check_untied(plan: TensorParallelPlan) -> None:
     """A weight shared between a sharded layer and anything else cannot be sliced for one of them."""
     gm = plan.graph_module
@@ -438,15 +450,17 @@ def _check_untied(plan: TensorParallelPlan) -> None:
             owner[id(p)] = f"{path}.{name}"
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in sharded:
-            tensors = list(gm.get_submodule(node.target).named_parameters())
+            tensors, user = list(gm.get_submodule(node.target).named_parameters()), repr(node.target)
         elif node.op == "get_attr" and node.users:
-            tensors = [("", _fetch(gm, node.target))]
+            # An exported graph reads the weight by its canonical name, which is the sharded
+            # layer's own: name the operations that read it, where they live.
+            tensors, user = [("", _fetch(gm, node.target))], _readers(node)
         else:
             continue
         for _, t in tensors:
             if id(t) in owner:
                 raise ValueError(
-                    f"{owner[id(t)]} is sharded by split() but also used by {node.target!r} (a tied "
+                    f"{owner[id(t)]} is sharded by split() but also used by {user} (a tied "
                     "weight); whale cannot slice a weight for one user only. Untie them, or put both "
                     "users in the same split"
                 )
