@@ -292,9 +292,13 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
     for layer, prefix in widest.items():
         for weight in gm.get_submodule(layer).parameters():
             holders.setdefault(id(weight), set()).add(prefix)
-    for prefixes in holders.values():
-        if prefixes & elsewhere:
-            elsewhere |= prefixes
+    grown = True
+    while grown:  # a partner's own partners too
+        grown = False
+        for prefixes in holders.values():
+            if prefixes & elsewhere and not prefixes <= elsewhere:
+                elsewhere |= prefixes
+                grown = True
     if not elsewhere:  # a ResNet stage: convolutions only
         lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
                      f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")
