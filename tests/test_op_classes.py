@@ -12,9 +12,11 @@ from whale.ir.cluster_spec import parse_cluster
 from whale.ir.device_catalog import load_profiles, save_profiles
 from whale.ir.devices import OP_CLASSES, DeviceProfile
 from whale.planner.class_probe import _steps, block_shape, class_factors
+from whale.planner.cost.formulas import all_reduce_time, host_sum_time
 from whale.planner.cost.layers import Layer, ModelProfile
 from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
 from whale.planner.measure import _fit_per_tensor_and_param, slowed
+from whale.planner.search.memory_options import MemoryChoice, OptionCostModel
 
 _BASE = {
     "name": "Gadget", "memory_bytes": 1 << 30, "peak_flops": {"fp32": 1e12}, "memory_bandwidth": 1e11,
@@ -149,3 +151,32 @@ def test_the_last_gradient_bucket_is_not_hidden_by_the_backward() -> None:
     assert tuple(alone) == (0.0,) and alone.tail == (0.0,)
     with pytest.raises(ValueError, match="bucket_bytes=0"):
         CostOptions(bucket_bytes=0)
+
+
+def test_cpu_ranks_of_one_host_sum_gradients_in_shared_memory() -> None:
+    # As the runtime does (whale.runtime.host_reduce): two barriers over the link and one pass
+    # over memory, where the ring over a 1 GB/s link would move the bytes through it. Across
+    # hosts, with Config(shared_memory=False), and under ZeRO 2 and 3 (reduce-scatter over the
+    # process group), the ring.
+    mib = 2**20
+    profile = ModelProfile.from_layers([Layer.simple("l0", flops=1e9, param_bytes=30 * mib, act_bytes=1e3)])
+    layout = RankLayout(1, (((0,),), ((1,),)))
+    one_host = parse_cluster("node0=2xCPU(intra=1GB/s,intra_lat=500us)")
+    link = one_host.nodes[0].device_link
+    memory = one_host.devices()[0].profile.memory_bandwidth
+    summed = CostModel(profile, one_host, CostOptions()).sync_time(layout, 1, ())
+    assert summed[0] == pytest.approx(host_sum_time(30 * mib, 2, memory, link), rel=1e-12)
+    assert summed[0] == pytest.approx(2 * (2 * 500e-6 + 4 / 1e9) + 1.5 * 30 * mib / memory, rel=1e-12)
+    ring = all_reduce_time(30 * mib, 2, link)
+    assert summed[0] < ring / 10
+    socket = CostModel(profile, one_host, CostOptions(shared_memory=False)).sync_time(layout, 1, ())
+    assert socket[0] == pytest.approx(ring, rel=1e-12)
+    for zero, expected in ((1, summed[0]), (2, ring), (3, 1.5 * ring)):
+        costs = OptionCostModel(profile, one_host, CostOptions(), MemoryChoice(zero_stage=zero))
+        assert costs.sync_time(layout, 1, ())[0] == pytest.approx(expected, rel=1e-12), zero
+    two_hosts = parse_cluster("node0=1xCPU,node1=1xCPU")
+    across = CostModel(profile, two_hosts, CostOptions()).sync_time(layout, 1, ())
+    assert across[0] == pytest.approx(all_reduce_time(30 * mib, 2, two_hosts.link(0, 1)), rel=1e-12)
+    # GPUs on one node keep the ring (NCCL sums over their link).
+    gpus = parse_cluster("2xA100-80GB(intra=1GB/s,intra_lat=500us)")
+    assert CostModel(profile, gpus, CostOptions()).sync_time(layout, 1, ())[0] == pytest.approx(ring, rel=1e-12)

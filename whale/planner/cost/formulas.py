@@ -50,6 +50,7 @@ __all__ = [
     "compute_time",
     "efficiency_at",
     "exposed_sync",
+    "host_sum_time",
     "node_compute_times",
     "op_time",
     "optimizer_step_time",
@@ -365,6 +366,24 @@ def all_reduce_time(num_bytes: float, num_ranks: int, link: Link) -> float:
     # Reduce-scatter then all-gather, 2(n-1) steps of bytes/n each (Thakur et al. 2005;
     # bandwidth-optimal ring: Patarasuk and Yuan 2009).
     return 2 * (n - 1) * link.latency + 2 * (n - 1) / n * amount / link.bandwidth
+
+
+def host_sum_time(num_bytes: float, num_ranks: int, memory_bandwidth: float, link: Link) -> float:
+    """A ``num_bytes`` buffer summed over ``num_ranks`` CPU ranks of one host through shared
+    memory, as whale's runtime sums gradients there (:mod:`whale.runtime.host_reduce`): a barrier
+    (a one-element all-reduce over ``link``), one pass in which each rank reads its chunk of every
+    rank's buffer and writes the sum back into the others (``(2 p - 1) / p`` of the buffer, at
+    ``memory_bandwidth``), and a second barrier.
+
+    Example::
+
+        >>> round(host_sum_time(4e8, 2, 20e9, Link(kind="shm", bandwidth=1e9, latency=1e-4)) * 1e3, 3)
+        30.4
+    """
+    amount, n = _group("host_sum_time", num_bytes, num_ranks, link)
+    if n == 1:
+        return 0.0
+    return 2 * all_reduce_time(4, n, link) + (2 * n - 1) / n * amount / memory_bandwidth
 
 
 def tensor_parallel_time(count, volume, num_ranks: int, link: Link):

@@ -13,8 +13,9 @@ the layers of a :class:`~.layers.ModelProfile`, the device profiles and links of
   transformer layer); the backward computes twice the forward and communicates as much;
 * a replica runs its schedule (:mod:`~.flow_shop`, equal to the simulator), then synchronises
   gradients with a ring all-reduce per pipeline position that overlaps only the last backward
-  (the runtime starts gradient buckets at the final micro-batch), and then steps the optimizer
-  over its shard (``optimizer_step_time``);
+  (the runtime starts gradient buckets at the final micro-batch; CPU ranks of one host sum
+  them through shared memory instead, ``host_sum_time``), and then steps the optimizer over
+  its shard (``optimizer_step_time``);
 * memory is ZeRO's count of weights, gradients and optimizer states (``training_memory``) plus
   the activations the schedule holds at its peak.
 
@@ -86,6 +87,9 @@ class CostOptions:
     """Gradient bucket size (``Config.bucket_cap_mb``): the last bucket is reduced after backward."""
     first_bucket_bytes: float = 2**20
     """Size of the first gradient bucket (``Config.first_bucket_cap_mb``)."""
+    shared_memory: bool = True
+    """``Config.shared_memory``: CPU ranks of one host sum their gradients through shared memory
+    (:func:`~.formulas.host_sum_time`), not over the link."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -176,7 +180,10 @@ class CostModel(StageTimes, SyncCost, StepView):
         self._member_memory: dict = {}  # replica_memory's (held bytes per row, state bytes) per member
         self._stage_lists, self._stage_forward = {}, {}  # stage_lists per replica; a stage's forward
         self._position_fit: dict = {}  # replica_memory's bytes, fit and row limit per position
-        self._sync: dict = {}  # sync_time per (layout, position, its stages' layers)
+        self._sync: dict = {}  # sync_time per (layout, position, its stages' layers, host sums)
+        # Gradients of CPU ranks on one host meet in shared memory (a subclass whose sync takes
+        # the process group, ZeRO 2 and 3, turns it off).
+        self.host_sums = self.options.shared_memory
         self._forward_times: dict = {}  # _prefix_forward per (device, rows, share), where it differs
         self._class_shares: dict = {}  # device name -> per node forward share, or None
         self._tied: dict = {}  # tied_sync_time's all-reduce per (layout, positions, bytes)

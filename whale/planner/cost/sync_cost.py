@@ -14,7 +14,7 @@ import bisect
 from collections.abc import Sequence
 
 from .candidate import RankLayout
-from .formulas import SyncTimes, all_reduce_time
+from .formulas import SyncTimes, all_reduce_time, host_sum_time
 
 __all__ = ["SyncCost"]
 
@@ -58,8 +58,9 @@ class SyncCost:
         return tuple(out)
 
     def bucket_sync_time(self, layout: RankLayout, num_stages: int, cuts: Sequence[int]) -> SyncTimes:
-        """Gradient all-reduce time per pipeline position (ring over the position's replicas),
-        and in ``.tail`` that of its last bucket, which only starts when backward has ended."""
+        """Gradient all-reduce time per pipeline position (ring over the position's replicas;
+        on CPU ranks of one host, their sum in shared memory where ``host_sums``), and in
+        ``.tail`` that of its last bucket, which only starts when backward has ended."""
         p, dp = layout.pipeline_degree, layout.dp_degree
         if dp == 1:
             return SyncTimes((0.0,) * p)
@@ -69,7 +70,7 @@ class SyncCost:
         for pos in range(p):
             # Memoised per position on its blocks (their starts and ends: no pairs built to look
             # up); the entry holds ``layout``, so its id stays its own.
-            key = (id(layout), pos, bounds[pos::p], bounds[pos + 1 :: p])
+            key = (id(layout), pos, bounds[pos::p], bounds[pos + 1 :: p], self.host_sums)
             found = self._sync.get(key)
             if found is None:
                 blocks = tuple((bounds[s], bounds[s + 1]) for s in range(pos, num_stages, p))
@@ -82,8 +83,13 @@ class SyncCost:
                 # Buckets fill from the last layers (a small first one, then ``cap`` each); the last
                 # holds the first layers' gradients, ready only at the end of the backward.
                 last = grad if grad <= first else (grad - first) % cap or cap
+                if self.host_sums and link.kind == "shm":  # CPU ranks, one host (runtime.host_reduce)
+                    memory = min(self.device_of[r].memory_bandwidth for g in groups for r in g)
+                    times = tuple(host_sum_time(size, dp, memory, link) for size in (grad, last))
+                else:
+                    times = tuple(all_reduce_time(size, dp, link) for size in (grad, last))
                 self._sync = {} if len(self._sync) > 200_000 else self._sync
-                found = self._sync[key] = (layout, *(all_reduce_time(size, dp, link) for size in (grad, last)))
+                found = self._sync[key] = (layout, *times)
             out.append(found[1])
             tail.append(found[2])
         return SyncTimes(out, tail)

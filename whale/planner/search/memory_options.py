@@ -92,6 +92,8 @@ class OptionCostModel(CostModel):
                  *, unlimited: bool = False) -> None:
         super().__init__(profile, cluster, options)
         self.choice, self.unlimited = choice, unlimited
+        # ZeRO 2 and 3 reduce-scatter and gather over the process group, even on one host.
+        self.host_sums = self.host_sums and choice.zero_stage < 2
         self._host_links: dict = {}  # group -> its slowest member's host link, bytes/s
         self._extra: dict = {}  # (a position's blocks, rows per micro-batch, dp) -> bytes beyond the plain count
         self._ckpt_lists: dict = {}  # stage_lists' key -> its lists with the recomputation
