@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+import whale as wh
 from whale.ir.cluster_spec import parse_cluster
 from whale.ir.device_catalog import load_profiles, save_profiles
 from whale.ir.devices import OP_CLASSES, DeviceProfile
 from whale.planner.class_probe import _steps, block_shape, class_factors
 from whale.planner.cost.formulas import all_reduce_time, host_sum_time
 from whale.planner.cost.layers import Layer, ModelProfile
-from whale.planner.cost.predict import Candidate, CostModel, CostOptions, RankLayout
+from whale.planner.cost.predict import (
+    Candidate,
+    CostModel,
+    CostOptions,
+    RankLayout,
+    cost_options,
+)
 from whale.planner.measure import _fit_per_tensor_and_param, slowed
 from whale.planner.search.memory_options import MemoryChoice, OptionCostModel
 
@@ -180,3 +187,11 @@ def test_cpu_ranks_of_one_host_sum_gradients_in_shared_memory() -> None:
     # GPUs on one node keep the ring (NCCL sums over their link).
     gpus = parse_cluster("2xA100-80GB(intra=1GB/s,intra_lat=500us)")
     assert CostModel(profile, gpus, CostOptions()).sync_time(layout, 1, ())[0] == pytest.approx(ring, rel=1e-12)
+
+
+def test_a_jobs_config_sets_the_cost_models_buckets_and_shared_memory() -> None:
+    # What parallelize predicts, plans rows and fits checkpoints with: the runtime's buckets (the
+    # first capped by the others' size) and whether gradients meet in shared memory.
+    options = cost_options(wh.Config(bucket_cap_mb=8, first_bucket_cap_mb=16, shared_memory=False))
+    assert (options.bucket_bytes, options.first_bucket_bytes, options.shared_memory) == (8 * 2**20, 8 * 2**20, False)
+    assert cost_options(wh.Config()) == CostOptions()

@@ -30,7 +30,7 @@ from .planner.annotated.replicas import plan_data_parallel
 from .planner.annotated.stages import count_stages, plan_pipeline
 from .planner.cost.model_profile import profile_model
 from .planner.cost.plan_cost import predict_plan
-from .planner.cost.predict import CostOptions
+from .planner.cost.predict import cost_options
 from .planner.saved_plan import check_saved_plan, load_plan
 from .planner.search.auto import auto_plan, local_cluster
 from .planner.search.memory_options import checkpoint_to_fit
@@ -122,7 +122,7 @@ def parallelize(
             config = dataclasses.replace(config, cluster=measured, profiles=None)
         plan = _plan(model, scopes, captured, capture_error, example_rows, world_size, ranks_per_node, config)
         if measured is not None and not config.auto_parallel and config.row_weights is None:
-            plan = _rows_on(plan, measured, captured, example_rows)
+            plan = _rows_on(plan, measured, captured, example_rows, config)
     _check_fixed_rows(plan, captured, example_rows)
     check_adaptive_plan(plan, config, captured.fixed_rows if captured is not None else None)
     plan, config = _memory_options(plan, config)
@@ -172,7 +172,7 @@ def _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, 
     try:
         cluster = config.cluster or local_cluster(world_size, ranks_per_node)
         profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
-        paths = checkpoint_to_fit(plan, profile, cluster, example_rows, CostOptions(),
+        paths = checkpoint_to_fit(plan, profile, cluster, example_rows, cost_options(config),
                                   {n for n, _ in model.named_modules()})
     except ValueError as err:
         warnings.warn(f"Config(activation_checkpointing='auto'): no memory prediction for this plan ({err}); "
@@ -202,7 +202,7 @@ def _measure_cluster(config: Config, world_size: int) -> Cluster:
     return cluster_from_reports(reports)
 
 
-def _rows_on(plan: Plan, cluster: Cluster, captured, example_rows) -> Plan:
+def _rows_on(plan: Plan, cluster: Cluster, captured, example_rows, config: Config) -> Plan:
     """An annotated plan's rows for the measured cluster: by the cost model's step time where
     the graph tells it (under memory), else by speed."""
     profile = None
@@ -213,7 +213,7 @@ def _rows_on(plan: Plan, cluster: Cluster, captured, example_rows) -> Plan:
             profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
         except ValueError as err:
             warnings.warn(f"rows per replica follow measured speed alone: no cost model of the stages ({err})", stacklevel=3)
-    return rows_on_cluster(plan, cluster, example_rows=example_rows, profile=profile)
+    return rows_on_cluster(plan, cluster, example_rows=example_rows, profile=profile, options=cost_options(config))
 
 
 def _hardware(world_size: int) -> list[str | None]:
@@ -256,7 +256,7 @@ def _predict(plan, captured, example_rows, config, world_size, ranks_per_node):
     try:
         cluster = config.cluster or local_cluster(world_size, ranks_per_node)
         profile = profile_model(captured, example_rows, boundaries=plan.stage_boundaries)
-        estimate = predict_plan(plan, profile, cluster, example_rows)
+        estimate = predict_plan(plan, profile, cluster, example_rows, cost_options(config))
     except ValueError as err:  # the plan runs all the same; say why it has no prediction
         warnings.warn(f"whale has no step-time prediction for this plan: {err}", stacklevel=3)
         return None, None
@@ -297,7 +297,7 @@ def _plan(model, scopes, captured, capture_error, example_rows, world_size, rank
         if captured is None:
             raise needs_graph("Config(auto_parallel=True) plans from the captured graph")
         plan, _ = auto_plan(
-            captured, scopes, world_size, config, cluster=config.cluster,
+            captured, scopes, world_size, config, cluster=config.cluster, options=cost_options(config),
             global_batch=example_rows, ranks_per_node=ranks_per_node,
             tensor_parallel_check=tensor_parallel_check(model, captured),
             module_paths={n for n, _ in model.named_modules()},  # Config(activation_checkpointing="auto")

@@ -64,7 +64,7 @@ def replica_speeds(plan: Plan, cluster: Cluster) -> tuple[float, ...]:
 
 
 def rows_on_cluster(plan: Plan, cluster: Cluster, *, example_rows: int | None = None,
-                    profile: ModelProfile | None = None) -> Plan:  # fmt: skip
+                    profile: ModelProfile | None = None, options: CostOptions | None = None) -> Plan:  # fmt: skip
     """``plan`` with rows per replica for ``cluster``: by the cost model's step time where it
     has the model's layers, else by speed; under memory where it can tell.
 
@@ -76,6 +76,8 @@ def rows_on_cluster(plan: Plan, cluster: Cluster, *, example_rows: int | None = 
         profile: the model's layers (:func:`~whale.planner.cost.model_profile.profile_model`,
             with the plan's stage boundaries), for :func:`rows_by_cost` and the memory cap of
             a plan without stages; None: rows by speed, no cap.
+        options: the cost model's options (:func:`~whale.planner.cost.predict.cost_options` of
+            the job's Config); None: the defaults.
 
     Raises:
         ValueError: the batch does not fit in the replicas' memory, or gives some replica fewer
@@ -101,7 +103,7 @@ def rows_on_cluster(plan: Plan, cluster: Cluster, *, example_rows: int | None = 
         raise ValueError(f"rows per replica on the measured cluster {cluster}: {err}") from None
     if profile is not None:
         try:
-            rows = rows_by_cost(plan, cluster, profile, example_rows, capacity=capacity, guess=rows)
+            rows = rows_by_cost(plan, cluster, profile, example_rows, capacity=capacity, guess=rows, options=options)
         except ValueError as err:
             warnings.warn(f"rows per replica on the measured cluster {cluster} follow speed alone {rows}: the "
                           f"cost model has no step time for them ({err})", stacklevel=2)  # fmt: skip

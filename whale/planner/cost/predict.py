@@ -56,7 +56,8 @@ from .step_view import StepView
 from .stragglers import straggler_wait
 from .sync_cost import SyncCost
 
-__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak", "dtype_peak"]
+__all__ = ["Candidate", "CostModel", "CostOptions", "Prediction", "RankLayout", "ReplicaCost", "SyncTimes", "achievable_peak",
+           "cost_options", "dtype_peak"]
 
 # A device without the requested 16-bit or 8-bit rate runs the next wider type it has.
 _FALLBACK = {"bf16": ("bf16", "fp16", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
@@ -103,6 +104,21 @@ class CostOptions:
         for name in ("bucket_bytes", "first_bucket_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CostOptions({name}={getattr(self, name)!r}) must be > 0 bytes")
+
+
+def cost_options(config) -> CostOptions:
+    """The cost model's options for a job's :class:`~whale.config.Config`: its gradient buckets
+    (the first capped by the others' size, as the runtime caps it) and whether CPU ranks of one
+    host sum gradients in shared memory; fp32 and AdamW otherwise (the defaults).
+
+    Example::
+
+        predict_plan(plan, profile, cluster, rows, cost_options(wh.Config(bucket_cap_mb=50)))
+    """
+    mib = 2**20
+    return CostOptions(bucket_bytes=config.bucket_cap_mb * mib,
+                       first_bucket_bytes=min(config.bucket_cap_mb, config.first_bucket_cap_mb) * mib,
+                       shared_memory=config.shared_memory)  # fmt: skip
 
 
 def achievable_peak(device: DeviceProfile, options: CostOptions = CostOptions()) -> float:
