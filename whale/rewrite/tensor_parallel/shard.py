@@ -434,7 +434,7 @@ def _readers(node: Node) -> str:
     found = []
     for user in node.users:
         info = user.meta.get(NODE_INFO_KEY)
-        path = (info.module_path if info is not None else "") or "the model's own forward"
+        path = (info.module_path if info is not None else "") or "<root>"
         op = info.target if info is not None else str(user.target)
         found.append(f"{path!r} ({op})")
     return ", ".join(dict.fromkeys(found))
