@@ -181,6 +181,11 @@ def _end(ranks) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+    # torch's spawn gives each rank a file in the temporary directory for its traceback and
+    # removes none (its own join would read them; the tracebacks came through ``errors``).
+    for name in ranks.error_files:
+        if name and os.path.exists(name):
+            os.unlink(name)
 
 
 def _entry(rank: int, world: int, port: int, threads: int, worker, args, results, errors, extra, pin) -> None:

@@ -20,9 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = ["--steps", "8", "--layers", "2", "--hidden", "32", "--seq", "16", "--batch", "8", "--vocab", "64"]
 
 
-def test_hf_llama_example_trains_under_torchrun():
+def test_hf_llama_example_trains_under_torchrun(tmp_path):
     pytest.importorskip("transformers")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # --log-dir: torchrun's own logs under the test's directory, not a new torchelastic_* in /tmp
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                f"--log-dir={tmp_path}"]
     done = subprocess.run(
         [*torchrun, "examples/hf_llama.py", "--pipeline", "1", "--tensor", "2", *_TINY],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,

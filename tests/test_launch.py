@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
+import tempfile
 import time
 
 import pytest
@@ -39,13 +41,19 @@ def test_results_come_back():
     assert run_on_ranks(_sum_ranks, 10, world=2) == 21.0
 
 
+def _error_files() -> set[str]:
+    """The traceback files torch's spawn leaves in the temporary directory."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pytorch-errorfile-*")))
+
+
 def test_a_rank_that_raises_is_named_and_every_rank_ends():
-    began = time.monotonic()
+    began, before = time.monotonic(), _error_files()
     with pytest.raises(RankFailed) as info:
         run_on_ranks(_rank1_raises, None, world=2)
     assert str(info.value).startswith("benchmark rank 1 raised")
     assert "ValueError: rank one's own error" in str(info.value)
     assert time.monotonic() - began < 60  # not gloo's timeout
+    assert _error_files() <= before, "a rank's traceback file was left in the temporary directory"
 
 
 def test_a_rank_that_dies_is_named():

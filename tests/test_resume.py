@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _launch(tmp, name: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "examples/resume_training.py", "--ckpt", str(tmp / name), "--steps", "6", "--save-every", "2",
+           f"--log-dir={tmp / 'logs'}", "examples/resume_training.py", "--ckpt", str(tmp / name), "--steps", "6", "--save-every", "2",
            "--out", str(tmp / f"{name}.pt"), *extra]
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONPATH": ROOT}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
