@@ -34,13 +34,17 @@ the host again).
 (exit skew 2-5 ms in a quarter of tensor parallel's all-reduces, mean 1.1 ms; pinned 0.05 ms),
 which no link measurement sees. ``--profiles N`` profiles the host N times in a row and predicts
 each plan at the median of them: one quick profile's class factors moved by up to 40% between
-consecutive profiles, while the same plan's measured step held within 3%.
+consecutive profiles, while the same plan's measured step held within 3%. ``--reprofile``
+profiles again before every round and predicts the round's steps from those profiles, as a job
+that measures its ranks when it starts (``Config(cluster="auto")``) runs right after its
+profile; printed beside the error from the profiles taken before the first round.
 
 Run (spawns 2, then 4 processes; about 3 minutes)::
 
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --rounds 5 --steps 6 --case data --case pipeline
     python benchmarks/bench_predict.py --pin --profiles 5
+    python benchmarks/bench_predict.py --pin --profiles 5 --reprofile
 """
 
 from __future__ import annotations
@@ -160,6 +164,16 @@ def _paces(world: int, reference: float) -> list[float]:
     return gathered
 
 
+def _profiles(world: int, count: int) -> list:
+    """``count`` quick profiles in a row, every rank measuring at once: rank 0's."""
+    hosts = []
+    for _ in range(count):
+        gathered = [None] * world
+        dist.all_gather_object(gathered, measure_device(quick=True, share=1.0))
+        hosts.append(gathered[0])
+    return hosts
+
+
 def _by_category(timeline, rank: int) -> dict[str, float]:
     """Seconds ``rank`` spent in each category of ``timeline`` (forward, backward, send, ...)."""
     out: dict[str, float] = {}
@@ -203,12 +217,11 @@ def _worker(rank: int, world: int, args, results) -> None:
     # 0's serve every rank, so all build one Config (whale checks that they agree).
     # With --profiles N, N profiles in a row: each plan is predicted on each, and the median
     # prediction is taken (one quick profile reads this host's rates within a second or two).
-    hosts = []
-    for _ in range(args.profiles):
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (measure_device(quick=True, share=1.0), link))
-        hosts.append(gathered[0][0])
-    host, link = hosts[0], gathered[0][1]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, link)
+    link = gathered[0]
+    hosts = _profiles(world, args.profiles)
+    host = hosts[0]
     reference = statistics.median([*references, _reference()])
     cfg = GPTConfig(
         n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block
@@ -236,7 +249,10 @@ def _worker(rank: int, world: int, args, results) -> None:
         opt = torch.optim.AdamW(program.parameters(), lr=1e-3)
         runs[name] = (program, opt, layers, [], [])
         phases[name] = ([], [])  # measured per step, predicted per run: {category: seconds} of this rank
+    started = hosts  # the profiles taken before the plans were built
     for _ in range(args.rounds):
+        if args.reprofile:  # as a job that profiles its ranks when it starts, right before its steps
+            hosts = _profiles(world, args.profiles)
         for name, (program, opt, layers, times, predicted) in runs.items():
             # Other jobs' load drifts: each run is predicted at the share of a core every rank
             # got during its own timed steps (before them where the system cannot say).
@@ -263,6 +279,9 @@ def _worker(rank: int, world: int, args, results) -> None:
             # With --pace, also the prediction without it: the two compare on the same steps.
             unpaced = estimate if paces is None else _median_estimate(
                 program.plan, layers, [rank_cluster(name, h, link, shares, None) for h in hosts], args.batch)
+            if args.reprofile:  # the same steps predicted from the first profiles instead
+                unpaced = _median_estimate(
+                    program.plan, layers, [rank_cluster(name, h, link, shares, paces) for h in started], args.batch)
             predicted.append((shares, estimate.prediction.step_time, paces, unpaced.prediction.step_time))
             phases[name][1].append(_by_category(estimate.timeline, rank))
     mine = {n: tuple(_median_of(v) for v in both) for n, both in phases.items()} if args.phases else {}
@@ -322,6 +341,12 @@ def main() -> None:
         help="profile the host this many times in a row and predict each plan at the median of them",
     )
     p.add_argument(
+        "--reprofile", action="store_true",
+        help="profile the host again before every round and predict the round's steps from those "
+        "profiles (as a job that profiles its ranks when it starts), printed beside the error "
+        "from the profiles taken before the first round (same steps)",
+    )
+    p.add_argument(
         "--pin", action="store_true",
         help="rank r runs on core r only (where there are as many cores as ranks)",
     )
@@ -329,6 +354,8 @@ def main() -> None:
         "--record", help="write the profile, plans and measured times to this JSON file"
     )
     args = p.parse_args()
+    if args.pace and args.reprofile:
+        p.error("--pace and --reprofile each print a second error; choose one")
     if args.fixed_malloc:
         # glibc moves its mmap threshold as a process frees large blocks, so the same tensors
         # come from fresh, page-faulting mmap'd memory in one phase and from the heap in the
@@ -356,9 +383,12 @@ def main() -> None:
           f"global batch {args.batch}; median of {args.rounds} rounds x {args.steps} steps")  # fmt: skip
     print(f"host profile: {host.peak('fp32') / 1e9:.0f} GFLOP/s fp32, {host.memory_bandwidth / 1e9:.1f} GB/s, "
           f"{host.overhead() * 1e6:.1f} us per op; all-reduce link {ring.describe()}")  # fmt: skip
+    # The same steps predicted another way, beside the error: without the pace, or from the
+    # profiles taken before the first round.
+    other = "with no pace" if args.pace else "first profiles" if args.reprofile else None
     print(
         f"{'plan':16} {'core share':>10} {'CPU pace':>8} {'predicted ms':>12} {'measured ms':>12} {'error':>8}"
-        + (f" {'error with no pace':>18}" if args.pace else "")
+        + (f" {'error, ' + other:>21}" if other else "")
     )
     errors, plain_errors = [], []
     for name, predicted, measured, share, pace, plain in rows:
@@ -367,14 +397,14 @@ def main() -> None:
         plain_errors.append(abs(plain / measured - 1))
         print(
             f"{name:16} {share:10.0%} {pace:8.2f} {predicted * 1e3:12.1f} {measured * 1e3:12.1f} {error:+8.1%}"
-            + (f" {plain / measured - 1:+18.1%}" if args.pace else "")
+            + (f" {plain / measured - 1:+21.1%}" if other else "")
         )
     if not emulation_supported():
         print(f"emulated-slow: skipped, the runtime does not apply {_SLOWDOWN} yet")
     if errors:
         print(
             f"median |error| {statistics.median(errors):.1%} over {len(errors)} plans (goal <= 15%)"
-            + (f"; without the pace {statistics.median(plain_errors):.1%}" if args.pace else "")
+            + (f"; {other} {statistics.median(plain_errors):.1%}" if other else "")
         )
     if args.phases:
         print_phases(phases)
