@@ -32,6 +32,7 @@ from .recompute import checkpoint_pass  # Config(activation_checkpointing)
 from .stage_split import (
     assign_stages,
     capture_split_stages,
+    hold_unread_state,
     keep_state_dict_keys,
     split_stages,
 )
@@ -65,6 +66,7 @@ class ProgramRewrite:
             stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
             assert num_stages == plan.num_stages, (num_stages, plan.num_stages)
             self.stages = split_stages(captured, stage_of, num_stages)
+            hold_unread_state(self.stages, model)  # parameters forward never reads: kept, untrained
             if plan.tensor_parallel > 1:
                 split = capture_split_stages(self.stages, captured)
                 graphs = {s: (g.graph_module, g) for s, g in split.items()}

@@ -24,12 +24,13 @@ import operator
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..capture import CapturedModel, NodeInfo
 from ..primitives import Annotation
 
-__all__ = ["StageProgram", "assign_stages", "capture_split_stages", "split_stages", "stage_annotations"]
+__all__ = ["StageProgram", "assign_stages", "capture_split_stages", "hold_unread_state", "split_stages",
+           "stage_annotations"]
 
 _INFO = "whale_node_info"
 
@@ -317,6 +318,45 @@ def split_stages(captured: CapturedModel, stage: Mapping[str, int], num_stages: 
         updated = sorted({w.target for n in g.nodes if (w := _written_state(n)) is not None})
         programs.append(StageProgram(s, module, received, sent, outer, tuple(updated)))
     return tuple(programs)
+
+
+def hold_unread_state(stages: Sequence[StageProgram], model: nn.Module) -> list[tuple[str, int]]:
+    """Give every entry of ``model.state_dict()`` that no stage's graph reads to a stage:
+    parameters forward never touches (DINOv2's ``mask_token``, ESM's contact head, XLNet's
+    segment biases when no ``token_type_ids`` are passed) would otherwise be held by no rank,
+    and a checkpoint would lose them. Each goes to the stage holding the nearest entry before it
+    in the state dict (after it, for the first ones), under its own name; it gets no gradient,
+    so an optimizer leaves it as it was, as it does on the local model. Returns ``(name,
+    stage)`` of each entry placed (none where every one is read)."""
+    held: dict[int, int] = {}
+    for st in stages:
+        for t in st.module.state_dict(keep_vars=True).values():
+            held.setdefault(id(t), st.index)
+    state = list(model.state_dict(keep_vars=True).items())
+    unread = [k for k, (_, t) in enumerate(state) if id(t) not in held]
+    if not unread:
+        return []
+    placed = []
+    for k in unread:
+        name, t = state[k]
+        if id(t) in held:  # a tied name of one placed already
+            continue
+        near = [held[id(u)] for _, u in reversed(state[:k]) if id(u) in held]
+        near = near or [held[id(u)] for _, u in state[k + 1 :] if id(u) in held]
+        index = near[0] if near else 0
+        module = stages[index].module
+        owner, _, attr = name.rpartition(".")
+        for part in owner.split(".") if owner else ():
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        if isinstance(t, nn.Parameter):
+            module.register_parameter(attr, t)
+        else:
+            module.register_buffer(attr, t)
+        held[id(t)] = index
+        placed.append((name, index))
+    return placed
 
 
 def keep_state_dict_keys(module: fx.GraphModule, state_keys: set[str]) -> None:
