@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import whale as wh
 from examples.cnn import CNN, SyntheticImages
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
-from tests.equivalence import train_distributed, train_reference
+from tests.equivalence import LR, train_distributed, train_reference
 
 _STEPS = 2
 
@@ -179,3 +179,64 @@ def timeline_case(spec: str = "", steps: int = 3, n_embd: int = 32) -> dict:
         "backward": backward,
         "report": program.timing_report(),
     }
+
+
+class _Routed(torch.nn.Module):
+    """Rows whose first feature is positive go through ``a``, the others through ``b`` (as a
+    mixture of experts routes tokens); no row goes through ``never``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.never, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        pos = x[:, 0] > 0
+        y = torch.zeros_like(h)
+        if pos.any():
+            y = y.index_put((pos,), self.a(h[pos]))
+        if not pos.all():
+            y = y.index_put((~pos,), self.b(h[~pos]))
+        return self.out(torch.relu(y))
+
+
+def routed(**config) -> dict:
+    """``_Routed`` on 8 rows: in step 0 rank 0's rows all go through ``a`` and rank 1's through
+    ``b`` (each used on one rank only), in step 1 every row goes through ``a`` (``b`` used by no
+    rank); ``never`` is used in no step. Loss, gradients (``None`` where the local model has
+    none) and parameters after each AdamW step (weight decay on), here and on the local model."""
+    torch.manual_seed(0)
+    model = _Routed()
+    x0 = torch.randn(8, 4)
+    x0[:4, 0], x0[4:, 0] = x0[:4, 0].abs() + 0.1, -x0[4:, 0].abs() - 0.1
+    x1 = torch.randn(8, 4)
+    x1[:, 0] = x1[:, 0].abs() + 0.1
+    batches = [(x0, torch.randint(0, 2, (8,))), (x1, torch.randint(0, 2, (8,)))]
+    reference = copy.deepcopy(model)
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, config=wh.Config(**config))
+
+    def grads(named):
+        return {n: None if p.grad is None else p.grad.detach().clone() for n, p in named}
+
+    out = {"loss": [], "grads": [], "params": [], "ref_loss": [], "ref_grads": [], "ref_params": []}
+    opt, ref_opt = torch.optim.AdamW(program.parameters(), lr=LR), torch.optim.AdamW(reference.parameters(), lr=LR)
+    for x, y in batches:
+        out["loss"].append(program.step(x, y).item())
+        got = grads(program.named_parameters())
+        gather = getattr(program, "gather_full", None)
+        if gather is not None and config.get("zero_stage"):  # shards: the used ones gathered whole
+            whole = gather({n: g for n, g in got.items() if g is not None})
+            got = {n: whole.get(n) for n in got}
+        out["grads"].append(got)
+        opt.step()
+        opt.zero_grad()
+        out["params"].append({k: v.clone() for k, v in program.full_state_dict().items()})
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        out["ref_loss"].append(loss.item())
+        out["ref_grads"].append(grads(reference.named_parameters()))
+        ref_opt.step()
+        ref_opt.zero_grad()
+        out["ref_params"].append({k: v.clone() for k, v in reference.state_dict().items()})
+    return out

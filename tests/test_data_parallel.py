@@ -125,3 +125,34 @@ def test_bad_batches_are_named(world2, case, needle):
         world2.run(f"{CASES}:{case}")
     assert info.value.type_name == "ValueError"
     assert needle in info.value.message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # the flags ride on the gradient all-reduce (through shared memory on this host)
+        {"shared_memory": False, "grad_comm_dtype": torch.bfloat16},  # over gloo, cast to bf16
+        {"zero_stage": 1},
+    ],
+    ids=["shm", "bf16", "zero1"],
+)
+def test_a_parameter_no_rank_used_keeps_no_gradient(world2, config):
+    """As on the local model (and as DDP leaves it): a parameter one rank did not use sends zeros
+    and gets the sum of the others; one no rank used keeps ``grad is None``, so AdamW's weight
+    decay leaves it as it was. Tolerances of tests/equivalence.py; bf16 traffic: 1e-2."""
+    tol = {"rtol": 1e-2, "atol": 1e-2} if "grad_comm_dtype" in config else {"rtol": 1e-4, "atol": 1e-6}
+    for out in world2.run(f"{CASES}:routed", **config):
+        assert_close(torch.tensor(out["loss"]), torch.tensor(out["ref_loss"]), rtol=tol["rtol"], atol=0)
+        for step, (grads, ref) in enumerate(zip(out["grads"], out["ref_grads"])):
+            assert {n for n, g in grads.items() if g is None} == {n for n, g in ref.items() if g is None}, step
+            for n, g in ref.items():
+                if g is not None:
+                    assert_close(grads[n], g, **tol, msg=f"step {step} grad {n}")
+        # step 0: a on rank 0's rows only, b on rank 1's; step 1: b on no rank's
+        assert out["ref_grads"][1]["b.weight"] is None and out["ref_grads"][0]["b.weight"] is not None
+        first, second = out["params"]
+        for n, p in out["ref_params"][0].items():  # after the first step (later steps compound round-off)
+            assert_close(first[n], p, rtol=0, atol=5e-4 if "grad_comm_dtype" not in config else 5e-3, msg=n)
+        assert torch.equal(first["never.weight"], out["ref_params"][0]["never.weight"])
+        for n in ("never.weight", "never.bias", "b.weight", "b.bias"):  # no gradient in step 1: not moved
+            assert torch.equal(second[n], first[n]), n

@@ -10,6 +10,11 @@ order on every rank, so collectives always match even if gradients arrive in ano
 A caller may reserve a few extra elements at the end of the last bucket (``extra_numel``):
 whatever it writes there before backward is summed with the gradients, with no collective of
 its own (the data-parallel program sends the step's loss that way).
+
+After the reserved elements the last bucket carries one flag per parameter: 1 where this rank's
+step used it. A parameter one rank did not use contributes zeros to the sum; one that no rank
+used keeps no gradient (``None``), as on the local model, so an optimizer leaves it as it was
+(as DDP leaves a globally unused parameter's gradient untouched).
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ __all__ = ["GradientReducer", "bucket_parts"]
 
 
 class _Bucket:
-    __slots__ = ("buffer", "comm", "extra", "grads", "params", "ready", "views")
+    __slots__ = ("buffer", "comm", "extra", "flags", "grads", "params", "ready", "views")
 
-    def __init__(self, params: list[nn.Parameter], buffer: torch.Tensor, comm_dtype: torch.dtype | None) -> None:
+    def __init__(self, params: list[nn.Parameter], buffer: torch.Tensor, comm_dtype: torch.dtype | None,
+                 extra_numel: int = 0) -> None:
         self.params = params
         numel = sum(p.numel() for p in params)
         self.buffer = buffer.zero_()
-        self.grads = self.buffer[:numel]  # the gradients' part; the rest is the caller's
-        self.extra = self.buffer[numel:]
+        self.grads = self.buffer[:numel]  # the gradients' part; then the caller's, then the flags
+        self.extra = self.buffer[numel : numel + extra_numel]
+        self.flags = self.buffer[numel + extra_numel :]
         self.views: list[torch.Tensor] = []
         at = 0
         for p in params:
@@ -108,14 +115,20 @@ class GradientReducer:
         parts = bucket_parts(params, bucket_cap_bytes, first_bucket_cap_bytes)  # each bucket's parameters
         if extra_numel and not parts:
             raise ValueError("GradientReducer(extra_numel=...) needs a parameter that requires grad")
-        sizes = [(sum(p.numel() for p in part) + (extra_numel if k == len(parts) - 1 else 0), part[0].dtype)
+        # The last bucket (launched last) also carries the caller's elements and a used flag per
+        # parameter: a sum above zero in any float dtype means some rank used it.
+        tail = extra_numel + sum(len(part) for part in parts)
+        sizes = [(sum(p.numel() for p in part) + (tail if k == len(parts) - 1 else 0), part[0].dtype)
                  for k, part in enumerate(parts)]
         self._host = self._host_reduce(sizes, host, comm_dtype, [part[0].device for part in parts])
         for k, part in enumerate(parts):
             numel, dtype = sizes[k]
             buffer = self._host.buffer(k) if self._host else torch.empty(numel, dtype=dtype, device=part[0].device)
-            self.buckets.append(_Bucket(part, buffer, comm_dtype))
+            self.buckets.append(_Bucket(part, buffer, comm_dtype, extra_numel if k == len(parts) - 1 else 0))
+        self._unused: list[tuple[int, int]] = []  # (bucket, index) of what this rank's step did not use
+        self._first = [0]  # each bucket's first flag
         for b, bucket in enumerate(self.buckets):
+            self._first.append(self._first[-1] + len(bucket.params))
             for i, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, i)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
@@ -150,17 +163,21 @@ class GradientReducer:
             bucket.ready.clear()
         self._next = 0
         self._works.clear()
+        self._unused.clear()
         self._active = True
 
     def finish(self) -> None:
-        """Launch what backward did not (unused parameters), wait, and leave gradients summed."""
+        """Launch what backward did not (unused parameters), wait, and leave gradients summed;
+        a parameter no rank used is left with no gradient."""
         assert self._active, "finish() without begin()"
-        for bucket in self.buckets[self._next :]:
+        for b in range(self._next, len(self.buckets)):
+            bucket = self.buckets[b]
             for i, p in enumerate(bucket.params):
                 if i not in bucket.ready and p.grad is None:
                     # A parameter this step did not use contributes zeros, as DDP's unused ones do.
                     bucket.views[i].zero_()
                     p.grad = bucket.views[i]
+                    self._unused.append((b, i))
             bucket.ready.update(range(len(bucket.params)))
         self._launch_ready()
         for bucket, work in self._works:
@@ -169,6 +186,11 @@ class GradientReducer:
                 comm_ops.unpack(bucket.comm, [bucket.buffer], 1.0)
         self._works.clear()
         self._active = False
+        if self._unused:  # only a rank that did not use a parameter can find that none did
+            flags = self.buckets[-1].flags.tolist()
+            for b, i in self._unused:
+                if flags[self._first[b] + i] == 0:
+                    self.buckets[b].params[i].grad = None
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -194,6 +216,10 @@ class GradientReducer:
         if self.pace is not None:
             self.pace()
         bucket = self.buckets[b]
+        if b == len(self.buckets) - 1:  # every bucket's parameters are known used or not by now
+            bucket.flags.fill_(1)
+            for k, i in self._unused:
+                bucket.flags[self._first[k] + i] = 0
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):
             # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.

@@ -131,7 +131,8 @@ class ShardedReducer:
             self._inner.finish()
             for part, layout in zip(self.parts, self.layouts):
                 for p, (lo, hi) in zip(part, layout.ranges):
-                    self.shards[id(p)].grad = p.grad.view(-1)[lo:hi]
+                    # None where no rank used p (the inner reducer left it none)
+                    self.shards[id(p)].grad = None if p.grad is None else p.grad.view(-1)[lo:hi]
             return
         assert self._active, "finish() without begin()"
         for b in range(self._next, len(self.parts)):
