@@ -303,7 +303,15 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
         lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
                      f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")
         return ". ".join(lines)
-    hint = f" (e.g. {', '.join(repr(p) for p in sorted(elsewhere)[:4])})"
+    # The first few, with their tied partners (following a shortened list must not split a
+    # weight without its other user).
+    shown = set(sorted(elsewhere)[:4])
+    for _ in range(len(elsewhere)):
+        more = {p for prefixes in holders.values() if prefixes & shown for p in prefixes & elsewhere}
+        if more <= shown:
+            break
+        shown |= more
+    hint = f" (e.g. {', '.join(repr(p) for p in sorted(shown))})"
     lines.append(f"Move split() to the modules it can shard{hint}, leaving {sorted(bad)[:4]} replicated, or "
                  "use replicate() or a pipeline stage for them")
     return ". ".join(lines)
