@@ -19,8 +19,9 @@ from tests.hf_models import BUILDERS as _BUILDERS
 from tests.hf_more_models import BUILDERS as _MORE
 from tests.hf_more_models2 import BUILDERS as _MORE2
 from tests.hf_more_models3 import BUILDERS as _MORE3
+from tests.hf_more_models4 import BUILDERS as _MORE4
 
-BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3}  # every family a case may name
+BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3, **_MORE4}  # every family a case may name
 
 _STEPS = 2
 

@@ -1,0 +1,103 @@
+"""A fourth set of architectures whale was not written against (tests/hf_more_models4.py): each
+equals the local model on 2 gloo ranks under a strategy that meets what it adds (loss,
+gradients by name, parameters after an AdamW step; tolerances of tests/equivalence.py: fp32,
+only the order of additions differs; state dicts round-trip as tests/test_hf_pipeline.py
+checks), or is refused with a message that says what is wrong and what to do.
+
+Found by running the 16 of them under data parallel, a split of the whole model, a 2-stage
+pipeline, ZeRO 3, an uneven 1F1B pipeline and a checkpointed layer (96 cases), and fixed:
+
+* A pipeline held no parameter that forward never reads (DINOv2's ``mask_token``, ESM's
+  contact head, XLNet's segment biases when no ``token_type_ids`` are passed): no stage had
+  them, and ``full_state_dict()`` failed on a bare assertion (a checkpoint would have lost
+  them). Each now goes to the stage of its neighbour in the state dict, untrained.
+* Data parallel (and ZeRO 1, a checkpointed layer) gave such a parameter a zero gradient
+  where the local model gives none, so AdamW's weight decay moved it. A parameter no rank used
+  now keeps no gradient, as DDP leaves it (tests/test_data_parallel.py checks one used on
+  one rank only, too).
+* A refused whole-model split suggested the first four modules to split instead, which cut
+  Mamba's LM head away from the embedding it is tied to; following the advice met the
+  tied-weight refusal. A shortened suggestion now keeps each module's tied partners.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import whale as wh
+from tests.hf_cases import BUILDERS
+from tests.hf_models import capture_case
+from tests.test_hf_more2 import _check_trainable
+from whale.rewrite import TensorParallelAnalysis
+from whale.rewrite.tensor_parallel.shard import shard_model
+
+CASES = "tests.hf_more_cases"
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        # a state-space scan over the sequence, depthwise conv1d: 7 rows in a 1F1B pipeline
+        ("mamba", {"stage_boundaries": ["backbone.layers.1"], "num_micro_batch": 4, "schedule": "1f1b", "rows": 7}),
+        # two-stream relative attention; segment biases unused without token_type_ids: no gradient
+        ("xlnet", {}),
+        # the sequence pooled between blocks: the FFNs split (its refusal's suggestion)
+        ("funnel", {"split": ("funnel.decoder.layers.0.ffn", "funnel.encoder.blocks.0.0.ffn",
+                              "funnel.encoder.blocks.1.0.ffn")}),
+        # bottlenecks, NoNorm, stacked FFNs: the encoder split, the tied head left whole
+        ("mobilebert", {"split": ("mobilebert.encoder",)}),
+        # Fourier mixing; the pooler's output reaches no loss (no gradient): a checkpointed layer
+        ("fnet", {"activation_checkpointing": ["fnet.encoder.layer.1"]}),
+        # a relative position bias shared by every layer: a 2-stage pipeline
+        ("mpnet", {"stage_boundaries": ["mpnet.encoder.layer.1"], "num_micro_batch": 2}),
+        # rotary BERT: the whole model split
+        ("roformer", {"split": ("",)}),
+        # the contact head, never run, held by the last stage: 7 rows in a 1F1B pipeline
+        ("esm", {"stage_boundaries": ["esm.encoder.layer.1"], "num_micro_batch": 4, "schedule": "1f1b", "rows": 7}),
+        # raw audio through convolutions (replicated), the transformer layers split
+        ("wav2vec2", {"split": ("wav2vec2.encoder.layers",)}),
+        # the unused mask token held by stage 0
+        ("dinov2", {"stage_boundaries": ["dinov2.encoder.layer.1"], "num_micro_batch": 2}),
+        # strided convolutions, spatial-reduction attention: ZeRO 3
+        ("segformer", {"zero_stage": 3}),
+        # mixture of experts (stacked, refused for split): the attention split
+        ("olmoe", {"split": ("model.layers.0.self_attn", "model.layers.1.self_attn")}),
+        # partial interleaved rotary, fused gate_up_proj: the whole model split
+        ("glm4", {"split": ("",)}),
+        # squared ReLU, LayerNorm1P: the whole model split
+        ("nemotron", {"split": ("",)}),
+        # encoder | decoder as two stages, the embedding tied across them
+        ("mbart", {"stage_boundaries": ["model.decoder"], "num_micro_batch": 2}),
+        # positions from the attention mask: ZeRO 1
+        ("biogpt", {"zero_stage": 1}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_equals_local(world2, name, kwargs):
+    outs = world2.run(f"{CASES}:equivalence_warnings", name, **kwargs)
+    _check_trainable(outs)
+
+
+def test_a_shortened_suggestion_keeps_tied_partners():
+    """Mamba's whole-model split is refused (``A_log`` is not a layer's weight); the suggestion
+    lists a few modules, and with the embedding it names the LM head tied to it, so following
+    it shards no weight without its other user."""
+    case = BUILDERS["mamba"]()
+    wh.annotate(case.model, {"": wh.split()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as error:
+            TensorParallelAnalysis(2)(case.model, capture_case(case))
+    message = str(error.value)
+    paths = tuple(p.strip("'") for p in re.search(r"\(e\.g\. (.*?)\), leaving", message).group(1).split(", "))
+    assert "backbone.embeddings" in paths and "lm_head" in paths, message
+    case = BUILDERS["mamba"]()
+    wh.annotate(case.model, {p: wh.split() for p in paths})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shard_model(case.model, capture_case(case), group=None, rank_in_group=0)  # no tied-weight refusal
