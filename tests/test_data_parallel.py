@@ -133,8 +133,10 @@ def test_bad_batches_are_named(world2, case, needle):
         {},  # the flags ride on the gradient all-reduce (through shared memory on this host)
         {"shared_memory": False, "grad_comm_dtype": torch.bfloat16},  # over gloo, cast to bf16
         {"zero_stage": 1},
+        {"zero_stage": 2},
+        {"zero_stage": 3},
     ],
-    ids=["shm", "bf16", "zero1"],
+    ids=["shm", "bf16", "zero1", "zero2", "zero3"],
 )
 def test_a_parameter_no_rank_used_keeps_no_gradient(world2, config):
     """As on the local model (and as DDP leaves it): a parameter one rank did not use sends zeros

@@ -11,13 +11,15 @@ pipeline, ZeRO 3, an uneven 1F1B pipeline and a checkpointed layer (96 cases), a
   contact head, XLNet's segment biases when no ``token_type_ids`` are passed): no stage had
   them, and ``full_state_dict()`` failed on a bare assertion (a checkpoint would have lost
   them). Each now goes to the stage of its neighbour in the state dict, untrained.
-* Data parallel (and ZeRO 1, a checkpointed layer) gave such a parameter a zero gradient
+* Data parallel (ZeRO 1 to 3, a checkpointed layer) gave such a parameter a zero gradient
   where the local model gives none, so AdamW's weight decay moved it. A parameter no rank used
   now keeps no gradient, as DDP leaves it (tests/test_data_parallel.py checks one used on
   one rank only, too).
-* A refused whole-model split suggested the first four modules to split instead, which cut
-  Mamba's LM head away from the embedding it is tied to; following the advice met the
-  tied-weight refusal. A shortened suggestion now keeps each module's tied partners.
+* A refused whole-model split suggested modules whose split was refused in turn: the first
+  four of Mamba's list cut its LM head from the embedding it is tied to, and MobileBERT's
+  ``'mobilebert'`` held the embedding its head reads directly (concatenated with a dense
+  weight). A shortened suggestion now keeps each module's tied partners, and a layer whose
+  weight an op also reads directly is left out of it.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ CASES = "tests.hf_more_cases"
     [
         # a state-space scan over the sequence, depthwise conv1d: 7 rows in a 1F1B pipeline
         ("mamba", {"stage_boundaries": ["backbone.layers.1"], "num_micro_batch": 4, "schedule": "1f1b", "rows": 7}),
-        # two-stream relative attention; segment biases unused without token_type_ids: no gradient
-        ("xlnet", {}),
+        # two-stream relative attention; segment biases unused without token_type_ids: ZeRO 3
+        # gives them no gradient
+        ("xlnet", {"zero_stage": 3}),
         # the sequence pooled between blocks: the FFNs split (its refusal's suggestion)
         ("funnel", {"split": ("funnel.decoder.layers.0.ffn", "funnel.encoder.blocks.0.0.ffn",
                               "funnel.encoder.blocks.1.0.ffn")}),
@@ -83,11 +86,20 @@ def test_equals_local(world2, name, kwargs):
     _check_trainable(outs)
 
 
-def test_a_shortened_suggestion_keeps_tied_partners():
-    """Mamba's whole-model split is refused (``A_log`` is not a layer's weight); the suggestion
-    lists a few modules, and with the embedding it names the LM head tied to it, so following
-    it shards no weight without its other user."""
-    case = BUILDERS["mamba"]()
+@pytest.mark.parametrize(
+    "name, suggested, left",
+    [
+        # the embedding with the LM head tied to it, though the list is shortened
+        ("mamba", ("backbone.embeddings", "lm_head"), "'backbone.layers.0.mixer'"),
+        # the head concatenates the tied embedding with a dense weight: the embedding stays whole
+        ("mobilebert", ("mobilebert.encoder",), "'mobilebert.embeddings.word_embeddings'"),
+    ],
+)
+def test_following_a_refused_splits_suggestion_is_not_refused(name, suggested, left):
+    """A whole-model split refused for a weight whale cannot shard suggests modules to split
+    instead; splitting them shards no weight without its other user (the tied-weight check in
+    ``shard_model`` passes)."""
+    case = BUILDERS[name]()
     wh.annotate(case.model, {"": wh.split()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,9 +107,10 @@ def test_a_shortened_suggestion_keeps_tied_partners():
             TensorParallelAnalysis(2)(case.model, capture_case(case))
     message = str(error.value)
     paths = tuple(p.strip("'") for p in re.search(r"\(e\.g\. (.*?)\), leaving", message).group(1).split(", "))
-    assert "backbone.embeddings" in paths and "lm_head" in paths, message
-    case = BUILDERS["mamba"]()
+    assert set(suggested) <= set(paths), message
+    assert left in message.split("leaving")[1], message
+    case = BUILDERS[name]()
     wh.annotate(case.model, {p: wh.split() for p in paths})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shard_model(case.model, capture_case(case), group=None, rank_in_group=0)  # no tied-weight refusal
+        shard_model(case.model, capture_case(case), group=None, rank_in_group=0)

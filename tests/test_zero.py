@@ -126,7 +126,8 @@ def test_zero1_gathers_through_shared_memory_on_one_host(world2):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_collectives_per_step(world2, stage):
     """Stage 2: one reduce-scatter per bucket in backward, one all-gather per bucket for the
-    updated shards, one all-reduce (the loss and the batch check). Stage 3: each unit
+    updated shards, one all-reduce (the loss, the batch check and which parameters no rank
+    used: they keep no gradient). Stage 3: each unit
     (3 blocks and the root) gathered for its forward and again for its backward, one
     reduce-scatter each; no gradient all-reduce."""
     out = world2.run(f"{CASES}:collectives", stage)[0]

@@ -260,24 +260,32 @@ class DataParallelProgram(ProgramBase):
         # Each rank of a tensor-parallel group holds its replica's loss once.
         return torch.tensor(summed[0] / self.plan.tensor_parallel, dtype=loss.dtype, device=device)
 
-    def _start_summary(self, summary: torch.Tensor) -> tuple[dist.Work, torch.Tensor] | None:
+    def _start_summary(self, summary: torch.Tensor) -> tuple[dist.Work | None, torch.Tensor] | None:
         """Start summing ``summary`` over all ranks and open the synchronizing backward: in the
         gradient reducer's reserved slots (no collective of its own), else with one all-reduce
-        that runs behind backward."""
+        that runs behind backward; under ZeRO 2 and 3 after it, with the reducer's used flags
+        (which parameters no rank used: they keep no gradient)."""
         if self._summary_rides:
             self._reducer.extra.copy_(summary)
             self._reducer.begin()
             return None
-        work = dist.all_reduce(summary, async_op=True)
+        flags = self._reducer is not None and getattr(self._reducer, "flags_ride", False)
+        work = None if flags else dist.all_reduce(summary, async_op=True)
         if self._reducer is not None:
             self._reducer.begin()
         return work, summary
 
-    def _finish_summary(self, started: tuple[dist.Work, torch.Tensor] | None) -> list[float]:
+    def _finish_summary(self, started: tuple[dist.Work | None, torch.Tensor] | None) -> list[float]:
         """The summed summary, once backward and its gradient all-reduce have finished."""
         if started is None:
             return self._reducer.extra.tolist()
         work, summary = started
+        if work is None:  # the reducer's used flags ride after it
+            n = summary.numel()
+            summary = torch.cat([summary, self._reducer.used_flags.to(summary)])
+            dist.all_reduce(summary)
+            self._reducer.drop_unused(summary[n:])
+            return summary[:n].tolist()
         work.wait()
         return summary.tolist()
 
@@ -334,6 +342,9 @@ class DataParallelProgram(ProgramBase):
             self._start_zero({id(p): names.get(n, n) for n, p in self.module.named_parameters()})
             extra = 1 + 8 if self._summary_rides else 0  # the loss and the digest's digits
             self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
+            if self.config.zero_stage >= 2 and self._data_group is None:
+                # ZeRO 2/3 over every rank: the used flags ride on the summary's all-reduce
+                self._reducer.flags_ride = True
         self._bound = True
         self.offload = attach_offload(self, self.config, [self.module])  # Config(offload=...)
 

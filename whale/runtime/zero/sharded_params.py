@@ -117,6 +117,10 @@ class ShardedParameters:
         self._recording: list[_Unit] = []
         self._in_backward = False
         self._works: list[tuple[_Unit, torch.Tensor, torch.Tensor, dist.Work]] = []
+        self._used: set[int] = set()  # parameters with a gradient in this step's backwards
+        # A used flag per trainable parameter after each finish(); with flags_ride the owner
+        # sums them (on its own all-reduce) and calls drop_unused.
+        self.flags_ride, self.used_flags, self._unused = False, None, False
         for unit in self.units:
             self._free(unit)
 
@@ -126,8 +130,17 @@ class ShardedParameters:
         """Nothing to open: every backward reduces (see :meth:`finish`)."""
 
     def finish(self) -> None:
-        """Point every shard's ``.grad`` at this rank's summed gradient of the step."""
+        """Point every shard's ``.grad`` at this rank's summed gradient of the step; a parameter
+        no rank used in the step keeps none, as on the local model (one small all-reduce of
+        a used flag per parameter)."""
         self._end_backward()
+        trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
+        used = torch.tensor([float(id(p) in self._used) for p in trainable],
+                            device=self.units[0].region.device if self.units else None)
+        self._unused = len(self._used) < len(trainable)
+        self._used.clear()
+        self.used_flags = used
+        flags = None if self.flags_ride or not trainable else dist.all_reduce(used, group=self.group, async_op=True)
         for unit in self.units:
             if unit.fresh:
                 unit.grad_region.zero_()  # no gradient reached this unit in the step
@@ -135,6 +148,18 @@ class ShardedParameters:
             for p, shard, view in zip(unit.params, unit.shards, unit.layout.region_views(unit.grad_region)):
                 if p.requires_grad:
                     shard.grad = view
+        if flags is not None:
+            flags.wait()
+            self.drop_unused(used)
+
+    def drop_unused(self, summed: torch.Tensor) -> None:
+        """``summed``: :attr:`used_flags` summed over the group; a parameter no rank used
+        keeps no gradient."""
+        if self._unused:  # only a rank that did not use a parameter can find that none did
+            trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
+            for p, count in zip(trainable, summed.tolist()):
+                if count == 0:
+                    self.shards[id(p)].grad = None
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -237,6 +262,7 @@ class ShardedParameters:
             self.pace()
         dtype = self._comm_dtype or unit.region.dtype
         whole = torch.empty(unit.layout.numel, dtype=dtype, device=unit.region.device)
+        self._used.update(id(p) for p in unit.params if p.grad is not None)
         unit.layout.pack([p.grad for p in unit.params], whole, dtype=unit.grad_dtype)
         for p in unit.params:
             p.grad = None

@@ -100,6 +100,8 @@ class ShardedReducer:
         self._ready: list[set[int]] = [set() for _ in parts]
         self._works: list[tuple[int, torch.Tensor, torch.Tensor, dist.Work]] = []
         self.pace: Callable[[], None] | None = None
+        # Stage 2: a used flag per parameter after each finish(); with flags_ride the owner sums them.
+        self.flags_ride, self.used_flags, self._unused = False, None, []
         if stage == 2:
             for b, part in enumerate(parts):
                 for i, p in enumerate(part):
@@ -135,9 +137,22 @@ class ShardedReducer:
                     self.shards[id(p)].grad = None if p.grad is None else p.grad.view(-1)[lo:hi]
             return
         assert self._active, "finish() without begin()"
+        unused = []
         for b in range(self._next, len(self.parts)):
+            unused += [(b, i) for i, p in enumerate(self.parts[b]) if i not in self._ready[b] and p.grad is None]
             self._ready[b].update(range(len(self.parts[b])))  # unused parameters send zeros
         self._launch_ready()
+        # Which parameters no rank used (they keep no gradient, as on the local model): a
+        # reduce-scatter leaves each rank a part, so the flags take a small all-reduce of their
+        # own, or ride on the owner's (flags_ride: it sums used_flags and calls drop_unused).
+        first = [0]
+        for part in self.parts:
+            first.append(first[-1] + len(part))
+        self._unused = [first[b] + i for b, i in unused]
+        used = torch.ones(first[-1], dtype=torch.float32, device=self.parts[0][0].device)
+        used[self._unused] = 0
+        self.used_flags = used
+        flags = None if self.flags_ride else dist.all_reduce(used, group=self.group, async_op=True)
         for b, _, out, work in self._works:
             work.wait()
             if out is not self._regions[b]:
@@ -147,6 +162,19 @@ class ShardedReducer:
         for part, layout, region in zip(self.parts, self.layouts, self._regions):
             for p, view in zip(part, layout.region_views(region)):
                 self.shards[id(p)].grad = view
+        if flags is not None:
+            flags.wait()
+            self.drop_unused(used)
+
+    def drop_unused(self, summed: torch.Tensor) -> None:
+        """``summed``: :attr:`used_flags` summed over the group; a parameter no rank used
+        keeps no gradient."""
+        if self._unused:  # only a rank that did not use a parameter can find that none did
+            counts = summed.tolist()
+            params = [p for part in self.parts for p in part]
+            for k in self._unused:
+                if counts[k] == 0:
+                    self.shards[id(params[k])].grad = None
 
     def remove_hooks(self) -> None:
         if self._inner is not None:
