@@ -274,6 +274,13 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
     bad = {path_of(u) for u, _ in uses}
     layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)
               and isinstance(gm.get_submodule(n.target), (ExportedLinear, ExportedEmbedding))}
+    # A layer whose weight an op also reads directly (MobileBERT's head concatenates the tied
+    # embedding with a dense weight) cannot be sliced for the layer alone: leave it out too.
+    raw = {id(gm.get_parameter(n.target)) for n in gm.graph.nodes
+           if n.op == "get_attr" and n.users and _is_param(gm, n.target)}
+    read_raw = {layer for layer in layers if any(id(w) in raw for w in gm.get_submodule(layer).parameters())}
+    layers -= read_raw
+    bad |= read_raw
     counts: dict[str, int] = {}
     widest: dict[str, str] = {}
     for layer in layers:  # the widest module holding shardable layers and none of the refused ones
