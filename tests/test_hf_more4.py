@@ -20,6 +20,9 @@ pipeline, ZeRO 3, an uneven 1F1B pipeline and a checkpointed layer (96 cases), a
   ``'mobilebert'`` held the embedding its head reads directly (concatenated with a dense
   weight). A shortened suggestion now keeps each module's tied partners, and a layer whose
   weight an op also reads directly is left out of it.
+* RoFormer's rotary ``stack(...).reshape_as(q)`` had no sharding rule, so q and k were
+  gathered and its attention ran whole on every rank (equal, not faster). ``reshape_as`` and
+  ``view_as`` to a tensor sharded as the result would be now keep the shard.
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ CASES = "tests.hf_more_cases"
 def test_equals_local(world2, name, kwargs):
     outs = world2.run(f"{CASES}:equivalence_warnings", name, **kwargs)
     _check_trainable(outs)
+    if name == "roformer":  # the rotary attention stays sharded; only the MLM head's norm gathers
+        (message,) = outs[0]["warnings"]
+        assert "1 sharded value(s)" in message and "(cls.predictions.transform.LayerNorm)" in message, message
+    elif name in ("glm4", "nemotron"):
+        assert outs[0]["warnings"] == [], "every split value stays sharded"
 
 
 @pytest.mark.parametrize(

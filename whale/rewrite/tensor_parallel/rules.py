@@ -248,6 +248,22 @@ def _view(ctx, node):
     return out
 
 
+def _reshape_as(ctx, node):
+    """``x.reshape_as(other)`` / ``x.view_as(other)`` (RoFormer's rotary ``stack(...).reshape_as(q)``):
+    where ``other`` is sharded as the reshape would shard ``x``, each rank's reshape to its
+    own ``other`` is that shard."""
+    x, layout = _sharded_first(ctx, node)
+    other = ctx.val(node.args[1])
+    move = view_move(layout, ctx.shape(x), ctx.shape(node))
+    if move is None:
+        raise Fallback("the view mixes sharded and unsharded elements in one dim")
+    out = layout.moved(move.dim, move.blocks, move.per_block)
+    if not isinstance(other, ShardLayout) or not other.same_structure(out):
+        raise Fallback(f"{op_name(node)} to a tensor not sharded as the result would be")
+    ctx.merge(other, out)
+    return other
+
+
 def _from_batch(size: Any) -> bool:
     """``size`` is computed in forward from some tensor's dim 0 (the rows of the batch):
     ``x.size(0)``, ``aten.sym_size(x, 0)`` or ``x.size()[0]``, through arithmetic."""
@@ -474,7 +490,8 @@ _RULES: dict[str, Callable[[Any, Node], Any]] = {
     "softmax": _softmax, "log_softmax": _softmax, "layer_norm": _layer_norm, "rms_norm": _layer_norm,
     "normalize": _normalize, "transpose": _transpose, "t": _transpose, "permute": _permute,
     "unsqueeze": _unsqueeze, "squeeze": _squeeze, "view": _view, "flatten": _view,
-    "unflatten": _view, "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
+    "unflatten": _view, "reshape_as": _reshape_as, "view_as": _reshape_as,
+    "split": _split, "chunk": _split, "tensor_split": _split, "unbind": _split,
     "getitem": _getitem, "size": _size, "numel": _size, "dim": lambda ctx, node: None,
     "getattr": _getattr, "matmul": _matmul, "scaled_dot_product_attention": _sdpa,
     "cat": _cat, "stack": _cat, "expand": _expand, "slice": _slice, "select": _select,
