@@ -31,6 +31,7 @@ from .program import DistributedProgram, ModelCall, ProgramStage, TiedWeight
 from .recompute import checkpoint_pass  # Config(activation_checkpointing)
 from .stage_split import (
     assign_stages,
+    attach_state,
     capture_split_stages,
     hold_unread_state,
     keep_state_dict_keys,
@@ -61,12 +62,15 @@ class ProgramRewrite:
         self.model, self.captured, self.plan, self.loss_fn = model, captured, plan, loss_fn
         self.sync_batch_norm = sync_batch_norm  # Config(sync_batch_norm): see sync_batch_norm.py
         self.stages = None
+        self.unread: dict[int, list[str]] = {}  # stage -> state the stage's graph never reads
         graphs: dict[int, tuple[nn.Module, CapturedModel]] = {}
         if plan.num_stages > 1:
             stage_of, num_stages = assign_stages(captured, plan.stage_boundaries or None)
             assert num_stages == plan.num_stages, (num_stages, plan.num_stages)
             self.stages = split_stages(captured, stage_of, num_stages)
-            hold_unread_state(self.stages, model)  # parameters forward never reads: kept, untrained
+            # Parameters forward never reads: kept by a stage (a split stage's shards keep them whole).
+            for name, s in hold_unread_state(self.stages, model):
+                self.unread.setdefault(s, []).append(name)
             if plan.tensor_parallel > 1:
                 split = capture_split_stages(self.stages, captured)
                 graphs = {s: (g.graph_module, g) for s, g in split.items()}
@@ -205,6 +209,9 @@ class ProgramRewrite:
             gather_output=not last,  # the next stage receives whole activations
             analysis=analysis,
         )
+        state = module.state_dict(keep_vars=True)
+        for name in self.unread.get(stage.index, ()):  # not in the graph the shards were made from
+            attach_state(sharded.module, name, state[name])
         return dataclasses.replace(stage, module=sharded.module, sharded=_decisions_only(sharded), source=module)
 
     def _stage_sizes(self, plan: Plan) -> dict[int, dict[str, tuple[int, ...]]]:

@@ -29,8 +29,8 @@ from torch import fx, nn
 from ..capture import CapturedModel, NodeInfo
 from ..primitives import Annotation
 
-__all__ = ["StageProgram", "assign_stages", "capture_split_stages", "hold_unread_state", "split_stages",
-           "stage_annotations"]
+__all__ = ["StageProgram", "assign_stages", "attach_state", "capture_split_stages", "hold_unread_state",
+           "split_stages", "stage_annotations"]
 
 _INFO = "whale_node_info"
 
@@ -344,19 +344,24 @@ def hold_unread_state(stages: Sequence[StageProgram], model: nn.Module) -> list[
         near = [held[id(u)] for _, u in reversed(state[:k]) if id(u) in held]
         near = near or [held[id(u)] for _, u in state[k + 1 :] if id(u) in held]
         index = near[0] if near else 0
-        module = stages[index].module
-        owner, _, attr = name.rpartition(".")
-        for part in owner.split(".") if owner else ():
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        if isinstance(t, nn.Parameter):
-            module.register_parameter(attr, t)
-        else:
-            module.register_buffer(attr, t)
+        attach_state(stages[index].module, name, t)
         held[id(t)] = index
         placed.append((name, index))
     return placed
+
+
+def attach_state(module: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Register ``t`` in ``module`` under the dotted ``name`` (a parameter, or a persistent
+    buffer), making the modules on the way where ``module`` has none."""
+    owner, _, attr = name.rpartition(".")
+    for part in owner.split(".") if owner else ():
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if isinstance(t, nn.Parameter):
+        module.register_parameter(attr, t)
+    else:
+        module.register_buffer(attr, t)
 
 
 def keep_state_dict_keys(module: fx.GraphModule, state_keys: set[str]) -> None:

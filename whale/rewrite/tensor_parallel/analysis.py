@@ -117,7 +117,9 @@ class TensorParallelAnalysis:
         graph = torch.fx.Graph()
         out = graph.graph_copy(source.graph, {})
         graph.output(out).meta = dict(next(iter(reversed(source.graph.nodes))).meta)
-        graph._codegen = copy.deepcopy(source.graph._codegen)  # export: the output pytree
+        # export: the output pytree (its specs are frozen, so shared: a deep copy rebuilds every
+        # leaf spec, and torch warns each time that LeafSpec is deprecated)
+        graph._codegen = copy.copy(source.graph._codegen)
         gm = GraphModule(source, graph, type(model).__name__)
         if captured.frontend == "export":
             moe: dict[str, MoESpec] = {}

@@ -13,6 +13,7 @@ class name. Any other op reading a matrix parameter inside a split is refused by
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -251,9 +252,20 @@ def _computing_user(node: Node) -> Node:
     return node
 
 
+def _parametrized(path: str) -> str:
+    """The module a parametrization belongs to (``conv.parametrizations.weight.0`` -> ``conv``,
+    as ``weight_norm`` makes it): the path a user can annotate."""
+    return re.sub(r"\.parametrizations\.\w+\.\d+$", "", path)
+
+
 def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Callable[[Node], str],
                     in_split: Callable[[Node], bool]) -> str:
     """Why ``split()`` cannot cover the modules of ``uses``, and where it could go instead."""
+    module_of = path_of
+
+    def path_of(node: Node) -> str:
+        return _parametrized(module_of(node))
+
     user, param = uses[0]
     op = _computing_user(user)
     shape = tuple(gm.get_parameter(param.target).shape)

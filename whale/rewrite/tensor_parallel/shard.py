@@ -223,7 +223,9 @@ class TensorParallelRewrite:
     def call(self, model: nn.Module):
         plan, source = self.plan, self.plan.graph_module
         graph, env, root = Graph(), {}, {}
-        graph._codegen = copy.deepcopy(source.graph._codegen)  # export: the output pytree
+        # export: the output pytree (its specs are frozen, so shared: a deep copy rebuilds every
+        # leaf spec, and torch warns each time that LeafSpec is deprecated)
+        graph._codegen = copy.copy(source.graph._codegen)
         self._graph, self._root, self._cache, self._count, self._tied = graph, root, {}, 0, {}
         param_shards: dict[str, ShardSpec] = {}
         full_specs: dict[str, ShardSpec] = {}

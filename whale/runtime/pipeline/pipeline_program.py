@@ -177,7 +177,11 @@ class PipelineProgram(StageSetup, StepExecutor, ProgramBase):
         for part in parts:
             merged.update(part)
         missing = [n for n in self.program.state_keys if n not in merged]
-        assert not missing, f"no stage holds {missing}"
+        if missing:  # every entry is held by a stage (rewrite.stage_split.hold_unread_state)
+            raise RuntimeError(
+                f"full_state_dict(): no stage holds {missing} of the local model's state dict; this is a "
+                "whale bug, please report it with the model's class"
+            )
         return {n: merged[n] for n in self.program.state_keys}
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
