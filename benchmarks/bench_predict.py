@@ -37,7 +37,8 @@ each plan at the median of them: one quick profile's class factors moved by up t
 consecutive profiles, while the same plan's measured step held within 3%. ``--reprofile``
 profiles again before every round and predicts the round's steps from those profiles, as a job
 that measures its ranks when it starts (``Config(cluster="auto")``) runs right after its
-profile; printed beside the error from the profiles taken before the first round.
+profile; printed beside the error from the profiles taken before the first round. ``--full``
+takes full profiles (matmuls up to 3072 x 768 x 3072, as ``whale profile``) instead of quick ones.
 
 Run (spawns 2, then 4 processes; about 3 minutes)::
 
@@ -164,12 +165,13 @@ def _paces(world: int, reference: float) -> list[float]:
     return gathered
 
 
-def _profiles(world: int, count: int) -> list:
-    """``count`` quick profiles in a row, every rank measuring at once: rank 0's."""
+def _profiles(world: int, count: int, quick: bool = True) -> list:
+    """``count`` profiles in a row (quick ones: ``whale profile --quick``), every rank measuring
+    at once: rank 0's."""
     hosts = []
     for _ in range(count):
         gathered = [None] * world
-        dist.all_gather_object(gathered, measure_device(quick=True, share=1.0))
+        dist.all_gather_object(gathered, measure_device(quick=quick, share=1.0))
         hosts.append(gathered[0])
     return hosts
 
@@ -220,7 +222,7 @@ def _worker(rank: int, world: int, args, results) -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, link)
     link = gathered[0]
-    hosts = _profiles(world, args.profiles)
+    hosts = _profiles(world, args.profiles, not args.full)
     host = hosts[0]
     reference = statistics.median([*references, _reference()])
     cfg = GPTConfig(
@@ -252,7 +254,7 @@ def _worker(rank: int, world: int, args, results) -> None:
     started = hosts  # the profiles taken before the plans were built
     for _ in range(args.rounds):
         if args.reprofile:  # as a job that profiles its ranks when it starts, right before its steps
-            hosts = _profiles(world, args.profiles)
+            hosts = _profiles(world, args.profiles, not args.full)
         for name, (program, opt, layers, times, predicted) in runs.items():
             # Other jobs' load drifts: each run is predicted at the share of a core every rank
             # got during its own timed steps (before them where the system cannot say).
@@ -345,6 +347,11 @@ def main() -> None:
         help="profile the host again before every round and predict the round's steps from those "
         "profiles (as a job that profiles its ranks when it starts), printed beside the error "
         "from the profiles taken before the first round (same steps)",
+    )
+    p.add_argument(
+        "--full", action="store_true",
+        help="full profiles (as `whale profile`: matmuls up to 3072 x 768 x 3072, about 10 s each) "
+        "instead of quick ones (up to 1024 x 256 x 1024)",
     )
     p.add_argument(
         "--pin", action="store_true",
