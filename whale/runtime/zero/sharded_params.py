@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from ..process_group import all_gather_flat, reduce_scatter_flat
-from .shard_layout import PaddedShardLayout
+from .shard_layout import PaddedShardLayout, drop_unused_gradients
 
 __all__ = ["ShardedParameters", "unit_modules"]
 
@@ -120,7 +120,7 @@ class ShardedParameters:
         self._used: set[int] = set()  # parameters with a gradient in this step's backwards
         # A used flag per trainable parameter after each finish(); with flags_ride the owner
         # sums them (on its own all-reduce) and calls drop_unused.
-        self.flags_ride, self.used_flags, self._unused = False, None, False
+        self.flags_ride, self.used_flags, self._unused = False, None, []
         for unit in self.units:
             self._free(unit)
 
@@ -137,7 +137,7 @@ class ShardedParameters:
         trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
         used = torch.tensor([float(id(p) in self._used) for p in trainable],
                             device=self.units[0].region.device if self.units else None)
-        self._unused = len(self._used) < len(trainable)
+        self._unused = [k for k, p in enumerate(trainable) if id(p) not in self._used]
         self._used.clear()
         self.used_flags = used
         flags = None if self.flags_ride or not trainable else dist.all_reduce(used, group=self.group, async_op=True)
@@ -153,13 +153,9 @@ class ShardedParameters:
             self.drop_unused(used)
 
     def drop_unused(self, summed: torch.Tensor) -> None:
-        """``summed``: :attr:`used_flags` summed over the group; a parameter no rank used
-        keeps no gradient."""
-        if self._unused:  # only a rank that did not use a parameter can find that none did
-            trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
-            for p, count in zip(trainable, summed.tolist()):
-                if count == 0:
-                    self.shards[id(p)].grad = None
+        """``summed``: :attr:`used_flags` summed over the group."""
+        trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
+        drop_unused_gradients(self.shards, trainable, self._unused, summed)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

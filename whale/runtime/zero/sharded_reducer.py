@@ -31,7 +31,7 @@ from torch import nn
 
 from ..grad_sync import GradientReducer, bucket_parts
 from ..process_group import all_gather_flat, reduce_scatter_flat
-from .shard_layout import PaddedShardLayout
+from .shard_layout import PaddedShardLayout, drop_unused_gradients
 
 __all__ = ["ShardedReducer"]
 
@@ -167,14 +167,8 @@ class ShardedReducer:
             self.drop_unused(used)
 
     def drop_unused(self, summed: torch.Tensor) -> None:
-        """``summed``: :attr:`used_flags` summed over the group; a parameter no rank used
-        keeps no gradient."""
-        if self._unused:  # only a rank that did not use a parameter can find that none did
-            counts = summed.tolist()
-            params = [p for part in self.parts for p in part]
-            for k in self._unused:
-                if counts[k] == 0:
-                    self.shards[id(params[k])].grad = None
+        """``summed``: :attr:`used_flags` summed over the group."""
+        drop_unused_gradients(self.shards, [p for part in self.parts for p in part], self._unused, summed)
 
     def remove_hooks(self) -> None:
         if self._inner is not None:
