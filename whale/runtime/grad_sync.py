@@ -29,7 +29,7 @@ from torch import nn
 from . import comm_ops
 from .host_reduce import HostLink, HostReduce, HostReduceUnavailable
 
-__all__ = ["GradientReducer", "bucket_parts"]
+__all__ = ["GradientReducer", "bucket_parts", "drop_unused_gradients"]
 
 
 class _Bucket:
@@ -68,6 +68,18 @@ def bucket_parts(params: Sequence[nn.Parameter], cap: int, first_cap: int) -> li
         size += p.numel() * p.element_size()
         full = size >= (first_cap if len(parts) == 1 else cap)
     return parts
+
+
+def drop_unused_gradients(holders: Sequence[torch.Tensor], unused: Sequence[int], summed: torch.Tensor) -> None:
+    """``summed``: a used flag per entry of ``holders`` (the tensors whose ``.grad`` an optimizer
+    steps: parameters, or their ZeRO shards) summed over the group; of those at the indices
+    ``unused`` (this rank did not use them), each that no rank used keeps no gradient, as the
+    local model leaves it, so an optimizer leaves it as it was."""
+    if unused:  # only a rank that did not use a parameter can find that none did
+        counts = summed.tolist()
+        for k in unused:
+            if counts[k] == 0:
+                holders[k].grad = None
 
 
 class GradientReducer:
@@ -125,10 +137,9 @@ class GradientReducer:
             numel, dtype = sizes[k]
             buffer = self._host.buffer(k) if self._host else torch.empty(numel, dtype=dtype, device=part[0].device)
             self.buckets.append(_Bucket(part, buffer, comm_dtype, extra_numel if k == len(parts) - 1 else 0))
-        self._unused: list[tuple[int, int]] = []  # (bucket, index) of what this rank's step did not use
-        self._first = [0]  # each bucket's first flag
+        self._unused: list[int] = []  # flags (parameters in bucket order) this rank's step did not use
+        self._params = [p for bucket in self.buckets for p in bucket.params]  # in flag order
         for b, bucket in enumerate(self.buckets):
-            self._first.append(self._first[-1] + len(bucket.params))
             for i, p in enumerate(bucket.params):
                 self._where[id(p)] = (b, i)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
@@ -170,15 +181,16 @@ class GradientReducer:
         """Launch what backward did not (unused parameters), wait, and leave gradients summed;
         a parameter no rank used is left with no gradient."""
         assert self._active, "finish() without begin()"
-        for b in range(self._next, len(self.buckets)):
-            bucket = self.buckets[b]
+        first = sum(len(bucket.params) for bucket in self.buckets[: self._next])  # flag of its first parameter
+        for bucket in self.buckets[self._next :]:
             for i, p in enumerate(bucket.params):
                 if i not in bucket.ready and p.grad is None:
                     # A parameter this step did not use contributes zeros, as DDP's unused ones do.
                     bucket.views[i].zero_()
                     p.grad = bucket.views[i]
-                    self._unused.append((b, i))
+                    self._unused.append(first + i)
             bucket.ready.update(range(len(bucket.params)))
+            first += len(bucket.params)
         self._launch_ready()
         for bucket, work in self._works:
             work.wait()
@@ -186,11 +198,7 @@ class GradientReducer:
                 comm_ops.unpack(bucket.comm, [bucket.buffer], 1.0)
         self._works.clear()
         self._active = False
-        if self._unused:  # only a rank that did not use a parameter can find that none did
-            flags = self.buckets[-1].flags.tolist()
-            for b, i in self._unused:
-                if flags[self._first[b] + i] == 0:
-                    self.buckets[b].params[i].grad = None
+        drop_unused_gradients(self._params, self._unused, self.buckets[-1].flags)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -218,8 +226,7 @@ class GradientReducer:
         bucket = self.buckets[b]
         if b == len(self.buckets) - 1:  # every bucket's parameters are known used or not by now
             bucket.flags.fill_(1)
-            for k, i in self._unused:
-                bucket.flags[self._first[k] + i] = 0
+            bucket.flags[self._unused] = 0
         fresh = [i for i, (p, v) in enumerate(zip(bucket.params, bucket.views)) if p.grad.data_ptr() != v.data_ptr()]
         if len(fresh) == len(bucket.params):
             # All fresh (after zero_grad(set_to_none=True)): one fused pack into the bucket.

@@ -26,7 +26,7 @@ import torch
 
 from .. import comm_ops
 
-__all__ = ["PaddedShardLayout", "drop_unused_gradients"]
+__all__ = ["PaddedShardLayout"]
 
 _pack_shards = getattr(comm_ops, "pack_shards", None)
 _unpack_shards = getattr(comm_ops, "unpack_shards", None)
@@ -109,13 +109,3 @@ class PaddedShardLayout:
             views.append(region[at : at + hi - lo] if hi > lo else region[:0])
         return views
 
-
-def drop_unused_gradients(shards: dict, params: Sequence, unused: Sequence[int], summed: torch.Tensor) -> None:
-    """``summed``: a used flag per parameter of ``params`` summed over the group; the shard of
-    each parameter at an index in ``unused`` (those this rank did not use) that no rank used
-    keeps no gradient, as the local model leaves it (and an optimizer then leaves it as it was)."""
-    if unused:  # only a rank that did not use a parameter can find that none did
-        counts = summed.tolist()
-        for k in unused:
-            if counts[k] == 0:
-                shards[id(params[k])].grad = None

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from ..grad_sync import drop_unused_gradients
 from ..process_group import all_gather_flat, reduce_scatter_flat
-from .shard_layout import PaddedShardLayout, drop_unused_gradients
+from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedParameters", "unit_modules"]
 
@@ -121,6 +122,8 @@ class ShardedParameters:
         # A used flag per trainable parameter after each finish(); with flags_ride the owner
         # sums them (on its own all-reduce) and calls drop_unused.
         self.flags_ride, self.used_flags, self._unused = False, None, []
+        self._trainable = [p for unit in self.units for p in unit.params if p.requires_grad]  # in flag order
+        self._flag_shards = [self.shards[id(p)] for p in self._trainable]
         for unit in self.units:
             self._free(unit)
 
@@ -134,13 +137,12 @@ class ShardedParameters:
         no rank used in the step keeps none, as on the local model (one small all-reduce of
         a used flag per parameter)."""
         self._end_backward()
-        trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
-        used = torch.tensor([float(id(p) in self._used) for p in trainable],
-                            device=self.units[0].region.device if self.units else None)
-        self._unused = [k for k, p in enumerate(trainable) if id(p) not in self._used]
+        self._unused = [k for k, p in enumerate(self._trainable) if id(p) not in self._used]
         self._used.clear()
+        used = torch.ones(len(self._trainable), device=self.units[0].region.device if self.units else None)
+        used[self._unused] = 0
         self.used_flags = used
-        flags = None if self.flags_ride or not trainable else dist.all_reduce(used, group=self.group, async_op=True)
+        flags = None if self.flags_ride or not self._trainable else dist.all_reduce(used, group=self.group, async_op=True)
         for unit in self.units:
             if unit.fresh:
                 unit.grad_region.zero_()  # no gradient reached this unit in the step
@@ -154,8 +156,7 @@ class ShardedParameters:
 
     def drop_unused(self, summed: torch.Tensor) -> None:
         """``summed``: :attr:`used_flags` summed over the group."""
-        trainable = [p for unit in self.units for p in unit.params if p.requires_grad]
-        drop_unused_gradients(self.shards, trainable, self._unused, summed)
+        drop_unused_gradients(self._flag_shards, self._unused, summed)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..grad_sync import GradientReducer, bucket_parts
+from ..grad_sync import GradientReducer, bucket_parts, drop_unused_gradients
 from ..process_group import all_gather_flat, reduce_scatter_flat
-from .shard_layout import PaddedShardLayout, drop_unused_gradients
+from .shard_layout import PaddedShardLayout
 
 __all__ = ["ShardedReducer"]
 
@@ -102,6 +102,10 @@ class ShardedReducer:
         self.pace: Callable[[], None] | None = None
         # Stage 2: a used flag per parameter after each finish(); with flags_ride the owner sums them.
         self.flags_ride, self.used_flags, self._unused = False, None, []
+        self._first = [0]  # each part's first flag
+        for part in parts:
+            self._first.append(self._first[-1] + len(part))
+        self._flag_shards = [self.shards[id(p)] for part in parts for p in part]  # in flag order
         if stage == 2:
             for b, part in enumerate(parts):
                 for i, p in enumerate(part):
@@ -145,11 +149,8 @@ class ShardedReducer:
         # Which parameters no rank used (they keep no gradient, as on the local model): a
         # reduce-scatter leaves each rank a part, so the flags take a small all-reduce of their
         # own, or ride on the owner's (flags_ride: it sums used_flags and calls drop_unused).
-        first = [0]
-        for part in self.parts:
-            first.append(first[-1] + len(part))
-        self._unused = [first[b] + i for b, i in unused]
-        used = torch.ones(first[-1], dtype=torch.float32, device=self.parts[0][0].device)
+        self._unused = [self._first[b] + i for b, i in unused]
+        used = torch.ones(self._first[-1], dtype=torch.float32, device=self.parts[0][0].device)
         used[self._unused] = 0
         self.used_flags = used
         flags = None if self.flags_ride else dist.all_reduce(used, group=self.group, async_op=True)
@@ -168,7 +169,7 @@ class ShardedReducer:
 
     def drop_unused(self, summed: torch.Tensor) -> None:
         """``summed``: :attr:`used_flags` summed over the group."""
-        drop_unused_gradients(self.shards, [p for part in self.parts for p in part], self._unused, summed)
+        drop_unused_gradients(self._flag_shards, self._unused, summed)
 
     def remove_hooks(self) -> None:
         if self._inner is not None:
