@@ -333,17 +333,12 @@ def hold_unread_state(stages: Sequence[StageProgram], model: nn.Module) -> list[
         for t in st.module.state_dict(keep_vars=True).values():
             held.setdefault(id(t), st.index)
     state = list(model.state_dict(keep_vars=True).items())
-    unread = [k for k, (_, t) in enumerate(state) if id(t) not in held]
-    if not unread:
-        return []
     placed = []
-    for k in unread:
-        name, t = state[k]
-        if id(t) in held:  # a tied name of one placed already
+    for k, (name, t) in enumerate(state):
+        if id(t) in held:  # read by a stage, or a tied name of one placed already
             continue
-        near = [held[id(u)] for _, u in reversed(state[:k]) if id(u) in held]
-        near = near or [held[id(u)] for _, u in state[k + 1 :] if id(u) in held]
-        index = near[0] if near else 0
+        nearest = (held[id(u)] for _, u in [*reversed(state[:k]), *state[k + 1 :]] if id(u) in held)
+        index = next(nearest, 0)
         attach_state(stages[index].module, name, t)
         held[id(t)] = index
         placed.append((name, index))

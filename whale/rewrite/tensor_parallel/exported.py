@@ -261,15 +261,10 @@ def _parametrized(path: str) -> str:
 def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Callable[[Node], str],
                     in_split: Callable[[Node], bool]) -> str:
     """Why ``split()`` cannot cover the modules of ``uses``, and where it could go instead."""
-    module_of = path_of
-
-    def path_of(node: Node) -> str:
-        return _parametrized(module_of(node))
-
     user, param = uses[0]
     op = _computing_user(user)
     shape = tuple(gm.get_parameter(param.target).shape)
-    where = path_of(user) or "<root>"
+    where = _parametrized(path_of(user)) or "<root>"
     lines = [(
         f"split() cannot shard node {op.name} ({op.target}) at {where!r}: it reads the parameter "
         f"{param.target!r} of shape {shape}, and whale shards matrix parameters only through "
@@ -283,7 +278,7 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
             "way): whale splits experts when each is its own module (an nn.ModuleList of experts and an "
             "nn.Linear router, in a model fx traces), not a stacked tensor"
         )
-    bad = {path_of(u) for u, _ in uses}
+    bad = {_parametrized(path_of(u)) for u, _ in uses}
     layers = {n.target for n in gm.graph.nodes if n.op == "call_module" and in_split(n)
               and isinstance(gm.get_submodule(n.target), (ExportedLinear, ExportedEmbedding))}
     # A layer whose weight an op also reads directly (MobileBERT's head concatenates the tied
