@@ -1,8 +1,8 @@
 """ZeRO stage 3: parameters sharded too, gathered one layer ahead of use and freed after.
 
 The model is cut into units: every child of an ``nn.ModuleList`` or ``nn.Sequential`` (a
-transformer's blocks) and the root, which keeps what no unit claims (embeddings, final norm,
-head). Each unit's parameters live, between uses, only as this rank's region of the
+transformer's blocks) that no other unit holds, and the root, which keeps what no unit claims
+(embeddings, final norm, head). Each unit's parameters live, between uses, only as this rank's region of the
 padded-shard layout (:mod:`.shard_layout`); the optimizer's shards are views of that region.
 
 * forward: a unit's pre-hook all-gathers it (or waits for the prefetch) and starts gathering
@@ -10,8 +10,11 @@ padded-shard layout (:mod:`.shard_layout`); the optimizer's shards are views of 
   storage is resized to 0, so tensors autograd saved keep their identity) and hooks its
   outputs' gradients;
 * backward: the first gradient of a unit's output gathers it again and prefetches the unit
-  before it; once every parameter of the unit has its gradient, the gradients are packed,
-  reduce-scattered (in flight while backward goes on) and the full parameters freed;
+  before it, and reduces the units after it in forward order, whose backward is over: their
+  gradients are packed, reduce-scattered (in flight while backward goes on) and the full
+  parameters freed. Every rank reduces the same units in the same order, whichever of their
+  parameters got a gradient on it (a rank whose rows no expert of a layer took sends zeros
+  for that expert), so the collectives pair up;
 * at the end of each backward the reductions are waited for and added into this rank's
   gradient region (micro-batches accumulate there), so full gradients never outlive a unit.
 
@@ -36,12 +39,16 @@ __all__ = ["ShardedParameters", "unit_modules"]
 
 
 def unit_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules stage 3 gathers as one: the root, then every child of a container."""
+    """The modules stage 3 gathers as one: the root, then every child of a container that no
+    other unit holds. A container inside a unit stays in it: its children may run on some
+    ranks only (a mixture-of-experts layer calls the experts its rows were routed to), and each
+    rank must gather the same units in the same order."""
     units = [("", module)]
     if isinstance(module, fx.GraphModule):
         return units
     for path, sub in module.named_modules():
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)):
+        inside = any(path.startswith(f"{unit}.") for unit, _ in units[1:])
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and not inside:
             for name, child in sub.named_children():
                 if next(child.parameters(), None) is not None:
                     units.append((f"{path}.{name}" if path else name, child))
@@ -50,7 +57,7 @@ def unit_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class _Unit:
     __slots__ = ("fresh", "full", "grad_dtype", "grad_region", "layout", "module", "name", "params",
-                 "pending", "ready", "region", "shards", "trainable")
+                 "pending", "reduced", "region", "shards", "trainable")
 
     def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], size: int, rank: int) -> None:
         self.name, self.module, self.params = name, module, params
@@ -66,7 +73,7 @@ class _Unit:
                        for p, v in zip(params, self.layout.region_views(self.region))]
         self.grad_region = torch.zeros_like(self.region)
         self.trainable = {id(p) for p in params if p.requires_grad}
-        self.ready: set[int] = set()
+        self.reduced = False  # in this backward
         self.full = True
         self.pending: tuple[torch.Tensor, dist.Work] | None = None
         self.fresh = True
@@ -109,12 +116,11 @@ class ShardedParameters:
             for p, shard in zip(unit.params, unit.shards):
                 self.shards[id(p)] = shard
                 self._owner[id(p)] = unit
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
             self._handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
             self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
         self._order: list[_Unit] = []  # forward order of the last forward, for prefetching
-        self._at: dict[int, int] = {}
+        self._at: dict[int, int] = {}  # id(unit) -> its last place in _order
+        self._first: dict[int, int] = {}  # id(unit) -> its first place in _order
         self._recording: list[_Unit] = []
         self._in_backward = False
         self._works: list[tuple[_Unit, torch.Tensor, torch.Tensor, dist.Work]] = []
@@ -232,6 +238,9 @@ class ShardedParameters:
             if unit is self.units[0]:
                 self._order = self._recording
                 self._at = {id(u): i for i, u in enumerate(self._order)}
+                self._first = {}
+                for i, u in enumerate(self._order):
+                    self._first.setdefault(id(u), i)
             if torch.is_grad_enabled():
                 for t in tree_flatten(output)[0]:
                     if isinstance(t, torch.Tensor) and t.requires_grad:
@@ -244,14 +253,21 @@ class ShardedParameters:
             if not self._in_backward:
                 self._in_backward = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            # Backward enters this unit: the units whose every use came after its last one
+            # (AccumulateGrad runs as soon as a gradient is ready) are done. The root holds
+            # the whole forward: its output's gradient comes first and says nothing.
+            if unit is not self.units[0]:
+                self._reduce_after(self._at.get(id(unit), len(self._order)))
             self._gather(unit)
             self._prefetch(unit, -1)
         return hook
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        unit = self._owner[id(param)]
-        unit.ready.add(id(param))
-        if len(unit.ready) == len(unit.trainable):
+    def _reduce_after(self, place: int) -> None:
+        """Reduce the trainable units not reduced in this backward whose first use in the last
+        forward came after ``place``, the latest first: an order every rank shares."""
+        done = [u for u in self.units
+                if u.trainable and not u.reduced and id(u) in self._first and self._first[id(u)] > place]  # fmt: skip
+        for unit in sorted(done, key=lambda u: -self._first[id(u)]):
             self._reduce(unit)
 
     def _reduce(self, unit: _Unit) -> None:
@@ -263,17 +279,21 @@ class ShardedParameters:
         unit.layout.pack([p.grad for p in unit.params], whole, dtype=unit.grad_dtype)
         for p in unit.params:
             p.grad = None
-        unit.ready.clear()
+        unit.reduced = True
         self._free(unit)
         out = torch.empty(unit.layout.region, dtype=dtype, device=whole.device)
         self._works.append((unit, whole, out, reduce_scatter_flat(out, whole, group=self.group, async_op=True)))
 
     def _end_backward(self) -> None:
-        """Reduce what backward left partial (unused parameters send zeros), wait for every
-        reduction, accumulate it, free what is still gathered."""
-        for unit in self.units:
-            if unit.ready or any(p.grad is not None for p in unit.params):
-                self._reduce(unit)
+        """Reduce the units backward has not (the first ones, those forward did not run:
+        every trainable unit once, on every rank), wait for every reduction, accumulate it, free
+        what is still gathered."""
+        # Once per backward: finish() calls this again after the engine's callback did.
+        if self._in_backward or any(p.grad is not None for unit in self.units for p in unit.params):
+            self._reduce_after(-1)  # the units forward ran, the latest first
+            for unit in self.units:  # then any it did not run, in unit order
+                if unit.trainable and not unit.reduced:
+                    self._reduce(unit)
         for unit, _, out, work in self._works:
             work.wait()
             if unit.fresh:
@@ -284,4 +304,5 @@ class ShardedParameters:
         self._works.clear()
         for unit in self.units:
             self._free(unit)
+            unit.reduced = False
         self._in_backward = False
