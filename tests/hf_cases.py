@@ -20,8 +20,9 @@ from tests.hf_more_models import BUILDERS as _MORE
 from tests.hf_more_models2 import BUILDERS as _MORE2
 from tests.hf_more_models3 import BUILDERS as _MORE3
 from tests.hf_more_models4 import BUILDERS as _MORE4
+from tests.hf_more_models5 import BUILDERS as _MORE5
 
-BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3, **_MORE4}  # every family a case may name
+BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3, **_MORE4, **_MORE5}  # every family a case may name
 
 _STEPS = 2
 
@@ -106,9 +107,9 @@ def equivalence(
     out.update(_train_distributed(program, batches, out.pop("ref_states"), form))
     if split or config.get("zero_stage"):  # shards gathered into whole tensors (collective)
         frozen = {n for n, p in case.model.named_parameters() if not p.requires_grad}
-        # gather_full gives a frozen shard's missing gradient as zeros (every rank gathers alike)
+        # gather_full gives a frozen shard's missing gradient as zeros (ZeRO) or None (split)
         out["grads"] = [
-            {n: g for n, g in program.gather_full(grads).items() if not (n in frozen and not g.any())}
+            {n: g for n, g in program.gather_full(grads).items() if not (n in frozen and (g is None or not g.any()))}
             for grads in out["grads"]
         ]
         out["params"] = program.gather_full(out["params"])

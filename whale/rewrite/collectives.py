@@ -155,7 +155,8 @@ def uneven_all_gather(
         parts = [
             pieces[r][b * sizes[r] : (b + 1) * sizes[r]] for b in range(num_blocks) for r in range(n)
         ]
-    return torch.cat(parts).movedim(0, dim)
+    whole = torch.cat(parts)
+    return whole if dim % whole.dim() == 0 else whole.movedim(0, dim)
 
 
 def _local_slice(x: torch.Tensor, dim: int, sizes: Sequence[int], rank: int, num_blocks: int) -> torch.Tensor:
@@ -198,11 +199,18 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
+def _own(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor of its own: autograd forbids modifying a custom Function's output in
+    place when it is a view or the input itself (a model's ``h.unsqueeze_(1)`` after a gather)."""
+    out = out.contiguous()
+    return out.clone() if out is x or out._is_view() else out
+
+
 class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, group, num_blocks):
         ctx.args = (dim, sizes, group_rank(group), num_blocks)
-        return uneven_all_gather(x, dim, sizes, group, num_blocks)
+        return _own(uneven_all_gather(x, dim, sizes, group, num_blocks), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -214,7 +222,7 @@ class _ScatterToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, rank, group, num_blocks):
         ctx.args = (dim, sizes, group, num_blocks)
-        return _local_slice(x, dim, sizes, rank, num_blocks).contiguous()
+        return _own(_local_slice(x, dim, sizes, rank, num_blocks), x)
 
     @staticmethod
     def backward(ctx, grad):

@@ -56,21 +56,33 @@ class ShardedModel:
         """Whole tensors under the local model's names from this rank's tensors (collective).
 
         ``local`` maps local names (parameters, or their gradients) to tensors; None counts as
-        zeros (a parameter that got no gradient). Every rank must call it with the same names.
+        zeros (a parameter that got no gradient on this rank), and a sharded name that is None
+        on every rank stays None (a parameter nothing used, as on the local model). Every rank
+        must call it with the same names.
 
         Example::
 
             grads = sharded.gather_full({n: p.grad for n, p in sharded.module.named_parameters()})
         """
         out: dict[str, torch.Tensor] = {}
-        for name in [k for k in self.full_keys if k in local or k in self.full_specs]:
+        names = [k for k in self.full_keys if k in local or k in self.full_specs]
+        mine = {}
+        for name in names:
+            if name in self.full_specs:
+                key = next((n for n in self.tied.get(name, (name,)) if n in local), name)  # a tied weight by another name
+                mine[name] = local.get(key) if name in self.param_shards else None
+        held = torch.tensor([mine[n] is not None for n in mine], dtype=torch.int32)
+        if len(held) and group_size(self.group) > 1:
+            dist.all_reduce(held, op=dist.ReduceOp.MAX, group=process_group(self.group))
+        anywhere = dict(zip(mine, held.tolist(), strict=True))
+        for name in names:
             spec = self.full_specs.get(name)
             if spec is None:
                 out[name] = local[name].detach().clone() if local[name] is not None else None
-                continue
-            key = next((n for n in self.tied.get(name, (name,)) if n in local), name)  # a tied weight by another name
-            mine = local.get(key) if name in self.param_shards else None
-            out[name] = self._gather_one(spec, mine)
+            elif anywhere[name]:
+                out[name] = self._gather_one(spec, mine[name])
+            elif name in local:
+                out[name] = None
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
