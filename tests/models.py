@@ -1,7 +1,7 @@
 """Small deterministic models shared by whale's tests (no dropout, no randomness in forward).
 
 Every model here runs eagerly on CPU in milliseconds and traces with both torch.fx and
-torch.export. The annotated variants show the three places a user can annotate:
+torch.export, except :class:`RoutedLM`, whose experts neither can trace. The annotated variants show the three places a user can annotate:
 around construction in ``__init__`` (:class:`AnnotatedGPT`), around code in ``forward``
 (:class:`ScopedMLP`), and from outside by name (``wh.annotate``, used directly in tests).
 """
@@ -22,6 +22,8 @@ __all__ = [
     "MHAModel",
     "MLP",
     "ResNetLike",
+    "RoutedExperts",
+    "RoutedLM",
     "ScopedMLP",
     "SmallCNN",
     "TinyGPT",
@@ -244,3 +246,50 @@ class ResNetLike(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class RoutedExperts(nn.Module):
+    """Top-1 routed experts in an ``nn.ModuleList``, each called only on the rows routed to it:
+    a Python loop over the experts that got rows, as the eager code of DBRX, JetMoE and Switch
+    Transformers runs it. Neither torch.fx nor torch.export can trace it."""
+
+    def __init__(self, width: int, experts: int) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, choice = self.router(flat).softmax(-1).max(-1)
+        out = torch.zeros_like(flat)
+        for e in choice.unique().tolist():
+            rows = (choice == e).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, self.experts[e](flat[rows]) * weight[rows, None])
+        return out.reshape(x.shape)
+
+
+class RoutedBlock(nn.Module):
+    def __init__(self, width: int, experts: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.moe = RoutedExperts(width, experts)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.moe(torch.relu(self.fc(h)))
+
+
+class RoutedLM(nn.Module):
+    """Token embedding, ``blocks`` residual blocks (a linear layer, then :class:`RoutedExperts`)
+    in an ``nn.ModuleList``, a head: logits ``(rows, tokens, vocab)``."""
+
+    def __init__(self, vocab: int = 32, width: int = 16, blocks: int = 3, experts: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(RoutedBlock(width, experts) for _ in range(blocks))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)

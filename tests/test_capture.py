@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import whale as wh
-from tests.models import AnnotatedGPT, MHAModel, ResNetLike, ScopedMLP, SmallCNN, TinyGPT
+from tests.models import AnnotatedGPT, MHAModel, ResNetLike, RoutedLM, ScopedMLP, SmallCNN, TinyGPT
 from whale.capture import CaptureError, CapturedModel, NodeInfo, capture, module_annotation_map
 from whale.capture.frontends import normalize_module_path
 
@@ -407,34 +408,93 @@ def test_normalize_module_path(raw, expected):
 # ------------------------------------------------------------------------------ untraceable code
 
 
-class Gate(nn.Module):
-    def forward(self, h):
-        if h.sum().item() > 0:  # data-dependent Python control flow: neither front end can trace it
-            return h * 2
-        return h
-
-
 class DataDependent(nn.Module):
+    """Data-dependent Python control flow in the root's own forward: neither front end can
+    trace it, and no submodule holds it (a submodule's would be captured as an opaque call)."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
-        self.gate = Gate()
+        self.out = nn.Linear(4, 4)
 
     def forward(self, x):
-        return self.gate(self.fc(x))
+        h = self.fc(x)
+        if h.sum().item() > 0:  # data-dependent Python control flow: neither front end can trace it
+            h = h * 2
+        return self.out(h)
 
 
 def test_untraceable_forward_raises_capture_error_naming_the_line():
-    line = Gate.forward.__code__.co_firstlineno + 1
+    line = DataDependent.forward.__code__.co_firstlineno + 2
     with pytest.raises(CaptureError) as info:
         capture(DataDependent(), torch.randn(2, 4))
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
     assert "fx: TraceError" in msg and "export: " in msg
     assert msg.count(f"test_capture.py:{line} in forward") == 2  # both front ends point at it
-    assert "in module 'gate'" in msg and "h.sum().item() > 0" in msg
+    assert "in the root module" in msg and "h.sum().item() > 0" in msg
     assert "data parallel" in msg
     assert [f.frontend for f in info.value.failures] == ["fx", "export"]
+
+
+def test_a_module_export_cannot_trace_is_captured_as_one_opaque_call():
+    """RoutedLM's experts loop over the experts some row went to: export stops there, so each
+    RoutedExperts call becomes one node that runs the module's own forward. The graph still
+    takes any number of rows and gives the model's output and gradients; the node costs the
+    FLOPs the module ran on the example."""
+    torch.manual_seed(0)
+    model = RoutedLM()
+    ids = torch.randint(0, 32, (4, 6))
+    expected = r"(?s)could not trace every module of RoutedLM:\n  RoutedExperts: .*in module 'blocks.0.moe'"
+    with pytest.warns(UserWarning, match=expected) as caught:
+        c = capture(model, ids)
+    assert "'blocks.0.moe', 'blocks.1.moe', 'blocks.2.moe' as one opaque node" in str(caught[0].message)
+    assert c.frontend == "export" and c.fixed_rows is None
+    opaque = [n for n in c.nodes if "opaque" in str(n.target)]
+    assert [n.module_path for n in opaque] == ["blocks.0.moe", "blocks.1.moe", "blocks.2.moe"]
+    rows, width, experts = 4 * 6, 16, 4
+    # The router on every row, one expert on every row (the rest is elementwise).
+    assert [n.flops for n in opaque] == [2 * rows * width * experts + 2 * rows * width * width] * 3
+    # Its memory: what autograd saved inside it on the example, more than its output alone.
+    assert all(n.output_bytes > rows * width * 4 for n in opaque), [n.output_bytes for n in opaque]
+    assert {n.module_path for n in c.nodes} >= {"blocks.0.fc", "embed", "head"}
+
+    gm = c.graph_module
+    ids3 = torch.randint(0, 32, (3, 6))
+    got = c.unflatten_output(tree_leaves(gm(*c.flatten_inputs((ids3,), {}))))
+    want = model(ids3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().mean().backward()  # the graph reads the model's own parameters
+    through_graph = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want.square().mean().backward()
+    assert any(g is None for g in through_graph.values())  # experts no row was routed to
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert through_graph[name] is None, name
+        else:
+            torch.testing.assert_close(through_graph[name], p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_stage_boundary_inside_an_opaque_call_is_refused_naming_it(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = wh.Config(stage_boundaries=["blocks.1.moe.experts.0"], num_micro_batch=2)
+    with pytest.warns(UserWarning, match="could not trace every module"), pytest.raises(ValueError) as info:
+        wh.parallelize(RoutedLM(), loss_fn=lambda out, y: out.sum(), example_inputs=torch.randint(0, 32, (4, 6)),
+                       config=config)
+    assert "falls inside 'blocks.1.moe', which whale runs as one opaque call" in str(info.value)
+    assert "put the boundary at 'blocks.1.moe' or at a module outside it" in str(info.value)
+
+
+def test_an_opaque_call_is_not_sharded_and_the_refusal_says_why(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = wh.annotate(RoutedLM(), {"blocks.0": wh.split(2)})
+    with pytest.warns(UserWarning, match="could not trace every module"), pytest.raises(ValueError) as info:
+        wh.parallelize(model, loss_fn=lambda out, y: out.sum(), example_inputs=torch.randint(0, 32, (4, 6)))
+    msg = str(info.value)
+    assert "split() cannot shard node opaque (whale_capture.opaque.default) at 'blocks.0.moe'" in msg
+    assert "torch.export could not trace 'blocks.0.moe'" in msg and "nothing inside it can be sharded" in msg
+    assert "Move split() to the modules it can shard (e.g. 'blocks.0.fc')" in msg
 
 
 # ---------------------------------------------------------------------------------- transformers
@@ -488,7 +548,7 @@ def test_bert_captures_with_analytic_flops():
 
 def test_untraceable_forward_under_parallelize_names_both_reasons_and_what_still_works(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    staged = wh.annotate(DataDependent(), {"fc": wh.stage(), "gate": wh.stage()})
+    staged = wh.annotate(DataDependent(), {"fc": wh.stage(), "out": wh.stage()})
     with pytest.raises(ValueError) as info:
         wh.parallelize(staged, loss_fn=F.mse_loss, example_inputs=torch.randn(4, 4))
     msg = str(info.value)

@@ -16,16 +16,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule, Node
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    flop_registry,
-    sdpa_flop_count,
-    shape_wrapper,
-)
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .flops import EXTRA_FLOP_FORMULAS, FlopCount, grouped_mm_flops
 from .node_memo import NodeMemo, input_state
+from .opaque import OPAQUE, opaque_flops, opaque_saved_bytes
 
 __all__ = ["NodeCost", "StateIndex", "measure_costs"]
 
@@ -34,33 +30,17 @@ __all__ = ["NodeCost", "StateIndex", "measure_costs"]
 MEMOISE = True
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    # Same two matmuls as torch's CUDA SDPA formula (causal masks not discounted, as there).
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch's FlopCounterMode counts the CUDA attention kernels but not the one SDPA picks on CPU,
-# which is where fake tensors of a CPU (or meta) model dispatch.
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-
-
-def _grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    # Stacked experts: each of the M routed rows of x (M, K) meets one (K, N) expert matrix,
-    # 2*K*N FLOPs a row (as aten.mm's formula counts each row).
-    if len(x_shape) == 2 and len(w_shape) == 3:
-        return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
-    return 0
-
-
 def _flop_formulas(gm: GraphModule) -> dict:
     """The extra formulas, with one for each grouped matmul in ``gm`` (``aten._grouped_mm``, or
     transformers' ``grouped_mm_fallback`` for mixture-of-experts layers on CPU), which torch's
     counter does not know: without it a Mixtral's experts cost nothing to the planner."""
-    formulas = dict(_EXTRA_FLOP_FORMULAS)
+    formulas = dict(EXTRA_FLOP_FORMULAS)
     for n in gm.graph.nodes:
+        if n.target is OPAQUE:
+            formulas[OPAQUE._overloadpacket] = opaque_flops
         packet = getattr(n.target, "_overloadpacket", None)
         if packet is not None and "grouped_mm" in getattr(packet, "__name__", "") and packet not in flop_registry:
-            formulas[packet] = _grouped_mm_flops
+            formulas[packet] = grouped_mm_flops
     return formulas
 
 
@@ -140,36 +120,17 @@ def measure_costs(
     # a fifth of a GPT's capture is FlopCounterMode's per-module bookkeeping). An exported graph
     # may hold higher-order ops, which FlopCounterMode knows how to enter.
     if placeholder_values is not None:
-        counter_mode = _FlopCount(_flop_formulas(gm))
+        counter_mode = FlopCount(_flop_formulas(gm))
     else:
         counter_mode = FlopCounterMode(display=False, custom_mapping=_flop_formulas(gm))
     with fake_mode, counter_mode as counter:
         interp.counter = counter
-        interp.run()
+        try:
+            interp.run()
+        except Exception as exc:
+            exc.whale_node = interp._node  # the node whose cost could not be measured (see frontends)
+            raise
     return interp.costs
-
-
-class _FlopCount(TorchDispatchMode):
-    """Total FLOPs of the aten ops run under it, by torch's own formulas (``flop_registry``).
-
-    What ``FlopCounterMode`` counts, without its per-module breakdown.
-    """
-
-    def __init__(self, custom_mapping: Mapping) -> None:
-        super().__init__()
-        self.total = 0
-        self.formulas = {**flop_registry, **{k: shape_wrapper(v) for k, v in custom_mapping.items()}}
-
-    def get_total_flops(self) -> int:
-        return self.total
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = self.formulas.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
 
 
 class _CostInterpreter(torch.fx.Interpreter):
@@ -179,7 +140,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.fake_mode = fake_mode
         self.placeholder_values = placeholder_values
         self.model_modules = model_modules
-        self.counter: FlopCounterMode | _FlopCount | None = None
+        self.counter: FlopCounterMode | FlopCount | None = None
         self.costs: dict[str, NodeCost] = {}
         self._node: Node | None = None
         self.memo = NodeMemo(fake_mode, self.fetch_attr, gm.graph) if MEMOISE else None
@@ -265,6 +226,8 @@ class _CostInterpreter(torch.fx.Interpreter):
         read = 0 if pure_view else sum(map(_nbytes, inputs)) + param_bytes + buffer_bytes
         written = sum(map(_nbytes, fresh)) + sum(map(_nbytes, mutated))
         output_bytes = sum(map(_nbytes, fresh))
+        if n.target is OPAQUE:  # what it keeps for backward inside, recorded on the example
+            output_bytes = max(output_bytes, opaque_saved_bytes(n.args[0], inputs))
         return NodeCost(
             shapes, dtypes, int(flops), read + written, param_bytes, buffer_bytes, output_bytes, names
         )

@@ -67,7 +67,7 @@ class CaptureError(ValueError):
         tried = " and ".join(f.frontend for f in failures)
         lines = [f"capture({type(model).__name__}): {tried} could not trace forward()."]
         lines += [f.describe() for f in failures]
-        if any(f.in_user_code for f in failures):
+        if any(f.in_user_code and _data_dependent(f.error) for f in failures):
             lines.append(
                 "Fix: make the marked line traceable (torch.where or torch.cond instead of Python "
                 "control flow on tensor values, no .item()/.tolist() feeding an if)."
@@ -89,6 +89,12 @@ class CaptureError(ValueError):
             "need the graph."
         )
         return cls("\n".join(lines), failures)
+
+
+def _data_dependent(error: str) -> bool:
+    """Whether a tracer stopped on Python control flow over tensor values (the fix the message
+    gives), not on something else in forward (a missing input, an unsupported op)."""
+    return any(k in error for k in ("DataDependent", "data-dependent", "TraceError", "symbolically traced variables"))
 
 
 def describe_failure(frontend: str, exc: BaseException, model: nn.Module) -> FrontendFailure:

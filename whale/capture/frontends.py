@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..primitives.annotations import EXPORT_META_KEY, Annotation, current_scope
 from .costs import NodeCost, StateIndex, measure_costs
+from .errors import describe_failure
 from .graph_io import (
     GraphIO,
     batch_dynamic_shapes,
@@ -35,6 +36,7 @@ from .graph_io import (
     rows_of,
 )
 from .model_state import preserved_state
+from .opaque import OpaqueModules
 
 __all__ = ["Trace", "normalize_module_path", "trace_export", "trace_fx"]
 
@@ -192,12 +194,26 @@ def trace_export(
         args, kwargs = _to_meta(args), _to_meta(dict(kwargs))
     sig = forward_signature(model)
     args, kwargs = tuple(args), dict(kwargs)
-    exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim)
-    gm = exported.module()
     known = frozenset(name for name, _ in model.named_modules(remove_duplicate=False))
-    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    fake_mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
-    costs = measure_costs(gm, StateIndex.of(model), fake_mode, None, known)
+    # A module export cannot trace (or whose sizes are only known at run time, which no cost can
+    # be measured for) becomes an opaque call, and the export runs again (see .opaque).
+    opaque = OpaqueModules(model)
+    while True:
+        try:
+            with opaque.patched():
+                exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim, opaque.restart)
+            gm = exported.module()
+            vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+            fake_mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
+            costs = measure_costs(gm, StateIndex.of(model), fake_mode, None, known)
+            break
+        except Exception as exc:
+            node = getattr(exc, "whale_node", None)  # set where a node's cost could not be measured
+            path = _export_module_path(node, known) if node is not None else None
+            if not _make_opaque(opaque, exc, model, args, kwargs, path):
+                raise
+    if opaque:
+        _warn_opaque(model, opaque)
 
     paths, scopes = {}, {}
     for node in gm.graph.nodes:
@@ -208,21 +224,67 @@ def trace_export(
     return Trace(gm, "export", paths, scopes, costs, io, fixed_rows)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None) -> torch.export.ExportedProgram:
+# How many module classes export may leave opaque before capture gives up.
+_MAX_OPAQUE = 4
+
+
+def _make_opaque(opaque: OpaqueModules, exc: Exception, model: nn.Module, args: tuple, kwargs: dict,
+                 path: str | None = None) -> bool:  # fmt: skip
+    """Make the module whose forward stopped export (or owns the node ``path`` names, whose
+    cost could not be measured) an opaque call, or its nearest ancestor whose class is not
+    yet, and record it on the example; False where that cannot help (the root's own code, a
+    meta model, which cannot run the module, or too many classes)."""
+    failure = describe_failure("export", exc, model)
+    if path is None:
+        path = failure.module_path
+        reason = f"{failure.error} {failure.where()}"
+    else:
+        reason = f"measuring node {exc.whale_node.name}: {_first_line(exc)} (in module {path!r})"
+    if _on_meta(model) or not path or len(opaque.classes) >= _MAX_OPAQUE:
+        return False
+    while path and not opaque.add(path, reason):
+        path = path.rpartition(".")[0]
+    if not path:
+        return False
+    try:
+        with preserved_state(model):
+            opaque.record(args, kwargs)
+    except Exception:  # the model does not run eagerly on the example either: the export's error says more
+        return False
+    return True
+
+
+def _warn_opaque(model: nn.Module, opaque: OpaqueModules) -> None:
+    lines = [f"{cls}: {reason}" for cls, reason in opaque.reasons.items()]
+    paths = [path for path, _ in opaque.targets()]
+    shown = ", ".join(repr(p) for p in paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    warnings.warn(
+        f"torch.export could not trace every module of {type(model).__name__}:\n  " + "\n  ".join(lines)
+        + f"\nwhale captured each call of {shown} as one opaque node that runs the module's own "
+        "forward (gradients as the local model's). Pipelines cut around it; split() cannot shard "
+        "inside it, nor a stage boundary fall inside it.",
+        stacklevel=4,
+    )
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None, before=None) -> torch.export.ExportedProgram:
+    if before is not None:
+        before()
     with torch.fx.traceback.preserve_node_meta():
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _export_batch_dynamic(model, sig, args, kwargs, batch_dim) -> tuple[torch.export.ExportedProgram, int | None]:
-    """Export with a dynamic batch dimension; else the example's rows, saying why."""
+def _export_batch_dynamic(model, sig, args, kwargs, batch_dim, before=None) -> tuple[torch.export.ExportedProgram, int | None]:
+    """Export with a dynamic batch dimension; else the example's rows, saying why. ``before``
+    runs before each export."""
     rows = None if batch_dim is None else rows_of(args, kwargs, batch_dim)
     if rows is None:
-        return _export(model, args, kwargs), None
+        return _export(model, args, kwargs, before=before), None
     shapes, marked = batch_dynamic_shapes(sig, args, kwargs, batch_dim, rows)
     try:
-        exported = _export(model, args, kwargs, shapes)
+        exported = _export(model, args, kwargs, shapes, before)
     except Exception as exc:  # dynamic export failed where a static one may not
-        exported = _export(model, args, kwargs)
+        exported = _export(model, args, kwargs, before=before)
         _warn_fixed_rows(model, marked, batch_dim, rows, _first_line(exc))
         return exported, rows
     inputs = [n for n in exported.graph.nodes if n.op == "placeholder"]
@@ -238,16 +300,16 @@ def _export_batch_dynamic(model, sig, args, kwargs, batch_dim) -> tuple[torch.ex
     if rows == 1:
         reason = "export fixes a size of 1; give an example batch of 2 or more rows"
     else:
-        reason = _why_specialised(model, sig, args, kwargs, batch_dim, rows)
+        reason = _why_specialised(model, sig, args, kwargs, batch_dim, rows, before)
     _warn_fixed_rows(model, fixed, batch_dim, rows, reason)
     return exported, rows
 
 
-def _why_specialised(model, sig, args, kwargs, batch_dim, rows) -> str:
+def _why_specialised(model, sig, args, kwargs, batch_dim, rows, before=None) -> str:
     # A named Dim makes export explain the specialisation that Dim.AUTO made silently.
     shapes, _ = batch_dynamic_shapes(sig, args, kwargs, batch_dim, rows, torch.export.Dim("batch"))
     try:
-        _export(model, args, kwargs, shapes)
+        _export(model, args, kwargs, shapes, before)
     except Exception as exc:
         return _first_line(exc, lines=2).split(" If you're using", 1)[0]
     return "export specialised it without a reason"

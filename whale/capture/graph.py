@@ -19,7 +19,7 @@ from ..primitives.annotations import (
 from .errors import CaptureError, describe_failure, is_whale_usage_error
 from .frontends import Trace, trace_export, trace_fx
 from .graph_io import GraphIO, split_example_inputs, training_defaults
-from .model_state import preserved_state
+from .model_state import config_without_cache, preserved_state
 
 __all__ = ["CapturedModel", "NodeInfo", "capture", "module_annotation_map"]
 
@@ -258,7 +258,7 @@ def capture(
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         try:
-            with preserved_state(model):
+            with preserved_state(model), config_without_cache(model, kwargs):
                 trace = _FRONTENDS[name](model, args, kwargs, defaults, batch_dim)
             break
         except Exception as exc:  # any tracer failure: try the next front end, then report all

@@ -11,12 +11,13 @@ real tensor is undone, and a forward that assigns state is reported by :meth:`Mo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["ModelState", "preserved_state"]
+__all__ = ["ModelState", "config_without_cache", "preserved_state"]
 
 
 class ModelState:
@@ -99,6 +100,29 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
         yield state
     finally:
         state.restore()
+
+
+@contextlib.contextmanager
+def config_without_cache(model: nn.Module, kwargs: Mapping[str, object]) -> Iterator[None]:
+    """``model.config.use_cache`` False while capture runs, where forward has no ``use_cache``
+    parameter of its own (transformers' GraniteMoE takes it through ``**kwargs``) and the
+    example does not pass it: the cache object the default returns cannot be exported, and
+    ``use_cache=False`` passed through ``**kwargs`` would make export fix the batch size.
+    Restored after. Forward's own ``use_cache`` is set as an input instead
+    (``graph_io.training_defaults``)."""
+    config = getattr(model, "config", None)
+    try:
+        named = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        named = True
+    if getattr(config, "use_cache", None) is not True or named or "use_cache" in kwargs:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _is_tensor_like(value: object) -> bool:

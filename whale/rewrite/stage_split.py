@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import CapturedModel, NodeInfo
+from ..capture.opaque import is_opaque
 from ..primitives import Annotation
 
 __all__ = ["StageProgram", "assign_stages", "attach_state", "capture_split_stages", "hold_unread_state",
@@ -219,6 +220,15 @@ def _check_every_stage_computes(captured, stage: dict, num: int, boundaries) -> 
                 )
             else:
                 what = repr(stage_annotations(captured)[s]) + f" (stage {s})"
+            start = boundaries[s - 1] if boundaries and s else None
+            inside = sorted({n.module_path for n in captured.nodes if is_opaque(n.target)
+                             and start is not None and start.startswith(n.module_path + ".")})  # fmt: skip
+            if inside:
+                raise ValueError(
+                    f"{what} owns no computation: it falls inside {inside[0]!r}, which whale runs as one "
+                    "opaque call (torch.export could not trace it; the capture warning says why); put "
+                    f"the boundary at {inside[0]!r} or at a module outside it"
+                )
             raise ValueError(
                 f"{what} owns no computation: no operation of forward() falls in it; remove it "
                 "or annotate a module that forward() calls"

@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ...capture.graph import NODE_INFO_KEY
+from ...capture.opaque import is_opaque
 
 NamesOf = Callable[[nn.Parameter], set[str]]
 
@@ -242,7 +243,8 @@ def unlowered_parameter_use(gm: GraphModule, in_split: Callable[[Node], bool]) -
 
 # Ops that only re-view or re-type a parameter on its way to the op that computes with it.
 _PASS_THROUGH = _TRANSPOSES | {_aten.view.default, _aten.reshape.default, _aten.expand.default,
-                               _aten.unsqueeze.default, _aten.to.dtype, _aten.contiguous.default}
+                               _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.dims,
+                               _aten.to.dtype, _aten.contiguous.default}
 
 
 def _computing_user(node: Node) -> Node:
@@ -261,7 +263,8 @@ def _parametrized(path: str) -> str:
 def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Callable[[Node], str],
                     in_split: Callable[[Node], bool]) -> str:
     """Why ``split()`` cannot cover the modules of ``uses``, and where it could go instead."""
-    user, param = uses[0]
+    # The first use that computes (a view whose result nothing reads names nothing).
+    user, param = next(((u, p) for u, p in uses if _computing_user(u).target not in _PASS_THROUGH), uses[0])
     op = _computing_user(user)
     shape = tuple(gm.get_parameter(param.target).shape)
     where = _parametrized(path_of(user)) or "<root>"
@@ -270,9 +273,14 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
         f"{param.target!r} of shape {shape}, and whale shards matrix parameters only through "
         "aten.linear, aten.addmm (Conv1D), x @ W.T and aten.embedding"
     )]
-    if "conv" in str(op.target):
+    if is_opaque(op.target):
+        lines.append(
+            f"torch.export could not trace {where!r}, so whale runs each of its calls as one opaque "
+            "node (the capture warning says why): nothing inside it can be sharded"
+        )
+    elif "conv" in str(op.target):
         lines.append(f"whale does not shard convolutions: keep {where!r} replicated")
-    elif len(shape) == 3 and shape[0] > 1:
+    elif len(shape) == 3 and min(shape) > 1:  # (experts, in, out); a depthwise conv's is (c, 1, k)
         lines.append(
             f"{param.target!r} stacks {shape[0]} matrices (fused mixture-of-experts weights are held this "
             "way): whale splits experts when each is its own module (an nn.ModuleList of experts and an "
