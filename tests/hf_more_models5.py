@@ -47,23 +47,7 @@ import torch
 
 from tests.hf_models import SEQ, VOCAB, HFCase, _tokens, _transformers, lm_loss
 from tests.hf_more_models import CLASSES, _decoder, class_loss
-
-_LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "max_position_embeddings": SEQ}  # fmt: skip
-_BERT_LIKE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
-
-
-def _mlm(t, config_cls: str, model_cls: str, name: str, rows: int, seed: int, mask: bool = True, **cfg) -> HFCase:
-    torch.manual_seed(seed)
-    model = getattr(t, model_cls)(getattr(t, config_cls)(vocab_size=VOCAB, **cfg))
-    x, y = _tokens(rows, seed)
-    inputs = {"input_ids": x}
-    if mask:
-        m = torch.ones_like(x)
-        m[:, -2:] = 0
-        inputs["attention_mask"] = m
-    return HFCase(name, model, inputs, y, lm_loss)
+from tests.hf_more_models4 import _BERT_LIKE, _LLAMA_LIKE, _mlm
 
 
 def gemma(rows: int = 8, seed: int = 0) -> HFCase:

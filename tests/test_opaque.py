@@ -42,3 +42,40 @@ def test_a_model_with_an_opaque_call_equals_the_local_model(world2, config):
         assert unused == [] or all(n.startswith("blocks.") for n in unused)
         for n, p in out["ref_params"][0].items():
             assert_close(out["params"][0][n], p, rtol=0, atol=5e-4, msg=n)
+
+
+def test_zero3_cuts_nested_blocks_into_units_only_where_the_graph_runs_them_all():
+    """ZeRO 3 gathers a unit at a time. A container inside a unit becomes units of its own
+    only where the captured graph runs each of its children on every rank (a Swin stage's
+    blocks); RoutedLM's experts, inside an opaque call, stay in their block's unit."""
+    import warnings
+
+    from torch import nn
+
+    from tests.models import RoutedLM
+    from whale.capture import capture
+    from whale.rewrite.build import always_run_containers
+    from whale.runtime.zero.sharded_params import unit_modules
+
+    class Stages(nn.Module):  # two stages of two blocks, as a hierarchical vision model
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2))
+
+        def forward(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return x
+
+    model = Stages()
+    always = always_run_containers(model, capture(model, torch.randn(2, 4)))
+    assert always == {"stages", "stages.0", "stages.1"}
+    assert sorted(n for n, _ in unit_modules(model, always)) == ["", "stages.0", "stages.0.0", "stages.0.1", "stages.1",
+                                                                "stages.1.0", "stages.1.1"]
+    assert [n for n, _ in unit_modules(model)] == ["", "stages.0", "stages.1"]  # no graph: the outer ones
+    routed = RoutedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        always = always_run_containers(routed, capture(routed, torch.randint(0, 32, (4, 6))))
+    assert always == {"blocks"}
+    assert [n for n, _ in unit_modules(routed, always)] == ["", "blocks.0", "blocks.1", "blocks.2"]

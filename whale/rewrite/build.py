@@ -187,7 +187,8 @@ class ProgramRewrite:
         # Every path of a parameter -> the local model's name for it (a tied weight's first).
         aliases = _state_aliases(self.model)
         params = {n: aliases.get(n, (n,))[0] for n, _ in self.model.named_parameters(remove_duplicate=False)}
-        stage = ProgramStage(0, (), (), ("",), params, module=self.model)
+        stage = ProgramStage(0, (), (), ("",), params, module=self.model,
+                             always_run=always_run_containers(self.model, self.captured))  # fmt: skip
         if group is None:
             return stage
         analysis = self.analyses[0][0]
@@ -317,3 +318,23 @@ def tensor_parallel_check(model: nn.Module, captured: CapturedModel | None) -> C
         return None
 
     return check
+
+
+def always_run_containers(model: nn.Module, captured: CapturedModel | None) -> frozenset[str]:
+    """The ``nn.ModuleList``/``nn.Sequential`` containers of ``model`` whose every child with
+    parameters runs an operation of the captured graph: they run on every rank, whatever its
+    rows (a Swin stage's blocks), where an opaque call's experts or a graph-less model's may
+    not. None captured: none."""
+    if captured is None:
+        return frozenset()
+    prefixes = set()
+    for path in {n.module_path for n in captured.nodes if n.op in ("call_function", "call_module")}:
+        parts = path.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    out = set()
+    for path, sub in model.named_modules():
+        if path and isinstance(sub, (nn.ModuleList, nn.Sequential)):
+            children = [f"{path}.{name}" for name, child in sub.named_children() if next(child.parameters(), None) is not None]
+            if children and all(c in prefixes for c in children):
+                out.add(path)
+    return frozenset(out)

@@ -50,6 +50,8 @@ class ProgramStage:
         updated_buffers: the buffers (attribute paths of ``module``) its forward updates
             (counters, running statistics): a pipeline's replicas take the first replica's
             after each step.
+        always_run: containers (``nn.ModuleList``/``nn.Sequential``) inside another whose
+            every child the captured graph runs, so ZeRO 3 may gather each child alone.
     """
 
     index: int
@@ -63,6 +65,7 @@ class ProgramStage:
     is_split: bool = False
     state_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     updated_buffers: tuple[str, ...] = ()
+    always_run: frozenset[str] = frozenset()
 
     def release_source(self) -> None:
         """Drop :attr:`source` once the runtime made the shards from it (when binding): the

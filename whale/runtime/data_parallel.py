@@ -341,7 +341,8 @@ class DataParallelProgram(ProgramBase):
             names = self._stage.param_names
             self._start_zero({id(p): names.get(n, n) for n, p in self.module.named_parameters()})
             extra = 1 + 8 if self._summary_rides else 0  # the loss and the digest's digits
-            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module)
+            self._reducer = self._make_reducer(params, self._data_group, extra_numel=extra, module=self.module,
+                                               always_run=self._stage.always_run)  # fmt: skip
             if self.config.zero_stage >= 2 and self._data_group is None:
                 # ZeRO 2/3 over every rank: the used flags ride on the summary's all-reduce
                 self._reducer.flags_ride = True

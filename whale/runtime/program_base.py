@@ -391,15 +391,17 @@ class ProgramBase:
             yield
 
     def _make_reducer(
-        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0, module: nn.Module | None = None
+        self, params: list, group: dist.ProcessGroup | None, extra_numel: int = 0, module: nn.Module | None = None,
+        always_run: frozenset[str] = frozenset(),
     ) -> GradientReducer | ShardedReducer | ShardedParameters:
         """The gradient synchronization of ``params`` (of ``module``) over ``group``: bucketed
-        all-reduce, or ZeRO's sharding of them."""
+        all-reduce, or ZeRO's sharding of them (``always_run``: see ``ProgramStage``)."""
         cap = int(self.config.bucket_cap_mb * 2**20)
         if self._zero is not None and self._zero.stage == 3:
             mine = {id(p) for p in params}
             others = frozenset(id(p) for p in module.parameters() if id(p) not in mine)
-            sharded = ShardedParameters(module, group, comm_dtype=self.config.grad_comm_dtype, exclude=others)
+            sharded = ShardedParameters(module, group, comm_dtype=self.config.grad_comm_dtype, exclude=others,
+                                        always_run=always_run)  # fmt: skip
             return self._zero.add(sharded, params)
         if self._zero is not None and self._zero.stage in (1, 2):
             # ZeRO 1/2 (whale.runtime.zero): the optimizer steps shards of these parameters.

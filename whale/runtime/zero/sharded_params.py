@@ -38,16 +38,17 @@ from .shard_layout import PaddedShardLayout
 __all__ = ["ShardedParameters", "unit_modules"]
 
 
-def unit_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def unit_modules(module: nn.Module, always_run: frozenset[str] = frozenset()) -> list[tuple[str, nn.Module]]:
     """The modules stage 3 gathers as one: the root, then every child of a container that no
-    other unit holds. A container inside a unit stays in it: its children may run on some
-    ranks only (a mixture-of-experts layer calls the experts its rows were routed to), and each
-    rank must gather the same units in the same order."""
+    other unit holds, or of a container in ``always_run`` (one whose every child the captured
+    graph runs: a Swin stage's blocks). Any other container inside a unit stays in it: its
+    children may run on some ranks only (a mixture-of-experts layer calls the experts its rows
+    were routed to), and each rank must gather the same units in the same order."""
     units = [("", module)]
     if isinstance(module, fx.GraphModule):
         return units
     for path, sub in module.named_modules():
-        inside = any(path.startswith(f"{unit}.") for unit, _ in units[1:])
+        inside = path not in always_run and any(path == unit or path.startswith(f"{unit}.") for unit, _ in units[1:])
         if isinstance(sub, (nn.ModuleList, nn.Sequential)) and not inside:
             for name, child in sub.named_children():
                 if next(child.parameters(), None) is not None:
@@ -92,10 +93,13 @@ class ShardedParameters:
         group: the data-parallel group (None: the default group).
         comm_dtype: dtype gradients travel in (None: the parameters').
         exclude: ids of parameters to leave whole (synchronized elsewhere).
+        always_run: containers inside a unit whose children become units too (see
+            :func:`unit_modules`).
     """
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, *,
-                 comm_dtype: torch.dtype | None = None, exclude: frozenset[int] = frozenset()) -> None:
+                 comm_dtype: torch.dtype | None = None, exclude: frozenset[int] = frozenset(),
+                 always_run: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._comm_dtype = comm_dtype
@@ -103,7 +107,7 @@ class ShardedParameters:
         claimed = set(exclude)
         units: list[_Unit] = []
         # Inner units claim their parameters first; the root keeps the rest.
-        for name, sub in reversed(unit_modules(module)):
+        for name, sub in reversed(unit_modules(module, always_run)):
             mine = [p for p in sub.parameters() if id(p) not in claimed]
             claimed.update(id(p) for p in mine)
             if mine:
