@@ -8,9 +8,11 @@ Nothing here merges annotations or decides between front ends; ``graph.capture``
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import dis
 import inspect
+import io
 import re
 import sys
 import types
@@ -268,10 +270,17 @@ def _warn_opaque(model: nn.Module, opaque: OpaqueModules) -> None:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None, before=None) -> torch.export.ExportedProgram:
+    """``torch.export.export`` (non-strict). What it writes to stderr is passed on where it
+    succeeds, and dropped where it fails: on a data-dependent guard torch prints the whole
+    partial graph, once per attempt, where whale says where export stopped (or recovers with an
+    opaque call)."""
     if before is not None:
         before()
-    with torch.fx.traceback.preserve_node_meta():
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    written = io.StringIO()
+    with contextlib.redirect_stderr(written), torch.fx.traceback.preserve_node_meta():
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    sys.stderr.write(written.getvalue())
+    return exported
 
 
 def _export_batch_dynamic(model, sig, args, kwargs, batch_dim, before=None) -> tuple[torch.export.ExportedProgram, int | None]:
