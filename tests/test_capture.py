@@ -477,6 +477,23 @@ def test_a_module_export_cannot_trace_is_captured_as_one_opaque_call(capsys):
             torch.testing.assert_close(through_graph[name], p.grad, rtol=0, atol=0, msg=name)
 
 
+class _FailsEagerly(nn.Module):
+    def forward(self, h):
+        if h.sum().item() > -1e9:  # untraceable, and it raises when run
+            raise RuntimeError("this module cannot run on the example")
+        return h
+
+
+def test_a_module_that_cannot_run_eagerly_either_leaves_the_capture_error_and_no_mode_on():
+    """The opaque call is recorded by running the model; where the module raises there, capture
+    reports export's own failure, and the counting modes it entered for the call are left."""
+    model = nn.Sequential(nn.Linear(4, 4), _FailsEagerly())
+    with pytest.raises(CaptureError, match=r"in module '1'"):
+        capture(model, torch.randn(2, 4))
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert torch.ones(2).sum().item() == 2.0
+
+
 def test_a_stage_boundary_inside_an_opaque_call_is_refused_naming_it(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = wh.Config(stage_boundaries=["blocks.1.moe.experts.0"], num_micro_batch=2)

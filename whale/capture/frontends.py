@@ -236,8 +236,8 @@ def _make_opaque(opaque: OpaqueModules, exc: Exception, model: nn.Module, args: 
     cost could not be measured) an opaque call, or its nearest ancestor whose class is not
     yet, and record it on the example; False where that cannot help (the root's own code, a
     meta model, which cannot run the module, or too many classes)."""
-    failure = describe_failure("export", exc, model)
     if path is None:
+        failure = describe_failure("export", exc, model)
         path = failure.module_path
         reason = f"{failure.error} {failure.where()}"
     else:

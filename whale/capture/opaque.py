@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -259,7 +259,7 @@ class OpaqueModules:
         buffers)."""
         self._records = {}
         handles = []
-        counters: dict[str, tuple[FlopCount, object]] = {}
+        counters: dict[str, tuple[FlopCount, ExitStack]] = {}  # the calls running now
         params = {id(p) for p in self.model.parameters()}
         saved = [0]
 
@@ -271,17 +271,17 @@ class OpaqueModules:
         def before(path: str) -> Callable:
             def hook(module, args, kwargs):
                 saved[0] = 0
-                counters[path] = (FlopCount(EXTRA_FLOP_FORMULAS), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-                for mode in counters[path]:
-                    mode.__enter__()
+                modes = ExitStack()
+                counter = modes.enter_context(FlopCount(EXTRA_FLOP_FORMULAS))
+                modes.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+                counters[path] = (counter, modes)
 
             return hook
 
         def after(path: str) -> Callable:
             def hook(module, args, kwargs, out):
-                counter, hooks = counters.pop(path)
-                hooks.__exit__(None, None, None)
-                counter.__exit__(None, None, None)
+                counter, modes = counters.pop(path)
+                modes.close()
                 flat_in = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
                 flat_out, spec = tree_flatten(out)
                 self._records.setdefault(path, []).append(_Recorded(
@@ -300,6 +300,8 @@ class OpaqueModules:
         finally:
             for handle in handles:
                 handle.remove()
+            for _, modes in reversed(counters.values()):  # a call the model raised in: leave no mode on
+                modes.close()
 
     @contextmanager
     def patched(self) -> Iterator[None]:

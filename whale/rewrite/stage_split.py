@@ -222,7 +222,7 @@ def _check_every_stage_computes(captured, stage: dict, num: int, boundaries) -> 
                 what = repr(stage_annotations(captured)[s]) + f" (stage {s})"
             start = boundaries[s - 1] if boundaries and s else None
             inside = sorted({n.module_path for n in captured.nodes if is_opaque(n.target)
-                             and start is not None and start.startswith(n.module_path + ".")})  # fmt: skip
+                             and _under(start, n.module_path) and start != n.module_path}) if start else []  # fmt: skip
             if inside:
                 raise ValueError(
                     f"{what} owns no computation: it falls inside {inside[0]!r}, which whale runs as one "
