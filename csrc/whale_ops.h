@@ -1,6 +1,6 @@
 // whale_ops: fused gradient-bucket kernels registered as torch.ops.whale.*.
 //
-// Shared by the CPU implementation (whale_ops.cpp) and the CUDA glue (whale_ops_cuda.cu).
+// Shared by the CPU implementation (whale_ops.cpp) and the CUDA glue (whale_ops_cuda.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

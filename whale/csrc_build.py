@@ -45,7 +45,7 @@ __all__ = [
 
 EXTENSION_NAME = "whale_ops"
 _CPU_SOURCES = ("whale_ops.cpp", "whale_ops_py.cpp")
-_CUDA_SOURCES = ("whale_ops_cuda.cu", "whale_ops_cuda_kernels.cu")
+_CUDA_SOURCES = ("whale_ops_cuda.cpp", "whale_ops_cuda_kernels.cu")
 _HEADERS = ("whale_ops.h", "whale_ops_cuda_kernels.h")
 _CUDA_CFLAGS = ("-O3",)
 

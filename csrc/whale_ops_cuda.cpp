@@ -1,7 +1,8 @@
 // CUDA implementation of whale::pack / unpack / pack_shards / unpack_shards: builds the segment
 // table of a bucket (a tensor crossing a shard boundary becomes one segment per shard, padding a
 // zero segment), uploads it once, and calls the fused kernel of whale_ops_cuda_kernels.cu (one
-// launch).
+// launch). Host code only, so the host compiler builds it: nvcc compiles just the torch-free
+// kernels, and torch's headers are parsed once instead of by nvcc's device and host passes.
 #include "whale_ops.h"
 #include "whale_ops_cuda_kernels.h"
 
