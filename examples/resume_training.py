@@ -43,7 +43,7 @@ def batch(corpus: SyntheticCorpus, step: int) -> tuple[torch.Tensor, torch.Tenso
     return corpus.batch(8, 16, step)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint root directory")
     parser.add_argument("--steps", type=int, default=8)
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--die-rank", type=int, default=1)
     parser.add_argument("--stages", type=int, default=1)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     info = wh.init()

@@ -213,3 +213,12 @@ def bad_load(path: str, what: str) -> None:
         model = GPT(cfg)
     program = make("gpt", "dp", model, batches, loss_fn, style)
     wh.checkpoint.load(path, program, torch.optim.AdamW(program.parameters()))
+
+
+def resume_example(argv: list[str]) -> None:
+    """examples/resume_training.py's main on the pool's ranks (as torchrun would run it: one
+    thread per rank, gloo), for an uninterrupted run to compare a resumed one with."""
+    from examples.resume_training import main
+
+    main(argv)
+

@@ -761,6 +761,16 @@ def _nvcc() -> str:
     return found
 
 
+def _cuda_includes() -> list[str]:
+    """The CUDA toolkit's include directories, as nvcc itself reports them (nvcc may be a
+    wrapper script outside the toolkit)."""
+    probe = subprocess.run([_nvcc(), "--dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"],
+                           check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    found = re.search(r'INCLUDES="([^"]*)"', probe.stdout + probe.stderr)
+    assert found, f"nvcc --dryrun names no include directory:\n{probe.stderr[-2000:]}"
+    return [flag[2:] for flag in found.group(1).split() if flag.startswith("-I")]
+
+
 def _nvcc_flags() -> list[str]:
     # The flags torch.utils.cpp_extension gives nvcc on Linux.
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
@@ -768,18 +778,25 @@ def _nvcc_flags() -> list[str]:
     return [*COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC", "-std=c++20", "-O3"]
 
 
-@pytest.mark.slow
-def test_cuda_kernels_compile_with_nvcc(tmp_path):
-    """The torch-free kernel + launcher: one fused kernel per flat dtype and direction."""
-    obj = tmp_path / "kernels.o"
+@pytest.fixture(scope="module")
+def cuda_kernels(tmp_path_factory) -> tuple[Path, str]:
+    """whale_ops_cuda_kernels.cu compiled once with nvcc: the object and ptxas's report."""
+    obj = tmp_path_factory.mktemp("cuda") / "kernels.o"
     proc = subprocess.run(
         [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda_kernels.cu"), "-o", str(obj),
          *_nvcc_flags(), "-Xptxas", "-v"],
         check=False, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
+    return obj, proc.stderr
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_with_nvcc(cuda_kernels):
+    """The torch-free kernel + launcher: one fused kernel per flat dtype and direction."""
+    obj, report = cuda_kernels
     assert obj.stat().st_size > 0
-    kernels = set(re.findall(r"Compiling entry function '(\w*bucket_copy_kernel\w*)'", proc.stderr))
+    kernels = set(re.findall(r"Compiling entry function '(\w*bucket_copy_kernel\w*)'", report))
     assert len(kernels) == 8, kernels  # {float, half, bfloat16, double} x {pack, unpack}
     if shutil.which("nm"):
         symbols = subprocess.run(["nm", "-C", str(obj)], check=False, capture_output=True, text=True).stdout
@@ -787,17 +804,33 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
 
 
 @pytest.mark.slow
-def test_cuda_glue_compiles_against_torch_headers(tmp_path):
-    """whale_ops_cuda.cu: the CUDA dispatch registration, against this torch's headers."""
+def test_cuda_glue_compiles_against_torch_headers(tmp_path, cuda_kernels):
+    """whale_ops_cuda.cpp: the CUDA dispatch registration, host code only, so the build gives it
+    to the host compiler with the CUDA headers (as torch.utils.cpp_extension does for a .cpp
+    of a CUDA build), with the extension's own flags; it calls the launcher by the signature
+    whale_ops_cuda_kernels.cu defines."""
     from torch.utils.cpp_extension import include_paths
 
-    includes = [arg for path in include_paths() for arg in ("-isystem", path)]
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH: the CUDA glue is not compile-checked")
+    includes = [arg for path in [*include_paths(), *_cuda_includes()] for arg in ("-isystem", path)]
+    cflags, _ = csrc_build._host_flags()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    glue = tmp_path / "glue.o"
     # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; this define is torch's
     # own switch to skip it (it only matters for Windows DLL exports).
     proc = subprocess.run(
-        [_nvcc(), "-c", str(REPO / "csrc/whale_ops_cuda.cu"), "-o", str(tmp_path / "glue.o"),
-         *_nvcc_flags(), *includes, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
+        [compiler, "-c", str(REPO / "csrc/whale_ops_cuda.cpp"), "-o", str(glue), "-fPIC", "-std=c++20", abi,
+         *cflags, f"-I{REPO / 'csrc'}", *includes, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
         check=False, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert (tmp_path / "glue.o").stat().st_size > 0
+    assert glue.stat().st_size > 0
+    if shutil.which("nm"):
+        symbols = subprocess.run(["nm", "-C", str(glue)], check=False, capture_output=True, text=True).stdout
+        launcher = re.search(r" U (whale_cuda::launch_bucket_copy\(.*\))$", symbols, re.MULTILINE)
+        assert launcher, "the glue does not call whale_cuda::launch_bucket_copy"
+        defined = subprocess.run(["nm", "-C", str(cuda_kernels[0])], check=False, capture_output=True,
+                                 text=True).stdout  # fmt: skip
+        assert f" T {launcher.group(1)}" in defined, (launcher.group(1), defined)

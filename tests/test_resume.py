@@ -1,12 +1,12 @@
 """examples/resume_training.py under torchrun: rank 1 dies at step 5 of the first attempt,
 torchrun restarts the job, it resumes from its newest complete checkpoint and ends with exactly
 the parameters of an uninterrupted run (bit for bit: the same plan sums in the same order, and
-a checkpoint copies bytes, optimizer moments and step counts included).
+a checkpoint copies bytes, optimizer moments and step counts included), run on the shared pool.
 
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with the store torchrun's rendezvous shares with the
 job, a restarted attempt can read the previous attempt's gloo addresses and fail to connect
-(pytorch/pytorch#135712); a separate store per attempt avoids it. About 40-60 s on 2 cores (two
-launches, one of them restarted).
+(pytorch/pytorch#135712); a separate store per attempt avoids it. About 25-35 s on 2 cores (one launch,
+restarted once).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _launch(tmp, name: str, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_killed_rank_resumes_to_the_uninterrupted_parameters(tmp_path):
+def test_killed_rank_resumes_to_the_uninterrupted_parameters(tmp_path, world2):
     killed = _launch(tmp_path, "killed", "--die-at", "5")
     assert "attempt 0: rank 1 dies at step 5" in killed.stdout
     # The step-4 checkpoint is written behind step 4; whether it was complete when rank 1 died
@@ -39,7 +39,10 @@ def test_killed_rank_resumes_to_the_uninterrupted_parameters(tmp_path):
     resumed = re.search(r"attempt 1: resumed from step (\d+)", killed.stdout)
     assert resumed and int(resumed.group(1)) in (2, 4), killed.stdout
     assert "attempt 1: done, 6 steps" in killed.stdout
-    _launch(tmp_path, "whole")
+    # The uninterrupted run on the shared pool: the same plan, data and one thread per rank as
+    # torchrun's, so the same bits, without a third launch.
+    world2.run("tests.ckpt_cases:resume_example", ["--ckpt", str(tmp_path / "whole"), "--steps", "6", "--save-every", "2",
+                                                  "--out", str(tmp_path / "whole.pt")])  # fmt: skip
     got = torch.load(tmp_path / "killed.pt")
     want = torch.load(tmp_path / "whole.pt")
     assert list(got) == list(want)

@@ -259,7 +259,7 @@ def big_instances(draw):
     return parse_cluster(",".join(nodes)), ModelProfile.from_layers(layers), draw(st.integers(1, 128))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(big_instances())
 def test_plan_invariants(instance):
     cluster, profile, batch = instance

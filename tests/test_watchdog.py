@@ -2,7 +2,7 @@
 configured timeout, with an error naming the rank, the step and the action it waited for.
 
 Each case starts its own two ranks (a stopped rank would spoil the shared pool), with a 3 s
-step timeout (the watchdog ends the process, exit code 75, for torchrun to restart) or a 20 s
+step timeout (the watchdog ends the process, exit code 75, for torchrun to restart) or an 8 s
 process-group timeout (the wait raises ``PeerWaitError``). Nothing may be left in /dev/shm.
 """
 

@@ -19,9 +19,9 @@ from whale.runtime.guard.step_state import StepRefused
 _TIMEOUTS = {
     # The watchdog ends a step waiting 3 s on a silent peer, well before gloo's 60 s.
     "watchdog": {"timeout": 60, "step_timeout": 3},
-    # No watchdog: the process group's own timeout ends the wait, with the same names (20 s:
-    # setting up the program on a loaded host may take seconds between collectives).
-    "group": {"timeout": 20, "step_timeout": None},
+    # No watchdog: the process group's own timeout ends the wait, with the same names (8 s:
+    # both ranks set the program up side by side, seconds apart at most on a loaded host).
+    "group": {"timeout": 8, "step_timeout": None},
 }
 
 
