@@ -12,7 +12,7 @@ import whale as wh
 from examples.cnn import CNN, SyntheticImages
 from examples.gpt import GPT, GPTConfig, SyntheticCorpus, lm_loss
 from tests.equivalence import LR, train_distributed, train_reference
-from tests.models import RoutedLM
+from tests.models import ReversibleLM, RoutedLM
 
 _STEPS = 2
 
@@ -260,3 +260,17 @@ def _train_both(model, batches, loss_fn, config: dict, example_inputs=None) -> d
         ref_opt.zero_grad()
         out["ref_params"].append({k: v.clone() for k, v in reference.state_dict().items()})
     return out
+
+
+def reversible_lm(**config) -> dict:
+    """tests.models.ReversibleLM (a custom autograd.Function whose backward runs the layers'
+    children again, as Reformer's reversible layers: captured with the stack as one opaque
+    call) on 8 rows of 6 tokens, 2 steps, here and on the local model."""
+    torch.manual_seed(0)
+    model = ReversibleLM()
+    batches = [(torch.randint(0, 32, (8, 6)), torch.randint(0, 32, (8, 6))) for _ in range(2)]
+
+    def loss_fn(logits, target):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    return _train_both(model, batches, loss_fn, config, example_inputs=(batches[0][0],))

@@ -22,6 +22,7 @@ __all__ = [
     "MHAModel",
     "MLP",
     "ResNetLike",
+    "ReversibleLM",
     "RoutedExperts",
     "RoutedLM",
     "ScopedMLP",
@@ -293,3 +294,74 @@ class RoutedLM(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(h)
+
+
+class _Reversible(torch.autograd.Function):
+    """Reversible residual layers as Reformer runs them: forward under ``no_grad`` keeping only
+    the output; backward rebuilds each layer's input from its output and runs the layer's
+    children again (never the layer itself) to get the gradients."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
+        for layer in layers:
+            h = layer(h)
+        ctx.layers = layers
+        ctx.save_for_backward(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        for layer in reversed(ctx.layers):
+            with torch.no_grad():
+                h = layer.inverse(h)
+            with torch.enable_grad():
+                x = h.detach().requires_grad_()
+                torch.autograd.backward(x + layer.mix(layer.norm(x)), grad)
+            grad = x.grad
+        return grad, None
+
+
+class ReversibleLayer(nn.Module):
+    """``x + mix(norm(x))`` with ``mix`` scaled so that it can be inverted by fixed-point steps."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mix = nn.Linear(width, width)
+        nn.init.normal_(self.mix.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # gradients come from _Reversible.backward
+            return x + self.mix(self.norm(x))
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        x = y
+        for _ in range(60):  # a contraction: mix is small
+            x = y - self.mix(self.norm(x))
+        return x
+
+
+class ReversibleStack(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ReversibleLayer(width) for _ in range(layers))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _Reversible.apply(h, self.layers)
+
+
+class ReversibleLM(nn.Module):
+    """Token embedding, a :class:`ReversibleStack` (a custom autograd.Function whose backward
+    runs the layers' children again: a traced graph would give them no gradient), a plain
+    block, a head."""
+
+    def __init__(self, vocab: int = 32, width: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.stack = ReversibleStack(width, layers)
+        self.block = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stack(self.embed(ids))))

@@ -477,6 +477,111 @@ def test_a_module_export_cannot_trace_is_captured_as_one_opaque_call(capsys):
             torch.testing.assert_close(through_graph[name], p.grad, rtol=0, atol=0, msg=name)
 
 
+class _RoundThrough(torch.autograd.Function):
+    """A straight-through estimator: forward rounds, backward passes the gradient unchanged. A
+    traced graph would keep the round and give its gradient (zero)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Quantized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _RoundThrough.apply(self.fc(x) * 4)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # the reentrant checkpoint runs fc under no_grad, again in backward
+        return torch.utils.checkpoint.checkpoint(self.fc, x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("inner", [_Quantized, _Checkpointed])
+def test_a_custom_autograd_function_makes_its_caller_one_opaque_call(inner):
+    """The trace would keep a Function's forward and lose its backward; the module that applies
+    it runs as itself instead, so the graph's gradients are the model's, at another batch too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), inner(), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=rf"(?s){inner.__name__}: CustomFunctionCall: forward applies the custom "
+                                         r"autograd.Function .*in module '1'"):  # fmt: skip
+        c = capture(model, torch.randn(8, 4))
+    assert [n.module_path for n in c.nodes if "opaque" in str(n.target)] == ["1"] and c.fixed_rows is None
+    x = torch.randn(3, 4)
+    got = c.unflatten_output(tree_leaves(c.graph_module(*c.flatten_inputs((x,), {}))))
+    got.square().mean().backward()
+    through_graph = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    assert through_graph["0.weight"].abs().sum() > 0  # through the Function's own backward
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(through_graph[name], p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_custom_autograd_function_in_the_roots_own_forward_is_a_capture_error():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return _RoundThrough.apply(self.fc(x))
+
+    with pytest.raises(CaptureError) as info:
+        capture(Root(), torch.randn(2, 4))
+    msg = str(info.value)
+    assert "export: CustomFunctionCall: forward applies the custom autograd.Function" in msg and "_RoundThrough" in msg
+    assert "in the root module" in msg and "Fix: apply the autograd.Function inside a submodule's forward" in msg
+
+
+class _Tokens(nn.Module):
+    """Flattens rows x tokens: on 8 rows of 8 tokens, 64, the width too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, h):
+        flat = self.fc(h.reshape(-1, h.shape[-1]))
+        if flat.sum().item() > -1e9:  # untraceable: an opaque call
+            flat = flat * 2
+        return flat
+
+
+class _TokensBack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = _Tokens()
+        self.out = nn.Linear(64, 2)
+
+    def forward(self, h):
+        return self.out(self.tokens(h).reshape(h.shape))  # rows x tokens back into rows, tokens
+
+
+def test_an_opaque_output_dimension_follows_the_batch_only_where_it_moved_with_the_rows():
+    """Recorded at the example's rows and at half of them: the output's first dimension (rows x
+    8 tokens) moved with the rows, its second (the width, 64 as well) did not. Taken for the
+    width, the first would fix the batch at 8 rows (its reshape back says 8 x rows = 64)."""
+    model = _TokensBack()
+    with pytest.warns(UserWarning, match="could not trace every module"):
+        c = capture(model, torch.randn(8, 8, 64))
+    assert c.fixed_rows is None
+    x = torch.randn(3, 8, 64)
+    got = c.unflatten_output(tree_leaves(c.graph_module(*c.flatten_inputs((x,), {}))))
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+
+
 class _FailsEagerly(nn.Module):
     def forward(self, h):
         if h.sum().item() > -1e9:  # untraceable, and it raises when run

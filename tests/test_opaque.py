@@ -28,7 +28,26 @@ CASES = "tests.dp_cases"
     ids=["pipeline", "gpipe-uneven", "zero3", "checkpointed"],
 )
 def test_a_model_with_an_opaque_call_equals_the_local_model(world2, config):
-    for out in world2.run(f"{CASES}:routed_lm", **config):
+    _check(world2.run(f"{CASES}:routed_lm", **config))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # The stack runs in its stage as itself, so the Function's backward gets its layers'
+        # gradients (a graph of its forward ran under no_grad: no gradient, a stage that hung).
+        {"stage_boundaries": ["block"], "num_micro_batch": 2},
+        # The backward runs the layers' children, not the layers: each gathers its unit.
+        {"zero_stage": 3},
+    ],
+    ids=["pipeline", "zero3"],
+)
+def test_a_custom_autograd_function_equals_the_local_model(world2, config):
+    _check(world2.run(f"{CASES}:reversible_lm", **config))
+
+
+def _check(outs) -> None:
+    for out in outs:
         assert_close(torch.tensor(out["loss"]), torch.tensor(out["ref_loss"]), rtol=1e-6, atol=0)
         for step, (grads, ref) in enumerate(zip(out["grads"], out["ref_grads"])):
             held = set(grads)  # a pipeline rank holds its stage's parameters

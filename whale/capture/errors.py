@@ -72,6 +72,12 @@ class CaptureError(ValueError):
                 "Fix: make the marked line traceable (torch.where or torch.cond instead of Python "
                 "control flow on tensor values, no .item()/.tolist() feeding an if)."
             )
+        if any(f.error.startswith("CustomFunctionCall") for f in failures):
+            lines.append(
+                "Fix: apply the autograd.Function inside a submodule's forward (whale runs that "
+                "module as one opaque call, its backward included), or make it a "
+                "torch.library.custom_op with register_autograd, which a graph keeps."
+            )
         if any("Cache" in f.error for f in failures):
             lines.append(
                 "The forward returns a cache object (transformers' use_cache=True): pass "

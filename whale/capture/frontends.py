@@ -38,7 +38,7 @@ from .graph_io import (
     rows_of,
 )
 from .model_state import preserved_state
-from .opaque import OpaqueModules
+from .opaque import OpaqueModules, custom_functions_stop
 
 __all__ = ["Trace", "normalize_module_path", "trace_export", "trace_fx"]
 
@@ -137,7 +137,7 @@ def trace_fx(
     if bound is not None:
         concrete = {k: v for k, v in bound.items() if not _holds_tensor(v) and _is_leaf_value(v)}
     tracer = _WhaleTracer()
-    with preserved_state(model) as state:
+    with preserved_state(model) as state, custom_functions_stop():
         graph = tracer.trace(model, concrete_args=concrete or None)
         assigned = state.assigned()
     if assigned:
@@ -202,7 +202,7 @@ def trace_export(
     opaque = OpaqueModules(model)
     while True:
         try:
-            with opaque.patched():
+            with opaque.patched(), custom_functions_stop():
                 exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim, opaque.restart)
             gm = exported.module()
             vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -212,7 +212,7 @@ def trace_export(
         except Exception as exc:
             node = getattr(exc, "whale_node", None)  # set where a node's cost could not be measured
             path = _export_module_path(node, known) if node is not None else None
-            if not _make_opaque(opaque, exc, model, args, kwargs, path):
+            if not _make_opaque(opaque, exc, model, args, kwargs, path, batch_dim):
                 raise
     if opaque:
         _warn_opaque(model, opaque)
@@ -231,7 +231,7 @@ _MAX_OPAQUE = 4
 
 
 def _make_opaque(opaque: OpaqueModules, exc: Exception, model: nn.Module, args: tuple, kwargs: dict,
-                 path: str | None = None) -> bool:  # fmt: skip
+                 path: str | None = None, batch_dim: int | None = 0) -> bool:  # fmt: skip
     """Make the module whose forward stopped export (or owns the node ``path`` names, whose
     cost could not be measured) an opaque call, or its nearest ancestor whose class is not
     yet, and record it on the example; False where that cannot help (the root's own code, a
@@ -250,10 +250,25 @@ def _make_opaque(opaque: OpaqueModules, exc: Exception, model: nn.Module, args: 
         return False
     try:
         with preserved_state(model):
-            opaque.record(args, kwargs)
+            opaque.record(args, kwargs, _fewer_rows(args, kwargs, batch_dim))
     except Exception:  # the model does not run eagerly on the example either: the export's error says more
         return False
     return True
+
+
+def _fewer_rows(args: tuple, kwargs: dict, batch_dim: int | None) -> tuple[tuple, dict] | None:
+    """The example with half its rows (every tensor input whose ``batch_dim`` has the example's
+    rows), or None where there is no batch dimension to halve."""
+    rows = None if batch_dim is None else rows_of(args, kwargs, batch_dim)
+    if rows is None or rows < 2:
+        return None
+
+    def fewer(v):
+        if isinstance(v, torch.Tensor) and v.dim() > batch_dim and v.shape[batch_dim] == rows:
+            return v.narrow(batch_dim, 0, rows // 2)
+        return v
+
+    return torch.utils._pytree.tree_map(fewer, (tuple(args), dict(kwargs)))
 
 
 def _warn_opaque(model: nn.Module, opaque: OpaqueModules) -> None:

@@ -9,16 +9,23 @@ inputs are the call's tensors and the module's parameters and buffers, so every 
 capture sees it as a node like any other:
 
 * a pipeline cuts around it and its stage holds its parameters;
-* it runs the module's own ``forward`` eagerly, through ``torch.func.functional_call`` on the
-  tensors the graph passes in (a stage's own parameters), with autograd recording inside, so
-  gradients are the local model's (the op's kernel sits at the ``Autograd`` dispatch key);
-* under fake tensors (export, cost measurement) its output is built from one eager call of the
-  module on the example, recorded before the export: the same dtypes and shapes, each
+* it runs the module's own ``forward`` eagerly, on a storage-free copy of the module holding
+  the tensors the graph passes in (a stage's own parameters), with autograd recording inside,
+  so gradients are the local model's (the op's kernel sits at the ``Autograd`` dispatch key);
+* under fake tensors (export, cost measurement) its output is built from an eager call of the
+  module on the example (and on half its rows, to tell which dimensions follow the batch),
+  recorded before the export: the same dtypes and shapes, each
   dimension that equals an input's taking that input's (symbolic) size, so the batch stays
   dynamic; its FLOPs and the activations it saves for backward (its memory) are the recorded
   call's, scaled by rows;
 * ``split()`` cannot shard inside it (its parameters are read by an op whale has no rule for),
   and a stage boundary inside it cannot be cut: the message names the module.
+
+A custom ``torch.autograd.Function`` makes its caller opaque too: export (and fx) record what
+its forward computes and drop its backward, so the graph would give other gradients than the
+model (a straight-through estimator's identity becomes round's zero; Reformer's reversible
+layers and a reentrant ``torch.utils.checkpoint`` run their forward under ``no_grad`` and would
+give none). :func:`custom_functions_stop` stops the trace at such a call.
 
 The model is not changed: each opaque module's ``forward`` is replaced on the instance for
 the export and restored after.
@@ -39,7 +46,16 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflat
 
 from .flops import EXTRA_FLOP_FORMULAS, FlopCount
 
-__all__ = ["OPAQUE", "OpaqueModules", "is_opaque", "opaque_flops", "opaque_module_of", "opaque_saved_bytes"]
+__all__ = [
+    "OPAQUE",
+    "CustomFunctionCall",
+    "OpaqueModules",
+    "custom_functions_stop",
+    "is_opaque",
+    "opaque_flops",
+    "opaque_module_of",
+    "opaque_saved_bytes",
+]
 
 _LIB = torch.library.Library("whale_capture", "DEF")  # noqa: TOR901 - defined once per process
 _LIB.define("opaque(str key, Tensor[] inputs, SymInt[] sizes) -> Tensor[]")
@@ -73,6 +89,9 @@ class _Recorded:
     out_spec: TreeSpec
     flops: int
     saved_bytes: int  # activations autograd saved inside the call (parameters not counted)
+    # The same call on a batch of fewer rows, where the model ran on one: its input and output
+    # tensors' shapes. A dimension that changed with the rows follows the batch.
+    fewer: tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]] | None = None
 
 
 @dataclasses.dataclass
@@ -85,10 +104,52 @@ class _Call:
     in_flat: tuple[object, ...]  # the call's arguments flattened, a _Slot where the graph's value goes
     in_spec: TreeSpec
     recorded: _Recorded
+    aliases: dict[str, tuple[str, ...]] = dataclasses.field(init=False)  # a state name -> every name of its tensor
+
+    def __post_init__(self) -> None:
+        names: dict[int, list[str]] = {}
+        for name, t in itertools.chain(self.module.named_parameters(remove_duplicate=False),
+                                       self.module.named_buffers(remove_duplicate=False)):  # fmt: skip
+            names.setdefault(id(t), []).append(name)
+        self.aliases = {group[0]: tuple(group) for group in names.values()}
 
 
 _CALLS: dict[str, _Call] = {}
 _KEYS = itertools.count()
+
+
+class CustomFunctionCall(RuntimeError):
+    """A custom ``torch.autograd.Function`` was applied while capture traced with gradients on."""
+
+
+@contextmanager
+def custom_functions_stop() -> Iterator[None]:
+    """Stop a trace where forward applies a custom ``torch.autograd.Function`` with gradients
+    enabled: the trace would record its forward's ops, not its backward. Capture then makes
+    the module whose forward applied it an opaque call (the Function runs as itself, its
+    backward included), or reports the call where the model's own forward makes it.
+
+    ``Function.apply`` is replaced on the class for the trace and restored after.
+    """
+    function = torch.autograd.function.Function
+    original = function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        # torch's private Functions are kept by the trace: a torch.library custom op's
+        # register_autograd (torch._library) is the op's own autograd, and the graph holds the op.
+        if torch.is_grad_enabled() and not cls.__module__.startswith("torch._"):
+            raise CustomFunctionCall(
+                f"forward applies the custom autograd.Function {cls.__module__}.{cls.__qualname__}: "
+                "a traced graph keeps what its forward computes and loses its backward, so its "
+                "gradients would not be the model's"
+            )
+        return original.__func__(cls, *args, **kwargs)
+
+    function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        function.apply = original
 
 
 def is_opaque(target: object) -> bool:
@@ -142,8 +203,15 @@ def _run(key: str, inputs: list[torch.Tensor], sizes: list[int]) -> list[torch.T
     flat = [next(tensors) if v is TENSOR else int(next(numbers)) if v is SIZE else bool(next(numbers)) if v is FLAG
             else v for v in call.in_flat]  # fmt: skip
     args, kwargs = tree_unflatten(flat, call.in_spec)
-    state = dict(zip(call.state_names, inputs[own:], strict=True))
-    out = torch.func.functional_call(call.module, state, tuple(args), kwargs)
+    # The graph's tensors are put into the module and left there (not swapped in for the call
+    # only, as functional_call would): a custom autograd.Function in it may run the module's
+    # layers again in its backward (Reformer's reversible layers, a reentrant checkpoint).
+    for name, t in zip(call.state_names, inputs[own:], strict=True):
+        for alias in call.aliases.get(name, (name,)):
+            owner, _, leaf = alias.rpartition(".")
+            holder = call.module.get_submodule(owner)
+            (holder._parameters if leaf in holder._parameters else holder._buffers)[leaf] = t
+    out = call.module(*args, **kwargs)
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
@@ -153,11 +221,35 @@ def _fake(key: str, inputs: list[torch.Tensor], sizes: list[int]) -> list[torch.
     rec = _CALLS[key].recorded
     own = inputs[: len(rec.in_shapes)]
     outs = []
-    for item in rec.out_flat:
-        if isinstance(item, _TensorMeta):
+    metas = [item for item in rec.out_flat if isinstance(item, _TensorMeta)]
+    for i, item in enumerate(metas):
+        if rec.fewer is not None and len(rec.fewer[1][i]) == len(item.shape):
+            fewer_in, fewer_out = rec.fewer
+            dims = [_size_by_rows(size, fewer_out[i][k], own, rec.in_shapes, fewer_in) for k, size in enumerate(item.shape)]
+        else:
             dims = [_size_like(k, size, own, rec.in_shapes) for k, size in enumerate(item.shape)]
-            outs.append(inputs[0].new_empty(dims, dtype=item.dtype))
+        outs.append(inputs[0].new_empty(dims, dtype=item.dtype))
     return outs
+
+
+def _size_by_rows(size: int, fewer: int, inputs, shapes, fewer_shapes) -> object:
+    """An output dimension recorded at two batch sizes: the same in both is fixed; one that
+    changed is an input dimension that changed in the same proportion (that input's size now),
+    or a whole multiple of one (tokens flattened from rows)."""
+    if size == fewer:
+        return size
+    moved = [(t.shape[j], a, b) for t, s, f in zip(inputs, shapes, fewer_shapes) for j, (a, b) in enumerate(zip(s, f))
+             if a != b]  # fmt: skip
+    for now, a, b in moved:
+        if a == size and b == fewer:
+            return now
+    for now, a, b in moved:
+        if size % a == 0 and fewer == b * (size // a):
+            return now * (size // a)
+    for now, a, b in moved:
+        if a % size == 0 and b == fewer * (a // size):
+            return now // (a // size)
+    return size
 
 
 def _size_like(k: int, size: int, inputs, shapes) -> object:
@@ -253,11 +345,33 @@ class OpaqueModules:
                 found.append((path, module))
         return found
 
-    def record(self, args: tuple, kwargs: Mapping[str, object]) -> None:
+    def record(self, args: tuple, kwargs: Mapping[str, object], fewer: tuple[tuple, Mapping] | None = None) -> None:
         """Run the model once on the example, eagerly, recording each opaque call's input and
         output shapes, its FLOPs and the activations it saves for backward (the caller restores
-        buffers)."""
+        buffers). ``fewer``: the example with fewer rows, run once more for the shapes only, so
+        that an output's dimension that follows the batch is told from one that only equals
+        it (8 rows of 8 tokens; tokens flattened from rows equal to the hidden width)."""
         self._records = {}
+        self._record(args, kwargs)
+        if fewer is None:
+            return
+        full, self._records = self._records, {}
+        try:
+            self._record(*fewer)
+        except Exception:  # noqa: BLE001 - the model takes no other batch size: one recording
+            self._records = full
+            return
+        for path, calls in full.items():
+            other = self._records.get(path, [])
+            if len(other) != len(calls):
+                continue
+            for call, small in zip(calls, other):
+                if len(small.in_shapes) == len(call.in_shapes) and len(small.out_flat) == len(call.out_flat):
+                    shapes = tuple(v.shape for v in small.out_flat if isinstance(v, _TensorMeta))
+                    call.fewer = (small.in_shapes, shapes)
+        self._records = full
+
+    def _record(self, args: tuple, kwargs: Mapping[str, object]) -> None:
         handles = []
         counters: dict[str, tuple[FlopCount, ExitStack]] = {}  # the calls running now
         params = {id(p) for p in self.model.parameters()}

@@ -122,6 +122,15 @@ class ShardedParameters:
                 self._owner[id(p)] = unit
             self._handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
             self._handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
+        # A module inside a unit that runs while the unit is freed (called directly, not through
+        # the unit's forward: Reformer's reversible layers recompute layer.attention and
+        # layer.feed_forward in their autograd Function's backward) gathers its unit first; the
+        # unit is freed again at the end of backward.
+        unit_ids = {id(unit.module) for unit in self.units}
+        for unit in self.units:
+            for sub in unit.module.modules():
+                if id(sub) not in unit_ids and any(self._owner.get(id(p)) is unit for p in sub.parameters(recurse=False)):
+                    self._handles.append(sub.register_forward_pre_hook(self._on_demand(unit)))
         self._order: list[_Unit] = []  # forward order of the last forward, for prefetching
         self._at: dict[int, int] = {}  # id(unit) -> its last place in _order
         self._first: dict[int, int] = {}  # id(unit) -> its first place in _order
@@ -235,6 +244,11 @@ class ShardedParameters:
             self._recording.append(unit)
             self._gather(unit)
             self._prefetch(unit, 1)
+        return hook
+
+    def _on_demand(self, unit: _Unit):
+        def hook(module, args):
+            self._gather(unit)  # nothing to do where the unit's own forward gathered it
         return hook
 
     def _post_forward(self, unit: _Unit):
