@@ -222,8 +222,13 @@ def routed_lm(**config) -> dict:
     export traces: captured with each RoutedExperts as one opaque call) on 8 rows of 6 tokens,
     2 steps; each rank's rows go to other experts. Loss, gradients (``None`` where the local
     model has none) and parameters after each AdamW step, here and on the local model."""
+    return _token_lm(RoutedLM, config)
+
+
+def _token_lm(cls, config: dict) -> dict:
+    """A language model of 32 tokens, seed 0, on 2 steps of 8 rows of 6 tokens."""
     torch.manual_seed(0)
-    model = RoutedLM()
+    model = cls()
     batches = [(torch.randint(0, 32, (8, 6)), torch.randint(0, 32, (8, 6))) for _ in range(2)]
 
     def loss_fn(logits, target):
@@ -266,11 +271,4 @@ def reversible_lm(**config) -> dict:
     """tests.models.ReversibleLM (a custom autograd.Function whose backward runs the layers'
     children again, as Reformer's reversible layers: captured with the stack as one opaque
     call) on 8 rows of 6 tokens, 2 steps, here and on the local model."""
-    torch.manual_seed(0)
-    model = ReversibleLM()
-    batches = [(torch.randint(0, 32, (8, 6)), torch.randint(0, 32, (8, 6))) for _ in range(2)]
-
-    def loss_fn(logits, target):
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
-
-    return _train_both(model, batches, loss_fn, config, example_inputs=(batches[0][0],))
+    return _token_lm(ReversibleLM, config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import resource
+import warnings
 
 import pytest
 import torch
@@ -527,6 +528,37 @@ def test_a_custom_autograd_function_makes_its_caller_one_opaque_call(inner):
     assert through_graph["0.weight"].abs().sum() > 0  # through the Function's own backward
     for name, p in model.named_parameters():
         torch.testing.assert_close(through_graph[name], p.grad, rtol=0, atol=0, msg=name)
+
+
+class _Swish(torch.autograd.Function):
+    """x * sigmoid(x) with its derivative written out: the same gradients as its forward's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s + x * s * (1 - s))
+
+
+class _Swished(nn.Module):
+    def forward(self, x):
+        return _Swish.apply(x)
+
+
+def test_a_custom_autograd_function_whose_backward_is_its_forwards_gradient_stays_in_the_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _Swished(), nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no opaque call, no warning
+        c = capture(model, torch.randn(8, 4))
+    assert not [n for n in c.nodes if "opaque" in str(n.target)]
+    assert "aten.sigmoid.default" in {n.target for n in c.nodes}
+    assert all(p.grad is None for p in model.parameters())  # the comparison left no gradient behind
 
 
 def test_a_custom_autograd_function_in_the_roots_own_forward_is_a_capture_error():

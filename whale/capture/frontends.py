@@ -38,7 +38,7 @@ from .graph_io import (
     rows_of,
 )
 from .model_state import preserved_state
-from .opaque import OpaqueModules, custom_functions_stop
+from .opaque import CustomFunctionCall, OpaqueModules, backward_is_forwards, custom_functions_stop
 
 __all__ = ["Trace", "normalize_module_path", "trace_export", "trace_fx"]
 
@@ -200,9 +200,10 @@ def trace_export(
     # A module export cannot trace (or whose sizes are only known at run time, which no cost can
     # be measured for) becomes an opaque call, and the export runs again (see .opaque).
     opaque = OpaqueModules(model)
+    checked: dict[type, bool] = {}  # custom autograd Functions: whether the trace may go through
     while True:
         try:
-            with opaque.patched(), custom_functions_stop():
+            with opaque.patched(), custom_functions_stop([f for f, through in checked.items() if through]):
                 exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim, opaque.restart)
             gm = exported.module()
             vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -210,6 +211,13 @@ def trace_export(
             costs = measure_costs(gm, StateIndex.of(model), fake_mode, None, known)
             break
         except Exception as exc:
+            call = _custom_function_call(exc)
+            if call is not None and call.function not in checked:
+                # A meta-device model is only planned (shapes and costs): no gradient runs.
+                with preserved_state(model):
+                    checked[call.function] = _on_meta(model) or backward_is_forwards(call.function, model, args, kwargs)
+                if checked[call.function]:
+                    continue
             node = getattr(exc, "whale_node", None)  # set where a node's cost could not be measured
             path = _export_module_path(node, known) if node is not None else None
             if not _make_opaque(opaque, exc, model, args, kwargs, path, batch_dim):
@@ -224,6 +232,12 @@ def trace_export(
         scopes[node.name] = tuple(custom.get(EXPORT_META_KEY, ()))
     io = export_graph_io(gm, sig, defaults, (args, kwargs))
     return Trace(gm, "export", paths, scopes, costs, io, fixed_rows)
+
+
+def _custom_function_call(exc: BaseException) -> CustomFunctionCall | None:
+    while exc is not None and not isinstance(exc, CustomFunctionCall):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 # How many module classes export may leave opaque before capture gives up.

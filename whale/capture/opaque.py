@@ -21,11 +21,13 @@ capture sees it as a node like any other:
 * ``split()`` cannot shard inside it (its parameters are read by an op whale has no rule for),
   and a stage boundary inside it cannot be cut: the message names the module.
 
-A custom ``torch.autograd.Function`` makes its caller opaque too: export (and fx) record what
-its forward computes and drop its backward, so the graph would give other gradients than the
-model (a straight-through estimator's identity becomes round's zero; Reformer's reversible
-layers and a reentrant ``torch.utils.checkpoint`` run their forward under ``no_grad`` and would
-give none). :func:`custom_functions_stop` stops the trace at such a call.
+A custom ``torch.autograd.Function`` whose backward is not its forward's gradient makes its
+caller opaque too: export (and fx) record what its forward computes and drop its backward, so
+the graph would give other gradients than the model (a straight-through estimator's identity
+becomes round's zero; Reformer's reversible layers and a reentrant ``torch.utils.checkpoint``
+run their forward under ``no_grad`` and would give none). :func:`custom_functions_stop` stops
+the trace at such a call; :func:`backward_is_forwards` lets it go through one whose backward
+is its forward's gradient (Bloom's GeLU), compared on the example.
 
 The model is not changed: each opaque module's ``forward`` is replaced on the instance for
 the export and restored after.
@@ -36,7 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -50,6 +52,7 @@ __all__ = [
     "OPAQUE",
     "CustomFunctionCall",
     "OpaqueModules",
+    "backward_is_forwards",
     "custom_functions_stop",
     "is_opaque",
     "opaque_flops",
@@ -121,13 +124,19 @@ _KEYS = itertools.count()
 class CustomFunctionCall(RuntimeError):
     """A custom ``torch.autograd.Function`` was applied while capture traced with gradients on."""
 
+    def __init__(self, message: str, function: type) -> None:
+        super().__init__(message)
+        self.function = function
+
 
 @contextmanager
-def custom_functions_stop() -> Iterator[None]:
+def custom_functions_stop(traced: Collection[type] = ()) -> Iterator[None]:
     """Stop a trace where forward applies a custom ``torch.autograd.Function`` with gradients
-    enabled: the trace would record its forward's ops, not its backward. Capture then makes
-    the module whose forward applied it an opaque call (the Function runs as itself, its
-    backward included), or reports the call where the model's own forward makes it.
+    enabled: the trace would record its forward's ops, not its backward. Capture then checks
+    the Function (:func:`backward_is_forwards`): one whose backward is its forward's own
+    gradient is ``traced`` through; any other makes the module whose forward applied it an
+    opaque call (the Function runs as itself, its backward included), or is reported where
+    the model's own forward applies it.
 
     ``Function.apply`` is replaced on the class for the trace and restored after.
     """
@@ -137,11 +146,11 @@ def custom_functions_stop() -> Iterator[None]:
     def apply(cls, *args, **kwargs):
         # torch's private Functions are kept by the trace: a torch.library custom op's
         # register_autograd (torch._library) is the op's own autograd, and the graph holds the op.
-        if torch.is_grad_enabled() and not cls.__module__.startswith("torch._"):
+        if torch.is_grad_enabled() and cls not in traced and not cls.__module__.startswith("torch._"):
             raise CustomFunctionCall(
                 f"forward applies the custom autograd.Function {cls.__module__}.{cls.__qualname__}: "
-                "a traced graph keeps what its forward computes and loses its backward, so its "
-                "gradients would not be the model's"
+                "a traced graph keeps what its forward computes and loses its backward",
+                cls,
             )
         return original.__func__(cls, *args, **kwargs)
 
@@ -150,6 +159,102 @@ def custom_functions_stop() -> Iterator[None]:
         yield
     finally:
         function.apply = original
+
+
+class _Compared(Exception):  # noqa: N818 - ends the model's forward once the Function is compared
+    pass
+
+
+class _Ctx:
+    """What an old-style ``forward(ctx, ...)`` uses of its context, run as plain ops."""
+
+    def __init__(self, args: tuple) -> None:
+        self.needs_input_grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+    def save_for_forward(self, *tensors) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
+    def mark_dirty(self, *tensors) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+def backward_is_forwards(function: type, model: nn.Module, args: tuple, kwargs: Mapping[str, object]) -> bool:
+    """Whether ``function``'s backward gives the gradients autograd gives through its forward's
+    own ops, on its first call in an eager run of the model on the example (the gradients of
+    its tensor inputs and of the model's parameters, for a random output gradient): then a
+    graph of its forward trains as the model does (Bloom's GeLU, its derivative written out).
+    A straight-through estimator, a forward under ``no_grad`` (Reformer's reversible layers,
+    a reentrant checkpoint) or one the check cannot run is not. The caller restores buffers;
+    parameters' ``.grad`` are restored here."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.grad for p in params]
+    verdict = [False]
+
+    def apply(cls, *a, **k):
+        if cls is not function:
+            return original.__func__(cls, *a, **k)
+        verdict[0] = _same_gradients(cls, original.__func__(cls, *a, **k), a, k, params)
+        raise _Compared
+
+    base.apply = classmethod(apply)
+    try:
+        with torch.enable_grad():
+            model(*args, **kwargs)
+    except _Compared:
+        pass
+    except Exception:  # noqa: BLE001 - the model does not run eagerly here: not shown to be the same
+        return False
+    finally:
+        base.apply = original
+        for p, grad in zip(params, kept):
+            p.grad = grad
+    return verdict[0]
+
+
+def _same_gradients(cls: type, real: object, args: tuple, kwargs: dict, params: list[torch.Tensor]) -> bool:
+    try:
+        if cls.setup_context is torch.autograd.function._SingleLevelFunction.setup_context:
+            plain = cls.forward(_Ctx(args), *args, **kwargs)
+        else:
+            plain = cls.forward(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - its forward needs the real context: not shown to be the same
+        return False
+    seen: set[int] = set()
+    wrt = [t for t in [*tree_leaves((args, kwargs)), *params]
+           if isinstance(t, torch.Tensor) and t.requires_grad and not (id(t) in seen or seen.add(id(t)))]  # fmt: skip
+    outs = [[t for t in tree_leaves(v) if isinstance(t, torch.Tensor)] for v in (real, plain)]
+    if not wrt or len(outs[0]) != len(outs[1]):
+        return not wrt
+    generator = torch.Generator().manual_seed(0)
+    grad_out = [torch.randn(t.shape, generator=generator).to(t) if t.is_floating_point() else None for t in outs[0]]
+
+    def grads(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        pairs = [(t, g) for t, g in zip(tensors, grad_out) if g is not None and t.requires_grad]
+        if not pairs:
+            return [None] * len(wrt)
+        return list(torch.autograd.grad([t for t, _ in pairs], wrt, [g for _, g in pairs], retain_graph=True,
+                                        allow_unused=True))  # fmt: skip
+
+    for a, b in zip(grads(outs[0]), grads(outs[1])):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6):
+            return False
+    return True
 
 
 def is_opaque(target: object) -> bool:
