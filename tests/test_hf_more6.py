@@ -17,6 +17,9 @@ the rest were refusals whose suggested fix worked, but for Reformer's), and fixe
   whose backward the graph had silently replaced by the forward's.
 * Under ZeRO 3 the same backward ran the layers' children while their unit was freed: a module
   holding a unit's parameters now gathers the unit when it runs outside the unit's forward.
+* ERNIE 4.5's split refusal said it "cannot shard aten.linear" as whale "shards only through
+  aten.linear": its router's weight reaches the linear through a cast (``.float()``), and the
+  router holds a child module; the message now says which.
 * The opaque encoder's output is 8 rows of 8 tokens of width 64: recorded on the example
   alone, which 64 follows the batch was a guess, and the guess fixed the batch at 8 rows. An
   opaque call is now recorded at half the rows too.
@@ -24,11 +27,17 @@ the rest were refusals whose suggested fix worked, but for Reformer's), and fixe
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 pytest.importorskip("transformers")
 
+import whale as wh
+from tests.hf_cases import BUILDERS
+from tests.hf_models import capture_case
 from tests.test_hf_more2 import _check_trainable
+from whale.rewrite import TensorParallelAnalysis
 
 CASES = "tests.hf_more_cases"
 _OPAQUE = "could not trace every module"
@@ -51,3 +60,17 @@ def test_equals_local(world2, name, kwargs):
     _check_trainable(outs)
     told = [w for w in outs[0]["warnings"] if _OPAQUE in w]
     assert len(told) == 1 and "CustomFunctionCall: forward applies the custom autograd.Function" in told[0], told
+
+
+def test_a_split_refusal_says_why_a_linear_was_left_whole():
+    case = BUILDERS["ernie4_5_moe"]()
+    wh.annotate(case.model, {"": wh.split()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as error:
+            TensorParallelAnalysis(2)(case.model, capture_case(case))
+    message = str(error.value)
+    assert "(aten.linear.default) at 'model.layers.1.mlp.gate'" in message, message
+    assert "which reaches it through a cast or view, not as it is" in message, message
+    assert "only through aten.linear" not in message, message
+

@@ -127,3 +127,24 @@ def test_sharded_loss_reads_the_logits_field_as_the_output_allows():
     assert parallel_loss(lm_loss, ce, 64, 3, ("item", "logits")) is None
     assert parallel_loss(lambda out, y: torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten()),
                          ce, 64, 3, ("item", "logits")) is not None
+
+
+class _Statted(nn.Module):
+    """A router whose module holds a child beside its weight (ERNIE 4.5's ``moe_statics``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8) * 0.1)
+        self.stats = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.stats(torch.nn.functional.linear(x, self.weight))
+
+
+def test_a_split_refusal_names_what_else_a_linears_module_holds():
+    model = nn.Sequential(nn.Linear(8, 8), _Statted())
+    wh.annotate(model, {"": wh.split()})
+    with pytest.raises(ValueError) as error:
+        TensorParallelAnalysis(2)(model, capture(model, torch.randn(2, 8), frontend="export"))
+    message = str(error.value)
+    assert "whose module '1' holds more than a weight and a bias (stats)" in message, message

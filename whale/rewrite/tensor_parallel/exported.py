@@ -254,6 +254,29 @@ def _computing_user(node: Node) -> Node:
     return node
 
 
+def _why_not_lowered(gm: GraphModule, op: Node, param: Node) -> str | None:
+    """Why a linear or embedding whale shards was left whole, where it was: its weight reaches
+    it through a cast (DeepSeek-V2's router: ``F.linear(x.float(), W.float())``), or its module
+    holds more than a weight and a bias (ERNIE's router holds ``moe_statics``)."""
+    if op.target not in (_aten.linear.default, _aten.addmm.default, _aten.matmul.default, _aten.embedding.default):
+        return None
+    if param not in op.all_input_nodes:
+        return (
+            "which reaches it through a cast or view, not as it is: whale replaces a linear or "
+            "embedding by a sharded layer only where it reads its own parameters directly; keep "
+            "this module out of the split"
+        )
+    found = _match(gm, op, lambda p: set())
+    if found is not None and not _holds_only_weights(gm, found[2]):
+        owner = gm.get_submodule(found[2])
+        extra = sorted((set(owner._parameters) | set(owner._modules)) - {"weight", "bias"})
+        return (
+            f"whose module {found[2]!r} holds more than a weight and a bias ({', '.join(extra)}), so "
+            "whale cannot replace it by a sharded layer; keep this module out of the split"
+        )
+    return None
+
+
 def _parametrized(path: str) -> str:
     """The module a parametrization belongs to (``conv.parametrizations.weight.0`` -> ``conv``,
     as ``weight_norm`` makes it): the path a user can annotate."""
@@ -268,10 +291,11 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
     op = _computing_user(user)
     shape = tuple(gm.get_parameter(param.target).shape)
     where = _parametrized(path_of(user)) or "<root>"
-    lines = [(
-        f"split() cannot shard node {op.name} ({op.target}) at {where!r}: it reads the parameter "
-        f"{param.target!r} of shape {shape}, and whale shards matrix parameters only through "
-        "aten.linear, aten.addmm (Conv1D), x @ W.T and aten.embedding"
+    head = f"split() cannot shard node {op.name} ({op.target}) at {where!r}: it reads the parameter {param.target!r} of shape {shape}"
+    why = _why_not_lowered(gm, op, param)
+    lines = [f"{head}, {why}" if why else (
+        f"{head}, and whale shards matrix parameters only through aten.linear, aten.addmm (Conv1D), "
+        "x @ W.T and aten.embedding"
     )]
     if is_opaque(op.target):
         lines.append(
