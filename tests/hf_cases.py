@@ -247,3 +247,23 @@ def updated_buffers(*, steps: int = 2, **config) -> dict:
         out["got"].append({k: full[k].clone() for k in ("steps", "b.running")})
         out["want"].append({k: v.clone() for k, v in reference.state_dict().items() if k in ("steps", "b.running")})
     return out
+
+
+def whole_split_refusal(name: str) -> str:
+    """The message ``split()`` of the whole model ``name`` is refused with, at analysis (in this
+    process, 2 shards; capture's warnings silenced)."""
+    import warnings
+
+    from tests.hf_models import capture_case
+    from whale.rewrite import TensorParallelAnalysis
+
+    case = BUILDERS[name]()
+    wh.annotate(case.model, {"": wh.split()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            TensorParallelAnalysis(2)(case.model, capture_case(case))
+        except ValueError as error:
+            return str(error)
+    raise AssertionError(f"split() of the whole {name} was not refused")
+

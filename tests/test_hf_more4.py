@@ -35,10 +35,9 @@ import pytest
 pytest.importorskip("transformers")
 
 import whale as wh
-from tests.hf_cases import BUILDERS
+from tests.hf_cases import BUILDERS, whole_split_refusal
 from tests.hf_models import capture_case
 from tests.test_hf_more2 import _check_trainable
-from whale.rewrite import TensorParallelAnalysis
 from whale.rewrite.tensor_parallel.shard import shard_model
 
 CASES = "tests.hf_more_cases"
@@ -117,13 +116,7 @@ def test_following_a_refused_splits_suggestion_is_not_refused(name, suggested, l
     """A whole-model split refused for a weight whale cannot shard suggests modules to split
     instead; splitting them shards no weight without its other user (the tied-weight check in
     ``shard_model`` passes)."""
-    case = BUILDERS[name]()
-    wh.annotate(case.model, {"": wh.split()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError) as error:
-            TensorParallelAnalysis(2)(case.model, capture_case(case))
-    message = str(error.value)
+    message = whole_split_refusal(name)
     paths = tuple(p.strip("'") for p in re.search(r"\(e\.g\. (.*?)\), leaving", message).group(1).split(", "))
     assert set(suggested) <= set(paths), message
     assert left in message.split("leaving")[1] and ".parametrizations." not in message, message

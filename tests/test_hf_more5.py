@@ -29,17 +29,12 @@ one case for each fix), and fixed:
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 pytest.importorskip("transformers")
 
-import whale as wh
-from tests.hf_cases import BUILDERS
-from tests.hf_models import capture_case
+from tests.hf_cases import whole_split_refusal
 from tests.test_hf_more2 import _check_trainable
-from whale.rewrite import TensorParallelAnalysis
 
 CASES = "tests.hf_more_cases"
 _OPAQUE = "could not trace every module"
@@ -76,12 +71,6 @@ def test_equals_local(world2, name, kwargs):
 
 
 def test_a_depthwise_convolutions_refusal_names_the_convolution():
-    case = BUILDERS["mamba2"]()
-    wh.annotate(case.model, {"": wh.split()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError) as error:
-            TensorParallelAnalysis(2)(case.model, capture_case(case))
-    message = str(error.value)
+    message = whole_split_refusal("mamba2")
     assert "(aten.conv1d.default) at 'backbone.layers.0.mixer'" in message, message
     assert "whale does not shard convolutions" in message and "stacks" not in message, message

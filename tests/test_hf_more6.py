@@ -27,17 +27,12 @@ the rest were refusals whose suggested fix worked, but for Reformer's), and fixe
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 pytest.importorskip("transformers")
 
-import whale as wh
-from tests.hf_cases import BUILDERS
-from tests.hf_models import capture_case
+from tests.hf_cases import whole_split_refusal
 from tests.test_hf_more2 import _check_trainable
-from whale.rewrite import TensorParallelAnalysis
 
 CASES = "tests.hf_more_cases"
 _OPAQUE = "could not trace every module"
@@ -63,13 +58,7 @@ def test_equals_local(world2, name, kwargs):
 
 
 def test_a_split_refusal_says_why_a_linear_was_left_whole():
-    case = BUILDERS["ernie4_5_moe"]()
-    wh.annotate(case.model, {"": wh.split()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError) as error:
-            TensorParallelAnalysis(2)(case.model, capture_case(case))
-    message = str(error.value)
+    message = whole_split_refusal("ernie4_5_moe")
     assert "(aten.linear.default) at 'model.layers.1.mlp.gate'" in message, message
     assert "which reaches it through a cast or view, not as it is" in message, message
     assert "only through aten.linear" not in message, message
