@@ -194,7 +194,9 @@ def test_profiles_without_auto_and_auto_without_init_are_refused(monkeypatch):
 def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     # One process measures rank 0 and an emulated 2x-slow rank 1 alternately (5 rounds, medians):
     # the ratio is the factor within the noise of a shared host (as _measured, up to ATTEMPTS
-    # tries). Single-threaded, as torchrun's ranks (and the pool's) run: timed in CPU time.
+    # tries), far from 1 (not seen) and from 4 (counted twice); the exact factor is checked on a
+    # steady clock below. Single-threaded, as torchrun's ranks (and the pool's) run: timed in
+    # CPU time. (A slow spell read 2.47-2.70 in all three tries of one CI run.)
     def rounds():
         fast, slow = [], []
         for _ in range(5):
@@ -209,7 +211,7 @@ def test_self_profile_sees_the_emulated_slowdown_and_is_quick():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fast, slow = _within(rounds, ratio, 1.7, 2.4)
+        fast, slow = _within(rounds, ratio, 1.5, 2.8)
     finally:
         torch.set_num_threads(threads)
     assert max(r.seconds for r in fast) < 1.0 and max(r.seconds for r in slow) < 2.0
