@@ -91,11 +91,19 @@ def test_unknown_module_path_names_close_ones_before_any_process_group():
                        config=wh.Config(activation_checkpointing=["transformer.h.0"]))
 
 
-def test_batch_norm_inside_is_refused():
-    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), torch.nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="'0' holds the BatchNorm '0.1'.*running statistics"):
+def test_batch_norm_inside_is_refused_naming_the_parts_free_of_it():
+    nn = torch.nn
+    # A conformer-like layer: every layer holds a BatchNorm, so the parts beside it are named,
+    # largest first (the convolution module's own convolution too), and each is accepted.
+    conv = nn.Sequential(nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4))
+    layer = nn.Sequential(nn.Linear(4, 4), conv, nn.Linear(4, 16))
+    model = nn.Sequential(layer, nn.Linear(16, 2))
+    with pytest.raises(ValueError, match="'0' holds the BatchNorm '0.1.1'.*running statistics") as info:
         check_checkpoint_paths(model, ["0"])
-    check_checkpoint_paths(model, ["1"])
+    assert "e.g. its parts ['0.2', '0.1.0', '0.0']" in str(info.value)
+    check_checkpoint_paths(model, ["0.2", "0.1.0", "0.0", "1"])
+    with pytest.raises(ValueError, match=r"none of its parts holding parameters is free of one"):
+        check_checkpoint_paths(nn.Sequential(nn.BatchNorm1d(4)), ["0"])
 
 
 @pytest.mark.parametrize("config", [

@@ -4,7 +4,8 @@ Starting processes costs seconds each on two cores, so a pool of ``world_size`` 
 one process group once and then runs case after case: ``pool.run("module:function", *args)``
 calls the function on every rank and returns the per-rank results (or raises the error of the
 lowest failing rank). A case that leaves the group unusable (a hang) times out, and the pool is
-restarted for the next case.
+restarted for the next case; where a rank raised while another hung, its error is raised, the
+hang named beside it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ _CASE_TIMEOUT_S = float(os.environ.get("WHALE_TEST_CASE_TIMEOUT", "180"))
 class CaseError(Exception):
     """A case raised on some rank; carries the exception type name and message."""
 
-    def __init__(self, rank: int, type_name: str, message: str, tb: str) -> None:
-        super().__init__(f"rank {rank}: {type_name}: {message}\n{tb}")
+    def __init__(self, rank: int, type_name: str, message: str, tb: str, note: str = "") -> None:
+        super().__init__(f"rank {rank}: {type_name}: {message}\n{tb}" + (f"\n({note})" if note else ""))
         self.rank, self.type_name, self.message = rank, type_name, message
 
 
@@ -108,10 +109,11 @@ class WorldPool:
         except queue.Empty:
             self.close()
             self._start()
-            raise TimeoutError(
-                f"{target} did not finish on ranks {sorted(set(range(self.world_size)) - set(got))} "
-                f"within {_CASE_TIMEOUT_S}s"
-            ) from None
+            waited = f"{target} did not finish on ranks {sorted(set(range(self.world_size)) - set(got))} within {_CASE_TIMEOUT_S}s"
+            failed = sorted(rank for rank, (ok, _) in got.items() if not ok)
+            if failed:  # the error that left the others waiting, with the wait said beside it
+                raise CaseError(failed[0], *got[failed[0]][1], note=waited) from None
+            raise TimeoutError(waited) from None
         for rank in range(self.world_size):
             ok, value = got[rank]
             if not ok:

@@ -65,13 +65,38 @@ def check_checkpoint_paths(model: nn.Module, paths: Sequence[str]) -> None:
             raise ValueError(
                 f"Config(activation_checkpointing=...): {type(model).__name__} has no module {path!r}; {hint}"
             )
-        for sub_path, sub in model.get_submodule(path).named_modules(prefix=path):
-            if isinstance(sub, _BatchNorm) and sub.track_running_stats:
+        module = model.get_submodule(path)
+        for sub_path, sub in module.named_modules(prefix=path):
+            if _tracks_statistics(sub):
+                free = _without_batch_norm(module, path)
                 raise ValueError(
                     f"Config(activation_checkpointing=...): {path!r} holds the BatchNorm {sub_path!r}, whose "
                     "running statistics a recomputed forward would update twice; checkpoint modules without "
-                    "BatchNorm (e.g. the layers around it)"
+                    "BatchNorm instead"
+                    + (f", e.g. its parts {free}" if free else " (none of its parts holding parameters is free of one)")
                 )
+
+
+def _tracks_statistics(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) and module.track_running_stats
+
+
+def _without_batch_norm(module: nn.Module, path: str, most: int = 4) -> list[str]:
+    """The largest submodules of ``module`` (at ``path``) that hold parameters and no BatchNorm
+    keeping running statistics, by parameter count: what may be checkpointed in its place."""
+    found: list[tuple[int, str]] = []
+
+    def visit(sub: nn.Module, sub_path: str) -> None:
+        if not any(_tracks_statistics(m) for m in sub.modules()):
+            size = sum(p.numel() for p in sub.parameters())
+            if size:
+                found.append((size, sub_path))
+            return
+        for name, child in sub.named_children():
+            visit(child, f"{sub_path}.{name}")
+
+    visit(module, path)
+    return [p for _, p in sorted(found, key=lambda t: -t[0])[:most]]
 
 
 class _CheckpointedForward:
