@@ -110,6 +110,9 @@ def test_a_split_stage_keeps_what_its_graph_never_reads(world4):
         ("mobilebert", ("mobilebert.encoder",), "'mobilebert.embeddings.word_embeddings'"),
         # a weight-norm convolution is named by its module, not its parametrization's
         ("wav2vec2", ("wav2vec2.encoder.layers",), "'wav2vec2.encoder.pos_conv_embed.conv'"),
+        # an MLP whose column and row layers sit in two modules (one feeds the other), shown together
+        ("swinv2", ("swinv2.encoder.layers.0.blocks.0.intermediate", "swinv2.encoder.layers.0.blocks.0.output"),
+         "'swinv2.encoder.layers.0.blocks.0.attention.self'"),
     ],
 )
 def test_following_a_refused_splits_suggestion_is_not_refused(name, suggested, left):

@@ -277,6 +277,36 @@ def _why_not_lowered(gm: GraphModule, op: Node, param: Node) -> str | None:
     return None
 
 
+def _fed_pairs(gm: GraphModule, widest: dict[str, str], hops: int = 4) -> list[set[str]]:
+    """Pairs of the modules in ``widest`` (layer path -> the module suggested for it) where one's
+    layer feeds another's through at most ``hops`` pointwise ops that read no parameter: an
+    MLP's activation between its column and row layers, a gate's product. A view, a norm or an
+    op reading a parameter ends the path (an attention's heads, a router's softmax)."""
+    def pointwise(node: Node) -> bool:
+        return (node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+                and not any(a.op == "get_attr" for a in node.all_input_nodes))
+
+    pairs: list[set[str]] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in widest:
+            continue
+        frontier, seen = list(node.users), set()
+        for _ in range(hops):
+            following = []
+            for user in frontier:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_module" and user.target in widest:
+                    pair = {widest[node.target], widest[user.target]}
+                    if len(pair) == 2 and pair not in pairs:
+                        pairs.append(pair)
+                elif pointwise(user):
+                    following.extend(user.users)
+            frontier = following
+    return pairs
+
+
 def _parametrized(path: str) -> str:
     """The module a parametrization belongs to (``conv.parametrizations.weight.0`` -> ``conv``,
     as ``weight_norm`` makes it): the path a user can annotate."""
@@ -330,18 +360,21 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
                 counts[prefix] = counts.get(prefix, 0) + 1
                 widest[layer] = prefix
                 break
-    # A column/row pair (an attention, an MLP) before a lone layer (a router); then the modules
-    # whose layers share a weight with a suggested one (a tied LM head's embedding): whale
-    # slices a tied weight only when every user of it is in the split.
-    elsewhere = {p for p, n in counts.items() if n > 1} or set(counts)
+    # A column/row pair (an attention, an MLP), in one module or in two that one feeds (BERT's
+    # and Swin's ``intermediate`` and ``output``), before a lone layer (a router); then the
+    # modules whose layers share a weight with a suggested one (a tied LM head's embedding):
+    # whale slices a tied weight only when every user of it is in the split.
+    pairs = _fed_pairs(gm, widest)
+    elsewhere = {p for p, n in counts.items() if n > 1} | {p for pair in pairs for p in pair} or set(counts)
     holders: dict[int, set[str]] = {}
     for layer, prefix in widest.items():
         for weight in gm.get_submodule(layer).parameters():
             holders.setdefault(id(weight), set()).add(prefix)
+    partners = [*holders.values(), *pairs]
     grown = True
     while grown:  # a partner's own partners too
         grown = False
-        for prefixes in holders.values():
+        for prefixes in partners:
             if prefixes & elsewhere and not prefixes <= elsewhere:
                 elsewhere |= prefixes
                 grown = True
@@ -349,11 +382,11 @@ def refusal_message(gm: GraphModule, uses: list[tuple[Node, Node]], path_of: Cal
         lines.append(f"Nothing under this split() holds a layer whale can shard: remove the split(), leaving "
                      f"{sorted(bad)[:4]} replicated, or use replicate() or a pipeline stage for them")
         return ". ".join(lines)
-    # The first few, with their tied partners (following a shortened list must not split a
-    # weight without its other user).
+    # The first few, with their tied and fed partners (following a shortened list must not split
+    # a weight without its other user, nor a column layer without the row layer it feeds).
     shown = set(sorted(elsewhere)[:4])
     for _ in range(len(elsewhere)):
-        more = {p for prefixes in holders.values() if prefixes & shown for p in prefixes & elsewhere}
+        more = {p for prefixes in partners if prefixes & shown for p in prefixes & elsewhere}
         if more <= shown:
             break
         shown |= more
