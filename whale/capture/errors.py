@@ -12,7 +12,7 @@ import types
 import torch
 from torch import nn
 
-__all__ = ["CaptureError", "FrontendFailure", "describe_failure", "is_whale_usage_error"]
+__all__ = ["CaptureError", "FrontendFailure", "describe_failure", "is_user_file", "is_whale_usage_error"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _WHALE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -77,6 +77,13 @@ class CaptureError(ValueError):
                 "Fix: apply the autograd.Function inside a submodule's forward (whale runs that "
                 "module as one opaque call, its backward included), or make it a "
                 "torch.library.custom_op with register_autograd, which a graph keeps."
+            )
+        if any(f.error.startswith("RandomDraw") for f in failures):
+            lines.append(
+                "Fix: where the draw is a value, draw it with torch (torch.rand(()) instead of "
+                "random.random(): a graph keeps torch's draws as ops, drawn anew each step); where "
+                "an if depends on it (LayerDrop), make the draw inside a submodule's forward (whale "
+                "runs that module as one opaque call, drawing each step)."
             )
         if any("Cache" in f.error for f in failures):
             lines.append(
@@ -163,7 +170,8 @@ def _frames(tb: types.TracebackType | None) -> list[types.TracebackType]:
     return frames
 
 
-def _is_user_file(filename: str) -> bool:
+def is_user_file(filename: str) -> bool:
+    """Whether ``filename`` is the model's code: not torch's, whale's or the standard library's."""
     if filename.startswith("<"):  # fx-generated code, frozen modules
         return False
     path = os.path.abspath(filename)
@@ -173,7 +181,7 @@ def _is_user_file(filename: str) -> bool:
 
 
 def _innermost_user_frame(tb: types.TracebackType | None) -> types.TracebackType | None:
-    user = [t for t in _frames(tb) if _is_user_file(t.tb_frame.f_code.co_filename)]
+    user = [t for t in _frames(tb) if is_user_file(t.tb_frame.f_code.co_filename)]
     return user[-1] if user else None
 
 

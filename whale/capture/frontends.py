@@ -13,6 +13,7 @@ import dataclasses
 import dis
 import inspect
 import io
+import logging
 import re
 import sys
 import types
@@ -28,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..primitives.annotations import EXPORT_META_KEY, Annotation, current_scope
 from .costs import NodeCost, StateIndex, measure_costs
+from .draws import graph_signature, trace_checked
 from .errors import describe_failure
 from .graph_io import (
     GraphIO,
@@ -138,7 +140,7 @@ def trace_fx(
         concrete = {k: v for k, v in bound.items() if not _holds_tensor(v) and _is_leaf_value(v)}
     tracer = _WhaleTracer()
     with preserved_state(model) as state, custom_functions_stop():
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        graph = trace_checked(lambda: tracer.trace(model, concrete_args=concrete or None), graph_signature, torch_factories=True)
         assigned = state.assigned()
     if assigned:
         raise StateAssignmentError(
@@ -204,7 +206,10 @@ def trace_export(
     while True:
         try:
             with opaque.patched(), custom_functions_stop([f for f, through in checked.items() if through]):
-                exported, fixed_rows = _export_batch_dynamic(model, sig, args, kwargs, batch_dim, opaque.restart)
+                exported, fixed_rows = trace_checked(
+                    lambda: _export_batch_dynamic(model, sig, args, kwargs, batch_dim, opaque.restart),
+                    lambda result: graph_signature(result[0].graph),
+                )
             gm = exported.module()
             vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
             fake_mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
@@ -305,11 +310,31 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes=None, be
     opaque call)."""
     if before is not None:
         before()
-    written = io.StringIO()
-    with contextlib.redirect_stderr(written), torch.fx.traceback.preserve_node_meta():
+    with _held_stderr() as written, torch.fx.traceback.preserve_node_meta():
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     sys.stderr.write(written.getvalue())
     return exported
+
+
+@contextlib.contextmanager
+def _held_stderr():
+    """What the block writes to stderr, held in a buffer: ``sys.stderr`` and torch's log handlers
+    (which keep the stream they were made with: symbolic shapes' "Unable to find user code"
+    on a data-dependent guard an opaque call then recovers from)."""
+    written = io.StringIO()
+    streams = (sys.stderr, sys.__stderr__)
+    handlers = {
+        id(h): h for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if name.split(".")[0] == "torch" and isinstance(logger, logging.Logger)
+        for h in logger.handlers if type(h) is logging.StreamHandler and h.stream in streams
+    }
+    previous = [(h, h.setStream(written)) for h in handlers.values()]
+    try:
+        with contextlib.redirect_stderr(written):
+            yield written
+    finally:
+        for handler, stream in previous:
+            handler.setStream(stream)
 
 
 def _export_batch_dynamic(model, sig, args, kwargs, batch_dim, before=None) -> tuple[torch.export.ExportedProgram, int | None]:

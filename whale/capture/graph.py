@@ -16,6 +16,7 @@ from ..primitives.annotations import (
     module_annotations,
     validate_stack,
 )
+from .draws import kept_random_states
 from .errors import CaptureError, describe_failure, is_whale_usage_error
 from .frontends import Trace, trace_export, trace_fx
 from .graph_io import GraphIO, split_example_inputs, training_defaults
@@ -258,7 +259,7 @@ def capture(
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         try:
-            with preserved_state(model), config_without_cache(model, kwargs):
+            with preserved_state(model), config_without_cache(model, kwargs), kept_random_states(_cuda_devices(model)):
                 trace = _FRONTENDS[name](model, args, kwargs, defaults, batch_dim)
             break
         except Exception as exc:  # any tracer failure: try the next front end, then report all
@@ -269,6 +270,12 @@ def capture(
     else:
         raise CaptureError.from_failures(model, tuple(f for f, _ in failures)) from failures[-1][1]
     return _assemble(model, trace)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices holding the model's tensors, whose generators its eager runs draw from."""
+    held = {t.device for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
+    return sorted({torch.cuda.current_device() if d.index is None else d.index for d in held})
 
 
 def module_annotation_map(model: nn.Module) -> dict[str, tuple[Annotation, ...]]:
