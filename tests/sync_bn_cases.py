@@ -116,3 +116,36 @@ def micro_batches(global_batch: int, num_micro_batch: int, row_weights=None) -> 
 
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _Head(nn.Module):
+    """LeViT's classifier: BatchNorm1d over (rows, features), one value per channel per row.
+    ``exported``: a branch on the batch size fx cannot trace, so capture uses torch.export,
+    which drops BatchNorm's batch size check (transformers models are captured so)."""
+
+    def __init__(self, exported: bool) -> None:
+        super().__init__()
+        self.exported = exported
+        self.body, self.norm, self.head = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.exported and x.shape[0] > 0:
+            h = h * 1.0
+        return self.head(self.norm(h))
+
+
+def one_row_micro_batch(exported: bool, rows: int, **config) -> dict:
+    """A step of ``rows`` rows of a pipeline over the head: the error every rank raised, or the
+    loss and whether the running statistics are finite."""
+    torch.manual_seed(0)
+    model = _Head(exported)
+    x, y = torch.randn(rows, 8), torch.randint(4, (rows,))
+    program = wh.parallelize(model, loss_fn=F.cross_entropy, example_inputs=(torch.randn(8, 8),),
+                             config=wh.Config(**config))  # fmt: skip
+    try:
+        loss = program.step(x, y).item()
+    except ValueError as err:
+        return {"error": str(err)}
+    full = program.full_state_dict()
+    return {"loss": loss, "finite": all(bool(torch.isfinite(full[k]).all()) for k in full if "running" in k)}

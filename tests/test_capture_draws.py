@@ -103,6 +103,26 @@ def test_a_draw_that_decides_nothing_leaves_the_graph_whole(drop):
     torch.testing.assert_close(_through_graph(c, x), model(x), rtol=0, atol=0)
 
 
+def test_draws_from_a_generator_forward_seeds_itself_stay_in_the_graph():
+    # BigBird's random attention blocks: np.random.seed(seed), then a permutation, every
+    # forward: the same draw every step, so the graph may keep it.
+    class SeededBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            np.random.seed(7)
+            order = torch.tensor(np.random.permutation(8))
+            return self.fc(x)[:, order]
+
+    model = nn.Sequential(SeededBlocks(), nn.Linear(8, 2))
+    c = capture(model, torch.randn(4, 8))  # export: fx holds the permutation as a new attribute
+    assert not [n for n in c.nodes if "opaque" in str(n.target)]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(_through_graph(c, x), model(x), rtol=0, atol=0)
+
+
 def test_a_torch_draw_fx_would_run_once_is_kept_as_an_op():
     # fx runs torch.rand(8) for real while tracing (it takes no traced input) and would keep
     # the tensor as a constant; export records the op, drawn anew on every call.

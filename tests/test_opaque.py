@@ -98,3 +98,50 @@ def test_zero3_cuts_nested_blocks_into_units_only_where_the_graph_runs_them_all(
         always = always_run_containers(routed, capture(routed, torch.randint(0, 32, (4, 6))))
     assert always == {"blocks"}
     assert [n for n, _ in unit_modules(routed, always)] == ["", "blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_an_opaque_call_whose_caller_branches_on_being_traced_moves_to_the_caller():
+    """LongT5's stack builds its default attention mask only when not traced
+    (``is_torchdynamo_compiling()``), and its attention is an opaque call: the traced call passes
+    other tensors than the recorded eager one, and the graph ran the attention without the
+    mask (a crash at LongT5's shapes, other numbers here). The caller becomes the opaque call,
+    and the graph computes what the model does, exactly."""
+    import warnings
+
+    from torch import nn
+    from torch.utils._pytree import tree_leaves
+
+    from whale.capture import CaptureError, capture
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            h = self.lin(x)
+            if (h > 100).any():  # data-dependent: export stops, an opaque call
+                h = h.clamp(max=100)
+            return h if mask is None else h * mask.unsqueeze(-1)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = Attention()
+
+        def forward(self, x):
+            mask = None if torch.compiler.is_compiling() else torch.full(x.shape[:2], 0.5)
+            return self.attention(x, mask)
+
+    model = nn.Sequential(nn.Linear(8, 8), Stack(), nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = capture(model, torch.randn(4, 3, 8))
+    assert [n.module_path for n in c.nodes if "opaque" in str(n.target)] == ["1"]
+    assert any("'1.attention' (Attention) is called with tensors of shapes" in str(w.message) for w in caught)
+    x = torch.randn(5, 3, 8)
+    got = c.unflatten_output(tree_leaves(c.graph_module(*c.flatten_inputs((x,), {}))))
+    assert_close(got, model(x), rtol=0, atol=0)
+    # In the root's own forward nothing can take the call in: capture says why.
+    with pytest.raises(CaptureError, match=r"OpaqueCallMismatch: 'attention' \(Attention\) is called with"):
+        capture(model[1], torch.randn(4, 3, 8))

@@ -227,3 +227,17 @@ def test_one_all_reduce_per_batch_norm_forward_and_backward(world2):
     assert bn == sorted([2 * c + 1 for c in (8, 16, 256)] + [2 * c for c in (8, 16, 256)])
     assert len(calls["calls"]) == 6 + calls["buckets"]
 
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["fx", "export"])
+def test_a_one_row_micro_batch_for_a_one_value_batch_norm_is_refused_on_every_rank(world2, exported):
+    # 7 rows in 4 micro-batches: 2, 2, 2, 1. torch refuses the 1-row one in training; an exported
+    # graph (which drops that check) left the running variance NaN. Every rank raises before
+    # the step sends anything; 8 rows train, the statistics finite.
+    config = {"stage_boundaries": ["head"], "num_micro_batch": 4, "schedule": "1f1b"}
+    outs = world2.run(f"{CASES}:one_row_micro_batch", exported, 7, **config)
+    for out in outs:
+        assert "BatchNorm 'norm' normalizes one value per channel per row, and replica 0 gets a micro-batch of 1 row" in out["error"]
+        assert "at least 8 rows, or use fewer micro-batches" in out["error"]
+    outs = world2.run(f"{CASES}:one_row_micro_batch", exported, 8, **config)
+    assert all(out["finite"] for out in outs) and outs[0]["loss"] == outs[1]["loss"]

@@ -5,7 +5,8 @@ one process group once and then runs case after case: ``pool.run("module:functio
 calls the function on every rank and returns the per-rank results (or raises the error of the
 lowest failing rank). A case that leaves the group unusable (a hang) times out, and the pool is
 restarted for the next case; where a rank raised while another hung, its error is raised, the
-hang named beside it.
+hang named beside it. A case where one rank raised and another did not, or whose error says the
+group failed under it, restarts the pool too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, root: str) ->
     dist.destroy_process_group()
 
 
+def _broke_group(error: tuple[str, str, str]) -> bool:
+    """Whether a rank's error says the process group failed under it (a peer gone, a wait the
+    watchdog ended), not an error every rank raised alike before communicating."""
+    type_name, message, _ = error
+    return type_name in ("PeerWaitError", "DistBackendError") or any(
+        marker in message for marker in ("Connection closed by peer", "Gloo", "gloo", "timed out", "Timed out")
+    )
+
+
 class WorldPool:
     """``world_size`` processes in one gloo group, running cases on request."""
 
@@ -114,10 +124,14 @@ class WorldPool:
             if failed:  # the error that left the others waiting, with the wait said beside it
                 raise CaseError(failed[0], *got[failed[0]][1], note=waited) from None
             raise TimeoutError(waited) from None
-        for rank in range(self.world_size):
-            ok, value = got[rank]
-            if not ok:
-                raise CaseError(rank, *value)
+        failed = [rank for rank in range(self.world_size) if not got[rank][0]]
+        if failed:
+            if len(failed) < self.world_size or any(_broke_group(got[r][1]) for r in failed):
+                # One rank raised mid-step and the others ran on or lost it: the group may be
+                # unusable (every later case would fail with "Connection closed by peer").
+                self.close()
+                self._start()
+            raise CaseError(failed[0], *got[failed[0]][1])
         return [got[r][1] for r in range(self.world_size)]
 
     def close(self) -> None:

@@ -17,7 +17,9 @@ differ, a third trace stops at the first draw (:class:`RandomDraw`): fx then giv
 export, and export makes the module whose forward drew an opaque call, which runs the module
 itself, drawing each step as the local model does. A draw with no such range (``choice``,
 ``shuffle``, a normal variate) and fx's torch factories stop the trace at once. Draws made by
-torch, whale or the standard library themselves are let through.
+torch, whale or the standard library themselves are let through, and so are draws from a
+generator forward seeds itself (BigBird's random attention blocks: ``np.random.seed(seed)``
+before each draw), which repeat every step.
 
 Capture runs the model eagerly too (an opaque call's recording, a custom Function's check):
 :func:`kept_random_states` puts back every generator those runs drew from, so a job's dropout
@@ -134,6 +136,18 @@ def _draws(mode: str, drawn: list[str], torch_factories: bool) -> Iterator[None]
     (fx), a torch factory called with no ``torch.fx.Proxy`` among its inputs raises too. The
     module attributes are replaced for the block and restored after."""
     patched: list[tuple[object, str, object]] = []
+    seeded: set[str] = set()  # generators forward seeded itself: their draws repeat every step
+
+    def seed(owner: object, label: str) -> None:
+        original = owner.seed
+
+        def reseed(*args, **kwargs):
+            if is_user_file(sys._getframe(1).f_code.co_filename):
+                seeded.add(label)
+            return original(*args, **kwargs)
+
+        patched.append((owner, "seed", original))
+        owner.seed = reseed
 
     def stop(owner: object, name: str, label: str, traced: Callable[[tuple, dict], bool] | None = None) -> None:
         original = getattr(owner, name, None)
@@ -141,7 +155,8 @@ def _draws(mode: str, drawn: list[str], torch_factories: bool) -> Iterator[None]
             return
 
         def draw(*args, **kwargs):
-            if not is_user_file(sys._getframe(1).f_code.co_filename) or (traced is not None and traced(args, kwargs)):
+            if (label in seeded or not is_user_file(sys._getframe(1).f_code.co_filename)
+                    or (traced is not None and traced(args, kwargs))):
                 return original(*args, **kwargs)
             value = NotImplemented if mode == "stop" or traced is not None else _ends(label, name, args, kwargs, mode == "high")
             if value is NotImplemented:
@@ -157,6 +172,8 @@ def _draws(mode: str, drawn: list[str], torch_factories: bool) -> Iterator[None]
         setattr(owner, name, draw)
 
     try:
+        seed(random, "random")
+        seed(np.random, "numpy.random")
         for name in _PYTHON:
             stop(random, name, "random")
         for name in _NUMPY:

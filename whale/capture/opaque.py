@@ -399,6 +399,28 @@ def opaque_saved_bytes(key: str, inputs) -> int:
 # ---- export with opaque modules -------------------------------------------------------------
 
 
+def _check_same_call(path: str, module: nn.Module, rec: _Recorded, tensors: list[torch.Tensor]) -> None:
+    """The traced call passes the tensors the eager call on the example did, as the opaque op
+    runs the module on the traced ones: a caller that branches on being traced (transformers'
+    ``is_torchdynamo_compiling()``: LongT5's default attention mask, built only eagerly) passes
+    others, and the recording would not fit (a crash, or silently other numbers)."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if len(shapes) == len(rec.in_shapes) and all(
+        len(t) == len(r) and all(not isinstance(d, int) or d == e for d, e in zip(t, r)) for t, r in zip(shapes, rec.in_shapes)
+    ):
+        return
+    raise OpaqueCallMismatch(
+        f"{path!r} ({type(module).__name__}) is called with tensors of shapes {[tuple(map(str, t)) for t in shapes]} "
+        f"when traced and {list(rec.in_shapes)} when the example runs eagerly: the code calling it takes "
+        "another branch when traced (transformers' is_torchdynamo_compiling()), so the graph would not "
+        "compute what the model does"
+    )
+
+
+class OpaqueCallMismatch(RuntimeError):
+    """An opaque module's traced call passes other tensors than its eager call on the example."""
+
+
 class OpaqueModules:
     """Modules of ``model`` to export as opaque calls, by class.
 
@@ -557,6 +579,7 @@ class OpaqueModules:
                     "plain argument; whale cannot make it an opaque call"
                 )
             tensors = [v for v in flat if isinstance(v, torch.Tensor)]
+            _check_same_call(path, module, records[k], tensors)
             sizes = [v if isinstance(v, torch.SymInt) else torch.sym_ite(v, 1, 0)
                      for v in flat if isinstance(v, torch.SymInt | torch.SymBool)]  # fmt: skip
             slots = tuple(TENSOR if isinstance(v, torch.Tensor) else SIZE if isinstance(v, torch.SymInt)

@@ -37,7 +37,7 @@ from .stage_split import (
     keep_state_dict_keys,
     split_stages,
 )
-from .sync_batch_norm import batch_norm_pass  # Config(sync_batch_norm)
+from .sync_batch_norm import batch_norm_pass, single_value_batch_norms
 from .tensor_parallel.analysis import TensorParallelAnalysis
 from .tensor_parallel.decisions import TensorParallelPlan
 from .tensor_parallel.shard import resolve_sizes, shard_model
@@ -181,6 +181,7 @@ class ProgramRewrite:
             tied=tied,
             call=call,
             data_group=data_group,  # Config(sync_batch_norm)
+            single_value_batch_norms=single_value_batch_norms(self.model, self.captured),
         )
 
     def _whole_model(self, rank: int, group: CommGroup | None, sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:

@@ -154,6 +154,8 @@ class DistributedProgram:
         call: how inputs reach the stages and the last stage's output the loss.
         data_group: this rank's data-parallel ranks, which its SyncBatchNorm modules communicate
             in (``Config(sync_batch_norm=True)``; None otherwise); the runtime binds it.
+        single_value_batch_norms: the BatchNorms that see one value per channel per row, which
+            a micro-batch of one row must not reach in training (``sync_batch_norm.py``).
     """
 
     plan: Plan
@@ -168,6 +170,7 @@ class DistributedProgram:
     tied: tuple[TiedWeight, ...] = ()
     call: ModelCall = dataclasses.field(default_factory=lambda: ModelCall(None))
     data_group: CommGroup | None = None  # Config(sync_batch_norm)
+    single_value_batch_norms: tuple[str, ...] = ()
 
     @property
     def local_stages(self) -> tuple[ProgramStage, ...]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 
 import torch
@@ -199,6 +200,25 @@ def batch_norm_paths(model: nn.Module) -> list[str]:
         name for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))
     ]
+
+
+def single_value_batch_norms(model: nn.Module, captured) -> tuple[str, ...]:
+    """Paths of the BatchNorms that normalize one value per channel per row (``BatchNorm1d`` on
+    ``(rows, features)``), read from the captured graph: a micro-batch of one row gives them a
+    single value per channel, which torch refuses in training ("Expected more than 1 value per
+    channel") and an exported graph, which drops that check, turns into a NaN running variance.
+    Empty without a graph (the model then runs itself, and torch raises)."""
+    paths = set(batch_norm_paths(model))
+    if captured is None or not paths:
+        return ()
+    found: dict[str, bool] = {}
+    for info in captured.nodes:
+        path = info.module_path
+        if path in paths and path not in found and info.shapes and len(info.shapes[0]) >= 2 and (
+            info.op == "call_module" or "batch_norm" in info.target
+        ):
+            found[path] = math.prod(info.shapes[0][2:]) == 1
+    return tuple(path for path, single in found.items() if single)
 
 
 def sync_batch_norms(model: nn.Module, group: CommGroup) -> nn.Module:
