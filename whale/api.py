@@ -128,7 +128,7 @@ def parallelize(
     plan, config = _memory_options(plan, config)
     if config.activation_checkpointing == "auto" and not config.auto_parallel and saved is None:
         plan = _checkpoint_to_fit(plan, model, captured, example_rows, config, world_size, ranks_per_node)
-    rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm)
+    rewrite = ProgramRewrite(model, captured, plan, loss_fn, sync_batch_norm=config.sync_batch_norm, example_rows=example_rows)
     if saved is None:  # a saved plan runs as written, its shard sizes too
         plan = with_speed_sizes(plan, config.cluster, rewrite.regions())
     built = rewrite.build(plan, _rank())

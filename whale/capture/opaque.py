@@ -410,10 +410,9 @@ def _check_same_call(path: str, module: nn.Module, rec: _Recorded, tensors: list
     ):
         return
     raise OpaqueCallMismatch(
-        f"{path!r} ({type(module).__name__}) is called with tensors of shapes {[tuple(map(str, t)) for t in shapes]} "
-        f"when traced and {list(rec.in_shapes)} when the example runs eagerly: the code calling it takes "
-        "another branch when traced (transformers' is_torchdynamo_compiling()), so the graph would not "
-        "compute what the model does"
+        f"the code calling {path!r} ({type(module).__name__}) takes another branch when traced (transformers' "
+        "is_torchdynamo_compiling()), so the graph would not compute what the model does: it passes tensors "
+        f"of shapes {[tuple(map(str, t)) for t in shapes]} traced, {list(rec.in_shapes)} eagerly"
     )
 
 

@@ -58,9 +58,10 @@ class ProgramRewrite:
     """
 
     def __init__(self, model: nn.Module, captured: CapturedModel | None, plan: Plan, loss_fn: Callable[..., torch.Tensor],
-                 *, sync_batch_norm: bool = False) -> None:
+                 *, sync_batch_norm: bool = False, example_rows: int | None = None) -> None:
         self.model, self.captured, self.plan, self.loss_fn = model, captured, plan, loss_fn
         self.sync_batch_norm = sync_batch_norm  # Config(sync_batch_norm): see sync_batch_norm.py
+        self.example_rows = example_rows  # the captured example's rows (sizes per row)
         self.stages = None
         self.unread: dict[int, list[str]] = {}  # stage -> state the stage's graph never reads
         graphs: dict[int, tuple[nn.Module, CapturedModel]] = {}
@@ -181,7 +182,7 @@ class ProgramRewrite:
             tied=tied,
             call=call,
             data_group=data_group,  # Config(sync_batch_norm)
-            single_value_batch_norms=single_value_batch_norms(self.model, self.captured),
+            single_value_batch_norms=single_value_batch_norms(self.model, self.captured, self.example_rows),
         )
 
     def _whole_model(self, rank: int, group: CommGroup | None, sizes: Mapping[str, tuple[int, ...]]) -> ProgramStage:

@@ -202,14 +202,15 @@ def batch_norm_paths(model: nn.Module) -> list[str]:
     ]
 
 
-def single_value_batch_norms(model: nn.Module, captured) -> tuple[str, ...]:
-    """Paths of the BatchNorms that normalize one value per channel per row (``BatchNorm1d`` on
-    ``(rows, features)``), read from the captured graph: a micro-batch of one row gives them a
-    single value per channel, which torch refuses in training ("Expected more than 1 value per
-    channel") and an exported graph, which drops that check, turns into a NaN running variance.
-    Empty without a graph (the model then runs itself, and torch raises)."""
+def single_value_batch_norms(model: nn.Module, captured, example_rows: int | None) -> tuple[str, ...]:
+    """Paths of the BatchNorms that normalize one value per channel per batch row (a classifier's
+    ``BatchNorm1d`` on ``(rows, features)``; not LeViT's on ``(rows * tokens, features)``), read
+    from the captured graph at the example's rows: a micro-batch of one row gives them a single
+    value per channel, which torch refuses in training ("Expected more than 1 value per channel")
+    and an exported graph, which drops that check, turns into a NaN running variance. Empty
+    without a graph (the model then runs itself, and torch raises)."""
     paths = set(batch_norm_paths(model))
-    if captured is None or not paths:
+    if captured is None or not example_rows or not paths:
         return ()
     found: dict[str, bool] = {}
     for info in captured.nodes:
@@ -217,7 +218,8 @@ def single_value_batch_norms(model: nn.Module, captured) -> tuple[str, ...]:
         if path in paths and path not in found and info.shapes and len(info.shapes[0]) >= 2 and (
             info.op == "call_module" or "batch_norm" in info.target
         ):
-            found[path] = math.prod(info.shapes[0][2:]) == 1
+            shape = info.shapes[0]
+            found[path] = math.prod(shape) == shape[1] * example_rows
     return tuple(path for path, single in found.items() if single)
 
 
