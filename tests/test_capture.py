@@ -864,3 +864,22 @@ def test_a_pipeline_over_a_graph_with_fixed_rows_is_refused_before_any_step(monk
         with pytest.raises(ValueError, match=r"runs only on batches of 8 rows .* micro-batches of \[4\] rows"):
             wh.parallelize(model, loss_fn=F.mse_loss, example_inputs=torch.randn(8, 4),
                            config=wh.Config(num_micro_batch=2))
+
+
+def test_an_in_place_write_to_a_parameters_data_names_the_module_and_the_fix():
+    # Gemma 3n's AltUp clamps prediction_coefs.weight.data every training forward: export keeps
+    # a "lifted tensor" it cannot follow, and torch's message names the module near its end.
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.coefs = nn.Linear(8, 8)
+
+        def forward(self, x):
+            self.coefs.weight.data.clamp_(-1.0, 1.0)
+            return self.coefs(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), Clamped())
+    with pytest.raises(CaptureError) as info:
+        capture(model, torch.randn(4, 8), frontend="export")
+    message = str(info.value)
+    assert "Fix: forward in '1' makes a tensor export cannot follow, most often an in-place write to a parameter's .data" in message

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import linecache
 import os
+import re
 import sysconfig
 import types
 
@@ -85,6 +86,13 @@ class CaptureError(ValueError):
                 "an if depends on it (LayerDrop), make the draw inside a submodule's forward (whale "
                 "runs that module as one opaque call, drawing each step)."
             )
+        lifted = next((m for f in failures for m in re.findall(r"model attribute: ([\w.]+)\.lifted_tensor", f.error)), None)
+        if lifted is not None:
+            lines.append(
+                f"Fix: forward in {lifted!r} makes a tensor export cannot follow, most often an in-place "
+                "write to a parameter's .data (Gemma 3n's AltUp clamps a weight's .data each forward): "
+                "do it outside forward (after optimizer.step()), or turn it off in the model's config."
+            )
         if any("Cache" in f.error for f in failures):
             lines.append(
                 "The forward returns a cache object (transformers' use_cache=True): pass "
@@ -136,8 +144,8 @@ def describe_failure(frontend: str, exc: BaseException, model: nn.Module) -> Fro
         if module_path is not None:
             break
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > 240:
-        first = first[:237] + "..."
+    if len(first) > 400:  # torch's lifted-tensor message names the module at about 330
+        first = first[:397] + "..."
     return FrontendFailure(
         frontend, f"{type(exc).__name__}: {first}", location, source, module_path, in_user_code
     )
