@@ -13,7 +13,7 @@ import types
 import torch
 from torch import nn
 
-__all__ = ["CaptureError", "FrontendFailure", "describe_failure", "is_user_file", "is_whale_usage_error"]
+__all__ = ["CaptureError", "FrontendFailure", "describe_failure", "exception_chain", "is_user_file", "is_whale_usage_error"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _WHALE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -120,7 +120,7 @@ def _data_dependent(error: str) -> bool:
 
 def describe_failure(frontend: str, exc: BaseException, model: nn.Module) -> FrontendFailure:
     """Locate ``exc`` in the user's code: innermost non-torch frame and the module running there."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     location = source = ""
     in_user_code = True
     for err in reversed(chain):  # the deepest cause is nearest to the construct
@@ -161,7 +161,8 @@ def is_whale_usage_error(exc: BaseException) -> bool:
     )
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), outermost first, each once."""
     chain: list[BaseException] = []
     while exc is not None and exc not in chain:
         chain.append(exc)

@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from ..primitives.annotations import EXPORT_META_KEY, Annotation, current_scope
 from .costs import NodeCost, StateIndex, measure_costs
 from .draws import graph_signature, trace_checked
-from .errors import describe_failure
+from .errors import describe_failure, exception_chain
 from .graph_io import (
     GraphIO,
     batch_dynamic_shapes,
@@ -240,9 +240,7 @@ def trace_export(
 
 
 def _custom_function_call(exc: BaseException) -> CustomFunctionCall | None:
-    while exc is not None and not isinstance(exc, CustomFunctionCall):
-        exc = exc.__cause__ or exc.__context__
-    return exc
+    return next((e for e in exception_chain(exc) if isinstance(e, CustomFunctionCall)), None)
 
 
 # How many module classes export may leave opaque before capture gives up.
