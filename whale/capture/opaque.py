@@ -140,10 +140,8 @@ def custom_functions_stop(traced: Collection[type] = ()) -> Iterator[None]:
 
     ``Function.apply`` is replaced on the class for the trace and restored after.
     """
-    function = torch.autograd.function.Function
-    original = function.__dict__["apply"]
 
-    def apply(cls, *args, **kwargs):
+    def apply(original, cls, *args, **kwargs):
         # torch's private Functions are kept by the trace: a torch.library custom op's
         # register_autograd (torch._library) is the op's own autograd, and the graph holds the op.
         if torch.is_grad_enabled() and cls not in traced and not cls.__module__.startswith("torch._"):
@@ -152,13 +150,23 @@ def custom_functions_stop(traced: Collection[type] = ()) -> Iterator[None]:
                 "a traced graph keeps what its forward computes and loses its backward",
                 cls,
             )
-        return original.__func__(cls, *args, **kwargs)
+        return original(cls, *args, **kwargs)
 
-    function.apply = classmethod(apply)
+    with _apply_replaced(apply):
+        yield
+
+
+@contextmanager
+def _apply_replaced(apply: Callable[..., object]) -> Iterator[None]:
+    """``torch.autograd.Function.apply`` replaced on the class by ``apply(original, cls, *args,
+    **kwargs)`` for the block (``original`` the unbound apply), and restored after."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+    base.apply = classmethod(lambda cls, *args, **kwargs: apply(original.__func__, cls, *args, **kwargs))
     try:
         yield
     finally:
-        function.apply = original
+        base.apply = original
 
 
 class _Compared(Exception):  # noqa: N818 - ends the model's forward once the Function is compared
@@ -196,28 +204,24 @@ def backward_is_forwards(function: type, model: nn.Module, args: tuple, kwargs: 
     A straight-through estimator, a forward under ``no_grad`` (Reformer's reversible layers,
     a reentrant checkpoint) or one the check cannot run is not. The caller restores buffers;
     parameters' ``.grad`` are restored here."""
-    base = torch.autograd.function.Function
-    original = base.__dict__["apply"]
     params = [p for p in model.parameters() if p.requires_grad]
     kept = [p.grad for p in params]
     verdict = [False]
 
-    def apply(cls, *a, **k):
+    def apply(original, cls, *a, **k):
         if cls is not function:
-            return original.__func__(cls, *a, **k)
-        verdict[0] = _same_gradients(cls, original.__func__(cls, *a, **k), a, k, params)
+            return original(cls, *a, **k)
+        verdict[0] = _same_gradients(cls, original(cls, *a, **k), a, k, params)
         raise _Compared
 
-    base.apply = classmethod(apply)
     try:
-        with torch.enable_grad():
+        with _apply_replaced(apply), torch.enable_grad():
             model(*args, **kwargs)
     except _Compared:
         pass
     except Exception:  # noqa: BLE001 - the model does not run eagerly here: not shown to be the same
         return False
     finally:
-        base.apply = original
         for p, grad in zip(params, kept):
             p.grad = grad
     return verdict[0]
