@@ -295,29 +295,31 @@ class ProgramBase:
     def _check_micro_batches(self, split: tuple[int, ...], total: int, agreement: BatchAgreement | None) -> None:
         # Every rank judges the whole split, so all of them raise together or none does.
         m = self.plan.num_micro_batch
-        replica = split.index(min(split))
-        if min(split) < m:
-            if agreement is not None:
-                agreement.wait()
-            raise every_rank(ValueError(
-                f"num_micro_batch={m} is larger than the {min(split)} rows replica {replica} gets "
+        fewest = min(split)
+        replica = split.index(fewest)
+        norms = self.program.single_value_batch_norms
+        refusal = None
+        if fewest < m:
+            refusal = (
+                f"num_micro_batch={m} is larger than the {fewest} rows replica {replica} gets "
                 f"of a batch of {total}; pass a global batch of at least {m * len(split)} rows or "
                 "use fewer micro-batches"
-            ))  # fmt: skip
-        norms = self.program.single_value_batch_norms
+            )
         # Micro-batches are near-equal: the smallest of r rows in m has r // m.
-        if norms and min(split) // m < 2 and self.program.data_group is None and any(
+        elif norms and fewest // m < 2 and self.program.data_group is None and any(
             s.module.training for s in self.program.local_stages
         ):
-            if agreement is not None:
-                agreement.wait()
-            raise every_rank(ValueError(
+            refusal = (
                 f"BatchNorm {norms[0]!r} normalizes one value per channel per row, and replica {replica} "
-                f"gets a micro-batch of 1 row ({min(split)} rows of a batch of {total} in {m} "
+                f"gets a micro-batch of 1 row ({fewest} rows of a batch of {total} in {m} "
                 "micro-batch(es)): torch refuses that in training (\"Expected more than 1 value per "
                 "channel\"), and the captured graph would leave its running variance NaN; pass a "
                 f"batch giving every replica at least {2 * m} rows, or use fewer micro-batches"
-            ))  # fmt: skip
+            )
+        if refusal is not None:
+            if agreement is not None:
+                agreement.wait()  # a rank whose batch differs is the first thing to report
+            raise every_rank(ValueError(refusal))
 
     @contextlib.contextmanager
     def _communicating(self) -> Iterator[None]:
