@@ -107,8 +107,7 @@ class WorldPool:
     def run(self, target: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``module:function(*args, **kwargs)`` on every rank; per-rank results in rank order."""
         if not all(p.is_alive() for p in self._procs):
-            self.close()
-            self._start()
+            self._restart()
         for q in self._tasks:
             q.put((target, args, kwargs))
         got: dict[int, tuple[bool, Any]] = {}
@@ -117,8 +116,7 @@ class WorldPool:
                 rank, ok, value = self._results.get(timeout=_CASE_TIMEOUT_S)
                 got[rank] = (ok, value)
         except queue.Empty:
-            self.close()
-            self._start()
+            self._restart()
             waited = f"{target} did not finish on ranks {sorted(set(range(self.world_size)) - set(got))} within {_CASE_TIMEOUT_S}s"
             failed = sorted(rank for rank, (ok, _) in got.items() if not ok)
             if failed:  # the error that left the others waiting, with the wait said beside it
@@ -129,10 +127,14 @@ class WorldPool:
             if len(failed) < self.world_size or any(_broke_group(got[r][1]) for r in failed):
                 # One rank raised mid-step and the others ran on or lost it: the group may be
                 # unusable (every later case would fail with "Connection closed by peer").
-                self.close()
-                self._start()
+                self._restart()
             raise CaseError(failed[0], *got[failed[0]][1])
         return [got[r][1] for r in range(self.world_size)]
+
+    def _restart(self) -> None:
+        """A fresh pool in place of one a case may have left unusable."""
+        self.close()
+        self._start()
 
     def close(self) -> None:
         for q in self._tasks:
