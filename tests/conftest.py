@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -31,3 +32,5 @@ def world4():
 def pytest_sessionfinish(session, exitstatus):
     for pool in _pools.values():
         pool.close()
+    # What is left is teardown: its collections need not walk torch's and transformers' objects.
+    gc.freeze()
