@@ -112,6 +112,48 @@ def skip_equivalence(num_micro_batch: int = 2, schedule: str = "1f1b") -> dict:
     return out
 
 
+class MaskedHead(torch.nn.Module):
+    """ViTMAE's random masking: a mask made from the input alone (``ones_like``, zeros written into it
+    in place, a ``gather`` by the input's order) and read by the last stage only. ``exported``: a
+    branch on the batch size fx cannot trace, so capture uses torch.export (an aten write into
+    a slice; fx records a ``getitem`` view and a ``zero_`` method)."""
+
+    def __init__(self, exported: bool) -> None:
+        super().__init__()
+        self.exported = exported
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.exported and x.shape[0] > 0:
+            x = x * 1.0
+        restore = torch.argsort(torch.argsort(x, dim=1), dim=1)
+        mask = torch.ones_like(x)
+        mask[:, :4].zero_()
+        mask = torch.gather(mask, 1, restore)
+        return self.b(self.a(x)) * mask[:, :4]
+
+
+def masked_equivalence(exported: bool) -> dict:
+    """Two stages cut at ``b`` over :class:`MaskedHead`: the mask stage 1 uses is the one with
+    the zeros (not a recomputation without the write)."""
+    torch.manual_seed(0)
+    model = MaskedHead(exported)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for _ in range(_STEPS)]
+    reference = copy.deepcopy(model)
+    loss_fn = torch.nn.functional.mse_loss
+    out = train_reference(reference, batches, loss_fn)
+    config = wh.Config(stage_boundaries=["b"], num_micro_batch=2)
+    program = wh.parallelize(model, loss_fn=loss_fn, example_inputs=(batches[0][0],), config=config)
+    out.update(train_distributed(program, batches, out.pop("ref_states")))
+    out["aten"] = any(isinstance(n.target, torch._ops.OpOverload)
+                      for s in program.stages if s.module is not None for n in s.module.graph.nodes)
+    out["final"] = {n: p.detach().clone() for n, p in program.named_parameters()}
+    full = program.full_state_dict()
+    out["full_state"] = full if dist.get_rank() == 0 else None
+    return out
+
+
 def built_on_meta() -> dict:
     """A GPT built on the meta device: each rank allocates only its stage, then loads weights."""
     torch.manual_seed(0)

@@ -110,6 +110,16 @@ def test_skip_connection_over_two_stages(world4):
     assert [len(r) for r in received] == [0, 1, 2, 1]
 
 
+@pytest.mark.parametrize("exported", [False, True], ids=["fx", "export"])
+def test_a_value_written_in_place_reaches_a_later_stage_with_its_write(world2, exported):
+    """A mask built from the input alone is recomputed by each stage that uses it, unless it is
+    written in place: then the stage that writes it sends it (stage 1 had recomputed it without
+    its zeros, and the loss differed, with no error)."""
+    outs = world2.run("tests.pp_cases:masked_equivalence", exported)
+    assert [o["aten"] for o in outs] == [exported] * 2
+    _check(outs)
+
+
 def test_ranks_passing_different_batches_all_raise_and_recover(world2):
     outs = world2.run("tests.pp_cases:different_batches_per_rank")
     messages = [o.split("|")[0] for o in outs]

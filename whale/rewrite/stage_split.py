@@ -7,7 +7,9 @@ Call: each stage becomes a ``GraphModule`` ``forward(*model_inputs, *received) -
 Values that later stages need cross every boundary in between (a skip connection from stage 0
 to stage 2 is relayed by stage 1). Nodes that depend only on the model's inputs and on buffers
 forward does not update, and hold no parameters (shape arithmetic, ``arange`` positions, masks,
-rotary cos/sin) are recomputed in every stage that uses them instead of being sent; parameters and buffers go to every stage that reads them, so a
+rotary cos/sin) are recomputed in every stage that uses them instead of being sent, unless
+something writes them in place (ViTMAE's mask: zeros written into a slice): those are made once,
+with their writes, and sent. Parameters and buffers go to every stage that reads them, so a
 weight tied across stages (GPT's embedding and head) lives on both and its gradients are summed
 by the runtime. A buffer that forward updates (a counter, running statistics; export records the
 write as an in-place op or a ``copy_`` into it) lives in one stage: its write runs in the stage
@@ -94,36 +96,60 @@ def assign_stages(
 
 
 def _written_state(node: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` node whose tensor ``node`` writes in place (``add_``, ``copy_``, also
-    through in-place ops and views of it), or None."""
+    """The ``get_attr`` node whose tensor ``node`` writes in place (``add_``, ``copy_``,
+    ``buf[i] = v``, also through in-place ops and views of it), or None."""
+    root = _written_root(node)
+    return root if root is not None and root.op == "get_attr" else None
+
+
+def _written_root(node: fx.Node) -> fx.Node | None:
+    """The node whose value ``node`` writes in place, through views of it (``mask[:, :k] = 0``,
+    ``x.view(...).fill_(1)``), or None: the value's own node, a buffer's ``get_attr`` or an
+    input's placeholder."""
     if not _aliases_first_arg(node, write=True):
         return None
     at = node.args[0]
     while isinstance(at, fx.Node) and _aliases_first_arg(at, write=False):
         at = at.args[0]
-    return at if isinstance(at, fx.Node) and at.op == "get_attr" else None
+    return at if isinstance(at, fx.Node) else None
 
 
 _INPLACE_OPERATORS = frozenset(
     {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+     operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+     operator.setitem}
+)
+# What returns a view of (or the same tensor as) its first argument in an fx graph; aten ops say
+# so in their schemas. ``x[i]`` is a view unless the index is a tensor; counted as one, a write
+# into a copy only keeps a value from being recomputed per stage.
+_VIEW_METHODS = frozenset(
+    {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as", "narrow",
+     "select", "squeeze", "unsqueeze", "flatten", "unflatten", "t", "as_strided", "diagonal", "movedim",
+     "swapaxes", "swapdims", "split", "chunk", "unbind", "detach", "contiguous", "real", "imag"}
+)
+_VIEW_FUNCTIONS = frozenset(
+    {operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.narrow, torch.select, torch.squeeze,
+     torch.unsqueeze, torch.flatten, torch.t, torch.as_strided, torch.diagonal, torch.movedim, torch.swapaxes,
+     torch.split, torch.chunk, torch.unbind, torch.detach}
 )
 
 
 def _aliases_first_arg(node: fx.Node, *, write: bool) -> bool:
     """``node`` writes its first argument in place (``write``) or returns an alias of it: an
-    aten op by its schema (export), an in-place Tensor method (``mul_``) or operator (fx)."""
+    aten op by its schema (export), an in-place Tensor method (``mul_``), operator or item
+    assignment, or a view method or function (fx)."""
     target = node.target
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
-        return target.endswith("_") and not target.startswith("__")
+        in_place = target.endswith("_") and not target.startswith("__")
+        return in_place or (not write and target in _VIEW_METHODS)
     if node.op != "call_function":
         return False
     if target in _INPLACE_OPERATORS:
-        return True
+        return write or target is not operator.setitem
     if not isinstance(target, torch._ops.OpOverload):
-        return False
+        return not write and target in _VIEW_FUNCTIONS
     schema = target._schema
     if write:
         info = schema.arguments[0].alias_info if schema.arguments else None
@@ -242,7 +268,14 @@ def _under(path: str, parent: str) -> bool:
 def _inputs_only(gm: fx.GraphModule) -> set[str]:
     """Nodes computed from the model's inputs, constants and buffers forward does not update
     alone, holding no parameters (positions, masks, Llama's rotary cos/sin from ``inv_freq``):
-    each stage that uses one recomputes it rather than receiving it."""
+    each stage that uses one recomputes it rather than receiving it.
+
+    A stage recomputes what the values it uses read, so a write in place into such a value is
+    recomputed only where a later reader depends on it (Longformer's mask: ``index_put_`` into a
+    view, then read through the write's result). Where a reader after the write reads the value
+    itself (ViTMAE's ``mask[:, :keep] = 0`` then ``gather(mask, ...)``: no node reads the
+    write's result), or the write is no such node, the value is made once, in its stage, with
+    its writes, and sent."""
     graph = gm.graph
     written = {w.name for n in graph.nodes if (w := _written_state(n)) is not None}
     params = {id(p) for p in gm.parameters()}
@@ -251,13 +284,50 @@ def _inputs_only(gm: fx.GraphModule) -> set[str]:
         if n.op == "placeholder"
         or (n.op == "get_attr" and n.name not in written and _is_constant_tensor(gm, n.target, params))
     }
-    free: set[str] = set()
-    for node in graph.nodes:
-        if node.op in ("call_function", "call_method") and all(
-            p.name in sources or p.name in free for p in node.all_input_nodes
+
+    def from_sources(sent: set[str]) -> set[str]:
+        free: set[str] = set()
+        for node in graph.nodes:
+            if node.op in ("call_function", "call_method") and node.name not in sent and all(
+                p.name in sources or p.name in free for p in node.all_input_nodes
+            ):
+                free.add(node.name)
+        return free
+
+    free = from_sources(set())
+    sent = _writes_not_recomputed(graph, free)
+    return from_sources(sent) if sent else free
+
+
+def _writes_not_recomputed(graph: fx.Graph, free: set[str]) -> set[str]:
+    """The ``free`` values written in place that a stage recomputing them could take without the
+    write: the write is not free, or a node after it reads the value (or a view of it) without
+    depending on the write."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    unsafe: set[str] = set()
+    for write in graph.nodes:
+        root = _written_root(write)
+        if root is None or root.name not in free or root.name in unsafe:
+            continue
+        if write.name not in free:
+            unsafe.add(root.name)
+            continue
+        family = {root}  # the value, its views and the in-place results aliasing it
+        after = set()  # what depends on the write
+        for node in graph.nodes:
+            if node is not root and order[node] > order[root] and node.args and node.args[0] in family and (
+                _aliases_first_arg(node, write=False) or _aliases_first_arg(node, write=True)
+            ):
+                family.add(node)
+            if node is write or any(p in after for p in node.all_input_nodes):
+                after.add(node)
+        if any(
+            order[node] > order[write] and node not in family and node not in after
+            and any(p in family for p in node.all_input_nodes)
+            for node in graph.nodes
         ):
-            free.add(node.name)
-    return free
+            unsafe.add(root.name)
+    return unsafe
 
 
 def _is_constant_tensor(gm: fx.GraphModule, target: str, params: set[int]) -> bool:
