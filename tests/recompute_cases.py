@@ -108,3 +108,58 @@ def dropout_runs(name: str, paths, **config) -> dict:
         run["recomputed"] = _recomputed(program)
         results[key] = run
     return results
+
+
+class _KeyCache:
+    """transformers' ``DynamicCache`` reduced: ``update`` appends and returns every key so far."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
+        return self.keys
+
+
+class _CachedAttention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.k = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cache: _KeyCache) -> torch.Tensor:
+        keys = cache.update(self.k(x))
+        return x * keys.mean(dim=1, keepdim=True)  # one shape however many keys: no error to see
+
+
+class CacheNet(nn.Module):
+    """XLM's layers: forward makes a cache (``XLMModel``: ``cache = EncoderDecoderCache(...)``)
+    and each attention layer appends its keys to it; a recompute on the cache forward left
+    behind sees its own keys twice."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.attn = nn.ModuleList(_CachedAttention(width) for _ in range(2))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = _KeyCache()
+        h = self.inp(x)
+        for layer in self.attn:
+            h = layer(h, cache)
+        return self.out(h)
+
+
+def cache_equivalence(**config) -> dict:
+    """CacheNet with both attention layers checkpointed, against the local model."""
+    torch.manual_seed(0)
+    model = CacheNet()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, 8, generator=g), torch.randn(8, 4, 8, generator=g)) for _ in range(_STEPS)]
+    out = train_reference(copy.deepcopy(model), batches, F.mse_loss)
+    states = out.pop("ref_states")
+    program = wh.parallelize(model, loss_fn=F.mse_loss, example_inputs=(batches[0][0],),
+                             config=wh.Config(activation_checkpointing=["attn.0", "attn.1"], **config))  # fmt: skip
+    out.update(train_distributed(program, batches, states))
+    out["recomputed"] = _recomputed(program)
+    return out

@@ -119,6 +119,51 @@ def test_tiny_gpt_equals_local_model(world2, config):
         assert out["recomputed"] == want
 
 
+def test_an_object_that_cannot_be_copied_is_passed_as_it_is_with_one_warning():
+    import threading
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, holder):
+            with holder.lock:
+                return self.lin(x) * 2
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Scaled(), Scaled()
+
+        def forward(self, x):
+            holder = type("Holder", (), {})()
+            holder.lock = threading.Lock()
+            return self.b(self.a(x, holder), holder)
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(3, 4)
+    model(x).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with pytest.warns(UserWarning, match=r"Holder passed to Scaled.forward cannot be copied") as seen:
+        checkpoint_module(model, ["a", "b"])(x).sum().backward()
+    assert len([w for w in seen if "cannot be copied" in str(w.message)]) == 1
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want[name]), name
+
+
+@pytest.mark.parametrize("config", [{}, {"zero_stage": 3}], ids=["dp", "zero3"])
+def test_an_object_forward_changes_is_recomputed_as_forward_first_saw_it(world2, config):
+    """A cache object made in forward and appended to by each checkpointed layer (XLM's):
+    backward recomputes each layer on a copy of the cache as it was, not on the cache forward
+    left (its keys twice: other gradients, with no error)."""
+    outs = world2.run(f"{_CASES}:cache_equivalence", **config)
+    for out in outs:
+        assert out["recomputed"] == ["attn.0", "attn.1"]
+        assert_equivalent(out)
+
+
 @pytest.mark.parametrize("name, paths, config", [
     ("tiny", ["h.0", "h.1"], {}),
     ("gpt2", ["transformer.h.0", "transformer.h.1"], {"stage_boundaries": ["transformer.h.1"], "num_micro_batch": 2}),

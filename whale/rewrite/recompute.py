@@ -28,12 +28,17 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import enum
 import heapq
 import operator
+import types
+import warnings
 from collections.abc import Sequence
 
+import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -100,13 +105,101 @@ def _without_batch_norm(module: nn.Module, path: str, most: int = 4) -> list[str
 
 
 class _CheckpointedForward:
-    """A module copy's ``forward``: its class's forward under ``checkpoint``."""
+    """A module copy's ``forward``: its class's forward under ``checkpoint``.
+
+    An argument that is a Python object, not a tensor, number or module (transformers'
+    ``EncoderDecoderCache``, which XLM makes every forward and each attention layer appends its
+    keys and values to), may be changed by forward; backward's recompute would then run on the
+    changed object (the keys twice: a shape error, or other gradients without one). The
+    recompute runs on a copy of each such object as forward first saw it, its tensors shared,
+    not copied (a write into one of them in place is not undone)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.forward = type(module).forward.__get__(module)
 
     def __call__(self, *args, **kwargs):
-        return checkpoint(self.forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        objects = {id(v): v for v in _objects((args, kwargs))}
+        before = {key: self._snapshot(v) for key, v in objects.items()}
+        before = {key: v for key, v in before.items() if v is not None}
+        if not before:
+            return checkpoint(self.forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        calls = []
+
+        def run(*a, **k):
+            calls.append(None)
+            if len(calls) > 1:  # the recompute in backward
+                fresh = {key: _copy_sharing_tensors(v) for key, v in before.items()}
+                a, k = _replaced((a, k), fresh)
+            return self.forward(*a, **k)
+
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+    def _snapshot(self, value):
+        try:
+            return _copy_sharing_tensors(value)
+        except Exception as err:  # noqa: BLE001 - any failure to copy leaves the object as it is
+            if type(value) not in _UNCOPYABLE:  # said once per type, not once per layer
+                _UNCOPYABLE.add(type(value))
+                warnings.warn(
+                    f"activation checkpointing: {type(value).__name__} passed to "
+                    f"{type(self.forward.__self__).__name__}.forward cannot be copied "
+                    f"({type(err).__name__}: {err}); if forward changes it, backward recomputes "
+                    "with the changed object. Pass tensors, or make the object copyable",
+                    stacklevel=3,
+                )
+            return None
+
+
+_UNCOPYABLE: set[type] = set()
+_PLAIN = (torch.Tensor, nn.Module, int, float, bool, complex, str, bytes, type(None), torch.dtype,
+          torch.device, torch.layout, torch.memory_format, torch.Size, enum.Enum, type, slice,
+          types.FunctionType, types.MethodType, types.BuiltinFunctionType, type(Ellipsis))
+
+
+def _objects(value):
+    """The Python objects among ``value``'s tuples, lists and dicts (not their items' insides)."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        for item in value:
+            yield from _objects(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _objects(item)
+    elif not isinstance(value, _PLAIN):
+        yield value
+
+
+def _replaced(value, fresh: dict):
+    """``value`` with each object ``fresh`` names (by ``id``) replaced, its containers rebuilt."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        items = [_replaced(item, fresh) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((key, _replaced(item, fresh)) for key, item in value.items())
+    return fresh.get(id(value), value)
+
+
+def _copy_sharing_tensors(value):
+    """``copy.deepcopy(value)`` with every tensor and module it reaches shared, not copied."""
+    memo: dict[int, object] = {}
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (torch.Tensor, nn.Module)):
+            memo[id(item)] = item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif not isinstance(item, type):
+            stack.extend(getattr(item, "__dict__", {}).values())
+            slots = (name for cls in type(item).__mro__ for name in getattr(cls, "__slots__", ()))
+            stack.extend(getattr(item, name) for name in slots if isinstance(name, str) and hasattr(item, name))
+    return copy.deepcopy(value, memo)
 
 
 def checkpoint_module(model: nn.Module, paths: Sequence[str]) -> nn.Module:
