@@ -23,8 +23,9 @@ from tests.hf_more_models4 import BUILDERS as _MORE4
 from tests.hf_more_models5 import BUILDERS as _MORE5
 from tests.hf_more_models6 import BUILDERS as _MORE6
 from tests.hf_more_models7 import BUILDERS as _MORE7
+from tests.hf_more_models8 import BUILDERS as _MORE8
 
-BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3, **_MORE4, **_MORE5, **_MORE6, **_MORE7}  # every family a case may name
+BUILDERS = {**_BUILDERS, **_MORE, **_MORE2, **_MORE3, **_MORE4, **_MORE5, **_MORE6, **_MORE7, **_MORE8}  # every family a case may name
 
 _STEPS = 2
 
