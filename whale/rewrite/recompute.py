@@ -169,12 +169,18 @@ def _objects(value):
 
 
 def _replaced(value, fresh: dict):
-    """``value`` with each object ``fresh`` names (by ``id``) replaced, its containers rebuilt."""
+    """``value`` with each object ``fresh`` names (by ``id``) replaced: the containers holding
+    one rebuilt, every other value itself."""
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
         items = [_replaced(item, fresh) for item in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return type(value)((key, _replaced(item, fresh)) for key, item in value.items())
+        items = {key: _replaced(item, fresh) for key, item in value.items()}
+        if all(items[key] is item for key, item in value.items()):
+            return value
+        return type(value)(items)
     return fresh.get(id(value), value)
 
 
